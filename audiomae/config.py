@@ -1,0 +1,154 @@
+"""Model configuration: one dataclass, presets for the released sizes, and a tiny one.
+
+Field names follow the released code's arguments where it has them (``img_size``, ``patch_size``,
+``embed_dim``, ``depth``, ``num_heads``, ``decoder_*``), so a released ``args`` namespace maps onto
+this dataclass without translation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+DECODER_MODES = ("local", "global", "hybrid")
+MASK_MODES = ("unstructured", "time", "frequency", "time_frequency")
+POS_EMBED_KINDS = ("released", "grid")
+
+
+@dataclass
+class AudioMAEConfig:
+    """Everything that fixes the shapes and semantics of an Audio-MAE model.
+
+    ``img_size`` is (time frames, mel bins) of the model input ``[B, 1, T, F]``. The patch grid is
+    ``(T // patch_size, F // patch_size)`` and tokens are ordered time-major (``t * grid_f + f``).
+    """
+
+    img_size: Tuple[int, int] = (1024, 128)
+    patch_size: int = 16
+    in_chans: int = 1
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    # decoder (pretraining only)
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 16
+    decoder_num_heads: int = 16
+    decoder_mode: str = "local"  # local (Swin-V2 windows, the paper's) | global (ViT) | hybrid
+    hybrid_local_depth: Optional[int] = None  # hybrid: this many local blocks, then global; default half
+    window_size: Tuple[int, int] = (4, 4)  # (time, frequency) in patches
+    shift_size: Tuple[int, int] = (2, 0)  # the release shifts time only; the paper's text implies (2, 2)
+    meta_hidden_dim: int = 384  # hidden width of the continuous position-bias MLP
+    meta_dropout: float = 0.1
+    # masking and loss
+    mask_ratio: float = 0.8
+    mask_mode: str = "unstructured"  # unstructured | time | frequency | time_frequency
+    mask_t_prob: float = 0.6  # time_frequency pretraining masking: fraction of time rows removed
+    mask_f_prob: float = 0.5  # ... and of frequency columns removed
+    norm_pix_loss: bool = True
+    pos_embed_kind: str = "released"  # released (the release's scrambled table) | grid (principled t, f)
+    layer_norm_eps: float = 1e-6
+    # fine-tuning
+    num_classes: int = 527
+    global_pool: bool = True
+    drop_path_rate: float = 0.0
+    finetune_mask_2d: bool = False  # structured 2D masking of the classifier's input tokens in training
+    finetune_mask_t_prob: float = 0.2
+    finetune_mask_f_prob: float = 0.2
+
+    def __post_init__(self) -> None:
+        self.img_size = _pair(self.img_size, "img_size")
+        self.window_size = _pair(self.window_size, "window_size")
+        self.shift_size = _pair(self.shift_size, "shift_size")
+        problems = []
+        if self.decoder_mode not in DECODER_MODES:
+            problems.append(f"decoder_mode={self.decoder_mode!r} is not one of {DECODER_MODES}")
+        if self.mask_mode not in MASK_MODES:
+            problems.append(f"mask_mode={self.mask_mode!r} is not one of {MASK_MODES}")
+        if self.pos_embed_kind not in POS_EMBED_KINDS:
+            problems.append(f"pos_embed_kind={self.pos_embed_kind!r} is not one of {POS_EMBED_KINDS}")
+        if self.patch_size <= 0 or any(s < self.patch_size for s in self.img_size):
+            problems.append(f"img_size={self.img_size} must be at least one patch ({self.patch_size}) per axis")
+        for name in ("embed_dim", "decoder_embed_dim"):
+            dim, heads = getattr(self, name), getattr(self, name.replace("embed_dim", "num_heads"))
+            if name == "embed_dim":
+                heads = self.num_heads
+            if dim % heads:
+                problems.append(f"{name}={dim} is not divisible by its number of heads ({heads})")
+            if dim % 4:
+                problems.append(f"{name}={dim} must be a multiple of 4 for the 2D sin-cos position table")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            problems.append(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
+        if any(w <= 0 for w in self.window_size) or any(s < 0 for s in self.shift_size):
+            problems.append(f"window_size={self.window_size} must be positive and shift_size={self.shift_size} >= 0")
+        if problems:
+            raise ValueError("invalid AudioMAEConfig: " + "; ".join(problems))
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        """Patch grid (time, frequency)."""
+        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        t, f = self.grid_size
+        return t * f
+
+    @property
+    def num_local_blocks(self) -> int:
+        if self.decoder_mode == "local":
+            return self.decoder_depth
+        if self.decoder_mode == "global":
+            return 0
+        return self.decoder_depth // 2 if self.hybrid_local_depth is None else self.hybrid_local_depth
+
+    def replace(self, **changes: Any) -> "AudioMAEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "AudioMAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AudioMAEConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "AudioMAEConfig":
+        """A named preset: ``tiny``, ``small``, ``base`` (the released ViT-B), ``large``, ``huge``."""
+        key = PRESET_ALIASES.get(name.lower(), name.lower())
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+
+def _pair(v: Any, name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    try:
+        a, b = v
+        return (int(a), int(b))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+
+
+_DECODER = dict(decoder_embed_dim=512, decoder_depth=16, decoder_num_heads=16, decoder_mode="local")
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The demo / test size (also the fixtures' size): 256 frames x 128 mel bins, 16 x 8 patches.
+    "tiny": dict(img_size=(256, 128), embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64,
+                 decoder_depth=4, decoder_num_heads=4, decoder_mode="local"),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, **_DECODER),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, **_DECODER),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, **_DECODER),
+    # Patch 14 on 1024 x 128 leaves a 73 x 9 grid; the time and frequency remainders are cropped.
+    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER),
+}
+PRESET_ALIASES = {"s": "small", "b": "base", "l": "large", "h": "huge", "vit_b": "base", "vit-b": "base",
+                  "mae_vit_small_patch16": "small", "mae_vit_base_patch16": "base",
+                  "mae_vit_large_patch16": "large", "mae_vit_huge_patch14": "huge",
+                  "vit_small_patch16": "small", "vit_base_patch16": "base", "vit_large_patch16": "large",
+                  "vit_huge_patch14": "huge"}
