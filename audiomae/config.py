@@ -144,8 +144,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "small": dict(embed_dim=384, depth=12, num_heads=6, **_DECODER),
     "base": dict(embed_dim=768, depth=12, num_heads=12, **_DECODER),
     "large": dict(embed_dim=1024, depth=24, num_heads=16, **_DECODER),
-    # Patch 14 on 1024 x 128 leaves a 73 x 9 grid; the time and frequency remainders are cropped.
-    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER),
+    # Patch 14 on 1024 x 128 leaves a 73 x 9 grid (remainders cropped), which 4 x 4 windows do not
+    # tile, so this size uses the release's global decoder (8 blocks).
+    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
+                 decoder_depth=8, decoder_num_heads=16, decoder_mode="global"),
 }
 PRESET_ALIASES = {"s": "small", "b": "base", "l": "large", "h": "huge", "vit_b": "base", "vit-b": "base",
                   "mae_vit_small_patch16": "small", "mae_vit_base_patch16": "base",

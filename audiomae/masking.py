@@ -1,0 +1,116 @@
+"""Patch masking: the release's unstructured recipe and the structured (time / frequency) variants.
+
+All functions work on time-major token sequences ``[B, L, D]`` with ``L = T * F`` patches.
+They return the kept tokens and the bookkeeping the decoder and loss need:
+
+- ``ids_keep`` [B, K]: the original index of each kept token, in the order they are kept;
+- ``ids_restore`` [B, L]: gathering ``cat([kept, masked])`` with it restores the original order;
+- ``mask`` [B, L]: 1 for removed patches, 0 for kept ones, in the original order.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+
+class Masking(NamedTuple):
+    x: torch.Tensor  # [B, K, D] kept tokens
+    mask: torch.Tensor  # [B, L] 1 = removed
+    ids_restore: torch.Tensor  # [B, L]
+    ids_keep: torch.Tensor  # [B, K]
+
+
+def num_kept(length: int, ratio: float) -> int:
+    """The release's count of kept items: ``int(length * (1 - ratio))``, at least one."""
+    return max(1, int(length * (1 - ratio)))
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``x[b, ids[b, k], :]`` for ``x`` [B, L, D] and ``ids`` [B, K]."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None) -> Masking:
+    """Unstructured masking exactly as the release does it.
+
+    Per sample, ``noise ~ U[0, 1)`` of length L (or the given ``noise`` [B, L]); the tokens with the
+    ``int(L * (1 - mask_ratio))`` smallest noise values are kept, in increasing-noise order.
+    """
+    B, L, _ = x.shape
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device)
+    elif noise.shape != (B, L):
+        raise ValueError(f"noise for unstructured masking must be [B, L] = [{B}, {L}], got {list(noise.shape)}")
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return Masking(gather_tokens(x, ids_keep), mask, ids_restore, ids_keep)
+
+
+def _keep_lines(n: int, ratio: float, noise: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, n]: the ``int(n * (1 - ratio))`` lines with the smallest noise are kept."""
+    keep = num_kept(n, ratio)
+    ids = torch.argsort(noise, dim=1)[:, :keep]
+    out = torch.zeros(noise.shape, dtype=torch.bool, device=noise.device)
+    return out.scatter_(1, ids, True)
+
+
+def structured_keep(batch: int, grid: Tuple[int, int], mode: str, t_ratio: float, f_ratio: float,
+                    noise: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """Boolean keep map [B, T * F] for ``mode`` in time | frequency | time_frequency.
+
+    Whole time rows (``time``), whole frequency columns (``frequency``) or both are removed.
+    ``noise`` (optional) is [B, T] for time, [B, F] for frequency, [B, T + F] for time_frequency
+    (time noise first); the lines with the smallest noise are kept.
+    """
+    T, F = grid
+    sizes = {"time": (T,), "frequency": (F,), "time_frequency": (T, F)}
+    if mode not in sizes:
+        raise ValueError(f"structured masking mode must be one of {sorted(sizes)}, got {mode!r}")
+    n = sum(sizes[mode])
+    if noise is None:
+        noise = torch.rand(batch, n, device=device)
+    elif noise.shape != (batch, n):
+        raise ValueError(f"noise for {mode} masking must be [B, {n}], got {list(noise.shape)}")
+    keep_t = torch.ones(batch, T, dtype=torch.bool, device=noise.device)
+    keep_f = torch.ones(batch, F, dtype=torch.bool, device=noise.device)
+    if mode in ("time", "time_frequency"):
+        keep_t = _keep_lines(T, t_ratio, noise[:, :T])
+    if mode in ("frequency", "time_frequency"):
+        keep_f = _keep_lines(F, f_ratio, noise[:, n - F:])
+    return (keep_t[:, :, None] & keep_f[:, None, :]).reshape(batch, T * F)
+
+
+def masking_from_keep(x: torch.Tensor, keep: torch.Tensor) -> Masking:
+    """Masking from a boolean keep map [B, L] with the same number of kept tokens in every row.
+
+    Kept tokens stay in their original (time-major) order.
+    """
+    B, L, _ = x.shape
+    counts = keep.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("every sample must keep the same number of tokens")
+    # stable sort puts kept tokens (key 0) first, each group in original order
+    ids_shuffle = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, : int(counts[0])]
+    mask = (~keep).float()
+    return Masking(gather_tokens(x, ids_keep), mask, ids_restore, ids_keep)
+
+
+def mask_tokens(x: torch.Tensor, grid: Tuple[int, int], mode: str, mask_ratio: float,
+                t_ratio: Optional[float] = None, f_ratio: Optional[float] = None,
+                noise: Optional[torch.Tensor] = None) -> Masking:
+    """Dispatch on ``mode``: unstructured uses ``mask_ratio``; ``time`` and ``frequency`` use
+    ``mask_ratio`` for their axis; ``time_frequency`` uses ``t_ratio`` and ``f_ratio``."""
+    if mode == "unstructured":
+        return random_masking(x, mask_ratio, noise)
+    t = mask_ratio if mode == "time" or t_ratio is None else t_ratio
+    f = mask_ratio if mode == "frequency" or f_ratio is None else f_ratio
+    keep = structured_keep(x.shape[0], grid, mode, t, f, noise=noise, device=x.device)
+    return masking_from_keep(x, keep)

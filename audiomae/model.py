@@ -1,0 +1,310 @@
+"""Audio-MAE models: the pretraining masked autoencoder and the fine-tuning classifier.
+
+A clip goes: ``[B, 1, T, F]`` log-mel -> patch embedding -> + fixed sin-cos positions -> masking ->
+ViT encoder -> (pretraining) decoder over kept tokens + mask tokens -> per-patch prediction ->
+norm-pix loss on the removed patches; (fine-tuning) mean of patch tokens -> fc_norm -> head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .config import AudioMAEConfig
+from .layers import Block, PatchEmbed, SwinBlock
+from .masking import Masking, mask_tokens, structured_keep, masking_from_keep
+from .pos_embed import sincos_2d
+
+
+@dataclass
+class MAEOutput:
+    """Result of :class:`AudioMAE`'s forward pass; unpacks as ``loss, pred, mask``."""
+
+    loss: torch.Tensor  # scalar
+    pred: torch.Tensor  # [B, L, p*p] predicted patches (time-major), normalised if norm_pix_loss
+    mask: torch.Tensor  # [B, L] 1 = removed
+    ids_restore: Optional[torch.Tensor] = None  # [B, L]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.loss, self.pred, self.mask))
+
+
+def patchify(spec: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, 1, T, F]`` -> ``[B, (T/p)*(F/p), p*p]``: time-major patches, each row-major (p time rows of p bins).
+
+    A remainder that does not fill a whole patch is cropped, as the strided convolution does.
+    """
+    B, C, T, Fq = spec.shape
+    h, w = T // p, Fq // p
+    x = spec[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, L, p*p]`` -> ``[B, 1, T, F]``."""
+    B = x.shape[0]
+    h, w = grid
+    x = x.reshape(B, h, w, p, p, 1)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, 1, h * p, w * p)
+
+
+def norm_pix_target(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch ``(x - mean) / sqrt(var + eps)``, unbiased variance, as the release."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-patch MSE averaged over removed patches: ``sum(loss * mask) / sum(mask)``."""
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+class _Encoder(nn.Module):
+    """Shared ViT encoder pieces; attribute names are the released top-level keys."""
+
+    config: AudioMAEConfig
+
+    def _build_encoder(self, cfg: AudioMAEConfig, drop_path: float = 0.0) -> None:
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d(cfg.embed_dim, cfg.grid_size, cfg.pos_embed_kind), requires_grad=False)
+        rates = torch.linspace(0, drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=r, eps=cfg.layer_norm_eps) for r in rates)
+
+    def _check_input(self, spec: torch.Tensor) -> None:
+        cfg = self.config
+        if spec.ndim == 3:
+            raise ValueError(f"expected input [B, 1, T, F], got {list(spec.shape)}; add the channel axis with "
+                             f"spec.unsqueeze(1)")
+        if spec.ndim != 4 or spec.shape[1] != cfg.in_chans or tuple(spec.shape[2:]) != cfg.img_size:
+            raise ValueError(f"expected input [B, {cfg.in_chans}, {cfg.img_size[0]}, {cfg.img_size[1]}] "
+                             f"(time frames, mel bins), got {list(spec.shape)}; pad or cut the time axis with "
+                             f"audiomae.audio.pad_or_cut, or build the model for this size")
+
+    def _init_encoder_weights(self) -> None:
+        # as the release: xavier-uniform on the flattened conv kernel, std 0.02 tokens, xavier linears
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_linear_ln(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def tokens(self, spec: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with positions: ``[B, 1, T, F]`` -> ``[B, L, D]``."""
+        self._check_input(spec)
+        return self.patch_embed(spec) + self.pos_embed[:, 1:, :]
+
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend the cls token and run the blocks: ``[B, K, D]`` -> ``[B, 1 + K, D]``."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+class AudioMAE(_Encoder):
+    """The pretraining masked autoencoder (the release's ``models_mae``).
+
+    >>> cfg = AudioMAEConfig.preset("tiny")
+    >>> model = AudioMAE(cfg)
+    >>> loss, pred, mask = model(torch.randn(2, 1, 256, 128))
+    """
+
+    def __init__(self, config: Optional[AudioMAEConfig] = None, **overrides):
+        super().__init__()
+        cfg = (config or AudioMAEConfig()).replace(**overrides) if overrides else (config or AudioMAEConfig())
+        self._build_encoder(cfg)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        D = cfg.decoder_embed_dim
+        self.decoder_embed = nn.Linear(cfg.embed_dim, D)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(D, cfg.grid_size, cfg.pos_embed_kind), requires_grad=False)
+        blocks = []
+        for i in range(cfg.decoder_depth):
+            if i < cfg.num_local_blocks:
+                shift = (0, 0) if i % 2 == 0 else cfg.shift_size
+                blocks.append(SwinBlock(D, cfg.decoder_num_heads, cfg.grid_size, cfg.window_size, shift,
+                                        cfg.mlp_ratio, cfg.layer_norm_eps, cfg.meta_hidden_dim, cfg.meta_dropout))
+            else:
+                blocks.append(Block(D, cfg.decoder_num_heads, cfg.mlp_ratio, eps=cfg.layer_norm_eps))
+        self.decoder_blocks = nn.ModuleList(blocks)
+        self.decoder_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.decoder_pred = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        self.apply(self._init_linear_ln)
+        self._init_encoder_weights()
+        nn.init.normal_(self.mask_token, std=0.02)
+        for blk in self.decoder_blocks:
+            if isinstance(blk, SwinBlock):
+                nn.init.ones_(blk.attn.tau)
+
+    # --- pieces ----------------------------------------------------------------------------
+    def forward_encoder(self, spec: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None,
+                        mask_mode: Optional[str] = None) -> Tuple[torch.Tensor, Masking]:
+        """``[B, 1, T, F]`` -> (normed encoder output ``[B, 1 + K, D]`` for kept tokens, masking)."""
+        cfg = self.config
+        m = mask_tokens(self.tokens(spec), cfg.grid_size, mask_mode or cfg.mask_mode, mask_ratio,
+                        cfg.mask_t_prob, cfg.mask_f_prob, noise)
+        return self.norm(self.encode_tokens(m.x)), m
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Encoder output ``[B, 1 + K, D]`` -> predicted patches ``[B, L, p*p]``."""
+        x = self.decoder_embed(latent)
+        B, L = ids_restore.shape
+        mask_tokens_ = self.mask_token.to(x.dtype).expand(B, L - (x.shape[1] - 1), -1)
+        seq = torch.cat([x[:, 1:, :], mask_tokens_], dim=1)
+        seq = torch.gather(seq, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        pos = self.decoder_pos_embed
+        n_local = self.config.num_local_blocks
+        if n_local:
+            # local (and hybrid) decoding drops the cls token: windows cover patch tokens only
+            x = seq + pos[:, 1:, :]
+        else:
+            x = torch.cat([x[:, :1, :], seq], dim=1) + pos
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))
+        return pred if n_local else pred[:, 1:, :]
+
+    def forward_loss(self, spec: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = patchify(spec, self.config.patch_size)
+        if self.config.norm_pix_loss:
+            target = norm_pix_target(target)
+        return masked_mse(pred, target, mask)
+
+    def forward(self, spec: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None,
+                mask_mode: Optional[str] = None) -> MAEOutput:
+        """Masked reconstruction of ``spec`` [B, 1, T, F].
+
+        ``mask_ratio`` defaults to the config's (0.8). ``noise`` fixes the masking: [B, L] for the
+        unstructured recipe (the release's, bit for bit), [B, T] / [B, F] / [B, T + F] for the
+        time / frequency / time_frequency modes.
+        """
+        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        latent, m = self.forward_encoder(spec, ratio, noise, mask_mode)
+        pred = self.forward_decoder(latent, m.ids_restore)
+        loss = self.forward_loss(spec, pred, m.mask)
+        return MAEOutput(loss, pred, m.mask, m.ids_restore)
+
+    @torch.no_grad()
+    def embed(self, spec: torch.Tensor, per_patch: bool = False) -> torch.Tensor:
+        """Encoder embeddings of unmasked input: pooled ``[B, D]`` (mean of the normed patch tokens), or
+        per patch ``[B, L, D]`` (time-major) with ``per_patch=True``."""
+        x = self.norm(self.encode_tokens(self.tokens(spec)))[:, 1:, :]
+        return x if per_patch else x.mean(dim=1)
+
+    def reconstruct(self, spec: torch.Tensor, mask_ratio: Optional[float] = None,
+                    noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction as a spectrogram ``[B, 1, T, F]`` (patch statistics restored when the model
+        predicts normalised patches) and the mask ``[B, 1, T, F]`` (1 = removed)."""
+        out = self(spec, mask_ratio, noise)
+        p = self.config.patch_size
+        pred = out.pred
+        if self.config.norm_pix_loss:
+            target = patchify(spec, p)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        grid = self.config.grid_size
+        mask = unpatchify(out.mask.unsqueeze(-1).expand(-1, -1, p * p).to(pred.dtype), p, grid)
+        return unpatchify(pred, p, grid), mask
+
+    @classmethod
+    def from_pretrained(cls, path_or_state_dict, config: Optional[AudioMAEConfig] = None,
+                        map_location="cpu", **overrides) -> "AudioMAE":
+        """Load a released checkpoint, a bare state dict, a safetensors file or a file this package wrote.
+
+        With ``config=None`` the configuration is read from the file (or inferred from its shapes).
+        A checkpoint for another input length is adapted (the position tables are rebuilt).
+        """
+        from .checkpoint import load_model
+        return load_model(cls, path_or_state_dict, config, map_location=map_location, **overrides)
+
+    def save_pretrained(self, path: Union[str, "os.PathLike"], **extra) -> None:
+        """Write ``{'model': state_dict, 'config': ...}``; loadable here and (the 'model' entry) by the release."""
+        from .checkpoint import save_model
+        save_model(self, path, **extra)
+
+
+class AudioMAEClassifier(_Encoder):
+    """The fine-tuning classifier (the release's ``models_vit``): encoder without ``norm``, mean pool of
+    the patch tokens, ``fc_norm``, ``head``. Optional structured 2D masking of the tokens in training
+    (``config.finetune_mask_2d``), without mask tokens."""
+
+    def __init__(self, config: Optional[AudioMAEConfig] = None, num_classes: Optional[int] = None,
+                 global_pool: Optional[bool] = None, **overrides):
+        super().__init__()
+        cfg = config or AudioMAEConfig()
+        if num_classes is not None:
+            overrides["num_classes"] = num_classes
+        if global_pool is not None:
+            overrides["global_pool"] = global_pool
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        self._build_encoder(cfg, drop_path=cfg.drop_path_rate)
+        if cfg.global_pool:
+            self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        else:
+            self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.apply(self._init_linear_ln)
+        self._init_encoder_weights()
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward_features(self, spec: torch.Tensor, mask_2d: Optional[bool] = None,
+                         noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled features ``[B, D]`` (after fc_norm, or the cls token after norm without global pool)."""
+        cfg = self.config
+        x = self.tokens(spec)
+        use_mask = (cfg.finetune_mask_2d and self.training) if mask_2d is None else mask_2d
+        if use_mask:
+            keep = structured_keep(x.shape[0], cfg.grid_size, "time_frequency", cfg.finetune_mask_t_prob,
+                                   cfg.finetune_mask_f_prob, noise=noise, device=x.device)
+            x = masking_from_keep(x, keep).x
+        x = self.encode_tokens(x)
+        if cfg.global_pool:
+            return self.fc_norm(x[:, 1:, :].mean(dim=1))
+        return self.norm(x)[:, 0]
+
+    def forward(self, spec: torch.Tensor, mask_2d: Optional[bool] = None,
+                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` for ``spec`` [B, 1, T, F]."""
+        return self.head(self.forward_features(spec, mask_2d, noise))
+
+    @torch.no_grad()
+    def embed(self, spec: torch.Tensor, per_patch: bool = False) -> torch.Tensor:
+        """Pooled features ``[B, D]`` or per-patch encoder tokens ``[B, L, D]``."""
+        if per_patch:
+            return self.encode_tokens(self.tokens(spec))[:, 1:, :]
+        return self.forward_features(spec, mask_2d=False)
+
+    @classmethod
+    def from_pretrained(cls, path_or_state_dict, config: Optional[AudioMAEConfig] = None,
+                        num_classes: Optional[int] = None, map_location="cpu", **overrides) -> "AudioMAEClassifier":
+        """Load a fine-tuned classifier, or the encoder of a pretraining checkpoint (new head)."""
+        from .checkpoint import load_model
+        if num_classes is not None:
+            overrides["num_classes"] = num_classes
+        return load_model(cls, path_or_state_dict, config, map_location=map_location, **overrides)
+
+    def save_pretrained(self, path, **extra) -> None:
+        from .checkpoint import save_model
+        save_model(self, path, **extra)

@@ -1,0 +1,90 @@
+"""Masking properties on random shapes: counts, inverse restore, whole rows/columns for 2D modes."""
+import pytest
+import torch
+
+from audiomae.masking import gather_tokens, mask_tokens, random_masking, structured_keep
+
+SHAPES = [(1, 8, 1, 0.8), (3, 16, 8, 0.8), (2, 5, 3, 0.5), (4, 64, 8, 0.75), (2, 7, 9, 0.3)]
+
+
+def _restore(m, x):
+    B, L, D = x.shape
+    masked = x.new_zeros(B, L - m.x.shape[1], D)
+    return gather_tokens(torch.cat([m.x, masked], 1), m.ids_restore)
+
+
+@pytest.mark.parametrize("B,T,F,ratio", SHAPES)
+def test_unstructured(B, T, F, ratio):
+    L = T * F
+    x = torch.randn(B, L, 4)
+    m = random_masking(x, ratio)
+    keep = int(L * (1 - ratio))
+    assert m.x.shape == (B, keep, 4)
+    assert (m.mask.sum(1) == L - keep).all()
+    # kept tokens are the ones with mask 0, and restore puts them back where they were
+    restored = _restore(m, x)
+    kept = m.mask == 0
+    torch.testing.assert_close(restored[kept], x[kept])
+    assert (restored[~kept] == 0).all()
+    # ids_restore is the inverse permutation of the shuffle
+    ids_shuffle = torch.argsort(m.ids_restore, dim=1)
+    assert torch.equal(ids_shuffle[:, :keep], m.ids_keep)
+    assert (torch.gather(ids_shuffle, 1, m.ids_restore) == torch.arange(L)).all()
+    assert (torch.gather(m.mask, 1, m.ids_keep) == 0).all()
+
+
+def test_noise_reproduces_release_recipe():
+    x = torch.randn(2, 12, 3)
+    noise = torch.rand(2, 12)
+    m = random_masking(x, 0.75, noise)
+    ids_shuffle = torch.argsort(noise, 1)
+    assert torch.equal(m.ids_keep, ids_shuffle[:, :3])
+    assert torch.equal(m.ids_restore, torch.argsort(ids_shuffle, 1))
+    ref = torch.ones(2, 12)
+    ref[:, :3] = 0
+    assert torch.equal(m.mask, torch.gather(ref, 1, m.ids_restore))
+    with pytest.raises(ValueError, match="noise"):
+        random_masking(x, 0.75, torch.rand(2, 11))
+
+
+@pytest.mark.parametrize("mode", ["time", "frequency", "time_frequency"])
+@pytest.mark.parametrize("B,T,F,ratio", SHAPES)
+def test_structured_whole_lines(mode, B, T, F, ratio):
+    x = torch.randn(B, T * F, 2)
+    m = mask_tokens(x, (T, F), mode, ratio, t_ratio=ratio, f_ratio=0.5)
+    grid = m.mask.view(B, T, F)
+    rows_removed = grid.amin(2)  # a row counts as removed only when all its patches are
+    cols_removed = grid.amin(1)
+    kept_t = T - rows_removed.sum(1) if mode != "frequency" else torch.full((B,), T)
+    kept_f = F - cols_removed.sum(1) if mode != "time" else torch.full((B,), F)
+    # every patch is removed iff its row or its column is removed
+    expect = torch.maximum(rows_removed[:, :, None], cols_removed[:, None, :])
+    assert torch.equal(grid, expect)
+    nt = max(1, int(T * (1 - ratio))) if mode != "frequency" else T
+    nf = F if mode == "time" else max(1, int(F * (1 - (ratio if mode == "frequency" else 0.5))))
+    assert (kept_t == nt).all() and (kept_f == nf).all()
+    assert m.x.shape == (B, nt * nf, 2)
+    restored = _restore(m, x)
+    kept = m.mask == 0
+    torch.testing.assert_close(restored[kept], x[kept])
+
+
+def test_structured_noise_and_errors():
+    noise = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    keep = structured_keep(1, (4, 2), "time", 0.5, 0.0, noise=noise)
+    assert keep.view(4, 2)[:, 0].tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match=r"\[B, 6\]"):
+        structured_keep(1, (4, 2), "time_frequency", 0.5, 0.5, noise=noise)
+    with pytest.raises(ValueError, match="mode"):
+        structured_keep(1, (4, 2), "diagonal", 0.5, 0.5)
+
+
+def test_model_masking_modes_run():
+    from audiomae import AudioMAE, AudioMAEConfig
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    x = torch.randn(2, 1, 256, 128)
+    for mode in ["time", "frequency", "time_frequency"]:
+        out = model(x, mask_mode=mode)
+        assert torch.isfinite(out.loss)
+        g = out.mask.view(2, 16, 8)
+        assert torch.equal(g, torch.maximum(g.amin(2, keepdim=True), g.amin(1, keepdim=True)))

@@ -1,0 +1,162 @@
+"""The model against the released semantics: fixtures, layout, shapes, embeddings."""
+import pytest
+import torch
+
+import audiomae
+from audiomae import AudioMAE, AudioMAEClassifier, AudioMAEConfig
+from audiomae.model import patchify, unpatchify
+from conftest import load_fixture
+
+# float32 rounding of a few dozen layers: the fixtures were computed by another implementation
+PRED_ATOL = 1e-5
+LOSS_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("name", ["model_tiny_local", "model_tiny_global"])
+def test_pretraining_fixture(name):
+    d = load_fixture(name)
+    model = AudioMAE(AudioMAEConfig(**d["config"])).eval()
+    model.load_state_dict(d["state_dict"], strict=True)
+    with torch.no_grad():
+        out = model(d["input"], mask_ratio=d["mask_ratio"], noise=d["noise"])
+    torch.testing.assert_close(out.mask, d["mask"], rtol=0, atol=0)
+    torch.testing.assert_close(out.pred, d["pred"], rtol=0, atol=PRED_ATOL)
+    torch.testing.assert_close(out.loss, d["loss"], rtol=LOSS_RTOL, atol=1e-7)
+    loss, pred, mask = out  # unpacks like the release's tuple
+    assert loss is out.loss and pred is out.pred and mask is out.mask
+
+
+def test_local_fixture_needs_time_only_shift():
+    """The released weights were trained with shift (2, 0); (2, 2) must give a different answer."""
+    d = load_fixture("model_tiny_local")
+    model = AudioMAE(AudioMAEConfig(**d["config"], shift_size=(2, 2))).eval()
+    model.load_state_dict(d["state_dict"])
+    with torch.no_grad():
+        out = model(d["input"], mask_ratio=d["mask_ratio"], noise=d["noise"])
+    assert (out.pred - d["pred"]).abs().max() > 1e-2
+
+
+def test_classifier_fixture():
+    d = load_fixture("classifier_tiny")
+    model = AudioMAEClassifier(AudioMAEConfig(**d["config"])).eval()
+    model.load_state_dict(d["state_dict"], strict=True)
+    with torch.no_grad():
+        logits = model(d["input"])
+    torch.testing.assert_close(logits, d["logits"], rtol=0, atol=1e-5)
+
+
+def test_vit_b_layout():
+    """The released fine-tuned ViT-B (527 classes) has 85,659,407 trainable parameters."""
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("base"), num_classes=527)
+    assert sum(p.numel() for p in clf.parameters() if p.requires_grad) == 85_659_407
+    assert not clf.pos_embed.requires_grad
+
+
+def test_vit_b_pretraining_state_dict_keys():
+    model = AudioMAE(AudioMAEConfig.preset("base"))
+    sd = model.state_dict()
+    assert sd["pos_embed"].shape == (1, 513, 768)
+    assert sd["decoder_pos_embed"].shape == (1, 513, 512)
+    assert len([k for k in sd if k.startswith("decoder_blocks.15.")]) == 17  # tau, qkv, proj, meta_mlp x2, norm1, mlp x2, norm2
+    assert sd["decoder_blocks.3.attn.tau"].shape == (16,)
+    assert sd["decoder_blocks.3.attn.meta_mlp.fc1.weight"].shape == (384, 2)
+    assert not any("relative_coordinates" in k or "attn_mask" in k for k in sd)
+    # odd layers shift time by 2, even layers do not
+    assert [b.shift for b in model.decoder_blocks[:4]] == [(0, 0), (2, 0), (0, 0), (2, 0)]
+
+
+@pytest.mark.parametrize("mode", ["local", "global", "hybrid"])
+@pytest.mark.parametrize("img", [(256, 128), (128, 64)])
+def test_shapes_and_backward(mode, img):
+    cfg = AudioMAEConfig.preset("tiny", decoder_mode=mode, img_size=img)
+    model = AudioMAE(cfg)
+    x = torch.randn(3, 1, *img)
+    out = model(x)
+    L = cfg.num_patches
+    assert out.pred.shape == (3, L, 256) and out.mask.shape == (3, L)
+    assert int(out.mask[0].sum()) == L - int(L * 0.2)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_hybrid_layout():
+    cfg = AudioMAEConfig.preset("tiny", decoder_mode="hybrid")
+    model = AudioMAE(cfg)
+    kinds = [type(b).__name__ for b in model.decoder_blocks]
+    assert kinds == ["SwinBlock", "SwinBlock", "Block", "Block"]
+
+
+def test_window_clamped_to_small_grid():
+    # 64 frames x 32 bins -> a 4 x 2 grid: window clamps to 4 x 2, no shift on either axis
+    cfg = AudioMAEConfig.preset("tiny", img_size=(64, 32))
+    model = AudioMAE(cfg)
+    assert model.decoder_blocks[1].attn.window == (4, 2)
+    assert model.decoder_blocks[1].shift == (0, 0)
+    model(torch.randn(2, 1, 64, 32)).loss.backward()
+
+
+def test_window_that_does_not_tile_is_refused():
+    with pytest.raises(ValueError, match="does not tile"):
+        AudioMAE(AudioMAEConfig.preset("tiny", img_size=(96, 128)))  # 6 x 8 grid, 4 x 4 windows
+
+
+def test_patchify_roundtrip_and_order():
+    x = torch.randn(2, 1, 64, 32)
+    p = patchify(x, 16)
+    assert p.shape == (2, 8, 256)
+    # token 1 is time row 0, frequency column 1; its values row-major 16 time rows of 16 bins
+    torch.testing.assert_close(p[:, 1], x[:, 0, :16, 16:32].reshape(2, 256))
+    torch.testing.assert_close(unpatchify(p, 16, (4, 2)), x)
+
+
+def test_bad_input_shape_message():
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    with pytest.raises(ValueError, match=r"expected input \[B, 1, 256, 128\]"):
+        model(torch.randn(2, 1, 200, 128))
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model(torch.randn(2, 256, 128))
+
+
+def test_embeddings():
+    d = load_fixture("model_tiny_local")
+    model = AudioMAE.from_pretrained("tests/data/model_tiny_local.pt").eval()
+    pooled = model.embed(d["input"])
+    per_patch = model.embed(d["input"], per_patch=True)
+    assert pooled.shape == (2, 64) and per_patch.shape == (2, 128, 64)
+    torch.testing.assert_close(pooled, per_patch.mean(1))
+    # the classifier built from the same encoder gives the same per-patch tokens before the final norm
+    clf = AudioMAEClassifier.from_pretrained("tests/data/classifier_tiny.pt").eval()
+    assert clf.embed(d["input"]).shape == (2, 64)
+    assert clf.embed(d["input"], per_patch=True).shape == (2, 128, 64)
+
+
+def test_classifier_2d_masking_in_training_only():
+    cfg = AudioMAEConfig.preset("tiny", finetune_mask_2d=True)
+    clf = AudioMAEClassifier(cfg, num_classes=5)
+    x = torch.randn(2, 1, 256, 128)
+    clf.eval()
+    a = clf(x)
+    torch.testing.assert_close(a, clf(x))
+    clf.train()
+    feats = clf.forward_features(x)  # masked: 12 of 16 rows, 6 of 8 columns
+    assert feats.shape == (2, 64)
+    # explicit noise fixes the kept rows/columns: same noise, same result
+    noise = torch.rand(2, 16 + 8)
+    torch.testing.assert_close(clf(x, noise=noise), clf(x, noise=noise))
+    assert not torch.allclose(clf(x, mask_2d=False), clf(x, noise=noise))
+
+
+def test_presets():
+    for name in ["tiny", "small", "base", "large", "huge", "B", "mae_vit_base_patch16"]:
+        AudioMAEConfig.preset(name)
+    assert AudioMAEConfig.preset("huge").grid_size == (73, 9)
+    with pytest.raises(ValueError, match="unknown preset"):
+        AudioMAEConfig.preset("gigantic")
+    with pytest.raises(ValueError, match="decoder_mode"):
+        AudioMAEConfig(decoder_mode="windowed")
+
+
+def test_public_api():
+    assert audiomae.AudioMAEConfig is AudioMAEConfig
+    assert callable(audiomae.AudioMAE.from_pretrained)
