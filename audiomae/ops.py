@@ -1,11 +1,18 @@
-"""Public fused ops. The model calls only these; which implementation runs is decided here."""
+"""Public fused ops. The model calls only these; :mod:`audiomae.dispatch` decides which backend runs.
+
+Every op has a plain PyTorch reference in :mod:`audiomae.reference` (the CPU path and the test
+oracle); kernels register themselves for the ``triton`` and ``cuda`` backends.
+"""
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
 
+from . import dispatch
 from .reference import window_attention_reference
+
+dispatch.register("window_attention", "torch", window_attention_reference)
 
 
 def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: Tuple[int, int],
@@ -14,4 +21,4 @@ def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, g
 
     See :func:`audiomae.reference.window_attention_reference` for the exact semantics.
     """
-    return window_attention_reference(qkv, tau, bias, grid, window, shift, num_heads)
+    return dispatch.call("window_attention", qkv, tau, bias, grid, window, shift, num_heads)

@@ -1,0 +1,167 @@
+"""Backend dispatch for the fused ops: one place that decides which implementation runs.
+
+Backends: ``torch`` (the plain PyTorch references, always available), ``triton`` (Triton kernels; on
+CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` (the compiled extension in
+``csrc/``). Each implementation declares why it cannot run on given inputs (a list of reasons, empty
+when it can). The automatic choice takes the first backend of the op's preference order whose
+reasons are empty and logs the others' reasons at debug level; a backend the user forced raises its
+reasons as the error.
+
+Force a backend with the environment variable ``AUDIOMAE_BACKEND=torch|triton|cuda`` or in Python::
+
+    audiomae.dispatch.set_backend("torch")              # every op
+    audiomae.dispatch.set_backend("triton", op="window_attention")
+    with audiomae.dispatch.use_backend("torch"): ...    # temporarily
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+log = logging.getLogger("audiomae.dispatch")
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "AUDIOMAE_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for and cannot run these inputs; the message lists why."""
+
+
+@dataclass
+class Implementation:
+    fn: Callable
+    why_not: Callable[..., List[str]]  # same arguments as fn -> reasons it cannot run (empty: it can)
+
+
+_REGISTRY: Dict[str, Dict[str, Implementation]] = {}
+_PREFERENCE: Dict[str, Tuple[str, ...]] = {}
+_FORCED: Dict[Optional[str], Optional[str]] = {}  # op name (None: every op) -> backend
+
+
+def _always(*args, **kwargs) -> List[str]:
+    return []
+
+
+def register(op: str, backend: str, fn: Callable, why_not: Optional[Callable[..., List[str]]] = None) -> None:
+    """Declare ``fn`` as ``op``'s implementation on ``backend``; ``why_not`` tells when it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, why_not or _always)
+
+
+def set_preference(op: str, order: Sequence[str]) -> None:
+    """Automatic choice order for ``op`` (the fastest first); ``torch`` is always the last resort."""
+    order = tuple(b for b in order if b != "torch") + ("torch",)
+    _PREFERENCE[op] = order
+
+
+def _check_name(backend: Optional[str]) -> Optional[str]:
+    if backend is None or backend in ("", "auto"):
+        return None
+    backend = backend.lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    return backend
+
+
+def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
+    """Force ``backend`` for ``op`` (or for every op when ``op`` is None); ``None``/'auto' restores the
+    automatic choice. Takes precedence over ``AUDIOMAE_BACKEND``."""
+    _FORCED[op] = _check_name(backend)
+
+
+@contextlib.contextmanager
+def use_backend(backend: Optional[str], op: Optional[str] = None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`."""
+    had, before = op in _FORCED, _FORCED.get(op)
+    set_backend(backend, op)
+    try:
+        yield
+    finally:
+        if had:
+            _FORCED[op] = before
+        else:
+            _FORCED.pop(op, None)
+
+
+def forced_backend(op: str) -> Optional[str]:
+    """The backend forced for ``op`` (per-op setting, then global setting, then the environment)."""
+    for key in (op, None):
+        if _FORCED.get(key):
+            return _FORCED[key]
+    return _check_name(os.environ.get(ENV_VAR))
+
+
+def reasons(op: str, *args, **kwargs) -> Dict[str, List[str]]:
+    """For every backend, why it cannot run ``op`` on these inputs (empty list: it can)."""
+    impls = _REGISTRY.get(op, {})
+    out = {}
+    for b in BACKENDS:
+        if b not in impls:
+            out[b] = [f"no {b} implementation of {op}"]
+        else:
+            try:
+                out[b] = list(impls[b].why_not(*args, **kwargs))
+            except Exception as e:  # a check must never break the op
+                out[b] = [f"support check failed: {type(e).__name__}: {e}"]
+    return out
+
+
+def choose(op: str, *args, **kwargs) -> Tuple[str, Callable]:
+    """The backend name and function that will run ``op`` on these inputs."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    forced = forced_backend(op)
+    if forced is not None:
+        impl = impls.get(forced)
+        why = [f"no {forced} implementation of {op}"] if impl is None else impl.why_not(*args, **kwargs)
+        if why:
+            raise BackendUnavailableError(f"{op}: backend '{forced}' was asked for but cannot run: " + "; ".join(why)
+                                          + f". Unset {ENV_VAR} or call audiomae.dispatch.set_backend(None) "
+                                          "for the automatic choice.")
+        return forced, impl.fn
+    for b in _PREFERENCE.get(op, ("triton", "torch")):
+        impl = impls.get(b)
+        if impl is None:
+            continue
+        why = impl.why_not(*args, **kwargs)
+        if not why:
+            return b, impl.fn
+        log.debug("%s: %s not used: %s", op, b, "; ".join(why))
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs")
+
+
+def call(op: str, *args, **kwargs):
+    """Run ``op`` with the chosen backend."""
+    return choose(op, *args, **kwargs)[1](*args, **kwargs)
+
+
+def registered_ops() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+# --- availability helpers shared by the backends ------------------------------------------------
+def triton_reasons(*tensors) -> List[str]:
+    """Why Triton kernels cannot run on these tensors: triton missing, or CPU tensors without the
+    interpreter (``TRITON_INTERPRET=1``), or tensors on another device type."""
+    out = []
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return [f"triton is not importable ({type(e).__name__}: {e})"]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cpu" and not interpret:
+            out.append("tensors are on the CPU (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)")
+            break
+        if t.device.type not in ("cpu", "cuda"):
+            out.append(f"tensors are on {t.device.type}, Triton kernels need CUDA")
+            break
+    return out
