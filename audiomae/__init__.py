@@ -14,6 +14,7 @@ from .checkpoint import CheckpointAdaptedWarning, CheckpointError  # noqa: E402,
 def __getattr__(name):
     # the audio front end is imported on first use (it pulls in scipy and soundfile)
     if name in ("fbank", "load_audio", "waveform_to_input", "load_input", "audio"):
-        from . import audio
+        import importlib
+        audio = importlib.import_module(".audio", __name__)
         return audio if name == "audio" else getattr(audio, name)
     raise AttributeError(f"module 'audiomae' has no attribute {name!r}")
