@@ -1,0 +1,530 @@
+"""The training loops: pretraining, fine-tuning, evaluation, embedding, linear probing.
+
+Each entry point takes a plain dict of options (what the command line parses), so runs can be
+repeated from the ``config.json`` saved in every run folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import AudioMAEConfig
+from ..model import AudioMAE, AudioMAEClassifier
+from . import distributed as D
+from .metrics import multilabel_metrics, singlelabel_metrics
+from .optim import effective_lr, lr_at, param_groups, set_lr
+from .sampler import ResumableSampler
+from .state import BEST, LAST, load_training_state, resolve_resume, save_training_state, set_rng_state
+
+log = logging.getLogger("audiomae.train")
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (too many non-finite losses, inconsistent resume, ...)."""
+
+
+# --- run plumbing ------------------------------------------------------------------------------
+class RunLog:
+    """Metrics as JSON lines (``metrics.jsonl``), and TensorBoard when it is installed; rank 0 only."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(f"{record.get('phase', 'train')}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _json_safe(opts: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()
+            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cpu" and precision != "fp32":
+        log.warning("precision %s is for GPUs; using fp32 on the CPU", precision)
+        return "fp32"
+    return precision
+
+
+def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = False):
+    """The dataset named by ``opts['data']``: ``synthetic``, a JSON/CSV manifest, or a class-folder root."""
+    from .. import data as data_mod
+
+    src = opts.get("data", "synthetic")
+    common = dict(max_bad_fraction=opts.get("max_bad_fraction", 0.01))
+    if src == "synthetic":
+        n = opts.get("num_clips", 2000) if split == "train" else opts.get("num_eval_clips", 500)
+        return data_mod.SyntheticAudioDataset(num_clips=n, clip_seconds=opts.get("clip_seconds") or 2.56,
+                                              seed=opts.get("seed", 0), split=split, **common)
+    path = src if split == "train" else (opts.get("eval_data") or src)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --data {path}: no such file or folder (use 'synthetic', a manifest or a folder)")
+    clip = opts.get("clip_seconds") or 10.0
+    if os.path.isdir(path):
+        return data_mod.FolderDataset(path, clip_seconds=clip, **common)
+    return data_mod.ManifestDataset(path, opts.get("labels"), clip_seconds=clip, **common)
+
+
+def _target_length(opts: Dict[str, Any], dataset) -> int:
+    if opts.get("target_length"):
+        return int(opts["target_length"])
+    from ..data.dataset import default_target_length
+    return default_target_length(dataset.clip_samples)
+
+
+def _loader(dataset, opts, sampler, batch_size):
+    from ..data import make_loader
+    return make_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=opts.get("num_workers", 0),
+                       drop_last=False, shuffle=False)
+
+
+def _infinite_steps(epochs: int, steps_per_epoch: int) -> int:
+    return max(1, epochs * steps_per_epoch)
+
+
+# --- the shared optimisation loop ---------------------------------------------------------------
+class Trainer:
+    """One optimisation loop for both models: accumulation, autocast, clipping, NaN skipping,
+    per-step lr, progress, metrics, atomic checkpoints and exact resume."""
+
+    def __init__(self, model: nn.Module, opts: Dict[str, Any], dataset, device: torch.device, info: D.DistInfo,
+                 step_fn, layer_decay: Optional[float] = None, on_epoch_end=None):
+        self.opts = opts
+        self.model = model.to(device)
+        self.device = device
+        self.info = info
+        self.step_fn = step_fn  # (model, batch) -> loss
+        self.on_epoch_end = on_epoch_end
+        self.out_dir = opts["output_dir"]
+        self.precision = _resolve_precision(opts.get("precision", "auto"), device)
+        accum = int(opts.get("accum_iter", 1))
+        batch = int(opts["batch_size"])
+        if accum < 1 or batch < 1:
+            raise SystemExit("error: --batch-size and --accum-iter must be positive")
+        self.accum = accum
+        self.eff_batch = batch * accum * info.world_size
+        self.lr = opts.get("lr") or effective_lr(opts["blr"], self.eff_batch)
+        groups = param_groups(model, opts["weight_decay"], layer_decay)
+        for g in groups:
+            g.pop("names")
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.95))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        weights = None
+        if opts.get("weighted_sampling"):
+            from ..data import label_weights
+            weights = label_weights(dataset)
+        n_samples = opts.get("epoch_size") or len(dataset)
+        self.sampler = ResumableSampler(len(dataset), shuffle=True, seed=opts.get("seed", 0), rank=info.rank,
+                                        world_size=info.world_size, weights=weights, num_samples=n_samples)
+        self.loader = _loader(dataset, opts, self.sampler, batch)
+        self.batches_per_epoch = math.ceil(self.sampler.per_rank / batch)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // accum)
+        self.total_steps = int(opts["epochs"]) * self.steps_per_epoch
+        self.warmup_steps = int(round(opts.get("warmup_epochs", 0) * self.steps_per_epoch))
+        self.step = 0
+        self.epoch = 0
+        self.epoch_step = 0
+        self.best: Optional[float] = None
+        self.nan_streak = 0
+        self.skipped = 0
+        self.runlog = RunLog(self.out_dir, info.is_main, opts.get("tensorboard", True))
+        self.ddp = None
+        if info.enabled:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward_model = self.ddp or self.model
+        if opts.get("compile"):
+            self.forward_model = torch.compile(self.forward_model)
+
+    @property
+    def schedule(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "min_lr": self.opts.get("min_lr", 0.0), "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+
+    def current_lr(self) -> float:
+        return lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.opts.get("min_lr", 0.0))
+
+    # -- checkpoints --
+    def save(self, name: str = LAST) -> None:
+        if self.info.is_main:
+            save_training_state(os.path.join(self.out_dir, name), model=self.model, optimizer=self.optimizer,
+                                scaler=self.scaler, step=self.step, epoch=self.epoch, epoch_step=self.epoch_step,
+                                args=_json_safe(self.opts), schedule=self.schedule, best=self.best)
+        D.barrier()
+
+    def resume(self, path: str) -> None:
+        state = load_training_state(path)
+        if state["schedule"].get("steps_per_epoch") != self.steps_per_epoch:
+            raise TrainingError(f"cannot resume from {path}: it was made with {state['schedule'].get('steps_per_epoch')} "
+                                f"steps per epoch, this run has {self.steps_per_epoch} (batch size, accumulation, "
+                                "data or process count changed)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.best = state.get("best")
+        set_rng_state(state["rng"])
+        if self.info.is_main:
+            print(f"resumed from {path} at epoch {self.epoch}, step {self.step} (lr {self.current_lr():.3g})")
+
+    # -- one optimiser step over `accum` batches --
+    def _finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
+        if self.info.enabled:
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item() == 0)
+
+    def train_step(self, batches: List[Dict[str, Any]]) -> Optional[float]:
+        set_lr(self.optimizer, self.current_lr())
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            ctx = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+            with ctx:
+                with _autocast(self.device, self.precision):
+                    loss = self.step_fn(self.forward_model, batch)
+                if not self._finite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return None
+                self.scaler.scale(loss / len(batches)).backward()
+            total += float(loss.detach()) / len(batches)
+        clip = self.opts.get("clip_grad")
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total
+
+    def run(self) -> Dict[str, Any]:
+        opts = self.opts
+        max_nan = int(opts.get("max_nan_steps", 20))
+        save_every = int(opts.get("save_every_steps") or 0)
+        epochs = int(opts["epochs"])
+        last_loss = float("nan")
+        while self.epoch < epochs:
+            self.model.train()
+            self.loader.set_epoch(self.epoch)
+            self.sampler.set_epoch(self.epoch, start=self.epoch_step * self.accum * int(opts["batch_size"]))
+            rng = torch.get_rng_state()  # the loader's seed draw must not shift the training RNG (exact resume)
+            it = iter(self.loader)
+            torch.set_rng_state(rng)
+            bar = tqdm(total=self.steps_per_epoch, initial=self.epoch_step, disable=not self.info.is_main
+                       or opts.get("quiet"), desc=f"epoch {self.epoch + 1}/{epochs}", unit="step", dynamic_ncols=True)
+            t0, seen = time.time(), 0
+            while self.epoch_step < self.steps_per_epoch:
+                batches = []
+                for _ in range(self.accum):
+                    try:
+                        batches.append(next(it))
+                    except StopIteration:
+                        break
+                if not batches:
+                    break
+                loss = self.train_step(batches)
+                n = sum(len(b["target"]) for b in batches) * self.info.world_size
+                if loss is None:
+                    self.nan_streak += 1
+                    self.skipped += 1
+                    if self.info.is_main:
+                        tqdm.write(f"step {self.step}: non-finite loss, step skipped ({self.nan_streak} in a row)")
+                    if self.nan_streak > max_nan:
+                        raise TrainingError(f"{self.nan_streak} non-finite losses in a row (limit --max-nan-steps "
+                                            f"{max_nan}): the run diverged; lower the learning rate or check the data")
+                else:
+                    self.nan_streak = 0
+                    last_loss = loss
+                self.step += 1
+                self.epoch_step += 1
+                seen += n
+                rate = seen / max(1e-9, time.time() - t0)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.current_lr():.2e}", samples_s=f"{rate:.1f}")
+                bar.update(1)
+                if self.step % max(1, int(opts.get("log_every", 10))) == 0 or self.epoch_step == self.steps_per_epoch:
+                    self.runlog.write({"phase": "train", "step": self.step, "epoch": self.epoch, "loss": last_loss,
+                                       "lr": self.current_lr(), "samples_per_s": rate, "skipped_steps": self.skipped})
+                if save_every and self.step % save_every == 0:
+                    self.save()
+            bar.close()
+            self.epoch += 1
+            self.epoch_step = 0
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self)
+            self.save()
+        self.runlog.close()
+        return {"steps": self.step, "epochs": self.epoch, "loss": last_loss, "skipped_steps": self.skipped,
+                "best": self.best}
+
+
+def _setup(opts: Dict[str, Any]) -> Tuple[torch.device, D.DistInfo]:
+    device = D.pick_device(opts.get("device", "auto"))
+    info = D.init(device)
+    if device.type == "cuda" and info.enabled:
+        device = D.pick_device("cuda", info.local_rank)
+    torch.manual_seed(int(opts.get("seed", 0)) + info.rank)
+    out = opts["output_dir"]
+    if info.is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(_json_safe(opts), f, indent=2, sort_keys=True)
+    D.barrier()
+    return device, info
+
+
+def _features(opts, dataset, device):
+    from ..data import FeatureExtractor
+    return FeatureExtractor(target_length=_target_length(opts, dataset), stats=opts.get("stats", "audioset"),
+                            device=device)
+
+
+def _model_config(opts: Dict[str, Any], target_length: int) -> AudioMAEConfig:
+    return AudioMAEConfig.preset(opts.get("model", "tiny"), img_size=(target_length, 128),
+                                 decoder_mode=opts.get("decoder_mode") or AudioMAEConfig.preset(opts.get("model", "tiny")).decoder_mode,
+                                 mask_ratio=opts.get("mask_ratio", 0.8), mask_mode=opts.get("mask_mode", "unstructured"),
+                                 norm_pix_loss=not opts.get("no_norm_pix_loss", False))
+
+
+# --- pretraining --------------------------------------------------------------------------------
+def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
+    from ..data import roll_and_magnitude
+
+    device, info = _setup(opts)
+    dataset = build_dataset(opts, "train")
+    T = _target_length(opts, dataset)
+    if opts.get("init"):
+        model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128))
+    else:
+        model = AudioMAE(_model_config(opts, T))
+    feats = _features(opts, dataset, device)
+    ratio = model.config.mask_ratio
+
+    def step_fn(m, batch):
+        wave = batch["waveform"].to(device, non_blocking=True)
+        if opts.get("augment", True):
+            wave = roll_and_magnitude(wave)
+        return m(feats(wave), mask_ratio=ratio).loss
+
+    trainer = Trainer(model, opts, dataset, device, info, step_fn)
+    path = resolve_resume(opts.get("resume"), opts["output_dir"])
+    if path:
+        trainer.resume(path)
+    elif opts.get("resume") and opts["resume"] != "auto":
+        raise SystemExit(f"error: --resume {opts['resume']}: no such checkpoint")
+    if info.is_main:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"pretraining {n / 1e6:.2f}M parameters on {device} ({trainer.precision}), {len(dataset)} clips, "
+              f"input {T}x128, effective batch {trainer.eff_batch}, lr {trainer.lr:.3g}, {trainer.total_steps} steps")
+    summary = trainer.run()
+    if info.is_main:
+        model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"))
+        print(f"done: final loss {summary['loss']:.4f}; model in {os.path.join(opts['output_dir'], 'model.pt')}")
+    D.cleanup()
+    return summary
+
+
+# --- fine-tuning and evaluation -----------------------------------------------------------------
+def _loss_fn(multi_label: bool):
+    if multi_label:
+        return lambda logits, target: F.binary_cross_entropy_with_logits(logits, target)
+    return lambda logits, target: torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info=D.DistInfo(),
+            desc="evaluating") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores (sigmoid or softmax) and targets of a whole dataset, gathered from every rank."""
+    sampler = ResumableSampler(len(dataset), shuffle=False, rank=info.rank, world_size=info.world_size,
+                               num_samples=len(dataset) - len(dataset) % info.world_size)
+    loader = _loader(dataset, opts, sampler, int(opts.get("eval_batch_size") or opts.get("batch_size", 32)))
+    model.eval()
+    precision = _resolve_precision(opts.get("precision", "auto"), device)
+    scores, targets = [], []
+    for batch in tqdm(loader, desc=desc, disable=not info.is_main or opts.get("quiet"), unit="batch",
+                      dynamic_ncols=True, leave=False):
+        x = batch["input"].to(device) if "input" in batch else feats(batch["waveform"].to(device))
+        with _autocast(device, precision):
+            logits = model(x).float()
+        scores.append(torch.sigmoid(logits) if dataset.multi_label else torch.softmax(logits, -1))
+        targets.append(batch["target"].to(device).float())
+    s, t = torch.cat(scores), torch.cat(targets)
+    return D.all_gather_cat(s).cpu(), D.all_gather_cat(t).cpu()
+
+
+def compute_metrics(scores, targets, dataset) -> Dict[str, Any]:
+    names = list(getattr(dataset, "class_names", None) or [])
+    if dataset.multi_label:
+        return multilabel_metrics(scores, targets, names or None)
+    return singlelabel_metrics(scores, targets, names or None)
+
+
+def headline(metrics: Dict[str, Any]) -> Tuple[str, float]:
+    return ("mAP", metrics["mAP"]) if "mAP" in metrics else ("accuracy", metrics["accuracy"])
+
+
+def write_report(metrics: Dict[str, Any], path: str) -> None:
+    """Per-class report as CSV (class, name, then the per-class metrics)."""
+    rows = metrics["per_class"]
+    keys = list(rows[0].keys()) if rows else ["class", "name"]
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """Fine-tune a classifier from a pretrained checkpoint (see ``audiomae finetune --help``)."""
+    from ..data import mixup, spec_augment
+
+    device, info = _setup(opts)
+    train_set = build_dataset(opts, "train")
+    eval_set = build_dataset(opts, "val")
+    T = _target_length(opts, train_set)
+    overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
+                     finetune_mask_2d=bool(opts.get("mask_2d", False)),
+                     finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
+    if opts.get("pretrained"):
+        model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
+    else:
+        model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
+    feats = _features(opts, train_set, device)
+    loss_of = _loss_fn(train_set.multi_label)
+
+    def step_fn(m, batch):
+        x = feats(batch["waveform"].to(device, non_blocking=True))
+        y = batch["target"].to(device).float()
+        if opts.get("mixup", 0) > 0:
+            x, y, _ = mixup(x, y, alpha=opts["mixup"])
+        if opts.get("spec_augment", True):
+            x = spec_augment(x, freq_mask=opts.get("freq_mask", 48), time_mask=opts.get("time_mask", 192))
+        return loss_of(m(x), y)
+
+    def on_epoch_end(tr: Trainer):
+        scores, targets = predict(tr.model, eval_set, opts, device, feats, info)
+        metrics = compute_metrics(scores, targets, eval_set)
+        name, value = headline(metrics)
+        tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch,
+                         **{k: v for k, v in metrics.items() if k != "per_class"}})
+        if info.is_main:
+            tqdm.write(f"epoch {tr.epoch}: {name} {value:.4f}")
+        if tr.best is None or value > tr.best:
+            tr.best = value
+            tr.save(BEST)
+            if info.is_main:
+                write_report(metrics, os.path.join(opts["output_dir"], "best_report.csv"))
+
+    trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
+                      on_epoch_end=on_epoch_end)
+    path = resolve_resume(opts.get("resume"), opts["output_dir"])
+    if path:
+        trainer.resume(path)
+    summary = trainer.run()
+    if info.is_main:
+        model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"))
+        name = "mAP" if train_set.multi_label else "accuracy"
+        print(f"done: best {name} {summary['best']:.4f}; best checkpoint in {os.path.join(opts['output_dir'], BEST)}")
+    D.cleanup()
+    return summary
+
+
+def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """Evaluate a classifier checkpoint; writes metrics.json and a per-class CSV report."""
+    device, info = _setup(opts)
+    dataset = build_dataset(opts, "val")
+    T = _target_length(opts, dataset)
+    model = AudioMAEClassifier.from_pretrained(opts["checkpoint"], img_size=(T, 128)).to(device)
+    if model.num_classes != dataset.num_classes:
+        raise SystemExit(f"error: the checkpoint predicts {model.num_classes} classes, the data has "
+                         f"{dataset.num_classes}")
+    feats = _features(opts, dataset, device)
+    scores, targets = predict(model, dataset, opts, device, feats, info)
+    metrics = compute_metrics(scores, targets, dataset)
+    if info.is_main:
+        write_report(metrics, os.path.join(opts["output_dir"], "report.csv"))
+        with open(os.path.join(opts["output_dir"], "metrics.json"), "w") as f:
+            json.dump({k: v for k, v in metrics.items() if k != "per_class"}, f, indent=2)
+        name, value = headline(metrics)
+        extra = f", AUC {metrics['AUC']:.4f}, d' {metrics['d_prime']:.3f}" if "AUC" in metrics else ""
+        print(f"{name} {value:.4f}{extra} on {len(targets)} clips; per-class report in "
+              f"{os.path.join(opts['output_dir'], 'report.csv')}")
+    D.cleanup()
+    return metrics
+
+
+# --- embeddings and the linear probe ------------------------------------------------------------
+@torch.no_grad()
+def embed_dataset(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, per_patch: bool = False,
+                  desc: str = "embedding") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings ``[N, D]`` (or ``[N, L, D]``) and targets of a whole dataset, in dataset order."""
+    sampler = ResumableSampler(len(dataset), shuffle=False)
+    loader = _loader(dataset, opts, sampler, int(opts.get("batch_size", 32)))
+    model.eval()
+    out, targets = [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=opts.get("quiet"), dynamic_ncols=True, leave=False):
+        x = batch["input"].to(device) if "input" in batch else feats(batch["waveform"].to(device))
+        out.append(model.embed(x, per_patch=per_patch).float().cpu())
+        targets.append(batch["target"].float())
+    return torch.cat(out), torch.cat(targets)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 multi_label: bool = False, epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4,
+                 seed: int = 0) -> Dict[str, Any]:
+    """Logistic regression on frozen embeddings (standardised with the training statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    tx, vx = (train_x - mean) / std, (val_x - mean) / std
+    head = nn.Linear(tx.shape[1], train_y.shape[1])
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_of = _loss_fn(multi_label)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss_of(head(tx), train_y).backward()
+        opt.step()
+    with torch.no_grad():
+        logits = head(vx)
+        scores = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+    return multilabel_metrics(scores, val_y) if multi_label else singlelabel_metrics(scores, val_y)

@@ -1,0 +1,67 @@
+"""Optimiser pieces of the paper's recipes: parameter groups, layer-wise lr decay, the lr schedule."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional
+
+import torch.nn as nn
+
+# never decayed: norms, biases, tokens, position tables, temperatures (the release's rule: 1-D
+# parameters and the named tokens)
+_NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "tau")
+
+
+def no_weight_decay(name: str, param) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer index for layer-wise lr decay (the release's ``get_layer_id_for_vit``): tokens, position
+    table and patch embedding are layer 0, ``blocks.i`` is layer ``i + 1``, everything after the
+    blocks (fc_norm, head) is layer ``num_layers + 1``."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[Dict]:
+    """AdamW parameter groups: no decay on 1-D parameters, biases, tokens and position tables; with
+    ``layer_decay`` each group carries ``lr_scale = layer_decay ** (num_layers + 1 - layer)``.
+    Frozen parameters (the fixed position tables) are left out."""
+    num_layers = len(getattr(model, "blocks", []))
+    groups: Dict[tuple, Dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if no_weight_decay(name, p) else weight_decay
+        lid = layer_id(name, num_layers) if layer_decay is not None else 0
+        key = (decay, lid)
+        if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
+            groups[key] = {"params": [], "names": [], "weight_decay": decay, "lr_scale": scale}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0) -> float:
+    """Per-step linear warmup to ``lr``, then half-cosine decay to ``min_lr`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def effective_lr(blr: float, effective_batch: int) -> float:
+    """The paper's scaling: ``lr = blr * effective batch / 256``."""
+    return blr * effective_batch / 256
