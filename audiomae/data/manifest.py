@@ -1,0 +1,294 @@
+"""AudioSet-style datasets described by a manifest and a class-labels CSV (the AST/Audio-MAE format).
+
+Manifest (JSON)::
+
+    {"data": [{"wav": "audio/YxYz.wav", "labels": "/m/09x0r,/m/05zppz"}, ...]}
+
+Relative ``wav`` paths are resolved against the manifest's folder (or ``root``). A CSV or TSV
+manifest with a header naming the columns ``wav`` and ``labels`` is read the same way.
+
+Label file (CSV, header ``index,mid,display_name``; display names may contain quoted commas)::
+
+    index,mid,display_name
+    0,/m/09x0r,"Speech"
+    1,/m/05zppz,"Male speech, man speaking"
+
+Both files are checked completely when the dataset is built: a malformed file fails at once with a
+:class:`~audiomae.data.DataError` naming the file and the line (CSV, JSON syntax) or the entry
+(``data[i]``) at fault. Audio files themselves are read lazily (see the bad-data handling in
+:mod:`audiomae.data.dataset`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from ..audio import load_audio
+from .dataset import ClipDataset, DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+_MISSING = object()  # an entry without 'labels'
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Classes of a label file: ``mids[i]`` and ``names[i]`` belong to class index ``i``."""
+
+    mids: List[str]
+    names: List[str]
+
+    def __len__(self) -> int:
+        return len(self.mids)
+
+    @property
+    def index(self) -> Dict[str, int]:
+        return {m: i for i, m in enumerate(self.mids)}
+
+
+def read_label_csv(path: PathLike) -> LabelSet:
+    """Read a class-labels CSV (``index,mid,display_name``).
+
+    Indices must be the integers 0..C-1, each once, in any order; mids must be unique.
+    ``display_name`` is optional (the mid is used when it is missing).
+    """
+    path = os.fspath(path)
+    try:
+        f = open(path, newline="", encoding="utf-8-sig")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open the label file: {e.strerror or e}") from e
+    with f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
+        if header is None:
+            raise DataError(f"{path}: the label file is empty (expected a header 'index,mid,display_name')")
+        cols = [h.strip().lower() for h in header]
+        for need in ("index", "mid"):
+            if need not in cols:
+                raise DataError(
+                    f"{path}, line 1: the header {header!r} has no '{need}' column "
+                    "(expected 'index,mid,display_name')"
+                )
+        i_idx, i_mid = cols.index("index"), cols.index("mid")
+        i_name = cols.index("display_name") if "display_name" in cols else None
+        by_index: Dict[int, Tuple[str, str]] = {}
+        line_of_index: Dict[int, int] = {}
+        line_of_mid: Dict[str, int] = {}
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) <= max(i_idx, i_mid):
+                raise DataError(f"{path}, line {line}: expected at least {max(i_idx, i_mid) + 1} fields, got {len(row)}: {row!r}")
+            raw_index, mid = row[i_idx].strip(), row[i_mid].strip()
+            try:
+                index = int(raw_index)
+            except ValueError:
+                raise DataError(f"{path}, line {line}: index {raw_index!r} is not an integer") from None
+            if index < 0:
+                raise DataError(f"{path}, line {line}: negative index {index}")
+            if not mid:
+                raise DataError(f"{path}, line {line}: empty mid")
+            if index in by_index:
+                raise DataError(
+                    f"{path}, line {line}: duplicate index {index} (first on line {line_of_index[index]})"
+                )
+            if mid in line_of_mid:
+                raise DataError(f"{path}, line {line}: duplicate mid {mid!r} (first on line {line_of_mid[mid]})")
+            name = row[i_name].strip() if i_name is not None and i_name < len(row) else ""
+            by_index[index] = (mid, name or mid)
+            line_of_index[index] = line
+            line_of_mid[mid] = line
+    if not by_index:
+        raise DataError(f"{path}: the label file has a header but no classes")
+    missing = sorted(set(range(len(by_index))) - set(by_index))
+    if missing:
+        extra = sorted(i for i in by_index if i >= len(by_index))
+        raise DataError(
+            f"{path}: class indices must be 0..{len(by_index) - 1}; missing {missing[:10]}, "
+            f"out of range {extra[:10]} (line {line_of_index[extra[0]]})"
+        )
+    mids = [by_index[i][0] for i in range(len(by_index))]
+    names = [by_index[i][1] for i in range(len(by_index))]
+    return LabelSet(mids, names)
+
+
+def _split_labels(labels: Any, where: str) -> List[str]:
+    if isinstance(labels, str):
+        parts = labels.split(",")
+    elif isinstance(labels, (list, tuple)) and all(isinstance(x, str) for x in labels):
+        parts = list(labels)
+    else:
+        raise DataError(f"{where}: 'labels' must be a string of comma-separated mids or a list of strings, got {labels!r}")
+    out: List[str] = []
+    for p in parts:
+        p = p.strip()
+        if p and p not in out:
+            out.append(p)
+    return out
+
+
+def read_manifest(path: PathLike) -> List[Tuple[str, Any, str]]:
+    """Read a manifest: a list of ``(wav, labels, where)``, ``where`` naming the entry for messages.
+
+    JSON: ``{"data": [{"wav": ..., "labels": ...}, ...]}`` (a bare list of entries is accepted too).
+    CSV/TSV (by extension): a header with ``wav`` and, for labelled data, ``labels`` columns.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            if ext in (".csv", ".tsv"):
+                return _read_table_manifest(f, path, "\t" if ext == ".tsv" else ",")
+            text = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot open the manifest: {e.strerror or e}") from e
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from e
+    if isinstance(doc, dict):
+        if "data" not in doc:
+            raise DataError(f"{path}: the manifest has no 'data' key (expected {{\"data\": [{{\"wav\": ..., \"labels\": ...}}, ...]}})")
+        entries = doc["data"]
+    else:
+        entries = doc
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: 'data' must be a list of entries, got {type(entries).__name__}")
+    out = []
+    for i, e in enumerate(entries):
+        where = f"{path}: data[{i}]"
+        if not isinstance(e, dict):
+            raise DataError(f"{where}: an entry must be an object with 'wav' and 'labels', got {type(e).__name__}")
+        if "wav" not in e:
+            raise DataError(f"{where}: missing key 'wav'")
+        wav = e["wav"]
+        if not isinstance(wav, str) or not wav.strip():
+            raise DataError(f"{where}: 'wav' must be a non-empty string, got {wav!r}")
+        out.append((wav, e.get("labels", _MISSING), where))
+    return out
+
+
+def _read_table_manifest(f: Any, path: str, delimiter: str) -> List[Tuple[str, Any, str]]:
+    reader = csv.reader(f, delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: the manifest is empty (expected a header with 'wav' and 'labels')")
+        cols = [h.strip().lower() for h in header]
+        if "wav" not in cols:
+            raise DataError(f"{path}, line 1: the header {header!r} has no 'wav' column")
+        i_wav = cols.index("wav")
+        i_lab = cols.index("labels") if "labels" in cols else None
+        out = []
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            where = f"{path}, line {line}"
+            if len(row) != len(header):
+                raise DataError(f"{where}: expected {len(header)} fields, got {len(row)}: {row!r}")
+            wav = row[i_wav].strip()
+            if not wav:
+                raise DataError(f"{where}: empty 'wav'")
+            out.append((wav, row[i_lab] if i_lab is not None else _MISSING, where))
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
+    return out
+
+
+class ManifestDataset(ClipDataset):
+    """Clips listed in an AudioSet/AST manifest, with multi-hot targets from a label CSV.
+
+    ``ManifestDataset(manifest, label_csv, clip_seconds=10.0, root=None, multi_label=True, ...)``
+
+    manifest: JSON (``{"data": [{"wav", "labels"}]}``), or CSV/TSV with ``wav`` and ``labels`` columns.
+    label_csv: the class list (``index,mid,display_name``). ``None`` for unlabelled data (e.g.
+      pretraining): then ``labels`` may be absent and targets are empty (``num_classes == 0``).
+    root: folder that relative ``wav`` paths are resolved against; default the manifest's folder.
+    multi_label: ``False`` for single-label data (ESC-50, Speech Commands): every entry must then
+      carry exactly one label; targets are one-hot either way.
+    Other keyword arguments: see :class:`audiomae.data.ClipDataset` (``features``,
+    ``max_bad_fraction``, ``transform``, ...).
+    """
+
+    def __init__(
+        self,
+        manifest: PathLike,
+        label_csv: Optional[PathLike] = None,
+        clip_seconds: float = 10.0,
+        *,
+        root: Optional[PathLike] = None,
+        multi_label: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(clip_seconds, **kwargs)
+        self.manifest_path = os.fspath(manifest)
+        self.label_csv = os.fspath(label_csv) if label_csv is not None else None
+        self.multi_label = bool(multi_label)
+        if self.label_csv is not None:
+            self.label_set: Optional[LabelSet] = read_label_csv(self.label_csv)
+            self.class_names = list(self.label_set.names)
+            self.class_mids = list(self.label_set.mids)
+        else:
+            self.label_set = None
+            self.class_names = []
+            self.class_mids = []
+        base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(self.manifest_path))
+        entries = read_manifest(self.manifest_path)
+        if not entries:
+            raise DataError(f"{self.manifest_path}: the manifest lists no clips")
+        lookup = self.label_set.index if self.label_set is not None else {}
+        self.paths: List[str] = []
+        self._labels: List[Tuple[int, ...]] = []
+        for wav, labels, where in entries:
+            wav = os.path.expanduser(wav.strip())
+            self.paths.append(wav if os.path.isabs(wav) else os.path.normpath(os.path.join(base, wav)))
+            if self.label_set is None:
+                self._labels.append(())
+                continue
+            if labels is _MISSING:
+                raise DataError(f"{where}: missing key 'labels'")
+            mids = _split_labels(labels, where)
+            if not mids:
+                raise DataError(f"{where}: no labels")
+            idx = []
+            for m in mids:
+                if m not in lookup:
+                    raise DataError(f"{where}: unknown label {m!r} (not in {self.label_csv})")
+                idx.append(lookup[m])
+            if not self.multi_label and len(idx) != 1:
+                raise DataError(f"{where}: {len(idx)} labels {mids!r} in a single-label dataset")
+            self._labels.append(tuple(idx))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def labels_of(self, index: int) -> List[int]:
+        return list(self._labels[index])
+
+    def _path(self, index: int) -> str:
+        return self.paths[index]
+
+    def _read(self, index: int):
+        return load_audio(self.paths[index], sample_rate=self.sample_rate, mono=True)
+
+
+def write_manifest(path: PathLike, entries: Sequence[Dict[str, str]]) -> None:
+    """Write ``{"data": entries}`` as JSON (one entry per line, readable and diff-friendly)."""
+    path = os.fspath(path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"data": [\n')
+        f.write(",\n".join(json.dumps(e, ensure_ascii=False) for e in entries))
+        f.write("\n]}\n")

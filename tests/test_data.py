@@ -1,0 +1,616 @@
+"""Tests of audiomae.data: datasets, bad-file handling, loaders, sampling weights, augmentations."""
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audiomae.audio import fbank, waveform_to_input
+from audiomae.data import (
+    SYNTHETIC_CLASS_NAMES,
+    DataError,
+    DistributedWeightedSampler,
+    FeatureExtractor,
+    FolderDataset,
+    ManifestDataset,
+    SyntheticAudioDataset,
+    TooManyBadFilesError,
+    collate_items,
+    default_target_length,
+    label_counts,
+    label_weights,
+    make_loader,
+    mixup,
+    roll_and_magnitude,
+    spec_augment,
+)
+
+SR = 16000
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _tone(seconds, freq=440.0, sr=SR, channels=1):
+    t = np.arange(int(round(seconds * sr))) / sr
+    x = 0.3 * np.sin(2 * np.pi * freq * t)
+    return np.stack([x] * channels, 1) if channels > 1 else x
+
+
+def _wav(path, seconds=0.5, freq=440.0, sr=SR, channels=1):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sf.write(path, _tone(seconds, freq, sr, channels), sr, subtype="PCM_16")
+    return path
+
+
+LABEL_CSV = 'index,mid,display_name\n0,/m/a,"Speech"\n1,/m/b,"Male speech, man speaking"\n2,/m/c,"Dog"\n'
+
+
+@pytest.fixture
+def audioset_dir(tmp_path):
+    """A tiny AudioSet-style folder: manifest with relative and absolute paths, label CSV."""
+    _wav(str(tmp_path / "audio" / "a.wav"), 0.5, 300.0)
+    _wav(str(tmp_path / "audio" / "b.wav"), 1.5, 600.0, sr=44100, channels=2)  # resampled, downmixed
+    _wav(str(tmp_path / "audio" / "c.flac"), 0.8, 900.0, sr=8000)
+    abs_path = _wav(str(tmp_path / "elsewhere" / "d.wav"), 0.3, 1200.0)
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    data = {
+        "data": [
+            {"wav": "audio/a.wav", "labels": "/m/a"},
+            {"wav": "audio/b.wav", "labels": "/m/a,/m/b"},
+            {"wav": "audio/c.flac", "labels": "/m/c,/m/a"},
+            {"wav": abs_path, "labels": "/m/b"},
+        ]
+    }
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def _clip_descriptors(ds, n):
+    """Hand-made clip descriptors that do not depend on pitch: peakiness of the frame spectra,
+    energy-modulation spectrum, centroid movement (a nearest-class-mean check of the classes)."""
+    w = torch.stack([ds[i]["waveform"] for i in range(n)])
+    F = fbank(w - w.mean(-1, keepdim=True))[..., 4:]  # bins 0-3 are degenerate at 128 mels
+    e = torch.logsumexp(F, -1)
+    peak = F.sort(-1, descending=True).values
+    peak = (peak - peak[..., :1]).mean(1)[:, [1, 2, 4, 8, 16, 32, 64]]
+    m = torch.fft.rfft(e - e.mean(1, keepdim=True), dim=1).abs()
+    m = m / (m.sum(1, keepdim=True) + 1e-6)
+    fr = torch.fft.rfftfreq(e.shape[1], 0.01)
+    bands = torch.stack([m[:, (fr >= a) & (fr < b)].sum(1) for a, b in [(0, 2), (2, 5), (5, 10), (10, 20), (20, 50)]], 1)
+    cen = (torch.softmax(F, -1) * torch.arange(F.shape[-1]).float()).sum(-1)
+    slope = (cen[:, -60:].mean(1) - cen[:, :60].mean(1))[:, None]
+    moves = (cen[:, 1:] - cen[:, :-1]).abs().mean(1, keepdim=True)
+    feats = torch.cat([peak, bands, e.std(1, keepdim=True), cen.std(1, keepdim=True), slope, moves], 1)
+    labels = np.array([ds.labels_of(i)[0] for i in range(n)])
+    return feats.numpy().astype(np.float64), labels
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic dataset
+# ----------------------------------------------------------------------------------------------
+def test_synthetic_item_format():
+    ds = SyntheticAudioDataset(num_clips=20)
+    assert len(ds) == 20 and ds.num_classes == 10 and ds.class_names == SYNTHETIC_CLASS_NAMES
+    assert not ds.multi_label
+    assert ds.clip_samples == 40960 and ds.target_length == 256
+    item = ds[13]
+    assert set(item) == {"waveform", "target", "index", "bad"}
+    w = item["waveform"]
+    assert w.dtype == torch.float32 and w.shape == (40960,)
+    assert torch.isfinite(w).all() and w.abs().max() <= 1.0 and w.abs().max() > 0.01
+    assert item["target"].dtype == torch.float32 and item["target"].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert item["index"] == 13 and item["bad"] == []
+    assert ds.labels_per_clip()[:12] == [[i % 10] for i in range(12)]
+    assert ds[-1]["index"] == 19
+    with pytest.raises(IndexError):
+        ds[20]
+
+
+def test_synthetic_deterministic():
+    a = SyntheticAudioDataset(num_clips=30, seed=3)
+    b = SyntheticAudioDataset(num_clips=30, seed=3)
+    for i in (0, 7, 29):
+        assert torch.equal(a[i]["waveform"], b[i]["waveform"])
+    # reading order does not matter: each clip depends on (seed, split, index) only
+    assert torch.equal(a[7]["waveform"], SyntheticAudioDataset(num_clips=8, seed=3)[7]["waveform"])
+    assert not torch.equal(a[7]["waveform"], SyntheticAudioDataset(num_clips=30, seed=4)[7]["waveform"])
+    assert not torch.equal(a[7]["waveform"], SyntheticAudioDataset(num_clips=30, seed=3, split="val")[7]["waveform"])
+    assert not torch.equal(a[7]["waveform"], a[17]["waveform"])  # same class, other parameters
+
+
+def test_synthetic_balance_and_distinguishable():
+    train = SyntheticAudioDataset(num_clips=200, seed=0, split="train")
+    val = SyntheticAudioDataset(num_clips=200, seed=0, split="val")
+    counts = label_counts(train)
+    assert counts.tolist() == [20.0] * 10
+    xtr, ytr = _clip_descriptors(train, 200)
+    xva, yva = _clip_descriptors(val, 200)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
+    centroids = np.stack([xtr[ytr == c].mean(0) for c in range(10)])
+    pred = ((xva[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    acc = (pred == yva).mean()
+    assert acc > 0.35, acc  # chance is 0.10
+    # ... but not trivially separable by such simple features
+    assert acc < 0.95, acc
+
+
+def test_synthetic_speed():
+    import time
+
+    ds = SyntheticAudioDataset(num_clips=100)
+    ds[0]
+    t0 = time.perf_counter()
+    for i in range(100):
+        ds[i]
+    per_clip = (time.perf_counter() - t0) / 100
+    assert per_clip < 0.005, per_clip
+
+
+def test_features_mode():
+    ds = SyntheticAudioDataset(num_clips=4)
+    dsf = SyntheticAudioDataset(num_clips=4, features=True)
+    item = dsf[2]
+    assert "waveform" not in item and item["input"].shape == (1, 256, 128)
+    assert item["input"].dtype == torch.float32
+    ref = waveform_to_input(ds[2]["waveform"], target_length=256, stats="audioset")
+    assert torch.allclose(item["input"], ref)
+    batch = collate_items([dsf[0], dsf[1]])
+    assert batch["input"].shape == (2, 1, 256, 128)
+    # the feature extractor passes precomputed inputs through
+    assert torch.equal(FeatureExtractor(target_length=256)(batch), batch["input"])
+
+
+def test_default_target_length():
+    assert default_target_length(160000) == 1024  # 10 s AudioSet
+    assert default_target_length(80000) == 512  # 5 s ESC-50
+    assert default_target_length(16000) == 128  # 1 s Speech Commands
+
+
+# ----------------------------------------------------------------------------------------------
+# manifest dataset
+# ----------------------------------------------------------------------------------------------
+def test_manifest_dataset(audioset_dir):
+    ds = ManifestDataset(audioset_dir / "train.json", audioset_dir / "labels.csv", clip_seconds=1.0)
+    assert len(ds) == 4 and ds.num_classes == 3 and ds.multi_label
+    assert ds.class_names == ["Speech", "Male speech, man speaking", "Dog"]
+    assert ds.class_mids == ["/m/a", "/m/b", "/m/c"]
+    assert ds.paths[0] == os.path.normpath(str(audioset_dir / "audio" / "a.wav"))
+    assert ds.paths[3] == os.path.normpath(str(audioset_dir / "elsewhere" / "d.wav"))
+    assert ds.labels_per_clip() == [[0], [0, 1], [2, 0], [1]]
+    targets = torch.stack([ds[i]["target"] for i in range(4)])
+    assert targets.tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 1, 0]]
+    for i in range(4):
+        w = ds[i]["waveform"]
+        assert w.shape == (16000,) and w.dtype == torch.float32
+    a = ds[0]["waveform"]  # 0.5 s: padded with zeros
+    assert a[:8000].abs().max() > 0.2 and a[8000:].abs().max() == 0
+    b = ds[1]["waveform"]  # 1.5 s at 44.1 kHz stereo: resampled, downmixed, cut
+    assert b[-1000:].abs().max() > 0.2
+    assert ds.bad_count == 0
+
+
+def test_manifest_csv_and_unlabelled(audioset_dir):
+    (audioset_dir / "m.csv").write_text('wav,labels\naudio/a.wav,"/m/a,/m/c"\naudio/c.flac,/m/b\n')
+    ds = ManifestDataset(audioset_dir / "m.csv", audioset_dir / "labels.csv", clip_seconds=0.5)
+    assert ds.labels_per_clip() == [[0, 2], [1]]
+    (audioset_dir / "m.tsv").write_text("wav\tlabels\naudio/a.wav\t/m/a\n")
+    assert ManifestDataset(audioset_dir / "m.tsv", audioset_dir / "labels.csv").labels_per_clip() == [[0]]
+    # without a label file (pretraining): labels optional, empty targets
+    (audioset_dir / "u.json").write_text('{"data": [{"wav": "audio/a.wav"}]}')
+    u = ManifestDataset(audioset_dir / "u.json", None, clip_seconds=0.5)
+    assert u.num_classes == 0 and u[0]["target"].shape == (0,)
+    # root overrides the manifest's folder
+    os.makedirs(audioset_dir / "sub")
+    (audioset_dir / "sub" / "r.json").write_text('{"data": [{"wav": "audio/a.wav", "labels": "/m/a"}]}')
+    r = ManifestDataset(audioset_dir / "sub" / "r.json", audioset_dir / "labels.csv", root=audioset_dir)
+    assert r.paths[0] == os.path.normpath(str(audioset_dir / "audio" / "a.wav"))
+
+
+def test_manifest_single_label(audioset_dir):
+    with pytest.raises(DataError, match=r"data\[1\].*2 labels"):
+        ManifestDataset(audioset_dir / "train.json", audioset_dir / "labels.csv", multi_label=False)
+    (audioset_dir / "s.json").write_text('{"data": [{"wav": "audio/a.wav", "labels": "/m/c"}]}')
+    ds = ManifestDataset(audioset_dir / "s.json", audioset_dir / "labels.csv", multi_label=False)
+    assert ds[0]["target"].tolist() == [0, 0, 1]
+
+
+BAD_MANIFESTS = [
+    ('{"data": [\n  {"wav": "a.wav", "labels": "/m/a"},\n  {"wav": "b.wav" "labels": "/m/a"}\n]}', r"line 3, column 19: invalid JSON"),
+    ('{"items": []}', r"no 'data' key"),
+    ('{"data": {"wav": "a.wav"}}', r"'data' must be a list"),
+    ('{"data": [{"wav": "a.wav", "labels": "/m/a"}, {"labels": "/m/a"}]}', r"data\[1\]: missing key 'wav'"),
+    ('{"data": [{"wav": "a.wav", "labels": "/m/a"}, {"wav": "b.wav"}]}', r"data\[1\]: missing key 'labels'"),
+    ('{"data": [{"wav": "a.wav", "labels": "/m/a"}, {"wav": "b", "labels": "/m/a"}, {"wav": "c", "labels": "/m/a,/m/zz"}]}', r"data\[2\]: unknown label '/m/zz'"),
+    ('{"data": [{"wav": "", "labels": "/m/a"}]}', r"data\[0\]: 'wav' must be a non-empty string"),
+    ('{"data": [{"wav": "a.wav", "labels": " , "}]}', r"data\[0\]: no labels"),
+    ('{"data": [{"wav": "a.wav", "labels": 3}]}', r"data\[0\]: 'labels' must be"),
+    ('{"data": ["a.wav"]}', r"data\[0\]: an entry must be an object"),
+    ('{"data": []}', r"lists no clips"),
+]
+
+
+@pytest.mark.parametrize("text,match", BAD_MANIFESTS)
+def test_malformed_manifest(tmp_path, text, match):
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.json").write_text(text)
+    with pytest.raises(DataError, match=match) as info:
+        ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv")
+    assert "m.json" in str(info.value)
+
+
+BAD_LABEL_CSVS = [
+    ('index,mid,display_name\n0,/m/a,"A"\n1,/m/b,"B, b"\n1,/m/c,"C"\n', r"line 4: duplicate index 1 \(first on line 3\)"),
+    ('index,mid,display_name\n0,/m/a,A\n1,/m/a,B\n', r"line 3: duplicate mid '/m/a'"),
+    ('index,mid,display_name\n0,/m/a,A\nx,/m/b,B\n', r"line 3: index 'x' is not an integer"),
+    ('idx,mid,display_name\n0,/m/a,A\n', r"line 1: .*no 'index' column"),
+    ('index,mid,display_name\n0,/m/a,A\n2,/m/b,B\n', r"indices must be 0\.\.1; missing \[1\].*line 3"),
+    ('index,mid,display_name\n0,/m/a,A\n1,,B\n', r"line 3: empty mid"),
+    ('index,mid,display_name\n0\n', r"line 2: expected at least 2 fields"),
+    ("", r"the label file is empty"),
+    ("index,mid,display_name\n", r"no classes"),
+]
+
+
+@pytest.mark.parametrize("text,match", BAD_LABEL_CSVS)
+def test_malformed_label_csv(tmp_path, text, match):
+    (tmp_path / "labels.csv").write_text(text)
+    (tmp_path / "m.json").write_text('{"data": [{"wav": "a.wav", "labels": "/m/a"}]}')
+    with pytest.raises(DataError, match=match) as info:
+        ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv")
+    assert "labels.csv" in str(info.value)
+
+
+def test_missing_manifest_or_labels(tmp_path):
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    with pytest.raises(DataError, match="nope.json: cannot open"):
+        ManifestDataset(tmp_path / "nope.json", tmp_path / "labels.csv")
+    (tmp_path / "m.json").write_text('{"data": [{"wav": "a.wav", "labels": "/m/a"}]}')
+    with pytest.raises(DataError, match="nope.csv: cannot open"):
+        ManifestDataset(tmp_path / "m.json", tmp_path / "nope.csv")
+
+
+def test_malformed_csv_manifest(tmp_path):
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.csv").write_text("wav,labels\na.wav,/m/a\nb.wav,/m/a,extra\n")
+    with pytest.raises(DataError, match=r"m.csv, line 3: expected 2 fields"):
+        ManifestDataset(tmp_path / "m.csv", tmp_path / "labels.csv")
+    (tmp_path / "n.csv").write_text("wav,labels\na.wav,/m/a\nb.wav,/m/q\n")
+    with pytest.raises(DataError, match=r"n.csv, line 3: unknown label '/m/q'"):
+        ManifestDataset(tmp_path / "n.csv", tmp_path / "labels.csv")
+
+
+# ----------------------------------------------------------------------------------------------
+# folder dataset
+# ----------------------------------------------------------------------------------------------
+def test_folder_dataset(tmp_path):
+    _wav(str(tmp_path / "root" / "rain" / "x.wav"), 0.2)
+    _wav(str(tmp_path / "root" / "dog" / "b.wav"), 0.2)
+    _wav(str(tmp_path / "root" / "dog" / "nested" / "a.flac"), 0.2)
+    sf.write(str(tmp_path / "root" / "dog" / "c.ogg"), _tone(0.2), SR, format="OGG", subtype="VORBIS")
+    (tmp_path / "root" / "dog" / "notes.txt").write_text("not audio")
+    os.makedirs(tmp_path / "root" / "empty")
+    ds = FolderDataset(tmp_path / "root", clip_seconds=0.25)
+    assert ds.class_names == ["dog", "empty", "rain"]
+    assert [os.path.relpath(p, tmp_path / "root") for p in ds.paths] == [
+        os.path.join("dog", "b.wav"), os.path.join("dog", "c.ogg"),
+        os.path.join("dog", "nested", "a.flac"), os.path.join("rain", "x.wav"),
+    ]
+    assert ds.labels_per_clip() == [[0], [0], [0], [2]]
+    item = ds[3]
+    assert item["target"].tolist() == [0, 0, 1] and item["waveform"].shape == (4000,)
+    assert all(ds[i]["waveform"].abs().max() > 0.1 for i in range(4))
+
+
+def test_folder_dataset_errors(tmp_path):
+    with pytest.raises(DataError, match="not a folder"):
+        FolderDataset(tmp_path / "missing")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        FolderDataset(tmp_path / "empty")
+    os.makedirs(tmp_path / "noaudio" / "cls")
+    (tmp_path / "noaudio" / "cls" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match="no audio files"):
+        FolderDataset(tmp_path / "noaudio")
+
+
+# ----------------------------------------------------------------------------------------------
+# bad files
+# ----------------------------------------------------------------------------------------------
+def _bad_manifest(tmp_path, n_good=7):
+    """Manifest of n_good readable clips with a corrupt, an empty and a missing file at 1, 3, 4."""
+    entries = []
+    for i in range(n_good):
+        entries.append({"wav": _wav(str(tmp_path / f"g{i}.wav"), 0.1, 200.0 + 50 * i), "labels": "/m/a"})
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt garbage" + bytes(range(200)))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    entries.insert(1, {"wav": "corrupt.wav", "labels": "/m/b"})
+    entries.insert(3, {"wav": "empty.wav", "labels": "/m/b"})
+    entries.insert(4, {"wav": "missing.wav", "labels": "/m/c"})
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    return tmp_path / "m.json", tmp_path / "labels.csv"
+
+
+BAD_NAMES = {"corrupt.wav", "empty.wav", "missing.wav"}
+
+
+def _warned_paths(caplog):
+    return [r.args[0] for r in caplog.records if r.name == "audiomae.data" and "unreadable" in r.getMessage()]
+
+
+def test_bad_files_substituted_counted_reported_once(tmp_path, caplog):
+    manifest, labels = _bad_manifest(tmp_path)
+    ds = ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=1.0)
+    caplog.set_level(logging.WARNING, logger="audiomae.data")
+    for _ in range(2):  # two epochs
+        items = [ds[i] for i in range(len(ds))]
+    # a bad clip is replaced by the next readable one, deterministically
+    assert [it["index"] for it in items] == [0, 2, 2, 5, 5, 5, 6, 7, 8, 9]
+    assert items[1]["target"].tolist() == [1, 0, 0]  # the substitute's target
+    assert [os.path.basename(p) for p, _ in items[3]["bad"]] == ["empty.wav", "missing.wav"]
+    assert ds.bad_count == 3 and {os.path.basename(p) for p in ds.bad_files} == BAD_NAMES
+    reasons = {os.path.basename(p): r for p, r in ds.bad_files.items()}
+    assert "empty" in reasons["empty.wav"] and "no such file" in reasons["missing.wav"]
+    warned = _warned_paths(caplog)
+    assert sorted(os.path.basename(p) for p in warned) == sorted(BAD_NAMES)  # once each
+    # bad reads per epoch: corrupt and empty once, missing twice (for items 3 and 4)
+    assert ds.bad_tracker.bad_attempts == 2 * 4 and ds.bad_tracker.attempts == 2 * (10 + 4)
+
+
+def test_bad_fraction_threshold(tmp_path):
+    manifest, labels = _bad_manifest(tmp_path)
+    ds = ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=0.2, min_attempts=5)
+    with pytest.raises(TooManyBadFilesError, match="max_bad_fraction=0.2") as info:
+        for i in range(len(ds)):
+            ds[i]
+    msg = str(info.value)
+    assert "corrupt.wav" in msg and "empty.wav" in msg
+    # the default leaves a few bad reads at the start alone (min_attempts=100)
+    ds = ManifestDataset(manifest, labels, clip_seconds=0.1)
+    for i in range(len(ds)):
+        ds[i]
+    assert ds.bad_count == 3
+
+
+def test_all_files_bad(tmp_path):
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.json").write_text('{"data": [{"wav": "x.wav", "labels": "/m/a"}, {"wav": "y.wav", "labels": "/m/a"}]}')
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", max_bad_fraction=1.0)
+    with pytest.raises(TooManyBadFilesError, match="no readable clip"):
+        ds[0]
+
+
+def test_unreadable_sample_rate_wraps_around(tmp_path):
+    """A header with sample rate 0 is a bad file; the substitute search wraps to index 0."""
+    good = _wav(str(tmp_path / "good.wav"), 0.1)
+    raw = bytearray(open(_wav(str(tmp_path / "rate0.wav"), 0.1), "rb").read())
+    raw[24:28] = (0).to_bytes(4, "little")  # the fmt chunk's sample rate
+    (tmp_path / "rate0.wav").write_bytes(bytes(raw))
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    entries = [{"wav": good, "labels": "/m/a"}, {"wav": "rate0.wav", "labels": "/m/b"}]
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.1, max_bad_fraction=1.0)
+    item = ds[1]
+    assert item["index"] == 0 and item["target"].tolist() == [1, 0, 0]
+    assert ds.bad_count == 1 and list(ds.bad_files) == [str(tmp_path / "rate0.wav")]
+
+
+def test_loader_accounts_through_subset(tmp_path):
+    manifest, labels = _bad_manifest(tmp_path)
+    ds = ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=1.0)
+    loader = make_loader(torch.utils.data.Subset(ds, [0, 1, 2]), batch_size=3, num_workers=2)
+    assert sorted(i for b in loader for i in b["index"].tolist()) == [0, 2, 2]
+    assert ds.bad_count == 1 and loader.bad_count == 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_aggregates_bad_files(tmp_path, caplog, num_workers):
+    manifest, labels = _bad_manifest(tmp_path)
+    ds = ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=1.0)
+    caplog.set_level(logging.WARNING, logger="audiomae.data")
+    loader = make_loader(ds, batch_size=3, shuffle=True, num_workers=num_workers, seed=1)
+    seen_bad = []
+    for _ in range(2):
+        n = 0
+        for batch in loader:
+            n += len(batch["index"])
+            assert batch["waveform"].shape[1:] == (1600,) and batch["target"].shape[1:] == (3,)
+            seen_bad += [os.path.basename(p) for p, _ in batch["bad"]]
+        assert n == len(ds)
+    assert set(seen_bad) == BAD_NAMES
+    # totals in the main process, whichever process decoded
+    assert ds.bad_count == 3 and loader.bad_count == 3
+    assert {os.path.basename(p) for p in loader.bad_files} == BAD_NAMES
+    assert sorted(os.path.basename(p) for p in _warned_paths(caplog)) == sorted(BAD_NAMES)
+    assert ds.bad_tracker.bad_attempts == 2 * 4 and ds.bad_tracker.attempts == 2 * (10 + 4)
+
+
+def test_loader_threshold_with_workers(tmp_path):
+    manifest, labels = _bad_manifest(tmp_path)
+    ds = ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=0.1, min_attempts=5)
+    loader = make_loader(ds, batch_size=5, shuffle=False, num_workers=2)
+    with pytest.raises(TooManyBadFilesError, match="audio reads failed"):
+        for _ in loader:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# loaders, features, weights
+# ----------------------------------------------------------------------------------------------
+def test_loader_workers_agree_and_reseed():
+    ds = SyntheticAudioDataset(num_clips=24)
+    l0 = make_loader(ds, batch_size=8, shuffle=True, num_workers=0, seed=5)
+    l2 = make_loader(ds, batch_size=8, shuffle=True, num_workers=2, seed=5)
+    b0, b2 = list(l0), list(l2)
+    assert len(l0) == 3
+    for x, y in zip(b0, b2):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["waveform"], y["waveform"])
+        assert torch.equal(x["waveform"][0], ds[int(x["index"][0])]["waveform"])
+    order1 = torch.cat([b["index"] for b in b0])
+    assert sorted(order1.tolist()) == list(range(24))
+    order2 = torch.cat([b["index"] for b in l0])  # next epoch: another order
+    assert not torch.equal(order1, order2)
+    l0.set_epoch(0)
+    assert torch.equal(torch.cat([b["index"] for b in l0]), order1)
+    seq = make_loader(ds, batch_size=10, shuffle=False, drop_last=True)
+    assert [b["index"].tolist() for b in seq] == [list(range(10)), list(range(10, 20))]
+
+
+def test_loader_distributed():
+    ds = SyntheticAudioDataset(num_clips=10)
+    parts = []
+    for rank in range(2):
+        loader = make_loader(ds, batch_size=5, distributed=True, num_replicas=2, rank=rank, seed=3)
+        parts.append(torch.cat([b["index"] for b in loader]).tolist())
+    assert len(parts[0]) == len(parts[1]) == 5
+    assert sorted(parts[0] + parts[1]) == list(range(10))
+
+
+def test_feature_extractor():
+    ds = SyntheticAudioDataset(num_clips=3)
+    batch = collate_items([ds[i] for i in range(3)])
+    fe = FeatureExtractor(target_length=256, stats="audioset", device="cpu")
+    x = fe(batch["waveform"])
+    assert x.shape == (3, 1, 256, 128) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert torch.allclose(x[1], waveform_to_input(batch["waveform"][1], target_length=256))
+    assert torch.equal(fe(batch), x)
+    assert FeatureExtractor()(batch["waveform"]).shape == (3, 1, 1024, 128)
+
+
+def test_label_weights_toy():
+    labels = [[0], [0], [0], [1], [0, 1], [2]]
+    counts = label_counts(labels, 4)
+    assert counts.tolist() == [4, 2, 1, 0]
+    w = label_weights(labels, num_classes=4)
+    cw = [1000 / 4.01, 1000 / 2.01, 1000 / 1.01]
+    expected = [cw[0], cw[0], cw[0], cw[1], cw[0] + cw[1], cw[2]]
+    assert w.dtype == torch.float64 and torch.allclose(w, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_weighted_sampling_balances(audioset_dir):
+    ds = ManifestDataset(audioset_dir / "train.json", audioset_dir / "labels.csv")
+    w = label_weights(ds)
+    assert w.shape == (4,)
+    assert math.isclose(float(w[1]), 1000 / 3.01 + 1000 / 2.01)  # /m/a on 3 clips, /m/b on 2
+    loader = make_loader(ds, batch_size=4, weighted=True, num_samples=8)
+    assert len(loader) == 2 and isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+    # many draws: clip frequencies follow the weights
+    sampler = torch.utils.data.WeightedRandomSampler(w, 20000, generator=torch.Generator().manual_seed(0))
+    freq = np.bincount(list(sampler), minlength=4) / 20000
+    assert np.allclose(freq, (w / w.sum()).numpy(), atol=0.02)
+
+
+def test_distributed_weighted_sampler():
+    w = label_weights([[0]] * 8 + [[1]] * 2)
+    s = [DistributedWeightedSampler(w, num_samples=6, num_replicas=3, rank=r, seed=7) for r in range(3)]
+    draws = [list(x) for x in s]
+    assert all(len(d) == 6 for d in draws) and len(s[0]) == 6
+    # disjoint shares of one global weighted draw: interleaving them gives that draw
+    g = torch.Generator().manual_seed(7)
+    full = torch.multinomial(w, 18, True, generator=g).tolist()
+    assert [draws[i % 3][i // 3] for i in range(18)] == full
+    s[0].set_epoch(1)
+    assert list(s[0]) != draws[0]
+    assert len(DistributedWeightedSampler(w, num_replicas=3, rank=0)) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# augmentations
+# ----------------------------------------------------------------------------------------------
+def test_mixup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 8, 6, generator=g)
+    t = torch.eye(4)[[0, 1, 2, 3]]
+    lams = []
+    for _ in range(50):
+        mx, mt, lam = mixup(x, t, alpha=0.5, generator=g)
+        assert 0.0 <= lam <= 1.0
+        assert torch.allclose(mx, lam * x + (1 - lam) * x.flip(0))
+        assert torch.allclose(mt, lam * t + (1 - lam) * t.flip(0))
+        assert torch.allclose(mt.sum(1), torch.ones(4))
+        lams.append(lam)
+    assert min(lams) < 0.2 and max(lams) > 0.8  # Beta(0.5, 0.5) is U-shaped
+    assert mixup(x, t, generator=torch.Generator().manual_seed(1))[2] == mixup(x, t, generator=torch.Generator().manual_seed(1))[2]
+    mx, mt, lam = mixup(x, t, lam=0.3)
+    assert lam == 0.3 and torch.allclose(mt[0], torch.tensor([0.3, 0, 0, 0.7]))
+    mx, mt, lam = mixup(x, torch.tensor([0, 1, 2, 2]), lam=0.25, num_classes=3)
+    assert torch.allclose(mt[1], torch.tensor([0.0, 1.0, 0.0]) * 0.25 + torch.tensor([0.0, 0.0, 1.0]) * 0.75)
+    assert mixup(x, t, alpha=0.0)[2] == 1.0
+    assert torch.equal(x, torch.randn(4, 1, 8, 6, generator=torch.Generator().manual_seed(0)))  # not in place
+
+
+def _bands(mask_1d):
+    """Start and width of the single run of True in a 1-D bool tensor (width 0 -> (None, 0))."""
+    idx = torch.nonzero(mask_1d).flatten()
+    if len(idx) == 0:
+        return None, 0
+    assert torch.equal(idx, torch.arange(idx[0], idx[-1] + 1)), "mask is not contiguous"
+    return int(idx[0]), len(idx)
+
+
+def test_spec_augment():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 300, 128, generator=g) + 1.0  # no natural zeros
+    out = spec_augment(x, freq_mask=48, time_mask=192, generator=g)
+    assert out.shape == x.shape and (x >= 1).all()
+    fw, tw = [], []
+    for b in range(64):
+        z = out[b, 0] == 0
+        full_f = z.all(0)  # frequency bins masked over all time
+        full_t = z.all(1)  # frames masked over all bins
+        _, wf = _bands(full_f)
+        _, wt = _bands(full_t)
+        # every zero lies in the frequency band or the time band; kept values are untouched
+        assert torch.equal(z, full_f[None, :] | full_t[:, None])
+        assert torch.equal(out[b, 0][~z], x[b, 0][~z])
+        assert wf < 48 and wt < 192
+        fw.append(wf)
+        tw.append(wt)
+    assert len(set(fw)) > 5 and len(set(tw)) > 5  # iid per example
+    assert max(tw) > 100 and max(fw) > 30
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(spec_augment(x, generator=g1), spec_augment(x, generator=g2))
+    v = spec_augment(x[:2], generator=g, mask_value=0.467)
+    assert ((v == 0.467) | (v >= 1)).all()
+    assert torch.equal(spec_augment(x, freq_mask=0, time_mask=0), x)
+
+
+def test_roll_and_magnitude():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g)
+    shifts, gains = [], []
+    for _ in range(40):
+        y, s, m = roll_and_magnitude(x, generator=g, return_params=True)
+        assert 0.5 <= float(m) <= 1.5 and 0 <= int(s) < 1000
+        assert torch.allclose(y, torch.roll(x, int(s)) * float(m))
+        assert torch.allclose(torch.sort(y / float(m)).values, torch.sort(x).values)  # same samples
+        shifts.append(int(s))
+        gains.append(float(m))
+    assert len(set(shifts)) > 30  # the roll acts (it is always 0 in the release)
+    assert 0.9 < np.mean(gains) < 1.1 and np.std(gains) > 0.05
+    xb = torch.randn(5, 200, generator=g)
+    yb, sb, mb = roll_and_magnitude(xb, generator=g, return_params=True)
+    for i in range(5):
+        assert torch.allclose(yb[i], torch.roll(xb[i], int(sb[i])) * float(mb[i]))
+    y = roll_and_magnitude(x, generator=g, roll=False)
+    assert torch.allclose(y / (y[0] / x[0]), x)
+
+
+def test_roll_as_dataset_transform(audioset_dir):
+    """The transform sees the clip's real length: padding stays at the end."""
+    ds = ManifestDataset(audioset_dir / "train.json", audioset_dir / "labels.csv", clip_seconds=1.0,
+                         transform=roll_and_magnitude)
+    torch.manual_seed(0)
+    w = ds[0]["waveform"]  # 0.5 s clip
+    assert w[:8000].abs().max() > 0.1 and w[8000:].abs().max() == 0
+    plain = ManifestDataset(audioset_dir / "train.json", audioset_dir / "labels.csv", clip_seconds=1.0)[0]["waveform"]
+    assert not torch.allclose(w, plain)
+    gain = float(w.abs().max() / plain.abs().max())
+    assert 0.5 <= gain <= 1.5
+    assert torch.allclose(torch.sort(w[:8000]).values, torch.sort(plain[:8000]).values * gain, atol=1e-6)
