@@ -1,0 +1,390 @@
+"""Fused shifted-window scaled cosine attention (Swin-V2 "CR"), forward and backward, in Triton.
+
+Semantics are exactly :func:`audiomae.reference.window_attention_reference`: for every (sample,
+window, head), ``softmax(cos(q, k) / max(tau, 0.01) + bias + shift_mask) @ v``, with the cyclic
+shift, the window partition and their inverses done as index arithmetic.
+
+Layout. ``qkv`` is ``[B, T*F, 3C]`` in token order (time-major ``T x F`` grid, channels ordered
+``(3, heads, head_dim)``). Token ``(t, f)`` of the grid rolled by ``-shift`` is the original token
+``((t + st) % T, (f + sf) % F)``; windows are ``wt x wf`` tiles of the rolled grid, numbered row-major,
+positions row-major inside a window. The kernels load q, k, v of a window straight from ``qkv`` with
+these indices and store the output (or the gradients) at the same token positions, so there is no
+roll, partition, permute or copy around them.
+
+Tiling. One program handles one head of ``WPB`` consecutive windows (windows are numbered across the
+whole batch): a ``BLOCK_M``-row tile (``BLOCK_M >= WPB * A``, ``A = wt * wf``, at most 64) of tokens
+whose scores form a block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries between different windows are
+``-inf`` (probability exactly 0); a row never spans two windows, so each row's softmax is exact in
+registers. Scores, softmax and all accumulations are float32; for bfloat16/float16 inputs the two
+products run on the input dtype (like the PyTorch computation in that dtype), for float32 inputs
+in full float32 (``input_precision="ieee"``, no tf32).
+
+Shift mask. Along an axis of size ``n`` with window ``w`` and shift ``s > 0``, rolled position
+``pos`` lies in region 0 (``pos < n - w``), 1 (``n - w <= pos < n - s``) or 2 (``pos >= n - s``);
+two tokens of a window whose (time, frequency) regions differ get ``-100`` added to their logit
+(added, never skipped: with ``1/tau`` up to 100 and a bias, a masked logit can still win).
+
+Backward. The scores are recomputed (a window's row fits in registers, nothing is saved but the
+inputs). Gradients of q, k, v are written into ``grad_qkv`` in token order. The gradients of ``tau``
+and ``bias`` are reduced deterministically: every program writes its partial sums (a scalar and an
+``A x A`` tile per head) to a buffer that a final ``torch.sum`` reduces; there are no atomics.
+
+Everything is registered as ``torch.ops.audiomae.window_attention_fwd`` / ``_bwd`` with
+:func:`torch.library.triton_op`, with the autograd formula attached, so ``torch.compile`` traces
+through without graph breaks. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors.
+"""
+import os
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_WINDOW_AREA = 64
+MAX_HEAD_DIM = 128
+# Tests set this to fill every output buffer with NaN before the kernels run, so an element a
+# kernel fails to write shows up instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+# --- kernels --------------------------------------------------------------------------------------
+@triton.jit
+def _window_attention_fwd_kernel(
+    QKV, TAU, BIAS, OUT,
+    stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l,
+    n_windows,  # B * windows per sample
+    T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
+    SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    A: tl.constexpr = WT * WF
+    LOW: tl.constexpr = QKV.dtype.element_ty  # the products run on values rounded to the input dtype
+    if DOT_FP32:
+        DOT: tl.constexpr = tl.float32
+    else:
+        DOT: tl.constexpr = QKV.dtype.element_ty
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+
+    # tile row -> (window, position) -> rolled-grid (tr, fr) -> original token, and shift region
+    r = tl.arange(0, BLOCK_M)
+    w_local = r // A
+    pos = r % A
+    w_global = pid * WPB + w_local
+    valid = (w_local < WPB) & (w_global < n_windows)
+    b = w_global // ((T // WT) * (F // WF))
+    w_in = w_global % ((T // WT) * (F // WF))
+    tr = (w_in // (F // WF)) * WT + pos // WF
+    fr = (w_in % (F // WF)) * WF + pos % WF
+    token = ((tr + ST) % T) * F + (fr + SF) % F
+    region = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if ST > 0:
+        region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
+    if SF > 0:
+        region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
+
+    d = tl.arange(0, BLOCK_D)
+    io_mask = valid[:, None] & (d < D)[None, :]
+    row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
+    q_ptrs = QKV + row[:, None] + d[None, :]
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+    k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
+    v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
+
+    # F.normalize: x / max(||x||, 1e-12), norms in float32
+    qn = q / tl.maximum(tl.sqrt_rn(tl.sum(q * q, 1)), 1e-12)[:, None]
+    kn = k / tl.maximum(tl.sqrt_rn(tl.sum(k * k, 1)), 1e-12)[:, None]
+    cos = tl.dot(qn.to(LOW).to(DOT), tl.trans(kn.to(LOW).to(DOT)), input_precision=DOT_PRECISION)
+
+    # the clamp happens in tau's dtype, as in the reference
+    tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
+    same = w_local[:, None] == w_local[None, :]
+    bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
+    s = cos / tau_c + bias.to(tl.float32)
+    s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
+    s = tl.where(same, s, float("-inf"))
+    e = tl.exp(s - tl.max(s, 1)[:, None])
+    p = e / tl.sum(e, 1)[:, None]
+    o = tl.dot(p.to(LOW).to(DOT), v.to(DOT), input_precision=DOT_PRECISION)
+
+    out_row = b.to(tl.int64) * stride_out_b + token.to(tl.int64) * stride_out_l + h * D
+    tl.store(OUT + out_row[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _window_attention_bwd_kernel(
+    QKV, TAU, BIAS, DOUT, DQKV, DTAU_PARTIAL, DBIAS_PARTIAL,
+    stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dqkv_b, stride_dqkv_l,
+    n_windows, H,
+    T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
+    SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr, WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    A: tl.constexpr = WT * WF
+    LOW: tl.constexpr = QKV.dtype.element_ty
+    if DOT_FP32:
+        DOT: tl.constexpr = tl.float32
+    else:
+        DOT: tl.constexpr = QKV.dtype.element_ty
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+
+    # same index arithmetic as the forward kernel
+    r = tl.arange(0, BLOCK_M)
+    w_local = r // A
+    pos = r % A
+    w_global = pid * WPB + w_local
+    valid = (w_local < WPB) & (w_global < n_windows)
+    b = w_global // ((T // WT) * (F // WF))
+    w_in = w_global % ((T // WT) * (F // WF))
+    tr = (w_in // (F // WF)) * WT + pos // WF
+    fr = (w_in % (F // WF)) * WF + pos % WF
+    token = ((tr + ST) % T) * F + (fr + SF) % F
+    region = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if ST > 0:
+        region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
+    if SF > 0:
+        region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
+
+    d = tl.arange(0, BLOCK_D)
+    io_mask = valid[:, None] & (d < D)[None, :]
+    row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
+    q_ptrs = QKV + row[:, None] + d[None, :]
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+    k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
+    v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
+    do_row = b.to(tl.int64) * stride_do_b + token.to(tl.int64) * stride_do_l + h * D
+    do = tl.load(DOUT + do_row[:, None] + d[None, :], mask=io_mask, other=0.0)
+
+    # recompute the forward
+    q_len = tl.sqrt_rn(tl.sum(q * q, 1))
+    k_len = tl.sqrt_rn(tl.sum(k * k, 1))
+    q_den = tl.maximum(q_len, 1e-12)
+    k_den = tl.maximum(k_len, 1e-12)
+    qn = q / q_den[:, None]
+    kn = k / k_den[:, None]
+    cos = tl.dot(qn.to(LOW).to(DOT), tl.trans(kn.to(LOW).to(DOT)), input_precision=DOT_PRECISION)
+    tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
+    same = w_local[:, None] == w_local[None, :]
+    bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
+    s = cos / tau_c + bias.to(tl.float32)
+    s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
+    s = tl.where(same, s, float("-inf"))
+    e = tl.exp(s - tl.max(s, 1)[:, None])
+    p = e / tl.sum(e, 1)[:, None]
+
+    # softmax and products
+    dv = tl.dot(tl.trans(p.to(LOW).to(DOT)), do.to(DOT), input_precision=DOT_PRECISION)
+    dp = tl.dot(do.to(DOT), tl.trans(v.to(DOT)), input_precision=DOT_PRECISION)
+    ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # d logits; 0 between windows and on empty rows
+
+    # tau: d/d(tau_c) = -sum(ds * cos) / tau_c^2, finished (and clamped) after the reduction
+    tl.store(DTAU_PARTIAL + pid * H + h, tl.sum(tl.sum(ds * cos, 1), 0))
+    # bias: sum the diagonal blocks of ds into A x A with one-hot position matrices (exact in fp32)
+    a = tl.arange(0, BLOCK_A)
+    onehot = ((pos[:, None] == a[None, :]) & valid[:, None]).to(tl.float32)  # [BLOCK_M, BLOCK_A]
+    db = tl.dot(tl.trans(onehot), tl.dot(ds, onehot, input_precision="ieee"), input_precision="ieee")
+    db_ptrs = DBIAS_PARTIAL + (pid * H + h) * A * A + a[:, None] * A + a[None, :]
+    tl.store(db_ptrs, db, mask=(a < A)[:, None] & (a < A)[None, :])
+
+    # q, k through the cosine and F.normalize (whose clamp passes no gradient below 1e-12)
+    dcos = ds / tau_c
+    dcos = dcos.to(LOW).to(DOT)
+    dqn = tl.dot(dcos, kn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
+    dkn = tl.dot(tl.trans(dcos), qn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
+    q_proj = tl.where(q_len >= 1e-12, tl.sum(dqn * qn, 1), 0.0)
+    k_proj = tl.where(k_len >= 1e-12, tl.sum(dkn * kn, 1), 0.0)
+    dq = (dqn - qn * q_proj[:, None]) / q_den[:, None]
+    dk = (dkn - kn * k_proj[:, None]) / k_den[:, None]
+
+    out_row = b.to(tl.int64) * stride_dqkv_b + token.to(tl.int64) * stride_dqkv_l + h * D
+    dq_ptrs = DQKV + out_row[:, None] + d[None, :]
+    tl.store(dq_ptrs, dq.to(DQKV.dtype.element_ty), mask=io_mask)
+    tl.store(dq_ptrs + C, dk.to(DQKV.dtype.element_ty), mask=io_mask)
+    tl.store(dq_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=io_mask)
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.3
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+_VARIANTS = {}
+
+
+def _for_current_mode(kernel):
+    """``kernel`` compiled for the GPU, or run by Triton's interpreter when ``TRITON_INTERPRET=1``.
+
+    ``triton.jit`` picks one of the two when it decorates; the mode is checked again at each launch
+    so that both can be used in one process whatever the environment was at import time.
+    """
+    interpret = _interpreting()
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction) == interpret:
+        return kernel
+    key = (kernel.fn, interpret)
+    if key not in _VARIANTS:
+        _VARIANTS[key] = triton.jit(kernel.fn)  # reads the mode from the environment now
+    return _VARIANTS[key]
+
+
+# --- launchers ------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[int], window: List[int],
+          shift: List[int], num_heads: int) -> dict:
+    """Check the inputs and choose the tiling; raises ValueError with what is wrong."""
+    if qkv.dim() != 3 or qkv.shape[-1] % 3:
+        raise ValueError(f"qkv must be [B, T*F, 3*C], got {tuple(qkv.shape)}")
+    B, L, C3 = qkv.shape
+    C = C3 // 3
+    T, F = (int(x) for x in grid)
+    wt, wf = (int(x) for x in window)
+    st, sf = (int(x) for x in shift)
+    if C % num_heads:
+        raise ValueError(f"C = {C} is not divisible by num_heads = {num_heads}")
+    D = C // num_heads
+    A = wt * wf
+    problems = []
+    if T * F != L:
+        problems.append(f"grid {T} x {F} does not match {L} tokens")
+    if wt < 1 or wf < 1 or T % wt or F % wf:
+        problems.append(f"window {wt} x {wf} does not tile the {T} x {F} grid")
+    if not (0 <= st < wt and 0 <= sf < wf):
+        problems.append(f"shift {(st, sf)} must lie in [0, window) per axis (clamp it with window_geometry)")
+    if A > MAX_WINDOW_AREA:
+        problems.append(f"window area {A} > {MAX_WINDOW_AREA}")
+    if D > MAX_HEAD_DIM:
+        problems.append(f"head_dim {D} > {MAX_HEAD_DIM}")
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        problems.append(f"dtype {qkv.dtype} is not one of {SUPPORTED_DTYPES}")
+    if tuple(tau.shape) != (num_heads,):
+        problems.append(f"tau must be [{num_heads}], got {tuple(tau.shape)}")
+    if tuple(bias.shape) != (num_heads, A, A):
+        problems.append(f"bias must be [{num_heads}, {A}, {A}], got {tuple(bias.shape)}")
+    if problems:
+        raise ValueError("window_attention: " + "; ".join(problems))
+    block_d = max(16, _next_pow2(D))
+    block_m = max(16, _next_pow2(A), 64 if block_d <= 64 else 32)
+    wpb = block_m // A
+    # Triton's interpreter multiplies bfloat16 blocks as raw integers: there the products take the
+    # operands rounded to the input dtype and widened back to float32, which is the same arithmetic.
+    dot_fp32 = qkv.dtype == torch.float32 or _interpreting()
+    n_windows = B * (T // wt) * (F // wf)
+    return dict(
+        n_windows=n_windows, programs=(triton.cdiv(n_windows, wpb), num_heads), A=A, C=C,
+        meta=dict(T=T, F=F, WT=wt, WF=wf, ST=st, SF=sf, C=C, D=D, BLOCK_D=block_d, BLOCK_M=block_m,
+                  WPB=wpb, DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32"))
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@triton_op("audiomae::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[int],
+                          window: List[int], shift: List[int], num_heads: int) -> torch.Tensor:
+    plan = _plan(qkv, tau, bias, grid, window, shift, num_heads)
+    qkv, tau, bias = _last_dim_contiguous(qkv), tau.contiguous(), bias.contiguous()
+    B, L, _ = qkv.shape
+    out = _alloc((B, L, plan["C"]), qkv.dtype, qkv.device)
+    kernel = _for_current_mode(_window_attention_fwd_kernel)
+    wrap_triton(kernel)[plan["programs"]](
+        qkv, tau, bias, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        plan["n_windows"], **plan["meta"], num_warps=8 if plan["meta"]["BLOCK_M"] * plan["meta"]["BLOCK_D"] > 4096 else 4)
+    return out
+
+
+@triton_op("audiomae::window_attention_bwd", mutates_args=())
+def _window_attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor,
+                          grid: List[int], window: List[int], shift: List[int],
+                          num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _plan(qkv, tau, bias, grid, window, shift, num_heads)
+    qkv, tau, bias = _last_dim_contiguous(qkv), tau.contiguous(), bias.contiguous()
+    grad_out = _last_dim_contiguous(grad_out)
+    A, meta = plan["A"], plan["meta"]
+    groups = plan["programs"][0]
+    grad_qkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+    dtau_partial = _alloc((groups, num_heads), torch.float32, qkv.device)
+    dbias_partial = _alloc((groups, num_heads, A, A), torch.float32, qkv.device)
+    kernel = _for_current_mode(_window_attention_bwd_kernel)
+    wrap_triton(kernel)[plan["programs"]](
+        qkv, tau, bias, grad_out, grad_qkv, dtau_partial, dbias_partial,
+        qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
+        grad_qkv.stride(0), grad_qkv.stride(1), plan["n_windows"], num_heads,
+        **meta, BLOCK_A=max(16, _next_pow2(A)), num_warps=8 if meta["BLOCK_M"] * meta["BLOCK_D"] > 2048 else 4)
+    tau_c = tau.clamp(min=0.01).float()
+    grad_tau = torch.where(tau >= 0.01, -dtau_partial.sum(0) / (tau_c * tau_c), 0.0).to(tau.dtype)
+    grad_bias = dbias_partial.sum(0).to(bias.dtype)
+    return grad_qkv, grad_tau, grad_bias
+
+
+# Shapes only, for tracing (torch.compile still sees the kernels: triton_op decomposes the op
+# into them when it lowers the graph).
+@_window_attention_fwd.register_fake
+def _window_attention_fwd_fake(qkv, tau, bias, grid, window, shift, num_heads):
+    plan = _plan(qkv, tau, bias, grid, window, shift, num_heads)
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], plan["C"])
+
+
+@_window_attention_bwd.register_fake
+def _window_attention_bwd_fake(grad_out, qkv, tau, bias, grid, window, shift, num_heads):
+    _plan(qkv, tau, bias, grid, window, shift, num_heads)
+    return torch.empty_like(qkv), torch.empty_like(tau), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, tau, bias, grid, window, shift, num_heads = inputs
+    ctx.save_for_backward(qkv, tau, bias)
+    ctx.geometry = (grid, window, shift, num_heads)
+
+
+def _backward(ctx, grad_out):
+    qkv, tau, bias = ctx.saved_tensors
+    grad_qkv, grad_tau, grad_bias = torch.ops.audiomae.window_attention_bwd(grad_out, qkv, tau, bias, *ctx.geometry)
+    need = ctx.needs_input_grad
+    return (grad_qkv if need[0] else None, grad_tau if need[1] else None, grad_bias if need[2] else None,
+            None, None, None, None)
+
+
+# Only when some input requires grad does the forward save anything (qkv, tau and bias themselves).
+_window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public function ------------------------------------------------------------------------------
+def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid, window, shift,
+                     num_heads: int) -> torch.Tensor:
+    """Fused shifted-window cosine attention (Triton), differentiable in qkv, tau and bias.
+
+    Args:
+        qkv: ``[B, T * F, 3 * C]`` in token order (time-major), channels ``(3, heads, head_dim)``;
+            float32, bfloat16 or float16; head_dim <= 128.
+        tau: ``[heads]`` temperatures (logits are divided by ``max(tau, 0.01)``).
+        bias: ``[heads, A, A]`` position bias, ``A = window[0] * window[1] <= 64``.
+        grid, window, shift: (time, frequency) in patches, window and shift already clamped
+            (:func:`audiomae.reference.window_geometry`).
+        num_heads: number of heads.
+    Returns:
+        ``[B, T * F, C]`` in token order, dtype of ``qkv``.
+
+    Example::
+
+        >>> qkv = torch.randn(2, 64 * 8, 3 * 512, device="cuda", dtype=torch.bfloat16)
+        >>> tau, bias = torch.ones(16, device="cuda"), torch.zeros(16, 16, 16, device="cuda")
+        >>> out = window_attention(qkv, tau, bias, (64, 8), (4, 4), (2, 0), 16)   # [2, 512, 512]
+    """
+    return torch.ops.audiomae.window_attention_fwd(qkv, tau, bias, [int(x) for x in grid], [int(x) for x in window],
+                                                   [int(x) for x in shift], int(num_heads))
