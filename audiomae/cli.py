@@ -162,7 +162,9 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Li
                 saved = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             parser.error(f"--config {cfg_path}: {e}")
-        explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # the command's own parser
+        actions = sub._option_string_actions
+        explicit = {actions[a.split("=")[0]].dest for a in argv if a.startswith("-") and a.split("=")[0] in actions}
         for k, v in saved.items():
             if k in opts and k not in explicit:
                 opts[k] = v

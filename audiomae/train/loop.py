@@ -40,6 +40,8 @@ class RunLog:
     def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -235,6 +237,18 @@ class Trainer:
         self.scaler.update()
         return total
 
+    def _check_replicas(self) -> None:
+        """Under DDP every process must end with the same weights (one all-gather of a checksum)."""
+        if not self.info.enabled:
+            return
+        with torch.no_grad():
+            total = sum(p.double().sum() for p in self.model.parameters()).reshape(1).to(self.device)
+        sums = D.all_gather_cat(total)
+        if not bool((sums == sums[0]).all()):
+            raise TrainingError(f"the {self.info.world_size} processes ended with different weights: {sums.tolist()}")
+        if self.info.is_main:
+            print(f"weights identical on all {self.info.world_size} processes (ranks agree)")
+
     def run(self) -> Dict[str, Any]:
         opts = self.opts
         max_nan = int(opts.get("max_nan_steps", 20))
@@ -291,6 +305,7 @@ class Trainer:
                 self.on_epoch_end(self)
             self.save()
         self.runlog.close()
+        self._check_replicas()
         return {"steps": self.step, "epochs": self.epoch, "loss": last_loss, "skipped_steps": self.skipped,
                 "best": self.best}
 
@@ -358,7 +373,8 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     if info.is_main:
         model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"))
         print(f"done: final loss {summary['loss']:.4f}; model in {os.path.join(opts['output_dir'], 'model.pt')}")
-    D.cleanup()
+    if opts.get("cleanup", True):
+        D.cleanup()
     return summary
 
 
@@ -429,6 +445,9 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
         model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
     feats = _features(opts, train_set, device)
     loss_of = _loss_fn(train_set.multi_label)
+    from ..audio import get_stats
+    st = get_stats(opts.get("stats", "audioset"))
+    mask_value = 0.0 if st is None else -st.mean / (2 * st.std)
 
     def step_fn(m, batch):
         x = feats(batch["waveform"].to(device, non_blocking=True))
@@ -436,7 +455,9 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
         if opts.get("mixup", 0) > 0:
             x, y, _ = mixup(x, y, alpha=opts["mixup"])
         if opts.get("spec_augment", True):
-            x = spec_augment(x, freq_mask=opts.get("freq_mask", 48), time_mask=opts.get("time_mask", 192))
+            # the release masks the log-mel before normalisation with 0: that value, normalised
+            x = spec_augment(x, freq_mask=opts.get("freq_mask", 48), time_mask=opts.get("time_mask", 192),
+                             mask_value=mask_value)
         return loss_of(m(x), y)
 
     def on_epoch_end(tr: Trainer):

@@ -1,0 +1,13 @@
+"""Launched by torchrun with 2 CPU processes: a short pretraining; every rank must end with the same
+weights and each must have seen a disjoint share of the data."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from audiomae.train.loop import pretrain
+
+out = sys.argv[1]
+pretrain(dict(output_dir=out, data="synthetic", num_clips=32, batch_size=4, epochs=1, blr=1e-3, weight_decay=1e-4,
+              warmup_epochs=0, num_workers=0, quiet=True, seed=0, model="tiny", device="cpu", tensorboard=False,
+              cleanup=False))

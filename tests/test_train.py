@@ -1,0 +1,172 @@
+"""Training loop pieces: schedule, parameter groups, layer decay, metrics, NaN handling, resume."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from audiomae import AudioMAE, AudioMAEClassifier, AudioMAEConfig
+from audiomae.train import TrainingError
+from audiomae.train.loop import Trainer
+from audiomae.train.distributed import DistInfo
+from audiomae.train.metrics import average_precision, d_prime, multilabel_metrics, roc_auc, singlelabel_metrics
+from audiomae.train.optim import layer_id, lr_at, param_groups
+from audiomae.train.sampler import ResumableSampler
+
+TINY = AudioMAEConfig.preset("tiny")
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    vals = [lr_at(s, 100, 10, 1.0) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_param_groups_no_decay_rules():
+    model = AudioMAE(TINY)
+    groups = param_groups(model, 0.05)
+    by_name = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    for name in ["cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
+                 "decoder_blocks.0.attn.tau", "patch_embed.proj.bias"]:
+        assert by_name[name] == 0.0, name
+    for name in ["blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"]:
+        assert by_name[name] == 0.05, name
+    assert "pos_embed" not in by_name and "decoder_pos_embed" not in by_name  # frozen
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
+
+
+def test_layer_decay():
+    clf = AudioMAEClassifier(TINY, num_classes=3)  # depth 2
+    assert layer_id("cls_token", 2) == 0 and layer_id("patch_embed.proj.weight", 2) == 0
+    assert layer_id("blocks.1.mlp.fc1.weight", 2) == 2
+    assert layer_id("head.weight", 2) == 3
+    groups = param_groups(clf, 0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["head.weight"] == 1.0
+    assert scale["blocks.1.attn.qkv.weight"] == 0.5
+    assert scale["blocks.0.attn.qkv.weight"] == 0.25
+    assert scale["cls_token"] == 0.125
+
+
+def test_metrics():
+    s = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert average_precision(s, y) == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert roc_auc(s, y) == pytest.approx(0.75)
+    assert roc_auc(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0])) == pytest.approx(0.5)  # ties
+    assert d_prime(0.5) == pytest.approx(0.0, abs=1e-12)
+    assert d_prime(0.75) == pytest.approx(math.sqrt(2) * 0.6744897501960817, rel=1e-6)
+    m = multilabel_metrics(torch.stack([s, 1 - s], 1), torch.stack([y, 1 - y], 1))
+    assert m["mAP"] == pytest.approx((average_precision(s, y) + average_precision(1 - s, 1 - y)) / 2)
+    assert math.isnan(average_precision(s, torch.zeros(4)))
+    acc = singlelabel_metrics(torch.eye(3)[[0, 1, 1]], torch.eye(3)[[0, 1, 2]])
+    assert acc["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_resumable_sampler_ranks_and_start():
+    a = ResumableSampler(10, seed=1, rank=0, world_size=2)
+    b = ResumableSampler(10, seed=1, rank=1, world_size=2)
+    a.set_epoch(3), b.set_epoch(3)
+    ia, ib = list(a), list(b)
+    assert len(ia) == len(ib) == 5 and not set(ia) & set(ib)
+    a.set_epoch(3, start=2)
+    assert list(a) == ia[2:]
+    a.set_epoch(3)  # same epoch: start kept
+    assert list(a) == ia[2:]
+    a.set_epoch(4)
+    assert len(list(a)) == 5
+    w = ResumableSampler(4, weights=[0, 0, 1, 0], num_samples=6)
+    assert list(w) == [2] * 6
+
+
+class _Toy(torch.utils.data.Dataset):
+    multi_label = False
+    num_classes = 2
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"waveform": torch.full((4,), float(i)), "target": torch.tensor([1.0, 0.0]), "index": i, "bad": []}
+
+
+def _trainer(tmp_path, step_fn, model=None, **over):
+    opts = dict(output_dir=str(tmp_path), batch_size=4, epochs=2, blr=1e-3, weight_decay=0.0, warmup_epochs=0,
+                quiet=True, num_workers=0, seed=0, max_nan_steps=2, tensorboard=False)
+    opts.update(over)
+    model = model or torch.nn.Linear(4, 1)
+    model.config = TINY  # checkpoints record the model config
+    return Trainer(model, opts, _Toy(), torch.device("cpu"), DistInfo(), step_fn)
+
+
+def test_nan_steps_are_skipped_then_stop(tmp_path):
+    calls = {"n": 0}
+
+    def step_fn(m, batch):
+        calls["n"] += 1
+        out = m(batch["waveform"]).mean()
+        return out * float("nan") if calls["n"] in (2, 3) else out
+
+    tr = _trainer(tmp_path, step_fn)
+    summary = tr.run()
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 8
+    lines = open(os.path.join(tmp_path, "metrics.jsonl")).read().splitlines()
+    assert lines and '"skipped_steps": 2' in lines[-1]
+
+    def always_nan(m, batch):
+        return m(batch["waveform"]).mean() * float("nan")
+
+    tr = _trainer(tmp_path / "b", always_nan)
+    w0 = tr.model.weight.detach().clone()
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        tr.run()
+    assert torch.equal(tr.model.weight, w0)  # skipped steps never touch the weights
+
+
+def test_resume_continues_exactly(tmp_path):
+    def step_fn(m, batch):
+        x = batch["waveform"] + 0.1 * torch.randn(batch["waveform"].shape)  # uses the RNG
+        return (m(x) ** 2).mean()
+
+    torch.manual_seed(0)
+    straight = _trainer(tmp_path / "a", step_fn, epochs=3)
+    straight.run()
+
+    torch.manual_seed(0)
+    first = _trainer(tmp_path / "b", step_fn, epochs=3, save_every_steps=1)
+    # stop in the middle of epoch 2 (step 6 of 12) as a crash would, after the step-6 checkpoint
+    orig = first.train_step
+
+    def crash_after_six(batches):
+        if first.step == 6:
+            raise KeyboardInterrupt
+        return orig(batches)
+
+    first.train_step = crash_after_six
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    torch.manual_seed(123)  # a new process has another RNG state; resume must restore it
+    second = _trainer(tmp_path / "b", step_fn, epochs=3)
+    second.resume(os.path.join(tmp_path / "b", "checkpoint-last.pt"))
+    assert second.step == 6 and second.epoch == 1 and second.epoch_step == 2
+    assert second.current_lr() == pytest.approx(straight.schedule["lr"] * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    second.run()
+    assert torch.equal(second.model.weight, straight.model.weight)
+    assert torch.equal(second.model.bias, straight.model.bias)
+
+
+def test_resume_refuses_other_geometry(tmp_path):
+    tr = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), epochs=1)
+    tr.run()
+    other = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), batch_size=8)
+    with pytest.raises(TrainingError, match="steps per epoch"):
+        other.resume(os.path.join(tmp_path, "checkpoint-last.pt"))
