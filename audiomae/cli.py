@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded data: pretrain, reconstruct, linear probe")
     p.add_argument("--output-dir", "-o", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--num-clips", type=int, default=1000)
     p.add_argument("--num-eval-clips", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
