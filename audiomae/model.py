@@ -15,6 +15,7 @@ import torch.nn as nn
 from .config import AudioMAEConfig
 from .layers import Block, PatchEmbed, SwinBlock
 from .masking import Masking, mask_tokens, structured_keep, masking_from_keep
+from .ops_step import decoder_unshuffle, masked_norm_pix_loss, masked_patch_embed, random_masking_ids
 from .pos_embed import sincos_2d
 
 
@@ -160,34 +161,35 @@ class AudioMAE(_Encoder):
                         mask_mode: Optional[str] = None) -> Tuple[torch.Tensor, Masking]:
         """``[B, 1, T, F]`` -> (normed encoder output ``[B, 1 + K, D]`` for kept tokens, masking)."""
         cfg = self.config
-        m = mask_tokens(self.tokens(spec), cfg.grid_size, mask_mode or cfg.mask_mode, mask_ratio,
-                        cfg.mask_t_prob, cfg.mask_f_prob, noise)
+        mode = mask_mode or cfg.mask_mode
+        if mode == "unstructured":
+            # embed only the kept patches: the same values as embedding all of them, then gathering
+            self._check_input(spec)
+            B, L = spec.shape[0], cfg.num_patches
+            ids_keep, ids_restore, mask = random_masking_ids(B, L, int(L * (1 - mask_ratio)), spec.device, noise)
+            proj = self.patch_embed.proj
+            m = Masking(masked_patch_embed(spec, proj.weight, proj.bias, self.pos_embed, ids_keep), mask,
+                        ids_restore, ids_keep)
+        else:
+            m = mask_tokens(self.tokens(spec), cfg.grid_size, mode, mask_ratio, cfg.mask_t_prob, cfg.mask_f_prob,
+                            noise)
         return self.norm(self.encode_tokens(m.x)), m
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Encoder output ``[B, 1 + K, D]`` -> predicted patches ``[B, L, p*p]``."""
-        x = self.decoder_embed(latent)
-        B, L = ids_restore.shape
-        mask_tokens_ = self.mask_token.to(x.dtype).expand(B, L - (x.shape[1] - 1), -1)
-        seq = torch.cat([x[:, 1:, :], mask_tokens_], dim=1)
-        seq = torch.gather(seq, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        pos = self.decoder_pos_embed
         n_local = self.config.num_local_blocks
-        if n_local:
-            # local (and hybrid) decoding drops the cls token: windows cover patch tokens only
-            x = seq + pos[:, 1:, :]
-        else:
-            x = torch.cat([x[:, :1, :], seq], dim=1) + pos
+        # mask tokens appended, original order restored, positions added; local (and hybrid)
+        # decoding drops the cls token: windows cover patch tokens only
+        x = decoder_unshuffle(self.decoder_embed(latent), self.mask_token, ids_restore, self.decoder_pos_embed,
+                              keep_cls=not n_local)
         for blk in self.decoder_blocks:
             x = blk(x)
         pred = self.decoder_pred(self.decoder_norm(x))
         return pred if n_local else pred[:, 1:, :]
 
     def forward_loss(self, spec: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        target = patchify(spec, self.config.patch_size)
-        if self.config.norm_pix_loss:
-            target = norm_pix_target(target)
-        return masked_mse(pred, target, mask)
+        """Per-patch MSE against the (norm-pix) target patches, averaged over the removed patches."""
+        return masked_norm_pix_loss(pred, spec, mask, self.config.patch_size, self.config.norm_pix_loss)
 
     def forward(self, spec: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None,
                 mask_mode: Optional[str] = None) -> MAEOutput:

@@ -1,0 +1,159 @@
+"""Public fused ops of the training step: masked patch embedding, decoder unshuffle, loss.
+
+A clip goes through them in this order::
+
+    ids_keep, ids_restore, mask = random_masking_ids(B, L, K, spec.device)  # the release's masking
+    x = masked_patch_embed(spec, proj.weight, proj.bias, pos_embed, ids_keep)   # [B, K, D]
+    ... encoder, decoder_embed ...
+    x = decoder_unshuffle(x, mask_token, ids_restore, decoder_pos_embed, keep_cls=False)
+    ... decoder ...
+    loss = masked_norm_pix_loss(pred, spec, mask, patch_size)
+
+Each op has a ``torch`` implementation (:mod:`audiomae.reference.step`, the model's eager code) and
+a ``triton`` one (:mod:`audiomae.kernels`); :mod:`audiomae.dispatch` picks Triton when it can run
+and says why not otherwise (``audiomae.dispatch.reasons(op, *args)``). Triton is imported only
+when a Triton implementation is called.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from . import dispatch
+from .reference.step import (
+    decoder_unshuffle_reference,
+    masked_norm_pix_loss_reference,
+    masked_patch_embed_reference,
+    random_masking_ids,
+)
+
+__all__ = ["random_masking_ids", "masked_patch_embed", "decoder_unshuffle", "masked_norm_pix_loss"]
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _dtype_reasons(what: str, *tensors: torch.Tensor) -> List[str]:
+    bad = sorted({str(t.dtype) for t in tensors if t.dtype not in KERNEL_DTYPES})
+    return [f"{what} dtype {', '.join(bad)} (the kernel takes float32, bfloat16, float16)"] if bad else []
+
+
+def _device_reasons(*tensors: torch.Tensor) -> List[str]:
+    devices = {t.device for t in tensors}
+    return [f"tensors on several devices: {sorted(map(str, devices))}"] if len(devices) > 1 else []
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
+
+
+# ----------------------------------------------------------------------------------------------
+# masked patch embedding
+# ----------------------------------------------------------------------------------------------
+def _patch_embed_why_not(spec, weight, bias, pos, ids_keep) -> List[str]:
+    out = dispatch.triton_reasons(spec, weight, bias, pos, ids_keep)
+    if spec.dim() != 4 or spec.shape[1] != 1:
+        out.append(f"spec must be [B, 1, T, F], got {list(spec.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        out.append(f"weight must be [D, 1, p, p], got {list(weight.shape)}")
+    out += _dtype_reasons("spec/pos", spec, pos)
+    if ids_keep.dtype not in (torch.int64, torch.int32):
+        out.append(f"ids_keep dtype {ids_keep.dtype} (need int64 or int32)")
+    return out + _device_reasons(spec, weight, bias, pos, ids_keep)
+
+
+def _triton_masked_patch_embed(spec, weight, bias, pos, ids_keep):
+    from .kernels.patch_embed import masked_patch_embed as fn
+    return fn(spec, weight, bias, pos, ids_keep)
+
+
+def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor,
+                       ids_keep: torch.Tensor) -> torch.Tensor:
+    """Patch embedding of the kept patches only, plus their positions.
+
+    ``spec`` [B, 1, T, F], ``weight`` [D, 1, p, p] (cast to ``spec.dtype``), ``bias`` [D],
+    ``pos`` [1, 1 + L, D], ``ids_keep`` [B, K] (time-major patch indices) -> ``[B, K, D]`` in
+    ``promote_types(spec.dtype, pos.dtype)``; equals ``gather(conv(spec) + pos[:, 1:], ids_keep)``.
+    """
+    weight, bias = weight.to(spec.dtype), bias.to(spec.dtype)
+    return dispatch.call("masked_patch_embed", spec, weight, bias, pos, ids_keep)
+
+
+dispatch.register("masked_patch_embed", "torch", masked_patch_embed_reference)
+dispatch.register("masked_patch_embed", "triton", _triton_masked_patch_embed, _patch_embed_why_not)
+dispatch.set_preference("masked_patch_embed", ("triton", "torch"))
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder unshuffle
+# ----------------------------------------------------------------------------------------------
+def _unshuffle_why_not(x, mask_token, ids_restore, pos, keep_cls) -> List[str]:
+    out = dispatch.triton_reasons(x, mask_token, ids_restore, pos)
+    if x.dim() != 3 or ids_restore.dim() != 2 or pos.dim() != 3:
+        out.append(f"shapes x {list(x.shape)}, ids_restore {list(ids_restore.shape)}, pos {list(pos.shape)}: "
+                   "need [B, 1 + K, D], [B, L], [1, 1 + L, D]")
+    out += _dtype_reasons("x/mask_token/pos", x, mask_token, pos)
+    if ids_restore.dtype not in (torch.int64, torch.int32):
+        out.append(f"ids_restore dtype {ids_restore.dtype} (need int64 or int32)")
+    return out + _device_reasons(x, mask_token, ids_restore, pos)
+
+
+def _triton_decoder_unshuffle(x, mask_token, ids_restore, pos, keep_cls):
+    from .kernels.unshuffle import decoder_unshuffle as fn
+    return fn(x, mask_token, ids_restore, pos, keep_cls)
+
+
+def decoder_unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor,
+                      keep_cls: bool) -> torch.Tensor:
+    """Mask tokens in, original order back, decoder positions added.
+
+    ``x`` [B, 1 + K, D] (``decoder_embed`` output, cls first), ``mask_token`` [1, 1, D],
+    ``ids_restore`` [B, L], ``pos`` [1, 1 + L, D] -> ``[B, L, D]`` (local decoders, cls dropped) or
+    ``[B, 1 + L, D]`` with ``keep_cls`` (global decoders). See
+    :func:`audiomae.reference.step.decoder_unshuffle_reference`.
+    """
+    return dispatch.call("decoder_unshuffle", x, mask_token, ids_restore, pos, bool(keep_cls))
+
+
+dispatch.register("decoder_unshuffle", "torch", decoder_unshuffle_reference)
+dispatch.register("decoder_unshuffle", "triton", _triton_decoder_unshuffle, _unshuffle_why_not)
+dispatch.set_preference("decoder_unshuffle", ("triton", "torch"))
+
+
+# ----------------------------------------------------------------------------------------------
+# masked norm-pix loss
+# ----------------------------------------------------------------------------------------------
+def _loss_why_not(pred, spec, mask, patch_size, norm_pix=True) -> List[str]:
+    out = dispatch.triton_reasons(pred, spec, mask)
+    p = int(patch_size)
+    if spec.dim() != 4 or spec.shape[1] != 1:
+        out.append(f"spec must be [B, 1, T, F], got {list(spec.shape)}")
+    else:
+        L = (spec.shape[2] // p) * (spec.shape[3] // p)
+        if tuple(pred.shape) != (spec.shape[0], L, p * p) or tuple(mask.shape) != (spec.shape[0], L):
+            out.append(f"pred {list(pred.shape)} / mask {list(mask.shape)} do not match spec {list(spec.shape)} "
+                       f"with patch {p}: need [B, {L}, {p * p}] / [B, {L}]")
+    if norm_pix and p * p < 2:
+        out.append("norm_pix needs at least 2 values per patch")
+    out += _dtype_reasons("pred/spec", pred, spec)
+    if _needs_grad(spec) or _needs_grad(mask):
+        out.append("spec or mask requires grad (the fused loss differentiates pred only)")
+    return out + _device_reasons(pred, spec, mask)
+
+
+def _triton_masked_norm_pix_loss(pred, spec, mask, patch_size, norm_pix=True):
+    from .kernels.masked_loss import masked_norm_pix_loss as fn
+    return fn(pred, spec, mask, patch_size, norm_pix)
+
+
+def masked_norm_pix_loss(pred: torch.Tensor, spec: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                         norm_pix: bool = True) -> torch.Tensor:
+    """Audio-MAE's loss: per-patch MSE between ``pred`` [B, L, p*p] and the (norm-pix) patches of
+    ``spec`` [B, 1, T, F], averaged over the removed patches (``mask`` [B, L], 1 = removed).
+    Equals the model's ``forward_loss``."""
+    return dispatch.call("masked_norm_pix_loss", pred, spec, mask, int(patch_size), bool(norm_pix))
+
+
+dispatch.register("masked_norm_pix_loss", "torch", masked_norm_pix_loss_reference)
+dispatch.register("masked_norm_pix_loss", "triton", _triton_masked_norm_pix_loss, _loss_why_not)
+dispatch.set_preference("masked_norm_pix_loss", ("triton", "torch"))

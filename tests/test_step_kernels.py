@@ -1,0 +1,471 @@
+"""The training-step kernels (masked patch embedding, decoder unshuffle, masked norm-pix loss) against
+their references: values and every gradient in float32 / bfloat16 / float16, odd shapes, unwritten
+outputs, determinism, the dispatch, and the whole model.
+
+Without a GPU the kernels run under Triton's interpreter on CPU tensors: the autouse ``interpret``
+fixture sets ``TRITON_INTERPRET=1`` for each test (the kernel modules are imported inside the tests,
+so they are built for the interpreter), and the rest of the suite keeps running on the reference.
+With a GPU the same tests run on CUDA tensors. Shapes are small because the interpreter is slow.
+Every test fills the kernels' output buffers with NaN first, so an element left unwritten fails.
+"""
+import contextlib
+import importlib
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from audiomae import AudioMAE, AudioMAEConfig, dispatch, ops_step  # noqa: E402
+from audiomae.masking import random_masking  # noqa: E402
+from audiomae.model import masked_mse, norm_pix_target, patchify  # noqa: E402
+from audiomae.reference.step import (  # noqa: E402
+    decoder_unshuffle_reference,
+    masked_norm_pix_loss_reference,
+    masked_patch_embed_reference,
+    random_masking_ids,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Max error against the float64 reference, relative to max(1, max |reference|). float32 has a fixed
+# bound; for bfloat16/float16 the bound is HALF_FACTOR times the error of PyTorch's own computation
+# in that dtype plus a floor of about one unit in the last place (Triton's interpreter truncates
+# when it rounds float32 to bfloat16, PyTorch rounds to nearest).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+HALF_FACTOR = 2.0
+KERNELS = ("patch_embed", "unshuffle", "masked_loss")
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch, interpret):
+    for name in KERNELS:
+        monkeypatch.setattr(kernel_module(name), "POISON_OUTPUTS", True)
+
+
+def kernel_module(name):
+    return importlib.import_module(f"audiomae.kernels.{name}")
+
+
+def gpu_blocks(monkeypatch):
+    """Use the GPU tiling under the interpreter too (several programs per axis, partial tiles)."""
+    monkeypatch.setattr(kernel_module("patch_embed"), "_blocks", lambda K, D, pp: (64, 64, 64, 4))
+    monkeypatch.setattr(kernel_module("unshuffle"), "_blocks", lambda D: (16, min(triton.next_power_of_2(D), 256), 4))
+    monkeypatch.setattr(kernel_module("masked_loss"), "_block_l", lambda pp: 16)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1.0)).item()
+
+
+def run(fn, leaves, dtypes, grad_out, *rest):
+    """Output and gradients of ``fn`` with the float64 ``leaves`` cast to ``dtypes`` (None: no grad)."""
+    x = [t.detach().to(dt).requires_grad_(t.requires_grad) for t, dt in zip(leaves, dtypes)]
+    out = fn(*x, *rest)
+    wrt = [t for t in x if t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype)) if wrt else []
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def check(names, got, ref, own, dtype):
+    """Kernel (``got``) vs float64 ``ref``; ``own``: PyTorch's own result in ``dtype`` (sets the bound)."""
+    errors = {}
+    for name, g, r, o in zip(names, got, ref, own):
+        assert g.shape == r.shape, name
+        assert torch.isfinite(g).all(), f"{name}: non-finite values (unwritten or overflow)"
+        bound = TOL[dtype] if dtype == torch.float32 else HALF_FACTOR * rel_err(o, r) + TOL[dtype]
+        errors[name] = rel_err(g, r)
+        assert errors[name] <= bound, f"{name}: error {errors[name]:.3g} > bound {bound:.3g}"
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# masking ids
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,L,ratio", [(2, 12, 0.75), (3, 512, 0.8), (1, 7, 0.0)])
+def test_random_masking_ids_is_the_release_recipe(B, L, ratio):
+    x = torch.randn(B, L, 4)
+    noise = torch.rand(B, L)
+    ref = random_masking(x, ratio, noise)
+    K = int(L * (1 - ratio))
+    ids_keep, ids_restore, mask = random_masking_ids(B, L, K, noise=noise)
+    assert torch.equal(ids_keep, ref.ids_keep) and torch.equal(ids_restore, ref.ids_restore)
+    assert torch.equal(mask, ref.mask) and mask.dtype == ref.mask.dtype
+    # without noise: the same random draws as the model's masking
+    torch.manual_seed(3)
+    ref = random_masking(x, ratio)
+    torch.manual_seed(3)
+    got = random_masking_ids(B, L, K, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(got, (ref.ids_keep, ref.ids_restore, ref.mask)))
+    with pytest.raises(ValueError, match="noise"):
+        random_masking_ids(B, L, K, noise=torch.rand(B, L + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# masked patch embedding
+# ----------------------------------------------------------------------------------------------
+def patch_embed_inputs(B, T, F, p, D, K, spec_grad=False, pos_grad=False, transposed=False):
+    spec = torch.randn(B, 1, T, F, dtype=torch.float64, device=DEVICE)
+    if transposed:  # non-contiguous: a [B, 1, F, T] buffer viewed as [B, 1, T, F]
+        spec = torch.randn(B, 1, F, T, dtype=torch.float64, device=DEVICE).transpose(2, 3)
+    weight = torch.randn(D, 1, p, p, dtype=torch.float64, device=DEVICE) / p
+    bias = torch.randn(D, dtype=torch.float64, device=DEVICE)
+    L = (T // p) * (F // p)
+    pos = torch.randn(1, 1 + L, D, dtype=torch.float64, device=DEVICE)
+    ids_keep = random_masking_ids(B, L, K, device=DEVICE)[0]
+    spec.requires_grad_(spec_grad)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    pos.requires_grad_(pos_grad)
+    return [spec, weight, bias, pos], ids_keep
+
+
+def check_patch_embed(leaves, ids_keep, dtype, pos_dtype=torch.float32):
+    fn = kernel_module("patch_embed").masked_patch_embed
+    dtypes = [dtype, dtype, dtype, pos_dtype]
+    out_dtype = torch.promote_types(dtype, pos_dtype)
+    grad_out = torch.randn(ids_keep.shape[0], ids_keep.shape[1], leaves[1].shape[0], dtype=torch.float64,
+                           device=DEVICE)
+    names = ["out"] + [n for n, t in zip(("spec", "weight", "bias", "pos"), leaves) if t.requires_grad]
+    got = run(fn, leaves, dtypes, grad_out, ids_keep)
+    assert got[0].dtype == out_dtype
+    ref = run(masked_patch_embed_reference, leaves, [torch.float64] * 4, grad_out, ids_keep)
+    own = run(masked_patch_embed_reference, leaves, dtypes, grad_out, ids_keep) if dtype != torch.float32 else ref
+    return check(names, got, ref, own, dtype)
+
+
+# (B, T, F, p, D, K): odd grids, a cropped remainder, one kept patch, p = 14 (196 pixels, not a power of 2)
+PATCH_CASES = [
+    pytest.param(2, 48, 32, 16, 24, 1, id="T48F32-p16-D24-K1"),
+    pytest.param(3, 64, 48, 16, 40, 5, id="T64F48-p16-D40-K5"),
+    pytest.param(2, 50, 35, 16, 24, 6, id="T50F35-cropped-p16-D24-K6"),
+    pytest.param(2, 44, 30, 14, 20, 4, id="T44F30-p14-D20-K4"),
+]
+
+
+@pytest.mark.parametrize("B,T,F,p,D,K", PATCH_CASES)
+def test_masked_patch_embed_fp32(B, T, F, p, D, K):
+    leaves, ids = patch_embed_inputs(B, T, F, p, D, K, spec_grad=True, pos_grad=True)
+    check_patch_embed(leaves, ids, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("B,T,F,p,D,K", [PATCH_CASES[1], PATCH_CASES[3]])
+def test_masked_patch_embed_half(dtype, B, T, F, p, D, K):
+    leaves, ids = patch_embed_inputs(B, T, F, p, D, K, spec_grad=True)
+    check_patch_embed(leaves, ids, DTYPES[dtype])
+
+
+def test_masked_patch_embed_half_positions_and_strides():
+    """16-bit positions (output in that dtype) and a non-contiguous spectrogram."""
+    leaves, ids = patch_embed_inputs(2, 48, 32, 16, 24, 3, spec_grad=True, transposed=True)
+    check_patch_embed(leaves, ids, torch.bfloat16, pos_dtype=torch.bfloat16)
+
+
+def test_masked_patch_embed_gpu_tiling(monkeypatch):
+    """K = 70 and D = 72 span several 64-wide tiles; 256 pixels take four 64-wide steps."""
+    gpu_blocks(monkeypatch)
+    leaves, ids = patch_embed_inputs(2, 160, 128, 16, 72, 70, spec_grad=True)
+    check_patch_embed(leaves, ids, torch.float32)
+
+
+def test_masked_patch_embed_only_needed_grads_and_determinism():
+    pe = kernel_module("patch_embed")
+    leaves, ids = patch_embed_inputs(2, 64, 48, 16, 24, 5)
+    spec, weight, bias, pos = [t.detach().float() for t in leaves]
+    weight.requires_grad_(True)
+    out = pe.masked_patch_embed(spec, weight, bias, pos, ids)
+    g = torch.randn_like(out)
+    (gw1,) = torch.autograd.grad(out, weight, g)
+    out = pe.masked_patch_embed(spec, weight, bias, pos, ids)
+    (gw2,) = torch.autograd.grad(out, weight, g)
+    assert torch.equal(gw1, gw2)
+    assert spec.grad is None and bias.grad is None and pos.grad is None
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder unshuffle
+# ----------------------------------------------------------------------------------------------
+def unshuffle_inputs(B, L, K, D, pos_grad=False):
+    x = torch.randn(B, 1 + K, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask_token = torch.randn(1, 1, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    pos = torch.randn(1, 1 + L, D, dtype=torch.float64, device=DEVICE, requires_grad=pos_grad)
+    ids_restore = random_masking_ids(B, L, K, device=DEVICE)[1]
+    return [x, mask_token, pos], ids_restore
+
+
+def check_unshuffle(leaves, ids_restore, keep_cls, dtype, pos_dtype=torch.float32):
+    fn = kernel_module("unshuffle").decoder_unshuffle
+    x, mt, pos = leaves
+
+    def call(fn):
+        return lambda x, mt, pos: fn(x, mt, ids_restore, pos, keep_cls)
+
+    dtypes = [dtype, torch.float32, pos_dtype]
+    B, L = ids_restore.shape
+    grad_out = torch.randn(B, L + int(keep_cls), x.shape[-1], dtype=torch.float64, device=DEVICE)
+    names = ["out", "x", "mask_token"] + (["pos"] if pos.requires_grad else [])
+    got = run(call(fn), leaves, dtypes, grad_out)
+    assert got[0].dtype == torch.promote_types(dtype, pos_dtype)
+    ref = run(call(decoder_unshuffle_reference), leaves, [torch.float64] * 3, grad_out)
+    own = run(call(decoder_unshuffle_reference), leaves, dtypes, grad_out)
+    return check(names, got, ref, own, dtype)
+
+
+# (B, L, K, D): L not a multiple of the row tile, one kept token, nothing removed
+UNSHUFFLE_CASES = [
+    pytest.param(3, 70, 5, 24, id="L70-K5-D24"),
+    pytest.param(2, 37, 1, 20, id="L37-K1-D20"),
+    pytest.param(2, 12, 12, 16, id="L12-K12-nothing-removed"),
+]
+
+
+@pytest.mark.parametrize("keep_cls", [False, True], ids=["local", "global"])
+@pytest.mark.parametrize("B,L,K,D", UNSHUFFLE_CASES)
+def test_decoder_unshuffle_fp32(B, L, K, D, keep_cls):
+    leaves, ids = unshuffle_inputs(B, L, K, D, pos_grad=True)
+    check_unshuffle(leaves, ids, keep_cls, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("keep_cls", [False, True], ids=["local", "global"])
+def test_decoder_unshuffle_half(dtype, keep_cls):
+    leaves, ids = unshuffle_inputs(3, 70, 5, 24)
+    check_unshuffle(leaves, ids, keep_cls, DTYPES[dtype])
+    check_unshuffle(leaves, ids, keep_cls, DTYPES[dtype], pos_dtype=DTYPES[dtype])
+
+
+@pytest.mark.parametrize("keep_cls", [False, True], ids=["local", "global"])
+def test_decoder_unshuffle_gpu_tiling(monkeypatch, keep_cls):
+    gpu_blocks(monkeypatch)
+    leaves, ids = unshuffle_inputs(2, 70, 14, 40)
+    check_unshuffle(leaves, ids, keep_cls, torch.float32)
+
+
+def test_decoder_unshuffle_fp32_forward_is_exact():
+    """A copy plus one addition: float32 results are bit-identical to the eager code's."""
+    un = kernel_module("unshuffle")
+    (x, mt, pos), ids = unshuffle_inputs(2, 70, 14, 24)
+    x, mt, pos = x.detach().float(), mt.detach().float(), pos.detach().float()
+    for keep_cls in (False, True):
+        assert torch.equal(un.decoder_unshuffle(x, mt, ids, pos, keep_cls),
+                           decoder_unshuffle_reference(x, mt, ids, pos, keep_cls))
+
+
+# ----------------------------------------------------------------------------------------------
+# masked norm-pix loss
+# ----------------------------------------------------------------------------------------------
+def loss_inputs(B, T, F, p, K, offset=0.0):
+    spec = 3 * torch.randn(B, 1, T, F, dtype=torch.float64, device=DEVICE) + offset
+    L = (T // p) * (F // p)
+    pred = torch.randn(B, L, p * p, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = random_masking_ids(B, L, K, device=DEVICE)[2]
+    return pred, spec, mask
+
+
+LOSS_CASES = [
+    pytest.param(2, 48, 32, 16, 1, id="T48F32-p16-K1"),
+    pytest.param(3, 80, 56, 16, 4, id="T80F56-cropped-p16-K4"),
+    pytest.param(2, 44, 30, 14, 2, id="T44F30-p14-K2"),
+]
+
+
+def check_loss(pred, spec, mask, p, norm_pix, dtype, spec_dtype=torch.float32):
+    fn = kernel_module("masked_loss").masked_norm_pix_loss
+    grad_out = torch.tensor(1.7, dtype=torch.float64, device=DEVICE)
+
+    def call(fn):
+        return lambda pred, spec: fn(pred, spec, mask, p, norm_pix)
+
+    leaves = [pred, spec]
+    got = run(call(fn), leaves, [dtype, spec_dtype], grad_out)
+    ref = run(call(masked_norm_pix_loss_reference), leaves, [torch.float64] * 2, grad_out)
+    own = run(call(masked_norm_pix_loss_reference), leaves, [dtype, spec_dtype], grad_out)
+    return check(["loss", "pred"], got, ref, own, dtype)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "raw"])
+@pytest.mark.parametrize("B,T,F,p,K", LOSS_CASES)
+def test_masked_loss_fp32(B, T, F, p, K, norm_pix):
+    pred, spec, mask = loss_inputs(B, T, F, p, K, offset=5.0)
+    check_loss(pred, spec, mask, p, norm_pix, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_masked_loss_half(dtype):
+    pred, spec, mask = loss_inputs(3, 80, 56, 16, 4)
+    check_loss(pred, spec, mask, 16, True, DTYPES[dtype])
+    check_loss(pred, spec, mask, 16, True, DTYPES[dtype], spec_dtype=DTYPES[dtype])
+
+
+def test_masked_loss_gpu_tiling(monkeypatch):
+    gpu_blocks(monkeypatch)
+    pred, spec, mask = loss_inputs(2, 160, 128, 16, 16)  # L = 80: five 16-patch tiles
+    check_loss(pred, spec, mask, 16, True, torch.float32)
+
+
+def test_masked_loss_equals_model_forward_loss():
+    """The eager model's loss (patchify, norm_pix_target, masked_mse) to 1e-6 relative, in float32."""
+    ml = kernel_module("masked_loss")
+    pred, spec, mask = loss_inputs(2, 96, 64, 16, 6, offset=-4.0)
+    pred, spec = pred.detach().float(), spec.float()
+    for norm_pix in (True, False):
+        target = patchify(spec, 16)
+        target = norm_pix_target(target) if norm_pix else target
+        ref = masked_mse(pred, target, mask)
+        got = ml.masked_norm_pix_loss(pred, spec, mask, 16, norm_pix)
+        assert got.dtype == ref.dtype and got.shape == ()
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+def test_masked_loss_bool_mask_and_no_grad():
+    ml = kernel_module("masked_loss")
+    pred, spec, mask = loss_inputs(2, 48, 32, 16, 2)
+    pred, spec = pred.detach().float(), spec.float()
+    got = ml.masked_norm_pix_loss(pred, spec, mask.bool(), 16)
+    torch.testing.assert_close(got, masked_norm_pix_loss_reference(pred, spec, mask, 16), rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+def test_dispatch_reasons_and_fallback(monkeypatch):
+    pred, spec, mask = loss_inputs(2, 48, 32, 16, 2)
+    pred, spec = pred.detach().float(), spec.float()
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        why = dispatch.reasons("masked_norm_pix_loss", pred, spec, mask, 16, True)
+        assert why["torch"] == [] and any("CPU" in r for r in why["triton"])
+        # the automatic choice falls back to the reference; a forced Triton explains itself
+        assert dispatch.choose("masked_norm_pix_loss", pred, spec, mask, 16, True)[0] == "torch"
+        with dispatch.use_backend("triton", op="masked_norm_pix_loss"):
+            with pytest.raises(dispatch.BackendUnavailableError, match="CPU"):
+                ops_step.masked_norm_pix_loss(pred, spec, mask, 16)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.choose("masked_norm_pix_loss", pred, spec, mask, 16, True)[0] == "triton"
+    # a gradient for spec is the reference's job
+    spec.requires_grad_(True)
+    why = dispatch.reasons("masked_norm_pix_loss", pred, spec, mask, 16, True)["triton"]
+    assert any("spec or mask requires grad" in r for r in why)
+    assert dispatch.choose("masked_norm_pix_loss", pred, spec, mask, 16, True)[0] == "torch"
+    why = dispatch.reasons("masked_patch_embed", spec.detach().double(), torch.zeros(4, 1, 16, 16).double(),
+                           torch.zeros(4).double(), torch.zeros(1, 7, 4), torch.zeros(2, 3, dtype=torch.long))
+    assert any("dtype torch.float64" in r for r in why["triton"])
+    assert set(dispatch.registered_ops()) >= {"masked_patch_embed", "decoder_unshuffle", "masked_norm_pix_loss"}
+
+
+def test_public_ops_agree_across_backends():
+    leaves, ids = patch_embed_inputs(2, 48, 32, 16, 24, 3)
+    spec, weight, bias, pos = [t.detach().float() for t in leaves]
+    outs = {}
+    for backend in ("torch", "triton"):
+        with dispatch.use_backend(backend, op="masked_patch_embed"):
+            outs[backend] = ops_step.masked_patch_embed(spec, weight, bias, pos, ids)
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole model
+# ----------------------------------------------------------------------------------------------
+STEP_OPS = ("masked_patch_embed", "decoder_unshuffle", "masked_norm_pix_loss")
+
+
+def model_loss_and_grads(model, spec, noise, backend):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout draws (the decoder's position-bias MLP) in both runs
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dispatch.use_backend("torch", op="window_attention"))  # not under test here
+        for op in STEP_OPS:
+            stack.enter_context(dispatch.use_backend(backend, op=op))
+        out = model(spec, noise=noise)
+        out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_tiny_model_same_loss_and_grads(mode):
+    cfg = AudioMAEConfig.preset("tiny", decoder_mode=mode, decoder_depth=2)
+    model = AudioMAE(cfg).to(DEVICE)
+    spec = torch.randn(2, 1, *cfg.img_size, device=DEVICE)
+    noise = torch.rand(2, cfg.num_patches, device=DEVICE)
+    ref, ref_grads = model_loss_and_grads(model, spec, noise, "torch")
+    got, grads = model_loss_and_grads(model, spec, noise, "triton")
+    assert torch.equal(got.mask, ref.mask)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.pred, ref.pred, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and "patch_embed.proj.weight" in grads and "mask_token" in grads
+    for name, g in grads.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-3)
+        assert (g - ref_grads[name]).abs().max() <= 1e-4 * scale, name
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the paper's shapes in bfloat16, determinism, torch.compile
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_paper_shapes_bf16_cuda():
+    B, T, F, p, D, Dd, K = 8, 1024, 128, 16, 768, 512, 102
+    L = (T // p) * (F // p)
+    leaves, ids_keep = patch_embed_inputs(B, T, F, p, D, K)
+    errs = check_patch_embed(leaves, ids_keep, torch.bfloat16)
+    assert max(errs.values()) < 5e-2
+    (x, mt, pos), _ = unshuffle_inputs(B, L, K, Dd)
+    ids_restore = random_masking_ids(B, L, K, device=DEVICE)[1]
+    check_unshuffle([x, mt, pos], ids_restore, False, torch.bfloat16)
+    pred, spec, mask = loss_inputs(B, T, F, p, K)
+    check_loss(pred, spec, mask, p, True, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_reductions_are_deterministic_cuda():
+    leaves, ids = patch_embed_inputs(8, 1024, 128, 16, 768, 102)
+    spec, weight, bias, pos = [t.detach().bfloat16() for t in leaves]
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    pe = kernel_module("patch_embed")
+    grads = []
+    for _ in range(3):
+        out = pe.masked_patch_embed(spec, weight, bias, pos.float(), ids)
+        grads.append(torch.autograd.grad(out, (weight, bias), torch.ones_like(out)))
+    assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(g, grads[0]))
+    (x, mt, pos), ids_restore = unshuffle_inputs(8, 512, 102, 512)
+    x, mt = x.detach().bfloat16().requires_grad_(), mt.detach().float().requires_grad_()
+    un = kernel_module("unshuffle")
+    mts = [torch.autograd.grad(un.decoder_unshuffle(x, mt, ids_restore, pos.float(), False).sum(), mt)[0]
+           for _ in range(3)]
+    assert all(torch.equal(m, mts[0]) for m in mts)
+
+
+@pytest.mark.gpu
+def test_torch_compile_traces_the_step_ops():
+    pe, un, ml = (kernel_module(n) for n in KERNELS)
+    B, T, F, p, D, K = 2, 128, 64, 16, 64, 6
+    L = (T // p) * (F // p)
+    spec = torch.randn(B, 1, T, F, device=DEVICE)
+    weight = torch.randn(D, 1, p, p, device=DEVICE, requires_grad=True)
+    bias = torch.randn(D, device=DEVICE, requires_grad=True)
+    pos = torch.randn(1, 1 + L, D, device=DEVICE)
+    mt = torch.randn(1, 1, D, device=DEVICE, requires_grad=True)
+    head = torch.randn(D, p * p, device=DEVICE) / 8
+    ids_keep, ids_restore, mask = random_masking_ids(B, L, K, device=DEVICE)
+
+    def step(spec, weight, bias, mt):
+        x = pe.masked_patch_embed(spec, weight, bias, pos, ids_keep)
+        x = torch.cat([x.mean(1, keepdim=True), x], dim=1)
+        x = un.decoder_unshuffle(x, mt, ids_restore, pos, False)
+        return ml.masked_norm_pix_loss(x @ head, spec, mask, p)
+
+    eager = step(spec, weight, bias, mt)
+    eager_grads = torch.autograd.grad(eager, (weight, bias, mt))
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(spec, weight, bias, mt)
+    grads = torch.autograd.grad(loss, (weight, bias, mt))
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
