@@ -1,7 +1,8 @@
-"""Public fused ops of the training step: masked patch embedding, decoder unshuffle, loss.
+"""Public fused ops of the training step: front end, masked patch embedding, decoder unshuffle, loss.
 
 A clip goes through them in this order::
 
+    spec = fbank_features(waves, 1024, "audioset")                         # [B, 1, T, F]
     ids_keep, ids_restore, mask = random_masking_ids(B, L, K, spec.device)  # the release's masking
     x = masked_patch_embed(spec, proj.weight, proj.bias, pos_embed, ids_keep)   # [B, K, D]
     ... encoder, decoder_embed ...
@@ -16,21 +17,24 @@ when a Triton implementation is called.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from . import dispatch
 from .reference.step import (
     decoder_unshuffle_reference,
+    fbank_features_reference,
     masked_norm_pix_loss_reference,
     masked_patch_embed_reference,
     random_masking_ids,
 )
 
-__all__ = ["random_masking_ids", "masked_patch_embed", "decoder_unshuffle", "masked_norm_pix_loss"]
+__all__ = ["random_masking_ids", "masked_patch_embed", "decoder_unshuffle", "masked_norm_pix_loss",
+           "fbank_features", "FBANK_MODES"]
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FBANK_MODES = ("exact",)
 
 
 def _dtype_reasons(what: str, *tensors: torch.Tensor) -> List[str]:
@@ -157,3 +161,48 @@ def masked_norm_pix_loss(pred: torch.Tensor, spec: torch.Tensor, mask: torch.Ten
 dispatch.register("masked_norm_pix_loss", "torch", masked_norm_pix_loss_reference)
 dispatch.register("masked_norm_pix_loss", "triton", _triton_masked_norm_pix_loss, _loss_why_not)
 dispatch.set_preference("masked_norm_pix_loss", ("triton", "torch"))
+
+
+# ----------------------------------------------------------------------------------------------
+# front end
+# ----------------------------------------------------------------------------------------------
+def _fbank_why_not(waveforms, target_length=1024, stats="audioset", out_dtype=torch.float32, mode="exact",
+                   num_mel_bins=128) -> List[str]:
+    out = dispatch.triton_reasons(waveforms)
+    if waveforms.dtype == torch.float64:
+        out.append("float64 waveforms (the kernel computes in float32; the reference keeps float64)")
+    elif not waveforms.dtype.is_floating_point:
+        out.append(f"waveform dtype {waveforms.dtype} (the kernel takes float samples)")
+    if waveforms.dim() not in (1, 2):
+        out.append(f"waveforms must be [N] or [B, N], got {list(waveforms.shape)}")
+    if _needs_grad(waveforms):
+        out.append("waveforms require grad (the kernel is not differentiable)")
+    if out_dtype not in KERNEL_DTYPES:
+        out.append(f"out_dtype {out_dtype} (the kernel writes float32, bfloat16, float16)")
+    return out
+
+
+def _triton_fbank_features(waveforms, target_length=1024, stats="audioset", out_dtype=torch.float32,
+                           mode="exact", num_mel_bins=128):
+    from .kernels.fbank import fbank_features as fn
+    return fn(waveforms, target_length, stats, out_dtype, mode, num_mel_bins)
+
+
+def fbank_features(waveforms: torch.Tensor, target_length: Optional[int] = 1024, stats="audioset",
+                   out_dtype: torch.dtype = torch.float32, mode: str = "exact",
+                   num_mel_bins: int = 128) -> torch.Tensor:
+    """Model input from 16 kHz waveforms: :func:`audiomae.audio.waveform_to_input` (clip mean removed,
+    Kaldi fbank, zero-pad or cut to ``target_length`` frames, ``(x - mean) / (2 std)``) in ``out_dtype``.
+
+    ``waveforms`` [B, N] -> ``[B, 1, T, num_mel_bins]`` (``[N]`` -> ``[1, T, num_mel_bins]``). ``stats``
+    as :func:`audiomae.audio.get_stats` takes it (None: raw log-mel). ``mode="exact"`` (the only
+    one): a float32-accurate DFT, within ~1e-3 nats of a float64 computation.
+    """
+    if mode not in FBANK_MODES:
+        raise ValueError(f"fbank mode must be one of {FBANK_MODES}, got {mode!r}")
+    return dispatch.call("fbank_features", waveforms, target_length, stats, out_dtype, mode, int(num_mel_bins))
+
+
+dispatch.register("fbank_features", "torch", fbank_features_reference)
+dispatch.register("fbank_features", "triton", _triton_fbank_features, _fbank_why_not)
+dispatch.set_preference("fbank_features", ("triton", "torch"))

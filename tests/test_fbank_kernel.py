@@ -1,0 +1,227 @@
+"""The fused log-mel kernel against the reference front end (audiomae.audio), a float64 computation
+and torchaudio's output (the fixture waves): accuracy, padding / cutting, normalisation, output
+dtypes, silence, the dispatch.
+
+Without a GPU the kernel runs under Triton's interpreter on CPU tensors (the autouse ``interpret``
+fixture sets ``TRITON_INTERPRET=1`` for each test; the kernel module is imported inside the tests).
+With a GPU the same tests run on CUDA tensors. Output buffers start as NaN, so an unwritten element fails.
+"""
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import audiomae.audio as A  # noqa: E402
+from audiomae import dispatch, ops_step  # noqa: E402
+from audiomae.reference.step import fbank_features_reference  # noqa: E402
+from conftest import DATA  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["speech", "chirp_10s", "quiet_noise_0.5s", "one_frame_559"]
+LOG_EPS = math.log(1.1920928955078125e-07)  # -15.942385
+# bound on the output's rounding, relative to |value|: one unit in the last place (Triton's
+# interpreter truncates when it rounds to bfloat16 / float16; the GPU rounds to nearest)
+ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch, interpret):
+    monkeypatch.setattr(kernel_module(), "POISON_OUTPUTS", True)
+
+
+def kernel_module():
+    return importlib.import_module("audiomae.kernels.fbank")
+
+
+def kernel(*args, **kwargs):
+    return kernel_module().fbank_features(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def kaldi():
+    with np.load(DATA / "fbank_kaldi.npz") as d:
+        return {n: (torch.from_numpy(d["wave/" + n]), torch.from_numpy(d["fbank/" + n]).double()) for n in NAMES}
+
+
+def float64_fbank(wave: torch.Tensor) -> torch.Tensor:
+    w = wave.double()
+    return A.fbank(w - w.mean(-1, keepdim=True))
+
+
+def frame_energy(wave: torch.Tensor) -> torch.Tensor:
+    """Energy of each pre-emphasised, windowed frame, float64 ``[..., T, 1]`` (sizes the float32 DFT's error)."""
+    x = wave.double().unfold(-1, 400, 160)
+    x = x - x.mean(-1, keepdim=True)
+    x = x - 0.97 * torch.cat([x[..., :1], x[..., :-1]], -1)
+    n = torch.arange(400, dtype=torch.float64, device=x.device)
+    power = torch.fft.rfft(x * (0.5 - 0.5 * torch.cos(2 * math.pi * n / 399)), n=512).abs().pow(2)
+    return power.sum(-1, keepdim=True)
+
+
+def check_float32_accuracy(out: torch.Tensor, wave: torch.Tensor) -> float:
+    """The kernel against float64: within 1e-4 of each energy plus 1e-10 of its frame's energy (a float32
+    DFT's rounding, which matters only in bands more than ~12 nats below the frame), and no worse than
+    PyTorch's own float32 front end (an FFT). Returns the max error in nats."""
+    ref64 = float64_fbank(wave)
+    e_out, e_ref = out.double().exp(), ref64.exp()
+    allowed = 1e-4 * e_ref + 1e-10 * frame_energy(wave)
+    bad = (e_out - e_ref).abs() > allowed
+    err = (out.double() - ref64).abs()
+    assert not bad.any(), f"{int(bad.sum())} cells outside the float32 error model, max {err[bad].max():.2e} nats"
+    own = (A.fbank(wave.float() - wave.float().mean(-1, keepdim=True)).double() - ref64).abs().max()
+    assert err.max() <= 2 * own + 1e-5, f"kernel error {err.max():.2e} vs PyTorch float32 {own:.2e}"
+    return err.max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# accuracy on the fixture waves
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_waves(kaldi, name):
+    wave, fixture = kaldi[name]
+    wave = wave.to(DEVICE)
+    out = kernel(wave, None, None)
+    frames = 1 + (wave.numel() - 400) // 160
+    assert out.shape == (1, frames, 128) and out.dtype == torch.float32
+    err64 = check_float32_accuracy(out[0], wave)
+    assert err64 < 2e-3
+    out = out[0].double().cpu()
+    # torchaudio (the release's front end): the same hard cap as the reference's own test
+    assert (out - fixture).abs().max() < 5e-3
+    assert ((out - fixture).abs() <= 1e-4).double().mean() > 0.97
+    # the reference front end: within 1e-3 nats, except where the reference's own float32 FFT is
+    # further than that from the float64 value (deep spectral valleys of the chirp)
+    ref32 = fbank_features_reference(wave.cpu(), None, None)[0].double()
+    ref64 = float64_fbank(wave.cpu())
+    assert ((out - ref32).abs() <= 1e-3 + (ref32 - ref64).abs()).all()
+
+
+def test_filter_without_bins_and_silence():
+    """Filter 3 holds no FFT bin: always log(eps). Digital silence and a constant are log(eps) everywhere."""
+    noise = 0.1 * torch.randn(2, 4000, device=DEVICE)
+    out = kernel(noise, None, None)
+    assert (out[..., 3] == torch.tensor(LOG_EPS)).all() and (out[..., 4] > LOG_EPS + 1).all()
+    quiet = torch.stack([torch.zeros(4000), torch.full((4000,), 0.25)]).to(DEVICE)
+    torch.testing.assert_close(kernel(quiet, None, None), torch.full((2, 1, 23, 128), LOG_EPS, device=DEVICE),
+                               rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole model input: pad / cut, normalisation, output dtype
+# ----------------------------------------------------------------------------------------------
+def clips(kaldi, n=3, length=9000):
+    speech = kaldi["speech"][0]
+    return torch.stack([speech[i * 7000: i * 7000 + length] for i in range(n)]).to(DEVICE)
+
+
+@pytest.mark.parametrize("target_length,stats", [
+    pytest.param(64, "audioset", id="pad-to-64-audioset"),
+    pytest.param(40, "esc50", id="cut-to-40-esc50"),
+    pytest.param(None, (-5.0, 3.0), id="all-frames-given-stats"),
+])
+@pytest.mark.parametrize("out_dtype", ["fp32", "bf16", "fp16"])
+def test_model_input_matches_waveform_to_input(kaldi, target_length, stats, out_dtype):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[out_dtype]
+    waves = clips(kaldi)
+    out = kernel(waves, target_length, stats, out_dtype=dtype)
+    ref = A.waveform_to_input(waves.cpu(), 16000, target_length, stats).to(DEVICE)
+    assert out.shape == ref.shape and out.dtype == dtype
+    s = A.get_stats(stats)
+    # 1e-3 nats before normalisation, plus the output's rounding
+    bound = 1e-3 / (2 * s.std) + ULP[dtype] * ref.abs()
+    assert ((out.double() - ref.double()).abs() <= bound).all()
+    frames = 1 + (waves.shape[-1] - 400) // 160
+    if target_length is not None and target_length > frames:
+        padded = out[:, :, frames:].float()
+        assert torch.equal(padded, torch.full_like(padded, (0 - s.mean) / (2 * s.std)).to(dtype).float())
+        if stats == "audioset":
+            assert abs(padded[0, 0, 0, 0].item() - 0.467032) < 1e-3
+
+
+def test_single_clip_shape_and_public_op(kaldi):
+    wave = kaldi["speech"][0][:20000].to(DEVICE)
+    out = kernel(wave, 128)
+    assert out.shape == (1, 128, 128)
+    with dispatch.use_backend("triton", op="fbank_features"):
+        assert torch.equal(ops_step.fbank_features(wave, 128), out)
+    with dispatch.use_backend("torch", op="fbank_features"):
+        ref = ops_step.fbank_features(wave, 128)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 / (2 * 4.5689974))
+
+
+def test_gpu_tiling(kaldi, monkeypatch):
+    """32-frame tiles: a full tile, a tile that ends inside the clip, and a tile of padding only."""
+    monkeypatch.setattr(kernel_module(), "_blocks", lambda: (32, 32, 64, 4))
+    waves = clips(kaldi, n=1, length=8000)  # 48 frames
+    for target in (80, 40):
+        out = kernel(waves, target, "audioset")
+        ref = A.waveform_to_input(waves.cpu(), 16000, target, "audioset").to(DEVICE)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 / (2 * 4.5689974))
+    check_float32_accuracy(kernel(waves, None, None)[0], waves[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# errors and dispatch
+# ----------------------------------------------------------------------------------------------
+def test_errors():
+    with pytest.raises(ValueError, match="too short"):
+        kernel(torch.zeros(399, device=DEVICE))
+    with pytest.raises(ValueError, match="mode"):
+        kernel(torch.zeros(1000, device=DEVICE), mode="fast")
+    with pytest.raises(ValueError, match="mode"):
+        ops_step.fbank_features(torch.zeros(1000, device=DEVICE), mode="fast")
+    with pytest.raises(ValueError, match="out_dtype"):
+        kernel(torch.zeros(1000, device=DEVICE), out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        kernel(torch.zeros(1000, device=DEVICE), stats="nosuchset")
+
+
+def test_dispatch_reasons(monkeypatch):
+    wave = torch.randn(2, 4000, device=DEVICE)
+    assert "fbank_features" in dispatch.registered_ops()
+    assert dispatch.choose("fbank_features", wave, 128, "audioset", torch.float32, "exact", 128)[0] == "triton"
+    why = dispatch.reasons("fbank_features", wave.double(), 128)
+    assert any("float64" in r for r in why["triton"])
+    why = dispatch.reasons("fbank_features", wave.clone().requires_grad_(), 128)
+    assert any("not differentiable" in r for r in why["triton"])
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert dispatch.choose("fbank_features", wave, 128)[0] == "torch"
+        with dispatch.use_backend("triton", op="fbank_features"):
+            with pytest.raises(dispatch.BackendUnavailableError, match="CPU"):
+                ops_step.fbank_features(wave, 128)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: 10 s clips at the paper's size, bfloat16 output, torch.compile
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_audioset_batch_cuda(kaldi):
+    chirp, speech = kaldi["chirp_10s"][0], kaldi["speech"][0]
+    waves = torch.stack([chirp, chirp.flip(0) * 0.05, torch.cat([speech, speech, speech])[:160000],
+                         torch.randn(160000) * 1e-3, torch.zeros(160000), chirp.roll(12345),
+                         torch.sin(torch.arange(160000) * 0.3), chirp * 0.9]).cuda()
+    out = kernel(waves, None, None)
+    for i in range(waves.shape[0]):
+        check_float32_accuracy(out[i, 0], waves[i])
+    bf16 = kernel(waves, 1024, "audioset", out_dtype=torch.bfloat16)
+    ref = A.waveform_to_input(waves.double(), 16000, 1024, "audioset")
+    assert bf16.shape == (8, 1, 1024, 128)
+    assert ((bf16.double() - ref).abs() <= 2e-3 / (2 * 4.5689974) + 2.0 ** -8 * ref.abs()).all()
+
+
+@pytest.mark.gpu
+def test_torch_compile_traces_fbank():
+    waves = torch.randn(2, 16000, device="cuda") * 0.1
+    fn = torch.compile(lambda w: kernel(w, 128, "audioset"), fullgraph=True)
+    torch.testing.assert_close(fn(waves), kernel(waves, 128, "audioset"), rtol=0, atol=0)
