@@ -159,6 +159,15 @@ def test_single_clip_shape_and_public_op(kaldi):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 / (2 * 4.5689974))
 
 
+@pytest.mark.parametrize("mels", [64, 80])
+def test_other_mel_counts(kaldi, mels):
+    wave = kaldi["speech"][0][:12000].to(DEVICE)
+    out = kernel(wave, None, None, num_mel_bins=mels)
+    ref = A.fbank((wave - wave.mean()).double(), num_mel_bins=mels).float()
+    assert out.shape == (1,) + ref.shape
+    torch.testing.assert_close(out[0], ref, rtol=0, atol=1e-3)
+
+
 def test_gpu_tiling(kaldi, monkeypatch):
     """32-frame tiles: a full tile, a tile that ends inside the clip, and a tile of padding only."""
     monkeypatch.setattr(kernel_module(), "_blocks", lambda: (32, 32, 64, 4))
@@ -184,6 +193,13 @@ def test_errors():
         kernel(torch.zeros(1000, device=DEVICE), out_dtype=torch.int32)
     with pytest.raises(ValueError, match="unknown normalisation"):
         kernel(torch.zeros(1000, device=DEVICE), stats="nosuchset")
+
+
+def test_custom_op_schema_and_fake_impl():
+    kernel_module()  # registers the op
+    for args in [(torch.randn(2, 4000, device=DEVICE), -1, True, -4.0, 4.0, torch.bfloat16, 128),
+                 (torch.randn(1, 2000, device=DEVICE), 20, False, 0.0, 1.0, torch.float32, 64)]:
+        torch.library.opcheck(torch.ops.audiomae.fbank_features, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_dispatch_reasons(monkeypatch):

@@ -333,6 +333,32 @@ def test_masked_loss_bool_mask_and_no_grad():
 
 
 # ----------------------------------------------------------------------------------------------
+# custom ops: schemas and shape-only (fake) implementations, what torch.compile traces with
+# ----------------------------------------------------------------------------------------------
+def test_custom_ops_schema_and_fake_impls():
+    for name in KERNELS:
+        kernel_module(name)  # registers the ops
+    (spec, weight, bias, pos), ids_keep = patch_embed_inputs(2, 48, 32, 16, 24, 3)
+    spec, weight, bias, pos = [t.detach().float() for t in (spec, weight, bias, pos)]
+    (x, mt, dpos), ids_restore = unshuffle_inputs(2, 6, 3, 24)
+    x, mt, dpos = x.detach().bfloat16(), mt.detach().float(), dpos.detach().float()
+    pred, _, mask = loss_inputs(2, 48, 32, 16, 2)
+    ops = torch.ops.audiomae
+    cases = [
+        (ops.masked_patch_embed_fwd, (spec, weight, bias, pos, ids_keep)),
+        (ops.masked_patch_embed_bwd, (torch.randn(2, 3, 24, device=DEVICE), spec, weight, ids_keep, True)),
+        (ops.masked_patch_embed_bwd, (torch.randn(2, 3, 24, device=DEVICE), spec, weight, ids_keep, False)),
+        (ops.decoder_unshuffle_fwd, (x, mt, ids_restore, dpos, False)),
+        (ops.decoder_unshuffle_fwd, (x, mt, ids_restore, dpos, True)),
+        (ops.decoder_unshuffle_bwd, (torch.randn(2, 7, 24, device=DEVICE), ids_restore, 4, torch.bfloat16, True)),
+        (ops.masked_norm_pix_loss_fwd, (pred.detach().bfloat16(), spec, mask, 16, True, True)),
+        (ops.masked_norm_pix_loss_fwd, (pred.detach().float(), spec, mask, 16, False, False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
 def test_dispatch_reasons_and_fallback(monkeypatch):

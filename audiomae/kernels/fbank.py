@@ -24,6 +24,9 @@ Only the exact mode exists: a faster DFT (single-pass tf32 or bf16) is off by up
 wide-dynamic-range audio, and no error bound for a cheaper compromise has been measured here.
 
 Layers: Triton kernel -> launcher (a ``torch.library`` custom op; no gradient) -> :func:`fbank_features`.
+The op is opaque to ``torch.compile`` (a ``custom_op`` with a shape-only fake implementation, not a
+``triton_op``): its launcher builds and caches constant tables, which graph tracing must not see,
+and there is nothing around a front end for the compiler to fuse it with.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op
 
 SAMPLE_RATE = 16000
 WIN = 400  # 25 ms
@@ -182,7 +185,7 @@ def _constants(device: torch.device, num_mel_bins: int, block_s: int, block_k: i
 # ----------------------------------------------------------------------------------------------
 # launcher (custom op)
 # ----------------------------------------------------------------------------------------------
-@triton_op("audiomae::fbank_features", mutates_args=())
+@custom_op("audiomae::fbank_features", mutates_args=())
 def fbank_features_op(waveforms: torch.Tensor, target_length: int, normalize: bool, norm_mean: float,
                       norm_std: float, out_dtype: torch.dtype, num_mel_bins: int) -> torch.Tensor:
     """``waveforms`` [B, N] (16 kHz, N >= 400) -> ``[B, 1, T, num_mel_bins]`` in ``out_dtype``;
@@ -197,7 +200,7 @@ def fbank_features_op(waveforms: torch.Tensor, target_length: int, normalize: bo
     x = x - x.mean(dim=-1, keepdim=True)  # the clip mean, as waveform_to_input removes it
     bt, bs, bk, warps = _blocks()
     cos, sin, mel, ns_pad, nb_pad, block_mel = _constants(x.device, num_mel_bins, bs, bk)
-    wrap_triton(_for_current_mode(_fbank_kernel))[(triton.cdiv(t_out, bt), B)](
+    _for_current_mode(_fbank_kernel)[(triton.cdiv(t_out, bt), B)](
         x, cos, sin, mel, out,
         nf, t_out, num_mel_bins,
         x.stride(0), x.stride(1),
@@ -209,6 +212,14 @@ def fbank_features_op(waveforms: torch.Tensor, target_length: int, normalize: bo
         NORMALIZE=bool(normalize), PREC="ieee", num_warps=warps,
     )
     return out
+
+
+# Shapes only, for tracing.
+@fbank_features_op.register_fake
+def _(waveforms, target_length, normalize, norm_mean, norm_std, out_dtype, num_mel_bins):
+    B, N = waveforms.shape
+    t_out = 1 + (N - WIN) // SHIFT if target_length < 0 else target_length
+    return waveforms.new_empty((B, 1, t_out, num_mel_bins), dtype=out_dtype)
 
 
 def fbank_features(waveforms: torch.Tensor, target_length: Optional[int] = 1024, stats="audioset",

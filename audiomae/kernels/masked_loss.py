@@ -151,10 +151,19 @@ def masked_norm_pix_loss_fwd(pred: torch.Tensor, spec: torch.Tensor, mask: torch
             gs[0], gs[1], gs[2],
             NORM_PIX_EPS,
             P=p, BLOCK_L=bl, BLOCK_J=triton.next_power_of_2(pp), NORM_PIX=bool(norm_pix),
-            WRITE_GRAD=bool(write_grad), num_warps=4,
+            WRITE_GRAD=bool(write_grad), num_warps=8,
         )
     loss = (partial.sum() / den).to(loss_dtype)
     return loss, grad
+
+
+# Shapes only, for tracing (torch.compile still sees the kernel: triton_op decomposes the op into
+# it when it lowers the graph).
+@masked_norm_pix_loss_fwd.register_fake
+def _(pred, spec, mask, patch_size, norm_pix, write_grad):
+    loss_dtype = torch.promote_types(torch.promote_types(pred.dtype, spec.dtype), mask.dtype)
+    grad = torch.empty_like(pred) if write_grad else pred.new_empty((0, 0, 0))
+    return pred.new_empty((), dtype=loss_dtype), grad
 
 
 # ----------------------------------------------------------------------------------------------

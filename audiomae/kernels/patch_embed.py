@@ -289,6 +289,20 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
     return dspec, dw, db
 
 
+# Shapes only, for tracing (torch.compile still sees the kernels: triton_op decomposes the ops
+# into them when it lowers the graph).
+@masked_patch_embed_fwd.register_fake
+def _(spec, weight, bias, pos, ids_keep):
+    return spec.new_empty((spec.shape[0], ids_keep.shape[1], weight.shape[0]),
+                          dtype=torch.promote_types(spec.dtype, pos.dtype))
+
+
+@masked_patch_embed_bwd.register_fake
+def _(grad, spec, weight, ids_keep, need_spec_grad):
+    dspec = torch.empty_like(spec) if need_spec_grad else spec.new_empty((0,))
+    return dspec, torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------

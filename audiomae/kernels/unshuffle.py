@@ -205,6 +205,20 @@ def decoder_unshuffle_bwd(grad: torch.Tensor, ids_restore: torch.Tensor, num_x_r
     return dx, partial.sum((0, 1))
 
 
+# Shapes only, for tracing (torch.compile still sees the kernels: triton_op decomposes the ops
+# into them when it lowers the graph).
+@decoder_unshuffle_fwd.register_fake
+def _(x, mask_token, ids_restore, pos, keep_cls):
+    B, L = ids_restore.shape
+    return x.new_empty((B, L + int(keep_cls), x.shape[-1]), dtype=torch.promote_types(x.dtype, pos.dtype))
+
+
+@decoder_unshuffle_bwd.register_fake
+def _(grad, ids_restore, num_x_rows, x_dtype, keep_cls):
+    D = grad.shape[-1]
+    return grad.new_empty((grad.shape[0], num_x_rows, D), dtype=x_dtype), grad.new_empty((D,), dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
