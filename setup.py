@@ -1,4 +1,7 @@
-"""Pure-Python install: nothing is compiled here.
+"""Package metadata, and a setuptools entry point for tools that run setup.py directly.
+
+``pip install .`` uses the in-tree backend in tools/build_backend.py (see pyproject.toml), which
+reads ``METADATA`` below: pure Python, nothing compiled, no download of build tools.
 
 The Triton kernels live in ``audiomae/kernels`` (installed as ``audiomae.kernels``, so they
 never collide with the unrelated ``kernels`` package on PyPI) and are compiled by Triton at
@@ -6,8 +9,6 @@ first use. CUDA sources in ``csrc/`` are built just in time by torch's extension
 """
 import os
 import re
-
-from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,7 +23,7 @@ def _readme():
         return f.read()
 
 
-setup(
+METADATA = dict(
     name="audiomae",
     version=_version(),
     description="Fast, faithful Audio-MAE (Masked Autoencoders that Listen): models, fused kernels, training",
@@ -30,9 +31,6 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["audiomae", "audiomae.*"]),
-    package_data={"audiomae": ["py.typed"]},
-    include_package_data=True,
     install_requires=[
         "torch>=2.1",
         "numpy>=1.22",
@@ -53,3 +51,9 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )
+
+if __name__ == "__main__":
+    from setuptools import find_packages, setup
+
+    setup(packages=find_packages(include=["audiomae", "audiomae.*"]), package_data={"audiomae": ["py.typed"]},
+          **METADATA)
