@@ -319,6 +319,10 @@ class FeatureExtractor(nn.Module):
                 return x.to(self.device, non_blocking=True) if self.device is not None else x
             batch = batch["waveform"]
         w = batch.to(self.device, non_blocking=True) if self.device is not None else batch
+        if self.sample_rate == SAMPLE_RATE and w.is_floating_point() and w.ndim == 2:
+            # the fused front end (a Triton kernel on GPUs, the reference on CPUs)
+            from ..ops_step import fbank_features
+            return fbank_features(w, self.target_length, self.stats, torch.float32, "exact", self.num_mel_bins)
         return waveform_to_input(
             w,
             sample_rate=self.sample_rate,
