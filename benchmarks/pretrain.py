@@ -1,0 +1,287 @@
+"""The full pretraining step of Audio-MAE ViT-B (input 1024 x 128, local decoder, mask ratio 0.8).
+
+Three columns, the same model and optimizer (AdamW, betas (0.9, 0.95), weight decay 1e-4 on the
+weights, as the training loop builds it) with bf16 autocast on CUDA (float32 on the CPU):
+
+- ``eager (torch backend)``: every fused op forced to its PyTorch reference
+  (``audiomae.dispatch.use_backend("torch")``), i.e. the released code's computation;
+- ``fused (auto)``: the automatic backends (Triton kernels on CUDA);
+- ``fused + torch.compile``: the same model wrapped in ``torch.compile``.
+
+A step here is forward + backward + optimizer step on a spectrogram batch already on the device;
+``samples/s`` = batch / median step time. MFU (model FLOPs utilisation) = model FLOPs per second /
+the bf16 matmul peak measured on this device in this run (see :func:`mae_flops`). The breakdown
+times each phase of a step with device events: data (host-to-device copy of pinned 10 s waveforms)
+-> fbank -> encoder -> decoder -> loss -> backward -> optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from audiomae import AudioMAE, AudioMAEConfig, dispatch
+
+from .harness import Context, Result, Timing, event, free_memory, is_oom, synchronize, time_fn
+
+SECTION = "pretrain"
+BREAKDOWN = "pretrain_breakdown"
+PHASES = ("data", "fbank", "encoder", "decoder", "loss", "backward", "optimizer")
+MASK_RATIO = 0.8
+
+
+def mae_flops(cfg: AudioMAEConfig, mask_ratio: float = MASK_RATIO) -> Dict[str, int]:
+    """Model FLOPs (matmuls; one multiply-add = 2 FLOPs) per sample of one pretraining step.
+
+    With L patches of p x p, K = int(L (1 - mask_ratio)) kept, encoder width D over N = K + 1
+    tokens (cls included), decoder width Dd over L tokens, MLP ratio r (hidden rD):
+
+    - patch embedding of the kept patches: ``2 K p^2 D``
+    - encoder block: ``N ((8 + 4r) D^2 + 4 N D)``: qkv ``6 D^2``, proj ``2 D^2``, MLP ``4 r D^2`` per
+      token; ``q k^T`` and ``attn v`` ``2 N D`` each per token
+    - ``decoder_embed``: ``2 N D Dd``
+    - local decoder block: ``L ((8 + 4r) Dd^2 + 4 A Dd)``, attention inside windows of A tokens
+      (global decoder block: ``(L + 1) ((8 + 4r) Dd^2 + 4 (L + 1) Dd)``)
+    - ``decoder_pred``: ``2 L Dd p^2``
+    - training step = 3 x forward (the backward pass costs two forwards).
+
+    Not counted (small or not matmuls): the position-bias MLP (once per layer and step, not per
+    sample), LayerNorms, softmax, GELU, the loss and the optimizer. ViT-B: 69.95 GFLOP forward,
+    209.85 GFLOP per sample per step.
+    """
+    p = cfg.patch_size
+    L = cfg.num_patches
+    K = int(L * (1 - mask_ratio))
+    N = K + 1
+    D, Dd, r = cfg.embed_dim, cfg.decoder_embed_dim, cfg.mlp_ratio
+    per_token = int((8 + 4 * r) * D * D)
+    per_token_dec = int((8 + 4 * r) * Dd * Dd)
+    A = cfg.window_size[0] * cfg.window_size[1]
+    n_local = cfg.num_local_blocks
+    n_global = cfg.decoder_depth - n_local
+    parts = {
+        "patch_embed": 2 * K * p * p * cfg.in_chans * D,
+        "encoder": cfg.depth * N * (per_token + 4 * N * D),
+        "decoder_embed": 2 * N * D * Dd,
+        "decoder": (n_local * L * (per_token_dec + 4 * A * Dd)
+                    + n_global * (L + 1) * (per_token_dec + 4 * (L + 1) * Dd)),
+        "decoder_pred": 2 * L * Dd * p * p * cfg.in_chans,
+    }
+    parts["forward"] = sum(parts.values())
+    parts["step"] = 3 * parts["forward"]
+    return parts
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _build(cfg: AudioMAEConfig, device: torch.device):
+    from audiomae.train.optim import param_groups
+
+    torch.manual_seed(0)
+    model = AudioMAE(cfg).to(device).train()
+    groups = param_groups(model, 1e-4)
+    for g in groups:
+        g.pop("names", None)
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
+    return model, opt
+
+
+def _step_fn(model, opt, device):
+    def step(spec):
+        with _autocast(device):
+            loss = model(spec, mask_ratio=MASK_RATIO).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _specs(cfg: AudioMAEConfig, batch: int, device, n: int = 2) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, 1, *cfg.img_size, generator=g).to(device) for _ in range(n)]
+
+
+def _fits(cfg, batch, device) -> bool:
+    model, opt = _build(cfg, device)
+    try:
+        _step_fn(model, opt, device)(_specs(cfg, batch, device, 1)[0])
+        synchronize(device)
+        return True
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return False
+    finally:
+        del model, opt
+        free_memory(device)
+
+
+def largest_batch(cfg, device, candidates: Sequence[int] = (32, 64, 96, 128, 192, 256, 384, 512)) -> Optional[int]:
+    """The largest candidate batch whose fused step fits in memory (one step per candidate)."""
+    best = None
+    for b in candidates:
+        if not _fits(cfg, b, device):
+            break
+        best = b
+    return best
+
+
+def run(ctx: Context) -> None:
+    report, device = ctx.report, ctx.device
+    opts = ctx.options
+    preset = opts.get("model") or "base"
+    cfg = AudioMAEConfig.preset(preset, mask_ratio=MASK_RATIO)
+    batch = opts.get("batch")
+    if batch in (None, "", "default"):
+        batch = 64 if device.type == "cuda" else 2
+    elif batch == "auto":
+        batch = largest_batch(cfg, device)
+        if batch is None:
+            report.note(SECTION, "batch search: not even 32 samples fit in memory")
+            return
+        report.note(SECTION, f"batch {batch}: the largest of the searched sizes whose fused step fits in memory")
+    batch = int(batch)
+    flops = mae_flops(cfg)
+    peak_tflops, peak_dtype = ctx.matmul_tflops()
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    report.describe(SECTION, (
+        f"AudioMAE `{preset}` ({cfg.embed_dim}/{cfg.depth} encoder, {cfg.decoder_embed_dim}/{cfg.decoder_depth} "
+        f"{cfg.decoder_mode} decoder), input {cfg.img_size[0]} x {cfg.img_size[1]}, mask ratio {MASK_RATIO}, AdamW. "
+        "A step = forward + backward + optimizer on a batch already on the device. Model FLOPs per sample and "
+        f"step: {flops['step'] / 1e9:.2f} GFLOP (3 x forward; see `benchmarks/pretrain.py::mae_flops`); "
+        f"MFU is against the measured {str(peak_dtype).replace('torch.', '')} matmul peak "
+        f"({peak_tflops:.1f} TFLOP/s)."))
+    columns = [("eager (torch backend)", "torch", False, True), ("fused (auto)", None, False, False),
+               ("fused + torch.compile", None, True, False)]
+    if device.type != "cuda":
+        columns = columns[:1]
+        report.note(SECTION, "on the CPU every op's automatic choice is its PyTorch reference, so only the eager "
+                             "column is run")
+    if opts.get("no_compile"):
+        columns = [c for c in columns if not c[2]]
+    params = {"model": preset, "batch": batch, "precision": precision}
+    n_steps = 5 if ctx.quick else 10
+    for label, backend, compiled, is_ref in columns:
+        if compiled and ctx.budget.left() < (60 if device.type == "cuda" else 300):
+            report.note(SECTION, f"{label}: not run (less than a minute of the time budget left for compiling)")
+            continue
+        if ctx.budget.expired():
+            report.note(SECTION, f"{label}: not run (time budget used up)")
+            continue
+        report.add(_time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops,
+                                n_steps))
+        if not compiled and not ctx.budget.expired():
+            _breakdown(ctx, cfg, batch, label, backend, is_ref)
+
+
+def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps) -> Result:
+    model, opt = _build(cfg, device)
+    fwd_model = torch.compile(model) if compiled else model
+    step = _step_fn(fwd_model, opt, device)
+    specs = _specs(cfg, batch, device)
+    ctx_backend = dispatch.use_backend(backend) if backend else contextlib.nullcontext()
+    metrics = {}
+    try:
+        with ctx_backend:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if compiled:
+                start, end = event(device), event(device)
+                start.record()
+                step(specs[0])
+                end.record()
+                synchronize(device)
+                metrics["first step s (compile)"] = start.elapsed_time(end) / 1e3
+            t = time_fn(step, [(s,) for s in specs], device, warmup_ms=0.0, rep_ms=0.0, min_reps=n_steps,
+                        flush_l2=False, probes=1)
+    except Exception as e:
+        note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        del model, opt, fwd_model, specs
+        free_memory(device)
+        return Result(SECTION, label, params, None, note=note, reference=is_ref)
+    seconds = t.median_ms * 1e-3
+    tflops = flops["step"] * batch / seconds / 1e12
+    metrics = {"samples/s": batch / seconds, "model TFLOP/s": tflops, "MFU %": 100.0 * tflops / peak_tflops,
+               **metrics}
+    if device.type == "cuda":
+        metrics["peak memory GiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    del model, opt, fwd_model, specs
+    free_memory(device)
+    return Result(SECTION, label, params, t, metrics, reference=is_ref)
+
+
+def _fbank(waves):
+    from audiomae import ops_step
+    fn = getattr(ops_step, "fbank_features", None)
+    if fn is not None:
+        return fn(waves, 1024, "audioset")
+    from audiomae.audio import waveform_to_input
+    return waveform_to_input(waves, 16000, 1024, "audioset")
+
+
+def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
+    """Per-phase device time of ``n`` eager steps (not compiled: a compiled step has no phases)."""
+    device = ctx.device
+    if cfg.img_size[0] != 1024:
+        return
+    model, opt = _build(cfg, device)
+    g = torch.Generator().manual_seed(1)
+    waves = [torch.randn(batch, 160000, generator=g) * 0.1 for _ in range(2)]
+    if device.type == "cuda":
+        waves = [w.pin_memory() for w in waves]
+    n = 3 if ctx.quick else 6
+    samples: Dict[str, List[float]] = {p: [] for p in PHASES}
+    totals: List[float] = []
+    ctx_backend = dispatch.use_backend(backend) if backend else contextlib.nullcontext()
+    try:
+        with ctx_backend:
+            for i in range(n + 1):  # the first step warms up
+                ev = [event(device) for _ in range(len(PHASES) + 1)]
+                ev[0].record()
+                w = waves[i % 2].to(device, non_blocking=True)
+                ev[1].record()
+                with torch.no_grad():
+                    spec = _fbank(w)
+                ev[2].record()
+                with _autocast(device):
+                    latent, m = model.forward_encoder(spec, MASK_RATIO)
+                    ev[3].record()
+                    pred = model.forward_decoder(latent, m.ids_restore)
+                    ev[4].record()
+                    loss = model.forward_loss(spec, pred, m.mask)
+                    ev[5].record()
+                loss.backward()
+                ev[6].record()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ev[7].record()
+                synchronize(device)
+                if i:
+                    for j, p in enumerate(PHASES):
+                        samples[p].append(ev[j].elapsed_time(ev[j + 1]))
+                    totals.append(ev[0].elapsed_time(ev[-1]))
+    except Exception as e:
+        note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        ctx.report.note(BREAKDOWN, f"{label}: {note}")
+        del model, opt
+        free_memory(device)
+        return
+    total = Timing.from_samples(totals).median_ms
+    ctx.report.describe(BREAKDOWN, (
+        f"Device time of each phase of {n} steps at batch {batch} (median per phase; not compiled). `data` copies "
+        "pinned 10 s waveforms to the device; `fbank` is the model input computed on the device "
+        "(`audiomae.ops_step.fbank_features`: the reference under the torch backend, the Triton kernel under auto)."))
+    for p in PHASES:
+        t = Timing.from_samples(samples[p])
+        ctx.report.add(Result(BREAKDOWN, label, {"phase": p, "batch": batch}, t,
+                              {"% of step": 100.0 * t.median_ms / total if total else None}, reference=is_ref),
+                       save=False)
+    ctx.report.add(Result(BREAKDOWN, label, {"phase": "whole step", "batch": batch}, Timing.from_samples(totals),
+                          {"% of step": 100.0}, reference=is_ref))
+    del model, opt
+    free_memory(device)

@@ -1,0 +1,122 @@
+"""Run every benchmark this machine supports and write ``results.md``, ``results.json`` and
+``attention.png`` into ``benchmarks/results/<machine>/`` (or ``--out``).
+
+    python -m benchmarks.run                      # everything, on CUDA when available
+    python -m benchmarks.run --quick --only attention,fbank
+    python -m benchmarks.run --batch auto         # pretraining step at the largest batch that fits
+    python benchmarks/run.py --device cpu --out /tmp/bench
+
+Sections: ``attention``, ``fbank``, ``step_ops``, ``pretrain``. Results are written after every
+measurement, so a run that is stopped keeps what it measured. ``--time-budget`` caps the whole run:
+each section gets a share of what is left and stops measuring when its share is used up (what it
+skipped is noted in the results).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+
+SECTIONS = ("attention", "fbank", "step_ops", "pretrain")
+SHARES = {"attention": 0.35, "fbank": 0.1, "step_ops": 0.1, "pretrain": 0.45}
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="fewer timed calls and a smaller CPU sweep")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<machine>)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: CUDA when available, else the CPU")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (default: no limit)")
+    p.add_argument("--batch", default=None,
+                   help="pretraining batch: a number, or 'auto' to search the largest that fits "
+                        "(default 64 on CUDA, 2 on the CPU)")
+    p.add_argument("--model", default="base", help="AudioMAEConfig preset of the pretraining step (default base)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column of the pretraining step")
+    p.add_argument("--attention-batches", default=None,
+                   help="comma-separated batch sizes (default 32,64,128,256 on CUDA; 1,2,4,8 on the CPU)")
+    p.add_argument("--attention-dtypes", default=None, help="comma-separated from fp32,bf16,fp16 "
+                                                              "(default bf16,fp16 on CUDA; fp32,bf16 on the CPU)")
+    p.add_argument("--variants", default=None, help="comma-separated attention variant names (default all; the "
+                                                     "reference always runs)")
+    p.add_argument("--fbank-batch", type=int, default=None, help="clips per fbank call (default 64 on CUDA)")
+    p.add_argument("--step-batch", type=int, default=None, help="batch of the step-op benchmarks (default 64 on CUDA)")
+    p.add_argument("--list-variants", action="store_true", help="print the attention variants and exit")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    args.sections = only or list(SECTIONS)
+    return args
+
+
+def _csv(text, cast=str):
+    return tuple(cast(x.strip()) for x in text.split(",") if x.strip()) if text else None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.list_variants:
+        from benchmarks import attention
+        for v in attention.VARIANTS.values():
+            print(f"{v.name}{' (reference)' if v.reference else ''}: {(v.fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks: --device cuda but CUDA is not available here; nothing run (skipped)")
+        return 0
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    env = harness.environment(device)
+    out = args.out or os.path.join(RESULTS_ROOT, harness.machine_slug(env))
+    config = {"sections": ",".join(args.sections), "quick": args.quick}
+    if args.time_budget:
+        config["time budget s"] = args.time_budget
+    report = harness.Report(out, env, config)
+    budget = harness.Budget(args.time_budget if args.time_budget else 1e9)
+    options = dict(batch=args.batch, model=args.model, no_compile=args.no_compile, plot_dir=out,
+                   attention_batches=_csv(args.attention_batches, int), attention_dtypes=_csv(args.attention_dtypes),
+                   attention_variants=_csv(args.variants), fbank_batch=args.fbank_batch, step_batch=args.step_batch)
+    ctx = harness.Context(device, args.quick, report, budget, options)
+    print(f"benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}) -> {out}",
+          flush=True)
+    report.save()
+    failed = []
+    for i, name in enumerate(args.sections):
+        share = SHARES[name] / sum(SHARES[s] for s in args.sections[i:])
+        ctx.budget = harness.Budget(budget.left() * share)
+        t0 = time.monotonic()
+        print(f"[{name}]" + (f" budget {ctx.budget.seconds:.0f} s" if args.time_budget else ""), flush=True)
+        try:
+            module = __import__(f"benchmarks.{name}", fromlist=["run"])
+            module.run(ctx)
+        except Exception as e:  # one broken section does not stop the others
+            failed.append(name)
+            report.note(name, f"section failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            traceback.print_exc()
+            harness.free_memory(device)
+        print(f"[{name}] done in {time.monotonic() - t0:.0f} s", flush=True)
+    report.save()
+    print(report.markdown())
+    print(f"wrote {os.path.join(out, 'results.md')} and results.json", flush=True)
+    if failed:
+        print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

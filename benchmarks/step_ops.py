@@ -1,0 +1,183 @@
+"""The training step's fused ops against the model's eager code, at ViT-B shapes (input 1024 x 128,
+patch 16 -> 512 patches, 102 kept at mask ratio 0.8, encoder width 768, decoder width 512):
+
+- masked patch embedding: embed only the kept patches and add their positions, vs the release's
+  embed-all-then-gather (:func:`audiomae.ops_step.masked_patch_embed`);
+- decoder unshuffle: mask tokens in, original order back, positions added
+  (:func:`audiomae.ops_step.decoder_unshuffle`);
+- masked norm-pix loss (:func:`audiomae.ops_step.masked_norm_pix_loss`).
+
+Each op runs through the dispatch with the ``torch`` backend (the eager reference, the "ref" row)
+and the ``triton`` backend, forward and forward + backward (gradients of the parameters and
+activations the model trains: weight and bias; x and mask_token; pred). Outputs and gradients are
+checked against a float64 computation before timing. Ops missing from :mod:`audiomae.ops_step` are
+skipped with a note.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from audiomae import dispatch
+
+from .harness import Context, Result, close_enough, dtype_name, free_memory, is_oom, time_fn
+
+SECTION = "step_ops"
+T, FREQ, P, D, DD = 1024, 128, 16, 768, 512
+L = (T // P) * (FREQ // P)  # 512
+K = int(L * (1 - 0.8))  # 102
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # the kernel tests' floors
+
+
+@dataclass
+class OpCase:
+    """An op: ``make(batch, seed)`` -> (float64 leaves, indices of the leaves that get gradients,
+    extra non-float arguments); ``op`` is the public function's name in ``audiomae.ops_step``."""
+
+    name: str
+    op: str
+    make: Callable[[int, int], Tuple[List[torch.Tensor], Sequence[int], Tuple]]
+
+
+def _ids(batch: int, g: torch.Generator):
+    from audiomae.reference.step import random_masking_ids
+
+    noise = torch.rand(batch, L, generator=g)
+    return random_masking_ids(batch, L, K, noise=noise)
+
+
+def _patch_embed(batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    spec = torch.randn(batch, 1, T, FREQ, generator=g, dtype=torch.float64)
+    weight = torch.randn(D, 1, P, P, generator=g, dtype=torch.float64) / P
+    bias = torch.randn(D, generator=g, dtype=torch.float64)
+    pos = torch.randn(1, 1 + L, D, generator=g, dtype=torch.float64)
+    ids_keep = _ids(batch, g)[0]
+    return [spec, weight, bias, pos], (1, 2), (ids_keep,)
+
+
+def _unshuffle(batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1 + K, DD, generator=g, dtype=torch.float64)
+    mask_token = torch.randn(1, 1, DD, generator=g, dtype=torch.float64)
+    pos = torch.randn(1, 1 + L, DD, generator=g, dtype=torch.float64)
+    ids_restore = _ids(batch, g)[1]
+    return [x, mask_token], (0, 1), (ids_restore, pos, False)
+
+
+def _loss(batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(batch, L, P * P, generator=g, dtype=torch.float64)
+    spec = torch.randn(batch, 1, T, FREQ, generator=g, dtype=torch.float64)
+    mask = _ids(batch, g)[2].to(torch.float64)
+    return [pred, spec, mask], (0,), (P,)
+
+
+CASES = [
+    OpCase("masked patch embedding", "masked_patch_embed", _patch_embed),
+    OpCase("decoder unshuffle", "decoder_unshuffle", _unshuffle),
+    OpCase("masked norm-pix loss", "masked_norm_pix_loss", _loss),
+]
+
+
+def _call(case: OpCase, backend: str, leaves, extra):
+    from audiomae import ops_step
+
+    fn = getattr(ops_step, case.op)
+    if case.op == "decoder_unshuffle":  # (x, mask_token, ids_restore, pos, keep_cls)
+        args = (leaves[0], leaves[1], *extra)
+    else:
+        args = (*leaves, *extra)
+    with dispatch.use_backend(backend, op=case.op):
+        return fn(*args)
+
+
+def _prepare(case: OpCase, batch: int, seed: int, dtype: torch.dtype, device, backward: bool):
+    leaves, grad_idx, extra = case.make(batch, seed)
+    leaves = [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in leaves]
+    if case.op == "masked_norm_pix_loss":
+        leaves[2] = leaves[2].float()  # the mask stays float32, as the model passes it
+    extra = tuple((e.to(device=device, dtype=dtype) if e.is_floating_point() else e.to(device))
+                  if isinstance(e, torch.Tensor) else e for e in extra)
+    for i in grad_idx:
+        leaves[i].requires_grad_(backward)
+    return leaves, grad_idx, extra
+
+
+def _outputs(case, backend, leaves, grad_idx, extra, backward, seed=7):
+    out = _call(case, backend, leaves, extra)
+    if not backward:
+        return [out.detach()]
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, [leaves[i] for i in grad_idx], grad_out)
+    return [out.detach()] + [x.detach() for x in grads]
+
+
+def check(case: OpCase, batch: int, dtype: torch.dtype, device, backward: bool) -> Tuple[bool, str]:
+    exact = _outputs(case, "torch", *_prepare(case, batch, 1, torch.float64, device, backward), backward)
+    own = _outputs(case, "torch", *_prepare(case, batch, 1, dtype, device, backward), backward)
+    try:
+        got = _outputs(case, "triton", *_prepare(case, batch, 1, dtype, device, backward), backward)
+    except Exception as e:
+        return False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    for i, (g, r, o) in enumerate(zip(got, exact, own)):
+        ok, err, bound = close_enough(g, r, o, FLOOR[dtype])
+        if not ok:
+            return False, f"wrong {'output' if i == 0 else f'gradient {i}'}: relative error {err:.3g} > bound {bound:.3g}"
+    return True, "ok"
+
+
+def _why_not(case: OpCase, device, dtype) -> Optional[str]:
+    from audiomae import ops_step
+
+    if not hasattr(ops_step, case.op):
+        return f"audiomae.ops_step has no {case.op}"
+    leaves, _, extra = _prepare(case, 1, 0, dtype, device, False)
+    args = (leaves[0], leaves[1], *extra) if case.op == "decoder_unshuffle" else (*leaves, *extra)
+    return "; ".join(dispatch.reasons(case.op, *args)["triton"]) or None
+
+
+def run(ctx: Context) -> None:
+    report, device = ctx.report, ctx.device
+    batch = int(ctx.options.get("step_batch") or (64 if device.type == "cuda" else 4))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report.describe(SECTION, f"Batch {batch}, {dtype_name(dtype)}; `fwd+bwd` includes the gradients the model "
+                             "needs (patch embedding: weight, bias; unshuffle: x, mask_token; loss: pred).")
+    targs = ctx.timing_args()
+    for case in CASES:
+        why = _why_not(case, device, dtype)
+        backends = [("eager (torch backend)", "torch", True)]
+        if why:
+            report.note(SECTION, f"{case.name}, triton: not run ({why})")
+        else:
+            backends.append(("triton (audiomae)", "triton", False))
+        for backward in (False, True):
+            params = {"op": case.name, "pass": "fwd+bwd" if backward else "fwd", "dtype": dtype_name(dtype),
+                      "batch": batch}
+            for label, backend, is_ref in backends:
+                if ctx.budget.expired():
+                    report.note(SECTION, "time budget used up: the remaining measurements were not made")
+                    return
+                if backend != "torch":
+                    ok, msg = check(case, 2, dtype, device, backward)
+                    if not ok:
+                        report.note(SECTION, f"{case.name}, {params['pass']}, {backend}: not timed, {msg}")
+                        continue
+                sets = [_prepare(case, batch, s, dtype, device, backward) for s in range(3)]
+
+                def step(leaves, grad_idx, extra, backend=backend, backward=backward):
+                    out = _call(case, backend, leaves, extra)
+                    if backward:
+                        torch.autograd.grad(out, [leaves[i] for i in grad_idx], torch.ones_like(out))
+
+                try:
+                    t = time_fn(step, sets, device, **targs)
+                    report.add(Result(SECTION, label, params, t, reference=is_ref))
+                except Exception as e:
+                    note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    report.add(Result(SECTION, label, params, None, note=note, reference=is_ref))
+                del sets
+                free_memory(device)

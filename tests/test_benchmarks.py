@@ -1,0 +1,267 @@
+"""The benchmark harness on the CPU: timing statistics and input rotation, results files and tables,
+the FLOP count of ViT-B, the attention-variant registry and its correctness gate, byte accounting,
+the plot, the command line, and the GPU suite script (parsed, not run)."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from audiomae import AudioMAEConfig  # noqa: E402
+from audiomae.reference import window_attention_reference  # noqa: E402
+from benchmarks import attention, harness, pretrain, run  # noqa: E402
+from benchmarks.harness import Report, Result, Timing  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+# --- timing ------------------------------------------------------------------------------------------
+def test_quantile_interpolates_like_numpy():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert harness.quantile(xs, 0.5) == 3.0
+    assert harness.quantile(xs, 0.2) == pytest.approx(1.8)
+    assert harness.quantile(xs, 0.8) == pytest.approx(4.2)
+    assert harness.quantile([7.0], 0.2) == 7.0
+
+
+def test_time_fn_gives_sane_stats_and_rotates_inputs():
+    sets = [(torch.randn(64, 64), i) for i in range(3)]
+    seen = []
+
+    def fn(x, i):
+        seen.append(i)
+        return x @ x
+
+    t = harness.time_fn(fn, sets, CPU, warmup_ms=1.0, rep_ms=5.0, min_reps=7)
+    assert t.reps >= 7
+    assert 0 < t.min_ms <= t.p20_ms <= t.median_ms <= t.p80_ms
+    assert t.median_ms < 1000
+    assert set(seen) == {0, 1, 2}
+    # consecutive calls never reuse the same input set
+    assert all(a != b for a, b in zip(seen, seen[1:]))
+
+
+def test_time_fn_setup_runs_outside_each_call():
+    calls = []
+    harness.time_fn(lambda: calls.append("call"), [()], CPU, warmup_ms=0.0, rep_ms=0.0, min_reps=3,
+                    setup=lambda inputs: calls.append("setup"), probes=1)
+    assert calls[0::2] == ["setup"] * (len(calls) // 2) and calls[1::2] == ["call"] * (len(calls) // 2)
+
+
+def test_close_enough_is_the_kernel_tests_rule():
+    exact = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    own = exact + 1e-3
+    assert harness.close_enough(exact + 1.5e-3, exact, own, floor=0.0)[0]
+    ok, err, bound = harness.close_enough(exact + 3e-3, exact, own, floor=0.0)
+    assert not ok and err == pytest.approx(1e-3) and bound == pytest.approx(2 * 1e-3 / 3)
+    assert not harness.close_enough(torch.zeros(2), exact, own, floor=1.0)[0]  # wrong shape
+    assert not harness.close_enough(exact * float("nan"), exact, own, floor=1.0)[0]
+
+
+# --- results ---------------------------------------------------------------------------------------------
+def _env():
+    return {"device_type": "cpu", "device": "CPU, 2 cores (test)", "cpu": "test", "cpu_cores": 2,
+            "torch": "2.13.0+cpu", "triton": "3.9.0", "cuda": None, "python": "3.11", "date": "2026-01-01 00:00 UTC"}
+
+
+def test_report_writes_json_and_markdown_with_ratios(tmp_path):
+    rep = Report(str(tmp_path), _env(), {"quick": True})
+    rep.peaks["copy bandwidth (GB/s)"] = 10.0
+    p = {"pass": "fwd", "dtype": "bf16", "batch": 32}
+    rep.add(Result("attention", "eager reference", p, Timing(2.0, 1.9, 2.2, 1.8, 10), {"GB/s": 1.5}, reference=True))
+    rep.add(Result("attention", "fast", p, Timing(1.0, 0.9, 1.1, 0.8, 10), {"GB/s": 3.0}))
+    rep.add(Result("attention", "fast", {**p, "batch": 64}, Timing(1.5, 1.4, 1.6, 1.3, 10)))  # no reference row
+    rep.add(Result("attention", "broken", p, None, note="out of memory"))
+    rep.note("attention", "xformers: not run (not importable)")
+    rep.note("attention", "xformers: not run (not importable)")  # notes are not repeated
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["environment"]["device"] == "CPU, 2 cores (test)"
+    rows = data["results"]
+    assert [r["speedup_vs_reference"] for r in rows] == [1.0, 2.0, None, None]
+    assert rows[1]["median_ms"] == 1.0 and rows[1]["p20_ms"] == 0.9 and rows[1]["p80_ms"] == 1.1
+    assert rows[3]["note"] == "out of memory" and "median_ms" not in rows[3]
+    assert data["notes"]["attention"] == ["xformers: not run (not importable)"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| variant | pass | dtype | batch | median ms | p20-p80 ms | vs ref | GB/s | note |" in md
+    assert "| fast | fwd | bf16 | 32 | 1.00 | 0.900-1.10 | 2.00x | 3.00 |  |" in md
+    assert "| broken | fwd | bf16 | 32 |  |  |  |  | out of memory |" in md
+    assert "- xformers: not run (not importable)" in md
+    assert "torch: 2.13.0+cpu" in md and "copy bandwidth (GB/s) 10.0" in md
+
+
+def test_machine_slug_names_device_and_torch():
+    assert harness.machine_slug(_env()) == "cpu-2core-torch2.13"
+    gpu = {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0+cu128"}
+    assert harness.machine_slug(gpu) == "nvidia-h100-80gb-hbm3-torch2.13"
+
+
+def test_environment_on_cpu_names_versions_and_date():
+    env = harness.environment(CPU)
+    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__
+    assert env["date"].endswith("UTC") and env["cpu_cores"] == os.cpu_count()
+
+
+def test_budget_parts():
+    b = harness.Budget(100.0)
+    assert 99.0 < b.left() <= 100.0 and not b.expired()
+    assert b.part(0.25).seconds == pytest.approx(25.0, abs=0.5)
+    assert harness.Budget(0.0).expired()
+
+
+def test_plot_sweep_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for name, scale in (("eager reference", 2.0), ("fast", 1.0)):
+        for b in (32, 64, 128):
+            for pas in ("fwd", "fwd+bwd"):
+                m = scale * b / 32
+                rows.append(Result("attention", name, {"pass": pas, "dtype": "bf16", "shift": (2, 0), "batch": b},
+                                   Timing(m, 0.9 * m, 1.1 * m, 0.8 * m, 10)))
+    rows.append(Result("attention", "skipped", {"pass": "fwd", "dtype": "bf16", "shift": (2, 0), "batch": 32}))
+    path = harness.plot_sweep(rows, str(tmp_path / "attention.png"), "batch", ("pass", "dtype", "shift"), "test")
+    assert path and pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert harness.plot_sweep([], str(tmp_path / "none.png"), "batch", ("pass",), "t") is None
+
+
+# --- FLOPs and bytes ------------------------------------------------------------------------------
+def test_vit_b_flops_match_the_hand_count():
+    f = pretrain.mae_flops(AudioMAEConfig.preset("base"), 0.8)
+    # kept patches K = int(512 * 0.2) = 102, encoder tokens N = 103, D = 768, Dd = 512, window 16
+    patch_embed = 2 * 102 * 256 * 768  # 40,108,032
+    encoder = 12 * 103 * (24 * 768 ** 2 + 4 * 103 * 768)  # 17,887,629,312
+    decoder_embed = 2 * 103 * 768 * 512  # 81,002,496
+    decoder = 16 * 512 * (24 * 512 ** 2 + 4 * 16 * 512)  # 51,808,043,008
+    pred = 2 * 512 * 512 * 256  # 134,217,728
+    assert f["forward"] == patch_embed + encoder + decoder_embed + decoder + pred == 69_951_000_576
+    assert f["step"] == 3 * 69_951_000_576 == 209_853_001_728
+
+
+def test_global_decoder_flops_count_all_tokens():
+    cfg = AudioMAEConfig.preset("base", decoder_mode="global", decoder_depth=8)
+    f = pretrain.mae_flops(cfg, 0.8)
+    assert f["decoder"] == 8 * 513 * (24 * 512 ** 2 + 4 * 513 * 512)
+
+
+def test_attention_bytes_moved():
+    u = 32 * 512 * 512 * 2  # batch 32, 512 tokens, 512 channels, bf16
+    assert attention.bytes_moved(32, torch.bfloat16, backward=False) == 4 * u == 67_108_864
+    assert attention.bytes_moved(32, torch.bfloat16, backward=True) == 11 * u
+    assert attention.bytes_moved(1, torch.float32, backward=False) == 4 * 512 * 512 * 4
+
+
+# --- attention variants -----------------------------------------------------------------------------
+def test_registry_has_the_variants_and_takes_new_ones():
+    names = set(attention.VARIANTS)
+    assert {"eager reference", "sdpa", "flex_attention (compiled)", "xformers", "triton (audiomae)",
+            "cuda (audiomae)"} <= names
+    assert [v.name for v in attention.VARIANTS.values() if v.reference] == ["eager reference"]
+    try:
+        @attention.variant("test variant", available=lambda device: "never here")
+        def mine(qkv, tau, bias, grid, window, shift, num_heads):
+            return window_attention_reference(qkv, tau, bias, grid, window, shift, num_heads)
+
+        v = attention.VARIANTS["test variant"]
+        assert v.fn is mine and v.available(CPU) == "never here" and not v.reference
+    finally:
+        attention.VARIANTS.pop("test variant", None)
+
+
+def test_backends_that_cannot_run_here_say_why():
+    for name in ("triton (audiomae)", "cuda (audiomae)"):
+        why = attention.VARIANTS[name].available(CPU)
+        if why is None:
+            pytest.skip(f"{name} can run on CPU tensors here")
+        assert isinstance(why, str) and why
+
+
+@pytest.mark.parametrize("shift", [(2, 0), (0, 0), (2, 2)])
+def test_sdpa_variant_equals_the_reference(shift):
+    grid, window, heads = (8, 4), (4, 4), 2
+    qkv = torch.randn(2, 32, 3 * heads * 8, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor([0.005, 0.7], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(heads, 16, 16, dtype=torch.float64, requires_grad=True)
+    ref = window_attention_reference(qkv, tau, bias, grid, window, shift, heads)
+    got = attention.sdpa(qkv, tau, bias, grid, window, shift, heads)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, (qkv, tau, bias), g), torch.autograd.grad(ref, (qkv, tau, bias), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_partition_roundtrip():
+    qkv = torch.randn(2, 64 * 8, 3 * 16 * 4)
+    q, k, v = attention.partition(qkv, (64, 8), (4, 4), (2, 0), 16)
+    assert q.shape == (2, 32, 16, 16, 4)
+    back = attention.unpartition(v, (64, 8), (4, 4), (2, 0))
+    torch.testing.assert_close(back, qkv[..., 2 * 64:])
+
+
+def test_a_wrong_variant_is_not_timed():
+    def ignores_shift(qkv, tau, bias, grid, window, shift, num_heads):
+        return window_attention_reference(qkv, tau, bias, grid, window, (0, 0), num_heads)
+
+    wrong = attention.Variant("ignores shift", ignores_shift, lambda d: None)
+    ok, msg = attention.check_variant(wrong, 1, torch.float32, (2, 0), CPU, backward=False)
+    assert not ok and msg.startswith("wrong out")
+    ok, msg = attention.check_variant(attention.VARIANTS["sdpa"], 1, torch.float32, (2, 0), CPU, backward=True)
+    assert ok, msg
+
+    def raises(*args):
+        raise RuntimeError("unsupported")
+
+    ok, msg = attention.check_variant(attention.Variant("r", raises, lambda d: None), 1, torch.float32, (0, 0), CPU,
+                                      backward=False)
+    assert not ok and "RuntimeError: unsupported" in msg
+
+
+# --- command line and the GPU suite --------------------------------------------------------------------
+def test_cli_rejects_unknown_sections():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "attention,nope"])
+    args = run.parse_args(["--only", "fbank,pretrain", "--quick", "--batch", "auto"])
+    assert args.sections == ["fbank", "pretrain"] and args.quick and args.batch == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the clean skip without CUDA")
+def test_cli_skips_cleanly_without_cuda(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--out", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "skipped" in out.stdout and not (tmp_path / "r").exists()
+
+
+def test_cli_runs_a_small_cpu_section(tmp_path):
+    rc = run.main(["--only", "fbank", "--quick", "--device", "cpu", "--fbank-batch", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    timed = {r["name"]: r for r in data["results"] if r["section"] == "fbank"}
+    assert timed["reference, batched"]["reference"] and timed["reference, batched"]["median_ms"] > 0
+    assert timed["reference, per clip"]["metrics"]["clips/s"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "Log-mel front end" in md and "triton (audiomae): not run" in md
+
+
+def test_cpu_table_from_pytest_benchmark_json():
+    from benchmarks.cpu_table import table
+
+    data = {"machine_info": {"cpu": {"brand_raw": "Test CPU"}, "torch": "2.13", "cpu_count": 2},
+            "datetime": "2026-01-01T00:00:00", "benchmarks": [
+                {"group": "g", "name": "slow", "stats": {"median": 0.002, "q1": 0.0019, "q3": 0.0021, "rounds": 5}},
+                {"group": "g", "name": "fast", "stats": {"median": 0.001, "q1": 0.0009, "q3": 0.0011, "rounds": 9}}]}
+    md = table(data)
+    assert "- CPU: Test CPU" in md and "## g" in md
+    assert "| fast | 1 | 0.9-1.1 | 9 | 2.00x |" in md
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_suite_script_parses():
+    out = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
