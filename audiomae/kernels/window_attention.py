@@ -50,6 +50,13 @@ POISON_OUTPUTS = False
 
 
 # --- kernels --------------------------------------------------------------------------------------
+# Reductions go through tl.reduce with Triton's own combine functions rather than tl.sum / tl.max:
+# those are @triton.jit functions fixed in one mode when triton is imported, while these combines
+# work in both modes (the interpreter recognises them and reduces with numpy), so the kernels run
+# under TRITON_INTERPRET=1 whatever the environment was when triton was first imported.
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+
 @triton.jit
 def _window_attention_fwd_kernel(
     QKV, TAU, BIAS, OUT,
@@ -79,7 +86,7 @@ def _window_attention_fwd_kernel(
     tr = (w_in // (F // WF)) * WT + pos // WF
     fr = (w_in % (F // WF)) * WF + pos % WF
     token = ((tr + ST) % T) * F + (fr + SF) % F
-    region = tl.zeros([BLOCK_M], dtype=tl.int32)
+    region = r * 0
     if ST > 0:
         region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
     if SF > 0:
@@ -94,8 +101,8 @@ def _window_attention_fwd_kernel(
     v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
 
     # F.normalize: x / max(||x||, 1e-12), norms in float32
-    qn = q / tl.maximum(tl.sqrt_rn(tl.sum(q * q, 1)), 1e-12)[:, None]
-    kn = k / tl.maximum(tl.sqrt_rn(tl.sum(k * k, 1)), 1e-12)[:, None]
+    qn = q / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, _SUM)), 1e-12)[:, None]
+    kn = k / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, _SUM)), 1e-12)[:, None]
     cos = tl.dot(qn.to(LOW).to(DOT), tl.trans(kn.to(LOW).to(DOT)), input_precision=DOT_PRECISION)
 
     # the clamp happens in tau's dtype, as in the reference
@@ -105,8 +112,8 @@ def _window_attention_fwd_kernel(
     s = cos / tau_c + bias.to(tl.float32)
     s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
     s = tl.where(same, s, float("-inf"))
-    e = tl.exp(s - tl.max(s, 1)[:, None])
-    p = e / tl.sum(e, 1)[:, None]
+    e = tl.exp(s - tl.reduce(s, 1, _MAX)[:, None])
+    p = e / tl.reduce(e, 1, _SUM)[:, None]
     o = tl.dot(p.to(LOW).to(DOT), v.to(DOT), input_precision=DOT_PRECISION)
 
     out_row = b.to(tl.int64) * stride_out_b + token.to(tl.int64) * stride_out_l + h * D
@@ -142,7 +149,7 @@ def _window_attention_bwd_kernel(
     tr = (w_in // (F // WF)) * WT + pos // WF
     fr = (w_in % (F // WF)) * WF + pos % WF
     token = ((tr + ST) % T) * F + (fr + SF) % F
-    region = tl.zeros([BLOCK_M], dtype=tl.int32)
+    region = r * 0
     if ST > 0:
         region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
     if SF > 0:
@@ -159,8 +166,8 @@ def _window_attention_bwd_kernel(
     do = tl.load(DOUT + do_row[:, None] + d[None, :], mask=io_mask, other=0.0)
 
     # recompute the forward
-    q_len = tl.sqrt_rn(tl.sum(q * q, 1))
-    k_len = tl.sqrt_rn(tl.sum(k * k, 1))
+    q_len = tl.sqrt_rn(tl.reduce(q * q, 1, _SUM))
+    k_len = tl.sqrt_rn(tl.reduce(k * k, 1, _SUM))
     q_den = tl.maximum(q_len, 1e-12)
     k_den = tl.maximum(k_len, 1e-12)
     qn = q / q_den[:, None]
@@ -172,20 +179,25 @@ def _window_attention_bwd_kernel(
     s = cos / tau_c + bias.to(tl.float32)
     s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
     s = tl.where(same, s, float("-inf"))
-    e = tl.exp(s - tl.max(s, 1)[:, None])
-    p = e / tl.sum(e, 1)[:, None]
+    e = tl.exp(s - tl.reduce(s, 1, _MAX)[:, None])
+    p = e / tl.reduce(e, 1, _SUM)[:, None]
 
     # softmax and products
     dv = tl.dot(tl.trans(p.to(LOW).to(DOT)), do.to(DOT), input_precision=DOT_PRECISION)
     dp = tl.dot(do.to(DOT), tl.trans(v.to(DOT)), input_precision=DOT_PRECISION)
-    ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # d logits; 0 between windows and on empty rows
+    ds = p * (dp - tl.reduce(p * dp, 1, _SUM)[:, None])  # d logits; 0 between windows, on empty rows
 
     # tau: d/d(tau_c) = -sum(ds * cos) / tau_c^2, finished (and clamped) after the reduction
-    tl.store(DTAU_PARTIAL + pid * H + h, tl.sum(tl.sum(ds * cos, 1), 0))
-    # bias: sum the diagonal blocks of ds into A x A with one-hot position matrices (exact in fp32)
+    tl.store(DTAU_PARTIAL + pid * H + h, tl.reduce(tl.reduce(ds * cos, 1, _SUM), 0, _SUM))
+    # bias: the sum of the WPB diagonal A x A blocks of ds (ds is 0 off them and on empty rows)
+    if WPB == 1:
+        db = ds  # BLOCK_A == BLOCK_M
+    elif WPB * A == BLOCK_M:  # A a power of two: sum the [WPB, A, WPB, A] view (BLOCK_A == A)
+        db = tl.reduce(tl.reduce(tl.reshape(ds, [WPB, A, WPB, A]), 2, _SUM), 0, _SUM)
+    else:  # one-hot position matrices [BLOCK_M, BLOCK_A], exact in float32
+        onehot = ((pos[:, None] == tl.arange(0, BLOCK_A)[None, :]) & valid[:, None]).to(tl.float32)
+        db = tl.dot(tl.trans(onehot), tl.dot(ds, onehot, input_precision="ieee"), input_precision="ieee")
     a = tl.arange(0, BLOCK_A)
-    onehot = ((pos[:, None] == a[None, :]) & valid[:, None]).to(tl.float32)  # [BLOCK_M, BLOCK_A]
-    db = tl.dot(tl.trans(onehot), tl.dot(ds, onehot, input_precision="ieee"), input_precision="ieee")
     db_ptrs = DBIAS_PARTIAL + (pid * H + h) * A * A + a[:, None] * A + a[None, :]
     tl.store(db_ptrs, db, mask=(a < A)[:, None] & (a < A)[None, :])
 
@@ -194,8 +206,8 @@ def _window_attention_bwd_kernel(
     dcos = dcos.to(LOW).to(DOT)
     dqn = tl.dot(dcos, kn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
     dkn = tl.dot(tl.trans(dcos), qn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
-    q_proj = tl.where(q_len >= 1e-12, tl.sum(dqn * qn, 1), 0.0)
-    k_proj = tl.where(k_len >= 1e-12, tl.sum(dkn * kn, 1), 0.0)
+    q_proj = tl.where(q_len >= 1e-12, tl.reduce(dqn * qn, 1, _SUM), 0.0)
+    k_proj = tl.where(k_len >= 1e-12, tl.reduce(dkn * kn, 1, _SUM), 0.0)
     dq = (dqn - qn * q_proj[:, None]) / q_den[:, None]
     dk = (dkn - kn * k_proj[:, None]) / k_den[:, None]
 
@@ -278,16 +290,44 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
     if problems:
         raise ValueError("window_attention: " + "; ".join(problems))
     block_d = max(16, _next_pow2(D))
-    block_m = max(16, _next_pow2(A), 64 if block_d <= 64 else 32)
-    wpb = block_m // A
     # Triton's interpreter multiplies bfloat16 blocks as raw integers: there the products take the
     # operands rounded to the input dtype and widened back to float32, which is the same arithmetic.
     dot_fp32 = qkv.dtype == torch.float32 or _interpreting()
     n_windows = B * (T // wt) * (F // wf)
-    return dict(
-        n_windows=n_windows, programs=(triton.cdiv(n_windows, wpb), num_heads), A=A, C=C,
-        meta=dict(T=T, F=F, WT=wt, WF=wf, ST=st, SF=sf, C=C, D=D, BLOCK_D=block_d, BLOCK_M=block_m,
-                  WPB=wpb, DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32"))
+    meta = dict(T=T, F=F, WT=wt, WF=wf, ST=st, SF=sf, C=C, D=D, BLOCK_D=block_d, DOT_FP32=dot_fp32,
+                DOT_PRECISION="ieee" if dot_fp32 else "tf32")
+    launches = {}
+    for direction in ("fwd", "bwd"):
+        block_m, num_warps = _tile(A, block_d, qkv.dtype == torch.float32, direction == "bwd")
+        wpb = block_m // A
+        launches[direction] = dict(programs=(triton.cdiv(n_windows, wpb), num_heads), num_warps=num_warps,
+                                   meta=dict(meta, BLOCK_M=block_m, WPB=wpb))
+    bwd = launches["bwd"]["meta"]
+    bwd["BLOCK_A"] = bwd["BLOCK_M"] if bwd["WPB"] == 1 else A if bwd["WPB"] * A == bwd["BLOCK_M"] else max(16, _next_pow2(A))
+    return dict(n_windows=n_windows, A=A, C=C, **launches)
+
+
+def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int]:
+    """(BLOCK_M, num_warps): rows of packed windows per program, and warps.
+
+    Chosen so that the tiles stay in registers, checked with ptxas for sm_90 over A in {12, 16, 64}
+    and head_dim in {16, 32, 64, 128}: no spills for bfloat16/float16 except a few hundred bytes in
+    the backward at A = 64, head_dim = 128. Full-float32 products (no tf32) hold more registers:
+    smaller tiles and more warps, and with 8 x 8 windows (a 64-row tile at least) they still spill.
+    """
+    if fp32:
+        rows = 16 if (block_d > 64 and not backward) else 32
+    else:
+        rows = 64 if block_d <= (32 if backward else 64) else 32
+    block_m = max(16, _next_pow2(area), rows)
+    work = block_m * max(block_m, block_d)  # elements of the largest tile
+    if not fp32:
+        num_warps = 4 if work <= 2048 else 8
+    elif work <= 1024:
+        num_warps = 4
+    else:
+        num_warps = 16 if (backward and block_m <= 32 and block_d > 64) else 8
+    return block_m, num_warps
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -302,9 +342,10 @@ def _window_attention_fwd(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tens
     B, L, _ = qkv.shape
     out = _alloc((B, L, plan["C"]), qkv.dtype, qkv.device)
     kernel = _for_current_mode(_window_attention_fwd_kernel)
-    wrap_triton(kernel)[plan["programs"]](
+    launch = plan["fwd"]
+    wrap_triton(kernel)[launch["programs"]](
         qkv, tau, bias, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        plan["n_windows"], **plan["meta"], num_warps=8 if plan["meta"]["BLOCK_M"] * plan["meta"]["BLOCK_D"] > 4096 else 4)
+        plan["n_windows"], **launch["meta"], num_warps=launch["num_warps"])
     return out
 
 
@@ -315,17 +356,17 @@ def _window_attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, tau: torch.
     plan = _plan(qkv, tau, bias, grid, window, shift, num_heads)
     qkv, tau, bias = _last_dim_contiguous(qkv), tau.contiguous(), bias.contiguous()
     grad_out = _last_dim_contiguous(grad_out)
-    A, meta = plan["A"], plan["meta"]
-    groups = plan["programs"][0]
+    A, launch = plan["A"], plan["bwd"]
+    groups = launch["programs"][0]
     grad_qkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
     dtau_partial = _alloc((groups, num_heads), torch.float32, qkv.device)
     dbias_partial = _alloc((groups, num_heads, A, A), torch.float32, qkv.device)
     kernel = _for_current_mode(_window_attention_bwd_kernel)
-    wrap_triton(kernel)[plan["programs"]](
+    wrap_triton(kernel)[launch["programs"]](
         qkv, tau, bias, grad_out, grad_qkv, dtau_partial, dbias_partial,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
         grad_qkv.stride(0), grad_qkv.stride(1), plan["n_windows"], num_heads,
-        **meta, BLOCK_A=max(16, _next_pow2(A)), num_warps=8 if meta["BLOCK_M"] * meta["BLOCK_D"] > 2048 else 4)
+        **launch["meta"], num_warps=launch["num_warps"])
     tau_c = tau.clamp(min=0.01).float()
     grad_tau = torch.where(tau >= 0.01, -dtau_partial.sum(0) / (tau_c * tau_c), 0.0).to(tau.dtype)
     grad_bias = dbias_partial.sum(0).to(bias.dtype)

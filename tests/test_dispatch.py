@@ -1,0 +1,205 @@
+"""Backend dispatch: overrides (environment, set_backend, use_backend), reasons, automatic choice,
+and that a missing Triton never breaks the package."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from audiomae import dispatch, info, ops  # noqa: F401  (ops registers the backends)
+from audiomae.dispatch import BackendUnavailableError
+
+OP = "window_attention"
+
+
+@pytest.fixture(autouse=True)
+def _clean_dispatch(monkeypatch):
+    """No override leaks in or out: empty forced table, no environment variable, no interpreter."""
+    monkeypatch.setattr(dispatch, "_FORCED", {})
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def example(dtype=torch.float32):
+    """Window attention inputs: grid 8 x 4, window 4 x 4, shift (2, 0), 2 heads of 16."""
+    qkv = torch.randn(1, 32, 3 * 32, dtype=dtype)
+    return qkv, torch.ones(2, dtype=dtype), torch.zeros(2, 16, 16, dtype=dtype), (8, 4), (4, 4), (2, 0), 2
+
+
+def triton_importable():
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+needs_triton = pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
+
+
+def test_automatic_choice_on_cpu_is_torch():
+    assert dispatch.choose(OP, *example())[0] == "torch"
+    why = dispatch.reasons(OP, *example())
+    assert why["torch"] == []
+    assert why["triton"]  # CPU tensors without the interpreter, or triton missing
+    assert why["cuda"] == [f"no cuda implementation of {OP}"]
+
+
+@needs_triton
+def test_automatic_choice_under_the_interpreter_is_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.choose(OP, *example())[0] == "triton"
+    # ... unless the kernel cannot run these inputs: then the reference, with the reason logged
+    assert dispatch.choose(OP, *example(torch.float64))[0] == "torch"
+
+
+def test_automatic_choice_logs_why_a_backend_was_skipped(caplog):
+    with caplog.at_level(logging.DEBUG, logger="audiomae.dispatch"):
+        dispatch.choose(OP, *example())
+    assert any("triton not used" in r.getMessage() for r in caplog.records)
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.forced_backend(OP) == "torch"
+    assert dispatch.choose(OP, *example())[0] == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "TRITON")  # case-insensitive
+    assert dispatch.forced_backend(OP) == "triton"
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' was asked for"):
+        dispatch.choose(OP, *example())
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    assert dispatch.forced_backend(OP) is None
+
+
+def test_set_backend_takes_precedence_over_the_environment(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    dispatch.set_backend("torch")
+    assert dispatch.choose(OP, *example())[0] == "torch"
+    dispatch.set_backend(None)
+    assert dispatch.forced_backend(OP) == "triton"  # back to the environment
+
+
+def test_per_op_setting_beats_the_global_one():
+    dispatch.set_backend("cuda")
+    dispatch.set_backend("torch", op=OP)
+    assert dispatch.forced_backend(OP) == "torch"
+    assert dispatch.forced_backend("some_other_op") == "cuda"
+
+
+def test_use_backend_restores_the_previous_setting():
+    dispatch.set_backend("torch", op=OP)
+    with dispatch.use_backend("triton", op=OP):
+        assert dispatch.forced_backend(OP) == "triton"
+        with dispatch.use_backend(None, op=OP):
+            assert dispatch.forced_backend(OP) is None
+        assert dispatch.forced_backend(OP) == "triton"
+    assert dispatch.forced_backend(OP) == "torch"
+    with dispatch.use_backend("cuda"):
+        assert dispatch.forced_backend("x") == "cuda"
+    assert None not in dispatch._FORCED
+    with pytest.raises(RuntimeError), dispatch.use_backend("triton"):
+        raise RuntimeError("restored even on errors")
+    assert None not in dispatch._FORCED
+
+
+def test_forced_unavailable_backend_raises_its_reasons():
+    with dispatch.use_backend("cuda"):
+        with pytest.raises(BackendUnavailableError, match="no cuda implementation of window_attention"):
+            ops.window_attention(*example())
+    with dispatch.use_backend("triton"):
+        with pytest.raises(BackendUnavailableError) as err:
+            ops.window_attention(*example(torch.float64))
+    msg = str(err.value)
+    assert "backend 'triton' was asked for but cannot run" in msg and dispatch.ENV_VAR in msg
+    if triton_importable():
+        assert "tensors are on the CPU" in msg and "dtype torch.float64" in msg
+    else:
+        assert "triton is not importable" in msg
+
+
+@needs_triton
+def test_triton_reasons_for_unsupported_inputs(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    qkv, tau, bias, grid, window, shift, heads = example()
+    assert dispatch.reasons(OP, qkv, tau, bias, grid, window, shift, heads)["triton"] == []
+    why = dispatch.reasons(OP, torch.zeros(1, 32, 3 * 256), tau, bias, grid, window, shift, 1)["triton"]
+    assert why == ["head_dim 256 > 128"]
+    why = dispatch.reasons(OP, torch.zeros(1, 72, 96), tau, torch.zeros(2, 72, 72), (9, 8), (9, 8), (0, 0), 2)["triton"]
+    assert why == ["window area 9 x 8 = 72 > 64"]
+    why = dispatch.reasons(OP, *example(torch.float64))["triton"]
+    assert why == ["dtype torch.float64 is not one of float32, bfloat16, float16"]
+
+
+def test_unknown_backend_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        dispatch.set_backend("cudnn")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with dispatch.use_backend("tpu"):
+            pass
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.register(OP, "numpy", lambda *a: None)
+    monkeypatch.setenv(dispatch.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        dispatch.choose(OP, *example())
+
+
+def test_unknown_op_and_failing_checks(monkeypatch):
+    with pytest.raises(KeyError, match="no implementation registered"):
+        dispatch.choose("no_such_op")
+    monkeypatch.setitem(dispatch._REGISTRY, "flaky_op", {})
+    monkeypatch.setitem(dispatch._PREFERENCE, "flaky_op", ("triton", "torch"))
+
+    def broken_check(*args):
+        raise RuntimeError("boom")
+
+    dispatch.register("flaky_op", "triton", lambda x: "triton", broken_check)
+    dispatch.register("flaky_op", "torch", lambda x: "torch")
+    assert dispatch.reasons("flaky_op", 1)["triton"] == ["support check failed: RuntimeError: boom"]
+    assert "flaky_op" in dispatch.registered_ops()
+
+
+def test_triton_reasons_when_triton_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    why = dispatch.triton_reasons(torch.zeros(1))
+    assert len(why) == 1 and why[0].startswith("triton is not importable")
+    assert dispatch.choose(OP, *example())[0] == "torch"
+
+
+def test_import_without_triton_never_fails():
+    """A fresh interpreter where triton cannot be imported: the package imports, the model runs on
+    the reference, nothing imports triton or initialises CUDA."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, audiomae\n"
+        "from audiomae import dispatch\n"
+        "m = audiomae.AudioMAE(audiomae.AudioMAEConfig.preset('tiny')).eval()\n"
+        "with torch.no_grad(): m(torch.randn(1, 1, 256, 128))\n"
+        "why = dispatch.reasons('window_attention', torch.zeros(1, 32, 96), torch.ones(2), torch.zeros(2, 16, 16),"
+        " (8, 4), (4, 4), (0, 0), 2)['triton']\n"
+        "assert why[0].startswith('triton is not importable'), why\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "import audiomae.info; audiomae.info.report()\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in (dispatch.ENV_VAR, "TRITON_INTERPRET")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, audiomae, audiomae.ops, audiomae.model; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_info_lists_ops_backends_and_versions(capsys):
+    assert info.main([]) == 0
+    text = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in text and "triton" in text
+    assert "window_attention (automatic order: triton, torch)" in text
+    assert "runs on torch" in text
+    for backend in ("torch", "triton", "cuda"):
+        assert f"    {backend}" in text
