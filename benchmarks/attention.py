@@ -25,7 +25,7 @@ qkv (3u) and grad_out (u) and writes grad_qkv (3u): 11u in all.
 from __future__ import annotations
 
 import functools
-import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from audiomae import dispatch, ops
 from audiomae.reference import shift_mask, window_attention_reference
 
-from .harness import Context, Result, close_enough, dtype_name, free_memory, is_oom, rotation_count, time_fn
+from .harness import (Context, Result, close_enough, dtype_name, error_note, free_memory, plot_sweep, rotation_count,
+                      time_fn)
 
 SECTION = "attention"
 GRID = (64, 8)
@@ -250,13 +251,19 @@ def bytes_moved(batch: int, dtype: torch.dtype, backward: bool, grid=GRID, heads
 
 def make_inputs(batch: int, dtype: torch.dtype, device, seed: int = 0, requires_grad: bool = False):
     """(qkv, tau, bias, grad_out) in ``dtype``: qkv ~ N(0, 1), tau in [0.05, 1.5], bias ~ 2 N(0, 1)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)  # generated where they are used: fast at batch 256
     C, A = HEADS * HEAD_DIM, WINDOW[0] * WINDOW[1]
     L = GRID[0] * GRID[1]
-    qkv = torch.randn(batch, L, 3 * C, generator=g).to(device=device, dtype=dtype)
-    tau = (0.05 + 1.45 * torch.rand(HEADS, generator=g)).to(device=device, dtype=dtype)
-    bias = (2.0 * torch.randn(HEADS, A, A, generator=g)).to(device=device, dtype=dtype)
-    grad = torch.randn(batch, L, C, generator=g).to(device=device, dtype=dtype)
+
+    def rand(*shape, normal=True):
+        fn = torch.randn if normal else torch.rand
+        return fn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    qkv = rand(batch, L, 3 * C)
+    tau = (0.05 + 1.45 * rand(HEADS, normal=False).float()).to(dtype)
+    bias = 2.0 * rand(HEADS, A, A)
+    grad = rand(batch, L, C)
     leaves = [t.requires_grad_(requires_grad) for t in (qkv, tau, bias)]
     return (*leaves, grad)
 
@@ -277,7 +284,7 @@ def check_variant(v: Variant, batch: int, dtype: torch.dtype, shift, device, bac
     try:
         got = _run(v.fn, [qkv, tau, bias], grad, shift, backward)
     except Exception as e:  # a variant that cannot run these inputs is reported, not fatal
-        return False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return False, error_note(e, "raised ")
     names = ("out", "grad_qkv", "grad_tau", "grad_bias")
     worst = []
     for name, g, r, o in zip(names, got, exact, own):
@@ -324,40 +331,41 @@ def run(ctx: Context) -> None:
     targs = ctx.timing_args()
     skipped = 0
     for dtype in dtypes:
+        # correctness first, at the smallest batch of the sweep
+        usable = {}
         for shift in shifts:
-            # correctness first, at the smallest batch of the sweep
-            usable = {}
             for v in variants:
                 for backward in (False, True):
                     if ctx.budget.expired():
                         break
                     ok, msg = check_variant(v, batches[0], dtype, shift, device, backward)
-                    usable[(v.name, backward)] = ok
+                    usable[(v.name, tuple(shift), backward)] = ok
                     if not ok:
                         report.note(SECTION, f"{v.name}, {'fwd+bwd' if backward else 'fwd'}, {dtype_name(dtype)}, "
                                              f"shift {shift}: not timed, {msg}")
                 free_memory(device)
-            for batch in batches:
-                nsets = rotation_count(bytes_moved(batch, dtype, True), device, most=3)
-                sets = [make_inputs(batch, dtype, device, seed=s) for s in range(nsets)]
+        for batch in batches:
+            sets = None
+            for shift in shifts:
                 for backward in (False, True):
                     for v in variants:
-                        if not usable.get((v.name, backward)):
+                        if not usable.get((v.name, tuple(shift), backward)):
                             continue
                         params = {"pass": "fwd+bwd" if backward else "fwd", "dtype": dtype_name(dtype),
                                   "shift": tuple(shift), "batch": batch}
                         if ctx.budget.expired():
                             skipped += 1
                             continue
+                        if sets is None:  # the same inputs for every shift, pass and variant of this batch
+                            nsets = rotation_count(bytes_moved(batch, dtype, True), device, most=3)
+                            sets = [make_inputs(batch, dtype, device, seed=s) for s in range(nsets)]
                         report.add(_time_one(v, sets, shift, backward, device, targs, batch, dtype, peak_bw, params))
-                del sets
-                free_memory(device)
+            del sets
+            free_memory(device)
     if skipped:
         report.note(SECTION, f"time budget used up: {skipped} measurements not made")
     plot = ctx.options.get("plot_dir")
     if plot:
-        from .harness import plot_sweep
-        import os
         rows = [r for r in report.results if r.section == SECTION]
         path = plot_sweep(rows, os.path.join(plot, "attention.png"), x="batch", panels=("pass", "dtype", "shift"),
                           title=f"Shifted-window cosine attention, grid {GRID[0]}x{GRID[1]}, window "
@@ -379,7 +387,7 @@ def _time_one(v: Variant, sets, shift, backward: bool, device, targs, batch, dty
     try:
         t = time_fn(fwd_bwd if backward else fwd, leaves, device, **targs)
     except Exception as e:
-        note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        note = error_note(e)
         free_memory(device)
         return Result(SECTION, v.name, params, None, note=note, reference=v.reference)
     gbps = bytes_moved(batch, dtype, backward) / (t.median_ms * 1e-3) / 1e9

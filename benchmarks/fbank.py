@@ -11,14 +11,14 @@ checked against a float64 computation before it is timed.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from audiomae import dispatch
 from audiomae.audio import SAMPLE_RATE, normalize, pad_or_cut, waveform_to_input
 
-from .harness import Context, Result, close_enough, free_memory, is_oom, time_fn
+from .harness import Context, Result, close_enough, error_note, free_memory, time_fn
 
 SECTION = "fbank"
 CLIP_SECONDS = 10.0
@@ -113,7 +113,7 @@ def check(fn: Callable, device) -> Tuple[bool, str]:
     try:
         got = fn(waves)
     except Exception as e:
-        return False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return False, error_note(e, "raised ")
     ok, err, bound = close_enough(got.float(), exact, own, FLOOR)
     return ok, (f"error {err:.2g}" if ok else f"wrong output: relative error {err:.3g} > bound {bound:.3g}")
 
@@ -142,7 +142,7 @@ def run(ctx: Context) -> None:
             t = time_fn(lambda w: fn(w), [(w,) for w in sets], device, **targs)
         except Exception as e:
             free_memory(device)
-            note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            note = error_note(e)
             report.add(Result(SECTION, name, params, None, note=note, reference=is_ref))
             continue
         seconds = t.median_ms * 1e-3

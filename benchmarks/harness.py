@@ -15,7 +15,6 @@ the row's (above 1: faster than the reference) among rows with the same section 
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import math
@@ -315,7 +314,7 @@ def _fmt(v: Any) -> str:
             return f"{v:.0f}"
         if a >= 10:
             return f"{v:.1f}"
-        if a >= 0.01:
+        if a >= 1e-4:
             return f"{v:#.3g}" if a < 1 else f"{v:.2f}"
         return f"{v:.2e}"
     if isinstance(v, (tuple, list)):
@@ -515,6 +514,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def error_note(e: BaseException, prefix: str = "failed: ") -> str:
+    """One line for a results note: "out of memory", or the exception's type and first line."""
+    if is_oom(e):
+        return "out of memory"
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{prefix}{type(e).__name__}: {first}"
 
 
 def free_memory(device: torch.device) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from audiomae import AudioMAE, AudioMAEConfig, dispatch
 
-from .harness import Context, Result, Timing, event, free_memory, is_oom, synchronize, time_fn
+from .harness import Context, Result, Timing, event, error_note, free_memory, is_oom, synchronize, time_fn
 
 SECTION = "pretrain"
 BREAKDOWN = "pretrain_breakdown"
@@ -158,7 +158,10 @@ def run(ctx: Context) -> None:
         f"({peak_tflops:.1f} TFLOP/s)."))
     columns = [("eager (torch backend)", "torch", False, True), ("fused (auto)", None, False, False),
                ("fused + torch.compile", None, True, False)]
-    if device.type != "cuda":
+    wanted = opts.get("pretrain_columns")
+    if wanted:
+        columns = [c for c, key in zip(columns, ("eager", "fused", "compile")) if key in wanted]
+    elif device.type != "cuda":
         columns = columns[:1]
         report.note(SECTION, "on the CPU every op's automatic choice is its PyTorch reference, so only the eager "
                              "column is run")
@@ -200,7 +203,7 @@ def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, f
             t = time_fn(step, [(s,) for s in specs], device, warmup_ms=0.0, rep_ms=0.0, min_reps=n_steps,
                         flush_l2=False, probes=1)
     except Exception as e:
-        note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        note = error_note(e)
         del model, opt, fwd_model, specs
         free_memory(device)
         return Result(SECTION, label, params, None, note=note, reference=is_ref)
@@ -215,23 +218,23 @@ def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, f
     return Result(SECTION, label, params, t, metrics, reference=is_ref)
 
 
-def _fbank(waves):
+def _fbank(waves, frames: int):
     from audiomae import ops_step
     fn = getattr(ops_step, "fbank_features", None)
     if fn is not None:
-        return fn(waves, 1024, "audioset")
+        return fn(waves, frames, "audioset")
     from audiomae.audio import waveform_to_input
-    return waveform_to_input(waves, 16000, 1024, "audioset")
+    return waveform_to_input(waves, 16000, frames, "audioset")
 
 
 def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
     """Per-phase device time of ``n`` eager steps (not compiled: a compiled step has no phases)."""
     device = ctx.device
-    if cfg.img_size[0] != 1024:
-        return
+    frames = cfg.img_size[0]
     model, opt = _build(cfg, device)
     g = torch.Generator().manual_seed(1)
-    waves = [torch.randn(batch, 160000, generator=g) * 0.1 for _ in range(2)]
+    samples_per_clip = 16000 * frames * 10 // 1024  # 10 s for 1024 frames (998 frames, padded), as AudioSet
+    waves = [torch.randn(batch, samples_per_clip, generator=g) * 0.1 for _ in range(2)]
     if device.type == "cuda":
         waves = [w.pin_memory() for w in waves]
     n = 3 if ctx.quick else 6
@@ -246,7 +249,7 @@ def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
                 w = waves[i % 2].to(device, non_blocking=True)
                 ev[1].record()
                 with torch.no_grad():
-                    spec = _fbank(w)
+                    spec = _fbank(w, frames)
                 ev[2].record()
                 with _autocast(device):
                     latent, m = model.forward_encoder(spec, MASK_RATIO)
@@ -266,16 +269,17 @@ def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
                         samples[p].append(ev[j].elapsed_time(ev[j + 1]))
                     totals.append(ev[0].elapsed_time(ev[-1]))
     except Exception as e:
-        note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        note = error_note(e)
         ctx.report.note(BREAKDOWN, f"{label}: {note}")
         del model, opt
         free_memory(device)
         return
     total = Timing.from_samples(totals).median_ms
     ctx.report.describe(BREAKDOWN, (
-        f"Device time of each phase of {n} steps at batch {batch} (median per phase; not compiled). `data` copies "
-        "pinned 10 s waveforms to the device; `fbank` is the model input computed on the device "
-        "(`audiomae.ops_step.fbank_features`: the reference under the torch backend, the Triton kernel under auto)."))
+        f"Device time of each phase of {n} steps at batch {batch} (median per phase; not compiled). `data` "
+        f"copies pinned waveforms ({samples_per_clip / 16000:g} s per clip) to the device; `fbank` is the model "
+        "input computed on the device (`audiomae.ops_step.fbank_features`: the reference under the torch backend, "
+        "the Triton kernel under auto)."))
     for p in PHASES:
         t = Timing.from_samples(samples[p])
         ctx.report.add(Result(BREAKDOWN, label, {"phase": p, "batch": batch}, t,

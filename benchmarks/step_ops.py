@@ -22,7 +22,7 @@ import torch
 
 from audiomae import dispatch
 
-from .harness import Context, Result, close_enough, dtype_name, free_memory, is_oom, time_fn
+from .harness import Context, Result, close_enough, dtype_name, error_note, free_memory, time_fn
 
 SECTION = "step_ops"
 T, FREQ, P, D, DD = 1024, 128, 16, 768, 512
@@ -34,7 +34,7 @@ FLOOR = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # the 
 @dataclass
 class OpCase:
     """An op: ``make(batch, seed)`` -> (float64 leaves, indices of the leaves that get gradients,
-    extra non-float arguments); ``op`` is the public function's name in ``audiomae.ops_step``."""
+    the other arguments); ``op`` is the public function's name in ``audiomae.ops_step``."""
 
     name: str
     op: str
@@ -122,11 +122,12 @@ def check(case: OpCase, batch: int, dtype: torch.dtype, device, backward: bool) 
     try:
         got = _outputs(case, "triton", *_prepare(case, batch, 1, dtype, device, backward), backward)
     except Exception as e:
-        return False, f"raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return False, error_note(e, "raised ")
     for i, (g, r, o) in enumerate(zip(got, exact, own)):
         ok, err, bound = close_enough(g, r, o, FLOOR[dtype])
         if not ok:
-            return False, f"wrong {'output' if i == 0 else f'gradient {i}'}: relative error {err:.3g} > bound {bound:.3g}"
+            what = "output" if i == 0 else f"gradient {i}"
+            return False, f"wrong {what}: relative error {err:.3g} > bound {bound:.3g}"
     return True, "ok"
 
 
@@ -177,7 +178,7 @@ def run(ctx: Context) -> None:
                     t = time_fn(step, sets, device, **targs)
                     report.add(Result(SECTION, label, params, t, reference=is_ref))
                 except Exception as e:
-                    note = "out of memory" if is_oom(e) else f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    note = error_note(e)
                     report.add(Result(SECTION, label, params, None, note=note, reference=is_ref))
                 del sets
                 free_memory(device)
