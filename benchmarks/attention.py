@@ -314,9 +314,11 @@ def run(ctx: Context) -> None:
     batches, dtypes, shifts = sweep_config(ctx)
     report.describe(SECTION, (
         "Forward (`fwd`) and forward + backward (`fwd+bwd`, gradients of qkv, tau and bias) per call. "
-        "`GB/s` counts the least traffic the op needs (fwd: read qkv, write out = 4 B L C bytes/elem; "
+        "`MB moved` and `GB/s` count the least traffic the op needs (fwd: read qkv, write out = 4 B L C bytes/elem; "
         "fwd+bwd: 11 B L C); `% BW` is that rate over the copy bandwidth measured in this run. Every "
-        "variant is checked against the float64 reference before it is timed."))
+        "variant is checked against the float64 reference before it is timed."),
+        grid=GRID, window=WINDOW, heads=HEADS, head_dim=HEAD_DIM, tokens=GRID[0] * GRID[1],
+        qkv_shape="[B, 512, 1536]", out_shape="[B, 512, 512]")
     peak_bw = ctx.bandwidth_gbps()
     variants = []
     for v in VARIANTS.values():
@@ -390,6 +392,7 @@ def _time_one(v: Variant, sets, shift, backward: bool, device, targs, batch, dty
         note = error_note(e)
         free_memory(device)
         return Result(SECTION, v.name, params, None, note=note, reference=v.reference)
-    gbps = bytes_moved(batch, dtype, backward) / (t.median_ms * 1e-3) / 1e9
-    metrics = {"GB/s": gbps, "% BW": 100.0 * gbps / peak_bw if peak_bw else None}
+    nbytes = bytes_moved(batch, dtype, backward)
+    gbps = nbytes / (t.median_ms * 1e-3) / 1e9
+    metrics = {"MB moved": nbytes / 1e6, "GB/s": gbps, "% BW": 100.0 * gbps / peak_bw if peak_bw else None}
     return Result(SECTION, v.name, params, t, metrics, reference=v.reference)

@@ -122,7 +122,9 @@ def run(ctx: Context) -> None:
     report, device = ctx.report, ctx.device
     batch = int(ctx.options.get("fbank_batch") or (64 if device.type == "cuda" else (2 if ctx.quick else 4)))
     report.describe(SECTION, f"{batch} clips of {CLIP_SECONDS:.0f} s per call, float32. `clips/s` = {batch} / time; "
-                             "`RTF` = time / audio duration (lower is faster).")
+                             "`RTF` = time / audio duration (lower is faster).",
+                    clip_samples=int(CLIP_SECONDS * SAMPLE_RATE), output_shape=f"[{batch}, 1, {TARGET_LENGTH}, 128]",
+                    stats="audioset")
     sets = [make_waves(batch, device, seed=s) for s in range(3)]
     targs = ctx.timing_args()
     for name, fn, why_not, is_ref in VARIANTS:

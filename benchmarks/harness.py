@@ -343,6 +343,7 @@ class Report:
         self.results: List[Result] = []
         self.notes: Dict[str, List[str]] = {}
         self.section_notes: Dict[str, str] = {}  # one paragraph per section: what the columns mean
+        self.section_meta: Dict[str, Dict[str, Any]] = {}  # shapes and settings shared by a section's rows
 
     # -- collecting --
     def add(self, result: Result, save: bool = True) -> Result:
@@ -358,8 +359,10 @@ class Report:
         if save:
             self.save()
 
-    def describe(self, section: str, text: str) -> None:
+    def describe(self, section: str, text: str, **meta: Any) -> None:
+        """What a section's columns mean (markdown), and the shapes / settings its rows share (JSON)."""
         self.section_notes[section] = text
+        self.section_meta[section] = {"description": text, **meta}
 
     def _speedups(self) -> None:
         refs = {_group_key(r): r for r in self.results if r.reference and r.timing is not None}
@@ -377,7 +380,7 @@ class Report:
 
     # -- writing --
     def to_json(self) -> Dict[str, Any]:
-        return {"environment": self.env, "config": self.config, "peaks": self.peaks,
+        return {"environment": self.env, "config": self.config, "peaks": self.peaks, "sections": self.section_meta,
                 "results": [r.to_json() for r in self.results], "notes": self.notes}
 
     def markdown(self) -> str:

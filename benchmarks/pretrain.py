@@ -155,7 +155,9 @@ def run(ctx: Context) -> None:
         "A step = forward + backward + optimizer on a batch already on the device. Model FLOPs per sample and "
         f"step: {flops['step'] / 1e9:.2f} GFLOP (3 x forward; see `benchmarks/pretrain.py::mae_flops`); "
         f"MFU is against the measured {str(peak_dtype).replace('torch.', '')} matmul peak "
-        f"({peak_tflops:.1f} TFLOP/s)."))
+        f"({peak_tflops:.1f} TFLOP/s)."),
+        config=cfg.to_dict(), flops_per_sample=flops, peak_matmul_tflops=peak_tflops,
+        peak_matmul_dtype=str(peak_dtype).replace("torch.", ""))
     columns = [("eager (torch backend)", "torch", False, True), ("fused (auto)", None, False, False),
                ("fused + torch.compile", None, True, False)]
     wanted = opts.get("pretrain_columns")

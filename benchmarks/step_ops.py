@@ -146,7 +146,8 @@ def run(ctx: Context) -> None:
     batch = int(ctx.options.get("step_batch") or (64 if device.type == "cuda" else 4))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report.describe(SECTION, f"Batch {batch}, {dtype_name(dtype)}; `fwd+bwd` includes the gradients the model "
-                             "needs (patch embedding: weight, bias; unshuffle: x, mask_token; loss: pred).")
+                             "needs (patch embedding: weight, bias; unshuffle: x, mask_token; loss: pred).",
+                    spec=f"[{batch}, 1, {T}, {FREQ}]", patch=P, patches=L, kept=K, encoder_dim=D, decoder_dim=DD)
     targs = ctx.timing_args()
     for case in CASES:
         why = _why_not(case, device, dtype)

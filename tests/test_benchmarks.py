@@ -245,6 +245,7 @@ def test_cli_runs_a_small_cpu_section(tmp_path):
     timed = {r["name"]: r for r in data["results"] if r["section"] == "fbank"}
     assert timed["reference, batched"]["reference"] and timed["reference, batched"]["median_ms"] > 0
     assert timed["reference, per clip"]["metrics"]["clips/s"] > 0
+    assert data["sections"]["fbank"]["clip_samples"] == 160000
     md = (tmp_path / "results.md").read_text()
     assert "Log-mel front end" in md and "triton (audiomae): not run" in md
 
