@@ -314,8 +314,8 @@ def run(ctx: Context) -> None:
     batches, dtypes, shifts = sweep_config(ctx)
     report.describe(SECTION, (
         "Forward (`fwd`) and forward + backward (`fwd+bwd`, gradients of qkv, tau and bias) per call. "
-        "`MB moved` and `GB/s` count the least traffic the op needs (fwd: read qkv, write out = 4 B L C bytes/elem; "
-        "fwd+bwd: 11 B L C); `% BW` is that rate over the copy bandwidth measured in this run. Every "
+        "`MB moved` and `GB/s` count the least traffic the op needs (fwd: read qkv and write out, 4 x B x L x C "
+        "elements; fwd+bwd: 11 x B x L x C); `% BW` is that rate over the copy bandwidth measured in this run. Every "
         "variant is checked against the float64 reference before it is timed."),
         grid=GRID, window=WINDOW, heads=HEADS, head_dim=HEAD_DIM, tokens=GRID[0] * GRID[1],
         qkv_shape="[B, 512, 1536]", out_shape="[B, 512, 512]")
