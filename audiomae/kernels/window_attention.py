@@ -12,12 +12,17 @@ these indices and store the output (or the gradients) at the same token position
 roll, partition, permute or copy around them.
 
 Tiling. One program handles one head of ``WPB`` consecutive windows (windows are numbered across the
-whole batch): a ``BLOCK_M``-row tile (``BLOCK_M >= WPB * A``, ``A = wt * wf``, at most 64) of tokens
-whose scores form a block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries between different windows are
-``-inf`` (probability exactly 0); a row never spans two windows, so each row's softmax is exact in
-registers. Scores, softmax and all accumulations are float32; for bfloat16/float16 inputs the two
-products run on the input dtype (like the PyTorch computation in that dtype), for float32 inputs
-in full float32 (``input_precision="ieee"``, no tf32).
+whole batch): a ``BLOCK_M``-row tile of tokens (``BLOCK_M >= WPB * A``, ``A = wt * wf <= 64``; 16 to
+64 rows, see :func:`_tile`) whose scores form a block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries
+between different windows are ``-inf`` (probability exactly 0); a row never spans two windows, so
+each row's softmax is exact in registers. The paper's layer (4 x 4 windows, head_dim 32, bf16) packs
+4 windows per program forward and backward.
+
+Precision. Norms, scores, softmax and every accumulation are float32. The cosines are computed to
+float32 accuracy for every input dtype (``tf32x3`` tensor-core passes for bf16/fp16 inputs on GPUs,
+plain float32 otherwise): ``1/tau`` magnifies their rounding. The other products take their operands
+in the input dtype (probabilities and score gradients rounded to it, as PyTorch does in that dtype),
+and run in full float32 (``input_precision="ieee"``, no tf32) for float32 inputs.
 
 Shift mask. Along an axis of size ``n`` with window ``w`` and shift ``s > 0``, rolled position
 ``pos`` lies in region 0 (``pos < n - w``), 1 (``n - w <= pos < n - s``) or 2 (``pos >= n - s``);
@@ -27,7 +32,8 @@ two tokens of a window whose (time, frequency) regions differ get ``-100`` added
 Backward. The scores are recomputed (a window's row fits in registers, nothing is saved but the
 inputs). Gradients of q, k, v are written into ``grad_qkv`` in token order. The gradients of ``tau``
 and ``bias`` are reduced deterministically: every program writes its partial sums (a scalar and an
-``A x A`` tile per head) to a buffer that a final ``torch.sum`` reduces; there are no atomics.
+``A x A`` tile per head: the sum of its diagonal blocks) to a buffer that a final ``torch.sum``
+reduces; there are no atomics.
 
 Everything is registered as ``torch.ops.audiomae.window_attention_fwd`` / ``_bwd`` with
 :func:`torch.library.triton_op`, with the autograd formula attached, so ``torch.compile`` traces
@@ -65,6 +71,7 @@ def _window_attention_fwd_kernel(
     T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
     SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COS_PRECISION: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
     LOW: tl.constexpr = QKV.dtype.element_ty  # the products run on values rounded to the input dtype
@@ -103,7 +110,7 @@ def _window_attention_fwd_kernel(
     # F.normalize: x / max(||x||, 1e-12), norms in float32
     qn = q / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, _SUM)), 1e-12)[:, None]
     kn = k / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, _SUM)), 1e-12)[:, None]
-    cos = tl.dot(qn.to(LOW).to(DOT), tl.trans(kn.to(LOW).to(DOT)), input_precision=DOT_PRECISION)
+    cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
 
     # the clamp happens in tau's dtype, as in the reference
     tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
@@ -128,6 +135,7 @@ def _window_attention_bwd_kernel(
     T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
     SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_A: tl.constexpr, WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COS_PRECISION: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
     LOW: tl.constexpr = QKV.dtype.element_ty
@@ -172,7 +180,7 @@ def _window_attention_bwd_kernel(
     k_den = tl.maximum(k_len, 1e-12)
     qn = q / q_den[:, None]
     kn = k / k_den[:, None]
-    cos = tl.dot(qn.to(LOW).to(DOT), tl.trans(kn.to(LOW).to(DOT)), input_precision=DOT_PRECISION)
+    cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
     tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
     same = w_local[:, None] == w_local[None, :]
     bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
@@ -294,8 +302,12 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
     # operands rounded to the input dtype and widened back to float32, which is the same arithmetic.
     dot_fp32 = qkv.dtype == torch.float32 or _interpreting()
     n_windows = B * (T // wt) * (F // wf)
+    # The cosines are computed to float32 accuracy whatever the input dtype: 1/tau (up to 100)
+    # magnifies their rounding, and tau's gradient, a sum with cancellations, is the first to show it.
+    # On GPUs, half-precision inputs get three tf32 tensor-core passes (tf32x3) for it.
+    cos_precision = "ieee" if dot_fp32 else "tf32x3"
     meta = dict(T=T, F=F, WT=wt, WF=wf, ST=st, SF=sf, C=C, D=D, BLOCK_D=block_d, DOT_FP32=dot_fp32,
-                DOT_PRECISION="ieee" if dot_fp32 else "tf32")
+                DOT_PRECISION="ieee" if dot_fp32 else "tf32", COS_PRECISION=cos_precision)
     launches = {}
     for direction in ("fwd", "bwd"):
         block_m, num_warps = _tile(A, block_d, qkv.dtype == torch.float32, direction == "bwd")
@@ -311,18 +323,20 @@ def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int
     """(BLOCK_M, num_warps): rows of packed windows per program, and warps.
 
     Chosen so that the tiles stay in registers, checked with ptxas for sm_90 over A in {12, 16, 64}
-    and head_dim in {16, 32, 64, 128}: no spills for bfloat16/float16 except a few hundred bytes in
-    the backward at A = 64, head_dim = 128. Full-float32 products (no tf32) hold more registers:
-    smaller tiles and more warps, and with 8 x 8 windows (a 64-row tile at least) they still spill.
+    and head_dim in {16, 32, 64, 128}: no spills for bfloat16/float16 except ~700 bytes in the
+    backward at A = 64 with head_dim = 128. Full-float32 products (no tf32) hold more registers:
+    smaller tiles, more warps, and with 8 x 8 windows (64 rows at least) some spills remain.
     """
     if fp32:
         rows = 16 if (block_d > 64 and not backward) else 32
+    elif backward:
+        rows = 64 if block_d <= 32 else 32 if block_d <= 64 else 16
     else:
-        rows = 64 if block_d <= (32 if backward else 64) else 32
+        rows = 64 if block_d <= 64 else 32
     block_m = max(16, _next_pow2(area), rows)
     work = block_m * max(block_m, block_d)  # elements of the largest tile
     if not fp32:
-        num_warps = 4 if work <= 2048 else 8
+        num_warps = 4 if work < 2048 else 8
     elif work <= 1024:
         num_warps = 4
     else:
