@@ -177,7 +177,8 @@ def test_in_kernel_shift_mask_matches_reference_mask(interpret, grid, window, sh
     allowed = weights > 1e-20
     expected = shift_mask(grid, window, shift) == 0
     assert torch.equal(allowed, expected)
-    torch.testing.assert_close(weights, expected.float() / expected.float().sum(-1, keepdim=True), rtol=1e-6, atol=1e-30)
+    uniform = expected.float() / expected.float().sum(-1, keepdim=True)
+    torch.testing.assert_close(weights, uniform, rtol=1e-6, atol=1e-30)
 
 
 def test_masked_logit_is_added_not_skipped(interpret):

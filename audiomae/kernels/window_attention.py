@@ -59,9 +59,8 @@ POISON_OUTPUTS = False
 # Reductions go through tl.reduce with Triton's own combine functions rather than tl.sum / tl.max:
 # those are @triton.jit functions fixed in one mode when triton is imported, while these combines
 # work in both modes (the interpreter recognises them and reduces with numpy), so the kernels run
-# under TRITON_INTERPRET=1 whatever the environment was when triton was first imported.
-_SUM = tl.standard._sum_combine
-_MAX = tl.standard._elementwise_max
+# under TRITON_INTERPRET=1 whatever the environment was when triton was first imported. They are
+# spelled out in full (no module-level alias) so that inductor can copy the kernels' source.
 
 @triton.jit
 def _window_attention_fwd_kernel(
@@ -108,8 +107,8 @@ def _window_attention_fwd_kernel(
     v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
 
     # F.normalize: x / max(||x||, 1e-12), norms in float32
-    qn = q / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, _SUM)), 1e-12)[:, None]
-    kn = k / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, _SUM)), 1e-12)[:, None]
+    qn = q / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine)), 1e-12)[:, None]
+    kn = k / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine)), 1e-12)[:, None]
     cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
 
     # the clamp happens in tau's dtype, as in the reference
@@ -119,8 +118,8 @@ def _window_attention_fwd_kernel(
     s = cos / tau_c + bias.to(tl.float32)
     s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
     s = tl.where(same, s, float("-inf"))
-    e = tl.exp(s - tl.reduce(s, 1, _MAX)[:, None])
-    p = e / tl.reduce(e, 1, _SUM)[:, None]
+    e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
+    p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
     o = tl.dot(p.to(LOW).to(DOT), v.to(DOT), input_precision=DOT_PRECISION)
 
     out_row = b.to(tl.int64) * stride_out_b + token.to(tl.int64) * stride_out_l + h * D
@@ -174,8 +173,8 @@ def _window_attention_bwd_kernel(
     do = tl.load(DOUT + do_row[:, None] + d[None, :], mask=io_mask, other=0.0)
 
     # recompute the forward
-    q_len = tl.sqrt_rn(tl.reduce(q * q, 1, _SUM))
-    k_len = tl.sqrt_rn(tl.reduce(k * k, 1, _SUM))
+    q_len = tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine))
+    k_len = tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine))
     q_den = tl.maximum(q_len, 1e-12)
     k_den = tl.maximum(k_len, 1e-12)
     qn = q / q_den[:, None]
@@ -187,21 +186,24 @@ def _window_attention_bwd_kernel(
     s = cos / tau_c + bias.to(tl.float32)
     s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
     s = tl.where(same, s, float("-inf"))
-    e = tl.exp(s - tl.reduce(s, 1, _MAX)[:, None])
-    p = e / tl.reduce(e, 1, _SUM)[:, None]
+    e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
+    p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
 
     # softmax and products
     dv = tl.dot(tl.trans(p.to(LOW).to(DOT)), do.to(DOT), input_precision=DOT_PRECISION)
     dp = tl.dot(do.to(DOT), tl.trans(v.to(DOT)), input_precision=DOT_PRECISION)
-    ds = p * (dp - tl.reduce(p * dp, 1, _SUM)[:, None])  # d logits; 0 between windows, on empty rows
+    # d logits; 0 between windows and on empty rows
+    ds = p * (dp - tl.reduce(p * dp, 1, tl.standard._sum_combine)[:, None])
 
     # tau: d/d(tau_c) = -sum(ds * cos) / tau_c^2, finished (and clamped) after the reduction
-    tl.store(DTAU_PARTIAL + pid * H + h, tl.reduce(tl.reduce(ds * cos, 1, _SUM), 0, _SUM))
+    dtau = tl.reduce(tl.reduce(ds * cos, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+    tl.store(DTAU_PARTIAL + pid * H + h, dtau)
     # bias: the sum of the WPB diagonal A x A blocks of ds (ds is 0 off them and on empty rows)
     if WPB == 1:
         db = ds  # BLOCK_A == BLOCK_M
     elif WPB * A == BLOCK_M:  # A a power of two: sum the [WPB, A, WPB, A] view (BLOCK_A == A)
-        db = tl.reduce(tl.reduce(tl.reshape(ds, [WPB, A, WPB, A]), 2, _SUM), 0, _SUM)
+        db = tl.reduce(tl.reshape(ds, [WPB, A, WPB, A]), 2, tl.standard._sum_combine)
+        db = tl.reduce(db, 0, tl.standard._sum_combine)
     else:  # one-hot position matrices [BLOCK_M, BLOCK_A], exact in float32
         onehot = ((pos[:, None] == tl.arange(0, BLOCK_A)[None, :]) & valid[:, None]).to(tl.float32)
         db = tl.dot(tl.trans(onehot), tl.dot(ds, onehot, input_precision="ieee"), input_precision="ieee")
@@ -214,8 +216,8 @@ def _window_attention_bwd_kernel(
     dcos = dcos.to(LOW).to(DOT)
     dqn = tl.dot(dcos, kn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
     dkn = tl.dot(tl.trans(dcos), qn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
-    q_proj = tl.where(q_len >= 1e-12, tl.reduce(dqn * qn, 1, _SUM), 0.0)
-    k_proj = tl.where(k_len >= 1e-12, tl.reduce(dkn * kn, 1, _SUM), 0.0)
+    q_proj = tl.where(q_len >= 1e-12, tl.reduce(dqn * qn, 1, tl.standard._sum_combine), 0.0)
+    k_proj = tl.where(k_len >= 1e-12, tl.reduce(dkn * kn, 1, tl.standard._sum_combine), 0.0)
     dq = (dqn - qn * q_proj[:, None]) / q_den[:, None]
     dk = (dkn - kn * k_proj[:, None]) / k_den[:, None]
 
@@ -315,7 +317,9 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
         launches[direction] = dict(programs=(triton.cdiv(n_windows, wpb), num_heads), num_warps=num_warps,
                                    meta=dict(meta, BLOCK_M=block_m, WPB=wpb))
     bwd = launches["bwd"]["meta"]
-    bwd["BLOCK_A"] = bwd["BLOCK_M"] if bwd["WPB"] == 1 else A if bwd["WPB"] * A == bwd["BLOCK_M"] else max(16, _next_pow2(A))
+    # the bias-gradient tile: the whole tile (one window), one window (A a power of two), or one-hot
+    bwd["BLOCK_A"] = (bwd["BLOCK_M"] if bwd["WPB"] == 1 else A if bwd["WPB"] * A == bwd["BLOCK_M"]
+                      else max(16, _next_pow2(A)))
     return dict(n_windows=n_windows, A=A, C=C, **launches)
 
 
