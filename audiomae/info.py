@@ -6,6 +6,7 @@ and why each other backend cannot run.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import sys
@@ -13,23 +14,77 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from . import __version__, dispatch, ops  # noqa: F401  (ops registers the backends)
+from . import __version__, dispatch
+
+# modules that register op implementations with the dispatcher (optional ones are skipped)
+OP_MODULES = ("ops", "ops_step", "ops_cuda")
 
 
+def _import_op_modules() -> List[str]:
+    problems = []
+    for name in OP_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except Exception as e:
+            problems.append(f"audiomae.{name} not importable ({type(e).__name__}: {e})")
+    return problems
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# Example inputs, small but shaped as the model calls each op: op -> (device, dtype) -> (args, text)
 def _window_attention_example(device: str, dtype: torch.dtype) -> Tuple[tuple, str]:
     grid, window, shift, heads, head_dim = (8, 8), (4, 4), (2, 0), 16, 32
     C = heads * head_dim
     qkv = torch.zeros(1, grid[0] * grid[1], 3 * C, device=device, dtype=dtype)
     tau = torch.ones(heads, device=device, dtype=dtype)
     bias = torch.zeros(heads, window[0] * window[1], window[0] * window[1], device=device, dtype=dtype)
-    desc = (f"qkv {list(qkv.shape)} {str(dtype).replace('torch.', '')} on {device}, grid {grid[0]}x{grid[1]}, "
+    desc = (f"qkv {list(qkv.shape)} {_dtype_name(dtype)} on {device}, grid {grid[0]}x{grid[1]}, "
             f"window {window[0]}x{window[1]}, shift {shift}, {heads} heads of {head_dim}")
     return (qkv, tau, bias, grid, window, shift, heads), desc
 
 
-# op -> builds (args, description) for a device and dtype
+def _masked_patch_embed_example(device, dtype):
+    spec = torch.zeros(2, 1, 256, 128, device=device, dtype=dtype)
+    weight, bias = torch.zeros(64, 1, 16, 16, device=device, dtype=dtype), torch.zeros(64, device=device, dtype=dtype)
+    pos = torch.zeros(1, 129, 64, device=device, dtype=dtype)
+    ids_keep = torch.zeros(2, 25, dtype=torch.int64, device=device)
+    return (spec, weight, bias, pos, ids_keep), f"spec {list(spec.shape)} {_dtype_name(dtype)} on {device}, 25 kept"
+
+
+def _decoder_unshuffle_example(device, dtype):
+    x = torch.zeros(2, 26, 64, device=device, dtype=dtype)
+    mask_token = torch.zeros(1, 1, 64, device=device, dtype=dtype)
+    pos = torch.zeros(1, 129, 64, device=device, dtype=dtype)
+    ids_restore = torch.zeros(2, 128, dtype=torch.int64, device=device)
+    return (x, mask_token, ids_restore, pos, False), f"x {list(x.shape)} {_dtype_name(dtype)} on {device}, 128 tokens"
+
+
+def _masked_norm_pix_loss_example(device, dtype):
+    pred = torch.zeros(2, 128, 256, device=device, dtype=dtype)
+    spec = torch.zeros(2, 1, 256, 128, device=device, dtype=dtype)
+    mask = torch.ones(2, 128, device=device, dtype=dtype)
+    return (pred, spec, mask, 16, True), f"pred {list(pred.shape)} {_dtype_name(dtype)} on {device}, patch 16"
+
+
+def _fbank_features_example(device, dtype):
+    waves = torch.zeros(2, 16000, device=device)
+    return (waves, 128, "audioset", dtype), f"waveforms {list(waves.shape)} on {device} -> {_dtype_name(dtype)}"
+
+
+def _random_masking_ids_example(device, dtype):
+    return (2, 128, 25, torch.device(device)), f"2 x 128 patches on {device}, 25 kept"
+
+
 EXAMPLES: Dict[str, Callable[[str, torch.dtype], Tuple[tuple, str]]] = {
+    "random_masking_ids": _random_masking_ids_example,
     "window_attention": _window_attention_example,
+    "masked_patch_embed": _masked_patch_embed_example,
+    "decoder_unshuffle": _decoder_unshuffle_example,
+    "masked_norm_pix_loss": _masked_norm_pix_loss_example,
+    "fbank_features": _fbank_features_example,
 }
 
 
@@ -64,25 +119,29 @@ def _devices() -> List[Tuple[str, torch.dtype]]:
 
 def report() -> str:
     """The whole report as text."""
-    lines = _versions()
+    lines = _versions() + _import_op_modules()
     for op in dispatch.registered_ops():
         order = getattr(dispatch, "_PREFERENCE", {}).get(op, ("triton", "torch"))
         forced = dispatch.forced_backend(op)
-        lines += ["", f"{op} (automatic order: {', '.join(order)}"
+        registered = [b for b in dispatch.BACKENDS if b in getattr(dispatch, "_REGISTRY", {}).get(op, {})]
+        lines += ["", f"{op} (implementations: {', '.join(registered)}; automatic order: {', '.join(order)}"
                   + (f"; forced: {forced})" if forced else ")")]
         example = EXAMPLES.get(op)
         if example is None:
-            lines.append("  (no example input to check backends with)")
+            lines.append("  (no example input to check the backends with)")
             continue
         for device, dtype in _devices():
-            args, desc = example(device, dtype)
             try:
-                chosen = dispatch.choose(op, *args)[0]
-            except dispatch.BackendUnavailableError as e:
-                chosen = f"none ({e})"
-            lines.append(f"  {desc}: runs on {chosen}")
-            for backend, why in dispatch.reasons(op, *args).items():
-                lines.append(f"    {backend:<7} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+                args, desc = example(device, dtype)
+                try:
+                    chosen = dispatch.choose(op, *args)[0]
+                except dispatch.BackendUnavailableError as e:
+                    chosen = f"none ({e})"
+                lines.append(f"  {desc}: runs on {chosen}")
+                for backend, why in dispatch.reasons(op, *args).items():
+                    lines.append(f"    {backend:<7} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+            except Exception as e:  # an example out of date with its op must not break the report
+                lines.append(f"  (example on {device} failed: {type(e).__name__}: {e})")
     return "\n".join(lines)
 
 

@@ -199,7 +199,7 @@ def test_info_lists_ops_backends_and_versions(capsys):
     assert info.main([]) == 0
     text = capsys.readouterr().out
     assert f"torch {torch.__version__}" in text and "triton" in text
-    assert "window_attention (automatic order: triton, torch)" in text
+    assert "window_attention (implementations: torch, triton" in text and "automatic order: triton, torch" in text
     assert "runs on torch" in text
     for backend in ("torch", "triton", "cuda"):
         assert f"    {backend}" in text
