@@ -1,0 +1,388 @@
+"""The ``cuda`` backend: the C++/CUDA kernels of ``csrc/`` as torch.library custom ops, registered
+with :mod:`audiomae.dispatch`, plus the masking op's torch reference.
+
+Ops:
+
+- ``window_attention``: ``cuda`` backend (:func:`window_attention_cuda`), forward and backward
+  kernels with the same arithmetic as the Triton ones (one warp per window and head; tensor cores
+  for float16/bfloat16 when the window area and head_dim are multiples of 16). The automatic order
+  stays ``("triton", "torch")`` (set in :mod:`audiomae.ops`) until a GPU benchmark
+  (``benchmarks/attention.py``) shows the CUDA kernels win; until then they run when asked for:
+  ``AUDIOMAE_BACKEND=cuda`` or ``audiomae.dispatch.set_backend("cuda", op="window_attention")``.
+- ``random_masking_ids``: the release's unstructured masking ids (:func:`random_masking_ids`):
+  ``torch`` (:func:`random_masking_ids_reference`, any device) and ``cuda`` (one launch: noise,
+  per-sample sort, ids_keep, ids_restore and mask). The automatic choice is ``torch`` until a GPU
+  benchmark says otherwise. With a ``seed`` both backends draw the same Philox4x32-10 bits and give
+  the same ids; with ``noise`` both give ``argsort(noise)`` with ties in index order.
+
+Nothing here builds or imports the extension: that happens when a ``cuda`` op first runs
+(:func:`audiomae.cuda_ext.load`), and :func:`audiomae.cuda_ext.why_not` explains when it cannot.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import cuda_ext, dispatch
+from .reference.step import random_masking_ids as _release_random_masking_ids
+
+WINDOW_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_WINDOW_AREA = 64  # AM_WA_MAX_AREA in csrc/audiomae_cuda.h
+MAX_HEAD_DIM = 128  # AM_WA_MAX_HEAD_DIM
+MAX_MASK_LENGTH = 4096  # AM_MASK_MAX_LENGTH
+# Tests set this to fill every output of the kernels with NaN (ids with -1) before they run, so an
+# element a kernel fails to write shows up instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+# ----------------------------------------------------------------------------------------------
+# window attention
+# ----------------------------------------------------------------------------------------------
+def _round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def window_attention_smem(area: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Tuple[int, int]:
+    """(bytes per warp, bytes of a one-warp block) of the kernels' shared memory: the layout of
+    ``make_layout`` in csrc/window_attention.cu, repeated here so that support can be told without
+    building the extension (a test checks the two agree)."""
+    A, D = int(area), int(head_dim)
+    es = 4 if dtype == torch.float32 else 2
+    wmma = dtype != torch.float32 and A % 16 == 0 and D % 16 == 0
+    ld_op, ld_aat = (D + 8, A + 8) if wmma else (D + 1, A + 1)
+    ld_aa, ld_st = (A + 4, D + 4) if wmma else (A + 1, D + 1)
+    off = 0
+
+    def take(nbytes: int, align: int) -> None:
+        nonlocal off
+        off = _round_up(off, align) + nbytes
+
+    take(4 * A, 16)  # tokens
+    take(4 * A, 16)  # shift regions
+    take(8 * A if backward else 0, 16)  # row norms
+    for _ in range(4 if backward else 3):  # q, k, v (, dO)
+        take(A * ld_op * es, 128)
+    s_bytes, st_bytes = _round_up(A * ld_aa * 4, 128), _round_up(A * ld_st * 4, 128)
+    take(max((2 if backward else 1) * s_bytes, st_bytes), 128)  # cos (, dP) / staging
+    for _ in range(2 if backward else 1):  # P (, dCos)
+        take(A * ld_aat * es, 128)
+    take(4 * A * A if backward else 0, 128)  # bias gradient
+    warp = _round_up(off, 128)
+    return warp, warp + (64 if backward else 0)
+
+
+def _device_smem_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def _geometry_problems(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:
+    out = []
+    if qkv.dim() != 3 or qkv.shape[-1] % 3:
+        return [f"qkv must be [B, T*F, 3*C], got {list(qkv.shape)}"]
+    C = qkv.shape[-1] // 3
+    T, F = (int(x) for x in grid)
+    wt, wf = (int(x) for x in window)
+    st, sf = (int(x) for x in shift)
+    if num_heads < 1 or C % num_heads:
+        return [f"C = {C} is not divisible by num_heads = {num_heads}"]
+    A = wt * wf
+    if T * F != qkv.shape[1]:
+        out.append(f"grid {T} x {F} does not match {qkv.shape[1]} tokens")
+    if wt < 1 or wf < 1 or T % wt or F % wf:
+        out.append(f"window {wt} x {wf} does not tile the {T} x {F} grid")
+    if not (0 <= st < max(wt, 1) and 0 <= sf < max(wf, 1)):
+        out.append(f"shift {(st, sf)} must lie in [0, window) per axis (clamp it with window_geometry)")
+    if tuple(tau.shape) != (num_heads,):
+        out.append(f"tau must be [{num_heads}], got {list(tau.shape)}")
+    if tuple(bias.shape) != (num_heads, A, A):
+        out.append(f"bias must be [{num_heads}, {A}, {A}], got {list(bias.shape)}")
+    return out
+
+
+def _window_attention_cuda_why_not(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:
+    out = list(cuda_ext.why_not())
+    if qkv.device.type != "cuda":
+        out.append(f"tensors are on {qkv.device.type} (the CUDA kernels need CUDA tensors)")
+    elif tau.device != qkv.device or bias.device != qkv.device:
+        out.append("qkv, tau and bias are on different devices")
+    if qkv.dtype not in WINDOW_ATTENTION_DTYPES:
+        out.append(f"dtype {qkv.dtype} is not one of float32, bfloat16, float16")
+    for name, t in (("tau", tau), ("bias", bias)):
+        if not t.dtype.is_floating_point or t.dtype == torch.float64:
+            out.append(f"{name} dtype {t.dtype} (float32, bfloat16 or float16)")
+    geometry = _geometry_problems(qkv, tau, bias, grid, window, shift, num_heads)
+    out += geometry
+    if not geometry:
+        head_dim = qkv.shape[-1] // 3 // num_heads
+        area = int(window[0]) * int(window[1])
+        sizes_ok = head_dim <= MAX_HEAD_DIM and area <= MAX_WINDOW_AREA
+        if head_dim > MAX_HEAD_DIM:
+            out.append(f"head_dim {head_dim} > {MAX_HEAD_DIM}")
+        if area > MAX_WINDOW_AREA:
+            out.append(f"window area {window[0]} x {window[1]} = {area} > {MAX_WINDOW_AREA}")
+        if sizes_ok and qkv.device.type == "cuda" and qkv.dtype in WINDOW_ATTENTION_DTYPES:
+            need = window_attention_smem(area, head_dim, qkv.dtype, True)[1]
+            limit = _device_smem_limit(qkv.device)
+            if need > limit:
+                out.append(f"window area {area} with head_dim {head_dim} in {qkv.dtype} needs {need // 1024} KB of "
+                           f"shared memory per block for the backward pass; this GPU allows {limit // 1024} KB")
+    return out
+
+
+def window_attention_finish_backward(tau: torch.Tensor, bias: torch.Tensor, dtau_partial: torch.Tensor,
+                                     dbias_partial: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """grad_tau and grad_bias from the kernels' per-block partial sums (a fixed-order sum: deterministic).
+
+    The logits are cos / max(tau, 0.01): d/dtau = -sum(dlogits * cos) / tau_c^2 where tau >= 0.01 (the
+    clamp passes the gradient at the bound, as torch's clamp does), 0 below it."""
+    tau_c = tau.detach().clamp(min=0.01).float()
+    grad_tau = torch.where(tau.detach() >= 0.01, -dtau_partial.sum(0) / (tau_c * tau_c), 0.0).to(tau.dtype)
+    return grad_tau, dbias_partial.sum(0).to(bias.dtype)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+_OPS = None
+
+
+def _define_ops():
+    """Registers the custom ops (once, on first use): torch.compile traces through them with the fake
+    implementations and calls the kernels at run time."""
+    from torch.library import custom_op
+
+    @custom_op("audiomae::window_attention_cuda_fwd", mutates_args=())
+    def wa_fwd(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[int], window: List[int],
+               shift: List[int], num_heads: int) -> torch.Tensor:
+        ext = cuda_ext.load()
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        tau_c = tau.clamp(min=0.01).float().contiguous()  # the clamp in tau's dtype, as the reference does
+        return ext.window_attention_fwd(qkv, tau_c, bias.float().contiguous(), grid, window, shift, num_heads,
+                                        _stream(qkv.device), POISON_OUTPUTS)
+
+    @wa_fwd.register_fake
+    def _(qkv, tau, bias, grid, window, shift, num_heads):
+        return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+
+    @custom_op("audiomae::window_attention_cuda_bwd", mutates_args=())
+    def wa_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[int],
+               window: List[int], shift: List[int], num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ext = cuda_ext.load()
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        grad_out = grad_out.to(qkv.dtype)
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        tau_c = tau.clamp(min=0.01).float().contiguous()
+        grad_qkv, dtau_partial, dbias_partial = ext.window_attention_bwd(
+            grad_out, qkv, tau_c, bias.float().contiguous(), grid, window, shift, num_heads, _stream(qkv.device),
+            POISON_OUTPUTS)
+        grad_tau, grad_bias = window_attention_finish_backward(tau, bias, dtau_partial, dbias_partial)
+        return grad_qkv, grad_tau, grad_bias
+
+    @wa_bwd.register_fake
+    def _(grad_out, qkv, tau, bias, grid, window, shift, num_heads):
+        return torch.empty_like(qkv), torch.empty_like(tau), torch.empty_like(bias)
+
+    def setup_context(ctx, inputs, output):
+        qkv, tau, bias, grid, window, shift, num_heads = inputs
+        ctx.save_for_backward(qkv, tau, bias)
+        ctx.geometry = (grid, window, shift, num_heads)
+
+    def backward(ctx, grad_out):
+        qkv, tau, bias = ctx.saved_tensors
+        grad_qkv, grad_tau, grad_bias = torch.ops.audiomae.window_attention_cuda_bwd(grad_out, qkv, tau, bias,
+                                                                                     *ctx.geometry)
+        need = ctx.needs_input_grad
+        return (grad_qkv if need[0] else None, grad_tau if need[1] else None, grad_bias if need[2] else None,
+                None, None, None, None)
+
+    wa_fwd.register_autograd(backward, setup_context=setup_context)
+
+    @custom_op("audiomae::random_masking_ids_cuda", mutates_args=())
+    def masking(batch: int, length: int, len_keep: int, device: torch.device, noise: Optional[torch.Tensor],
+                seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ext = cuda_ext.load()
+        return ext.random_masking_ids(batch, length, len_keep, noise, device, seed % 2 ** 64, offset % 2 ** 64,
+                                      _stream(device), POISON_OUTPUTS)
+
+    @masking.register_fake
+    def _(batch, length, len_keep, device, noise, seed, offset):
+        return (torch.empty(batch, len_keep, dtype=torch.int64, device=device),
+                torch.empty(batch, length, dtype=torch.int64, device=device),
+                torch.empty(batch, length, dtype=torch.float32, device=device))
+
+    return wa_fwd, wa_bwd, masking
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        _OPS = _define_ops()
+    return _OPS
+
+
+def window_attention_cuda(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: Sequence[int],
+                          window: Sequence[int], shift: Sequence[int], num_heads: int) -> torch.Tensor:
+    """Shifted-window cosine attention with the CUDA kernels, differentiable in qkv, tau and bias.
+
+    Same contract as :func:`audiomae.ops.window_attention` (``[B, T*F, 3C]`` -> ``[B, T*F, C]``, see
+    :func:`audiomae.reference.window_attention_reference`): CUDA tensors, float32/bfloat16/float16,
+    window area <= 64, head_dim <= 128, window and shift already clamped. Builds the extension on
+    first use.
+    """
+    _ops()
+    return torch.ops.audiomae.window_attention_cuda_fwd(qkv, tau, bias, [int(x) for x in grid],
+                                                        [int(x) for x in window], [int(x) for x in shift],
+                                                        int(num_heads))
+
+
+dispatch.register("window_attention", "cuda", window_attention_cuda, _window_attention_cuda_why_not)
+# No set_preference here: audiomae.ops keeps ("triton", "torch") for window_attention until a GPU
+# benchmark shows the CUDA kernels win; add "cuda" to that order then.
+
+
+# ----------------------------------------------------------------------------------------------
+# random masking
+# ----------------------------------------------------------------------------------------------
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a * b for a constant a and b holding uint32 values in int64, exactly
+    (16-bit halves keep every intermediate below 2^50)."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    t1, t2 = a * b_lo, a * b_hi  # < 2^48 each
+    low = (t1 & _MASK32) + ((t2 & 0xFFFF) << 16)
+    lo = low & _MASK32
+    hi = ((t1 >> 32) + (t2 >> 16) + (low >> 32)) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter: Sequence[torch.Tensor], key: Tuple[int, int]) -> Tuple[torch.Tensor, ...]:
+    """Random123's Philox4x32-10 on int64 tensors holding uint32 words (the generator of the CUDA
+    masking kernel): four counter words and a two-word key -> four output words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in counter)
+    k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+        hi0, lo0 = _mulhilo32(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo32(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_noise_bits(batch: int, length: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    """The CUDA kernel's noise as integers [B, L] in [0, 2^32): the first word of Philox4x32-10 with
+    key (seed low, seed high) and counter (n low, n high, offset low, offset high), n = b * L + l.
+    Dividing by 2^32 gives uniform noise in [0, 1); the order of the integers is the masking order."""
+    seed, offset = int(seed) % 2 ** 64, int(offset) % 2 ** 64
+    n = torch.arange(batch * length, dtype=torch.int64, device=device)
+    words = (n & _MASK32, n >> 32, torch.full_like(n, offset & _MASK32), torch.full_like(n, offset >> 32))
+    return philox4x32_10(words, (seed & _MASK32, seed >> 32))[0].view(batch, length)
+
+
+def _check_masking_args(batch, length, len_keep, noise) -> None:
+    if noise is not None and tuple(noise.shape) != (batch, length):
+        raise ValueError(f"noise for unstructured masking must be [B, L] = [{batch}, {length}], "
+                         f"got {list(noise.shape)}")
+    if not 0 <= len_keep <= length:
+        raise ValueError(f"len_keep must be in [0, {length}], got {len_keep}")
+
+
+def random_masking_ids_reference(batch: int, length: int, len_keep: int, device=None,
+                                 noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                                 offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The release's unstructured masking ids in PyTorch (the ``torch`` backend, any device).
+
+    The sort keys are ``noise`` when given, else Philox bits of ``seed``/``offset``
+    (:func:`philox_noise_bits`), else ``torch.rand`` as the release draws it
+    (:func:`audiomae.reference.step.random_masking_ids`). ``ids_shuffle = argsort(keys)`` with equal
+    keys in index order (a stable sort; NaN last), ``ids_restore = argsort(ids_shuffle)``. Returns
+    ``ids_keep`` [B, len_keep] int64, ``ids_restore`` [B, L] int64, ``mask`` [B, L] (1 = removed) in
+    the default dtype.
+    """
+    if noise is None and seed is None:
+        return _release_random_masking_ids(batch, length, len_keep, device)
+    _check_masking_args(batch, length, len_keep, noise)
+    keys = noise if noise is not None else philox_noise_bits(batch, length, seed, offset, device)
+    ids_shuffle = torch.argsort(keys, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
+    return ids_shuffle[:, :len_keep], ids_restore, mask
+
+
+def _masking_device(device, noise) -> torch.device:
+    if noise is not None:
+        return noise.device
+    return torch.device(device if device is not None else "cpu")
+
+
+def _random_masking_ids_cuda_why_not(batch, length, len_keep, device=None, noise=None, seed=None,
+                                     offset=0) -> List[str]:
+    out = list(cuda_ext.why_not())
+    dev = _masking_device(device, noise)
+    if dev.type != "cuda":
+        out.append(f"device is {dev.type} (the CUDA kernel needs a CUDA device)")
+    if not 0 <= length <= MAX_MASK_LENGTH:
+        out.append(f"length {length} > {MAX_MASK_LENGTH} (one block sorts a sample in shared memory)")
+    if not 0 <= len_keep <= length:
+        out.append(f"len_keep {len_keep} is not in [0, {length}]")
+    if noise is not None:
+        if noise.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            out.append(f"noise dtype {noise.dtype} (the kernel sorts float32 keys; float16 and bfloat16 widen "
+                       "exactly, float64 would not)")
+        if tuple(noise.shape) != (batch, length):
+            out.append(f"noise must be [{batch}, {length}], got {list(noise.shape)}")
+        if torch.is_grad_enabled() and noise.requires_grad:
+            out.append("noise requires grad")
+    return out
+
+
+def _as_int64(x: int) -> int:
+    """The 64 bits of ``x`` as a signed integer (custom ops take int64; the kernel reads them unsigned)."""
+    x = int(x) % 2 ** 64
+    return x - 2 ** 64 if x >= 2 ** 63 else x
+
+
+def _random_masking_ids_cuda(batch: int, length: int, len_keep: int, device=None,
+                             noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                             offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_masking_args(batch, length, len_keep, noise)
+    dev = _masking_device(device, noise)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if noise is not None:
+        noise = noise.detach().float()
+        seed = 0
+    elif seed is None:  # a seed from torch's CPU generator: reproducible under torch.manual_seed, no sync
+        seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
+    _ops()
+    ids_keep, ids_restore, mask = torch.ops.audiomae.random_masking_ids_cuda(batch, length, len_keep, dev, noise,
+                                                                            _as_int64(seed), _as_int64(offset))
+    return ids_keep, ids_restore, mask.to(torch.get_default_dtype())
+
+
+def random_masking_ids(batch: int, length: int, len_keep: int, device=None, noise: Optional[torch.Tensor] = None,
+                       seed: Optional[int] = None, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The release's unstructured masking ids through the dispatch layer (``torch`` or ``cuda``).
+
+    ``noise`` [B, L] (the order to sort by), or ``seed``/``offset`` (Philox4x32-10 noise, the same on
+    both backends), or neither (``torch``: ``torch.rand`` as the release; ``cuda``: Philox with a seed
+    drawn from torch's CPU generator). Returns ``ids_keep`` [B, len_keep], ``ids_restore`` [B, L]
+    (int64) and ``mask`` [B, L] (1 = removed, default dtype). Tie rule: equal noise values keep index
+    order (a stable argsort); NaN sorts last. Example::
+
+        >>> ids_keep, ids_restore, mask = random_masking_ids(8, 512, 102, "cuda", seed=1234)
+    """
+    return dispatch.call("random_masking_ids", int(batch), int(length), int(len_keep), device, noise, seed,
+                         int(offset))
+
+
+dispatch.register("random_masking_ids", "torch", random_masking_ids_reference)
+dispatch.register("random_masking_ids", "cuda", _random_masking_ids_cuda, _random_masking_ids_cuda_why_not)
+# torch until a GPU benchmark shows the one-launch kernel wins (it also changes the random stream of
+# unseeded calls); then put "cuda" first.
+dispatch.set_preference("random_masking_ids", ("torch",))

@@ -1,0 +1,86 @@
+/* The C launch API of the CUDA kernels: plain pointers, sizes and strides, a stream.
+ *
+ * The kernels (*.cu) need only the CUDA toolkit; the Python binding (bindings.cpp) checks tensors,
+ * allocates outputs and calls these functions. Every function returns 0 on success, a negative
+ * AM_ERR_* code for bad arguments, or a positive cudaError_t; am_error_string() explains a code.
+ * Strides are in elements. `stream` is a cudaStream_t; `device` is the CUDA device index the
+ * pointers live on (the launch functions make it current for the launch and restore the caller's).
+ */
+#ifndef AUDIOMAE_CUDA_H_
+#define AUDIOMAE_CUDA_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum am_dtype { AM_FLOAT32 = 0, AM_FLOAT16 = 1, AM_BFLOAT16 = 2 };
+
+enum am_status {
+  AM_OK = 0,
+  AM_ERR_ARGS = -1,         /* unsupported or inconsistent sizes */
+  AM_ERR_SHARED_MEM = -2,   /* the window / head size needs more shared memory than the device has */
+};
+
+/* Limits of the window attention kernels (the Python side repeats them in audiomae/ops_cuda.py). */
+#define AM_WA_MAX_AREA 64
+#define AM_WA_MAX_HEAD_DIM 128
+
+/* Shifted-window cosine attention. qkv is [batch, T*F, 3*C] in token order (time-major grid),
+ * channels (3, heads, head_dim), the channel stride 1; C = heads * head_dim. Window and shift are
+ * already clamped to the grid: the window tiles the grid and 0 <= shift < window per axis. */
+typedef struct {
+  int dtype;                                 /* am_dtype of qkv, out, grad_out, grad_qkv */
+  int device;
+  int batch, grid_t, grid_f, win_t, win_f, shift_t, shift_f, heads, head_dim;
+  int64_t qkv_stride_b, qkv_stride_l;        /* qkv */
+  int64_t out_stride_b, out_stride_l;        /* forward: out; backward: grad_out */
+  int64_t dqkv_stride_b, dqkv_stride_l;      /* backward: grad_qkv */
+} am_wa_args;
+
+/* How a launch is laid out; the caller needs blocks_x to size the partial-sum buffers. */
+typedef struct {
+  int blocks_x;           /* grid is (blocks_x, heads) */
+  int warps;              /* warps per block, one (window, head) at a time per warp */
+  int windows_per_warp;   /* backward: consecutive windows each warp accumulates over */
+  int wmma;               /* 1: the products run on tensor cores (16-bit inputs, area and head_dim % 16 == 0) */
+  int64_t smem_bytes;     /* dynamic shared memory per block */
+} am_wa_plan;
+
+int am_wa_make_plan(const am_wa_args* args, int backward, am_wa_plan* plan);
+
+/* out[b, token, h*D + d] = softmax(cos(q, k) / tau_c[h] + bias[h] + shift mask) @ v for each window.
+ * tau_c: [heads] float32, already clamped (max(tau, 0.01)); bias: [heads, A, A] float32 contiguous. */
+int am_wa_forward(const am_wa_args* args, const void* qkv, const float* tau_c, const float* bias,
+                  void* out, void* stream);
+
+/* grad_qkv (same layout as qkv, every element written), and deterministic partial sums:
+ * dtau_partial [blocks_x, heads] holds sum(dlogits * cos) (grad_tau = -sum / tau_c^2 where tau >= 0.01),
+ * dbias_partial [blocks_x, heads, A, A] holds sum(dlogits); the caller sums over blocks_x. */
+int am_wa_backward(const am_wa_args* args, const void* qkv, const void* grad_out, const float* tau_c,
+                   const float* bias, void* grad_qkv, float* dtau_partial, float* dbias_partial,
+                   void* stream);
+
+/* Unstructured random masking in one launch, one block per sample. Per sample the sort keys are
+ * (noise, index) pairs: noise[b, l] (float32, any strides) when `noise` is not NULL, else the first
+ * 32-bit word of Philox4x32-10 with key (seed_lo, seed_hi) and counter (n_lo, n_hi, offset_lo,
+ * offset_hi), n = b * length + l. Ascending order of the keys is ids_shuffle (ties of equal noise
+ * broken by the smaller index, i.e. a stable argsort; NaN sorts last, -0.0 equals 0.0).
+ * Writes ids_keep [batch, len_keep] int64 (contiguous), ids_restore [batch, length] int64 and
+ * mask [batch, length] float32 (1 = removed). length <= AM_MASK_MAX_LENGTH. */
+#define AM_MASK_MAX_LENGTH 4096
+int am_random_masking(int batch, int length, int len_keep, uint64_t seed, uint64_t offset,
+                      const float* noise, int64_t noise_stride_b, int64_t noise_stride_l,
+                      int64_t* ids_keep, int64_t* ids_restore, float* mask, int device, void* stream);
+
+/* Philox4x32-10 (Random123), for tests of the generator: out[0..3] for counter ctr[0..3], key[0..1]. */
+void am_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+
+const char* am_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AUDIOMAE_CUDA_H_ */

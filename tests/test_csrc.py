@@ -1,0 +1,747 @@
+"""The C++/CUDA extension (csrc/): compile checks, availability, the masking op's torch reference,
+the kernels run as host code under sanitizers, and (``gpu``) the built extension on a CUDA device.
+
+Without a GPU nothing compiled for CUDA can run, so the kernels are checked three ways:
+
+- nvcc compiles every .cu file for sm_80 and sm_90 and g++ compiles the binding against torch's
+  headers (``python -m audiomae.cuda_ext --check-compile``), when nvcc is installed;
+- the same kernel sources built as host C++ (csrc/emulate.h: CUDA threads as host threads,
+  shuffles and __syncwarp as barriers, wmma tiles emulated) run against the float64 references
+  under ThreadSanitizer (a missing barrier is a race) and AddressSanitizer (out-of-bounds
+  accesses), with outputs and shared memory poisoned with NaN, when g++ is installed;
+- ``gpu`` tests build the extension and compare it with the references on a CUDA device.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from audiomae import cuda_ext, dispatch, ops_cuda
+from audiomae.reference import shift_mask, window_attention_reference, window_geometry
+from audiomae.reference.step import random_masking_ids as release_random_masking_ids
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Max error against the float64 reference, relative to max(1, max |reference|): at most FACTOR times
+# PyTorch's own error in that dtype (the reference run in it) plus TOL[dtype] (the Triton tests' table).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 2e-4}
+FACTOR = 2.0
+NAMES = ("out", "grad_qkv", "grad_tau", "grad_bias")
+AM_ERR_SHARED_MEM = -2
+
+# (batch, grid, window, shift, heads, head_dim): odd windows, packed rows, clamped windows, every
+# head size; the 16-bit cases whose area and head_dim are multiples of 16 take the tensor-core path
+CASES = [
+    pytest.param(2, (12, 6), (4, 3), (2, 1), 3, 16, id="grid12x6-win4x3-shift2,1-h3x16-b2"),
+    pytest.param(1, (12, 6), (4, 3), (0, 0), 2, 32, id="grid12x6-win4x3-noshift-h2x32-b1"),
+    pytest.param(2, (16, 8), (4, 4), (2, 0), 2, 32, id="grid16x8-win4x4-shift2,0-h2x32-b2"),
+    pytest.param(1, (16, 8), (8, 8), (4, 0), 1, 16, id="grid16x8-win8x8-shift4,0-h1x16-b1"),
+    pytest.param(3, (8, 3), (4, 4), (2, 2), 2, 64, id="grid8x3-win4x4clamped-shift2,2-h2x64-b3"),
+    pytest.param(1, (4, 6), (8, 8), (2, 2), 1, 32, id="grid4x6-win8x8clamped-h1x32-b1"),
+    pytest.param(1, (8, 4), (4, 4), (2, 2), 1, 128, id="grid8x4-win4x4-shift2,2-h1x128-b1"),
+    pytest.param(2, (6, 4), (2, 2), (1, 1), 2, 24, id="grid6x4-win2x2-shift1,1-h2x24-b2"),
+    pytest.param(1, (16, 8), (8, 4), (4, 2), 1, 48, id="grid16x8-win8x4-shift4,2-h1x48-b1"),
+    pytest.param(2, (4, 4), (1, 1), (0, 0), 2, 16, id="grid4x4-win1x1-h2x16-b2"),
+]
+# the decoder's layer shape (4 x 4 windows, 32-wide heads), the odd window and a 64-token window
+HALF_CASES = [CASES[0], CASES[2], CASES[3], CASES[8]]
+
+
+def make_inputs(batch, grid, window, shift, heads, head_dim, device="cpu", tau=None, bias_scale=2.0):
+    """float64 leaves (qkv, tau, bias) and the clamped geometry."""
+    window, shift = window_geometry(grid, window, shift)
+    C, A = heads * head_dim, window[0] * window[1]
+    qkv = torch.randn(batch, grid[0] * grid[1], 3 * C, dtype=torch.float64).to(device)
+    if tau is None:
+        tau = torch.empty(heads, dtype=torch.float64).uniform_(0.05, 1.5)
+    tau = torch.as_tensor(tau, dtype=torch.float64).to(device)
+    bias = (bias_scale * torch.randn(heads, A, A, dtype=torch.float64)).to(device)
+    return (qkv, tau, bias), (tuple(grid), window, shift, heads)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+def reference_run(inputs, geometry, grad_out, dtype):
+    """Output and (qkv, tau, bias) gradients of the reference with the inputs cast to ``dtype``."""
+    x = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = window_attention_reference(*x, *geometry)
+    grads = torch.autograd.grad(out, x, grad_out.to(dtype))
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def kernel_arithmetic(qkv, tau, bias, grid, window, shift, heads, grad_out):
+    """The kernels' arithmetic (the Triton kernels' too) in float64, with their roundings to the input
+    dtype: q and k normalised and rounded, cos = qh kh^T, softmax, out = rounded(p) v; backward
+    ds = p (dp - rowsum(p dp)), dtau = sum(ds cos), dcos = rounded(ds / tau_c), dv = rounded(p)^T dO,
+    dq, dk through the normalisation with the unrounded rows. Returns [out, grad_qkv, grad_tau,
+    grad_bias] rounded to the input dtypes."""
+    dt = qkv.dtype
+    r = lambda x: x.to(dt).double()  # noqa: E731
+    B, L, C3 = qkv.shape
+    (T, F), (wt, wf), (st, sf) = grid, window, shift
+    C, A = C3 // 3, wt * wf
+    D, nt, nf = C // heads, T // wt, F // wf
+
+    def windows(x, ch):
+        x = torch.roll(x.double().view(B, T, F, ch), shifts=(-st, -sf), dims=(1, 2))
+        return x.view(B, nt, wt, nf, wf, ch).permute(0, 1, 3, 2, 4, 5).reshape(-1, A, ch)
+
+    def tokens(x, ch):
+        x = x.view(B, nt, nf, wt, wf, ch).permute(0, 1, 3, 2, 4, 5).reshape(B, T, F, ch)
+        return torch.roll(x, shifts=(st, sf), dims=(1, 2)).reshape(B, L, ch)
+
+    q, k, v = windows(qkv, C3).view(-1, A, 3, heads, D).permute(2, 0, 3, 1, 4)  # [windows, heads, A, D]
+    do = windows(grad_out, C).view(-1, A, heads, D).transpose(1, 2)
+    ql, kl = q.norm(dim=-1, keepdim=True), k.norm(dim=-1, keepdim=True)
+    qn, kn = q / ql.clamp(min=1e-12), k / kl.clamp(min=1e-12)
+    qh, kh = r(qn), r(kn)
+    cos = qh @ kh.transpose(-1, -2)
+    tc = tau.clamp(min=0.01).double().view(1, heads, 1, 1)
+    s = cos / tc + bias.double().unsqueeze(0)
+    if st or sf:
+        m = shift_mask(grid, window, shift, qkv.device).double()
+        s = (s.view(B, nt * nf, heads, A, A) + m.unsqueeze(1).unsqueeze(0)).view(-1, heads, A, A)
+    p = s.softmax(-1)
+    out = r(p) @ v
+    dp = do @ v.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    grad_tau = torch.where(tau >= 0.01, -(ds * cos).sum((0, 2, 3)) / tc.view(-1) ** 2, 0.0)
+    dcos = r(ds / tc)
+    dv = r(p).transpose(-1, -2) @ do
+    dqn, dkn = dcos @ kh, dcos.transpose(-1, -2) @ qh
+    dq = (dqn - qn * (dqn * qn).sum(-1, keepdim=True) * (ql >= 1e-12)) / ql.clamp(min=1e-12)
+    dk = (dkn - kn * (dkn * kn).sum(-1, keepdim=True) * (kl >= 1e-12)) / kl.clamp(min=1e-12)
+    grad_qkv = torch.stack([dq, dk, dv], 0).permute(1, 3, 0, 2, 4).reshape(-1, A, C3)
+    return [tokens(out.transpose(1, 2).reshape(-1, A, C), C).to(dt), tokens(grad_qkv, C3).to(dt),
+            grad_tau.to(tau.dtype), ds.sum(0).to(bias.dtype)]
+
+
+# Max error against kernel_arithmetic, relative to max(1, max |model|): float32 sums in another order,
+# and for 16-bit dtypes an intermediate that lands on the other side of a rounding boundary (2 ulps).
+MODEL_TOL = {torch.float32: 1e-5, torch.float16: 2 * 2.0 ** -10, torch.bfloat16: 2 * 2.0 ** -7}
+# grad_tau = -sum(dlogits * cos) / tau^2 cancels heavily: with q and k rounded to 16 bits before the
+# product (the kernels' choice, as Triton's), half an ulp moves it by ~10 % for small tau, where
+# PyTorch's own 16-bit run is off by as much. It is held to kernel_arithmetic above; against the
+# float64 reference only this bound applies to it in 16-bit dtypes.
+HALF_TAU_TOL = 0.25
+
+
+def check_errors(got, inputs, geometry, grad_out, dtype, floor=None):
+    """``got`` (out, grad_qkv, grad_tau, grad_bias in ``dtype``) against kernel_arithmetic on the same
+    rounded inputs, and against the float64 reference with bounds from PyTorch's own error in ``dtype``."""
+    x = [t.to(dtype) for t in inputs]
+    model = kernel_arithmetic(*x, *geometry, grad_out.to(dtype))
+    ref = reference_run(inputs, geometry, grad_out, torch.float64)
+    own = reference_run(inputs, geometry, grad_out, dtype)
+    floor = TOL[dtype] if floor is None else floor
+    for name, g, m, r, o in zip(NAMES, got, model, ref, own):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert torch.isfinite(g).all(), f"{name}: non-finite values (unwritten or overflow)"
+        err = rel_err(g, m.double())
+        assert err <= MODEL_TOL[dtype], f"{name}: differs from the kernels' arithmetic by {err:.3g}"
+        err, bound = rel_err(g, r), FACTOR * rel_err(o, r) + floor
+        if name == "grad_tau" and dtype != torch.float32:
+            bound = max(bound, HALF_TAU_TOL)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# availability: importing never builds, reasons are given
+# ----------------------------------------------------------------------------------------------
+def test_import_builds_and_loads_nothing():
+    code = ("import sys, audiomae, audiomae.ops, audiomae.ops_cuda, audiomae.cuda_ext as c\n"
+            "assert not c.is_loaded()\n"
+            "bad = [m for m in sys.modules if m.startswith(('audiomae_cuda', 'audiomae._cuda_ext', '_cuda_ext'))]\n"
+            "assert not bad, bad\n"
+            "assert 'torch.utils.cpp_extension' not in sys.modules\n"
+            "assert not hasattr(__import__('torch').ops.audiomae, 'window_attention_cuda_fwd')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_why_not_agrees_with_available():
+    reasons = cuda_ext.why_not()
+    assert cuda_ext.available() == (not reasons)
+    assert all(isinstance(r, str) and r for r in reasons)
+    if torch.version.cuda is None:
+        assert any("built without CUDA" in r for r in reasons)
+    elif not torch.cuda.is_available():
+        assert any("no CUDA device" in r for r in reasons)
+
+
+def test_disable_flag_is_a_reason(monkeypatch):
+    monkeypatch.setenv(cuda_ext.DISABLE_ENV, "1")
+    assert any(cuda_ext.DISABLE_ENV in r for r in cuda_ext.why_not())
+
+
+@pytest.mark.skipif(cuda_ext.available(), reason="the extension can be used here")
+def test_load_says_why_it_cannot():
+    with pytest.raises(RuntimeError, match="not available: .+"):
+        cuda_ext.load()
+
+
+def test_cli_lists_the_reasons(capsys):
+    assert cuda_ext.main([]) == 0
+    out = capsys.readouterr().out
+    if cuda_ext.why_not():
+        assert "cannot be used here" in out
+        assert all(r in out for r in cuda_ext.why_not())
+    else:
+        assert "can be used here" in out
+
+
+def test_sources_are_found():
+    src = cuda_ext.source_dir()
+    assert src is not None
+    for name in cuda_ext.CUDA_SOURCES + cuda_ext.CPP_SOURCES + cuda_ext.HEADERS + cuda_ext.EMULATOR_SOURCES:
+        assert (src / name).is_file(), name
+
+
+def test_cpu_tensors_get_reasons_and_a_forced_cuda_backend_raises_them():
+    (qkv, tau, bias), geometry = make_inputs(1, (8, 4), (4, 4), (2, 0), 1, 16)
+    args = (qkv.float(), tau.float(), bias.float(), *geometry)
+    why = dispatch.reasons("window_attention", *args)["cuda"]
+    assert any("cpu" in r for r in why)
+    with dispatch.use_backend("cuda", op="window_attention"):
+        with pytest.raises(dispatch.BackendUnavailableError, match="backend 'cuda' was asked for"):
+            dispatch.call("window_attention", *args)
+    assert dispatch.choose("window_attention", *args)[0] in ("torch", "triton")
+    assert dispatch.reasons("random_masking_ids", 2, 16, 4, "cpu")["cuda"]
+
+
+def test_window_attention_why_not_names_the_limits():
+    qkv = torch.zeros(1, 64, 3 * 2 * 256)
+    why = ops_cuda._window_attention_cuda_why_not(qkv, torch.ones(2), torch.zeros(2, 16, 16), (8, 8), (4, 4),
+                                                  (2, 0), 2)
+    assert any("head_dim 256" in r for r in why)
+    qkv = torch.zeros(1, 128, 3 * 16)
+    why = ops_cuda._window_attention_cuda_why_not(qkv, torch.ones(1), torch.zeros(1, 128, 128), (16, 8), (16, 8),
+                                                  (0, 0), 1)
+    assert any("window area" in r for r in why)
+    why = ops_cuda._window_attention_cuda_why_not(qkv.double(), torch.ones(1), torch.zeros(1, 16, 16), (16, 8),
+                                                  (4, 4), (0, 0), 1)
+    assert any("float64" in r for r in why)
+
+
+def test_fake_implementations_give_shapes_and_dtypes_without_a_gpu():
+    """What torch.compile traces with: fake CUDA tensors, no device, no extension."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops_cuda._ops()
+    with FakeTensorMode():
+        qkv = torch.empty(2, 128, 3 * 64, device="cuda", dtype=torch.bfloat16)
+        tau = torch.ones(2, device="cuda")
+        bias = torch.zeros(2, 16, 16, device="cuda", dtype=torch.bfloat16)
+        out = torch.ops.audiomae.window_attention_cuda_fwd(qkv, tau, bias, [16, 8], [4, 4], [2, 0], 2)
+        grads = torch.ops.audiomae.window_attention_cuda_bwd(out, qkv, tau, bias, [16, 8], [4, 4], [2, 0], 2)
+        ids = torch.ops.audiomae.random_masking_ids_cuda(4, 512, 102, torch.device("cuda", 0), None, 1, 0)
+    assert out.shape == (2, 128, 64) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
+    assert [(tuple(g.shape), g.dtype) for g in grads] == [((2, 128, 192), torch.bfloat16), ((2,), torch.float32),
+                                                          ((2, 16, 16), torch.bfloat16)]
+    assert [(tuple(t.shape), t.dtype) for t in ids] == [((4, 102), torch.int64), ((4, 512), torch.int64),
+                                                        ((4, 512), torch.float32)]
+    assert not cuda_ext.is_loaded()
+
+
+# ----------------------------------------------------------------------------------------------
+# the masking op's torch reference (CPU) and the Philox generator
+# ----------------------------------------------------------------------------------------------
+# Random123's known-answer vectors for Philox4x32-10: (counter, key, output)
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT, ids=["zeros", "ones", "pi"])
+def test_torch_philox_matches_random123(counter, key, expected):
+    got = ops_cuda.philox4x32_10([torch.tensor([c]) for c in counter], key)
+    assert tuple(int(w) for w in got) == expected
+
+
+def check_masking_ids(ids_keep, ids_restore, mask, batch, length, len_keep):
+    assert ids_keep.shape == (batch, len_keep) and ids_restore.shape == (batch, length) and mask.shape == (batch, length)
+    assert ids_keep.dtype == ids_restore.dtype == torch.int64
+    arange = torch.arange(length, device=ids_restore.device).expand(batch, length)
+    assert torch.equal(ids_restore.sort(1).values, arange), "ids_restore is not a permutation"
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    assert torch.equal(ids_shuffle[:, :len_keep], ids_keep)
+    assert torch.equal(mask, (ids_restore >= len_keep).to(mask.dtype))
+    assert torch.equal(mask.sum(1), torch.full((batch,), float(length - len_keep), device=mask.device, dtype=mask.dtype))
+
+
+@pytest.mark.parametrize("batch,length,len_keep", [(3, 512, 102), (2, 17, 0), (2, 17, 17), (1, 1, 1)])
+def test_reference_with_noise_is_the_release_recipe(batch, length, len_keep):
+    noise = torch.randperm(batch * length).view(batch, length).float() / (batch * length)  # no ties
+    got = ops_cuda.random_masking_ids_reference(batch, length, len_keep, noise=noise)
+    want = release_random_masking_ids(batch, length, len_keep, noise=noise)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    check_masking_ids(*got, batch, length, len_keep)
+
+
+def test_reference_with_a_seed_is_deterministic_and_follows_the_philox_bits():
+    a = ops_cuda.random_masking_ids_reference(4, 512, 102, seed=1234)
+    b = ops_cuda.random_masking_ids_reference(4, 512, 102, seed=1234)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    check_masking_ids(*a, 4, 512, 102)
+    bits = ops_cuda.philox_noise_bits(4, 512, 1234)
+    assert bits.dtype == torch.int64 and int(bits.min()) >= 0 and int(bits.max()) < 2 ** 32
+    assert torch.equal(a[0], torch.argsort(bits, dim=1, stable=True)[:, :102])
+    # the float noise bits / 2^32 gives the same order
+    assert torch.equal(a[0], ops_cuda.random_masking_ids_reference(4, 512, 102, noise=bits.double() / 2 ** 32)[0])
+    assert not torch.equal(a[0], ops_cuda.random_masking_ids_reference(4, 512, 102, seed=1235)[0])
+    assert not torch.equal(a[0], ops_cuda.random_masking_ids_reference(4, 512, 102, seed=1234, offset=1)[0])
+
+
+def test_philox_noise_looks_uniform():
+    u = ops_cuda.philox_noise_bits(64, 1024, 7).double() / 2 ** 32
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    hist = torch.histc(u.float(), bins=16, min=0, max=1)
+    assert (hist - u.numel() / 16).abs().max() < 5 * (u.numel() / 16) ** 0.5
+    # large seeds and offsets use all 64 bits
+    a = ops_cuda.philox_noise_bits(1, 8, 2 ** 63 + 5, offset=2 ** 40)
+    b = ops_cuda.philox_noise_bits(1, 8, 5, offset=2 ** 40)
+    assert not torch.equal(a, b)
+
+
+def test_tie_rule_is_index_order_nan_last_and_signed_zeros_equal():
+    noise = torch.tensor([[0.5, float("nan"), -0.0, 0.0, -1.0, float("inf"), 0.5, -float("inf")]])
+    ids_keep, ids_restore, mask = ops_cuda.random_masking_ids_reference(1, 8, 8, noise=noise)
+    assert ids_keep.tolist() == [[7, 4, 2, 3, 0, 6, 5, 1]]
+    zeros = ops_cuda.random_masking_ids_reference(2, 9, 4, noise=torch.zeros(2, 9))
+    assert torch.equal(zeros[0], torch.arange(4).expand(2, 4))
+    assert torch.equal(zeros[1], torch.arange(9).expand(2, 9))
+
+
+def test_masking_op_runs_on_cpu_through_dispatch():
+    assert dispatch.choose("random_masking_ids", 2, 64, 12, "cpu", None, 3, 0)[0] == "torch"
+    ids_keep, ids_restore, mask = ops_cuda.random_masking_ids(2, 64, 12, "cpu", seed=3)
+    check_masking_ids(ids_keep, ids_restore, mask, 2, 64, 12)
+    assert mask.dtype == torch.get_default_dtype()
+    # without noise or seed: the release's torch.rand draw
+    torch.manual_seed(5)
+    got = ops_cuda.random_masking_ids(2, 64, 12, "cpu")
+    torch.manual_seed(5)
+    want = release_random_masking_ids(2, 64, 12, "cpu")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="noise"):
+        ops_cuda.random_masking_ids(2, 64, 12, "cpu", noise=torch.rand(2, 63))
+    with pytest.raises(ValueError, match="len_keep"):
+        ops_cuda.random_masking_ids(2, 64, 65, "cpu", seed=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# nvcc compiles the kernels for sm_80 and sm_90, g++ the binding (no GPU needed)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(cuda_ext.find_nvcc() is None, reason="nvcc not installed (set CUDA_HOME or put nvcc on PATH)")
+def test_sources_compile_for_sm80_and_sm90():
+    results = cuda_ext.check_compile(("80", "90"), binding=shutil.which(os.environ.get("CXX", "g++")) is not None)
+    failed = [f"{r.line()}\n$ {' '.join(r.command)}\n{r.output}" for r in results if not r.ok]
+    assert not failed, "\n\n".join(failed)
+    print("\n" + "\n".join(r.line() for r in results))
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernels as host code (csrc/emulate.h) under sanitizers
+# ----------------------------------------------------------------------------------------------
+SANITIZERS = ("thread", "address")
+_EMU_ENV = dict(ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1",
+                UBSAN_OPTIONS="print_stacktrace=1")
+
+
+@pytest.fixture(scope="module")
+def emulators(request, tmp_path_factory):
+    """{sanitizer: executable} for the sanitizers that build and start here (cached between runs)."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("g++ not installed (the emulated kernels are C++20 host code)")
+    cache = getattr(request.config, "cache", None)
+    directory = Path(cache.mkdir("audiomae-emulator")) if cache is not None else tmp_path_factory.mktemp("emu")
+    out, why = {}, []
+    for san in SANITIZERS:
+        try:
+            exe = cuda_ext.build_emulator(san, directory)
+            emulate(exe, dict(op="philox", c0=0, c1=0, c2=0, c3=0, k0=0, k1=0), {})
+            out[san] = exe
+        except Exception as e:  # a sanitizer runtime missing or refusing this kernel's memory layout
+            why.append(f"{san}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+    if not out:
+        pytest.skip("no sanitizer build of the emulator runs here: " + "; ".join(why))
+    return out
+
+
+def _emulator(emulators, san):
+    if san not in emulators:
+        pytest.skip(f"the {san} sanitizer build does not run here")
+    return emulators[san]
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """The bytes from t's first element to its last (strides kept), as the kernel reads them."""
+    t = t.detach().cpu()
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+    flat = t.as_strided((span,), (1,), t.storage_offset()).clone()
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.view(torch.int16)
+    return flat.numpy().tobytes()
+
+
+def _from_raw(data: bytes, dtype, shape) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    view = torch.int16 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.frombuffer(bytearray(data), dtype=view).view(dtype).reshape(shape).clone()
+
+
+def emulate(exe, args, files, env=None):
+    """Run one launch-API call of the emulated kernels: (stdout, {output name: bytes})."""
+    with tempfile.TemporaryDirectory(prefix="audiomae-emu-") as d:
+        Path(d, "args.txt").write_text(" ".join(f"{k}={v}" for k, v in args.items()))
+        for name, data in files.items():
+            Path(d, name).write_bytes(data)
+        p = subprocess.run([str(exe), d], capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, **_EMU_ENV, **(env or {})))
+        if p.returncode != 0:
+            raise AssertionError(f"emulated kernel failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr[-6000:]}")
+        return p.stdout, {n: Path(d, n).read_bytes() for n in os.listdir(d) if n.endswith(".bin") and n not in files}
+
+
+def _wa_args(qkv, grid, window, shift, heads):
+    B, L, C3 = qkv.shape
+    return dict(dtype=DTYPE_CODES[qkv.dtype], batch=B, grid_t=grid[0], grid_f=grid[1], win_t=window[0],
+                win_f=window[1], shift_t=shift[0], shift_f=shift[1], heads=heads, head_dim=C3 // 3 // heads,
+                qkv_stride_b=qkv.stride(0), qkv_stride_l=qkv.stride(1))
+
+
+def emulated_window_attention(exe, qkv, tau, bias, grid, window, shift, heads, grad_out=None, env=None):
+    """The kernels' forward output, or (grad_qkv, grad_tau, grad_bias), as the custom ops compute them."""
+    B, L, C3 = qkv.shape
+    C, A = C3 // 3, window[0] * window[1]
+    tau_c = tau.clamp(min=0.01).float()
+    files = {"qkv.bin": _raw(qkv), "tau_c.bin": _raw(tau_c), "bias.bin": _raw(bias.float())}
+    args = _wa_args(qkv, grid, window, shift, heads)
+    if grad_out is None:
+        args.update(op="wa_fwd", out_stride_b=L * C, out_stride_l=C, out_elems=B * L * C)
+        stdout, out = emulate(exe, args, files, env)
+        assert "rc=0 " in stdout, stdout
+        return _from_raw(out["out.bin"], qkv.dtype, (B, L, C))
+    args.update(op="wa_bwd", out_stride_b=grad_out.stride(0), out_stride_l=grad_out.stride(1),
+                dqkv_stride_b=L * C3, dqkv_stride_l=C3, dqkv_elems=B * L * C3)
+    files["grad_out.bin"] = _raw(grad_out)
+    stdout, out = emulate(exe, args, files, env)
+    assert "rc=0 " in stdout, stdout
+    blocks = int(stdout.split("blocks_x=")[1].split()[0])
+    grad_qkv = _from_raw(out["grad_qkv.bin"], qkv.dtype, (B, L, C3))
+    dtau = _from_raw(out["dtau_partial.bin"], torch.float32, (blocks, heads))
+    dbias = _from_raw(out["dbias_partial.bin"], torch.float32, (blocks, heads, A, A))
+    return (grad_qkv, *ops_cuda.window_attention_finish_backward(tau, bias, dtau, dbias))
+
+
+def check_emulated(exe, inputs, geometry, dtype, floor=None, env=None):
+    x = [t.to(dtype) for t in inputs]
+    grad_out = torch.randn(inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2] // 3, dtype=torch.float64)
+    out = emulated_window_attention(exe, *x, *geometry, env=env)
+    grads = emulated_window_attention(exe, *x, *geometry, grad_out=grad_out.to(dtype), env=env)
+    check_errors([out, *grads], inputs, geometry, grad_out, dtype, floor)
+
+
+@pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", CASES)
+def test_emulated_kernels_match_reference_fp32(emulators, batch, grid, window, shift, heads, head_dim):
+    inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim)
+    check_emulated(_emulator(emulators, "address"), inputs, geometry, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", HALF_CASES)
+def test_emulated_kernels_match_reference_half(emulators, dtype, batch, grid, window, shift, heads, head_dim):
+    inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim)
+    check_emulated(_emulator(emulators, "address"), inputs, geometry, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype,case", [
+    pytest.param("fp32", CASES[0], id="fp32-fma-odd-window"),
+    pytest.param("bf16", CASES[2], id="bf16-tensor-cores-decoder-shape"),
+    pytest.param("fp16", CASES[7], id="fp16-fma-tiny-windows"),
+    pytest.param("bf16", CASES[3], id="bf16-tensor-cores-area64"),
+])
+def test_emulated_kernels_have_no_races(emulators, dtype, case):
+    """ThreadSanitizer: every shared-memory access of one lane is ordered against the other lanes'
+    by a __syncwarp or __syncthreads (a missing one reports a race and fails the run)."""
+    inputs, geometry = make_inputs(*case.values)
+    check_emulated(_emulator(emulators, "thread"), inputs, geometry, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("san", SANITIZERS)
+def test_emulated_backward_accumulates_over_several_windows_per_warp(emulators, san):
+    """Lower the threshold at which warps take several windows each (as large batches do), including
+    a ragged last block, and check the bias and tau gradients still sum every window once."""
+    inputs, geometry = make_inputs(3, (12, 8), (4, 4), (2, 2), 2, 16)  # 18 windows of 2 heads
+    args = _wa_args(inputs[0].float(), *geometry[:3], geometry[3])
+    stdout, _ = emulate(_emulator(emulators, san), dict(args, op="plan"), {}, env={"AM_EMULATE_UNITS_PER_WAVE": "4"})
+    assert "backward rc=0" in stdout and "windows_per_warp=8" in stdout, stdout
+    check_emulated(emulators[san], inputs, geometry, torch.float32 if san == "address" else torch.bfloat16,
+                   env={"AM_EMULATE_UNITS_PER_WAVE": "4"})
+
+
+def test_emulated_masked_logits_are_added_not_skipped(emulators):
+    """tau below the clamp (1/tau = 100) and +150 bias on the masked pairs of the last window: the
+    masked logits win, so adding -100 (the release) and skipping them differ; tau < 0.01 gets no grad."""
+    exe = _emulator(emulators, "address")
+    grid, window, shift, heads = (8, 4), (4, 4), (2, 2), 2
+    (qkv, _, _), geometry = make_inputs(2, grid, window, shift, heads, 16)
+    tau = torch.tensor([0.004, 0.01], dtype=torch.float64)
+    m = shift_mask(grid, window, shift).double()
+    bias = (150.0 * (m[-1] != 0)).expand(heads, -1, -1).contiguous()
+    check_emulated(exe, (qkv, tau, bias), geometry, torch.float32, floor=5e-5)
+    grads = emulated_window_attention(exe, qkv.float(), tau.float(), bias.float(), *geometry,
+                                      grad_out=torch.randn(2, 32, 32))
+    assert grads[1][0] == 0 and grads[1][1] != 0
+
+
+def test_emulated_kernels_read_and_write_through_strides(emulators):
+    exe = _emulator(emulators, "address")
+    (qkv, tau, bias), geometry = make_inputs(2, (8, 4), (4, 2), (2, 1), 2, 16)
+    wide = torch.randn(2, 32, qkv.shape[-1] + 8, dtype=torch.float64)
+    wide[..., 4:4 + qkv.shape[-1]] = qkv
+    view = wide[..., 4:4 + qkv.shape[-1]]
+    grad_wide = torch.randn(2, 64, 32, dtype=torch.float64)
+    grad_out = grad_wide[:, ::2]
+    assert not view.is_contiguous() and not grad_out.is_contiguous()
+    out = emulated_window_attention(exe, view.float(), tau.float(), bias.float(), *geometry)
+    grads = emulated_window_attention(exe, view.float(), tau.float(), bias.float(), *geometry,
+                                      grad_out=grad_out.float())
+    check_errors([out, *grads], (qkv, tau, bias), geometry, grad_out.contiguous(), torch.float32)
+
+
+def test_emulated_backward_is_deterministic(emulators):
+    exe = _emulator(emulators, "address")
+    (qkv, tau, bias), geometry = make_inputs(3, (12, 6), (4, 3), (2, 1), 2, 16)
+    grad_out = torch.randn(3, 72, 32)
+    env = {"AM_EMULATE_UNITS_PER_WAVE": "2"}
+    first = emulated_window_attention(exe, qkv.float(), tau.float(), bias.float(), *geometry, grad_out=grad_out, env=env)
+    second = emulated_window_attention(exe, qkv.float(), tau.float(), bias.float(), *geometry, grad_out=grad_out, env=env)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("area,head_dim", [(16, 32), (12, 24), (64, 128), (64, 64), (32, 48), (1, 16), (5, 7)])
+def test_shared_memory_formula_matches_the_kernels_plan(emulators, dtype, area, head_dim):
+    exe = next(iter(emulators.values()))
+    window = {16: (4, 4), 12: (4, 3), 64: (8, 8), 32: (8, 4), 1: (1, 1), 5: (5, 1)}[area]
+    grid = (2 * window[0], 2 * window[1])
+    args = dict(op="plan", dtype=DTYPE_CODES[dtype], batch=2, grid_t=grid[0], grid_f=grid[1], win_t=window[0],
+                win_f=window[1], shift_t=window[0] // 2, shift_f=0, heads=3, head_dim=head_dim)
+    stdout, _ = emulate(exe, args, {})
+    for backward, line in enumerate(stdout.splitlines()[:2]):
+        fields = dict(kv.split("=") for kv in line.split()[1:])
+        warp, one = ops_cuda.window_attention_smem(area, head_dim, dtype, bool(backward))
+        assert fields["rc"] == "0", line
+        assert int(fields["smem_bytes"]) == int(fields["warps"]) * warp + (one - warp), line
+        assert fields["wmma"] == str(int(dtype != torch.float32 and area % 16 == 0 and head_dim % 16 == 0))
+
+
+def test_emulated_kernels_refuse_what_does_not_fit_in_shared_memory(emulators):
+    exe = next(iter(emulators.values()))
+    (qkv, tau, bias), geometry = make_inputs(1, (8, 8), (8, 8), (0, 0), 1, 64)  # float32: 83 KB / 150 KB
+    args = dict(_wa_args(qkv.float(), *geometry[:3], 1), op="plan")
+    stdout, _ = emulate(exe, args, {}, env={"AM_EMULATE_SMEM_OPTIN": str(100 * 1024)})
+    assert "forward rc=0" in stdout and f"backward rc={AM_ERR_SHARED_MEM}" in stdout, stdout
+
+
+def emulated_masking(exe, batch, length, len_keep, noise=None, seed=0, offset=0, env=None):
+    args = dict(op="mask", batch=batch, length=length, len_keep=len_keep, seed=seed, offset=offset,
+                has_noise=int(noise is not None))
+    files = {}
+    if noise is not None:
+        args.update(noise_stride_b=noise.stride(0), noise_stride_l=noise.stride(1))
+        files["noise.bin"] = _raw(noise.float())
+    stdout, out = emulate(exe, args, files, env)
+    assert "rc=0 " in stdout, stdout
+    return (_from_raw(out["ids_keep.bin"], torch.int64, (batch, len_keep)),
+            _from_raw(out["ids_restore.bin"], torch.int64, (batch, length)),
+            _from_raw(out["mask.bin"], torch.float32, (batch, length)))
+
+
+@pytest.mark.parametrize("length,len_keep", [(1, 0), (2, 1), (7, 3), (64, 12), (512, 102), (1212, 242), (4096, 819)])
+def test_emulated_masking_matches_reference(emulators, length, len_keep):
+    exe = _emulator(emulators, "address")
+    batch = 3
+    for seed, offset in ((1234, 0), (2 ** 64 - 1, 2 ** 33 + 7)):
+        got = emulated_masking(exe, batch, length, len_keep, seed=seed, offset=offset)
+        want = ops_cuda.random_masking_ids_reference(batch, length, len_keep, seed=seed, offset=offset)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w.to(g.dtype))
+    # given noise, with ties (coarse values), and read through strides
+    noise = (torch.rand(batch, 2 * length) * 64).floor()[:, ::2]
+    got = emulated_masking(exe, batch, length, len_keep, noise=noise)
+    want = ops_cuda.random_masking_ids_reference(batch, length, len_keep, noise=noise)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+    check_masking_ids(*got, batch, length, len_keep)
+
+
+def test_emulated_masking_special_values_and_races(emulators):
+    exe = _emulator(emulators, "thread")
+    noise = torch.tensor([[0.5, float("nan"), -0.0, 0.0, -1.0, float("inf"), 0.5, -float("inf")] * 40])
+    got = emulated_masking(exe, 1, 320, 100, noise=noise)
+    want = ops_cuda.random_masking_ids_reference(1, 320, 100, noise=noise)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+    got = emulated_masking(exe, 2, 512, 102, seed=99)
+    want = ops_cuda.random_masking_ids_reference(2, 512, 102, seed=99)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# the extension on a GPU
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ext():
+    reasons = cuda_ext.why_not()
+    if reasons:
+        pytest.skip("the CUDA extension cannot be used here: " + "; ".join(reasons))
+    return cuda_ext.load()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    monkeypatch.setattr(ops_cuda, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def no_tf32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def gpu_run(inputs, geometry, grad_out, dtype):
+    x = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = ops_cuda.window_attention_cuda(*x, *geometry)
+    grads = torch.autograd.grad(out, x, grad_out.to(dtype))
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", CASES)
+def test_gpu_window_attention_matches_reference(ext, poison, no_tf32, dtype, batch, grid, window, shift, heads,
+                                               head_dim):
+    inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim, device="cuda")
+    grad_out = torch.randn(batch, inputs[0].shape[1], inputs[0].shape[2] // 3, dtype=torch.float64, device="cuda")
+    got = gpu_run(inputs, geometry, grad_out, DTYPES[dtype])
+    check_errors(got, inputs, geometry, grad_out, DTYPES[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpu_window_attention_decoder_layer_shape(ext, poison, no_tf32, dtype):
+    """The paper's decoder layer: 64 x 8 tokens, 4 x 4 windows, shift (2, 0), 16 heads of 32."""
+    inputs, geometry = make_inputs(4, (64, 8), (4, 4), (2, 0), 16, 32, device="cuda")
+    grad_out = torch.randn(4, 512, 512, dtype=torch.float64, device="cuda")
+    check_errors(gpu_run(inputs, geometry, grad_out, DTYPES[dtype]), inputs, geometry, grad_out, DTYPES[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_window_attention_large_batch_takes_several_windows_per_warp(ext, poison, no_tf32):
+    inputs, geometry = make_inputs(72, (64, 8), (4, 4), (2, 0), 16, 32, device="cuda")
+    qkv = inputs[0].to(torch.bfloat16)
+    plan = ext.window_attention_plan(qkv, inputs[1].float(), inputs[2].float(), list(geometry[0]),
+                                     list(geometry[1]), list(geometry[2]), 16, True)
+    assert plan[2] > 1, plan  # windows per warp
+    grad_out = torch.randn(72, 512, 512, dtype=torch.float64, device="cuda")
+    check_errors(gpu_run(inputs, geometry, grad_out, torch.bfloat16), inputs, geometry, grad_out, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_window_attention_mixed_dtypes_strides_and_determinism(ext, poison):
+    (qkv, tau, bias), geometry = make_inputs(2, (8, 4), (4, 4), (2, 0), 2, 16, device="cuda")
+    x = [qkv.bfloat16().requires_grad_(), tau.float().requires_grad_(), bias.bfloat16().requires_grad_()]
+    out = ops_cuda.window_attention_cuda(*x, *geometry)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and [t.grad.dtype for t in x] == [torch.bfloat16, torch.float32, torch.bfloat16]
+    r = [t.detach().double().requires_grad_() for t in x]
+    window_attention_reference(*r, *geometry).sum().backward()
+    assert rel_err(x[1].grad, r[1].grad) < 3e-2
+    # strided qkv and grad_out
+    wide = torch.randn(2, 32, qkv.shape[-1] + 8, dtype=torch.float32, device="cuda")
+    view = wide[..., 4:4 + qkv.shape[-1]]
+    g = torch.randn(2, 64, 32, device="cuda")[:, ::2]
+    a = gpu_run((view, tau, bias), geometry, g, torch.float32)
+    b = gpu_run((view.contiguous(), tau, bias), geometry, g.contiguous(), torch.float32)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    c = gpu_run((view, tau, bias), geometry, g, torch.float32)
+    for u, v in zip(a, c):
+        assert torch.equal(u, v)  # the tau and bias sums are deterministic
+
+
+@pytest.mark.gpu
+def test_gpu_window_attention_through_dispatch_compile_and_opcheck(ext):
+    (qkv, tau, bias), geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32, device="cuda")
+    x = [t.float().requires_grad_() for t in (qkv, tau, bias)]
+    direct = ops_cuda.window_attention_cuda(*x, *geometry)
+    with dispatch.use_backend("cuda", op="window_attention"):
+        assert dispatch.choose("window_attention", *x, *geometry)[0] == "cuda"
+        from audiomae import ops
+
+        assert torch.equal(ops.window_attention(*x, *geometry), direct)
+    compiled = torch.compile(lambda *a: ops_cuda.window_attention_cuda(*a, *geometry).square().sum(), fullgraph=True)
+    loss = compiled(*x)
+    grads = torch.autograd.grad(loss, x)
+    eager = torch.autograd.grad(direct.square().sum(), x)
+    for g, e in zip(grads, eager):
+        torch.testing.assert_close(g, e)
+    torch.library.opcheck(torch.ops.audiomae.window_attention_cuda_fwd.default,
+                          (*x, list(geometry[0]), list(geometry[1]), list(geometry[2]), geometry[3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,length,len_keep", [(8, 512, 102), (3, 1212, 242), (2, 4096, 819), (5, 1, 1), (2, 7, 0)])
+def test_gpu_masking_matches_reference(ext, poison, batch, length, len_keep):
+    got = ops_cuda._random_masking_ids_cuda(batch, length, len_keep, "cuda", seed=1234, offset=5)
+    want = ops_cuda.random_masking_ids_reference(batch, length, len_keep, "cpu", seed=1234, offset=5)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+    check_masking_ids(*got, batch, length, len_keep)
+    noise = (torch.rand(batch, length, device="cuda") * 64).floor()  # ties: index order
+    got = ops_cuda._random_masking_ids_cuda(batch, length, len_keep, noise=noise)
+    want = ops_cuda.random_masking_ids_reference(batch, length, len_keep, noise=noise)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    noise = torch.rand(batch, length, device="cuda")
+    got = ops_cuda._random_masking_ids_cuda(batch, length, len_keep, noise=noise)
+    want = release_random_masking_ids(batch, length, len_keep, noise=noise)
+    assert torch.equal(got[2], want[2]) or (noise.sort(1).values.diff(dim=1) == 0).any()  # equal unless ties
+
+
+@pytest.mark.gpu
+def test_gpu_masking_determinism_dispatch_and_opcheck(ext):
+    a = ops_cuda._random_masking_ids_cuda(4, 512, 102, "cuda", seed=7)
+    b = ops_cuda._random_masking_ids_cuda(4, 512, 102, "cuda", seed=7)
+    c = ops_cuda._random_masking_ids_cuda(4, 512, 102, "cuda", seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
+    torch.manual_seed(3)
+    d = ops_cuda._random_masking_ids_cuda(4, 512, 102, "cuda")
+    torch.manual_seed(3)
+    e = ops_cuda._random_masking_ids_cuda(4, 512, 102, "cuda")
+    assert torch.equal(d[1], e[1])
+    with dispatch.use_backend("cuda", op="random_masking_ids"):
+        f = ops_cuda.random_masking_ids(4, 512, 102, "cuda", seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a, f))
+    torch.library.opcheck(torch.ops.audiomae.random_masking_ids_cuda.default,
+                          (4, 512, 102, torch.device("cuda", torch.cuda.current_device()), None, 7, 0))
