@@ -44,7 +44,7 @@ def test_automatic_choice_on_cpu_is_torch():
     why = dispatch.reasons(OP, *example())
     assert why["torch"] == []
     assert why["triton"]  # CPU tensors without the interpreter, or triton missing
-    assert why["cuda"] == [f"no cuda implementation of {OP}"]
+    assert why["cuda"]  # not implemented, or (audiomae.ops_cuda imported) no CUDA here
 
 
 @needs_triton
@@ -106,8 +106,10 @@ def test_use_backend_restores_the_previous_setting():
 
 def test_forced_unavailable_backend_raises_its_reasons():
     with dispatch.use_backend("cuda"):
-        with pytest.raises(BackendUnavailableError, match="no cuda implementation of window_attention"):
+        with pytest.raises(BackendUnavailableError) as err:
             ops.window_attention(*example())
+    for reason in dispatch.reasons(OP, *example())["cuda"]:  # the reasons are the message
+        assert reason in str(err.value)
     with dispatch.use_backend("triton"):
         with pytest.raises(BackendUnavailableError) as err:
             ops.window_attention(*example(torch.float64))

@@ -402,7 +402,7 @@ def _window_attention_fwd_fake(qkv, tau, bias, grid, window, shift, num_heads):
 @_window_attention_bwd.register_fake
 def _window_attention_bwd_fake(grad_out, qkv, tau, bias, grid, window, shift, num_heads):
     _plan(qkv, tau, bias, grid, window, shift, num_heads)
-    return torch.empty_like(qkv), torch.empty_like(tau), torch.empty_like(bias)
+    return qkv.new_empty(qkv.shape), tau.new_empty(tau.shape), bias.new_empty(bias.shape)  # contiguous, as the kernel's
 
 
 def _setup_context(ctx, inputs, output):
