@@ -47,6 +47,7 @@ struct Geometry {
 // One warp's slice of shared memory (byte offsets) and the row strides of its matrices (elements).
 struct Layout {
   int warps, windows_per_warp, wmma;
+  int vec_in, vec_out;  // 16-byte copies: qkv (and grad_out) / out (or grad_qkv) rows are 16-byte aligned
   int ld_op;   // rows of q, k, v, dO (T)
   int ld_aa;   // [A][A] float32 buffers: cos (S), dP
   int ld_aat;  // [A][A] T operands: P, dCos
@@ -159,21 +160,93 @@ __device__ __forceinline__ void store_rows(T* dst, int64_t stride_l, const float
   }
 }
 
+// 16 bytes: eight 16-bit values, or four floats.
+template <typename T> struct alignas(16) Pack8 { T v[8]; };
+struct alignas(16) Float4 { float v[4]; };
+
+// The same copies 16 bytes at a time, for the tensor-core layout (16-bit T, D % 16 == 0, row strides
+// of 16 bytes in shared memory) when the global rows are 16-byte aligned too (Layout::vec_in / vec_out).
+template <typename T>
+__device__ __forceinline__ void load_rows_vec(T* dst, int ld, const T* src, int64_t stride_l, const int* tok, int A,
+                                              int D, int lane) {
+  const int wpr = D / 8;  // 16-byte words per row
+  for (int e = lane; e < A * wpr; e += 32) {
+    const int a = e / wpr, w = e - a * wpr;
+    *reinterpret_cast<Pack8<T>*>(dst + a * ld + 8 * w) =
+        *reinterpret_cast<const Pack8<T>*>(src + (int64_t)tok[a] * stride_l + 8 * w);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_rows_vec(T* dst, int64_t stride_l, const float* src, int ld, const int* tok,
+                                               int A, int D, int lane) {
+  const int wpr = D / 8;
+  for (int e = lane; e < A * wpr; e += 32) {
+    const int a = e / wpr, w = e - a * wpr;
+    const Float4 x0 = *reinterpret_cast<const Float4*>(src + a * ld + 8 * w);
+    const Float4 x1 = *reinterpret_cast<const Float4*>(src + a * ld + 8 * w + 4);
+    Pack8<T> p;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      p.v[i] = from_float<T>(x0.v[i]);
+      p.v[4 + i] = from_float<T>(x1.v[i]);
+    }
+    *reinterpret_cast<Pack8<T>*>(dst + (int64_t)tok[a] * stride_l + 8 * w) = p;
+  }
+}
+
+template <typename T, bool kWmma>
+__device__ __forceinline__ void copy_in(bool vec, T* dst, int ld, const T* src, int64_t stride_l, const int* tok, int A,
+                                        int D, int lane) {
+  if constexpr (kWmma && sizeof(T) == 2) {
+    if (vec) return load_rows_vec(dst, ld, src, stride_l, tok, A, D, lane);
+  }
+  load_rows(dst, ld, src, stride_l, tok, A, D, lane);
+}
+
+template <typename T, bool kWmma>
+__device__ __forceinline__ void copy_out(bool vec, T* dst, int64_t stride_l, const float* src, int ld, const int* tok,
+                                         int A, int D, int lane) {
+  if constexpr (kWmma && sizeof(T) == 2) {
+    if (vec) return store_rows_vec(dst, stride_l, src, ld, tok, A, D, lane);
+  }
+  store_rows(dst, stride_l, src, ld, tok, A, D, lane);
+}
+
 // F.normalize of the rows of q and k in place, rounded to T: x * (1 / max(|x|, 1e-12)) with |x| in
 // float32 (within an ulp of the division). len[r] = |x| of row r (q rows, then k rows) if len is set.
-template <typename T>
+// One lane per row; the tensor-core layout reads and writes 16 bytes at a time (same arithmetic).
+template <typename T, bool kWmma>
 __device__ __forceinline__ void normalize_rows(T* qs, T* ks, int ld, int A, int D, float* len, int lane) {
   for (int r = lane; r < 2 * A; r += 32) {
     T* row = r < A ? qs + r * ld : ks + (r - A) * ld;
     float ss = 0.f;
-    for (int d = 0; d < D; ++d) {
-      const float x = to_float(row[d]);
-      ss = fmaf(x, x, ss);
+    float inv;
+    if constexpr (kWmma && sizeof(T) == 2) {
+      for (int c = 0; c < D; c += 8) {
+        const Pack8<T> p = *reinterpret_cast<const Pack8<T>*>(row + c);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float x = to_float(p.v[i]);
+          ss = fmaf(x, x, ss);
+        }
+      }
+      inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+      for (int c = 0; c < D; c += 8) {
+        Pack8<T> p = *reinterpret_cast<const Pack8<T>*>(row + c);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) p.v[i] = from_float<T>(to_float(p.v[i]) * inv);
+        *reinterpret_cast<Pack8<T>*>(row + c) = p;
+      }
+    } else {
+      for (int d = 0; d < D; ++d) {
+        const float x = to_float(row[d]);
+        ss = fmaf(x, x, ss);
+      }
+      inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+      for (int d = 0; d < D; ++d) row[d] = from_float<T>(to_float(row[d]) * inv);
     }
-    const float l = sqrtf(ss);
-    const float inv = 1.0f / fmaxf(l, 1e-12f);
-    for (int d = 0; d < D; ++d) row[d] = from_float<T>(to_float(row[d]) * inv);
-    if (len != nullptr) len[r] = l;
+    if (len != nullptr) len[r] = sqrtf(ss);
   }
 }
 
@@ -339,11 +412,11 @@ __global__ void __launch_bounds__(128) wa_forward_kernel(const T* __restrict__ q
 
   const int b = window_setup(g, w, lane, tok, reg);
   const T* src = qkv + (int64_t)b * g.qkv_sb + (int64_t)h * D;
-  load_rows(qs, L.ld_op, src, g.qkv_sl, tok, A, D, lane);
-  load_rows(ks, L.ld_op, src + g.C, g.qkv_sl, tok, A, D, lane);
-  load_rows(vs, L.ld_op, src + 2 * g.C, g.qkv_sl, tok, A, D, lane);
+  copy_in<T, kWmma>(L.vec_in, qs, L.ld_op, src, g.qkv_sl, tok, A, D, lane);
+  copy_in<T, kWmma>(L.vec_in, ks, L.ld_op, src + g.C, g.qkv_sl, tok, A, D, lane);
+  copy_in<T, kWmma>(L.vec_in, vs, L.ld_op, src + 2 * g.C, g.qkv_sl, tok, A, D, lane);
   __syncwarp();
-  normalize_rows(qs, ks, L.ld_op, A, D, static_cast<float*>(nullptr), lane);
+  normalize_rows<T, kWmma>(qs, ks, L.ld_op, A, D, static_cast<float*>(nullptr), lane);
   __syncwarp();
   gemm<T, kWmma, false, true>(sb, L.ld_aa, qs, L.ld_op, ks, L.ld_op, A, A, D, lane);  // cos = Qn Kn^T
   __syncwarp();
@@ -351,7 +424,7 @@ __global__ void __launch_bounds__(128) wa_forward_kernel(const T* __restrict__ q
   __syncwarp();
   gemm<T, kWmma, false, false>(st, L.ld_st, pt, L.ld_aat, vs, L.ld_op, A, D, A, lane);  // P V
   __syncwarp();
-  store_rows(out + (int64_t)b * g.out_sb + (int64_t)h * D, g.out_sl, st, L.ld_st, tok, A, D, lane);
+  copy_out<T, kWmma>(L.vec_out, out + (int64_t)b * g.out_sb + (int64_t)h * D, g.out_sl, st, L.ld_st, tok, A, D, lane);
 }
 
 template <typename T, bool kWmma>
@@ -389,12 +462,13 @@ __global__ void __launch_bounds__(128) wa_backward_kernel(const T* __restrict__ 
     const int b = window_setup(g, w, lane, tok, reg);
     const T* src = qkv + (int64_t)b * g.qkv_sb + (int64_t)h * D;
     T* dst = dqkv + (int64_t)b * g.dq_sb + (int64_t)h * D;
-    load_rows(qs, L.ld_op, src, g.qkv_sl, tok, A, D, lane);
-    load_rows(ks, L.ld_op, src + C, g.qkv_sl, tok, A, D, lane);
-    load_rows(vs, L.ld_op, src + 2 * C, g.qkv_sl, tok, A, D, lane);
-    load_rows(dos, L.ld_op, gout + (int64_t)b * g.out_sb + (int64_t)h * D, g.out_sl, tok, A, D, lane);
+    copy_in<T, kWmma>(L.vec_in, qs, L.ld_op, src, g.qkv_sl, tok, A, D, lane);
+    copy_in<T, kWmma>(L.vec_in, ks, L.ld_op, src + C, g.qkv_sl, tok, A, D, lane);
+    copy_in<T, kWmma>(L.vec_in, vs, L.ld_op, src + 2 * C, g.qkv_sl, tok, A, D, lane);
+    copy_in<T, kWmma>(L.vec_in, dos, L.ld_op, gout + (int64_t)b * g.out_sb + (int64_t)h * D, g.out_sl, tok, A, D,
+                      lane);
     __syncwarp();
-    normalize_rows(qs, ks, L.ld_op, A, D, len, lane);
+    normalize_rows<T, kWmma>(qs, ks, L.ld_op, A, D, len, lane);
     __syncwarp();
     gemm<T, kWmma, false, true>(sb, L.ld_aa, qs, L.ld_op, ks, L.ld_op, A, A, D, lane);     // cos = Qn Kn^T
     gemm<T, kWmma, false, true>(dpb, L.ld_aa, dos, L.ld_op, vs, L.ld_op, A, A, D, lane);   // dP = dO V^T
@@ -403,7 +477,7 @@ __global__ void __launch_bounds__(128) wa_backward_kernel(const T* __restrict__ 
     __syncwarp();
     gemm<T, kWmma, true, false>(st, L.ld_st, pt, L.ld_aat, dos, L.ld_op, A, D, A, lane);   // dV = P^T dO
     __syncwarp();
-    store_rows(dst + 2 * C, g.dq_sl, st, L.ld_st, tok, A, D, lane);
+    copy_out<T, kWmma>(L.vec_out, dst + 2 * C, g.dq_sl, st, L.ld_st, tok, A, D, lane);
     __syncwarp();
     gemm<T, kWmma, false, false>(st, L.ld_st, dct, L.ld_aat, ks, L.ld_op, A, D, A, lane);  // dQn = dCos Kn
     __syncwarp();
@@ -481,6 +555,7 @@ int make_layout(const Geometry& g, int dtype, bool backward, int64_t smem_limit,
   const int A = g.A, D = g.D;
   const int64_t es = dtype == AM_FLOAT32 ? 4 : 2;
   L->wmma = dtype != AM_FLOAT32 && A % 16 == 0 && D % 16 == 0;
+  L->vec_in = L->vec_out = 0;  // decided at launch from the pointers and strides
   // wmma wants row strides of 16 bytes; the FMA path odd strides (no bank conflicts on columns)
   L->ld_op = L->wmma ? D + 8 : D + 1;
   L->ld_aat = L->wmma ? A + 8 : A + 1;
@@ -557,7 +632,14 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
 }
 
 template <typename K>
-int prepare(K kernel, int64_t smem_bytes) {
+int prepare(K kernel, int64_t smem_bytes, const Layout& L) {
+#ifdef AUDIOMAE_EMULATE
+  if (emu::env_long("AM_EMULATE_TRACE", 0))
+    std::fprintf(stderr, "launch warps=%d wmma=%d vec_in=%d vec_out=%d smem=%lld\n", L.warps, L.wmma, L.vec_in,
+                 L.vec_out, (long long)smem_bytes);
+#else
+  (void)L;
+#endif
   if (smem_bytes > kDefaultSmem) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes);
     if (e != cudaSuccess) return (int)e;
@@ -565,11 +647,19 @@ int prepare(K kernel, int64_t smem_bytes) {
   return AM_OK;
 }
 
+// Rows at ptr + b * stride_b + token * stride_l + h * D (+ part * C) all start on 16-byte boundaries.
+bool rows_aligned16(const void* ptr, int64_t stride_b, int64_t stride_l, const Geometry& g, int64_t es) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride_b * es) % 16 == 0 && (stride_l * es) % 16 == 0 &&
+         ((int64_t)g.C * es) % 16 == 0 && ((int64_t)g.D * es) % 16 == 0;
+}
+
 template <typename T, bool kWmma>
-int forward_typed(const Geometry& g, const Layout& L, const am_wa_plan& p, const void* qkv, const float* tau_c,
+int forward_typed(const Geometry& g, Layout L, const am_wa_plan& p, const void* qkv, const float* tau_c,
                   const float* bias, void* out, void* stream) {
+  L.vec_in = kWmma && rows_aligned16(qkv, g.qkv_sb, g.qkv_sl, g, sizeof(T));
+  L.vec_out = kWmma && rows_aligned16(out, g.out_sb, g.out_sl, g, sizeof(T));
   auto kernel = wa_forward_kernel<T, kWmma>;
-  int rc = prepare(kernel, L.block_bytes);
+  int rc = prepare(kernel, L.block_bytes, L);
   if (rc != AM_OK) return rc;
   const dim3 grid(p.blocks_x, g.H), block(32 * L.warps);
   AM_LAUNCH(kernel, grid, block, L.block_bytes, stream, static_cast<const T*>(qkv), tau_c, bias, static_cast<T*>(out),
@@ -578,11 +668,14 @@ int forward_typed(const Geometry& g, const Layout& L, const am_wa_plan& p, const
 }
 
 template <typename T, bool kWmma>
-int backward_typed(const Geometry& g, const Layout& L, const am_wa_plan& p, const void* qkv, const void* gout,
+int backward_typed(const Geometry& g, Layout L, const am_wa_plan& p, const void* qkv, const void* gout,
                    const float* tau_c, const float* bias, void* dqkv, float* dtau_part, float* dbias_part,
                    void* stream) {
+  L.vec_in = kWmma && rows_aligned16(qkv, g.qkv_sb, g.qkv_sl, g, sizeof(T)) &&
+             rows_aligned16(gout, g.out_sb, g.out_sl, g, sizeof(T));
+  L.vec_out = kWmma && rows_aligned16(dqkv, g.dq_sb, g.dq_sl, g, sizeof(T));
   auto kernel = wa_backward_kernel<T, kWmma>;
-  int rc = prepare(kernel, L.block_bytes);
+  int rc = prepare(kernel, L.block_bytes, L);
   if (rc != AM_OK) return rc;
   const dim3 grid(p.blocks_x, g.H), block(32 * L.warps);
   AM_LAUNCH(kernel, grid, block, L.block_bytes, stream, static_cast<const T*>(qkv), static_cast<const T*>(gout), tau_c,

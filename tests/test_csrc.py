@@ -404,8 +404,9 @@ def _from_raw(data: bytes, dtype, shape) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=view).view(dtype).reshape(shape).clone()
 
 
-def emulate(exe, args, files, env=None):
-    """Run one launch-API call of the emulated kernels: (stdout, {output name: bytes})."""
+def emulate(exe, args, files, env=None, stderr=None):
+    """Run one launch-API call of the emulated kernels: (stdout, {output name: bytes}); ``stderr``, a
+    list, receives the run's stderr."""
     with tempfile.TemporaryDirectory(prefix="audiomae-emu-") as d:
         Path(d, "args.txt").write_text(" ".join(f"{k}={v}" for k, v in args.items()))
         for name, data in files.items():
@@ -414,6 +415,8 @@ def emulate(exe, args, files, env=None):
                            env=dict(os.environ, **_EMU_ENV, **(env or {})))
         if p.returncode != 0:
             raise AssertionError(f"emulated kernel failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr[-6000:]}")
+        if stderr is not None:
+            stderr.append(p.stderr)
         return p.stdout, {n: Path(d, n).read_bytes() for n in os.listdir(d) if n.endswith(".bin") and n not in files}
 
 
@@ -424,7 +427,8 @@ def _wa_args(qkv, grid, window, shift, heads):
                 qkv_stride_b=qkv.stride(0), qkv_stride_l=qkv.stride(1))
 
 
-def emulated_window_attention(exe, qkv, tau, bias, grid, window, shift, heads, grad_out=None, env=None):
+def emulated_window_attention(exe, qkv, tau, bias, grid, window, shift, heads, grad_out=None, env=None,
+                              stderr=None):
     """The kernels' forward output, or (grad_qkv, grad_tau, grad_bias), as the custom ops compute them."""
     B, L, C3 = qkv.shape
     C, A = C3 // 3, window[0] * window[1]
@@ -433,13 +437,13 @@ def emulated_window_attention(exe, qkv, tau, bias, grid, window, shift, heads, g
     args = _wa_args(qkv, grid, window, shift, heads)
     if grad_out is None:
         args.update(op="wa_fwd", out_stride_b=L * C, out_stride_l=C, out_elems=B * L * C)
-        stdout, out = emulate(exe, args, files, env)
+        stdout, out = emulate(exe, args, files, env, stderr)
         assert "rc=0 " in stdout, stdout
         return _from_raw(out["out.bin"], qkv.dtype, (B, L, C))
     args.update(op="wa_bwd", out_stride_b=grad_out.stride(0), out_stride_l=grad_out.stride(1),
                 dqkv_stride_b=L * C3, dqkv_stride_l=C3, dqkv_elems=B * L * C3)
     files["grad_out.bin"] = _raw(grad_out)
-    stdout, out = emulate(exe, args, files, env)
+    stdout, out = emulate(exe, args, files, env, stderr)
     assert "rc=0 " in stdout, stdout
     blocks = int(stdout.split("blocks_x=")[1].split()[0])
     grad_qkv = _from_raw(out["grad_qkv.bin"], qkv.dtype, (B, L, C3))
@@ -522,6 +526,32 @@ def test_emulated_kernels_read_and_write_through_strides(emulators):
     grads = emulated_window_attention(exe, view.float(), tau.float(), bias.float(), *geometry,
                                       grad_out=grad_out.float())
     check_errors([out, *grads], (qkv, tau, bias), geometry, grad_out.contiguous(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_emulated_16_byte_copies_equal_element_copies(emulators, dtype):
+    """The tensor-core layout copies rows 16 bytes at a time when the rows are 16-byte aligned and
+    element by element otherwise: the same results, bit for bit."""
+    exe = _emulator(emulators, "address")
+    dtype = DTYPES[dtype]
+    (qkv, tau, bias), geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32)
+    wide = torch.randn(2, 128, qkv.shape[-1] + 4, dtype=torch.float64)
+    wide[..., 4:] = qkv
+    odd = wide.to(dtype)[..., 4:]  # rows 392 bytes apart: element copies
+    grad_out = torch.randn(2, 128, 64, dtype=torch.float64).to(dtype)
+    env = {"AM_EMULATE_TRACE": "1"}
+    runs = []
+    for x in (qkv.to(dtype), odd):
+        log = []
+        out = emulated_window_attention(exe, x, tau.to(dtype), bias.to(dtype), *geometry, env=env, stderr=log)
+        grads = emulated_window_attention(exe, x, tau.to(dtype), bias.to(dtype), *geometry, grad_out=grad_out,
+                                          env=env, stderr=log)
+        runs.append(([out, *grads], log))
+    assert all("wmma=1 vec_in=1 vec_out=1" in log for log in runs[0][1]), runs[0][1]
+    assert all("wmma=1 vec_in=0 vec_out=1" in log for log in runs[1][1]), runs[1][1]
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, b)
+    check_errors(runs[0][0], (qkv, tau, bias), geometry, grad_out.double(), dtype)
 
 
 def test_emulated_backward_is_deterministic(emulators):
