@@ -183,7 +183,8 @@ def _define_ops():
 
     @wa_bwd.register_fake
     def _(grad_out, qkv, tau, bias, grid, window, shift, num_heads):
-        return torch.empty_like(qkv), torch.empty_like(tau), torch.empty_like(bias)
+        # contiguous whatever the inputs' strides, as the binding allocates them
+        return qkv.new_empty(qkv.shape), tau.new_empty(tau.shape), bias.new_empty(bias.shape)
 
     def setup_context(ctx, inputs, output):
         qkv, tau, bias, grid, window, shift, num_heads = inputs

@@ -236,11 +236,12 @@ def test_fake_implementations_give_shapes_and_dtypes_without_a_gpu():
 
     ops_cuda._ops()
     with FakeTensorMode():
-        qkv = torch.empty(2, 128, 3 * 64, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.empty_strided((2, 128, 192), (128 * 200, 200, 1), device="cuda", dtype=torch.bfloat16)
         tau = torch.ones(2, device="cuda")
         bias = torch.zeros(2, 16, 16, device="cuda", dtype=torch.bfloat16)
         out = torch.ops.audiomae.window_attention_cuda_fwd(qkv, tau, bias, [16, 8], [4, 4], [2, 0], 2)
         grads = torch.ops.audiomae.window_attention_cuda_bwd(out, qkv, tau, bias, [16, 8], [4, 4], [2, 0], 2)
+        assert out.is_contiguous() and all(g.is_contiguous() for g in grads)  # as the binding allocates them
         ids = torch.ops.audiomae.random_masking_ids_cuda(4, 512, 102, torch.device("cuda", 0), None, 1, 0)
     assert out.shape == (2, 128, 64) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
     assert [(tuple(g.shape), g.dtype) for g in grads] == [((2, 128, 192), torch.bfloat16), ((2,), torch.float32),
