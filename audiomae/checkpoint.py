@@ -190,7 +190,6 @@ def _adapt_pos_table(name: str, old: torch.Tensor, new: torch.Tensor, kind: str,
 def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="cpu", strict: bool = True,
                **overrides):
     """Build ``cls`` (AudioMAE or AudioMAEClassifier) and load ``src`` into it; see ``from_pretrained``."""
-    from .model import AudioMAE  # noqa: F401  (cls is one of the two models)
 
     sd, file_cfg, args = read_checkpoint(src, map_location)
     if "patch_embed.proj.weight" not in sd or "cls_token" not in sd:

@@ -7,7 +7,7 @@ this dataclass without translation.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 DECODER_MODES = ("local", "global", "hybrid")

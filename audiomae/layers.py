@@ -5,7 +5,6 @@ dicts load with strict key matching.
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch

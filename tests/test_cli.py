@@ -1,7 +1,6 @@
 """The command line: help, clear errors, a short end-to-end run, kill -9 + resume, and DDP on 2 CPUs."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

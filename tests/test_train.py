@@ -1,10 +1,6 @@
 """Training loop pieces: schedule, parameter groups, layer decay, metrics, NaN handling, resume."""
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch

@@ -21,45 +21,19 @@ Layers: Triton kernels -> launchers (``torch.library`` custom ops) -> ``torch.au
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import alloc, for_current_mode as _for_current_mode, interpreting as _interpreting
 from torch.library import triton_op, wrap_triton
 
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Output buffers whose every element the kernels write."""
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.3
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-_VARIANTS = {}
-
-
-def _for_current_mode(kernel):
-    """``kernel`` compiled for the GPU, or run by Triton's interpreter when ``TRITON_INTERPRET=1``:
-    ``triton.jit`` fixes the mode when it decorates, so check it again at each launch."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpret = _interpreting()
-    if isinstance(kernel, InterpretedFunction) == interpret:
-        return kernel
-    key = (kernel.fn, interpret)
-    if key not in _VARIANTS:
-        _VARIANTS[key] = triton.jit(kernel.fn)  # reads the mode from the environment now
-    return _VARIANTS[key]
+    return alloc(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _blocks(D: int):

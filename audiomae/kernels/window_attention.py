@@ -39,12 +39,13 @@ Everything is registered as ``torch.ops.audiomae.window_attention_fwd`` / ``_bwd
 :func:`torch.library.triton_op`, with the autograd formula attached, so ``torch.compile`` traces
 through without graph breaks. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors.
 """
-import os
 from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import alloc, for_current_mode as _for_current_mode, interpreting as _interpreting
 from torch.library import triton_op, wrap_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -228,42 +229,13 @@ def _window_attention_bwd_kernel(
     tl.store(dq_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=io_mask)
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.3
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-_VARIANTS = {}
-
-
-def _for_current_mode(kernel):
-    """``kernel`` compiled for the GPU, or run by Triton's interpreter when ``TRITON_INTERPRET=1``.
-
-    ``triton.jit`` picks one of the two when it decorates; the mode is checked again at each launch
-    so that both can be used in one process whatever the environment was at import time.
-    """
-    interpret = _interpreting()
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(kernel, InterpretedFunction) == interpret:
-        return kernel
-    key = (kernel.fn, interpret)
-    if key not in _VARIANTS:
-        _VARIANTS[key] = triton.jit(kernel.fn)  # reads the mode from the environment now
-    return _VARIANTS[key]
-
-
 # --- launchers ------------------------------------------------------------------------------------
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return alloc(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[int], window: List[int],

@@ -2,8 +2,6 @@
 weights and each must have seen a disjoint share of the data."""
 import sys
 
-import torch
-import torch.distributed as dist
 
 from audiomae.train.loop import pretrain
 

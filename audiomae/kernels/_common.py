@@ -1,0 +1,43 @@
+"""Launch helpers shared by the Triton kernel modules."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def alloc(shape, dtype, device, poison: bool) -> torch.Tensor:
+    """An output buffer that the kernel writes completely; ``poison`` fills it with NaN first (tests
+    set each module's ``POISON_OUTPUTS``), so an element a kernel forgot to write shows."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter (``TRITON_INTERPRET=1``) is in force now."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.3
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+_VARIANTS = {}
+
+
+def for_current_mode(kernel):
+    """``kernel`` compiled for the GPU, or run by Triton's interpreter when ``TRITON_INTERPRET=1``.
+
+    ``triton.jit`` picks one of the two when it decorates; the mode is checked again at each launch
+    so that both can be used in one process whatever the environment was at import time.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpret = interpreting()
+    if isinstance(kernel, InterpretedFunction) == interpret:
+        return kernel
+    key = (kernel.fn, interpret)
+    if key not in _VARIANTS:
+        _VARIANTS[key] = triton.jit(kernel.fn)  # reads the mode from the environment now
+    return _VARIANTS[key]
