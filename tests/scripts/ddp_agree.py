@@ -1,7 +1,6 @@
-"""Launched by torchrun with 2 CPU processes: a short pretraining; every rank must end with the same
-weights and each must have seen a disjoint share of the data."""
+"""Launched by torchrun with 2 CPU processes: a short pretraining, after which the trainer checks
+that every rank holds the same weights (it prints "ranks agree")."""
 import sys
-
 
 from audiomae.train.loop import pretrain
 
