@@ -43,6 +43,7 @@ METADATA = dict(
         "test": ["pytest>=7", "safetensors>=0.4", "matplotlib>=3.5"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
+        "cuda": ["ninja>=1.11"],  # builds the csrc/ extension just in time
     },
     entry_points={"console_scripts": ["audiomae=audiomae.cli:main"]},
     classifiers=[

@@ -63,3 +63,7 @@ def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, g
     tensors the reference.
     """
     return dispatch.call("window_attention", qkv, tau, bias, grid, window, shift, num_heads)
+
+# The compiled CUDA kernels (csrc/) register as the ``cuda`` backend of window_attention and of
+# random_masking_ids; importing builds nothing (the extension is built on first use).
+from . import ops_cuda  # noqa: E402,F401

@@ -4,7 +4,8 @@ It needs nothing beyond the standard library, so ``pip install .`` and ``pip ins
 offline and take a second: nothing is compiled, no build tool is downloaded. The package metadata
 is read from ``setup.py`` (its ``METADATA`` dict), the one place it is written down. Wheels hold
 ``audiomae/`` and the CUDA sources of ``csrc/`` (as ``audiomae/csrc/``, built just in time on first
-use); editable installs point a ``.pth`` file at the source tree.
+use, or compiled into the wheel with ``AUDIOMAE_BUILD_CUDA=1``); editable installs point a ``.pth``
+file at the source tree.
 """
 from __future__ import annotations
 
@@ -73,9 +74,12 @@ def _package_files() -> List[Tuple[str, str]]:
 def _write_wheel(wheel_directory: str, contents: List[Tuple[str, bytes]], meta) -> str:
     dist = _dist_name(meta)
     info = f"{dist}.dist-info"
+    binary = any(name.endswith(".so") for name, _ in contents)
+    tag = _wheel_tag(binary)
     contents = contents + [
         (f"{info}/METADATA", _metadata_text(meta).encode()),
-        (f"{info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: audiomae-build-backend\nRoot-Is-Purelib: true\nTag: py3-none-any\n"),
+        (f"{info}/WHEEL", f"Wheel-Version: 1.0\nGenerator: audiomae-build-backend\nRoot-Is-Purelib: "
+                          f"{str(not binary).lower()}\nTag: {tag}\n".encode()),
         (f"{info}/entry_points.txt", _entry_points(meta).encode()),
     ]
     record = []
@@ -84,7 +88,7 @@ def _write_wheel(wheel_directory: str, contents: List[Tuple[str, bytes]], meta) 
         record.append(f"{name},sha256={digest},{len(data)}")
     record.append(f"{info}/RECORD,,")
     contents.append((f"{info}/RECORD", ("\n".join(record) + "\n").encode()))
-    filename = f"{dist}-py3-none-any.whl"
+    filename = f"{dist}-{tag}.whl"
     os.makedirs(wheel_directory, exist_ok=True)
     with zipfile.ZipFile(os.path.join(wheel_directory, filename), "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in contents:
@@ -93,6 +97,31 @@ def _write_wheel(wheel_directory: str, contents: List[Tuple[str, bytes]], meta) 
             zi.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(zi, data)
     return filename
+
+
+def _cuda_extension() -> List[Tuple[str, bytes]]:
+    """With AUDIOMAE_BUILD_CUDA=1, the CUDA extension compiled now as ``audiomae/_cuda_ext.so`` (needs
+    torch with CUDA, nvcc and ninja in the build environment: install with --no-build-isolation; no
+    GPU; architectures from TORCH_CUDA_ARCH_LIST, else sm_80 and sm_90)."""
+    if os.environ.get("AUDIOMAE_BUILD_CUDA", "") in ("", "0"):
+        return []
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "audiomae.cuda_ext", "--prebuilt", tmp], cwd=ROOT, check=True)
+        return [("audiomae/_cuda_ext.so", _read(os.path.join(tmp, "_cuda_ext.so")))]
+
+
+def _wheel_tag(binary: bool) -> str:
+    if not binary:
+        return "py3-none-any"
+    import sys
+    import sysconfig
+
+    py = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    return f"{py}-{py}-{sysconfig.get_platform().replace('-', '_').replace('.', '_')}"
 
 
 def _read(path: str) -> bytes:
@@ -115,7 +144,8 @@ def get_requires_for_build_editable(config_settings=None):
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     meta = _meta()
-    return _write_wheel(wheel_directory, [(dst, _read(src)) for src, dst in _package_files()], meta)
+    return _write_wheel(wheel_directory, [(dst, _read(src)) for src, dst in _package_files()] + _cuda_extension(),
+                        meta)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
