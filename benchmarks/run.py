@@ -102,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         share = SHARES[name] / sum(SHARES[s] for s in args.sections[i:])
         ctx.budget = harness.Budget(budget.left() * share)
         t0 = time.monotonic()
+        load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"[{name}]" + (f" budget {ctx.budget.seconds:.0f} s" if args.time_budget else ""), flush=True)
         try:
             module = __import__(f"benchmarks.{name}", fromlist=["run"])
@@ -111,6 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             report.note(name, f"section failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             traceback.print_exc()
             harness.free_memory(device)
+        if device.type == "cpu" and hasattr(os, "getloadavg"):  # other work on the machine shows in the timings
+            report.note(name, f"1-minute load average at the start / end of this section: {load0:.2f} / "
+                              f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
         print(f"[{name}] done in {time.monotonic() - t0:.0f} s", flush=True)
     report.save()
     print(report.markdown())
