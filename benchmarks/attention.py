@@ -366,14 +366,19 @@ def run(ctx: Context) -> None:
             free_memory(device)
     if skipped:
         report.note(SECTION, f"time budget used up: {skipped} measurements not made")
-    plot = ctx.options.get("plot_dir")
-    if plot:
-        rows = [r for r in report.results if r.section == SECTION]
-        path = plot_sweep(rows, os.path.join(plot, "attention.png"), x="batch", panels=("pass", "dtype", "shift"),
-                          title=f"Shifted-window cosine attention, grid {GRID[0]}x{GRID[1]}, window "
-                                f"{WINDOW[0]}x{WINDOW[1]}, {HEADS} heads x {HEAD_DIM} ({report.env.get('device')})")
+    plot_dir = ctx.options.get("plot_dir")
+    if plot_dir:
+        path = plot(report.results, plot_dir, report.env.get("device"))
         if path:
             report.note(SECTION, f"plot: {os.path.basename(path)}")
+
+
+def plot(results, out_dir: str, device_name: Optional[str]) -> Optional[str]:
+    """``out_dir/attention.png``: time per call against batch size, one panel per pass, dtype and shift."""
+    rows = [r for r in results if r.section == SECTION]
+    return plot_sweep(rows, os.path.join(out_dir, "attention.png"), x="batch", panels=("pass", "dtype", "shift"),
+                      title=f"Shifted-window cosine attention, grid {GRID[0]}x{GRID[1]}, window "
+                            f"{WINDOW[0]}x{WINDOW[1]}, {HEADS} heads x {HEAD_DIM} ({device_name})")
 
 
 def _time_one(v: Variant, sets, shift, backward: bool, device, targs, batch, dtype, peak_bw, params) -> Result:

@@ -454,6 +454,18 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def results_from_json(data: Dict[str, Any]) -> List[Result]:
+    """The rows of a ``results.json`` (for re-plotting a run without repeating it)."""
+    rows = []
+    for d in data.get("results", []):
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("params", {}).items()}
+        t = (Timing(d["median_ms"], d["p20_ms"], d["p80_ms"], d.get("min_ms", d["p20_ms"]), d.get("reps", 0))
+             if "median_ms" in d else None)
+        rows.append(Result(d["section"], d["name"], params, t, d.get("metrics", {}), d.get("note", ""),
+                           d.get("reference", False), d.get("speedup_vs_reference")))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # time budgets
 # ----------------------------------------------------------------------------------------------
@@ -587,7 +599,7 @@ def plot_sweep(results: Iterable[Result], path: str, x: str, panels: Sequence[st
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -57,6 +57,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fbank-batch", type=int, default=None, help="clips per fbank call (default 64 on CUDA)")
     p.add_argument("--step-batch", type=int, default=None, help="batch of the step-op benchmarks (default 64 on CUDA)")
     p.add_argument("--list-variants", action="store_true", help="print the attention variants and exit")
+    p.add_argument("--replot", metavar="DIR", default=None,
+                   help="redraw DIR/attention.png from DIR/results.json (no measuring) and exit")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
@@ -76,6 +78,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from benchmarks import attention
         for v in attention.VARIANTS.values():
             print(f"{v.name}{' (reference)' if v.reference else ''}: {(v.fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.replot:
+        import json
+        from benchmarks import attention
+        with open(os.path.join(args.replot, "results.json")) as f:
+            data = json.load(f)
+        path = attention.plot(harness.results_from_json(data), args.replot, data.get("environment", {}).get("device"))
+        print(f"wrote {path}" if path else "no attention rows to plot")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks: --device cuda but CUDA is not available here; nothing run (skipped)")

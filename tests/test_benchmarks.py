@@ -131,6 +131,18 @@ def test_plot_sweep_writes_a_png(tmp_path):
     assert harness.plot_sweep([], str(tmp_path / "none.png"), "batch", ("pass",), "t") is None
 
 
+def test_replot_from_results_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    rep = Report(str(tmp_path), _env())
+    for b in (1, 2):
+        rep.add(Result("attention", "eager reference", {"pass": "fwd", "dtype": "fp32", "shift": (2, 0), "batch": b},
+                       Timing(b, b, b, b, 5), {"GB/s": 1.0}, reference=True))
+    rows = harness.results_from_json(json.loads((tmp_path / "results.json").read_text()))
+    assert rows[0].params["shift"] == (2, 0) and rows[1].timing.median_ms == 2 and rows[0].reference
+    assert run.main(["--replot", str(tmp_path)]) == 0
+    assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- FLOPs and bytes ------------------------------------------------------------------------------
 def test_vit_b_flops_match_the_hand_count():
     f = pretrain.mae_flops(AudioMAEConfig.preset("base"), 0.8)
