@@ -77,7 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list_variants:
         from benchmarks import attention
         for v in attention.VARIANTS.values():
-            print(f"{v.name}{' (reference)' if v.reference else ''}: {(v.fn.__doc__ or '').strip().splitlines()[0]}")
+            doc = " ".join((v.fn.__doc__ or "").strip().split("\n\n")[0].split())
+            print(f"{v.name}{' (reference)' if v.reference else ''}: {doc}")
         return 0
     if args.replot:
         import json
