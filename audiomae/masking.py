@@ -37,18 +37,10 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Ten
     Per sample, ``noise ~ U[0, 1)`` of length L (or the given ``noise`` [B, L]); the tokens with the
     ``int(L * (1 - mask_ratio))`` smallest noise values are kept, in increasing-noise order.
     """
+    from .reference.step import random_masking_ids  # the one implementation of the recipe
+
     B, L, _ = x.shape
-    if noise is None:
-        noise = torch.rand(B, L, device=x.device)
-    elif noise.shape != (B, L):
-        raise ValueError(f"noise for unstructured masking must be [B, L] = [{B}, {L}], got {list(noise.shape)}")
-    len_keep = int(L * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    mask = torch.ones(B, L, device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
+    ids_keep, ids_restore, mask = random_masking_ids(B, L, int(L * (1 - mask_ratio)), x.device, noise)
     return Masking(gather_tokens(x, ids_keep), mask, ids_restore, ids_keep)
 
 
