@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_suite.sh
 #
 # Environment: PYTHON (default python), SUITE_SECONDS (whole suite, default 540),
-# SUITE_TEST_SECONDS (tests, default 240), SUITE_BENCH_ARGS (extra arguments for benchmarks.run,
+# SUITE_TEST_SECONDS (tests, default 240), SUITE_WORKERS (pytest-xdist processes, default 8),
+# SUITE_TUNE=1 (run the tiling sweeps of benchmarks/tune.py first), SUITE_BENCH_ARGS (extra arguments for benchmarks.run,
 # e.g. "--batch auto" or "--no-compile").
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,18 +33,22 @@ echo "gpu suite: results in $RES"
   "$PY" -m audiomae.info 2>/dev/null || true; } > "$RES/machine.txt"
 
 # 1. tests: everything marked gpu or slow, then the kernel test files, which run on CUDA tensors
-#    when a GPU is present (under the interpreter otherwise)
+#    when a GPU is present (under the interpreter otherwise). With pytest-xdist the tests run in
+#    SUITE_WORKERS processes (default 8): compiling the kernels for each shape is the slow part.
 kernel_tests=$(ls tests/test_window_attention.py tests/test_step_kernels.py tests/test_fbank_kernel.py 2>/dev/null)
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${SUITE_WORKERS:-8}"); fi
 {
-    echo "== python -m pytest -q -m 'gpu or slow' --runslow tests"
-    timeout "$TEST_SECONDS" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or slow" --runslow tests
+    echo "== python -m pytest -q -m 'gpu or slow' --runslow ${XDIST[*]} tests"
+    timeout "$TEST_SECONDS" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -m "gpu or slow" --runslow tests
     rc1=$?
     left=$(( TEST_SECONDS - $(elapsed) ))
     rc2=0
     if [ -n "$kernel_tests" ]; then
         echo "== python -m pytest -q -m 'not gpu and not slow' $kernel_tests (CUDA tensors)"
         if [ "$left" -gt 10 ]; then
-            timeout "$left" "$PY" -m pytest -q -p no:cacheprovider -m "not gpu and not slow" $kernel_tests
+            timeout "$left" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -m "not gpu and not slow" \
+                $kernel_tests
             rc2=$?
         else
             echo "no time left for the kernel test files"; rc2=124
@@ -55,7 +60,13 @@ kernel_tests=$(ls tests/test_window_attention.py tests/test_step_kernels.py test
 tests_rc=${PIPESTATUS[0]}
 echo "gpu suite: tests exit code $tests_rc after $(elapsed) s"
 
-# 2. benchmarks, in the time that is left (each section stops measuring when its share is used up)
+# 2. with SUITE_TUNE=1, the tiling sweeps of benchmarks/tune.py (about 2 minutes)
+if [ "${SUITE_TUNE:-0}" = 1 ]; then
+    timeout "${SUITE_TUNE_SECONDS:-180}" "$PY" -m benchmarks.tune --out "$RES" 2>&1 | tee "$RES/tune.log"
+    echo "gpu suite: tuning sweeps done after $(elapsed) s"
+fi
+
+# 3. benchmarks, in the time that is left (each section stops measuring when its share is used up)
 budget=$(( TOTAL - $(elapsed) - 30 ))
 if [ "$budget" -lt 60 ]; then budget=60; fi
 # shellcheck disable=SC2086
@@ -64,10 +75,10 @@ timeout $(( budget + 60 )) "$PY" -m benchmarks.run --quick --out "$RES" --time-b
 bench_rc=${PIPESTATUS[0]}
 echo "gpu suite: benchmarks exit code $bench_rc after $(elapsed) s" | tee -a "$RES/bench.log"
 
-# 3. copy to $OUT: flat, at most 8 files
+# 4. copy to $OUT: flat, at most 8 files
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    for f in results.md results.json attention.png tests.log bench.log machine.txt; do
+    for f in results.md results.json attention.png tests.log bench.log machine.txt tune.json tune.log; do
         [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"
     done
 fi

@@ -168,9 +168,11 @@ def test_other_mel_counts(kaldi, mels):
     torch.testing.assert_close(out[0], ref, rtol=0, atol=1e-3)
 
 
-def test_gpu_tiling(kaldi, monkeypatch):
-    """32-frame tiles: a full tile, a tile that ends inside the clip, and a tile of padding only."""
-    monkeypatch.setattr(kernel_module(), "_blocks", lambda: (32, 32, 64, 4))
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_gpu_tiling(kaldi, monkeypatch, precision):
+    """32-frame tiles: a full tile, a tile that ends inside the clip, and a tile of padding only;
+    with each float32-accurate product precision."""
+    monkeypatch.setattr(kernel_module(), "_blocks", lambda: (32, 32, 64, 4, precision))
     waves = clips(kaldi, n=1, length=8000)  # 48 frames
     for target in (80, 40):
         out = kernel(waves, target, "audioset")
@@ -239,5 +241,6 @@ def test_audioset_batch_cuda(kaldi):
 @pytest.mark.gpu
 def test_torch_compile_traces_fbank():
     waves = torch.randn(2, 16000, device="cuda") * 0.1
-    fn = torch.compile(lambda w: kernel(w, 128, "audioset"), fullgraph=True)
+    op = kernel_module().fbank_features  # resolved outside the traced function
+    fn = torch.compile(lambda w: op(w, 128, "audioset"), fullgraph=True)
     torch.testing.assert_close(fn(waves), kernel(waves, 128, "audioset"), rtol=0, atol=0)

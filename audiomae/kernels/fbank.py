@@ -56,11 +56,18 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return alloc(shape, dtype, device, POISON_OUTPUTS)
 
 
+# Overrides for tuning sweeps (benchmarks/tune.py): any of "block_t", "block_s", "block_k",
+# "num_warps", "precision" ("ieee" or "tf32x3", both float32-accurate); empty means the defaults.
+TUNING: dict = {}
+
+
 def _blocks():
-    """(BLOCK_T frames, BLOCK_S samples, BLOCK_K DFT bins, num_warps)."""
+    """(BLOCK_T frames, BLOCK_S samples, BLOCK_K DFT bins, num_warps, dot precision)."""
     if _interpreting():  # few, large tiles: the interpreter pays per operation, not per element
-        return 256, 256, 256, 4
-    return 32, 32, 64, 4
+        return 256, 256, 256, 4, "ieee"
+    t = TUNING
+    return (t.get("block_t", 32), t.get("block_s", 32), t.get("block_k", 64), t.get("num_warps", 4),
+            t.get("precision", "ieee"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +76,6 @@ def _blocks():
 # Reductions use tl.reduce with Triton's own combine function and accumulators start from tl.full:
 # tl.sum and tl.zeros are @triton.jit helpers whose mode (GPU or interpreter) is fixed when triton
 # is first imported, while these work in both, whatever the environment was then.
-_SUM = tl.standard._sum_combine
 
 
 @triton.jit
@@ -96,7 +102,7 @@ def _fbank_kernel(
         for n0 in range(0, NS_PAD, BLOCK_S):
             n = n0 + tl.arange(0, BLOCK_S)
             x = tl.load(wave + n[None, :] * s_wn, mask=valid_t[:, None] & (n < WIN)[None, :], other=0.0)
-            total += tl.reduce(x, 1, _SUM)
+            total += tl.reduce(x, 1, tl.standard._sum_combine)
         mean = total / WIN
         energy = tl.full((BLOCK_T, BLOCK_MEL), 0.0, tl.float32)
         for k0 in range(0, NB_PAD, BLOCK_K):
@@ -172,7 +178,7 @@ def fbank_features_op(waveforms: torch.Tensor, target_length: int, normalize: bo
         return out
     x = waveforms.to(torch.float32)
     x = x - x.mean(dim=-1, keepdim=True)  # the clip mean, as waveform_to_input removes it
-    bt, bs, bk, warps = _blocks()
+    bt, bs, bk, warps, prec = _blocks()
     cos, sin, mel, ns_pad, nb_pad, block_mel = _constants(x.device, num_mel_bins, bs, bk)
     _for_current_mode(_fbank_kernel)[(triton.cdiv(t_out, bt), B)](
         x, cos, sin, mel, out,
@@ -183,7 +189,7 @@ def fbank_features_op(waveforms: torch.Tensor, target_length: int, normalize: bo
         NS_PAD=ns_pad, NB_PAD=nb_pad, BLOCK_MEL=block_mel,
         BLOCK_T=bt, BLOCK_S=bs, BLOCK_K=bk,
         WIN=WIN, SHIFT=SHIFT, PREEMPH=PREEMPHASIS, FLOOR=FLOOR,
-        NORMALIZE=bool(normalize), PREC="ieee", num_warps=warps,
+        NORMALIZE=bool(normalize), PREC=prec, num_warps=warps,
     )
     return out
 

@@ -48,7 +48,6 @@ def _block_l(pp: int) -> int:
 # Reductions use tl.reduce with Triton's own combine function and accumulators start from tl.full:
 # tl.sum and tl.zeros are @triton.jit helpers whose mode (GPU or interpreter) is fixed when triton
 # is first imported, while these work in both, whatever the environment was then.
-_SUM = tl.standard._sum_combine
 
 
 @triton.jit
@@ -74,17 +73,17 @@ def _masked_loss_fwd_kernel(
     x = tl.load(spec_ptr + b * s_sb + ((l // FG) * P)[:, None] * s_st + ((l % FG) * P)[:, None] * s_sf
                 + (j // P)[None, :] * s_st + (j % P)[None, :] * s_sf, mask=m2, other=0.0).to(tl.float32)
     if NORM_PIX:
-        mean = tl.reduce(x, 1, _SUM) / (P * P)
+        mean = tl.reduce(x, 1, tl.standard._sum_combine) / (P * P)
         xc = tl.where(m2, x - mean[:, None], 0.0)
-        var = tl.reduce(xc * xc, 1, _SUM) / (P * P - 1)  # unbiased, as torch.var
+        var = tl.reduce(xc * xc, 1, tl.standard._sum_combine) / (P * P - 1)  # unbiased, as torch.var
         target = xc / tl.sqrt_rn(var + EPS)[:, None]
     else:
         target = x
     pred = tl.load(pred_ptr + b * s_pb + l[:, None] * s_pl + j[None, :] * s_pj, mask=m2, other=0.0).to(tl.float32)
     diff = tl.where(m2, pred - target, 0.0)
-    mse = tl.reduce(diff * diff, 1, _SUM) / (P * P)
+    mse = tl.reduce(diff * diff, 1, tl.standard._sum_combine) / (P * P)
     w = tl.load(mask_ptr + b * s_mb + l * s_ml, mask=mask_l, other=0.0).to(tl.float32)
-    tl.store(part_ptr + b * NUM_L_BLOCKS + pid, tl.reduce(mse * w, 0, _SUM))
+    tl.store(part_ptr + b * NUM_L_BLOCKS + pid, tl.reduce(mse * w, 0, tl.standard._sum_combine))
     if WRITE_GRAD:
         den = tl.load(den_ptr)
         grad = diff * (2.0 / (P * P)) * (w / den)[:, None]

@@ -57,7 +57,6 @@ def _dot_upcast(dtype: torch.dtype) -> bool:
 # Reductions use tl.reduce with Triton's own combine function and accumulators start from tl.full:
 # tl.sum and tl.zeros are @triton.jit helpers whose mode (GPU or interpreter) is fixed when triton
 # is first imported, while these work in both, whatever the environment was then.
-_SUM = tl.standard._sum_combine
 
 
 @triton.jit
@@ -134,7 +133,7 @@ def _patch_embed_bwd_weight_kernel(
         a = tl.load(spec_ptr + b[:, None] * s_sb + ((l // FG) * P)[:, None] * s_st + ((l % FG) * P)[:, None] * s_sf
                     + (offs_j // P)[None, :] * s_st + (offs_j % P)[None, :] * s_sf,
                     mask=mask_r[:, None] & mask_j[None, :], other=0.0)
-        acc_b += tl.reduce(g.to(tl.float32), 0, _SUM)
+        acc_b += tl.reduce(g.to(tl.float32), 0, tl.standard._sum_combine)
         if UPCAST:
             g, a = g.to(tl.float32), a.to(tl.float32)
         acc = tl.dot(tl.trans(g), a, acc, input_precision=PREC)

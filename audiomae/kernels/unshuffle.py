@@ -49,7 +49,6 @@ def _blocks(D: int):
 # Reductions use tl.reduce with Triton's own combine function and accumulators start from tl.full:
 # tl.sum and tl.zeros are @triton.jit helpers whose mode (GPU or interpreter) is fixed when triton
 # is first imported, while these work in both, whatever the environment was then.
-_SUM = tl.standard._sum_combine
 
 
 @triton.jit
@@ -117,7 +116,7 @@ def _unshuffle_bwd_kernel(
             zero = tl.full((BLOCK_D,), 0.0, tl.float32)
             tl.store(dx_ptr + b * s_xb + offs_d * s_xd, zero.to(dx_ptr.dtype.element_ty), mask=mask_d)
     # removed rows: this program's share of the mask token's gradient
-    part = tl.reduce(tl.where(from_x[:, None], 0.0, g), 0, _SUM)
+    part = tl.reduce(tl.where(from_x[:, None], 0.0, g), 0, tl.standard._sum_combine)
     tl.store(part_ptr + (b * NUM_L_BLOCKS + pid_l) * D + offs_d, part, mask=mask_d)
 
 

@@ -54,6 +54,9 @@ MAX_HEAD_DIM = 128
 # Tests set this to fill every output buffer with NaN before the kernels run, so an element a
 # kernel fails to write shows up instead of passing with stale memory.
 POISON_OUTPUTS = False
+# Tiling overrides for tuning sweeps (benchmarks/tune.py): {"fwd" | "bwd": {"block_m": rows,
+# "num_warps": warps, "heads_fast": bool}}; empty means the defaults of :func:`_tile`.
+TUNING: dict = {}
 
 
 # --- kernels --------------------------------------------------------------------------------------
@@ -68,10 +71,11 @@ def _window_attention_fwd_kernel(
     QKV, TAU, BIAS, OUT,
     stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l,
     n_windows,  # B * windows per sample
+    H, G,  # heads, window groups (programs = H * G)
     T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
     SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COS_PRECISION: tl.constexpr,
+    COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
     LOW: tl.constexpr = QKV.dtype.element_ty  # the products run on values rounded to the input dtype
@@ -79,8 +83,14 @@ def _window_attention_fwd_kernel(
         DOT: tl.constexpr = tl.float32
     else:
         DOT: tl.constexpr = QKV.dtype.element_ty
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+    # one flat grid of H * G programs; with HEADS_FAST the heads of a window group run side by side,
+    # so neighbouring programs read neighbouring bytes of each token's row
+    if HEADS_FAST:
+        h = tl.program_id(0) % H
+        pid = tl.program_id(0) // H
+    else:
+        pid = tl.program_id(0) % G
+        h = tl.program_id(0) // G
 
     # tile row -> (window, position) -> rolled-grid (tr, fr) -> original token, and shift region
     r = tl.arange(0, BLOCK_M)
@@ -131,11 +141,11 @@ def _window_attention_fwd_kernel(
 def _window_attention_bwd_kernel(
     QKV, TAU, BIAS, DOUT, DQKV, DTAU_PARTIAL, DBIAS_PARTIAL,
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dqkv_b, stride_dqkv_l,
-    n_windows, H,
+    n_windows, H, G,
     T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
     SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_A: tl.constexpr, WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COS_PRECISION: tl.constexpr,
+    COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
     LOW: tl.constexpr = QKV.dtype.element_ty
@@ -143,8 +153,14 @@ def _window_attention_bwd_kernel(
         DOT: tl.constexpr = tl.float32
     else:
         DOT: tl.constexpr = QKV.dtype.element_ty
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+    # one flat grid of H * G programs; with HEADS_FAST the heads of a window group run side by side,
+    # so neighbouring programs read neighbouring bytes of each token's row
+    if HEADS_FAST:
+        h = tl.program_id(0) % H
+        pid = tl.program_id(0) // H
+    else:
+        pid = tl.program_id(0) % G
+        h = tl.program_id(0) // G
 
     # same index arithmetic as the forward kernel
     r = tl.arange(0, BLOCK_M)
@@ -285,9 +301,16 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
     launches = {}
     for direction in ("fwd", "bwd"):
         block_m, num_warps = _tile(A, block_d, qkv.dtype == torch.float32, direction == "bwd")
+        heads_fast = True
+        override = TUNING.get(direction)
+        if override:
+            block_m = max(int(override.get("block_m", block_m)), _next_pow2(A), 16)
+            num_warps = int(override.get("num_warps", num_warps))
+            heads_fast = bool(override.get("heads_fast", heads_fast))
         wpb = block_m // A
-        launches[direction] = dict(programs=(triton.cdiv(n_windows, wpb), num_heads), num_warps=num_warps,
-                                   meta=dict(meta, BLOCK_M=block_m, WPB=wpb))
+        groups = triton.cdiv(n_windows, wpb)
+        launches[direction] = dict(programs=(groups * num_heads,), groups=groups, num_warps=num_warps,
+                                   meta=dict(meta, BLOCK_M=block_m, WPB=wpb, HEADS_FAST=heads_fast))
     bwd = launches["bwd"]["meta"]
     # the bias-gradient tile: the whole tile (one window), one window (A a power of two), or one-hot
     bwd["BLOCK_A"] = (bwd["BLOCK_M"] if bwd["WPB"] == 1 else A if bwd["WPB"] * A == bwd["BLOCK_M"]
@@ -335,7 +358,7 @@ def _window_attention_fwd(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tens
     launch = plan["fwd"]
     wrap_triton(kernel)[launch["programs"]](
         qkv, tau, bias, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        plan["n_windows"], **launch["meta"], num_warps=launch["num_warps"])
+        plan["n_windows"], num_heads, launch["groups"], **launch["meta"], num_warps=launch["num_warps"])
     return out
 
 
@@ -347,7 +370,7 @@ def _window_attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, tau: torch.
     qkv, tau, bias = _last_dim_contiguous(qkv), tau.contiguous(), bias.contiguous()
     grad_out = _last_dim_contiguous(grad_out)
     A, launch = plan["A"], plan["bwd"]
-    groups = launch["programs"][0]
+    groups = launch["groups"]
     grad_qkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
     dtau_partial = _alloc((groups, num_heads), torch.float32, qkv.device)
     dbias_partial = _alloc((groups, num_heads, A, A), torch.float32, qkv.device)
@@ -355,7 +378,7 @@ def _window_attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, tau: torch.
     wrap_triton(kernel)[launch["programs"]](
         qkv, tau, bias, grad_out, grad_qkv, dtau_partial, dbias_partial,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
-        grad_qkv.stride(0), grad_qkv.stride(1), plan["n_windows"], num_heads,
+        grad_qkv.stride(0), grad_qkv.stride(1), plan["n_windows"], num_heads, groups,
         **launch["meta"], num_warps=launch["num_warps"])
     tau_c = tau.clamp(min=0.01).float()
     grad_tau = torch.where(tau >= 0.01, -dtau_partial.sum(0) / (tau_c * tau_c), 0.0).to(tau.dtype)

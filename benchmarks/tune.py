@@ -1,0 +1,169 @@
+"""Tiling sweeps for the Triton kernels on a CUDA device.
+
+    python -m benchmarks.tune [--out DIR] [--only attention|fbank] [--batch N]
+
+For every candidate tiling the kernel's result is checked against the default tiling (attention)
+or the float64 reference (fbank) before it is timed (CUDA-event median of ``do_bench``, several
+input sets in rotation). Prints one markdown table per kernel, best first, and writes
+``tune.json`` when ``--out`` is given. The defaults in ``audiomae/kernels`` come from these sweeps.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+
+def _median_ms(fn, sets: int) -> float:
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def call():
+        fn(state["i"] % sets)
+        state["i"] += 1
+
+    return float(do_bench(call, warmup=25, rep=100, return_mode="median"))
+
+
+def attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
+    from audiomae.kernels import window_attention as wa
+
+    H, D, T, F, win = 16, 32, 64, 8, (4, 4)
+    C, A = H * D, win[0] * win[1]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sets = 3
+    qkvs = [torch.randn(batch, T * F, 3 * C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
+    gouts = [torch.randn(batch, T * F, C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
+    tau = (torch.rand(H, device="cuda", generator=gen) * 0.2 + 0.02).to(dtype)
+    bias = (torch.randn(H, A, A, device="cuda", generator=gen) * 2).to(dtype)
+    args = ([T, F], list(win), list(shift), H)
+    fwd_op, bwd_op = torch.ops.audiomae.window_attention_fwd, torch.ops.audiomae.window_attention_bwd
+    wa.TUNING.clear()
+    want_o = fwd_op(qkvs[0], tau, bias, *args).float()
+    want_g = bwd_op(gouts[0], qkvs[0], tau, bias, *args)[0].float()
+    rows = []
+    elt = qkvs[0].element_size()
+    n_tok = batch * T * F
+    for direction, blocks, warps in (("fwd", (16, 32, 64, 128), (2, 4, 8)), ("bwd", (16, 32, 64), (2, 4, 8))):
+        for bm, nw, hf in itertools.product(blocks, warps, (True, False)):
+            wa.TUNING.clear()
+            wa.TUNING[direction] = dict(block_m=bm, num_warps=nw, heads_fast=hf)
+            row = dict(kernel="attention", direction=direction, dtype=str(dtype).split(".")[-1], batch=batch,
+                       shift=list(shift), block_m=bm, num_warps=nw, heads_fast=hf)
+            try:
+                if direction == "fwd":
+                    got = fwd_op(qkvs[0], tau, bias, *args).float()
+                    err = (got - want_o).abs().max().item()
+                    ms = _median_ms(lambda i: fwd_op(qkvs[i], tau, bias, *args), sets)
+                    nbytes = n_tok * 4 * C * elt
+                else:
+                    got = bwd_op(gouts[0], qkvs[0], tau, bias, *args)[0].float()
+                    err = (got - want_g).abs().max().item()
+                    ms = _median_ms(lambda i: bwd_op(gouts[i], qkvs[i], tau, bias, *args), sets)
+                    nbytes = n_tok * 7 * C * elt
+                row.update(max_diff_vs_default=err, ms=ms, gbps=nbytes / ms / 1e6)
+            except Exception as e:  # a tiling that does not compile (registers, shared memory)
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    wa.TUNING.clear()
+    return rows
+
+
+def fbank(batch: int) -> List[Dict]:
+    from audiomae.audio import DATASET_STATS, waveform_to_input
+    from audiomae.kernels import fbank as fk
+
+    sets = 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t = torch.arange(160000, device="cuda", dtype=torch.float64) / 16000
+    waves = []
+    for _ in range(sets):
+        f0 = torch.rand(batch, 1, device="cuda", generator=gen, dtype=torch.float64) * 2000 + 100
+        w = 0.3 * torch.sin(2 * torch.pi * f0 * t * (1 + t / 20))
+        w = w + 0.05 * torch.randn(batch, t.numel(), device="cuda", generator=gen, dtype=torch.float64)
+        waves.append((w * 32768).round().clamp(-32768, 32767).div(32768).float())
+    ref = waveform_to_input(waves[0].double(), target_length=1024, stats="audioset").float()
+    rows = []
+    configs = [dict(block_t=bt, block_s=bs, block_k=bk, num_warps=nw, precision=p)
+               for p in ("ieee", "tf32x3")
+               for bt, bs, bk in ((32, 32, 64), (64, 32, 64), (64, 64, 64), (64, 32, 128), (128, 32, 64),
+                                  (64, 16, 128))
+               for nw in (4, 8)]
+    for cfg in configs:
+        fk.TUNING.clear()
+        fk.TUNING.update(cfg)
+        row = dict(kernel="fbank", batch=batch, **cfg)
+        try:
+            got = fk.fbank_features(waves[0], 1024, "audioset")
+            # log-domain error: the normalised input is (log - mean) / (2 std)
+            err = ((got - ref).abs().max() * 2 * DATASET_STATS["audioset"].std).item()
+            ms = _median_ms(lambda i: fk.fbank_features(waves[i], 1024, "audioset"), sets)
+            row.update(max_log_err=err, ms=ms, clips_per_s=batch / ms * 1e3)
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    fk.TUNING.clear()
+    return rows
+
+
+def _table(rows: List[Dict], keys: List[str], metric: str) -> str:
+    ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+    bad = [r for r in rows if "ms" not in r]
+    head = keys + ["ms", metric]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ok + bad:
+        cells = [str(r.get(k, "")) for k in keys]
+        cells += [f"{r['ms']:.4f}" if "ms" in r else r.get("error", ""), f"{r.get(metric, 0):.4g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="folder for tune.json")
+    ap.add_argument("--only", choices=("attention", "fbank"), action="append")
+    ap.add_argument("--batch", type=int, default=256, help="attention batch (default 256)")
+    ap.add_argument("--fbank-batch", type=int, default=64)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune: CUDA is not available; nothing to sweep")
+        return 0
+    importlib.import_module("audiomae.ops")  # registers the custom ops
+
+    only = set(args.only or ("attention", "fbank"))
+    rows: List[Dict] = []
+    t0 = time.time()
+    if "attention" in only:
+        att = attention(args.batch, torch.bfloat16)
+        rows += att
+    if "fbank" in only:
+        fb = fbank(args.fbank_batch)
+        rows += fb
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tune.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    if "attention" in only:
+        for d in ("fwd", "bwd"):
+            print(f"\n## attention {d}, bf16, batch {args.batch}, shift (2, 0)\n")
+            print(_table([r for r in att if r["direction"] == d][:], ["block_m", "num_warps", "heads_fast",
+                                                                      "max_diff_vs_default"], "gbps"))
+    if "fbank" in only:
+        print(f"\n## fbank, batch {args.fbank_batch} x 10 s\n")
+        print(_table(fb, ["block_t", "block_s", "block_k", "num_warps", "precision", "max_log_err"], "clips_per_s"))
+    print(f"\ntune: {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
