@@ -76,7 +76,7 @@ def _masked_loss_fwd_kernel(
         mean = tl.reduce(x, 1, tl.standard._sum_combine) / (P * P)
         xc = tl.where(m2, x - mean[:, None], 0.0)
         var = tl.reduce(xc * xc, 1, tl.standard._sum_combine) / (P * P - 1)  # unbiased, as torch.var
-        target = xc / tl.sqrt_rn(var + EPS)[:, None]
+        target = xc / tl.sqrt_rn((var + EPS).to(tl.float32))[:, None]  # EPS may arrive as float64
     else:
         target = x
     pred = tl.load(pred_ptr + b * s_pb + l[:, None] * s_pl + j[None, :] * s_pj, mask=m2, other=0.0).to(tl.float32)

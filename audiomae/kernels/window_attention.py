@@ -15,8 +15,10 @@ Tiling. One program handles one head of ``WPB`` consecutive windows (windows are
 whole batch): a ``BLOCK_M``-row tile of tokens (``BLOCK_M >= WPB * A``, ``A = wt * wf <= 64``; 16 to
 64 rows, see :func:`_tile`) whose scores form a block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries
 between different windows are ``-inf`` (probability exactly 0); a row never spans two windows, so
-each row's softmax is exact in registers. The paper's layer (4 x 4 windows, head_dim 32, bf16) packs
-4 windows per program forward and backward.
+each row's softmax is exact in registers. For the paper's layer (4 x 4 windows, head_dim 32, bf16)
+a forward program takes one window with 2 warps and a backward program 4 windows with 4 warps (the
+fastest tilings of ``benchmarks/tune.py`` on an H100). The grid is flat, heads fastest, so that
+neighbouring programs read neighbouring bytes of each token's row.
 
 Precision. Norms, scores, softmax and every accumulation are float32. The cosines are computed to
 float32 accuracy for every input dtype (``tf32x3`` tensor-core passes for bf16/fp16 inputs on GPUs,
@@ -330,11 +332,13 @@ def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int
         rows = 16 if (block_d > 64 and not backward) else 32
     elif backward:
         rows = 64 if block_d <= 32 else 32 if block_d <= 64 else 16
-    else:
-        rows = 64 if block_d <= 64 else 32
+    else:  # forward, 16-bit: one window per program, few warps (benchmarks/tune.py on an H100)
+        rows = 16
     block_m = max(16, _next_pow2(area), rows)
     work = block_m * max(block_m, block_d)  # elements of the largest tile
-    if not fp32:
+    if not fp32 and not backward:
+        num_warps = 2 if (block_m <= 32 and block_d <= 64) else 4
+    elif not fp32:
         num_warps = 4 if work < 2048 else 8
     elif work <= 1024:
         num_warps = 4
