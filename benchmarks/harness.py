@@ -170,6 +170,8 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> Optional[str]:
+    if os.environ.get("BENCH_COMMIT"):  # where the checkout has no (current) git metadata
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                              capture_output=True, text=True, timeout=5)

@@ -41,3 +41,14 @@ def for_current_mode(kernel):
     if key not in _VARIANTS:
         _VARIANTS[key] = triton.jit(kernel.fn)  # reads the mode from the environment now
     return _VARIANTS[key]
+
+
+def launcher(kernel):
+    """``kernel`` ready to launch inside a ``torch.library.triton_op``: wrapped with ``wrap_triton``
+    when compiled for the GPU (so ``torch.compile`` can trace it), called directly under the
+    interpreter (which cannot be traced, and which ``wrap_triton`` refuses in some torch versions)."""
+    from torch.library import wrap_triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernel = for_current_mode(kernel)
+    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)

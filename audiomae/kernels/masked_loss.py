@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, for_current_mode as _for_current_mode, interpreting as _interpreting
-from torch.library import triton_op, wrap_triton
+from ._common import alloc, interpreting as _interpreting, launcher as _launcher
+from torch.library import triton_op
 
 NORM_PIX_EPS = 1e-6
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
@@ -112,7 +112,7 @@ def masked_norm_pix_loss_fwd(pred: torch.Tensor, spec: torch.Tensor, mask: torch
     partial = _alloc((B, n_l), torch.float32, pred.device)
     if B * L > 0:
         gs = grad.stride() if write_grad else (0, 0, 0)
-        wrap_triton(_for_current_mode(_masked_loss_fwd_kernel))[(n_l, B)](
+        _launcher(_masked_loss_fwd_kernel)[(n_l, B)](
             pred, spec, mask, den, partial, grad,
             L, spec.shape[-1] // p, n_l,
             pred.stride(0), pred.stride(1), pred.stride(2),

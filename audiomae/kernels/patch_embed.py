@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, for_current_mode as _for_current_mode, interpreting as _interpreting
-from torch.library import triton_op, wrap_triton
+from ._common import alloc, interpreting as _interpreting, launcher as _launcher
+from torch.library import triton_op
 
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
@@ -203,7 +203,7 @@ def masked_patch_embed_fwd(spec: torch.Tensor, weight: torch.Tensor, bias: torch
     w = weight.reshape(D, p * p)
     bm, bn, bj, warps = _blocks(K, D, p * p)
     grid = (triton.cdiv(K, bm), triton.cdiv(D, bn), B)
-    wrap_triton(_for_current_mode(_patch_embed_fwd_kernel))[grid](
+    _launcher(_patch_embed_fwd_kernel)[grid](
         spec, w, bias, pos, ids_keep, out,
         K, D, Fq // p,
         spec.stride(0), spec.stride(2), spec.stride(3),
@@ -236,7 +236,7 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
     bm, bn, bj, warps = _blocks(K, D, pp)
     prec = _dot_precision(spec.dtype)
     grid = (triton.cdiv(D, bn), triton.cdiv(pp, bj))
-    wrap_triton(_for_current_mode(_patch_embed_bwd_weight_kernel))[grid](
+    _launcher(_patch_embed_bwd_weight_kernel)[grid](
         grad, spec, ids_keep, dw, db,
         max(K, 1), B * K, D, fg,
         grad.stride(0), grad.stride(1), grad.stride(2),
@@ -247,7 +247,7 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
     if need_spec_grad and B * K > 0:
         w = weight.reshape(D, pp)
         grid = (triton.cdiv(K, bm), triton.cdiv(pp, bj), B)
-        wrap_triton(_for_current_mode(_patch_embed_bwd_spec_kernel))[grid](
+        _launcher(_patch_embed_bwd_spec_kernel)[grid](
             grad, w, ids_keep, dspec,
             K, D, fg,
             grad.stride(0), grad.stride(1), grad.stride(2),

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, for_current_mode as _for_current_mode, interpreting as _interpreting
-from torch.library import triton_op, wrap_triton
+from ._common import alloc, interpreting as _interpreting, launcher as _launcher
+from torch.library import triton_op
 
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
@@ -137,7 +137,7 @@ def decoder_unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore
     bl, bd, warps = _blocks(D)
     mt = mask_token.reshape(D)
     grid = (triton.cdiv(l_out, bl), triton.cdiv(D, bd), B)
-    wrap_triton(_for_current_mode(_unshuffle_fwd_kernel))[grid](
+    _launcher(_unshuffle_fwd_kernel)[grid](
         x, mt, ids_restore, pos, out,
         x.shape[1] - 1, l_out, D,
         x.stride(0), x.stride(1), x.stride(2),
@@ -164,7 +164,7 @@ def decoder_unshuffle_bwd(grad: torch.Tensor, ids_restore: torch.Tensor, num_x_r
     partial = _alloc((B, n_l, D), torch.float32, grad.device)
     if B == 0 or D == 0:
         return dx, partial.sum((0, 1))
-    wrap_triton(_for_current_mode(_unshuffle_bwd_kernel))[(n_l, triton.cdiv(D, bd), B)](
+    _launcher(_unshuffle_bwd_kernel)[(n_l, triton.cdiv(D, bd), B)](
         grad, ids_restore, dx, partial,
         num_x_rows - 1, l_out, D, n_l,
         grad.stride(0), grad.stride(1), grad.stride(2),

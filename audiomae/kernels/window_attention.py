@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, for_current_mode as _for_current_mode, interpreting as _interpreting
-from torch.library import triton_op, wrap_triton
+from ._common import alloc, interpreting as _interpreting, launcher as _launcher
+from torch.library import triton_op
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WINDOW_AREA = 64
@@ -358,9 +358,9 @@ def _window_attention_fwd(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tens
     qkv, tau, bias = _last_dim_contiguous(qkv), tau.contiguous(), bias.contiguous()
     B, L, _ = qkv.shape
     out = _alloc((B, L, plan["C"]), qkv.dtype, qkv.device)
-    kernel = _for_current_mode(_window_attention_fwd_kernel)
+    kernel = _launcher(_window_attention_fwd_kernel)
     launch = plan["fwd"]
-    wrap_triton(kernel)[launch["programs"]](
+    kernel[launch["programs"]](
         qkv, tau, bias, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         plan["n_windows"], num_heads, launch["groups"], **launch["meta"], num_warps=launch["num_warps"])
     return out
@@ -378,8 +378,8 @@ def _window_attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, tau: torch.
     grad_qkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
     dtau_partial = _alloc((groups, num_heads), torch.float32, qkv.device)
     dbias_partial = _alloc((groups, num_heads, A, A), torch.float32, qkv.device)
-    kernel = _for_current_mode(_window_attention_bwd_kernel)
-    wrap_triton(kernel)[launch["programs"]](
+    kernel = _launcher(_window_attention_bwd_kernel)
+    kernel[launch["programs"]](
         qkv, tau, bias, grad_out, grad_qkv, dtau_partial, dbias_partial,
         qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
         grad_qkv.stride(0), grad_qkv.stride(1), plan["n_windows"], num_heads, groups,
