@@ -240,8 +240,10 @@ def window_attention_cuda(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tens
 
 
 dispatch.register("window_attention", "cuda", window_attention_cuda, _window_attention_cuda_why_not)
-# No set_preference here: audiomae.ops keeps ("triton", "torch") for window_attention until a GPU
-# benchmark shows the CUDA kernels win; add "cuda" to that order then.
+# No set_preference here: audiomae.ops keeps ("triton", "torch") for window_attention. Measured on an
+# H200 (torch 2.11, bf16, the paper's layer, batch 256): forward 0.29 ms Triton, 0.50 ms CUDA;
+# forward + backward 2.47 / 2.53 ms (shifted) and 2.41 / 2.43 ms (unshifted). The CUDA op stays
+# selectable with the "cuda" backend.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +386,6 @@ def random_masking_ids(batch: int, length: int, len_keep: int, device=None, nois
 
 dispatch.register("random_masking_ids", "torch", random_masking_ids_reference)
 dispatch.register("random_masking_ids", "cuda", _random_masking_ids_cuda, _random_masking_ids_cuda_why_not)
-# torch until a GPU benchmark shows the one-launch kernel wins (it also changes the random stream of
-# unseeded calls); then put "cuda" first.
+# torch: no GPU benchmark of the one-launch kernel against it yet (it would also change the random
+# stream of unseeded calls). The kernel stays selectable with the "cuda" backend.
 dispatch.set_preference("random_masking_ids", ("torch",))
