@@ -91,10 +91,29 @@ def _triton_why_not(device) -> Optional[str]:
     return "; ".join(reasons) or None
 
 
+def _triton_method(waves: torch.Tensor, method: str) -> torch.Tensor:
+    from audiomae.kernels import fbank as kernel
+
+    saved = kernel.TUNING.get("method")
+    kernel.TUNING["method"] = method
+    try:
+        with dispatch.use_backend("triton", op="fbank_features"):
+            return _fused_op()(waves, TARGET_LENGTH, "audioset")
+    finally:
+        if saved is None:
+            kernel.TUNING.pop("method", None)
+        else:
+            kernel.TUNING["method"] = saved
+
+
 def triton_fused(waves: torch.Tensor) -> torch.Tensor:
     """The fused Triton kernel (DFT, power, mel, log, pad, normalise in one pass)."""
-    with dispatch.use_backend("triton", op="fbank_features"):
-        return _fused_op()(waves, TARGET_LENGTH, "audioset")
+    return _triton_method(waves, "dft")
+
+
+def triton_fft(waves: torch.Tensor) -> torch.Tensor:
+    """Triton framing kernel, torch.fft.rfft (cuFFT), Triton power/mel/log/normalise kernel."""
+    return _triton_method(waves, "fft")
 
 
 VARIANTS: List[Tuple[str, Callable, Callable[[torch.device], Optional[str]], bool]] = [
@@ -102,6 +121,7 @@ VARIANTS: List[Tuple[str, Callable, Callable[[torch.device], Optional[str]], boo
     ("reference, per clip", reference_per_clip, lambda d: None, False),
     ("reference, batched", reference_batched, lambda d: None, True),
     ("triton (audiomae)", triton_fused, _triton_why_not, False),
+    ("triton frames + FFT + mel (audiomae)", triton_fft, _triton_why_not, False),
 ]
 
 
