@@ -65,7 +65,10 @@ class Timing:
 _L2_FLUSH: Dict[torch.device, torch.Tensor] = {}
 
 
-HIDE_LAUNCH_CYCLES = 1_000_000
+# GPU-side wait before each timed call: enough cycles (about 2 GHz) to cover 1.5x the host time of
+# a call as measured on the probe calls (at least 0.1 ms, at most HIDE_LAUNCH_CYCLES, about 4 ms)
+HIDE_LAUNCH_CYCLES = 8_000_000
+_CYCLES_PER_MS = 2_000_000
 
 
 def _flush_l2(device: torch.device) -> None:
@@ -112,6 +115,8 @@ def time_fn(fn: Callable, input_sets: Sequence[Tuple] = ((),), device: Optional[
     device = torch.device(device or "cpu")
     sets = list(input_sets) or [()]
     counter = [0]
+    hide = [HIDE_LAUNCH_CYCLES]
+    host_ms = []
 
     def call(timed_events=None):
         inputs = sets[counter[0] % len(sets)]
@@ -124,11 +129,13 @@ def time_fn(fn: Callable, input_sets: Sequence[Tuple] = ((),), device: Optional[
         if flush_l2 and device.type == "cuda":
             _flush_l2(device)
         if device.type == "cuda":
-            # a GPU-side wait (about 0.5 ms) before the start event, so that the host has queued the
-            # call by the time it starts: the timing is the device's, not Python's launch overhead
-            torch.cuda._sleep(HIDE_LAUNCH_CYCLES)
+            # a GPU-side wait before the start event, so that the host has queued the call by the
+            # time it starts: the timing is the device's, not Python's launch overhead
+            torch.cuda._sleep(hide[0])
         timed_events[0].record()
+        t0 = time.perf_counter()
         fn(*inputs)
+        host_ms.append((time.perf_counter() - t0) * 1e3)
         timed_events[1].record()
 
     call()  # first call: compilation, autotuning, allocator warm-up
@@ -137,6 +144,7 @@ def time_fn(fn: Callable, input_sets: Sequence[Tuple] = ((),), device: Optional[
     for ev in probe:
         call(ev)
     synchronize(device)
+    hide[0] = int(min(HIDE_LAUNCH_CYCLES, max(0.1, 1.5 * max(host_ms)) * _CYCLES_PER_MS))
     est = max(1e-4, sum(s.elapsed_time(e) for s, e in probe) / len(probe))
     for _ in range(max(1, min(1000, int(warmup_ms / est)))):
         call()

@@ -175,6 +175,15 @@ def test_masked_patch_embed_gpu_tiling(monkeypatch):
     check_patch_embed(leaves, ids, torch.float32)
 
 
+@pytest.mark.parametrize("split", [2, 3, 7])
+def test_masked_patch_embed_weight_grad_split_over_rows(monkeypatch, split):
+    """The weight gradient summed over row slices (uneven, more slices than row blocks)."""
+    gpu_blocks(monkeypatch)
+    monkeypatch.setitem(kernel_module("patch_embed").TUNING, "bwd_split", split)
+    leaves, ids = patch_embed_inputs(3, 160, 128, 16, 72, 70, spec_grad=True)
+    check_patch_embed(leaves, ids, torch.float32)
+
+
 def test_masked_patch_embed_only_needed_grads_and_determinism():
     pe = kernel_module("patch_embed")
     leaves, ids = patch_embed_inputs(2, 64, 48, 16, 24, 5)

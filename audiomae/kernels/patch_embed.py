@@ -105,25 +105,31 @@ def _patch_embed_fwd_kernel(
 @triton.jit
 def _patch_embed_bwd_weight_kernel(
     g_ptr, spec_ptr, ids_ptr, dw_ptr, db_ptr,
-    K, R, D, FG,
+    K, R, D, FG, CHUNK,
     s_gb, s_gk, s_gd,
     s_sb, s_st, s_sf,
     s_ib, s_ik,
+    s_dws, s_dbs,
     P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dW[n, j] = sum_r g[r, n] * patch[r, j] and db[n] = sum_r g[r, n] over the R = B * K kept tokens."""
+    """dW[n, j] = sum_r g[r, n] * patch[r, j] and db[n] = sum_r g[r, n] over the R = B * K kept tokens;
+    program (n, j, s) sums rows [s * CHUNK, (s + 1) * CHUNK) into slice s of the outputs (strides
+    s_dws, s_dbs; one slice, the gradients themselves, when there is no split)."""
     pid_n = tl.program_id(0)
     pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    r_lo = pid_s * CHUNK
+    r_hi = tl.minimum(R, r_lo + CHUNK)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_n = offs_n < D
     mask_j = offs_j < P * P
     acc = tl.full((BLOCK_N, BLOCK_J), 0.0, tl.float32)
     acc_b = tl.full((BLOCK_N,), 0.0, tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(r_lo, r_hi, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = r < R
+        mask_r = r < r_hi
         b = (r // K).to(tl.int64)
         k = r % K
         l = tl.load(ids_ptr + b * s_ib + k * s_ik, mask=mask_r, other=0).to(tl.int64)
@@ -137,10 +143,10 @@ def _patch_embed_bwd_weight_kernel(
         if UPCAST:
             g, a = g.to(tl.float32), a.to(tl.float32)
         acc = tl.dot(tl.trans(g), a, acc, input_precision=PREC)
-    tl.store(dw_ptr + offs_n[:, None] * (P * P) + offs_j[None, :], acc.to(dw_ptr.dtype.element_ty),
+    tl.store(dw_ptr + pid_s * s_dws + offs_n[:, None] * (P * P) + offs_j[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=mask_n[:, None] & mask_j[None, :])
     if pid_j == 0:
-        tl.store(db_ptr + offs_n, acc_b.to(db_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(db_ptr + pid_s * s_dbs + offs_n, acc_b.to(db_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -189,6 +195,24 @@ def _blocks(K: int, D: int, pp: int):
     return 64, 64, 64, 4
 
 
+# Tuning override (tests, sweeps): {"bwd_split": n} fixes the number of row slices of the weight
+# gradient; empty means the heuristic of _weight_grad_split.
+TUNING: dict = {}
+
+
+def _weight_grad_split(tiles: int, rows: int, block_rows: int, device: torch.device) -> int:
+    """Row slices for the weight-gradient kernel: its (D x p^2) tiles alone are too few programs to
+    fill a GPU (48 for ViT-B), so the B * K rows are split until there are about two programs per
+    multiprocessor, each slice keeping at least 4 blocks of rows."""
+    if "bwd_split" in TUNING:
+        return max(1, int(TUNING["bwd_split"]))
+    if _interpreting() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    most = max(1, rows // (4 * block_rows))
+    return max(1, min(most, triton.cdiv(2 * sms, max(tiles, 1))))
+
+
 @triton_op("audiomae::masked_patch_embed_fwd", mutates_args=())
 def masked_patch_embed_fwd(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor,
                            ids_keep: torch.Tensor) -> torch.Tensor:
@@ -227,23 +251,35 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
     K = ids_keep.shape[1]
     pp = p * p
     fg = Fq // p
-    dw = _alloc((D, 1, p, p), weight.dtype, spec.device)
-    db = _alloc((D,), weight.dtype, spec.device)
     # removed patches (and a cropped remainder) get zero gradient: start from zeros
     dspec = torch.zeros_like(spec) if need_spec_grad else spec.new_empty((0,))
     if D == 0:
-        return dspec, dw, db
+        return dspec, _alloc((D, 1, p, p), weight.dtype, spec.device), _alloc((D,), weight.dtype, spec.device)
     bm, bn, bj, warps = _blocks(K, D, pp)
     prec = _dot_precision(spec.dtype)
-    grid = (triton.cdiv(D, bn), triton.cdiv(pp, bj))
+    tiles = triton.cdiv(D, bn) * triton.cdiv(pp, bj)
+    split = _weight_grad_split(tiles, B * K, bm, spec.device)
+    chunk = triton.cdiv(triton.cdiv(max(B * K, 1), split), bm) * bm  # a whole number of row blocks
+    split = triton.cdiv(max(B * K, 1), chunk)
+    if split == 1:
+        dw_out = dw = _alloc((D, 1, p, p), weight.dtype, spec.device)
+        db_out = db = _alloc((D,), weight.dtype, spec.device)
+    else:  # float32 partial sums per slice of rows, reduced below in a fixed order (deterministic)
+        dw_out = _alloc((split, D, pp), torch.float32, spec.device)
+        db_out = _alloc((split, D), torch.float32, spec.device)
+    grid = (triton.cdiv(D, bn), triton.cdiv(pp, bj), split)
     _launcher(_patch_embed_bwd_weight_kernel)[grid](
-        grad, spec, ids_keep, dw, db,
-        max(K, 1), B * K, D, fg,
+        grad, spec, ids_keep, dw_out, db_out,
+        max(K, 1), B * K, D, fg, chunk,
         grad.stride(0), grad.stride(1), grad.stride(2),
         spec.stride(0), spec.stride(2), spec.stride(3),
         ids_keep.stride(0), ids_keep.stride(1),
+        dw_out.stride(0) if split > 1 else 0, db_out.stride(0) if split > 1 else 0,
         P=p, BLOCK_R=bm, BLOCK_N=bn, BLOCK_J=bj, PREC=prec, UPCAST=_dot_upcast(spec.dtype), num_warps=warps,
     )
+    if split > 1:
+        dw = dw_out.sum(0).to(weight.dtype).reshape(D, 1, p, p)
+        db = db_out.sum(0).to(weight.dtype)
     if need_spec_grad and B * K > 0:
         w = weight.reshape(D, pp)
         grid = (triton.cdiv(K, bm), triton.cdiv(pp, bj), B)
