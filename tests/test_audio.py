@@ -325,3 +325,17 @@ def test_load_audio_errors(tmp_path, kind):
     assert isinstance(info.value, RuntimeError)
     with pytest.raises(A.AudioLoadError):
         A.load_input(path)
+
+
+def test_batched_fbank_equals_clip_by_clip_on_the_cpu(monkeypatch):
+    """The CPU path computes a few clips per pass; every clip's result is the same as alone."""
+    monkeypatch.setattr(A, "_CPU_FRAMES_PER_PASS", 50)  # several passes, and a clip longer than one
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16000, generator=gen) * 0.1
+    batched = A.fbank(x)
+    assert batched.shape == (2, 3, 98, 128)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(batched[i, j], A.fbank(x[i, j]), rtol=0, atol=0)
+    monkeypatch.setattr(A, "_CPU_FRAMES_PER_PASS", 10 ** 9)  # one pass over everything
+    torch.testing.assert_close(A.fbank(x), batched, rtol=1e-6, atol=1e-5)
