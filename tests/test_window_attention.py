@@ -118,6 +118,19 @@ def test_matches_reference_half(interpret, dtype, batch, grid, window, shift, he
     check_against_reference(inputs, geometry, DTYPES[dtype])
 
 
+@pytest.mark.parametrize("block_m,gpp,heads_fast", [(16, 3, True), (32, 2, False), (64, 4, True)])
+@pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", [CASES[0], CASES[2]])
+def test_tilings_and_groups_per_program(interpret, monkeypatch, block_m, gpp, heads_fast, batch, grid, window,
+                                        shift, heads, head_dim):
+    """Overridden tilings (as the tuning sweeps set them): packed windows, several window groups per
+    program with a partial last one, either grid order; forward and every gradient."""
+    for direction in ("fwd", "bwd"):
+        monkeypatch.setitem(wa.TUNING, direction, dict(block_m=block_m, num_warps=2, heads_fast=heads_fast,
+                                                      groups_per_program=gpp))
+    inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim)
+    check_against_reference(inputs, geometry, torch.float32)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_geometries(interpret, seed):
     """Windows from 1 x 2 to 8 x 8, 1-3 windows per axis, any shift, 1-4 heads, batch 1-3."""

@@ -57,7 +57,8 @@ MAX_HEAD_DIM = 128
 # kernel fails to write shows up instead of passing with stale memory.
 POISON_OUTPUTS = False
 # Tiling overrides for tuning sweeps (benchmarks/tune.py): {"fwd" | "bwd": {"block_m": rows,
-# "num_warps": warps, "heads_fast": bool}}; empty means the defaults of :func:`_tile`.
+# "num_warps": warps, "heads_fast": bool, "groups_per_program": n}}; empty means the defaults of
+# :func:`_tile` (heads fast, one group of windows per program).
 TUNING: dict = {}
 
 
@@ -73,11 +74,11 @@ def _window_attention_fwd_kernel(
     QKV, TAU, BIAS, OUT,
     stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l,
     n_windows,  # B * windows per sample
-    H, G,  # heads, window groups (programs = H * G)
+    H, G,  # heads, programs per head (each takes GPP window groups; programs = H * G)
     T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
     SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr,
+    COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr, GPP: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
     LOW: tl.constexpr = QKV.dtype.element_ty  # the products run on values rounded to the input dtype
@@ -89,54 +90,56 @@ def _window_attention_fwd_kernel(
     # so neighbouring programs read neighbouring bytes of each token's row
     if HEADS_FAST:
         h = tl.program_id(0) % H
-        pid = tl.program_id(0) // H
+        prog = tl.program_id(0) // H
     else:
-        pid = tl.program_id(0) % G
+        prog = tl.program_id(0) % G
         h = tl.program_id(0) // G
+    for it in tl.static_range(GPP):  # GPP window groups, unrolled
+        pid = prog * GPP + it
 
-    # tile row -> (window, position) -> rolled-grid (tr, fr) -> original token, and shift region
-    r = tl.arange(0, BLOCK_M)
-    w_local = r // A
-    pos = r % A
-    w_global = pid * WPB + w_local
-    valid = (w_local < WPB) & (w_global < n_windows)
-    b = w_global // ((T // WT) * (F // WF))
-    w_in = w_global % ((T // WT) * (F // WF))
-    tr = (w_in // (F // WF)) * WT + pos // WF
-    fr = (w_in % (F // WF)) * WF + pos % WF
-    token = ((tr + ST) % T) * F + (fr + SF) % F
-    region = r * 0
-    if ST > 0:
-        region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
-    if SF > 0:
-        region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
+        # tile row -> (window, position) -> rolled-grid (tr, fr) -> original token, and shift region
+        r = tl.arange(0, BLOCK_M)
+        w_local = r // A
+        pos = r % A
+        w_global = pid * WPB + w_local
+        valid = (w_local < WPB) & (w_global < n_windows)
+        b = w_global // ((T // WT) * (F // WF))
+        w_in = w_global % ((T // WT) * (F // WF))
+        tr = (w_in // (F // WF)) * WT + pos // WF
+        fr = (w_in % (F // WF)) * WF + pos % WF
+        token = ((tr + ST) % T) * F + (fr + SF) % F
+        region = r * 0
+        if ST > 0:
+            region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
+        if SF > 0:
+            region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
 
-    d = tl.arange(0, BLOCK_D)
-    io_mask = valid[:, None] & (d < D)[None, :]
-    row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
-    q_ptrs = QKV + row[:, None] + d[None, :]
-    q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
-    k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
-    v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
+        d = tl.arange(0, BLOCK_D)
+        io_mask = valid[:, None] & (d < D)[None, :]
+        row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
+        q_ptrs = QKV + row[:, None] + d[None, :]
+        q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+        k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
+        v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
 
-    # F.normalize: x / max(||x||, 1e-12), norms in float32
-    qn = q / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine)), 1e-12)[:, None]
-    kn = k / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine)), 1e-12)[:, None]
-    cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
+        # F.normalize: x / max(||x||, 1e-12), norms in float32
+        qn = q / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine)), 1e-12)[:, None]
+        kn = k / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine)), 1e-12)[:, None]
+        cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
 
-    # the clamp happens in tau's dtype, as in the reference
-    tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
-    same = w_local[:, None] == w_local[None, :]
-    bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
-    s = cos / tau_c + bias.to(tl.float32)
-    s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
-    s = tl.where(same, s, float("-inf"))
-    e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
-    p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
-    o = tl.dot(p.to(LOW).to(DOT), v.to(DOT), input_precision=DOT_PRECISION)
+        # the clamp happens in tau's dtype, as in the reference
+        tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
+        same = w_local[:, None] == w_local[None, :]
+        bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
+        s = cos / tau_c + bias.to(tl.float32)
+        s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
+        s = tl.where(same, s, float("-inf"))
+        e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
+        p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
+        o = tl.dot(p.to(LOW).to(DOT), v.to(DOT), input_precision=DOT_PRECISION)
 
-    out_row = b.to(tl.int64) * stride_out_b + token.to(tl.int64) * stride_out_l + h * D
-    tl.store(OUT + out_row[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=io_mask)
+        out_row = b.to(tl.int64) * stride_out_b + token.to(tl.int64) * stride_out_l + h * D
+        tl.store(OUT + out_row[:, None] + d[None, :], o.to(OUT.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -147,7 +150,7 @@ def _window_attention_bwd_kernel(
     T: tl.constexpr, F: tl.constexpr, WT: tl.constexpr, WF: tl.constexpr, ST: tl.constexpr,
     SF: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_A: tl.constexpr, WPB: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr,
+    COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr, GPP: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
     LOW: tl.constexpr = QKV.dtype.element_ty
@@ -159,92 +162,100 @@ def _window_attention_bwd_kernel(
     # so neighbouring programs read neighbouring bytes of each token's row
     if HEADS_FAST:
         h = tl.program_id(0) % H
-        pid = tl.program_id(0) // H
+        prog = tl.program_id(0) // H
     else:
-        pid = tl.program_id(0) % G
+        prog = tl.program_id(0) % G
         h = tl.program_id(0) // G
+    # tau and bias partial sums over this program's GPP window groups, stored once at the end
+    dtau_acc = tl.full((BLOCK_M,), 0.0, tl.float32)
+    db_acc = tl.full((BLOCK_A, BLOCK_A), 0.0, tl.float32)
+    for it in tl.static_range(GPP):  # GPP window groups, unrolled
+        pid = prog * GPP + it
 
-    # same index arithmetic as the forward kernel
-    r = tl.arange(0, BLOCK_M)
-    w_local = r // A
-    pos = r % A
-    w_global = pid * WPB + w_local
-    valid = (w_local < WPB) & (w_global < n_windows)
-    b = w_global // ((T // WT) * (F // WF))
-    w_in = w_global % ((T // WT) * (F // WF))
-    tr = (w_in // (F // WF)) * WT + pos // WF
-    fr = (w_in % (F // WF)) * WF + pos % WF
-    token = ((tr + ST) % T) * F + (fr + SF) % F
-    region = r * 0
-    if ST > 0:
-        region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
-    if SF > 0:
-        region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
+        # same index arithmetic as the forward kernel
+        r = tl.arange(0, BLOCK_M)
+        w_local = r // A
+        pos = r % A
+        w_global = pid * WPB + w_local
+        valid = (w_local < WPB) & (w_global < n_windows)
+        b = w_global // ((T // WT) * (F // WF))
+        w_in = w_global % ((T // WT) * (F // WF))
+        tr = (w_in // (F // WF)) * WT + pos // WF
+        fr = (w_in % (F // WF)) * WF + pos % WF
+        token = ((tr + ST) % T) * F + (fr + SF) % F
+        region = r * 0
+        if ST > 0:
+            region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
+        if SF > 0:
+            region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
 
-    d = tl.arange(0, BLOCK_D)
-    io_mask = valid[:, None] & (d < D)[None, :]
-    row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
-    q_ptrs = QKV + row[:, None] + d[None, :]
-    q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
-    k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
-    v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
-    do_row = b.to(tl.int64) * stride_do_b + token.to(tl.int64) * stride_do_l + h * D
-    do = tl.load(DOUT + do_row[:, None] + d[None, :], mask=io_mask, other=0.0)
+        d = tl.arange(0, BLOCK_D)
+        io_mask = valid[:, None] & (d < D)[None, :]
+        row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
+        q_ptrs = QKV + row[:, None] + d[None, :]
+        q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+        k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
+        v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
+        do_row = b.to(tl.int64) * stride_do_b + token.to(tl.int64) * stride_do_l + h * D
+        do = tl.load(DOUT + do_row[:, None] + d[None, :], mask=io_mask, other=0.0)
 
-    # recompute the forward
-    q_len = tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine))
-    k_len = tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine))
-    q_den = tl.maximum(q_len, 1e-12)
-    k_den = tl.maximum(k_len, 1e-12)
-    qn = q / q_den[:, None]
-    kn = k / k_den[:, None]
-    cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
-    tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
-    same = w_local[:, None] == w_local[None, :]
-    bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
-    s = cos / tau_c + bias.to(tl.float32)
-    s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
-    s = tl.where(same, s, float("-inf"))
-    e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
-    p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
+        # recompute the forward
+        q_len = tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine))
+        k_len = tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine))
+        q_den = tl.maximum(q_len, 1e-12)
+        k_den = tl.maximum(k_len, 1e-12)
+        qn = q / q_den[:, None]
+        kn = k / k_den[:, None]
+        cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
+        tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
+        same = w_local[:, None] == w_local[None, :]
+        bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
+        s = cos / tau_c + bias.to(tl.float32)
+        s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
+        s = tl.where(same, s, float("-inf"))
+        e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
+        p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
 
-    # softmax and products
-    dv = tl.dot(tl.trans(p.to(LOW).to(DOT)), do.to(DOT), input_precision=DOT_PRECISION)
-    dp = tl.dot(do.to(DOT), tl.trans(v.to(DOT)), input_precision=DOT_PRECISION)
-    # d logits; 0 between windows and on empty rows
-    ds = p * (dp - tl.reduce(p * dp, 1, tl.standard._sum_combine)[:, None])
+        # softmax and products
+        dv = tl.dot(tl.trans(p.to(LOW).to(DOT)), do.to(DOT), input_precision=DOT_PRECISION)
+        dp = tl.dot(do.to(DOT), tl.trans(v.to(DOT)), input_precision=DOT_PRECISION)
+        # d logits; 0 between windows and on empty rows
+        ds = p * (dp - tl.reduce(p * dp, 1, tl.standard._sum_combine)[:, None])
 
-    # tau: d/d(tau_c) = -sum(ds * cos) / tau_c^2, finished (and clamped) after the reduction
-    dtau = tl.reduce(tl.reduce(ds * cos, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
-    tl.store(DTAU_PARTIAL + pid * H + h, dtau)
-    # bias: the sum of the WPB diagonal A x A blocks of ds (ds is 0 off them and on empty rows)
-    if WPB == 1:
-        db = ds  # BLOCK_A == BLOCK_M
-    elif WPB * A == BLOCK_M:  # A a power of two: sum the [WPB, A, WPB, A] view (BLOCK_A == A)
-        db = tl.reduce(tl.reshape(ds, [WPB, A, WPB, A]), 2, tl.standard._sum_combine)
-        db = tl.reduce(db, 0, tl.standard._sum_combine)
-    else:  # one-hot position matrices [BLOCK_M, BLOCK_A], exact in float32
-        onehot = ((pos[:, None] == tl.arange(0, BLOCK_A)[None, :]) & valid[:, None]).to(tl.float32)
-        db = tl.dot(tl.trans(onehot), tl.dot(ds, onehot, input_precision="ieee"), input_precision="ieee")
+        # tau: d/d(tau_c) = -sum(ds * cos) / tau_c^2, finished (and clamped) after the reduction
+        dtau = tl.reduce(ds * cos, 1, tl.standard._sum_combine)
+        dtau_acc += dtau
+        # bias: the sum of the WPB diagonal A x A blocks of ds (ds is 0 off them and on empty rows)
+        if WPB == 1:
+            db = ds  # BLOCK_A == BLOCK_M
+        elif WPB * A == BLOCK_M:  # A a power of two: sum the [WPB, A, WPB, A] view (BLOCK_A == A)
+            db = tl.reduce(tl.reshape(ds, [WPB, A, WPB, A]), 2, tl.standard._sum_combine)
+            db = tl.reduce(db, 0, tl.standard._sum_combine)
+        else:  # one-hot position matrices [BLOCK_M, BLOCK_A], exact in float32
+            onehot = ((pos[:, None] == tl.arange(0, BLOCK_A)[None, :]) & valid[:, None]).to(tl.float32)
+            db = tl.dot(tl.trans(onehot), tl.dot(ds, onehot, input_precision="ieee"), input_precision="ieee")
+        db_acc += db
+
+        # q, k through the cosine and F.normalize (whose clamp passes no gradient below 1e-12)
+        dcos = ds / tau_c
+        dcos = dcos.to(LOW).to(DOT)
+        dqn = tl.dot(dcos, kn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
+        dkn = tl.dot(tl.trans(dcos), qn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
+        q_proj = tl.where(q_len >= 1e-12, tl.reduce(dqn * qn, 1, tl.standard._sum_combine), 0.0)
+        k_proj = tl.where(k_len >= 1e-12, tl.reduce(dkn * kn, 1, tl.standard._sum_combine), 0.0)
+        dq = (dqn - qn * q_proj[:, None]) / q_den[:, None]
+        dk = (dkn - kn * k_proj[:, None]) / k_den[:, None]
+
+        out_row = b.to(tl.int64) * stride_dqkv_b + token.to(tl.int64) * stride_dqkv_l + h * D
+        dq_ptrs = DQKV + out_row[:, None] + d[None, :]
+        tl.store(dq_ptrs, dq.to(DQKV.dtype.element_ty), mask=io_mask)
+        tl.store(dq_ptrs + C, dk.to(DQKV.dtype.element_ty), mask=io_mask)
+        tl.store(dq_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=io_mask)
+
+    tl.store(DTAU_PARTIAL + prog * H + h, tl.reduce(dtau_acc, 0, tl.standard._sum_combine))
     a = tl.arange(0, BLOCK_A)
-    db_ptrs = DBIAS_PARTIAL + (pid * H + h) * A * A + a[:, None] * A + a[None, :]
-    tl.store(db_ptrs, db, mask=(a < A)[:, None] & (a < A)[None, :])
-
-    # q, k through the cosine and F.normalize (whose clamp passes no gradient below 1e-12)
-    dcos = ds / tau_c
-    dcos = dcos.to(LOW).to(DOT)
-    dqn = tl.dot(dcos, kn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
-    dkn = tl.dot(tl.trans(dcos), qn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
-    q_proj = tl.where(q_len >= 1e-12, tl.reduce(dqn * qn, 1, tl.standard._sum_combine), 0.0)
-    k_proj = tl.where(k_len >= 1e-12, tl.reduce(dkn * kn, 1, tl.standard._sum_combine), 0.0)
-    dq = (dqn - qn * q_proj[:, None]) / q_den[:, None]
-    dk = (dkn - kn * k_proj[:, None]) / k_den[:, None]
-
-    out_row = b.to(tl.int64) * stride_dqkv_b + token.to(tl.int64) * stride_dqkv_l + h * D
-    dq_ptrs = DQKV + out_row[:, None] + d[None, :]
-    tl.store(dq_ptrs, dq.to(DQKV.dtype.element_ty), mask=io_mask)
-    tl.store(dq_ptrs + C, dk.to(DQKV.dtype.element_ty), mask=io_mask)
-    tl.store(dq_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=io_mask)
+    db_ptrs = DBIAS_PARTIAL + (prog * H + h) * A * A + a[:, None] * A + a[None, :]
+    tl.store(db_ptrs, db_acc, mask=(a < A)[:, None] & (a < A)[None, :])
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -303,16 +314,18 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
     launches = {}
     for direction in ("fwd", "bwd"):
         block_m, num_warps = _tile(A, block_d, qkv.dtype == torch.float32, direction == "bwd")
-        heads_fast = True
+        heads_fast, gpp = True, 1
         override = TUNING.get(direction)
         if override:
             block_m = max(int(override.get("block_m", block_m)), _next_pow2(A), 16)
             num_warps = int(override.get("num_warps", num_warps))
             heads_fast = bool(override.get("heads_fast", heads_fast))
+            gpp = max(1, int(override.get("groups_per_program", gpp)))
         wpb = block_m // A
-        groups = triton.cdiv(n_windows, wpb)
-        launches[direction] = dict(programs=(groups * num_heads,), groups=groups, num_warps=num_warps,
-                                   meta=dict(meta, BLOCK_M=block_m, WPB=wpb, HEADS_FAST=heads_fast))
+        groups = triton.cdiv(n_windows, wpb)  # window groups of WPB windows
+        programs = triton.cdiv(groups, gpp)  # per head, each taking GPP groups
+        launches[direction] = dict(programs=(programs * num_heads,), groups=programs, num_warps=num_warps,
+                                   meta=dict(meta, BLOCK_M=block_m, WPB=wpb, HEADS_FAST=heads_fast, GPP=gpp))
     bwd = launches["bwd"]["meta"]
     # the bias-gradient tile: the whole tile (one window), one window (A a power of two), or one-hot
     bwd["BLOCK_A"] = (bwd["BLOCK_M"] if bwd["WPB"] == 1 else A if bwd["WPB"] * A == bwd["BLOCK_M"]
