@@ -5,7 +5,9 @@ patch 16 -> 512 patches, 102 kept at mask ratio 0.8, encoder width 768, decoder 
   embed-all-then-gather (:func:`audiomae.ops_step.masked_patch_embed`);
 - decoder unshuffle: mask tokens in, original order back, positions added
   (:func:`audiomae.ops_step.decoder_unshuffle`);
-- masked norm-pix loss (:func:`audiomae.ops_step.masked_norm_pix_loss`).
+- masked norm-pix loss (:func:`audiomae.ops_step.masked_norm_pix_loss`);
+- random masking ids: the release's recipe in PyTorch vs the one-launch CUDA kernel
+  (:func:`audiomae.ops_cuda.random_masking_ids`), when the extension can be built.
 
 Each op runs through the dispatch with the ``torch`` backend (the eager reference, the "ref" row)
 and the ``triton`` backend, forward and forward + backward (gradients of the parameters and
@@ -183,3 +185,45 @@ def run(ctx: Context) -> None:
                     report.add(Result(SECTION, label, params, None, note=note, reference=is_ref))
                 del sets
                 free_memory(device)
+    _masking(ctx, batch)
+
+
+def _masking(ctx: Context, batch: int) -> None:
+    """Random masking ids: the release's recipe in PyTorch (noise, two argsorts, gather) against the
+    one-launch CUDA kernel; both checked equal on a seeded Philox stream before timing."""
+    from audiomae import ops_cuda
+
+    report, device = ctx.report, ctx.device
+    name, params = "random masking ids", {"op": "random masking ids", "pass": "fwd", "dtype": "int64",
+                                          "batch": batch}
+    backends = [("eager (torch backend)", "torch", True)]
+    why = "; ".join(dispatch.reasons("random_masking_ids", batch, L, K, device).get("cuda", ["not registered"]))
+    if why:
+        report.note(SECTION, f"{name}, cuda: not run ({why})")
+    else:
+        try:
+            with dispatch.use_backend("torch", op="random_masking_ids"):
+                want = ops_cuda.random_masking_ids(batch, L, K, device, seed=1234)
+            with dispatch.use_backend("cuda", op="random_masking_ids"):
+                got = ops_cuda.random_masking_ids(batch, L, K, device, seed=1234)
+            same = all(torch.equal(a, b) for a, b in zip(want, got))
+            if same:
+                backends.append(("cuda (audiomae)", "cuda", False))
+            else:
+                report.note(SECTION, f"{name}, cuda: not timed, differs from the torch backend on seed 1234")
+        except Exception as e:
+            report.note(SECTION, f"{name}, cuda: not timed, {error_note(e, 'raised ')}")
+    for label, backend, is_ref in backends:
+        if ctx.budget.expired():
+            report.note(SECTION, "time budget used up: the remaining measurements were not made")
+            return
+
+        def step(backend=backend):
+            with dispatch.use_backend(backend, op="random_masking_ids"):
+                ops_cuda.random_masking_ids(batch, L, K, device)
+
+        try:
+            t = time_fn(step, [()], device, **ctx.timing_args())
+            report.add(Result(SECTION, label, params, t, reference=is_ref))
+        except Exception as e:
+            report.add(Result(SECTION, label, params, None, note=error_note(e), reference=is_ref))
