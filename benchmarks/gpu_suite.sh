@@ -78,7 +78,7 @@ echo "gpu suite: benchmarks exit code $bench_rc after $(elapsed) s" | tee -a "$R
 # 4. copy to $OUT: flat, at most 8 files
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    for f in results.md results.json attention.png tests.log bench.log machine.txt tune.json tune.log; do
+    for f in results.md results.json attention.png tests.log bench.log machine.txt tune.log profile.txt; do
         [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"
     done
 fi

@@ -17,6 +17,7 @@ times each phase of a step with device events: data (host-to-device copy of pinn
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -178,13 +179,31 @@ def run(ctx: Context) -> None:
         if ctx.budget.expired():
             report.note(SECTION, f"{label}: not run (time budget used up)")
             continue
+        profile_to = os.path.join(opts["plot_dir"], "profile.txt") if opts.get("profile") and opts.get("plot_dir") \
+            else None
         report.add(_time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops,
-                                n_steps))
+                                n_steps, profile_to))
         if not compiled and not ctx.budget.expired():
             _breakdown(ctx, cfg, batch, label, backend, is_ref)
 
 
-def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps) -> Result:
+def _profile(step, specs, device, label: str, path: str, steps: int = 2) -> None:
+    """Append the kernels of ``steps`` steps, by total device time, to ``path`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(specs[i % len(specs)])
+        synchronize(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    with open(path, "a") as f:
+        f.write(f"## {label}: {steps} steps\n\n{table}\n\n")
+
+
+def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps,
+                 profile_to: Optional[str] = None) -> Result:
     model, opt = _build(cfg, device)
     fwd_model = torch.compile(model) if compiled else model
     step = _step_fn(fwd_model, opt, device)
@@ -204,6 +223,8 @@ def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, f
                 metrics["first step s (compile)"] = start.elapsed_time(end) / 1e3
             t = time_fn(step, [(s,) for s in specs], device, warmup_ms=0.0, rep_ms=0.0, min_reps=n_steps,
                         flush_l2=False, probes=1)
+            if profile_to:
+                _profile(step, specs, device, label, profile_to)
     except Exception as e:
         note = error_note(e)
         del model, opt, fwd_model, specs

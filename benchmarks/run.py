@@ -46,6 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(default 64 on CUDA, 2 on the CPU)")
     p.add_argument("--model", default="base", help="AudioMAEConfig preset of the pretraining step (default base)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column of the pretraining step")
+    p.add_argument("--profile", action="store_true",
+                   help="also write profile.txt: the kernels of two pretraining steps per column (torch.profiler)")
     p.add_argument("--pretrain-columns", default=None,
                    help="comma-separated from eager,fused,compile (default all on CUDA, eager on the CPU)")
     p.add_argument("--attention-batches", default=None,
@@ -103,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = dict(batch=args.batch, model=args.model, no_compile=args.no_compile, plot_dir=out,
                    attention_batches=_csv(args.attention_batches, int), attention_dtypes=_csv(args.attention_dtypes),
                    attention_variants=_csv(args.variants), fbank_batch=args.fbank_batch, step_batch=args.step_batch,
-                   pretrain_columns=_csv(args.pretrain_columns))
+                   pretrain_columns=_csv(args.pretrain_columns), profile=args.profile)
     ctx = harness.Context(device, args.quick, report, budget, options)
     print(f"benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}) -> {out}",
           flush=True)
