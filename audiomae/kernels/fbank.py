@@ -216,50 +216,52 @@ def _fbank_mel_kernel(
 # ----------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=16)
-def _constants(device: torch.device, num_mel_bins: int, block_s: int, block_k: int):
-    """Windowed DFT basis (cos, sin) ``[NS_PAD, NB_PAD]`` for the weighted bins ``k0, k0 + 1, ...``,
-    and the mel matrix ``[NB_PAD, BLOCK_MEL]`` for the same bins, float32 on ``device``."""
+def _mel_rows(num_mel_bins: int, block_k: int):
+    """The bins ``k_first, k_first + 1, ...`` that some mel filter weights, padded to a multiple of
+    ``block_k``: ``(k [NB_PAD] int64, mel matrix [NB_PAD, BLOCK_MEL] float32, k_first, NB_PAD, BLOCK_MEL)``;
+    rows past the Nyquist bin are zero."""
     from ..audio import mel_filterbank
 
     mel = mel_filterbank(num_mel_bins, N_FFT, SAMPLE_RATE).to(torch.float64)  # [M, 257]
     used = torch.nonzero(mel.abs().sum(0) > 0).flatten()
     k_first, k_last = (int(used[0]), int(used[-1])) if used.numel() else (0, 0)
     nb_pad = triton.cdiv(k_last - k_first + 1, block_k) * block_k
-    ns_pad = triton.cdiv(WIN, block_s) * block_s
     block_mel = triton.next_power_of_2(num_mel_bins)
-    n = torch.arange(ns_pad, dtype=torch.float64)
-    window = torch.where(n < WIN, 0.5 - 0.5 * torch.cos(2.0 * math.pi * n / (WIN - 1)), torch.zeros(()))
     k = torch.arange(k_first, k_first + nb_pad, dtype=torch.int64)
-    phase = (n.to(torch.int64)[:, None] * k[None, :]) % N_FFT  # exact angle reduction
+    k_in = k[k <= N_FFT // 2]
+    mel_t = torch.zeros(nb_pad, block_mel, dtype=torch.float32)
+    mel_t[: k_in.numel(), :num_mel_bins] = mel[:, k_in].t().to(torch.float32)
+    return k, mel_t, k_first, nb_pad, block_mel
+
+
+def _hann(length: int) -> torch.Tensor:
+    """Kaldi's symmetric Hann window over the 400-sample frame, zero past it, float64 ``[length]``."""
+    n = torch.arange(length, dtype=torch.float64)
+    return torch.where(n < WIN, 0.5 - 0.5 * torch.cos(2.0 * math.pi * n / (WIN - 1)), torch.zeros(()))
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(device: torch.device, num_mel_bins: int, block_s: int, block_k: int):
+    """Windowed DFT basis (cos, sin) ``[NS_PAD, NB_PAD]`` for the weighted bins ``k0, k0 + 1, ...``,
+    and the mel matrix ``[NB_PAD, BLOCK_MEL]`` for the same bins, float32 on ``device``."""
+    k, mel_t, _, nb_pad, block_mel = _mel_rows(num_mel_bins, block_k)
+    ns_pad = triton.cdiv(WIN, block_s) * block_s
+    window = _hann(ns_pad)
+    n = torch.arange(ns_pad, dtype=torch.int64)
+    phase = (n[:, None] * k[None, :]) % N_FFT  # exact angle reduction
     angle = 2.0 * math.pi * phase.to(torch.float64) / N_FFT
     in_range = (k <= N_FFT // 2).to(torch.float64)[None, :]
     cos = (window[:, None] * torch.cos(angle) * in_range).to(torch.float32)
     sin = (window[:, None] * torch.sin(angle) * in_range).to(torch.float32)
-    mel_t = torch.zeros(nb_pad, block_mel, dtype=torch.float32)
-    k_in = k[k <= N_FFT // 2]
-    mel_t[: k_in.numel(), :num_mel_bins] = mel[:, k_in].t().to(torch.float32)
     return (cos.contiguous().to(device), sin.contiguous().to(device), mel_t.to(device), ns_pad, nb_pad, block_mel)
 
 
 @functools.lru_cache(maxsize=16)
 def _fft_constants(device: torch.device, num_mel_bins: int, block_k: int):
-    """Hann window ``[N_FFT]`` (zero past 400 samples), the mel matrix ``[NB_PAD, BLOCK_MEL]`` for the
-    bins ``k_first, k_first + 1, ...`` that some filter weights, and ``k_first``; float32 on ``device``."""
-    from ..audio import mel_filterbank
-
-    mel = mel_filterbank(num_mel_bins, N_FFT, SAMPLE_RATE).to(torch.float64)  # [M, 257]
-    used = torch.nonzero(mel.abs().sum(0) > 0).flatten()
-    k_first, k_last = (int(used[0]), int(used[-1])) if used.numel() else (0, 0)
-    nb_pad = triton.cdiv(k_last - k_first + 1, block_k) * block_k
-    block_mel = triton.next_power_of_2(num_mel_bins)
-    n = torch.arange(N_FFT, dtype=torch.float64)
-    window = torch.where(n < WIN, 0.5 - 0.5 * torch.cos(2.0 * math.pi * n / (WIN - 1)), torch.zeros(()))
-    k = torch.arange(k_first, k_first + nb_pad)
-    k_in = k[k <= N_FFT // 2]
-    mel_t = torch.zeros(nb_pad, block_mel, dtype=torch.float32)
-    mel_t[: k_in.numel(), :num_mel_bins] = mel[:, k_in].t().to(torch.float32)
-    return window.to(torch.float32).to(device), mel_t.to(device), k_first, nb_pad, block_mel
+    """Hann window ``[N_FFT]`` (zero past 400 samples), the mel matrix ``[NB_PAD, BLOCK_MEL]`` of
+    :func:`_mel_rows` and ``k_first``; float32 on ``device``."""
+    _, mel_t, k_first, nb_pad, block_mel = _mel_rows(num_mel_bins, block_k)
+    return _hann(N_FFT).to(torch.float32).to(device), mel_t.to(device), k_first, nb_pad, block_mel
 
 
 def _fbank_fft(x: torch.Tensor, out: torch.Tensor, nf: int, t_out: int, num_mel_bins: int, normalize: bool,
