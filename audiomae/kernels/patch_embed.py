@@ -13,9 +13,11 @@ which equals ``gather(conv(spec) + pos[:, 1:], ids_keep)``
 (:func:`audiomae.reference.step.masked_patch_embed_reference`). The convolution result is rounded
 to the input dtype before the position is added, as the eager convolution's output is.
 
-Backward: the weight and bias gradients are reductions over all kept tokens of the batch; one
-program owns each ``[BLOCK_N, BLOCK_J]`` tile of the weight gradient and loops over the tokens in
-a fixed order (deterministic, no atomics). The spectrogram gradient (only when ``spec`` requires
+Backward: the weight and bias gradients are reductions over all kept tokens of the batch. The
+tokens are cut into slices (about two programs per multiprocessor in all, see
+:func:`_weight_grad_split`); one program owns a ``[BLOCK_N, BLOCK_J]`` tile of one slice and loops
+over its tokens in a fixed order, and the float32 slice sums are added in a fixed order too
+(deterministic, no atomics). The spectrogram gradient (only when ``spec`` requires
 grad) scatters ``grad @ W`` back to the kept patches; removed patches get zeros. ``pos`` gets a
 gradient only if it requires one (it is a frozen table in the model).
 
