@@ -6,52 +6,15 @@ with the exact arguments and meta-parameters its launcher passes for representat
 launcher runs with its kernel launch intercepted. Skipped when this Triton has no ahead-of-time
 compile API (checked on a trivial kernel first, so that an error in a kernel is never skipped).
 """
-import contextlib
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
+from benchmarks.aot import as_jit, captured, compile_for  # noqa: E402
+
 ARCHS = (80, 90)
-
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-           torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-           torch.bool: "i1"}
-
-
-def _arg_type(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + _DTYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {value!r}")
-
-
-def compile_for(fn, args, kwargs, arch):
-    """Compile the JIT function ``fn`` as ``fn[grid](*args, **kwargs)`` would launch it."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    options["enable_fp_fusion"] = True  # what a launch gets by default (named: Triton 3.9 warns otherwise)
-    bound = dict(zip(fn.arg_names, args))
-    bound.update(kwargs)
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        value = bound[p.name]
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[(i,)] = value
-        else:
-            signature[p.name] = _arg_type(value)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 @triton.jit
@@ -63,45 +26,10 @@ def _trivial(x_ptr, n, BLOCK: tl.constexpr):
 @pytest.fixture(scope="module")
 def aot():
     try:
-        from triton.runtime.jit import JITFunction
-
-        fn = _trivial if isinstance(_trivial, JITFunction) else JITFunction(_trivial.fn)
-        compile_for(fn, (torch.empty(4), 4), {"BLOCK": 16, "num_warps": 1}, 90)
+        compile_for(as_jit(_trivial), (torch.empty(4), 4), {"BLOCK": 16, "num_warps": 1}, 90)
     except Exception as e:  # this Triton's ahead-of-time API differs, or no compiler for the target
         pytest.skip(f"ahead-of-time compilation unavailable here: {type(e).__name__}: {e}")
     return compile_for
-
-
-class _Capture:
-    """Stands in for ``kernel[grid]``: records the launch instead of running it."""
-
-    def __init__(self, fn, launches):
-        self.fn, self.launches = fn, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((self.fn, args, dict(kwargs)))
-        return launch
-
-
-@contextlib.contextmanager
-def captured(monkeypatch, *modules):
-    """Intercept every kernel launch of ``modules`` (compiled-mode kernels, not interpreted)."""
-    from triton.runtime.jit import JITFunction
-
-    launches = []
-
-    def as_jit(kernel):
-        return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-
-    for m in modules:
-        if hasattr(m, "_launcher"):
-            monkeypatch.setattr(m, "_launcher", lambda k: _Capture(as_jit(k), launches))
-        if hasattr(m, "_for_current_mode"):
-            monkeypatch.setattr(m, "_for_current_mode", lambda k: _Capture(as_jit(k), launches))
-        if hasattr(m, "_interpreting"):
-            monkeypatch.setattr(m, "_interpreting", lambda: False)  # the GPU tilings
-    yield launches
 
 
 def compile_all(aot, launches):
@@ -124,7 +52,7 @@ def test_window_attention_kernels_compile(aot, monkeypatch, dtype, tuning):
     monkeypatch.setattr(wa, "TUNING", tuning)
     qkv = torch.randn(2, 64 * 8, 3 * 64, dtype=dtype)
     tau, bias = torch.full((2,), 0.1, dtype=dtype), torch.zeros(2, 16, 16, dtype=dtype)
-    with captured(monkeypatch, wa) as launches:
+    with captured(wa) as launches:
         wa._window_attention_fwd(qkv, tau, bias, [64, 8], [4, 4], [2, 0], 2)
         wa._window_attention_bwd(qkv[..., :64].contiguous(), qkv, tau, bias, [64, 8], [4, 4], [2, 0], 2)
     compile_all(aot, launches)
@@ -142,7 +70,7 @@ def test_step_kernels_compile(aot, monkeypatch, dtype):
     restore = torch.argsort(torch.rand(B, 80), dim=1)
     x = torch.randn(B, 1 + K, D, dtype=dtype)
     pred, mask = torch.randn(B, 80, 256, dtype=dtype), (torch.rand(B, 80) < 0.8).to(dtype)
-    with captured(monkeypatch, patch_embed, unshuffle, masked_loss) as launches:
+    with captured(patch_embed, unshuffle, masked_loss) as launches:
         monkeypatch.setitem(patch_embed.TUNING, "bwd_split", 3)
         patch_embed.masked_patch_embed_fwd(spec, weight, bias, pos, ids)
         patch_embed.masked_patch_embed_bwd(torch.randn(B, K, D, dtype=torch.float32), spec, weight, ids, True)
@@ -157,7 +85,7 @@ def test_fbank_kernels_compile(aot, monkeypatch, method):
     from audiomae.kernels import fbank
 
     monkeypatch.setitem(fbank.TUNING, "method", method)
-    with captured(monkeypatch, fbank) as launches:
+    with captured(fbank) as launches:
         fbank.fbank_features_op(torch.randn(2, 16000), 100, True, -4.27, 4.57, torch.bfloat16, 128)
     compile_all(aot, launches)
 
@@ -176,9 +104,7 @@ def test_a_kernel_the_compiler_refuses_fails_here(aot):
     from triton.runtime.jit import JITFunction
 
     x = torch.randn(4)
-    interpreted = _loop_changes_type if not isinstance(_loop_changes_type, JITFunction) else None
-    if interpreted is not None:
-        interpreted[(1,)](x, 4)
-    fn = _loop_changes_type if isinstance(_loop_changes_type, JITFunction) else JITFunction(_loop_changes_type.fn)
+    if not isinstance(_loop_changes_type, JITFunction):  # defined under the interpreter: it runs
+        _loop_changes_type[(1,)](x, 4)
     with pytest.raises(Exception, match="(?i)loop|type"):
-        aot(fn, (x, 4), {"num_warps": 1}, 90)
+        aot(as_jit(_loop_changes_type), (x, 4), {"num_warps": 1}, 90)

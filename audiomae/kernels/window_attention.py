@@ -16,8 +16,8 @@ whole batch): a ``BLOCK_M``-row tile of tokens (``BLOCK_M >= WPB * A``, ``A = wt
 64 rows, see :func:`_tile`) whose scores form a block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries
 between different windows are ``-inf`` (probability exactly 0); a row never spans two windows, so
 each row's softmax is exact in registers. For the paper's layer (4 x 4 windows, head_dim 32, bf16)
-a forward program takes one window with 2 warps and a backward program 4 windows with 4 warps (the
-fastest tilings of ``benchmarks/tune.py`` on an H100). The grid is flat, heads fastest, so that
+forward and backward programs take one window each with 2 warps (the fastest tilings of
+``benchmarks/tune.py`` on an H100). The grid is flat, heads fastest, so that
 neighbouring programs read neighbouring bytes of each token's row.
 
 Precision. Norms, scores, softmax and every accumulation are float32. The cosines are computed to
@@ -336,23 +336,28 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
 def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int]:
     """(BLOCK_M, num_warps): rows of packed windows per program, and warps.
 
-    Chosen so that the tiles stay in registers, checked with ptxas for sm_90 over A in {12, 16, 64}
-    and head_dim in {16, 32, 64, 128}: no spills for bfloat16/float16 except ~700 bytes in the
-    backward at A = 64 with head_dim = 128. Full-float32 products (no tf32) hold more registers:
-    smaller tiles, more warps, and with 8 x 8 windows (64 rows at least) some spills remain.
+    16-bit inputs: one window per program with as few warps as keep the tiles in registers. On an
+    H100 (``benchmarks/tune.py``, the paper's layer at batch 256) that is the fastest tiling in both
+    directions: the backward takes 1.05 ms with 16 rows and 2 warps against 2.14 ms with 4 windows
+    and 8 warps. Both kernels issue about as many instructions as their memory traffic takes time,
+    and packed windows waste most of a block-diagonal score tile while more warps per tile add
+    layout shuffles (``python -m benchmarks.aot`` counts registers, spills and instructions without
+    a GPU). Full-float32 products (no tf32) hold more registers: packed tiles, more warps, and with
+    8 x 8 windows (64 rows at least) some spills remain.
     """
     if fp32:
         rows = 16 if (block_d > 64 and not backward) else 32
-    elif backward:
-        rows = 64 if block_d <= 32 else 32 if block_d <= 64 else 16
-    else:  # forward, 16-bit: one window per program, few warps (benchmarks/tune.py on an H100)
+    else:
         rows = 16
     block_m = max(16, _next_pow2(area), rows)
     work = block_m * max(block_m, block_d)  # elements of the largest tile
-    if not fp32 and not backward:
-        num_warps = 2 if (block_m <= 32 and block_d <= 64) else 4
-    elif not fp32:
-        num_warps = 4 if work < 2048 else 8
+    if not fp32:
+        if block_m <= 32 and block_d <= 64:
+            num_warps = 2
+        elif backward and block_m >= 64 and block_d > 64:  # 8 x 8 windows, wide heads: fewer spills
+            num_warps = 8
+        else:
+            num_warps = 4
     elif work <= 1024:
         num_warps = 4
     else:

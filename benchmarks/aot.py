@@ -1,0 +1,216 @@
+"""Ahead-of-time compilation of the Triton kernels, no GPU needed, and what the compiled code costs.
+
+    python -m benchmarks.aot [--arch 90] [--batch 256]
+
+Each kernel is compiled exactly as its launcher would launch it (the launcher runs with the launch
+intercepted, see :func:`captured`), to PTX and a cubin for ``sm_<arch>``. The report lists, per
+window-attention tiling (rows per program, warps, window groups per program), the registers per
+thread, local-memory (spill) bytes, the static SASS instruction count, and the instructions the
+GPU must issue per window and head (instructions x warps / windows per program): both kernels are
+straight-line code, so that is close to the executed count, and with 132 SMs x 4 schedulers it
+gives a floor on the kernel's time from instruction issue alone, beside the one from memory
+traffic. ``tests/test_triton_compile.py`` uses the same helpers to check that every kernel compiles.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+           torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+           torch.bool: "i1"}
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument {value!r}")
+
+
+def compile_for(fn, args, kwargs: Dict[str, Any], arch: int):
+    """Compile the JIT function ``fn`` as ``fn[grid](*args, **kwargs)`` would launch it, for
+    ``sm_<arch>``; returns Triton's compiled kernel (``.asm`` holds ``ptx`` and ``cubin``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options["enable_fp_fusion"] = True  # what a launch gets by default (named: Triton 3.9 warns otherwise)
+    bound = dict(zip(fn.arg_names, args))
+    bound.update(kwargs)
+    signature, constexprs = {}, {}
+    for i, p in enumerate(fn.params):
+        value = bound[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = value
+        else:
+            signature[p.name] = _arg_type(value)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def as_jit(kernel):
+    """The compiled-mode ``JITFunction`` of a kernel, whatever ``TRITON_INTERPRET`` says."""
+    from triton.runtime.jit import JITFunction
+
+    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+
+
+class _Capture:
+    """Stands in for ``kernel[grid]``: records the launch instead of running it."""
+
+    def __init__(self, fn, launches: List[Tuple[Any, tuple, dict]]):
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.fn, args, dict(kwargs)))
+        return launch
+
+
+@contextlib.contextmanager
+def captured(*modules):
+    """Within the block, the kernel launches of ``modules`` (``audiomae.kernels.*``) are recorded as
+    ``(jit function, args, kwargs)`` instead of run, with the GPU tilings (not the interpreter's)."""
+    launches: List[Tuple[Any, tuple, dict]] = []
+    saved = []
+    for m in modules:
+        for name, value in (("_launcher", lambda k: _Capture(as_jit(k), launches)),
+                            ("_for_current_mode", lambda k: _Capture(as_jit(k), launches)),
+                            ("_interpreting", lambda: False)):
+            if hasattr(m, name):
+                saved.append((m, name, getattr(m, name)))
+                setattr(m, name, value)
+    try:
+        yield launches
+    finally:
+        for m, name, value in reversed(saved):
+            setattr(m, name, value)
+
+
+def _cuobjdump() -> Optional[str]:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def cubin_costs(cubin: bytes) -> Dict[str, int]:
+    """Registers, local-memory (spill) bytes, shared memory and SASS instruction count of a cubin
+    (the ``cuobjdump`` that ships with Triton); empty when the tool is missing."""
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    out = {"instructions": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line))}
+    for key, name in (("REG", "registers"), ("STACK", "local bytes"), ("SHARED", "shared bytes")):
+        m = re.search(key + r":(\d+)", usage)
+        if m:
+            out[name] = int(m.group(1))
+    return out
+
+
+def attention_report(arch: int = 90, batch: int = 256) -> List[Dict[str, Any]]:
+    """Compiled costs of both attention kernels for the paper's decoder layer (bf16, 64 x 8 grid,
+    4 x 4 windows, shift (2, 0), 16 heads of 32) across tilings; one row per (kernel, tiling)."""
+    from audiomae.kernels import window_attention as wa
+
+    H, D = 16, 32
+    qkv = torch.empty(batch, 512, 3 * H * D, dtype=torch.bfloat16)
+    tau, bias = torch.full((H,), 0.1, dtype=torch.bfloat16), torch.zeros(H, 16, 16, dtype=torch.bfloat16)
+    geometry = ([64, 8], [4, 4], [2, 0], H)
+    rows = []
+    saved = dict(wa.TUNING)
+    try:
+        for tiling in [None] + [dict(block_m=bm, num_warps=nw, groups_per_program=g)
+                                for bm in (16, 32, 64) for nw in (1, 2, 4) for g in (1, 2, 4)]:
+            wa.TUNING.clear()
+            if tiling:
+                wa.TUNING.update(fwd=tiling, bwd=tiling)
+            with captured(wa) as launches:
+                wa._window_attention_fwd(qkv, tau, bias, *geometry)
+                wa._window_attention_bwd(qkv[..., :H * D], qkv, tau, bias, *geometry)
+            for (fn, args, kwargs), direction in zip(launches, ("fwd", "bwd")):
+                row = dict(direction=direction, tiling="default" if tiling is None else "",
+                           block_m=kwargs["BLOCK_M"], num_warps=kwargs["num_warps"], groups_per_program=kwargs["GPP"])
+                try:
+                    costs = cubin_costs(compile_for(fn, args, kwargs, arch).asm["cubin"])
+                except Exception as e:  # a tiling the compiler refuses
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+                    rows.append(row)
+                    continue
+                row.update(costs)
+                windows = kwargs["WPB"] * kwargs["GPP"]
+                if "instructions" in costs:
+                    row["warp instructions per window-head"] = costs["instructions"] * kwargs["num_warps"] / windows
+                rows.append(row)
+    finally:
+        wa.TUNING.clear()
+        wa.TUNING.update(saved)
+    return rows
+
+
+def _table(rows: List[Dict[str, Any]], batch: int, sms: int = 132, clock_ghz: float = 1.98) -> str:
+    keys = ["direction", "tiling", "block_m", "num_warps", "groups_per_program", "registers", "local bytes",
+            "instructions", "warp instructions per window-head"]
+    head = keys + [f"issue floor ms (batch {batch})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    window_heads = batch * 32 * 16
+    seen = set()
+    for r in sorted(rows, key=lambda r: (r["direction"], r.get("warp instructions per window-head", 1e12))):
+        key = (r["direction"], r["block_m"], r["num_warps"], r["groups_per_program"])
+        if key in seen and r["tiling"] != "default":
+            continue
+        seen.add(key)
+        per = r.get("warp instructions per window-head")
+        floor = "" if per is None else f"{per * window_heads / (sms * 4 * clock_ghz * 1e9) * 1e3:.3f}"
+        cells = [str(r.get(k, r.get("error", "") if k == "registers" else "")) for k in keys]
+        if per is not None:
+            cells[-1] = f"{per:.0f}"
+        lines.append("| " + " | ".join(cells + [floor]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    ap.add_argument("--batch", type=int, default=256, help="batch for the issue-time floor column (default 256)")
+    args = ap.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        print("aot: triton is not installed")
+        return 1
+    if _cuobjdump() is None:
+        print("aot: Triton's cuobjdump was not found; registers and instruction counts are not available")
+    rows = attention_report(args.arch, args.batch)
+    print(f"## window attention kernels, sm_{args.arch}, bf16, the paper's decoder layer\n")
+    print("Issue floor: warp instructions per window-head x windows x heads / (132 SMs x 4 schedulers x "
+          "1.98 GHz), the time instruction issue alone takes on an H100 (static counts of straight-line code).\n")
+    print(_table(rows, args.batch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
