@@ -108,3 +108,13 @@ def test_a_kernel_the_compiler_refuses_fails_here(aot):
         _loop_changes_type[(1,)](x, 4)
     with pytest.raises(Exception, match="(?i)loop|type"):
         aot(as_jit(_loop_changes_type), (x, 4), {"num_warps": 1}, 90)
+
+
+def test_compiled_costs_are_read_from_the_cubin(aot):
+    """benchmarks.aot's report: registers and a SASS instruction count for a compiled kernel."""
+    from benchmarks.aot import _cuobjdump, cubin_costs
+
+    if _cuobjdump() is None:
+        pytest.skip("Triton's cuobjdump is not installed here")
+    costs = cubin_costs(aot(as_jit(_trivial), (torch.empty(4), 4), {"BLOCK": 16, "num_warps": 1}, 90).asm["cubin"])
+    assert costs["registers"] > 0 and costs["instructions"] > 5 and costs["local bytes"] == 0
