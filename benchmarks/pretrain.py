@@ -122,13 +122,18 @@ def _fits(cfg, batch, device) -> bool:
         free_memory(device)
 
 
-def largest_batch(cfg, device, candidates: Sequence[int] = (32, 64, 96, 128, 192, 256, 384, 512)) -> Optional[int]:
-    """The largest candidate batch whose fused step fits in memory (one step per candidate)."""
+SEARCHED = (32, 64, 96, 128, 192, 256, 384, 512)
+
+
+def largest_batch(cfg, device, candidates: Sequence[int] = SEARCHED) -> Optional[int]:
+    """The largest candidate batch whose eager step fits in memory (one step per candidate): the
+    eager model needs the most memory of the three columns, so all of them run at that batch."""
     best = None
-    for b in candidates:
-        if not _fits(cfg, b, device):
-            break
-        best = b
+    with dispatch.use_backend("torch"):
+        for b in candidates:
+            if not _fits(cfg, b, device):
+                break
+            best = b
     return best
 
 
@@ -139,13 +144,14 @@ def run(ctx: Context) -> None:
     cfg = AudioMAEConfig.preset(preset, mask_ratio=MASK_RATIO)
     batch = opts.get("batch")
     if batch in (None, "", "default"):
-        batch = 64 if device.type == "cuda" else 2
-    elif batch == "auto":
+        batch = "auto" if device.type == "cuda" else 2
+    if batch == "auto":
         batch = largest_batch(cfg, device)
         if batch is None:
             report.note(SECTION, "batch search: not even 32 samples fit in memory")
             return
-        report.note(SECTION, f"batch {batch}: the largest of the searched sizes whose fused step fits in memory")
+        report.note(SECTION, f"batch {batch}: the largest of the searched sizes ({', '.join(map(str, SEARCHED))}) "
+                             "whose eager step fits in memory")
     batch = int(batch)
     flops = mae_flops(cfg)
     peak_tflops, peak_dtype = ctx.matmul_tflops()

@@ -43,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run (default: no limit)")
     p.add_argument("--batch", default=None,
                    help="pretraining batch: a number, or 'auto' to search the largest that fits "
-                        "(default 64 on CUDA, 2 on the CPU)")
+                        "(default: auto on CUDA, 2 on the CPU)")
     p.add_argument("--model", default="base", help="AudioMAEConfig preset of the pretraining step (default base)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column of the pretraining step")
     p.add_argument("--profile", action="store_true",
