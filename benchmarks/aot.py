@@ -6,10 +6,11 @@ Each kernel is compiled exactly as its launcher would launch it (the launcher ru
 intercepted, see :func:`captured`), to PTX and a cubin for ``sm_<arch>``. The report lists, per
 window-attention tiling (rows per program, warps, window groups per program), the registers per
 thread, local-memory (spill) bytes, the static SASS instruction count, and the instructions the
-GPU must issue per window and head (instructions x warps / windows per program): both kernels are
-straight-line code, so that is close to the executed count, and with 132 SMs x 4 schedulers it
-gives a floor on the kernel's time from instruction issue alone, beside the one from memory
-traffic. ``tests/test_triton_compile.py`` uses the same helpers to check that every kernel compiles.
+GPU must issue per window and head (instructions x warps / windows per loop iteration): both
+kernels are straight-line code inside one loop over window groups, whose body runs once per group,
+so that is close to the executed count (the prologue, counted too, runs once per program). With
+132 SMs x 4 schedulers it gives a floor on the kernel's time from instruction issue alone, beside
+the one from memory traffic; the registers per thread give the programs that fit on an SM. ``tests/test_triton_compile.py`` uses the same helpers to check that every kernel compiles.
 """
 from __future__ import annotations
 
@@ -43,9 +44,14 @@ def _arg_type(value) -> str:
 
 def compile_for(fn, args, kwargs: Dict[str, Any], arch: int):
     """Compile the JIT function ``fn`` as ``fn[grid](*args, **kwargs)`` would launch it, for
-    ``sm_<arch>``; returns Triton's compiled kernel (``.asm`` holds ``ptx`` and ``cubin``)."""
+    ``sm_<arch>``; returns Triton's compiled kernel (``.asm`` holds ``ptx`` and ``cubin``).
+
+    Arguments are specialised as a launch specialises them: an integer equal to 1 becomes a
+    constant, and integers divisible by 16 and 16-byte aligned tensors are marked so (Triton's
+    ``tt.divisibility``), which is what lets the compiler vectorise loads and stores. Tensors are
+    taken as allocated on the GPU, whose allocations are aligned."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     kwargs = dict(kwargs)
@@ -53,16 +59,37 @@ def compile_for(fn, args, kwargs: Dict[str, Any], arch: int):
     options["enable_fp_fusion"] = True  # what a launch gets by default (named: Triton 3.9 warns otherwise)
     bound = dict(zip(fn.arg_names, args))
     bound.update(kwargs)
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         value = bound[p.name]
         if p.is_constexpr:
             signature[p.name] = "constexpr"
             constexprs[(i,)] = value
-        else:
-            signature[p.name] = _arg_type(value)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            continue
+        kind, spec = _specialize(value, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = value
+            continue
+        signature[p.name] = kind
+        if isinstance(spec, str) and spec:
+            attrs[(i,)] = BaseBackend.parse_attr(spec)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _specialize(value, specialize: bool, align: bool):
+    """(type, specialisation) of a launch argument, as ``JITFunction`` computes it."""
+    if isinstance(value, torch.Tensor):
+        # a GPU allocation: aligned, whatever the CPU stand-in's address
+        return "*" + _DTYPES[value.dtype], "D" if align else ""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:  # older Triton: no alignment or constant specialisation
+        return _arg_type(value), ""
+    kind, spec = native_specialize_impl(BaseBackend, value, False, specialize, align)
+    return kind, spec
 
 
 def as_jit(kernel):
@@ -144,7 +171,7 @@ def attention_report(arch: int = 90, batch: int = 256) -> List[Dict[str, Any]]:
     saved = dict(wa.TUNING)
     try:
         for tiling in [None] + [dict(block_m=bm, num_warps=nw, groups_per_program=g)
-                                for bm in (16, 32, 64) for nw in (1, 2, 4) for g in (1, 2, 4)]:
+                                for bm in (16, 32, 64) for nw in (1, 2, 4) for g in (1, 4)]:
             wa.TUNING.clear()
             if tiling:
                 wa.TUNING.update(fwd=tiling, bwd=tiling)
@@ -161,7 +188,10 @@ def attention_report(arch: int = 90, batch: int = 256) -> List[Dict[str, Any]]:
                     rows.append(row)
                     continue
                 row.update(costs)
-                windows = kwargs["WPB"] * kwargs["GPP"]
+                if "registers" in costs:
+                    row["programs per SM"] = programs_per_sm(costs["registers"], kwargs["num_warps"],
+                                                             costs.get("shared bytes", 0))
+                windows = kwargs["WPB"]  # per iteration of the loop over window groups
                 if "instructions" in costs:
                     row["warp instructions per window-head"] = costs["instructions"] * kwargs["num_warps"] / windows
                 rows.append(row)
@@ -171,9 +201,20 @@ def attention_report(arch: int = 90, batch: int = 256) -> List[Dict[str, Any]]:
     return rows
 
 
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
+    """Programs (thread blocks) resident on one sm_80/sm_90 SM: 64 K registers allocated per warp in
+    units of 256, at most 64 warps, 32 blocks and 227 KB of shared memory."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    warps = min(65536 // per_warp, 64)
+    blocks = min(warps // num_warps, 32)
+    if shared_bytes:
+        blocks = min(blocks, (227 * 1024) // (shared_bytes + 1024))
+    return blocks
+
+
 def _table(rows: List[Dict[str, Any]], batch: int, sms: int = 132, clock_ghz: float = 1.98) -> str:
     keys = ["direction", "tiling", "block_m", "num_warps", "groups_per_program", "registers", "local bytes",
-            "instructions", "warp instructions per window-head"]
+            "programs per SM", "instructions", "warp instructions per window-head"]
     head = keys + [f"issue floor ms (batch {batch})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     window_heads = batch * 32 * 16

@@ -118,3 +118,24 @@ def test_compiled_costs_are_read_from_the_cubin(aot):
         pytest.skip("Triton's cuobjdump is not installed here")
     costs = cubin_costs(aot(as_jit(_trivial), (torch.empty(4), 4), {"BLOCK": 16, "num_warps": 1}, 90).asm["cubin"])
     assert costs["registers"] > 0 and costs["instructions"] > 5 and costs["local bytes"] == 0
+
+
+def test_compiled_as_a_launch_specialises_its_arguments(aot):
+    """Arguments are specialised as a launch specialises them: an aligned tensor and a stride
+    divisible by 16 let the compiler vectorise (16-byte loads), and an integer 1 is a constant.
+    Without that the costs in benchmarks.aot would describe code that never runs."""
+    rows = torch.empty(128, 128)
+    meta = {"BLOCK": 128, "num_warps": 1}  # 4 floats per thread
+    ptx = aot(as_jit(_copy_rows), (rows, rows, 128), meta, 90).asm["ptx"]
+    assert "ld.global.v4" in ptx, "a 16-byte aligned row of floats was not loaded with vector loads"
+    ptx_odd = aot(as_jit(_copy_rows), (rows, rows, 127), meta, 90).asm["ptx"]
+    assert "ld.global.v4" not in ptx_odd and "ld.global" in ptx_odd, "a stride of 127 floats cannot be vectorised"
+    ptx_one = aot(as_jit(_copy_rows), (rows, rows, 1), meta, 90).asm["ptx"]
+    assert ".param .u32" in ptx and ".param .u32" not in ptx_one, "a stride of 1 is not a compile-time constant"
+
+
+@triton.jit
+def _copy_rows(src, dst, stride, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    row = tl.program_id(0) * stride
+    tl.store(dst + row + i, tl.load(src + row + i))

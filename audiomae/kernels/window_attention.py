@@ -11,14 +11,16 @@ positions row-major inside a window. The kernels load q, k, v of a window straig
 these indices and store the output (or the gradients) at the same token positions, so there is no
 roll, partition, permute or copy around them.
 
-Tiling. One program handles one head of ``WPB`` consecutive windows (windows are numbered across the
-whole batch): a ``BLOCK_M``-row tile of tokens (``BLOCK_M >= WPB * A``, ``A = wt * wf <= 64``; 16 to
-64 rows, see :func:`_tile`) whose scores form a block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries
-between different windows are ``-inf`` (probability exactly 0); a row never spans two windows, so
-each row's softmax is exact in registers. For the paper's layer (4 x 4 windows, head_dim 32, bf16)
-forward and backward programs take one window each with 2 warps (the fastest tilings of
-``benchmarks/tune.py`` on an H100). The grid is flat, heads fastest, so that
-neighbouring programs read neighbouring bytes of each token's row.
+Tiling. One program handles one head of ``GPP`` window groups in turn, ``WPB`` consecutive windows
+each (windows are numbered across the whole batch): a ``BLOCK_M``-row tile of tokens (``BLOCK_M >=
+WPB * A``, ``A = wt * wf <= 64``; 16 to 64 rows, see :func:`_tile`) whose scores form a
+block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries between different windows are ``-inf``
+(probability exactly 0); a row never spans two windows, so each row's softmax is exact in
+registers. With several groups per program the next group's tiles are loaded while the current
+one computes, and the backward's bias and tau partial sums cover all of the program's groups. For
+the paper's layer (4 x 4 windows, head_dim 32, bf16) forward and backward programs take one window
+each with 2 warps (the fastest tilings of ``benchmarks/tune.py`` on an H100). The grid is flat,
+heads fastest, so that neighbouring programs read neighbouring bytes of each token's row.
 
 Precision. Norms, scores, softmax and every accumulation are float32. The cosines are computed to
 float32 accuracy for every input dtype (``tf32x3`` tensor-core passes for bf16/fp16 inputs on GPUs,
@@ -58,7 +60,7 @@ MAX_HEAD_DIM = 128
 POISON_OUTPUTS = False
 # Tiling overrides for tuning sweeps (benchmarks/tune.py): {"fwd" | "bwd": {"block_m": rows,
 # "num_warps": warps, "heads_fast": bool, "groups_per_program": n}}; empty means the defaults of
-# :func:`_tile` (heads fast, one group of windows per program).
+# :func:`_tile` (heads fast, one group of windows per program). A program loops over its groups.
 TUNING: dict = {}
 
 
@@ -81,6 +83,7 @@ def _window_attention_fwd_kernel(
     COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr, GPP: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
+    NW: tl.constexpr = (T // WT) * (F // WF)  # windows per sample
     LOW: tl.constexpr = QKV.dtype.element_ty  # the products run on values rounded to the input dtype
     if DOT_FP32:
         DOT: tl.constexpr = tl.float32
@@ -94,48 +97,68 @@ def _window_attention_fwd_kernel(
     else:
         prog = tl.program_id(0) % G
         h = tl.program_id(0) // G
-    for it in tl.static_range(GPP):  # GPP window groups, unrolled
-        pid = prog * GPP + it
+    r = tl.arange(0, BLOCK_M)
+    w_local = r // A
+    pos = r % A
+    d = tl.arange(0, BLOCK_D)
+    tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
+    inv_tau = 1.0 / tau_c
+    same = w_local[:, None] == w_local[None, :]
+    # the clamp of tau happens in its dtype, as in the reference; the bias tile is loaded once
+    bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0).to(tl.float32)
 
-        # tile row -> (window, position) -> rolled-grid (tr, fr) -> original token, and shift region
-        r = tl.arange(0, BLOCK_M)
-        w_local = r // A
-        pos = r % A
-        w_global = pid * WPB + w_local
+    # this program's first window group: tile row -> (window, position) -> rolled-grid (tr, fr) ->
+    # original token
+    w_global = prog * GPP * WPB + w_local
+    valid = (w_local < WPB) & (w_global < n_windows)
+    b = w_global // NW
+    tr = ((w_global % NW) // (F // WF)) * WT + pos // WF
+    fr = ((w_global % NW) % (F // WF)) * WF + pos % WF
+    token = ((tr + ST) % T) * F + (fr + SF) % F
+    row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
+    io_mask = valid[:, None] & (d < D)[None, :]
+    q_next = tl.load(QKV + row[:, None] + d[None, :], mask=io_mask, other=0.0)
+    k_next = tl.load(QKV + row[:, None] + d[None, :] + C, mask=io_mask, other=0.0)
+    v_next = tl.load(QKV + row[:, None] + d[None, :] + 2 * C, mask=io_mask, other=0.0)
+    for it in tl.range(0, GPP):  # GPP window groups, one after the other
+        q = q_next.to(tl.float32)
+        k = k_next.to(tl.float32)
+        v = v_next
+        w_global = (prog * GPP + it) * WPB + w_local
         valid = (w_local < WPB) & (w_global < n_windows)
-        b = w_global // ((T // WT) * (F // WF))
-        w_in = w_global % ((T // WT) * (F // WF))
-        tr = (w_in // (F // WF)) * WT + pos // WF
-        fr = (w_in % (F // WF)) * WF + pos % WF
+        b = w_global // NW
+        tr = ((w_global % NW) // (F // WF)) * WT + pos // WF
+        fr = ((w_global % NW) % (F // WF)) * WF + pos % WF
         token = ((tr + ST) % T) * F + (fr + SF) % F
-        region = r * 0
+        io_mask = valid[:, None] & (d < D)[None, :]
+        if GPP > 1:  # start loading the next group's tiles; they arrive while this one computes
+            w_n = w_global + WPB
+            valid_n = (w_local < WPB) & (w_n < n_windows) & (it + 1 < GPP)
+            tr_n = ((w_n % NW) // (F // WF)) * WT + pos // WF
+            fr_n = ((w_n % NW) % (F // WF)) * WF + pos % WF
+            row_n = ((w_n // NW).to(tl.int64) * stride_qkv_b
+                     + (((tr_n + ST) % T) * F + (fr_n + SF) % F).to(tl.int64) * stride_qkv_l + h * D)
+            mask_n = valid_n[:, None] & (d < D)[None, :]
+            q_next = tl.load(QKV + row_n[:, None] + d[None, :], mask=mask_n, other=0.0)
+            k_next = tl.load(QKV + row_n[:, None] + d[None, :] + C, mask=mask_n, other=0.0)
+            v_next = tl.load(QKV + row_n[:, None] + d[None, :] + 2 * C, mask=mask_n, other=0.0)
+        region = r * 0  # shift region of each token: entries across regions get -100
         if ST > 0:
             region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
         if SF > 0:
             region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
 
-        d = tl.arange(0, BLOCK_D)
-        io_mask = valid[:, None] & (d < D)[None, :]
-        row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
-        q_ptrs = QKV + row[:, None] + d[None, :]
-        q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
-        k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
-        v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
-
         # F.normalize: x / max(||x||, 1e-12), norms in float32
-        qn = q / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine)), 1e-12)[:, None]
-        kn = k / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine)), 1e-12)[:, None]
+        # (one reciprocal per row, then products: within 2 ulp of the division)
+        qn = q * (1.0 / tl.maximum(tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine)), 1e-12))[:, None]
+        kn = k * (1.0 / tl.maximum(tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine)), 1e-12))[:, None]
         cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
 
-        # the clamp happens in tau's dtype, as in the reference
-        tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
-        same = w_local[:, None] == w_local[None, :]
-        bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
-        s = cos / tau_c + bias.to(tl.float32)
+        s = cos * inv_tau + bias
         s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
         s = tl.where(same, s, float("-inf"))
         e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
-        p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
+        p = e * (1.0 / tl.reduce(e, 1, tl.standard._sum_combine))[:, None]
         o = tl.dot(p.to(LOW).to(DOT), v.to(DOT), input_precision=DOT_PRECISION)
 
         out_row = b.to(tl.int64) * stride_out_b + token.to(tl.int64) * stride_out_l + h * D
@@ -153,6 +176,7 @@ def _window_attention_bwd_kernel(
     COS_PRECISION: tl.constexpr, HEADS_FAST: tl.constexpr, GPP: tl.constexpr,
 ):
     A: tl.constexpr = WT * WF
+    NW: tl.constexpr = (T // WT) * (F // WF)
     LOW: tl.constexpr = QKV.dtype.element_ty
     if DOT_FP32:
         DOT: tl.constexpr = tl.float32
@@ -166,55 +190,78 @@ def _window_attention_bwd_kernel(
     else:
         prog = tl.program_id(0) % G
         h = tl.program_id(0) // G
+    r = tl.arange(0, BLOCK_M)
+    w_local = r // A
+    pos = r % A
+    d = tl.arange(0, BLOCK_D)
+    tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
+    inv_tau = 1.0 / tau_c
+    same = w_local[:, None] == w_local[None, :]
+    bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0).to(tl.float32)
+
+    # the first window group's tiles (same index arithmetic as the forward kernel)
+    w_global = prog * GPP * WPB + w_local
+    valid = (w_local < WPB) & (w_global < n_windows)
+    b = w_global // NW
+    tr = ((w_global % NW) // (F // WF)) * WT + pos // WF
+    fr = ((w_global % NW) % (F // WF)) * WF + pos % WF
+    token = ((tr + ST) % T) * F + (fr + SF) % F
+    row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
+    do_row = b.to(tl.int64) * stride_do_b + token.to(tl.int64) * stride_do_l + h * D
+    io_mask = valid[:, None] & (d < D)[None, :]
+    q_next = tl.load(QKV + row[:, None] + d[None, :], mask=io_mask, other=0.0)
+    k_next = tl.load(QKV + row[:, None] + d[None, :] + C, mask=io_mask, other=0.0)
+    v_next = tl.load(QKV + row[:, None] + d[None, :] + 2 * C, mask=io_mask, other=0.0)
+    do_next = tl.load(DOUT + do_row[:, None] + d[None, :], mask=io_mask, other=0.0)
     # tau and bias partial sums over this program's GPP window groups, stored once at the end
     dtau_acc = tl.full((BLOCK_M,), 0.0, tl.float32)
     db_acc = tl.full((BLOCK_A, BLOCK_A), 0.0, tl.float32)
-    for it in tl.static_range(GPP):  # GPP window groups, unrolled
-        pid = prog * GPP + it
-
-        # same index arithmetic as the forward kernel
-        r = tl.arange(0, BLOCK_M)
-        w_local = r // A
-        pos = r % A
-        w_global = pid * WPB + w_local
+    for it in tl.range(0, GPP):  # GPP window groups, one after the other
+        q = q_next.to(tl.float32)
+        k = k_next.to(tl.float32)
+        v = v_next
+        do = do_next
+        w_global = (prog * GPP + it) * WPB + w_local
         valid = (w_local < WPB) & (w_global < n_windows)
-        b = w_global // ((T // WT) * (F // WF))
-        w_in = w_global % ((T // WT) * (F // WF))
-        tr = (w_in // (F // WF)) * WT + pos // WF
-        fr = (w_in % (F // WF)) * WF + pos % WF
+        b = w_global // NW
+        tr = ((w_global % NW) // (F // WF)) * WT + pos // WF
+        fr = ((w_global % NW) % (F // WF)) * WF + pos % WF
         token = ((tr + ST) % T) * F + (fr + SF) % F
+        io_mask = valid[:, None] & (d < D)[None, :]
+        if GPP > 1:  # start loading the next group's tiles; they arrive while this one computes
+            w_n = w_global + WPB
+            valid_n = (w_local < WPB) & (w_n < n_windows) & (it + 1 < GPP)
+            tr_n = ((w_n % NW) // (F // WF)) * WT + pos // WF
+            fr_n = ((w_n % NW) % (F // WF)) * WF + pos % WF
+            token_n = (((tr_n + ST) % T) * F + (fr_n + SF) % F).to(tl.int64)
+            row_n = (w_n // NW).to(tl.int64) * stride_qkv_b + token_n * stride_qkv_l + h * D
+            do_row_n = (w_n // NW).to(tl.int64) * stride_do_b + token_n * stride_do_l + h * D
+            mask_n = valid_n[:, None] & (d < D)[None, :]
+            q_next = tl.load(QKV + row_n[:, None] + d[None, :], mask=mask_n, other=0.0)
+            k_next = tl.load(QKV + row_n[:, None] + d[None, :] + C, mask=mask_n, other=0.0)
+            v_next = tl.load(QKV + row_n[:, None] + d[None, :] + 2 * C, mask=mask_n, other=0.0)
+            do_next = tl.load(DOUT + do_row_n[:, None] + d[None, :], mask=mask_n, other=0.0)
         region = r * 0
         if ST > 0:
             region += 3 * ((tr >= T - WT).to(tl.int32) + (tr >= T - ST).to(tl.int32))
         if SF > 0:
             region += (fr >= F - WF).to(tl.int32) + (fr >= F - SF).to(tl.int32)
 
-        d = tl.arange(0, BLOCK_D)
-        io_mask = valid[:, None] & (d < D)[None, :]
-        row = b.to(tl.int64) * stride_qkv_b + token.to(tl.int64) * stride_qkv_l + h * D
-        q_ptrs = QKV + row[:, None] + d[None, :]
-        q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(tl.float32)
-        k = tl.load(q_ptrs + C, mask=io_mask, other=0.0).to(tl.float32)
-        v = tl.load(q_ptrs + 2 * C, mask=io_mask, other=0.0)
-        do_row = b.to(tl.int64) * stride_do_b + token.to(tl.int64) * stride_do_l + h * D
-        do = tl.load(DOUT + do_row[:, None] + d[None, :], mask=io_mask, other=0.0)
-
         # recompute the forward
         q_len = tl.sqrt_rn(tl.reduce(q * q, 1, tl.standard._sum_combine))
         k_len = tl.sqrt_rn(tl.reduce(k * k, 1, tl.standard._sum_combine))
         q_den = tl.maximum(q_len, 1e-12)
         k_den = tl.maximum(k_len, 1e-12)
-        qn = q / q_den[:, None]
-        kn = k / k_den[:, None]
+        q_inv = 1.0 / q_den
+        k_inv = 1.0 / k_den
+        qn = q * q_inv[:, None]
+        kn = k * k_inv[:, None]
         cos = tl.dot(qn, tl.trans(kn), input_precision=COS_PRECISION)  # float32 accuracy
-        tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
-        same = w_local[:, None] == w_local[None, :]
-        bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0)
-        s = cos / tau_c + bias.to(tl.float32)
+        s = cos * inv_tau + bias
         s = tl.where(region[:, None] == region[None, :], s, s - 100.0)
         s = tl.where(same, s, float("-inf"))
         e = tl.exp(s - tl.reduce(s, 1, tl.standard._elementwise_max)[:, None])
-        p = e / tl.reduce(e, 1, tl.standard._sum_combine)[:, None]
+        p = e * (1.0 / tl.reduce(e, 1, tl.standard._sum_combine))[:, None]
 
         # softmax and products
         dv = tl.dot(tl.trans(p.to(LOW).to(DOT)), do.to(DOT), input_precision=DOT_PRECISION)
@@ -223,8 +270,7 @@ def _window_attention_bwd_kernel(
         ds = p * (dp - tl.reduce(p * dp, 1, tl.standard._sum_combine)[:, None])
 
         # tau: d/d(tau_c) = -sum(ds * cos) / tau_c^2, finished (and clamped) after the reduction
-        dtau = tl.reduce(ds * cos, 1, tl.standard._sum_combine)
-        dtau_acc += dtau
+        dtau_acc += tl.reduce(ds * cos, 1, tl.standard._sum_combine)
         # bias: the sum of the WPB diagonal A x A blocks of ds (ds is 0 off them and on empty rows)
         if WPB == 1:
             db = ds  # BLOCK_A == BLOCK_M
@@ -237,14 +283,14 @@ def _window_attention_bwd_kernel(
         db_acc += db
 
         # q, k through the cosine and F.normalize (whose clamp passes no gradient below 1e-12)
-        dcos = ds / tau_c
+        dcos = ds * inv_tau
         dcos = dcos.to(LOW).to(DOT)
         dqn = tl.dot(dcos, kn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
         dkn = tl.dot(tl.trans(dcos), qn.to(LOW).to(DOT), input_precision=DOT_PRECISION)
         q_proj = tl.where(q_len >= 1e-12, tl.reduce(dqn * qn, 1, tl.standard._sum_combine), 0.0)
         k_proj = tl.where(k_len >= 1e-12, tl.reduce(dkn * kn, 1, tl.standard._sum_combine), 0.0)
-        dq = (dqn - qn * q_proj[:, None]) / q_den[:, None]
-        dk = (dkn - kn * k_proj[:, None]) / k_den[:, None]
+        dq = (dqn - qn * q_proj[:, None]) * q_inv[:, None]
+        dk = (dkn - kn * k_proj[:, None]) * k_inv[:, None]
 
         out_row = b.to(tl.int64) * stride_dqkv_b + token.to(tl.int64) * stride_dqkv_l + h * D
         dq_ptrs = DQKV + out_row[:, None] + d[None, :]
