@@ -4,8 +4,10 @@ Three columns, the same model and optimizer (AdamW, betas (0.9, 0.95), weight de
 weights, as the training loop builds it) with bf16 autocast on CUDA (float32 on the CPU):
 
 - ``eager (torch backend)``: every fused op forced to its PyTorch reference
-  (``audiomae.dispatch.use_backend("torch")``), i.e. the released code's computation;
-- ``fused (auto)``: the automatic backends (Triton kernels on CUDA);
+  (``audiomae.dispatch.use_backend("torch")``) and PyTorch's default (multi-tensor) AdamW, i.e. the
+  released code's computation;
+- ``fused (auto)``: the automatic backends (Triton kernels on CUDA) and the training loop's AdamW
+  (PyTorch's single-kernel ``fused=True`` on CUDA);
 - ``fused + torch.compile``: the same model wrapped in ``torch.compile``.
 
 A step here is forward + backward + optimizer step on a spectrogram batch already on the device;
@@ -80,15 +82,14 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _build(cfg: AudioMAEConfig, device: torch.device):
-    from audiomae.train.optim import param_groups
+def _build(cfg: AudioMAEConfig, device: torch.device, fused_optimizer: bool = True):
+    """The model and its AdamW: the training loop's (single-kernel on CUDA) for the fused columns,
+    PyTorch's default multi-tensor AdamW (the released code's) for the eager column."""
+    from audiomae.train.optim import adamw, param_groups
 
     torch.manual_seed(0)
     model = AudioMAE(cfg).to(device).train()
-    groups = param_groups(model, 1e-4)
-    for g in groups:
-        g.pop("names", None)
-    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
+    opt = adamw(param_groups(model, 1e-4), 1e-4, (0.9, 0.95), fused=None if fused_optimizer else False)
     return model, opt
 
 
@@ -158,8 +159,9 @@ def run(ctx: Context) -> None:
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     report.describe(SECTION, (
         f"AudioMAE `{preset}` ({cfg.embed_dim}/{cfg.depth} encoder, {cfg.decoder_embed_dim}/{cfg.decoder_depth} "
-        f"{cfg.decoder_mode} decoder), input {cfg.img_size[0]} x {cfg.img_size[1]}, mask ratio {MASK_RATIO}, AdamW. "
-        "A step = forward + backward + optimizer on a batch already on the device. Model FLOPs per sample and "
+        f"{cfg.decoder_mode} decoder), input {cfg.img_size[0]} x {cfg.img_size[1]}, mask ratio {MASK_RATIO}, AdamW "
+        "(PyTorch's default for the eager column, the training loop's single-kernel one on CUDA for the fused "
+        "columns). A step = forward + backward + optimizer on a batch already on the device. Model FLOPs per sample and "
         f"step: {flops['step'] / 1e9:.2f} GFLOP (3 x forward; see `benchmarks/pretrain.py::mae_flops`); "
         f"MFU is against the measured {str(peak_dtype).replace('torch.', '')} matmul peak "
         f"({peak_tflops:.1f} TFLOP/s)."),
@@ -210,7 +212,7 @@ def _profile(step, specs, device, label: str, path: str, steps: int = 2) -> None
 
 def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps,
                  profile_to: Optional[str] = None) -> Result:
-    model, opt = _build(cfg, device)
+    model, opt = _build(cfg, device, fused_optimizer=not is_ref)
     fwd_model = torch.compile(model) if compiled else model
     step = _step_fn(fwd_model, opt, device)
     specs = _specs(cfg, batch, device)
@@ -260,7 +262,7 @@ def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
     """Per-phase device time of ``n`` eager steps (not compiled: a compiled step has no phases)."""
     device = ctx.device
     frames = cfg.img_size[0]
-    model, opt = _build(cfg, device)
+    model, opt = _build(cfg, device, fused_optimizer=not is_ref)
     g = torch.Generator().manual_seed(1)
     samples_per_clip = 16000 * frames * 10 // 1024  # 10 s for 1024 frames (998 frames, padded), as AudioSet
     waves = [torch.randn(batch, samples_per_clip, generator=g) * 0.1 for _ in range(2)]

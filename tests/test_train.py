@@ -10,7 +10,7 @@ from audiomae.train import TrainingError
 from audiomae.train.loop import Trainer
 from audiomae.train.distributed import DistInfo
 from audiomae.train.metrics import average_precision, d_prime, multilabel_metrics, roc_auc, singlelabel_metrics
-from audiomae.train.optim import layer_id, lr_at, param_groups
+from audiomae.train.optim import adamw, layer_id, lr_at, param_groups
 from audiomae.train.sampler import ResumableSampler
 
 TINY = AudioMAEConfig.preset("tiny")
@@ -51,6 +51,33 @@ def test_layer_decay():
     assert scale["blocks.1.attn.qkv.weight"] == 0.5
     assert scale["blocks.0.attn.qkv.weight"] == 0.25
     assert scale["cls_token"] == 0.125
+
+
+def test_adamw_keeps_the_groups_and_fuses_only_on_cuda():
+    clf = AudioMAEClassifier(TINY, num_classes=3)
+    groups = param_groups(clf, 0.05, layer_decay=0.5)
+    opt = adamw(groups, 1e-3)
+    assert not opt.defaults.get("fused")  # parameters on the CPU: the default implementation
+    assert [g["weight_decay"] for g in opt.param_groups] == [g["weight_decay"] for g in groups]
+    assert [g["lr_scale"] for g in opt.param_groups] == [g["lr_scale"] for g in groups]
+    assert all("names" not in g for g in opt.param_groups) and all("names" in g for g in groups)
+    # the single-kernel update is the same update (PyTorch runs it on CPUs too)
+    torch.manual_seed(0)
+    for p in clf.parameters():
+        p.grad = torch.randn_like(p)
+    twin = AudioMAEClassifier(TINY, num_classes=3)
+    twin.load_state_dict(clf.state_dict())
+    for p, q in zip(clf.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    fused = adamw(param_groups(twin, 0.05, layer_decay=0.5), 1e-3, fused=True)
+    assert fused.defaults["fused"]
+    before = [p.detach().clone() for p in clf.parameters()]
+    opt.step()
+    fused.step()
+    for (name, p), q in zip(clf.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    moved = [(p - b).abs().max() > 0 for p, b in zip(clf.parameters(), before)]
+    assert moved == [p.requires_grad for p in clf.parameters()]  # every trainable parameter, and only those
 
 
 def test_metrics():

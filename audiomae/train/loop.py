@@ -22,7 +22,7 @@ from ..config import AudioMAEConfig
 from ..model import AudioMAE, AudioMAEClassifier
 from . import distributed as D
 from .metrics import multilabel_metrics, singlelabel_metrics
-from .optim import effective_lr, lr_at, param_groups, set_lr
+from .optim import adamw, effective_lr, lr_at, param_groups, set_lr
 from .sampler import ResumableSampler
 from .state import BEST, LAST, load_training_state, resolve_resume, save_training_state, set_rng_state
 
@@ -143,10 +143,8 @@ class Trainer:
         self.accum = accum
         self.eff_batch = batch * accum * info.world_size
         self.lr = opts.get("lr") or effective_lr(opts["blr"], self.eff_batch)
-        groups = param_groups(model, opts["weight_decay"], layer_decay)
-        for g in groups:
-            g.pop("names")
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.95))
+        # the model is on its device already: on CUDA this is the single-kernel AdamW
+        self.optimizer = adamw(param_groups(self.model, opts["weight_decay"], layer_decay), self.lr, (0.9, 0.95))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         weights = None
         if opts.get("weighted_sampling"):

@@ -5,6 +5,7 @@ import math
 import re
 from typing import Dict, List, Optional
 
+import torch
 import torch.nn as nn
 
 # never decayed: norms, biases, tokens, position tables, temperatures (the release's rule: 1-D
@@ -46,6 +47,18 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return list(groups.values())
+
+
+def adamw(groups: List[Dict], lr: float, betas=(0.9, 0.95), fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (from :func:`param_groups`, ``names`` dropped). ``fused=None`` picks
+    PyTorch's single-kernel AdamW when every parameter is on a CUDA device (the update itself is
+    the same; the default multi-tensor one launches a kernel per step of the formula) and the
+    default elsewhere."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if fused is None:
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if fused else None)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0) -> float:
