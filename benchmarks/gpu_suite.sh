@@ -7,8 +7,10 @@
 #
 # Environment: PYTHON (default python), SUITE_SECONDS (whole suite, default 540),
 # SUITE_TEST_SECONDS (tests, default 240), SUITE_WORKERS (pytest-xdist processes, default 8),
-# SUITE_TUNE=1 (run the tiling sweeps of benchmarks/tune.py first), SUITE_BENCH_ARGS (extra arguments for benchmarks.run,
-# e.g. "--batch auto" or "--no-compile").
+# SUITE_TESTS=0 (skip the tests: a later call that only measures), SUITE_TUNE=1 (run the tiling
+# sweeps of benchmarks/tune.py first), SUITE_TUNE_ARGS (arguments for benchmarks.tune, e.g.
+# "--only attention"), SUITE_BENCH=0 (skip benchmarks.run), SUITE_BENCH_ARGS (extra arguments for
+# benchmarks.run, e.g. "--only pretrain --profile" or "--no-compile").
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -35,6 +37,8 @@ echo "gpu suite: results in $RES"
 # 1. tests: everything marked gpu or slow, then the kernel test files, which run on CUDA tensors
 #    when a GPU is present (under the interpreter otherwise). With pytest-xdist the tests run in
 #    SUITE_WORKERS processes (default 8): compiling the kernels for each shape is the slow part.
+tests_rc=0
+if [ "${SUITE_TESTS:-1}" != 0 ]; then
 kernel_tests=$(ls tests/test_window_attention.py tests/test_step_kernels.py tests/test_fbank_kernel.py 2>/dev/null)
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${SUITE_WORKERS:-8}"); fi
@@ -59,14 +63,19 @@ if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${SUITE_WORKERS:-8}"); f
 } 2>&1 | tee "$RES/tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "gpu suite: tests exit code $tests_rc after $(elapsed) s"
+fi
 
 # 2. with SUITE_TUNE=1, the tiling sweeps of benchmarks/tune.py (about 2 minutes)
 if [ "${SUITE_TUNE:-0}" = 1 ]; then
-    timeout "${SUITE_TUNE_SECONDS:-180}" "$PY" -m benchmarks.tune --out "$RES" 2>&1 | tee "$RES/tune.log"
+    # shellcheck disable=SC2086
+    timeout "${SUITE_TUNE_SECONDS:-180}" "$PY" -m benchmarks.tune --out "$RES" ${SUITE_TUNE_ARGS:-} 2>&1 \
+        | tee "$RES/tune.log"
     echo "gpu suite: tuning sweeps done after $(elapsed) s"
 fi
 
 # 3. benchmarks, in the time that is left (each section stops measuring when its share is used up)
+bench_rc=0
+if [ "${SUITE_BENCH:-1}" != 0 ]; then
 budget=$(( TOTAL - $(elapsed) - 30 ))
 if [ "$budget" -lt 60 ]; then budget=60; fi
 # shellcheck disable=SC2086
@@ -74,6 +83,7 @@ timeout $(( budget + 60 )) "$PY" -m benchmarks.run --quick --out "$RES" --time-b
     ${SUITE_BENCH_ARGS:-} 2>&1 | tee "$RES/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu suite: benchmarks exit code $bench_rc after $(elapsed) s" | tee -a "$RES/bench.log"
+fi
 
 # 4. copy to $OUT: flat, at most 8 files
 if [ -n "${OUT:-}" ]; then
