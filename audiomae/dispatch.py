@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import torch
+
 log = logging.getLogger("audiomae.dispatch")
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -132,8 +134,16 @@ def choose(op: str, *args, **kwargs) -> Tuple[str, Callable]:
         why = impl.why_not(*args, **kwargs)
         if not why:
             return b, impl.fn
-        log.debug("%s: %s not used: %s", op, b, "; ".join(why))
+        if not _compiling():  # logging inside a torch.compile'd region would break its graph
+            log.debug("%s: %s not used: %s", op, b, "; ".join(why))
     raise BackendUnavailableError(f"{op}: no backend can run these inputs")
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # older torch
+        return False
 
 
 def call(op: str, *args, **kwargs):

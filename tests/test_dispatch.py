@@ -61,6 +61,28 @@ def test_automatic_choice_logs_why_a_backend_was_skipped(caplog):
     assert any("triton not used" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("interpret", [False, True], ids=["torch-backend", "triton-interpreter"])
+def test_the_training_forward_traces_as_one_graph(monkeypatch, interpret):
+    """torch.compile sees the whole training forward of the model as one graph: the dispatch layer
+    (backend choice, its checks and its logging) adds no graph break, with either backend."""
+    if interpret:
+        if not triton_importable():
+            pytest.skip("triton is not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from audiomae import AudioMAE, AudioMAEConfig
+
+    torch._dynamo.reset()
+    cfg = AudioMAEConfig.preset("tiny")
+    model = AudioMAE(cfg).train()
+    spec = torch.randn(2, 1, *cfg.img_size)
+    chosen = dispatch.choose("window_attention", *example())[0]
+    assert chosen == ("triton" if interpret else "torch")
+    explained = torch._dynamo.explain(lambda s: model(s, mask_ratio=0.8).loss)(spec)
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
+    torch._dynamo.reset()
+
+
 def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     assert dispatch.forced_backend(OP) == "torch"
