@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 DESCRIPTION = """Audio-MAE: masked-autoencoder pretraining on log-mel spectrograms, fine-tuning,
 evaluation, embeddings and reconstructions. With no --data, commands use the embedded synthetic
 dataset (10 procedurally generated sound classes, nothing to download)."""
@@ -65,6 +67,10 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
     g.add_argument("--weight-decay", type=float, default=wd, help=f"AdamW decay, not on norms/biases/tokens (default {wd})")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile; default: torch's default mode). "
+                        "max-autotune-no-cudagraphs also searches matmul tilings and fuses their epilogues; "
+                        "it compiles for much longer")
     g.add_argument("--weighted-sampling", action="store_true", help="sample clips by inverse label frequency (AudioSet)")
     g.add_argument("--epoch-size", type=int, help="clips per epoch (default: the dataset's size)")
     g.add_argument("--resume", help="a training checkpoint, or 'auto' for the run folder's last one")

@@ -167,8 +167,9 @@ def run(ctx: Context) -> None:
         f"({peak_tflops:.1f} TFLOP/s)."),
         config=cfg.to_dict(), flops_per_sample=flops, peak_matmul_tflops=peak_tflops,
         peak_matmul_dtype=str(peak_dtype).replace("torch.", ""))
+    mode = opts.get("compile_mode") or None
     columns = [("eager (torch backend)", "torch", False, True), ("fused (auto)", None, False, False),
-               ("fused + torch.compile", None, True, False)]
+               ("fused + torch.compile" + (f" ({mode})" if mode else ""), None, mode or True, False)]
     wanted = opts.get("pretrain_columns")
     if wanted:
         columns = [c for c, key in zip(columns, ("eager", "fused", "compile")) if key in wanted]
@@ -213,7 +214,8 @@ def _profile(step, specs, device, label: str, path: str, steps: int = 2) -> None
 def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps,
                  profile_to: Optional[str] = None) -> Result:
     model, opt = _build(cfg, device, fused_optimizer=not is_ref)
-    fwd_model = torch.compile(model) if compiled else model
+    # compiled: True (torch's default mode) or a torch.compile mode
+    fwd_model = (torch.compile(model, mode=compiled if isinstance(compiled, str) else None) if compiled else model)
     step = _step_fn(fwd_model, opt, device)
     specs = _specs(cfg, batch, device)
     ctx_backend = dispatch.use_backend(backend) if backend else contextlib.nullcontext()

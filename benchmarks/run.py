@@ -46,6 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(default: auto on CUDA, 2 on the CPU)")
     p.add_argument("--model", default="base", help="AudioMAEConfig preset of the pretraining step (default base)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column of the pretraining step")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of that column (default: torch's default; e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--profile", action="store_true",
                    help="also write profile.txt: the kernels of two pretraining steps per column (torch.profiler)")
     p.add_argument("--pretrain-columns", default=None,
@@ -103,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = harness.Report(out, env, config)
     budget = harness.Budget(args.time_budget if args.time_budget else 1e9)
     options = dict(batch=args.batch, model=args.model, no_compile=args.no_compile, plot_dir=out,
+                   compile_mode=args.compile_mode,
                    attention_batches=_csv(args.attention_batches, int), attention_dtypes=_csv(args.attention_dtypes),
                    attention_variants=_csv(args.variants), fbank_batch=args.fbank_batch, step_batch=args.step_batch,
                    pretrain_columns=_csv(args.pretrain_columns), profile=args.profile)

@@ -193,3 +193,28 @@ def test_resume_refuses_other_geometry(tmp_path):
     other = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), batch_size=8)
     with pytest.raises(TrainingError, match="steps per epoch"):
         other.resume(os.path.join(tmp_path, "checkpoint-last.pt"))
+
+
+@pytest.mark.parametrize("over,want", [({}, None), ({"compile": True}, [None]),
+                                       ({"compile_mode": "max-autotune-no-cudagraphs"}, ["max-autotune-no-cudagraphs"]),
+                                       ({"compile": True, "compile_mode": "default"}, [None])])
+def test_compile_options_reach_torch_compile(tmp_path, monkeypatch, over, want):
+    modes = []
+
+    def fake_compile(model, mode=None, **kw):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    tr = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), **over)
+    assert modes == (want or [])
+    assert tr.forward_model is tr.model
+
+
+def test_cli_compile_mode_choices():
+    from audiomae.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--compile-mode", "max-autotune-no-cudagraphs"])
+    assert args.compile_mode == "max-autotune-no-cudagraphs" and not args.compile
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--compile-mode", "fastest"])

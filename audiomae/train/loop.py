@@ -170,8 +170,9 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward_model = self.ddp or self.model
-        if opts.get("compile"):
-            self.forward_model = torch.compile(self.forward_model)
+        if opts.get("compile") or opts.get("compile_mode"):
+            mode = opts.get("compile_mode")
+            self.forward_model = torch.compile(self.forward_model, mode=None if mode in (None, "default") else mode)
 
     @property
     def schedule(self) -> Dict[str, Any]:
