@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -99,23 +99,35 @@ def as_jit(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
+class Launches(list):
+    """The recorded launches, ``(jit function, args, kwargs)`` each; ``grids[i]`` is the grid of
+    launch ``i``, so that it can be replayed alone: ``fn[grids[i]](*args, **kwargs)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.grids: List[Any] = []
+
+
 class _Capture:
     """Stands in for ``kernel[grid]``: records the launch instead of running it."""
 
-    def __init__(self, fn, launches: List[Tuple[Any, tuple, dict]]):
+    def __init__(self, fn, launches: Launches):
         self.fn, self.launches = fn, launches
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((self.fn, args, dict(kwargs)))
+            self.launches.grids.append(grid)
         return launch
 
 
 @contextlib.contextmanager
 def captured(*modules):
     """Within the block, the kernel launches of ``modules`` (``audiomae.kernels.*``) are recorded as
-    ``(jit function, args, kwargs)`` instead of run, with the GPU tilings (not the interpreter's)."""
-    launches: List[Tuple[Any, tuple, dict]] = []
+    ``(jit function, args, kwargs)`` instead of run, with the GPU tilings (not the interpreter's);
+    the yielded :class:`Launches` also has their grids. What the launchers compute around their
+    kernels still runs (on buffers the kernels did not write)."""
+    launches = Launches()
     saved = []
     for m in modules:
         for name, value in (("_launcher", lambda k: _Capture(as_jit(k), launches)),

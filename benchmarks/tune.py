@@ -4,7 +4,8 @@
 
 For every candidate tiling the kernel's result is checked against the default tiling (attention)
 or the float64 reference (fbank) before it is timed (CUDA-event median of ``do_bench``, several
-input sets in rotation). Prints one markdown table per kernel, best first, and writes
+input sets in rotation). Attention rows time the whole op (``ms``) and its kernel alone
+(``kernel_ms``: the op's launch replayed, see :func:`benchmarks.aot.captured`). Prints one markdown table per kernel, best first, and writes
 ``tune.json`` when ``--out`` is given. The defaults in ``audiomae/kernels`` come from these sweeps.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _median_ms(fn, sets: int) -> float:
 
 def attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
     from audiomae.kernels import window_attention as wa
+
+    from .aot import captured
 
     H, D, T, F, win = 16, 32, 64, 8, (4, 4)
     C, A = H * D, win[0] * win[1]
@@ -72,7 +75,18 @@ def attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
                     err = (got - want_g).abs().max().item()
                     ms = _median_ms(lambda i: bwd_op(gouts[i], qkvs[i], tau, bias, *args), sets)
                     nbytes = n_tok * 7 * C * elt
-                row.update(max_diff_vs_default=err, ms=ms, gbps=nbytes / ms / 1e6)
+                # the kernel alone: the op's launch replayed, without the op's other work (output
+                # allocation, and for the backward the reductions of the tau and bias partial sums)
+                with captured(wa) as launches:
+                    if direction == "fwd":
+                        fwd_op(qkvs[0], tau, bias, *args)
+                    else:
+                        bwd_op(gouts[0], qkvs[0], tau, bias, *args)
+                fn, a, kw = launches[0]
+                grid = launches.grids[0]
+                kernel_ms = _median_ms(lambda i: fn[grid](*a, **kw), 1)
+                row.update(max_diff_vs_default=err, ms=ms, gbps=nbytes / ms / 1e6, kernel_ms=kernel_ms,
+                           kernel_gbps=nbytes / kernel_ms / 1e6)
             except Exception as e:  # a tiling that does not compile (registers, shared memory)
                 row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
             rows.append(row)
@@ -127,7 +141,7 @@ def _table(rows: List[Dict], keys: List[str], metric: str) -> str:
     head = keys + ["ms", metric]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ok + bad:
-        cells = [str(r.get(k, "")) for k in keys]
+        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
         cells += [f"{r['ms']:.4f}" if "ms" in r else r.get("error", ""), f"{r.get(metric, 0):.4g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -162,7 +176,7 @@ def main(argv=None) -> int:
         for d in ("fwd", "bwd"):
             print(f"\n## attention {d}, bf16, batch {args.batch}, shift (2, 0)\n")
             print(_table([r for r in att if r["direction"] == d], ["block_m", "num_warps", "groups_per_program",
-                                                                  "max_diff_vs_default"], "gbps"))
+                                                                  "max_diff_vs_default", "kernel_ms"], "gbps"))
     if "fbank" in only:
         print(f"\n## fbank, batch {args.fbank_batch} x 10 s\n")
         print(_table(fb, ["method", "block_t_frames", "block_t", "block_s", "block_k", "num_warps", "precision",

@@ -139,3 +139,26 @@ def _copy_rows(src, dst, stride, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     row = tl.program_id(0) * stride
     tl.store(dst + row + i, tl.load(src + row + i))
+
+
+def test_a_captured_launch_replays_alone(monkeypatch):
+    """benchmarks.tune times a kernel alone by replaying the launch that benchmarks.aot captured
+    from its op: the recorded grid, arguments and meta-parameters are the whole launch."""
+    from audiomae.kernels import _common
+    from audiomae.kernels import window_attention as wa
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 8 * 4, 3 * 32)
+    tau, bias = torch.rand(2) * 0.2 + 0.05, torch.randn(2, 16, 16)
+    geometry = ([8, 4], [4, 4], [2, 0], 2)
+    want = wa._window_attention_fwd(qkv, tau, bias, *geometry)
+    with captured(wa) as launches:
+        wa._window_attention_fwd(qkv, tau, bias, *geometry)
+    assert len(launches) == len(launches.grids) == 1
+    fn, args, kwargs = launches[0]
+    out = args[3]
+    out.fill_(float("nan"))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}  # not for the interpreter
+    _common.for_current_mode(fn)[launches.grids[0]](*args, **kwargs)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
