@@ -69,8 +69,8 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile; default: torch's default mode). "
-                        "max-autotune-no-cudagraphs also searches matmul tilings and fuses their epilogues; "
-                        "it compiles for much longer")
+                        "max-autotune-no-cudagraphs also searches matmul tilings and can fuse pointwise "
+                        "epilogues into them; it compiles for much longer")
     g.add_argument("--weighted-sampling", action="store_true", help="sample clips by inverse label frequency (AudioSet)")
     g.add_argument("--epoch-size", type=int, help="clips per epoch (default: the dataset's size)")
     g.add_argument("--resume", help="a training checkpoint, or 'auto' for the run folder's last one")
