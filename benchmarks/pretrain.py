@@ -260,6 +260,18 @@ def _fbank(waves, frames: int):
     return waveform_to_input(waves, 16000, frames, "audioset")
 
 
+def _fbank_backend(device) -> str:
+    """The backend ``fbank_features`` runs with on ``device`` under the automatic choice."""
+    try:
+        from audiomae.ops_step import fbank_features  # noqa: F401  (registers the op)
+
+        wave = torch.zeros(1, 16000, device=device)
+        with dispatch.use_backend(None):
+            return dispatch.choose("fbank_features", wave, 100, "audioset", torch.float32, "exact", 128)[0]
+    except Exception as e:  # an old layout without the op, or no backend for these inputs
+        return f"unknown ({type(e).__name__})"
+
+
 def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
     """Per-phase device time of ``n`` eager steps (not compiled: a compiled step has no phases)."""
     device = ctx.device
@@ -312,7 +324,7 @@ def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
         f"Device time of each phase of {n} steps at batch {batch} (median per phase; not compiled). `data` "
         f"copies pinned waveforms ({samples_per_clip / 16000:g} s per clip) to the device; `fbank` is the model "
         "input computed on the device (`audiomae.ops_step.fbank_features`: the reference under the torch backend, "
-        "the Triton kernel under auto)."))
+        f"under auto the backend the dispatch picks: {_fbank_backend(device)})."))
     for p in PHASES:
         t = Timing.from_samples(samples[p])
         ctx.report.add(Result(BREAKDOWN, label, {"phase": p, "batch": batch}, t,
