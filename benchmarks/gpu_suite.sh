@@ -9,7 +9,8 @@
 # SUITE_TEST_SECONDS (tests, default 240), SUITE_WORKERS (pytest-xdist processes, default 8),
 # SUITE_TESTS=0 (skip the tests: a later call that only measures), SUITE_TUNE=1 (run the tiling
 # sweeps of benchmarks/tune.py first), SUITE_TUNE_ARGS (arguments for benchmarks.tune, e.g.
-# "--only attention"), SUITE_BENCH=0 (skip benchmarks.run), SUITE_BENCH_ARGS (extra arguments for
+# "--only attention"), SUITE_APPLY_TUNING=1 (benchmarks.run uses the fastest attention tilings of
+# the sweep's tune.json), SUITE_BENCH=0 (skip benchmarks.run), SUITE_BENCH_ARGS (extra arguments for
 # benchmarks.run, e.g. "--only pretrain --profile" or "--no-compile").
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -78,9 +79,11 @@ bench_rc=0
 if [ "${SUITE_BENCH:-1}" != 0 ]; then
 budget=$(( TOTAL - $(elapsed) - 30 ))
 if [ "$budget" -lt 60 ]; then budget=60; fi
+TUNING_ARGS=()
+if [ "${SUITE_APPLY_TUNING:-0}" = 1 ] && [ -f "$RES/tune.json" ]; then TUNING_ARGS=(--tuning "$RES/tune.json"); fi
 # shellcheck disable=SC2086
 timeout $(( budget + 60 )) "$PY" -m benchmarks.run --quick --out "$RES" --time-budget "$budget" \
-    ${SUITE_BENCH_ARGS:-} 2>&1 | tee "$RES/bench.log"
+    "${TUNING_ARGS[@]}" ${SUITE_BENCH_ARGS:-} 2>&1 | tee "$RES/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu suite: benchmarks exit code $bench_rc after $(elapsed) s" | tee -a "$RES/bench.log"
 fi

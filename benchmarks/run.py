@@ -14,6 +14,7 @@ skipped is noted in the results).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -60,6 +61,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                                      "reference always runs)")
     p.add_argument("--fbank-batch", type=int, default=None, help="clips per fbank call (default 64 on CUDA)")
     p.add_argument("--step-batch", type=int, default=None, help="batch of the step-op benchmarks (default 64 on CUDA)")
+    p.add_argument("--tuning", metavar="TUNE_JSON", default=None,
+                   help="run the Triton attention with the fastest tiling per direction of this tune.json "
+                        "(python -m benchmarks.tune --out DIR) instead of the defaults; the report records it")
     p.add_argument("--list-variants", action="store_true", help="print the attention variants and exit")
     p.add_argument("--replot", metavar="DIR", default=None,
                    help="redraw DIR/attention.png from DIR/results.json (no measuring) and exit")
@@ -70,6 +74,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     args.sections = only or list(SECTIONS)
     return args
+
+
+def best_attention_tiling(path: str) -> dict:
+    """``{"fwd": {...}, "bwd": {...}}``: per direction, the tiling of the fastest attention row of a
+    ``tune.json`` (rows that failed or were not timed are skipped), in the form of
+    ``audiomae.kernels.window_attention.TUNING``."""
+    with open(path) as f:
+        rows = json.load(f).get("rows", [])
+    keys = ("block_m", "num_warps", "heads_fast", "groups_per_program")
+    out = {}
+    for direction in ("fwd", "bwd"):
+        timed = [r for r in rows if r.get("kernel") == "attention" and r.get("direction") == direction and "ms" in r]
+        if timed:
+            best = min(timed, key=lambda r: r["ms"])
+            out[direction] = {k: best[k] for k in keys if k in best}
+    if not out:
+        raise SystemExit(f"--tuning: {path} has no timed attention rows")
+    return out
 
 
 def _csv(text, cast=str):
@@ -85,7 +107,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{v.name}{' (reference)' if v.reference else ''}: {doc}")
         return 0
     if args.replot:
-        import json
         from benchmarks import attention
         with open(os.path.join(args.replot, "results.json")) as f:
             data = json.load(f)
@@ -102,6 +123,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = {"sections": ",".join(args.sections), "quick": args.quick}
     if args.time_budget:
         config["time budget s"] = args.time_budget
+    if args.tuning:
+        from audiomae.kernels import window_attention as wa
+
+        tiling = best_attention_tiling(args.tuning)
+        wa.TUNING.clear()
+        wa.TUNING.update(tiling)
+        config["attention tiling"] = json.dumps(tiling, sort_keys=True)
+        print(f"attention tiling from {args.tuning}: {config['attention tiling']}", flush=True)
     report = harness.Report(out, env, config)
     budget = harness.Budget(args.time_budget if args.time_budget else 1e9)
     options = dict(batch=args.batch, model=args.model, no_compile=args.no_compile, plot_dir=out,

@@ -278,3 +278,27 @@ def test_cpu_table_from_pytest_benchmark_json():
 def test_gpu_suite_script_parses():
     out = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_best_attention_tiling_from_a_tune_json(tmp_path):
+    rows = [
+        dict(kernel="attention", direction="fwd", block_m=16, num_warps=2, heads_fast=True, groups_per_program=1,
+             ms=0.30),
+        dict(kernel="attention", direction="fwd", block_m=16, num_warps=1, heads_fast=True, groups_per_program=4,
+             ms=0.21),
+        dict(kernel="attention", direction="fwd", block_m=64, num_warps=1, heads_fast=True, groups_per_program=4,
+             error="OutOfResources: shared memory"),
+        dict(kernel="attention", direction="bwd", block_m=32, num_warps=2, heads_fast=False, groups_per_program=16,
+             ms=0.80),
+        dict(kernel="attention", direction="bwd", block_m=16, num_warps=2, heads_fast=True, groups_per_program=1,
+             ms=1.05),
+        dict(kernel="fbank", method="fft", ms=0.01),
+    ]
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(dict(device="x", rows=rows)))
+    assert run.best_attention_tiling(str(path)) == {
+        "fwd": dict(block_m=16, num_warps=1, heads_fast=True, groups_per_program=4),
+        "bwd": dict(block_m=32, num_warps=2, heads_fast=False, groups_per_program=16)}
+    path.write_text(json.dumps(dict(rows=[rows[2], rows[-1]])))
+    with pytest.raises(SystemExit, match="no timed attention rows"):
+        run.best_attention_tiling(str(path))
