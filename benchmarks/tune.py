@@ -162,16 +162,21 @@ def main(argv=None) -> int:
     only = set(args.only or ("attention", "fbank"))
     rows: List[Dict] = []
     t0 = time.time()
+
+    def save():  # after each sweep, so that a run cut short by a time limit keeps what it measured
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "tune.json"), "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
     if "attention" in only:
         att = attention(args.batch, torch.bfloat16)
         rows += att
+        save()
     if "fbank" in only:
         fb = fbank(args.fbank_batch)
         rows += fb
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "tune.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+        save()
     if "attention" in only:
         for d in ("fwd", "bwd"):
             print(f"\n## attention {d}, bf16, batch {args.batch}, shift (2, 0)\n")
