@@ -102,10 +102,10 @@ def _window_attention_fwd_kernel(
     w_local = r // A
     pos = r % A
     d = tl.arange(0, BLOCK_D)
+    # the clamp of tau happens in its dtype, as in the reference; the bias tile is loaded once
     tau_c = tl.maximum(tl.load(TAU + h).to(tl.float32), 0.01).to(TAU.dtype.element_ty).to(tl.float32)
     inv_tau = 1.0 / tau_c
     same = w_local[:, None] == w_local[None, :]
-    # the clamp of tau happens in its dtype, as in the reference; the bias tile is loaded once
     bias = tl.load(BIAS + h * A * A + pos[:, None] * A + pos[None, :], mask=same, other=0.0).to(tl.float32)
 
     # this program's first window group: tile row -> (window, position) -> rolled-grid (tr, fr) ->
