@@ -140,10 +140,14 @@ def choose(op: str, *args, **kwargs) -> Tuple[str, Callable]:
 
 
 def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # older torch
-        return False
+    """Whether torch.compile is tracing (``torch.compiler.is_compiling`` from torch 2.3, the
+    dynamo-level check before)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if check is None:
+        import torch._dynamo
+
+        check = torch._dynamo.is_compiling
+    return bool(check())
 
 
 def call(op: str, *args, **kwargs):
