@@ -144,9 +144,9 @@ def _compiling() -> bool:
     dynamo-level check before)."""
     check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if check is None:
-        import torch._dynamo
+        from torch import _dynamo
 
-        check = torch._dynamo.is_compiling
+        check = _dynamo.is_compiling
     return bool(check())
 
 
