@@ -4,8 +4,12 @@ with :mod:`audiomae.dispatch`, plus the masking op's torch reference.
 Ops:
 
 - ``window_attention``: ``cuda`` backend (:func:`window_attention_cuda`), forward and backward
-  kernels with the same arithmetic as the Triton ones (one warp per window and head; tensor cores
-  for float16/bfloat16 when the window area and head_dim are multiples of 16). The automatic order
+  kernels with the same arithmetic as the Triton ones, one warp per window and head, in two sets:
+  register kernels (``mma``: everything in registers, mma.sync tensor cores; 16-token windows,
+  float16/bfloat16, head_dim 16, 32 or 64, sm_80+: the decoder's layers) and shared-memory kernels
+  (``smem``: every other shape; wmma tensor cores for float16/bfloat16 when the window area and
+  head_dim are multiples of 16). The first applies wherever it can; ``AUDIOMAE_CUDA_WA_KERNEL=smem``
+  (or ``mma``, or ``auto``) decides instead (:func:`window_attention_kernel`). The automatic order
   stays ``("triton", "torch")`` (set in :mod:`audiomae.ops`) until a GPU benchmark
   (``benchmarks/attention.py``) shows the CUDA kernels win; until then they run when asked for:
   ``AUDIOMAE_BACKEND=cuda`` or ``audiomae.dispatch.set_backend("cuda", op="window_attention")``.
@@ -20,6 +24,7 @@ Nothing here builds or imports the extension: that happens when a ``cuda`` op fi
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +36,9 @@ WINDOW_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WINDOW_AREA = 64  # AM_WA_MAX_AREA in csrc/audiomae_cuda.h
 MAX_HEAD_DIM = 128  # AM_WA_MAX_HEAD_DIM
 MAX_MASK_LENGTH = 4096  # AM_MASK_MAX_LENGTH
+KERNEL_ENV = "AUDIOMAE_CUDA_WA_KERNEL"  # read by the launch functions (csrc/audiomae_cuda.h)
+KERNEL_CHOICES = ("auto", "smem", "mma")
+MMA_HEAD_DIMS = (16, 32, 64)
 # Tests set this to fill every output of the kernels with NaN (ids with -1) before they run, so an
 # element a kernel fails to write shows up instead of passing with stale memory.
 POISON_OUTPUTS = False
@@ -70,6 +78,26 @@ def window_attention_smem(area: int, head_dim: int, dtype: torch.dtype, backward
     take(4 * A * A if backward else 0, 128)  # bias gradient
     warp = _round_up(off, 128)
     return warp, warp + (64 if backward else 0)
+
+
+def mma_applies(area: int, head_dim: int, dtype: torch.dtype, capability: Tuple[int, int]) -> bool:
+    """Whether the register kernels cover this shape (``mma_applies`` in csrc/window_attention.cu)."""
+    return (dtype in (torch.float16, torch.bfloat16) and int(area) == 16 and int(head_dim) in MMA_HEAD_DIMS
+            and tuple(capability)[0] >= 8)
+
+
+def window_attention_kernel(area: int, head_dim: int, dtype: torch.dtype, capability: Tuple[int, int]) -> str:
+    """``"mma"`` or ``"smem"``: the kernels the CUDA op runs for this shape on a GPU of this compute
+    capability, after ``AUDIOMAE_CUDA_WA_KERNEL``. Raises ValueError for a choice that cannot be met."""
+    want = os.environ.get(KERNEL_ENV, "") or "auto"
+    if want not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={want!r}: expected one of {', '.join(KERNEL_CHOICES)}")
+    fits = mma_applies(area, head_dim, dtype, capability)
+    if want == "mma" and not fits:
+        raise ValueError(f"{KERNEL_ENV}=mma: the register kernels need 16-token windows, float16 or bfloat16, "
+                         f"head_dim in {MMA_HEAD_DIMS} and an sm_80+ GPU; got area {area}, head_dim {head_dim}, "
+                         f"{dtype}, sm_{capability[0]}{capability[1]}")
+    return "mma" if fits and want != "smem" else "smem"
 
 
 def _device_smem_limit(device: torch.device) -> int:
@@ -122,7 +150,14 @@ def _window_attention_cuda_why_not(qkv, tau, bias, grid, window, shift, num_head
             out.append(f"head_dim {head_dim} > {MAX_HEAD_DIM}")
         if area > MAX_WINDOW_AREA:
             out.append(f"window area {window[0]} x {window[1]} = {area} > {MAX_WINDOW_AREA}")
+        kernel = "smem"
         if sizes_ok and qkv.device.type == "cuda" and qkv.dtype in WINDOW_ATTENTION_DTYPES:
+            try:
+                kernel = window_attention_kernel(area, head_dim, qkv.dtype,
+                                                 torch.cuda.get_device_capability(qkv.device))
+            except ValueError as e:
+                out.append(str(e))
+        if kernel == "smem" and sizes_ok and qkv.device.type == "cuda" and qkv.dtype in WINDOW_ATTENTION_DTYPES:
             need = window_attention_smem(area, head_dim, qkv.dtype, True)[1]
             limit = _device_smem_limit(qkv.device)
             if need > limit:

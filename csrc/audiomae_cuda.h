@@ -21,6 +21,7 @@ enum am_status {
   AM_OK = 0,
   AM_ERR_ARGS = -1,         /* unsupported or inconsistent sizes */
   AM_ERR_SHARED_MEM = -2,   /* the window / head size needs more shared memory than the device has */
+  AM_ERR_KERNEL_CHOICE = -3 /* AUDIOMAE_CUDA_WA_KERNEL names no kernel, or one that does not apply */
 };
 
 /* Limits of the window attention kernels (the Python side repeats them in audiomae/ops_cuda.py). */
@@ -39,13 +40,24 @@ typedef struct {
   int64_t dqkv_stride_b, dqkv_stride_l;      /* backward: grad_qkv */
 } am_wa_args;
 
+/* Two sets of kernels, one warp per (window, head) in both:
+ * AM_WA_KERNEL_SMEM: every window size and dtype; rows staged in shared memory, wmma tensor cores for
+ *   16-bit dtypes when the area and head_dim are multiples of 16;
+ * AM_WA_KERNEL_MMA: 16-token windows, float16/bfloat16, head_dim 16, 32 or 64, sm_80+; everything in
+ *   registers, mma.sync tensor cores. Chosen where it applies, unless the environment variable
+ *   AUDIOMAE_CUDA_WA_KERNEL says smem (it may also say mma, or auto, the default). */
+#define AM_WA_KERNEL_SMEM 0
+#define AM_WA_KERNEL_MMA 1
+
 /* How a launch is laid out; the caller needs blocks_x to size the partial-sum buffers. */
 typedef struct {
-  int blocks_x;           /* grid is (blocks_x, heads) */
+  int blocks_x;           /* backward: rows of the partial sums; smem kernels: the grid is (blocks_x, heads);
+                             mma forward: the grid is (blocks_x) */
   int warps;              /* warps per block, one (window, head) at a time per warp */
   int windows_per_warp;   /* backward: consecutive windows each warp accumulates over */
   int wmma;               /* 1: the products run on tensor cores (16-bit inputs, area and head_dim % 16 == 0) */
   int64_t smem_bytes;     /* dynamic shared memory per block */
+  int kernel;             /* AM_WA_KERNEL_SMEM or AM_WA_KERNEL_MMA */
 } am_wa_plan;
 
 int am_wa_make_plan(const am_wa_args* args, int backward, am_wa_plan* plan);

@@ -131,14 +131,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   return {grad_qkv, dtau, dbias};
 }
 
-// The launch plan (blocks_x, warps, windows_per_warp, wmma, smem_bytes) of a forward or backward call.
-std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> window_attention_plan(
+// The launch plan (blocks_x, warps, windows_per_warp, wmma, smem_bytes, kernel) of a forward or backward call.
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> window_attention_plan(
     const at::Tensor& qkv, const at::Tensor& tau_c, const at::Tensor& bias, std::vector<int64_t> grid,
     std::vector<int64_t> window, std::vector<int64_t> shift, int64_t heads, bool backward) {
   const am_wa_args a = wa_args(qkv, tau_c, bias, grid, window, shift, heads);
   am_wa_plan p;
   check_status(am_wa_make_plan(&a, backward ? 1 : 0, &p), "window attention plan");
-  return {p.blocks_x, p.warps, p.windows_per_warp, p.wmma, p.smem_bytes};
+  return {p.blocks_x, p.warps, p.windows_per_warp, p.wmma, p.smem_bytes, p.kernel};
 }
 
 // ids_keep [B, K] int64, ids_restore [B, L] int64, mask [B, L] float32 (1 = removed).

@@ -36,7 +36,7 @@ using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 struct dim3 {
@@ -74,6 +74,10 @@ inline cudaError_t cudaSetDevice(int d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrComputeCapabilityMajor) {
+    *v = (int)emu::env_long("AM_EMULATE_CC_MAJOR", 9);  // an H100's by default
+    return cudaSuccess;
+  }
   if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
   *v = (int)emu::smem_optin();
   return cudaSuccess;
@@ -136,7 +140,7 @@ namespace emu {
 
 struct Block {
   explicit Block(unsigned threads, size_t smem_bytes)
-      : all((std::ptrdiff_t)threads), xchg(threads / 32), active(threads / 32) {
+      : all((std::ptrdiff_t)threads), xchg(threads / 32), wide(threads / 32), active(threads / 32) {
     for (unsigned w = 0; w < threads / 32; ++w) {
       warps.emplace_back(new std::barrier<>(32));
       active[w].store(32);
@@ -149,6 +153,7 @@ struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<std::array<uint64_t, 32>> xchg;
+  std::vector<std::array<uint32_t, 32 * 8>> wide;  // up to 8 registers per lane (mma.sync operands)
   std::vector<std::atomic<int>> active;
   unsigned char* smem;
   size_t bytes;
@@ -220,6 +225,27 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
   emu::warp_barrier();
   return r;
 }
+
+namespace emu {
+
+// Every lane of the warp publishes n (<= 8) 32-bit registers; returns the warp's table, lane l's
+// registers at [8 * l, 8 * l + n). Valid until warp_release(), which every lane calls after reading.
+inline const uint32_t* warp_publish(const uint32_t* mine, int n) {
+  if (n > 8) fail("more than 8 registers per lane in one exchange");
+  const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto& slot = t_block->wide[w];
+  std::memcpy(&slot[8 * lane], mine, 4 * (size_t)n);
+  warp_barrier();
+  return slot.data();
+}
+inline void warp_release() { warp_barrier(); }
+
+}  // namespace emu
+
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline __half __ushort_as_half(unsigned short x) { return __half{x}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short x) { return __nv_bfloat16{x}; }
 
 // --- wmma: whole-tile fragments -------------------------------------------------------------------
 namespace nvcuda {

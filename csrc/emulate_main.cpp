@@ -132,9 +132,9 @@ int main(int argc, char** argv) {
     for (int backward = 0; backward < 2; ++backward) {
       am_wa_plan p{};
       rc = am_wa_make_plan(&a, backward, &p);
-      std::printf("%s rc=%d blocks_x=%d warps=%d windows_per_warp=%d wmma=%d smem_bytes=%lld\n",
+      std::printf("%s rc=%d blocks_x=%d warps=%d windows_per_warp=%d wmma=%d smem_bytes=%lld kernel=%d\n",
                   backward ? "backward" : "forward", rc, p.blocks_x, p.warps, p.windows_per_warp, p.wmma,
-                  (long long)p.smem_bytes);
+                  (long long)p.smem_bytes, p.kernel);
     }
     return 0;
   } else if (op == "wa_fwd") {

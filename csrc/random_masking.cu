@@ -131,6 +131,9 @@ const char* am_error_string(int code) {
       return "unsupported or inconsistent sizes";
     case AM_ERR_SHARED_MEM:
       return "the window area and head size need more shared memory per block than this device allows";
+    case AM_ERR_KERNEL_CHOICE:
+      return "AUDIOMAE_CUDA_WA_KERNEL must be auto, smem or mma, and mma needs 16-token windows, float16 or "
+             "bfloat16, head_dim 16, 32 or 64 and an sm_80 or newer GPU";
     default:
       return cudaGetErrorString(static_cast<cudaError_t>(code));
   }

@@ -31,6 +31,9 @@
 // per block. The caller sums the rows: deterministic, no atomics.
 #include "common.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace am {
 namespace wa {
 
@@ -508,6 +511,14 @@ __global__ void __launch_bounds__(128) wa_backward_kernel(const T* __restrict__ 
   }
 }
 
+}  // namespace wa
+}  // namespace am
+
+#include "window_attention_mma.cuh"
+
+namespace am {
+namespace wa {
+
 // --------------------------------------------------------------------------------------------------
 // host side
 // --------------------------------------------------------------------------------------------------
@@ -515,6 +526,32 @@ constexpr int64_t kDefaultSmem = 48 * 1024;  // per block without opting in
 constexpr int64_t kBlockBudget = 96 * 1024;  // at most this per block (up to 4 warps; 1 if one needs more)
 constexpr int kMaxWarps = 4;
 constexpr int64_t kUnitsPerWave = 16384;     // (window, head) pairs beyond which backward warps take several
+constexpr int64_t kUnitsPerWaveMma = 32768;  // the same for the register kernels (more warps resident per SM)
+
+// Which kernels: AUDIOMAE_CUDA_WA_KERNEL = auto (default: the register kernels where they apply),
+// smem (always the shared-memory kernels) or mma (the register kernels; an error where they do not
+// apply). Returns AM_WA_KERNEL_* or -1 for another value.
+int requested_kernel() {
+  const char* e = std::getenv("AUDIOMAE_CUDA_WA_KERNEL");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return -2;
+  if (std::strcmp(e, "smem") == 0) return AM_WA_KERNEL_SMEM;
+  if (std::strcmp(e, "mma") == 0) return AM_WA_KERNEL_MMA;
+  return -1;
+}
+
+int device_cc_major(int device) {
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
+// The register kernels' domain: 16-bit dtypes, 16-token windows, head_dim 16, 32 or 64, sm_80+.
+bool mma_applies(const Geometry& g, int dtype, int cc_major) {
+  return dtype != AM_FLOAT32 && g.A == 16 && (g.D == 16 || g.D == 32 || g.D == 64) && cc_major >= 8;
+}
 
 int make_geometry(const am_wa_args* a, Geometry* g) {
   if (a == nullptr || a->dtype < AM_FLOAT32 || a->dtype > AM_BFLOAT16) return AM_ERR_ARGS;
@@ -618,6 +655,36 @@ int64_t device_smem_limit(int device) {
 int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan* p) {
   int rc = make_geometry(a, g);
   if (rc != AM_OK) return rc;
+  const int want = requested_kernel();
+  if (want == -1) return AM_ERR_KERNEL_CHOICE;
+  if (want != AM_WA_KERNEL_SMEM && mma_applies(*g, a->dtype, device_cc_major(a->device))) {
+    L->warps = kMmaWarps;
+    L->wmma = 1;
+    L->block_bytes = 0;
+    int wpw = 1;
+    if (backward) {
+#ifdef AUDIOMAE_EMULATE
+      const int64_t per_wave = emu::env_long("AM_EMULATE_UNITS_PER_WAVE", kUnitsPerWaveMma);
+#else
+      const int64_t per_wave = kUnitsPerWaveMma;
+#endif
+      const int64_t units = (int64_t)g->n_windows * g->H;
+      while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
+    }
+    L->windows_per_warp = wpw;
+    if (p != nullptr) {
+      const int64_t chunks = ((int64_t)g->n_windows + wpw - 1) / wpw;
+      const int64_t warps = backward ? chunks * g->H : (int64_t)g->n_windows * g->H;
+      p->blocks_x = backward ? (int)chunks : (int)((warps + kMmaWarps - 1) / kMmaWarps);
+      p->warps = kMmaWarps;
+      p->windows_per_warp = wpw;
+      p->wmma = 1;
+      p->smem_bytes = 0;
+      p->kernel = AM_WA_KERNEL_MMA;
+    }
+    return AM_OK;
+  }
+  if (want == AM_WA_KERNEL_MMA) return AM_ERR_KERNEL_CHOICE;
   rc = make_layout(*g, a->dtype, backward, device_smem_limit(a->device), L);
   if (rc != AM_OK) return rc;
   if (p != nullptr) {
@@ -627,6 +694,7 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
     p->windows_per_warp = L->windows_per_warp;
     p->wmma = L->wmma;
     p->smem_bytes = L->block_bytes;
+    p->kernel = AM_WA_KERNEL_SMEM;
   }
   return AM_OK;
 }
@@ -683,6 +751,62 @@ int backward_typed(const Geometry& g, Layout L, const am_wa_plan& p, const void*
   return (int)cudaGetLastError();
 }
 
+// Rows at ptr + b * stride_b + token * stride_l + h * D (+ part * C) start on 4-byte boundaries, so
+// that the register kernels move pairs of 16-bit elements as 32-bit words.
+bool rows_aligned4(const void* ptr, int64_t stride_b, int64_t stride_l, const Geometry& g) {
+  return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && stride_b % 2 == 0 && stride_l % 2 == 0 && g.C % 2 == 0;
+}
+
+template <typename T, int D, bool kAligned>
+int forward_mma(const Geometry& g, const am_wa_plan& p, const void* qkv, const float* tau_c, const float* bias,
+                void* out, void* stream) {
+  AM_LAUNCH((wa_forward_mma_kernel<T, D, kAligned>), dim3(p.blocks_x), dim3(32 * kMmaWarps), 0, stream,
+            static_cast<const T*>(qkv), tau_c, bias, static_cast<T*>(out), g);
+  return (int)cudaGetLastError();
+}
+
+template <typename T, int D, bool kAligned>
+int backward_mma(const Geometry& g, const am_wa_plan& p, const void* qkv, const void* gout, const float* tau_c,
+                 const float* bias, void* dqkv, float* dtau_part, float* dbias_part, void* stream) {
+  const int64_t warps = (int64_t)p.blocks_x * g.H;
+  const dim3 grid((unsigned)((warps + kMmaWarps - 1) / kMmaWarps));
+  AM_LAUNCH((wa_backward_mma_kernel<T, D, kAligned>), grid, dim3(32 * kMmaWarps), 0, stream,
+            static_cast<const T*>(qkv), static_cast<const T*>(gout), tau_c, bias, static_cast<T*>(dqkv), dtau_part,
+            dbias_part, g, p.windows_per_warp, p.blocks_x);
+  return (int)cudaGetLastError();
+}
+
+// The register kernels for the runtime dtype, head_dim and alignment.
+struct MmaCall {
+  const Geometry& g;
+  const am_wa_plan& p;
+  const void *qkv, *gout;
+  const float *tau_c, *bias;
+  void* out;  // forward: out; backward: grad_qkv
+  float *dtau_part, *dbias_part;
+  void* stream;
+  bool backward, aligned;
+
+  template <typename T, int D>
+  int run_d() const {
+    if (backward) {
+      return aligned ? backward_mma<T, D, true>(g, p, qkv, gout, tau_c, bias, out, dtau_part, dbias_part, stream)
+                     : backward_mma<T, D, false>(g, p, qkv, gout, tau_c, bias, out, dtau_part, dbias_part, stream);
+    }
+    return aligned ? forward_mma<T, D, true>(g, p, qkv, tau_c, bias, out, stream)
+                   : forward_mma<T, D, false>(g, p, qkv, tau_c, bias, out, stream);
+  }
+  template <typename T>
+  int run_t() const {
+    switch (g.D) {
+      case 16: return run_d<T, 16>();
+      case 32: return run_d<T, 32>();
+      default: return run_d<T, 64>();
+    }
+  }
+  int run(int dtype) const { return dtype == AM_FLOAT16 ? run_t<__half>() : run_t<__nv_bfloat16>(); }
+};
+
 }  // namespace wa
 }  // namespace am
 
@@ -703,6 +827,11 @@ int am_wa_forward(const am_wa_args* args, const void* qkv, const float* tau_c, c
   int rc = plan(args, false, &g, &L, &p);
   if (rc != AM_OK || g.n_windows == 0) return rc;
   am::DeviceGuard guard(args->device);
+  if (p.kernel == AM_WA_KERNEL_MMA) {
+    const bool aligned = rows_aligned4(qkv, g.qkv_sb, g.qkv_sl, g) && rows_aligned4(out, g.out_sb, g.out_sl, g);
+    const MmaCall call{g, p, qkv, nullptr, tau_c, bias, out, nullptr, nullptr, stream, false, aligned};
+    return call.run(args->dtype);
+  }
   switch (args->dtype) {
     case AM_FLOAT32:
       return forward_typed<float, false>(g, L, p, qkv, tau_c, bias, out, stream);
@@ -724,6 +853,13 @@ int am_wa_backward(const am_wa_args* args, const void* qkv, const void* grad_out
   int rc = plan(args, true, &g, &L, &p);
   if (rc != AM_OK || g.n_windows == 0) return rc;
   am::DeviceGuard guard(args->device);
+  if (p.kernel == AM_WA_KERNEL_MMA) {
+    const bool aligned = rows_aligned4(qkv, g.qkv_sb, g.qkv_sl, g) && rows_aligned4(grad_out, g.out_sb, g.out_sl, g) &&
+                         rows_aligned4(grad_qkv, g.dq_sb, g.dq_sl, g);
+    const MmaCall call{g, p, qkv, grad_out, tau_c, bias, grad_qkv, dtau_partial, dbias_partial, stream, true,
+                       aligned};
+    return call.run(args->dtype);
+  }
   switch (args->dtype) {
     case AM_FLOAT32:
       return backward_typed<float, false>(g, L, p, qkv, grad_out, tau_c, bias, grad_qkv, dtau_partial, dbias_partial,

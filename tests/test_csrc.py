@@ -50,6 +50,20 @@ CASES = [
 ]
 # the decoder's layer shape (4 x 4 windows, 32-wide heads), the odd window and a 64-token window
 HALF_CASES = [CASES[0], CASES[2], CASES[3], CASES[8]]
+# the register (mma.sync) kernels' domain: 16-token windows of every shape, head_dim 16, 32 and 64,
+# shifts along one axis, both, or neither, a window clamped to the grid
+MMA_CASES = [
+    pytest.param(2, (16, 8), (4, 4), (2, 0), 2, 32, id="grid16x8-win4x4-shift2,0-h2x32-b2"),
+    pytest.param(1, (8, 16), (2, 8), (1, 4), 2, 16, id="grid8x16-win2x8-shift1,4-h2x16-b1"),
+    pytest.param(2, (16, 4), (8, 2), (4, 1), 1, 64, id="grid16x4-win8x2-shift4,1-h1x64-b2"),
+    pytest.param(1, (32, 3), (16, 1), (8, 0), 3, 32, id="grid32x3-win16x1-shift8,0-h3x32-b1"),
+    pytest.param(2, (4, 8), (8, 4), (2, 2), 2, 32, id="grid4x8-win8x4clamped-shift2,2-h2x32-b2"),
+    pytest.param(1, (8, 8), (4, 4), (0, 0), 2, 16, id="grid8x8-win4x4-noshift-h2x16-b1"),
+]
+# which kernels run: the environment variable the launch functions read (csrc/audiomae_cuda.h)
+KERNEL_ENV = "AUDIOMAE_CUDA_WA_KERNEL"
+SMEM, MMA = {KERNEL_ENV: "smem"}, {KERNEL_ENV: "mma"}
+AM_ERR_KERNEL_CHOICE = -3
 
 
 def make_inputs(batch, grid, window, shift, heads, head_dim, device="cpu", tau=None, bias_scale=2.0):
@@ -471,7 +485,132 @@ def test_emulated_kernels_match_reference_fp32(emulators, batch, grid, window, s
 @pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", HALF_CASES)
 def test_emulated_kernels_match_reference_half(emulators, dtype, batch, grid, window, shift, heads, head_dim):
     inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim)
-    check_emulated(_emulator(emulators, "address"), inputs, geometry, DTYPES[dtype])
+    check_emulated(_emulator(emulators, "address"), inputs, geometry, DTYPES[dtype], env=SMEM)
+
+
+def _plan(exe, inputs, geometry, dtype, env=None):
+    """{"forward"/"backward": {field: int}} of the emulated am_wa_make_plan."""
+    args = dict(_wa_args(inputs[0].to(dtype), *geometry[:3], geometry[3]), op="plan")
+    stdout, _ = emulate(exe, args, {}, env=env)
+    out = {}
+    for line in stdout.splitlines()[:2]:
+        name, *fields = line.split()
+        out[name] = {k: int(v) for k, v in (f.split("=") for f in fields)}
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", MMA_CASES)
+def test_emulated_register_kernels_match_reference(emulators, dtype, batch, grid, window, shift, heads, head_dim):
+    """The register kernels (chosen by default for these shapes) against the float64 reference and
+    the kernels' arithmetic."""
+    exe = _emulator(emulators, "address")
+    inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim)
+    plan = _plan(exe, inputs, geometry, DTYPES[dtype])
+    assert plan["forward"]["kernel"] == plan["backward"]["kernel"] == 1, plan
+    check_emulated(exe, inputs, geometry, DTYPES[dtype])
+
+
+def test_emulated_kernel_choice(emulators):
+    """auto takes the register kernels where they apply and the shared-memory ones elsewhere (float32,
+    other window areas and head sizes, GPUs before sm_80); smem and mma force a choice, mma where it
+    does not apply and an unknown name are errors, not a silent fallback."""
+    exe = _emulator(emulators, "address")
+    decoder = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32)
+    kernels = lambda *a, **k: {d: p["kernel"] for d, p in _plan(exe, *a, **k).items()}  # noqa: E731
+    assert kernels(*decoder, torch.bfloat16) == {"forward": 1, "backward": 1}
+    assert kernels(*decoder, torch.float16, env=MMA) == {"forward": 1, "backward": 1}
+    assert kernels(*decoder, torch.bfloat16, env=SMEM) == {"forward": 0, "backward": 0}
+    assert kernels(*decoder, torch.bfloat16, env={"AM_EMULATE_CC_MAJOR": "7"}) == {"forward": 0, "backward": 0}
+    assert kernels(*decoder, torch.float32) == {"forward": 0, "backward": 0}
+    for other in (make_inputs(1, (12, 6), (4, 3), (2, 1), 2, 32), make_inputs(1, (8, 4), (4, 4), (2, 2), 1, 128)):
+        assert kernels(*other, torch.bfloat16) == {"forward": 0, "backward": 0}
+        plan = _plan(exe, *other, torch.bfloat16, env=MMA)
+        assert plan["forward"]["rc"] == plan["backward"]["rc"] == AM_ERR_KERNEL_CHOICE, plan
+    plan = _plan(exe, *decoder, torch.bfloat16, env={KERNEL_ENV: "fast"})
+    assert plan["forward"]["rc"] == AM_ERR_KERNEL_CHOICE, plan
+    # the Python rule (used to explain why the op cannot run) agrees with the launch functions'
+    for window, head_dim in (((4, 4), 16), ((2, 8), 64), ((4, 4), 48), ((4, 2), 32), ((8, 4), 32)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for major in (7, 8, 9):
+                case = make_inputs(1, (2 * window[0], 2 * window[1]), window, (0, 0), 1, head_dim)
+                got = kernels(*case, dtype, env={"AM_EMULATE_CC_MAJOR": str(major)})["backward"]
+                area = window[0] * window[1]
+                assert ["smem", "mma"][got] == ops_cuda.window_attention_kernel(area, head_dim, dtype, (major, 0))
+
+
+def test_kernel_choice_rules_and_errors(monkeypatch):
+    choose = ops_cuda.window_attention_kernel
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert choose(16, 32, torch.bfloat16, (9, 0)) == "mma"
+    assert choose(16, 64, torch.float16, (8, 6)) == "mma"
+    assert choose(16, 32, torch.float32, (9, 0)) == "smem"
+    assert choose(16, 128, torch.bfloat16, (9, 0)) == "smem"
+    assert choose(12, 32, torch.float16, (9, 0)) == "smem"
+    assert choose(16, 32, torch.float16, (7, 5)) == "smem"
+    monkeypatch.setenv(KERNEL_ENV, "smem")
+    assert choose(16, 32, torch.bfloat16, (9, 0)) == "smem"
+    monkeypatch.setenv(KERNEL_ENV, "mma")
+    assert choose(16, 32, torch.bfloat16, (8, 0)) == "mma"
+    with pytest.raises(ValueError, match="head_dim in"):
+        choose(16, 128, torch.bfloat16, (9, 0))
+    monkeypatch.setenv(KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="auto, smem, mma"):
+        choose(16, 32, torch.bfloat16, (9, 0))
+
+
+@pytest.mark.parametrize("san", SANITIZERS)
+def test_emulated_register_kernels_accumulate_over_several_windows_per_warp(emulators, san):
+    """Warps that take several windows (a ragged last chunk included) sum every window's bias and tau
+    gradient once, in a fixed order; ThreadSanitizer also sees the warp exchanges of mma.sync and
+    movmatrix."""
+    exe = _emulator(emulators, san)
+    inputs, geometry = make_inputs(3, (12, 8), (4, 4), (2, 2), 2, 16)  # 18 windows of 2 heads
+    env = {"AM_EMULATE_UNITS_PER_WAVE": "4"}
+    plan = _plan(exe, inputs, geometry, torch.bfloat16, env=env)["backward"]
+    assert plan["kernel"] == 1 and plan["windows_per_warp"] == 8 and plan["blocks_x"] == 3, plan
+    check_emulated(exe, inputs, geometry, torch.bfloat16, env=env)
+    grad_out = torch.randn(3, 96, 32).bfloat16()
+    x = [t.bfloat16() for t in inputs]
+    first = emulated_window_attention(exe, *x, *geometry, grad_out=grad_out, env=env)
+    second = emulated_window_attention(exe, *x, *geometry, grad_out=grad_out, env=env)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_emulated_register_kernels_pairs_and_single_elements_agree(emulators, dtype):
+    """Rows on 4-byte boundaries move as 32-bit pairs, others element by element (an odd offset into
+    a wider tensor, odd strides): the same results, bit for bit, and right."""
+    exe = _emulator(emulators, "address")
+    dtype = DTYPES[dtype]
+    (qkv, tau, bias), geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32)
+    wide = torch.randn(2, 128, qkv.shape[-1] + 1, dtype=torch.float64)
+    wide[..., 1:] = qkv
+    odd = wide.to(dtype)[..., 1:]  # 2-byte aligned rows, 385 elements apart
+    grad_out = torch.randn(2, 128, 64, dtype=torch.float64).to(dtype)
+    runs = []
+    for x in (qkv.to(dtype), odd):
+        out = emulated_window_attention(exe, x, tau.to(dtype), bias.to(dtype), *geometry)
+        grads = emulated_window_attention(exe, x, tau.to(dtype), bias.to(dtype), *geometry, grad_out=grad_out)
+        runs.append([out, *grads])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    check_errors(runs[0], (qkv, tau, bias), geometry, grad_out.double(), dtype)
+
+
+def test_emulated_register_kernels_add_the_mask_and_keep_tiny_rows(emulators):
+    """1/tau = 100 and +150 bias on the masked pairs (adding -100 and skipping differ); a q row and a
+    k row of zeros (norm below the clamp: no projection in their gradients)."""
+    exe = _emulator(emulators, "address")
+    grid, window, shift, heads = (8, 4), (4, 4), (2, 2), 2
+    (qkv, _, _), geometry = make_inputs(2, grid, window, shift, heads, 16)
+    qkv[0, 5, :16] = 0.0  # q of token 5, head 0
+    qkv[1, 30, 32 + 16:64] = 0.0  # k of token 30, head 1
+    tau = torch.tensor([0.004, 0.01], dtype=torch.float64)
+    m = shift_mask(grid, window, shift).double()
+    bias = (150.0 * (m[-1] != 0)).expand(heads, -1, -1).contiguous()
+    check_emulated(exe, (qkv, tau, bias), geometry, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype,case", [
@@ -479,12 +618,15 @@ def test_emulated_kernels_match_reference_half(emulators, dtype, batch, grid, wi
     pytest.param("bf16", CASES[2], id="bf16-tensor-cores-decoder-shape"),
     pytest.param("fp16", CASES[7], id="fp16-fma-tiny-windows"),
     pytest.param("bf16", CASES[3], id="bf16-tensor-cores-area64"),
+    pytest.param("fp16", MMA_CASES[2], id="fp16-register-kernels-h64"),
 ])
 def test_emulated_kernels_have_no_races(emulators, dtype, case):
     """ThreadSanitizer: every shared-memory access of one lane is ordered against the other lanes'
-    by a __syncwarp or __syncthreads (a missing one reports a race and fails the run)."""
+    by a __syncwarp or __syncthreads (a missing one reports a race and fails the run); the register
+    kernels' warp exchanges too."""
     inputs, geometry = make_inputs(*case.values)
-    check_emulated(_emulator(emulators, "thread"), inputs, geometry, DTYPES[dtype])
+    env = None if case is MMA_CASES[2] else SMEM
+    check_emulated(_emulator(emulators, "thread"), inputs, geometry, DTYPES[dtype], env=env)
 
 
 @pytest.mark.parametrize("san", SANITIZERS)
@@ -540,7 +682,7 @@ def test_emulated_16_byte_copies_equal_element_copies(emulators, dtype):
     wide[..., 4:] = qkv
     odd = wide.to(dtype)[..., 4:]  # rows 392 bytes apart: element copies
     grad_out = torch.randn(2, 128, 64, dtype=torch.float64).to(dtype)
-    env = {"AM_EMULATE_TRACE": "1"}
+    env = {"AM_EMULATE_TRACE": "1", **SMEM}
     runs = []
     for x in (qkv.to(dtype), odd):
         log = []
@@ -574,9 +716,10 @@ def test_shared_memory_formula_matches_the_kernels_plan(emulators, dtype, area, 
     grid = (2 * window[0], 2 * window[1])
     args = dict(op="plan", dtype=DTYPE_CODES[dtype], batch=2, grid_t=grid[0], grid_f=grid[1], win_t=window[0],
                 win_f=window[1], shift_t=window[0] // 2, shift_f=0, heads=3, head_dim=head_dim)
-    stdout, _ = emulate(exe, args, {})
+    stdout, _ = emulate(exe, args, {}, env=SMEM)
     for backward, line in enumerate(stdout.splitlines()[:2]):
         fields = dict(kv.split("=") for kv in line.split()[1:])
+        assert fields["kernel"] == "0", line
         warp, one = ops_cuda.window_attention_smem(area, head_dim, dtype, bool(backward))
         assert fields["rc"] == "0", line
         assert int(fields["smem_bytes"]) == int(fields["warps"]) * warp + (one - warp), line
@@ -587,7 +730,7 @@ def test_emulated_kernels_refuse_what_does_not_fit_in_shared_memory(emulators):
     exe = next(iter(emulators.values()))
     (qkv, tau, bias), geometry = make_inputs(1, (8, 8), (8, 8), (0, 0), 1, 64)  # float32: 83 KB / 150 KB
     args = dict(_wa_args(qkv.float(), *geometry[:3], 1), op="plan")
-    stdout, _ = emulate(exe, args, {}, env={"AM_EMULATE_SMEM_OPTIN": str(100 * 1024)})
+    stdout, _ = emulate(exe, args, {}, env={"AM_EMULATE_SMEM_OPTIN": str(100 * 1024), **SMEM})
     assert "forward rc=0" in stdout and f"backward rc={AM_ERR_SHARED_MEM}" in stdout, stdout
 
 
@@ -678,21 +821,41 @@ def test_gpu_window_attention_matches_reference(ext, poison, no_tf32, dtype, bat
     check_errors(got, inputs, geometry, grad_out, DTYPES[dtype])
 
 
+def _gpu_plan(ext, inputs, geometry, dtype, backward=True):
+    """(blocks_x, warps, windows_per_warp, wmma, smem_bytes, kernel) of the extension's plan."""
+    return ext.window_attention_plan(inputs[0].to(dtype), inputs[1].float(), inputs[2].float(), list(geometry[0]),
+                                     list(geometry[1]), list(geometry[2]), geometry[3], backward)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_gpu_window_attention_decoder_layer_shape(ext, poison, no_tf32, dtype):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", MMA_CASES)
+def test_gpu_register_kernels_match_reference(ext, poison, no_tf32, monkeypatch, dtype, batch, grid, window, shift,
+                                              heads, head_dim):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim, device="cuda")
+    if torch.cuda.get_device_capability()[0] >= 8:
+        assert _gpu_plan(ext, inputs, geometry, DTYPES[dtype])[5] == 1
+    grad_out = torch.randn(batch, inputs[0].shape[1], inputs[0].shape[2] // 3, dtype=torch.float64, device="cuda")
+    check_errors(gpu_run(inputs, geometry, grad_out, DTYPES[dtype]), inputs, geometry, grad_out, DTYPES[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,kernel", [("fp32", "auto"), ("bf16", "auto"), ("bf16", "smem")])
+def test_gpu_window_attention_decoder_layer_shape(ext, poison, no_tf32, monkeypatch, dtype, kernel):
     """The paper's decoder layer: 64 x 8 tokens, 4 x 4 windows, shift (2, 0), 16 heads of 32."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     inputs, geometry = make_inputs(4, (64, 8), (4, 4), (2, 0), 16, 32, device="cuda")
     grad_out = torch.randn(4, 512, 512, dtype=torch.float64, device="cuda")
     check_errors(gpu_run(inputs, geometry, grad_out, DTYPES[dtype]), inputs, geometry, grad_out, DTYPES[dtype])
 
 
 @pytest.mark.gpu
-def test_gpu_window_attention_large_batch_takes_several_windows_per_warp(ext, poison, no_tf32):
+@pytest.mark.parametrize("kernel", ["auto", "smem"])
+def test_gpu_window_attention_large_batch_takes_several_windows_per_warp(ext, poison, no_tf32, monkeypatch, kernel):
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     inputs, geometry = make_inputs(72, (64, 8), (4, 4), (2, 0), 16, 32, device="cuda")
-    qkv = inputs[0].to(torch.bfloat16)
-    plan = ext.window_attention_plan(qkv, inputs[1].float(), inputs[2].float(), list(geometry[0]),
-                                     list(geometry[1]), list(geometry[2]), 16, True)
+    plan = _gpu_plan(ext, inputs, geometry, torch.bfloat16)
     assert plan[2] > 1, plan  # windows per warp
     grad_out = torch.randn(72, 512, 512, dtype=torch.float64, device="cuda")
     check_errors(gpu_run(inputs, geometry, grad_out, torch.bfloat16), inputs, geometry, grad_out, torch.bfloat16)

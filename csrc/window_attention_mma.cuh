@@ -1,0 +1,426 @@
+// Register-resident window attention kernels for the decoder's shape: 16-token windows, 16-bit
+// dtypes, head_dim 16, 32 or 64, sm_80 and later. Included by window_attention.cu (its Geometry and
+// arithmetic; see there for the semantics).
+//
+// One warp per (window, head), nothing in shared memory. A window's 16 rows of q, k, v (and dO) are
+// loaded straight from the token-order tensors into tensor-core fragments (mma.cuh: lane 4g + t
+// holds rows g and g + 8, columns 2t, 2t + 1, 2t + 8, 2t + 9 of every 16-column chunk); every product
+// is mma.sync m16n8k16 with float32 accumulators; a 16 x 16 score tile lives in the accumulator
+// layout, where a row's 16 entries are spread over the 4 lanes of a quad, so row maxima and sums are
+// two shuffles; the accumulator layout of the probabilities is the A-operand layout of the next
+// product, and operands needed transposed (V, dO, Kn, Qn, P, dCos) are transposed in registers with
+// movmatrix. The arithmetic is that of the shared-memory kernels: norms, softmax and the softmax
+// gradient in float32, q, k normalised and rounded to T before QK^T, P and dCos rounded to T before
+// their products, dq and dk through the normalisation with the unrounded rows.
+//
+// Work split. Forward: warp u of the grid takes window u / heads and head u % heads (the heads of a
+// window in neighbouring warps, so that a block reads whole 16-byte runs of a token's row).
+// Backward: warp s takes head s % heads and the windows_per_warp consecutive windows of chunk
+// s / heads; it accumulates the bias gradient in registers (each lane owns 8 fixed (i, j) entries)
+// and sum(dlogits * cos) for tau, and writes them as partial row s / heads: deterministic, no atomics.
+#pragma once
+
+#include "mma.cuh"
+
+namespace am {
+namespace wa {
+
+constexpr int kMmaWarps = 4;  // warps per block of the register kernels
+
+// Where this lane's rows (g, g + 8) and columns (2t, 2t + 1, 2t + 8, 2t + 9) sit inside a window:
+// (time, frequency) offsets from the window's corner. The same for every window.
+struct LanePos {
+  int rt[2], rf[2], ct[4], cf[4];
+};
+
+__device__ __forceinline__ void lane_positions(const Geometry& g, int lane, LanePos& p) {
+  const int gq = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int a = gq + 8 * hr;
+    p.rt[hr] = a / g.wf;
+    p.rf[hr] = a - p.rt[hr] * g.wf;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int a = 2 * t + (k & 1) + 8 * (k >> 1);
+    p.ct[k] = a / g.wf;
+    p.cf[k] = a - p.ct[k] * g.wf;
+  }
+}
+
+// The shift region of rolled-grid position (tr, fr) (see window_attention.cu's header).
+__device__ __forceinline__ int shift_region(const Geometry& g, int tr, int fr) {
+  int r = 0;
+  if (g.st > 0) r += 3 * ((tr >= g.T - g.wt) + (tr >= g.T - g.st));
+  if (g.sf > 0) r += (fr >= g.F - g.wf) + (fr >= g.F - g.sf);
+  return r;
+}
+
+// Window w for this lane: its sample, the tokens of rows g and g + 8, and the shift regions of the
+// lane's rows and columns.
+struct LaneWindow {
+  int b, tok[2], rreg[2], creg[4];
+};
+
+__device__ __forceinline__ void lane_window(const Geometry& g, const LanePos& p, int w, LaneWindow& lw) {
+  const int per_sample = g.nwt * g.nwf;
+  lw.b = w / per_sample;
+  const int wi = w - lw.b * per_sample;
+  const int wrow = wi / g.nwf;
+  const int t0 = wrow * g.wt, f0 = (wi - wrow * g.nwf) * g.wf;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int tr = t0 + p.rt[hr], fr = f0 + p.rf[hr];
+    int t = tr + g.st, f = fr + g.sf;
+    if (t >= g.T) t -= g.T;
+    if (f >= g.F) f -= g.F;
+    lw.tok[hr] = t * g.F + f;
+    lw.rreg[hr] = shift_region(g, tr, fr);
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) lw.creg[k] = shift_region(g, t0 + p.ct[k], f0 + p.cf[k]);
+}
+
+// A 16 x 16 float32 tile in the accumulator layout: v[nt][i] is row g + 8 (i / 2), column
+// 8 nt + 2t + i % 2 (column index 2 nt + i % 2 of the lane's four, LanePos::ct/cf order).
+struct Acc16 {
+  float v[2][4];
+};
+
+__device__ __forceinline__ void zero(Acc16& a) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a.v[nt][i] = 0.f;
+}
+
+// acc += A Bt^T over one 16-wide k chunk: A's rows are acc's rows, Bt's rows are acc's columns.
+template <typename T>
+__device__ __forceinline__ void mma_abt(Acc16& acc, const Tile16& a, const Tile16& bt) {
+  mma16816<T>(acc.v[0], a, bt.r[0], bt.r[2]);
+  mma16816<T>(acc.v[1], a, bt.r[1], bt.r[3]);
+}
+
+// The tile rounded to T, as an A operand (register hr + 2 nt holds v[nt][2 hr], v[nt][2 hr + 1]).
+template <typename T>
+__device__ __forceinline__ Tile16 to_tile(const Acc16& a) {
+  Tile16 t;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) t.r[hr + 2 * nt] = pack2<T>(a.v[nt][2 * hr], a.v[nt][2 * hr + 1]);
+  return t;
+}
+
+// Rows g and g + 8 of a [16, D] matrix whose row r starts at row_ptr[r], as D / 16 tiles.
+template <typename T, int D, bool kAligned>
+__device__ __forceinline__ void load_rows_frag(Tile16 (&x)[D / 16], const T* r0, const T* r1, int t) {
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+    x[c].r[0] = load_pair<T, kAligned>(r0 + 16 * c + 2 * t);
+    x[c].r[1] = load_pair<T, kAligned>(r1 + 16 * c + 2 * t);
+    x[c].r[2] = load_pair<T, kAligned>(r0 + 16 * c + 2 * t + 8);
+    x[c].r[3] = load_pair<T, kAligned>(r1 + 16 * c + 2 * t + 8);
+  }
+}
+
+// Rows g and g + 8 of a product [16, D] (D / 16 accumulator tiles) rounded to T and stored.
+template <typename T, int D, bool kAligned>
+__device__ __forceinline__ void store_rows_acc(T* r0, T* r1, const Acc16 (&x)[D / 16], int t) {
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      store_pair<T, kAligned>(r0 + 16 * c + 8 * nt + 2 * t, pack2<T>(x[c].v[nt][0], x[c].v[nt][1]));
+      store_pair<T, kAligned>(r1 + 16 * c + 8 * nt + 2 * t, pack2<T>(x[c].v[nt][2], x[c].v[nt][3]));
+    }
+}
+
+// |x| of rows g and g + 8 (float32, reduced over the quad).
+template <typename T, int D>
+__device__ __forceinline__ void row_lengths(const Tile16 (&x)[D / 16], float len[2]) {
+  float ss[2] = {0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float lo = lo_of<T>(x[c].r[r]), hi = hi_of<T>(x[c].r[r]);
+      ss[r & 1] = fmaf(lo, lo, ss[r & 1]);
+      ss[r & 1] = fmaf(hi, hi, ss[r & 1]);
+    }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) len[hr] = sqrtf(group_sum(ss[hr], 4));
+}
+
+// x * (1 / max(|x|, 1e-12)) per row, rounded to T.
+template <typename T, int D>
+__device__ __forceinline__ void normalized(Tile16 (&y)[D / 16], const Tile16 (&x)[D / 16], const float inv[2]) {
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      y[c].r[r] = pack2<T>(lo_of<T>(x[c].r[r]) * inv[r & 1], hi_of<T>(x[c].r[r]) * inv[r & 1]);
+}
+
+// Logits of the lane's 8 entries: cos / tau_c + bias + shift mask (-100 added across regions).
+__device__ __forceinline__ void logits(Acc16& s, const Acc16& cosine, float inv_tau, const float (&bias)[2][4],
+                                       const LaneWindow& lw) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float x = fmaf(cosine.v[nt][i], inv_tau, bias[nt][i]);
+      if (lw.rreg[i >> 1] != lw.creg[2 * nt + (i & 1)]) x -= 100.f;
+      s.v[nt][i] = x;
+    }
+}
+
+// Softmax of each row of the tile, in place (float32).
+__device__ __forceinline__ void softmax_rows(Acc16& s) {
+  constexpr float kLog2e = 1.4426950408889634f;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float m = fmaxf(fmaxf(s.v[0][2 * hr], s.v[0][2 * hr + 1]), fmaxf(s.v[1][2 * hr], s.v[1][2 * hr + 1]));
+    m = group_max(m, 4);
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float x = exp2f((s.v[nt][2 * hr + e] - m) * kLog2e);
+        s.v[nt][2 * hr + e] = x;
+        sum += x;
+      }
+    const float inv = 1.0f / group_sum(sum, 4);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) s.v[nt][2 * hr + e] *= inv;
+  }
+}
+
+// The lane's 8 entries of bias[h] ([16, 16] float32).
+__device__ __forceinline__ void load_bias(float (&out)[2][4], const float* bias_h, int lane) {
+  const int gq = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[nt][i] = bias_h[(gq + 8 * (i >> 1)) * 16 + 8 * nt + 2 * t + (i & 1)];
+}
+
+// Gradient through F.normalize for rows g, g + 8: (dn - n <dn, n>) / max(|x|, 1e-12), n = x * inv
+// in float32 from the raw rows x; no projection where |x| < 1e-12 (the clamp's side).
+template <typename T, int D>
+__device__ __forceinline__ void normalize_grad(Acc16 (&dn)[D / 16], const Tile16 (&x)[D / 16], const float len[2],
+                                               const float inv[2]) {
+  float dot[2] = {0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const uint32_t reg = x[c].r[hr + 2 * nt];
+        dot[hr] = fmaf(dn[c].v[nt][2 * hr], lo_of<T>(reg) * inv[hr], dot[hr]);
+        dot[hr] = fmaf(dn[c].v[nt][2 * hr + 1], hi_of<T>(reg) * inv[hr], dot[hr]);
+      }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    dot[hr] = group_sum(dot[hr], 4);
+    if (!(len[hr] >= 1e-12f)) dot[hr] = 0.f;
+  }
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const uint32_t reg = x[c].r[hr + 2 * nt];
+        float& a = dn[c].v[nt][2 * hr];
+        float& b = dn[c].v[nt][2 * hr + 1];
+        a = (a - lo_of<T>(reg) * inv[hr] * dot[hr]) * inv[hr];
+        b = (b - hi_of<T>(reg) * inv[hr] * dot[hr]) * inv[hr];
+      }
+}
+
+template <typename T, int D, bool kAligned>
+__global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T* __restrict__ qkv,
+                                                                        const float* __restrict__ tau_c,
+                                                                        const float* __restrict__ bias,
+                                                                        T* __restrict__ out, Geometry g) {
+  constexpr int NC = D / 16;
+  const int lane = threadIdx.x & 31, t = lane & 3;
+  const int64_t unit = (int64_t)blockIdx.x * kMmaWarps + (threadIdx.x >> 5);
+  if (unit >= (int64_t)g.n_windows * g.H) return;  // the whole warp; no barrier follows
+  const int w = (int)(unit / g.H), h = (int)(unit - (int64_t)w * g.H);
+  LanePos pos;
+  lane_positions(g, lane, pos);
+  LaneWindow lw;
+  lane_window(g, pos, w, lw);
+  float bh[2][4];
+  load_bias(bh, bias + (size_t)h * 256, lane);
+  const float inv_tau = 1.0f / tau_c[h];
+
+  const T* src = qkv + (int64_t)lw.b * g.qkv_sb + (int64_t)h * D;
+  const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
+  const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
+  Tile16 q[NC], k[NC], v[NC];
+  load_rows_frag<T, D, kAligned>(q, r0, r1, t);
+  load_rows_frag<T, D, kAligned>(k, r0 + g.C, r1 + g.C, t);
+  load_rows_frag<T, D, kAligned>(v, r0 + 2 * g.C, r1 + 2 * g.C, t);
+
+  float len[2], inv[2];
+  row_lengths<T, D>(q, len);
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) inv[hr] = 1.0f / fmaxf(len[hr], 1e-12f);
+  normalized<T, D>(q, q, inv);
+  row_lengths<T, D>(k, len);
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) inv[hr] = 1.0f / fmaxf(len[hr], 1e-12f);
+  normalized<T, D>(k, k, inv);
+
+  Acc16 cosine;
+  zero(cosine);
+#pragma unroll
+  for (int c = 0; c < NC; ++c) mma_abt<T>(cosine, q[c], k[c]);
+  Acc16 s;
+  logits(s, cosine, inv_tau, bh, lw);
+  softmax_rows(s);
+  const Tile16 p = to_tile<T>(s);
+
+  Acc16 o[NC];
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    zero(o[c]);
+    mma_abt<T>(o[c], p, transpose16(v[c]));
+  }
+  T* dst = out + (int64_t)lw.b * g.out_sb + (int64_t)h * D;
+  store_rows_acc<T, D, kAligned>(dst + (int64_t)lw.tok[0] * g.out_sl, dst + (int64_t)lw.tok[1] * g.out_sl, o, t);
+}
+
+template <typename T, int D, bool kAligned>
+__global__ void __launch_bounds__(32 * kMmaWarps) wa_backward_mma_kernel(
+    const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ tau_c,
+    const float* __restrict__ bias, T* __restrict__ dqkv, float* __restrict__ dtau_part,
+    float* __restrict__ dbias_part, Geometry g, int windows_per_warp, int chunks) {
+  constexpr int NC = D / 16;
+  const int lane = threadIdx.x & 31, t = lane & 3, gq = lane >> 2;
+  const int64_t slot = (int64_t)blockIdx.x * kMmaWarps + (threadIdx.x >> 5);
+  if (slot >= (int64_t)chunks * g.H) return;  // the whole warp; no barrier follows
+  const int chunk = (int)(slot / g.H), h = (int)(slot - (int64_t)chunk * g.H);
+  LanePos pos;
+  lane_positions(g, lane, pos);
+  float bh[2][4];
+  load_bias(bh, bias + (size_t)h * 256, lane);
+  const float inv_tau = 1.0f / tau_c[h];
+  const int C = g.C;
+
+  Acc16 dbias;
+  zero(dbias);
+  float dtau = 0.f;
+  const int first = chunk * windows_per_warp;
+  const int last = imin(first + windows_per_warp, g.n_windows);
+  for (int w = first; w < last; ++w) {
+    LaneWindow lw;
+    lane_window(g, pos, w, lw);
+    const T* src = qkv + (int64_t)lw.b * g.qkv_sb + (int64_t)h * D;
+    const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
+    const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
+    const T* go = gout + (int64_t)lw.b * g.out_sb + (int64_t)h * D;
+    Tile16 q[NC], k[NC], v[NC], dout[NC];
+    load_rows_frag<T, D, kAligned>(q, r0, r1, t);
+    load_rows_frag<T, D, kAligned>(k, r0 + C, r1 + C, t);
+    load_rows_frag<T, D, kAligned>(v, r0 + 2 * C, r1 + 2 * C, t);
+    load_rows_frag<T, D, kAligned>(dout, go + (int64_t)lw.tok[0] * g.out_sl, go + (int64_t)lw.tok[1] * g.out_sl, t);
+
+    float qlen[2], qinv[2], klen[2], kinv[2];
+    row_lengths<T, D>(q, qlen);
+    row_lengths<T, D>(k, klen);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      qinv[hr] = 1.0f / fmaxf(qlen[hr], 1e-12f);
+      kinv[hr] = 1.0f / fmaxf(klen[hr], 1e-12f);
+    }
+    Tile16 qn[NC], kn[NC];
+    normalized<T, D>(qn, q, qinv);
+    normalized<T, D>(kn, k, kinv);
+
+    Acc16 cosine, dp;
+    zero(cosine);
+    zero(dp);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      mma_abt<T>(cosine, qn[c], kn[c]);   // cos = Qn Kn^T
+      mma_abt<T>(dp, dout[c], v[c]);      // dP = dO V^T
+    }
+    Acc16 p;
+    logits(p, cosine, inv_tau, bh, lw);
+    softmax_rows(p);
+
+    // ds = p (dp - sum_j p dp); dtau += ds cos; dbias += ds; dCos = ds / tau_c
+    Acc16 dc;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float dot = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) dot = fmaf(p.v[nt][2 * hr + e], dp.v[nt][2 * hr + e], dot);
+      dot = group_sum(dot, 4);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 2 * hr + e;
+          const float ds = p.v[nt][i] * (dp.v[nt][i] - dot);
+          dtau = fmaf(ds, cosine.v[nt][i], dtau);
+          dbias.v[nt][i] += ds;
+          dc.v[nt][i] = ds * inv_tau;
+        }
+    }
+    const Tile16 pt = to_tile<T>(p), dct = to_tile<T>(dc);
+
+    T* dst = dqkv + (int64_t)lw.b * g.dq_sb + (int64_t)h * D;
+    T* w0 = dst + (int64_t)lw.tok[0] * g.dq_sl;
+    T* w1 = dst + (int64_t)lw.tok[1] * g.dq_sl;
+    Acc16 acc[NC];
+    // dV = P^T dO
+    const Tile16 ptt = transpose16(pt);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      zero(acc[c]);
+      mma_abt<T>(acc[c], ptt, transpose16(dout[c]));
+    }
+    store_rows_acc<T, D, kAligned>(w0 + 2 * C, w1 + 2 * C, acc, t);
+    // dQn = dCos Kn, then through the normalisation of q
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      zero(acc[c]);
+      mma_abt<T>(acc[c], dct, transpose16(kn[c]));
+    }
+    normalize_grad<T, D>(acc, q, qlen, qinv);
+    store_rows_acc<T, D, kAligned>(w0, w1, acc, t);
+    // dKn = dCos^T Qn, then through the normalisation of k
+    const Tile16 dctt = transpose16(dct);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      zero(acc[c]);
+      mma_abt<T>(acc[c], dctt, transpose16(qn[c]));
+    }
+    normalize_grad<T, D>(acc, k, klen, kinv);
+    store_rows_acc<T, D, kAligned>(w0 + C, w1 + C, acc, t);
+  }
+
+  // partial row `chunk`: each (i, j) of the bias gradient belongs to exactly one lane
+  float* db = dbias_part + ((size_t)chunk * g.H + h) * 256;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) db[(gq + 8 * (i >> 1)) * 16 + 8 * nt + 2 * t + (i & 1)] = dbias.v[nt][i];
+  dtau = group_sum(dtau, 32);
+  if (lane == 0) dtau_part[(size_t)chunk * g.H + h] = dtau;
+}
+
+}  // namespace wa
+}  // namespace am
