@@ -242,6 +242,9 @@ inline void warp_release() { warp_barrier(); }
 
 }  // namespace emu
 
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+
 inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline __half __ushort_as_half(unsigned short x) { return __half{x}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }

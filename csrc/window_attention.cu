@@ -45,6 +45,9 @@ struct Geometry {
   int64_t qkv_sb, qkv_sl;
   int64_t out_sb, out_sl;  // forward: out; backward: grad_out
   int64_t dq_sb, dq_sl;    // backward: grad_qkv
+  // windows of at most 16 positions: position a's (time, frequency) offset in its window is
+  // (pos_t >> 4a & 15, pos_f >> 4a & 15), so that kernels need no division for it
+  uint64_t pos_t, pos_f;
 };
 
 // One warp's slice of shared memory (byte offsets) and the row strides of its matrices (elements).
@@ -578,6 +581,11 @@ int make_geometry(const am_wa_args* a, Geometry* g) {
   g->D = a->head_dim;
   g->C = a->heads * a->head_dim;
   g->n_windows = (int)windows;
+  g->pos_t = g->pos_f = 0;
+  for (int i = 0; i < (int)area && i < 16; ++i) {
+    g->pos_t |= (uint64_t)(i / a->win_f) << (4 * i);
+    g->pos_f |= (uint64_t)(i % a->win_f) << (4 * i);
+  }
   g->qkv_sb = a->qkv_stride_b;
   g->qkv_sl = a->qkv_stride_l;
   g->out_sb = a->out_stride_b;
@@ -661,21 +669,18 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
     L->warps = kMmaWarps;
     L->wmma = 1;
     L->block_bytes = 0;
-    int wpw = 1;
-    if (backward) {
+    // both directions: a warp takes several windows when there are enough (window, head) pairs
 #ifdef AUDIOMAE_EMULATE
-      const int64_t per_wave = emu::env_long("AM_EMULATE_UNITS_PER_WAVE", kUnitsPerWaveMma);
+    const int64_t per_wave = emu::env_long("AM_EMULATE_UNITS_PER_WAVE", kUnitsPerWaveMma);
 #else
-      const int64_t per_wave = kUnitsPerWaveMma;
+    const int64_t per_wave = kUnitsPerWaveMma;
 #endif
-      const int64_t units = (int64_t)g->n_windows * g->H;
-      while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
-    }
+    const int64_t units = (int64_t)g->n_windows * g->H;
+    int wpw = 1;
+    while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
     L->windows_per_warp = wpw;
     if (p != nullptr) {
-      const int64_t chunks = ((int64_t)g->n_windows + wpw - 1) / wpw;
-      const int64_t warps = backward ? chunks * g->H : (int64_t)g->n_windows * g->H;
-      p->blocks_x = backward ? (int)chunks : (int)((warps + kMmaWarps - 1) / kMmaWarps);
+      p->blocks_x = (int)(((int64_t)g->n_windows + wpw - 1) / wpw);  // window chunks
       p->warps = kMmaWarps;
       p->windows_per_warp = wpw;
       p->wmma = 1;
@@ -757,20 +762,24 @@ bool rows_aligned4(const void* ptr, int64_t stride_b, int64_t stride_l, const Ge
   return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && stride_b % 2 == 0 && stride_l % 2 == 0 && g.C % 2 == 0;
 }
 
+// The register kernels' grid: one warp per (window chunk, head).
+dim3 mma_grid(const Geometry& g, const am_wa_plan& p) {
+  const int64_t warps = (int64_t)p.blocks_x * g.H;
+  return dim3((unsigned)((warps + kMmaWarps - 1) / kMmaWarps));
+}
+
 template <typename T, int D, bool kAligned>
 int forward_mma(const Geometry& g, const am_wa_plan& p, const void* qkv, const float* tau_c, const float* bias,
                 void* out, void* stream) {
-  AM_LAUNCH((wa_forward_mma_kernel<T, D, kAligned>), dim3(p.blocks_x), dim3(32 * kMmaWarps), 0, stream,
-            static_cast<const T*>(qkv), tau_c, bias, static_cast<T*>(out), g);
+  AM_LAUNCH((wa_forward_mma_kernel<T, D, kAligned>), mma_grid(g, p), dim3(32 * kMmaWarps), 0, stream,
+            static_cast<const T*>(qkv), tau_c, bias, static_cast<T*>(out), g, p.windows_per_warp, p.blocks_x);
   return (int)cudaGetLastError();
 }
 
 template <typename T, int D, bool kAligned>
 int backward_mma(const Geometry& g, const am_wa_plan& p, const void* qkv, const void* gout, const float* tau_c,
                  const float* bias, void* dqkv, float* dtau_part, float* dbias_part, void* stream) {
-  const int64_t warps = (int64_t)p.blocks_x * g.H;
-  const dim3 grid((unsigned)((warps + kMmaWarps - 1) / kMmaWarps));
-  AM_LAUNCH((wa_backward_mma_kernel<T, D, kAligned>), grid, dim3(32 * kMmaWarps), 0, stream,
+  AM_LAUNCH((wa_backward_mma_kernel<T, D, kAligned>), mma_grid(g, p), dim3(32 * kMmaWarps), 0, stream,
             static_cast<const T*>(qkv), static_cast<const T*>(gout), tau_c, bias, static_cast<T*>(dqkv), dtau_part,
             dbias_part, g, p.windows_per_warp, p.blocks_x);
   return (int)cudaGetLastError();

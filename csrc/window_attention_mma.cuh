@@ -13,11 +13,11 @@
 // gradient in float32, q, k normalised and rounded to T before QK^T, P and dCos rounded to T before
 // their products, dq and dk through the normalisation with the unrounded rows.
 //
-// Work split. Forward: warp u of the grid takes window u / heads and head u % heads (the heads of a
-// window in neighbouring warps, so that a block reads whole 16-byte runs of a token's row).
-// Backward: warp s takes head s % heads and the windows_per_warp consecutive windows of chunk
-// s / heads; it accumulates the bias gradient in registers (each lane owns 8 fixed (i, j) entries)
-// and sum(dlogits * cos) for tau, and writes them as partial row s / heads: deterministic, no atomics.
+// Work split. Warp s of the grid takes head s % heads and the windows_per_warp consecutive windows of
+// chunk s / heads (the heads of a window in neighbouring warps, so that a block reads longer runs of
+// a token's row); the bias, 1 / tau and the lane's positions in a window are set up once per warp.
+// The backward accumulates the bias gradient in registers (each lane owns 8 fixed (i, j) entries) and
+// sum(dlogits * cos) for tau, and writes them as partial row s / heads: deterministic, no atomics.
 #pragma once
 
 #include "mma.cuh"
@@ -26,11 +26,21 @@ namespace am {
 namespace wa {
 
 constexpr int kMmaWarps = 4;  // warps per block of the register kernels
+// The backward for head_dim <= 32 is held to 128 registers, so that 16 warps fit on an SM (sm_90
+// SASS: 128 instead of 168, one value spilled outside the loop); at 64 that would spill in the loop.
 
-// Where this lane's rows (g, g + 8) and columns (2t, 2t + 1, 2t + 8, 2t + 9) sit inside a window:
-// (time, frequency) offsets from the window's corner. The same for every window.
+// Where this lane's rows (g, g + 8) sit inside a window, as (time, frequency) offsets from its
+// corner (from the host's tables), and which of the lane's 8 score entries get the shift mask in a
+// window of the last row (mask_t) or of the last column (mask_f): bit 4 nt + i for entry (nt, i) of
+// the accumulator layout (see Acc16). The same for every window.
+//
+// Shift regions (window_attention.cu's header) differ inside a window only in the last window row
+// (time) or column (frequency): there, position offset d along an axis with window w and shift s > 0
+// is on the far side when d >= w - s, and two positions are masked when they are on different sides
+// along either axis.
 struct LanePos {
-  int rt[2], rf[2], ct[4], cf[4];
+  int rt[2], rf[2];
+  unsigned mask_t, mask_f;
 };
 
 __device__ __forceinline__ void lane_positions(const Geometry& g, int lane, LanePos& p) {
@@ -38,48 +48,61 @@ __device__ __forceinline__ void lane_positions(const Geometry& g, int lane, Lane
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int a = gq + 8 * hr;
-    p.rt[hr] = a / g.wf;
-    p.rf[hr] = a - p.rt[hr] * g.wf;
+    p.rt[hr] = (int)(g.pos_t >> (4 * a)) & 15;
+    p.rf[hr] = (int)(g.pos_f >> (4 * a)) & 15;
   }
+  p.mask_t = p.mask_f = 0;
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int a = 2 * t + (k & 1) + 8 * (k >> 1);
-    p.ct[k] = a / g.wf;
-    p.cf[k] = a - p.ct[k] * g.wf;
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int col = 8 * nt + 2 * t + (i & 1);
+      const int ct = (int)(g.pos_t >> (4 * col)) & 15, cf = (int)(g.pos_f >> (4 * col)) & 15;
+      const int hr = i >> 1;
+      if (g.st > 0 && (p.rt[hr] >= g.wt - g.st) != (ct >= g.wt - g.st)) p.mask_t |= 1u << (4 * nt + i);
+      if (g.sf > 0 && (p.rf[hr] >= g.wf - g.sf) != (cf >= g.wf - g.sf)) p.mask_f |= 1u << (4 * nt + i);
+    }
+}
+
+// Window number w as (sample, window row, window column), stepped to the next window without
+// divisions (a warp's windows are consecutive).
+struct WindowCursor {
+  int b, row, col;
+  __device__ __forceinline__ WindowCursor(const Geometry& g, int w) {
+    const int per_sample = g.nwt * g.nwf;
+    b = w / per_sample;
+    const int wi = w - b * per_sample;
+    row = wi / g.nwf;
+    col = wi - row * g.nwf;
   }
-}
-
-// The shift region of rolled-grid position (tr, fr) (see window_attention.cu's header).
-__device__ __forceinline__ int shift_region(const Geometry& g, int tr, int fr) {
-  int r = 0;
-  if (g.st > 0) r += 3 * ((tr >= g.T - g.wt) + (tr >= g.T - g.st));
-  if (g.sf > 0) r += (fr >= g.F - g.wf) + (fr >= g.F - g.sf);
-  return r;
-}
-
-// Window w for this lane: its sample, the tokens of rows g and g + 8, and the shift regions of the
-// lane's rows and columns.
-struct LaneWindow {
-  int b, tok[2], rreg[2], creg[4];
+  __device__ __forceinline__ void next(const Geometry& g) {
+    if (++col == g.nwf) {
+      col = 0;
+      if (++row == g.nwt) {
+        row = 0;
+        ++b;
+      }
+    }
+  }
 };
 
-__device__ __forceinline__ void lane_window(const Geometry& g, const LanePos& p, int w, LaneWindow& lw) {
-  const int per_sample = g.nwt * g.nwf;
-  lw.b = w / per_sample;
-  const int wi = w - lw.b * per_sample;
-  const int wrow = wi / g.nwf;
-  const int t0 = wrow * g.wt, f0 = (wi - wrow * g.nwf) * g.wf;
+// The window for this lane: the tokens of rows g and g + 8, and its masked score entries.
+struct LaneWindow {
+  int tok[2];
+  unsigned masked;
+};
+
+__device__ __forceinline__ void lane_window(const Geometry& g, const LanePos& p, const WindowCursor& cur,
+                                            LaneWindow& lw) {
+  const int t0 = cur.row * g.wt + g.st, f0 = cur.col * g.wf + g.sf;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    const int tr = t0 + p.rt[hr], fr = f0 + p.rf[hr];
-    int t = tr + g.st, f = fr + g.sf;
+    int t = t0 + p.rt[hr], f = f0 + p.rf[hr];  // rolled back to the original grid: < 2T, < 2F
     if (t >= g.T) t -= g.T;
     if (f >= g.F) f -= g.F;
     lw.tok[hr] = t * g.F + f;
-    lw.rreg[hr] = shift_region(g, tr, fr);
   }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) lw.creg[k] = shift_region(g, t0 + p.ct[k], f0 + p.cf[k]);
+  lw.masked = (cur.row == g.nwt - 1 ? p.mask_t : 0u) | (cur.col == g.nwf - 1 ? p.mask_f : 0u);
 }
 
 // A 16 x 16 float32 tile in the accumulator layout: v[nt][i] is row g + 8 (i / 2), column
@@ -137,9 +160,9 @@ __device__ __forceinline__ void store_rows_acc(T* r0, T* r1, const Acc16 (&x)[D 
     }
 }
 
-// |x| of rows g and g + 8 (float32, reduced over the quad).
+// |x|^2 of rows g and g + 8 (float32, reduced over the quad), and 1 / max(|x|, 1e-12) from it.
 template <typename T, int D>
-__device__ __forceinline__ void row_lengths(const Tile16 (&x)[D / 16], float len[2]) {
+__device__ __forceinline__ void row_norms(const Tile16 (&x)[D / 16], float sq[2], float inv[2]) {
   float ss[2] = {0.f, 0.f};
 #pragma unroll
   for (int c = 0; c < D / 16; ++c)
@@ -150,7 +173,10 @@ __device__ __forceinline__ void row_lengths(const Tile16 (&x)[D / 16], float len
       ss[r & 1] = fmaf(hi, hi, ss[r & 1]);
     }
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) len[hr] = sqrtf(group_sum(ss[hr], 4));
+  for (int hr = 0; hr < 2; ++hr) {
+    sq[hr] = group_sum(ss[hr], 4);
+    inv[hr] = rsqrtf(fmaxf(sq[hr], 1e-24f));  // within 2 ulp of 1 / max(sqrt(sq), 1e-12)
+  }
 }
 
 // x * (1 / max(|x|, 1e-12)) per row, rounded to T.
@@ -171,7 +197,7 @@ __device__ __forceinline__ void logits(Acc16& s, const Acc16& cosine, float inv_
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float x = fmaf(cosine.v[nt][i], inv_tau, bias[nt][i]);
-      if (lw.rreg[i >> 1] != lw.creg[2 * nt + (i & 1)]) x -= 100.f;
+      if ((lw.masked >> (4 * nt + i)) & 1u) x -= 100.f;
       s.v[nt][i] = x;
     }
 }
@@ -192,7 +218,7 @@ __device__ __forceinline__ void softmax_rows(Acc16& s) {
         s.v[nt][2 * hr + e] = x;
         sum += x;
       }
-    const float inv = 1.0f / group_sum(sum, 4);
+    const float inv = __fdividef(1.0f, group_sum(sum, 4));  // sum in [1, 16]
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -210,9 +236,9 @@ __device__ __forceinline__ void load_bias(float (&out)[2][4], const float* bias_
 }
 
 // Gradient through F.normalize for rows g, g + 8: (dn - n <dn, n>) / max(|x|, 1e-12), n = x * inv
-// in float32 from the raw rows x; no projection where |x| < 1e-12 (the clamp's side).
+// in float32 from the raw rows x; no projection where |x| < 1e-12 (the clamp's side; sq = |x|^2).
 template <typename T, int D>
-__device__ __forceinline__ void normalize_grad(Acc16 (&dn)[D / 16], const Tile16 (&x)[D / 16], const float len[2],
+__device__ __forceinline__ void normalize_grad(Acc16 (&dn)[D / 16], const Tile16 (&x)[D / 16], const float sq[2],
                                                const float inv[2]) {
   float dot[2] = {0.f, 0.f};
 #pragma unroll
@@ -228,7 +254,7 @@ __device__ __forceinline__ void normalize_grad(Acc16 (&dn)[D / 16], const Tile16
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     dot[hr] = group_sum(dot[hr], 4);
-    if (!(len[hr] >= 1e-12f)) dot[hr] = 0.f;
+    if (!(sq[hr] >= 1e-24f)) dot[hr] = 0.f;
   }
 #pragma unroll
   for (int c = 0; c < D / 16; ++c)
@@ -248,59 +274,62 @@ template <typename T, int D, bool kAligned>
 __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T* __restrict__ qkv,
                                                                         const float* __restrict__ tau_c,
                                                                         const float* __restrict__ bias,
-                                                                        T* __restrict__ out, Geometry g) {
+                                                                        T* __restrict__ out, Geometry g,
+                                                                        int windows_per_warp, int chunks) {
   constexpr int NC = D / 16;
   const int lane = threadIdx.x & 31, t = lane & 3;
-  const int64_t unit = (int64_t)blockIdx.x * kMmaWarps + (threadIdx.x >> 5);
-  if (unit >= (int64_t)g.n_windows * g.H) return;  // the whole warp; no barrier follows
-  const int w = (int)(unit / g.H), h = (int)(unit - (int64_t)w * g.H);
+  const int64_t slot = (int64_t)blockIdx.x * kMmaWarps + (threadIdx.x >> 5);
+  if (slot >= (int64_t)chunks * g.H) return;  // the whole warp; no barrier follows
+  const int chunk = (int)(slot / g.H), h = (int)(slot - (int64_t)chunk * g.H);
   LanePos pos;
   lane_positions(g, lane, pos);
-  LaneWindow lw;
-  lane_window(g, pos, w, lw);
   float bh[2][4];
   load_bias(bh, bias + (size_t)h * 256, lane);
   const float inv_tau = 1.0f / tau_c[h];
+  const int C = g.C;
 
-  const T* src = qkv + (int64_t)lw.b * g.qkv_sb + (int64_t)h * D;
-  const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
-  const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
-  Tile16 q[NC], k[NC], v[NC];
-  load_rows_frag<T, D, kAligned>(q, r0, r1, t);
-  load_rows_frag<T, D, kAligned>(k, r0 + g.C, r1 + g.C, t);
-  load_rows_frag<T, D, kAligned>(v, r0 + 2 * g.C, r1 + 2 * g.C, t);
+  const int first = chunk * windows_per_warp;
+  const int last = imin(first + windows_per_warp, g.n_windows);
+  WindowCursor cur(g, first);
+  for (int w = first; w < last; ++w, cur.next(g)) {
+    LaneWindow lw;
+    lane_window(g, pos, cur, lw);
+    const T* src = qkv + (int64_t)cur.b * g.qkv_sb + (int64_t)h * D;
+    const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
+    const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
+    Tile16 q[NC], k[NC], v[NC];
+    load_rows_frag<T, D, kAligned>(q, r0, r1, t);
+    load_rows_frag<T, D, kAligned>(k, r0 + C, r1 + C, t);
+    load_rows_frag<T, D, kAligned>(v, r0 + 2 * C, r1 + 2 * C, t);
 
-  float len[2], inv[2];
-  row_lengths<T, D>(q, len);
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) inv[hr] = 1.0f / fmaxf(len[hr], 1e-12f);
-  normalized<T, D>(q, q, inv);
-  row_lengths<T, D>(k, len);
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) inv[hr] = 1.0f / fmaxf(len[hr], 1e-12f);
-  normalized<T, D>(k, k, inv);
+    float sq[2], inv[2];
+    row_norms<T, D>(q, sq, inv);
+    normalized<T, D>(q, q, inv);
+    row_norms<T, D>(k, sq, inv);
+    normalized<T, D>(k, k, inv);
 
-  Acc16 cosine;
-  zero(cosine);
+    Acc16 cosine;
+    zero(cosine);
 #pragma unroll
-  for (int c = 0; c < NC; ++c) mma_abt<T>(cosine, q[c], k[c]);
-  Acc16 s;
-  logits(s, cosine, inv_tau, bh, lw);
-  softmax_rows(s);
-  const Tile16 p = to_tile<T>(s);
+    for (int c = 0; c < NC; ++c) mma_abt<T>(cosine, q[c], k[c]);
+    Acc16 s;
+    logits(s, cosine, inv_tau, bh, lw);
+    softmax_rows(s);
+    const Tile16 p = to_tile<T>(s);
 
-  Acc16 o[NC];
+    Acc16 o[NC];
 #pragma unroll
-  for (int c = 0; c < NC; ++c) {
-    zero(o[c]);
-    mma_abt<T>(o[c], p, transpose16(v[c]));
+    for (int c = 0; c < NC; ++c) {
+      zero(o[c]);
+      mma_abt<T>(o[c], p, transpose16(v[c]));
+    }
+    T* dst = out + (int64_t)cur.b * g.out_sb + (int64_t)h * D;
+    store_rows_acc<T, D, kAligned>(dst + (int64_t)lw.tok[0] * g.out_sl, dst + (int64_t)lw.tok[1] * g.out_sl, o, t);
   }
-  T* dst = out + (int64_t)lw.b * g.out_sb + (int64_t)h * D;
-  store_rows_acc<T, D, kAligned>(dst + (int64_t)lw.tok[0] * g.out_sl, dst + (int64_t)lw.tok[1] * g.out_sl, o, t);
 }
 
 template <typename T, int D, bool kAligned>
-__global__ void __launch_bounds__(32 * kMmaWarps) wa_backward_mma_kernel(
+__global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? 4 : 1) wa_backward_mma_kernel(
     const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ tau_c,
     const float* __restrict__ bias, T* __restrict__ dqkv, float* __restrict__ dtau_part,
     float* __restrict__ dbias_part, Geometry g, int windows_per_warp, int chunks) {
@@ -321,27 +350,23 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_backward_mma_kernel(
   float dtau = 0.f;
   const int first = chunk * windows_per_warp;
   const int last = imin(first + windows_per_warp, g.n_windows);
-  for (int w = first; w < last; ++w) {
+  WindowCursor cur(g, first);
+  for (int w = first; w < last; ++w, cur.next(g)) {
     LaneWindow lw;
-    lane_window(g, pos, w, lw);
-    const T* src = qkv + (int64_t)lw.b * g.qkv_sb + (int64_t)h * D;
+    lane_window(g, pos, cur, lw);
+    const T* src = qkv + (int64_t)cur.b * g.qkv_sb + (int64_t)h * D;
     const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
     const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
-    const T* go = gout + (int64_t)lw.b * g.out_sb + (int64_t)h * D;
+    const T* go = gout + (int64_t)cur.b * g.out_sb + (int64_t)h * D;
     Tile16 q[NC], k[NC], v[NC], dout[NC];
     load_rows_frag<T, D, kAligned>(q, r0, r1, t);
     load_rows_frag<T, D, kAligned>(k, r0 + C, r1 + C, t);
     load_rows_frag<T, D, kAligned>(v, r0 + 2 * C, r1 + 2 * C, t);
     load_rows_frag<T, D, kAligned>(dout, go + (int64_t)lw.tok[0] * g.out_sl, go + (int64_t)lw.tok[1] * g.out_sl, t);
 
-    float qlen[2], qinv[2], klen[2], kinv[2];
-    row_lengths<T, D>(q, qlen);
-    row_lengths<T, D>(k, klen);
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      qinv[hr] = 1.0f / fmaxf(qlen[hr], 1e-12f);
-      kinv[hr] = 1.0f / fmaxf(klen[hr], 1e-12f);
-    }
+    float qsq[2], qinv[2], ksq[2], kinv[2];
+    row_norms<T, D>(q, qsq, qinv);
+    row_norms<T, D>(k, ksq, kinv);
     Tile16 qn[NC], kn[NC];
     normalized<T, D>(qn, q, qinv);
     normalized<T, D>(kn, k, kinv);
@@ -381,7 +406,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_backward_mma_kernel(
     }
     const Tile16 pt = to_tile<T>(p), dct = to_tile<T>(dc);
 
-    T* dst = dqkv + (int64_t)lw.b * g.dq_sb + (int64_t)h * D;
+    T* dst = dqkv + (int64_t)cur.b * g.dq_sb + (int64_t)h * D;
     T* w0 = dst + (int64_t)lw.tok[0] * g.dq_sl;
     T* w1 = dst + (int64_t)lw.tok[1] * g.dq_sl;
     Acc16 acc[NC];
@@ -399,7 +424,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_backward_mma_kernel(
       zero(acc[c]);
       mma_abt<T>(acc[c], dct, transpose16(kn[c]));
     }
-    normalize_grad<T, D>(acc, q, qlen, qinv);
+    normalize_grad<T, D>(acc, q, qsq, qinv);
     store_rows_acc<T, D, kAligned>(w0, w1, acc, t);
     // dKn = dCos^T Qn, then through the normalisation of k
     const Tile16 dctt = transpose16(dct);
@@ -408,7 +433,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_backward_mma_kernel(
       zero(acc[c]);
       mma_abt<T>(acc[c], dctt, transpose16(qn[c]));
     }
-    normalize_grad<T, D>(acc, k, klen, kinv);
+    normalize_grad<T, D>(acc, k, ksq, kinv);
     store_rows_acc<T, D, kAligned>(w0 + C, w1 + C, acc, t);
   }
 
