@@ -276,9 +276,10 @@ def window_attention_cuda(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tens
 
 dispatch.register("window_attention", "cuda", window_attention_cuda, _window_attention_cuda_why_not)
 # No set_preference here: audiomae.ops keeps ("triton", "torch") for window_attention. Measured on an
-# H200 (torch 2.11, bf16, the paper's layer, batch 256): forward 0.29 ms Triton, 0.50 ms CUDA;
-# forward + backward 2.47 / 2.53 ms (shifted) and 2.41 / 2.43 ms (unshifted). The CUDA op stays
-# selectable with the "cuda" backend.
+# H200 (torch 2.11, bf16, the paper's layer, batch 256) with the shared-memory kernels: forward
+# 0.29 ms Triton, 0.50 ms CUDA; forward + backward 2.47 / 2.53 ms (shifted) and 2.41 / 2.43 ms
+# (unshifted). The register kernels are not timed yet. The CUDA op stays selectable with the "cuda"
+# backend.
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ qkv (3u) and grad_out (u) and writes grad_qkv (3u): 11u in all.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -233,11 +234,68 @@ def ours_triton(qkv, tau, bias, grid, window, shift, num_heads):
         return ops.window_attention(qkv, tau, bias, grid, window, shift, num_heads)
 
 
-@variant("cuda (audiomae)", available=_backend_available("cuda"))
-def ours_cuda(qkv, tau, bias, grid, window, shift, num_heads):
-    """The package's compiled CUDA op, when it is registered."""
-    with dispatch.use_backend("cuda", op="window_attention"):
-        return ops.window_attention(qkv, tau, bias, grid, window, shift, num_heads)
+@contextlib.contextmanager
+def _cuda_kernels(kind: str):
+    """Runs the CUDA op's ``kind`` kernels (``AUDIOMAE_CUDA_WA_KERNEL``, read at each launch)."""
+    from audiomae import ops_cuda
+
+    before = os.environ.get(ops_cuda.KERNEL_ENV)
+    os.environ[ops_cuda.KERNEL_ENV] = kind
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ops_cuda.KERNEL_ENV, None)
+        else:
+            os.environ[ops_cuda.KERNEL_ENV] = before
+
+
+class _CudaKernels(torch.autograd.Function):
+    """The CUDA op's forward and backward, both with the kernels named: the register kernels (``mma``,
+    what the dispatch layer runs for this shape) or the shared-memory ones (``smem``). The backward
+    runs after the variant returns, so the choice travels with the graph."""
+
+    @staticmethod
+    def forward(ctx, kind, qkv, tau, bias, geometry):
+        ctx.kind, ctx.geometry = kind, geometry
+        ctx.save_for_backward(qkv, tau, bias)
+        with _cuda_kernels(kind):
+            return torch.ops.audiomae.window_attention_cuda_fwd(qkv, tau, bias, *geometry)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, tau, bias = ctx.saved_tensors
+        with _cuda_kernels(ctx.kind):
+            grads = torch.ops.audiomae.window_attention_cuda_bwd(grad_out, qkv, tau, bias, *ctx.geometry)
+        return (None, *grads, None)
+
+
+def _cuda_kernels_available(kind: str) -> Callable[[torch.device], Optional[str]]:
+    backend = _backend_available("cuda")
+
+    def why_not(device: torch.device) -> Optional[str]:
+        why = backend(device)
+        if why is None and kind == "mma" and torch.cuda.get_device_capability(device)[0] < 8:
+            why = "the register kernels need an sm_80 or newer GPU"
+        return why
+
+    return why_not
+
+
+def _with_cuda_kernels(kind: str) -> Callable:
+    def run(qkv, tau, bias, grid, window, shift, num_heads):
+        from audiomae import ops_cuda
+
+        ops_cuda._ops()  # registers the custom ops
+        geometry = ([int(x) for x in grid], [int(x) for x in window], [int(x) for x in shift], int(num_heads))
+        return _CudaKernels.apply(kind, qkv, tau, bias, geometry)
+
+    run.__doc__ = f"The CUDA op with AUDIOMAE_CUDA_WA_KERNEL={kind} in both directions."
+    return run
+
+
+variant("cuda mma (audiomae)", available=_cuda_kernels_available("mma"))(_with_cuda_kernels("mma"))
+variant("cuda smem (audiomae)", available=_cuda_kernels_available("smem"))(_with_cuda_kernels("smem"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def test_attention_bytes_moved():
 def test_registry_has_the_variants_and_takes_new_ones():
     names = set(attention.VARIANTS)
     assert {"eager reference", "sdpa", "flex_attention (compiled)", "xformers", "triton (audiomae)",
-            "cuda (audiomae)"} <= names
+            "cuda mma (audiomae)", "cuda smem (audiomae)"} <= names
     assert [v.name for v in attention.VARIANTS.values() if v.reference] == ["eager reference"]
     try:
         @attention.variant("test variant", available=lambda device: "never here")
@@ -187,7 +187,7 @@ def test_registry_has_the_variants_and_takes_new_ones():
 
 
 def test_backends_that_cannot_run_here_say_why():
-    for name in ("triton (audiomae)", "cuda (audiomae)"):
+    for name in ("triton (audiomae)", "cuda mma (audiomae)", "cuda smem (audiomae)"):
         why = attention.VARIANTS[name].available(CPU)
         if why is None:
             pytest.skip(f"{name} can run on CPU tensors here")
