@@ -105,7 +105,7 @@ def _versions() -> List[str]:
     else:
         built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "torch built without CUDA"
         lines.append(f"CUDA not available ({built})")
-    for var in (dispatch.ENV_VAR, "TRITON_INTERPRET"):
+    for var in (dispatch.ENV_VAR, "AUDIOMAE_CUDA_WA_KERNEL", "TRITON_INTERPRET"):
         lines.append(f"{var}={os.environ.get(var, '')!r}")
     return lines
 
