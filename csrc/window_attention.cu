@@ -756,10 +756,13 @@ int backward_typed(const Geometry& g, Layout L, const am_wa_plan& p, const void*
   return (int)cudaGetLastError();
 }
 
-// Rows at ptr + b * stride_b + token * stride_l + h * D (+ part * C) start on 4-byte boundaries, so
-// that the register kernels move pairs of 16-bit elements as 32-bit words.
-bool rows_aligned4(const void* ptr, int64_t stride_b, int64_t stride_l, const Geometry& g) {
-  return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && stride_b % 2 == 0 && stride_l % 2 == 0 && g.C % 2 == 0;
+// Each lane's quarter of a head's row, ptr + b * stride_b + token * stride_l + h * D (+ part * C)
+// + t * D / 4, starts on a boundary of its size in bytes (at most 16), so that the register kernels
+// move it in one or two vector accesses.
+bool rows_vec_aligned(const void* ptr, int64_t stride_b, int64_t stride_l, const Geometry& g) {
+  const int64_t bytes = g.D / 2 < 16 ? g.D / 2 : 16, elems = bytes / 2;
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0 && stride_b % elems == 0 && stride_l % elems == 0 &&
+         g.C % elems == 0 && g.D % elems == 0;
 }
 
 // The register kernels' grid: one warp per (window chunk, head).
@@ -768,18 +771,18 @@ dim3 mma_grid(const Geometry& g, const am_wa_plan& p) {
   return dim3((unsigned)((warps + kMmaWarps - 1) / kMmaWarps));
 }
 
-template <typename T, int D, bool kAligned>
+template <typename T, int D, bool kVec>
 int forward_mma(const Geometry& g, const am_wa_plan& p, const void* qkv, const float* tau_c, const float* bias,
                 void* out, void* stream) {
-  AM_LAUNCH((wa_forward_mma_kernel<T, D, kAligned>), mma_grid(g, p), dim3(32 * kMmaWarps), 0, stream,
+  AM_LAUNCH((wa_forward_mma_kernel<T, D, kVec>), mma_grid(g, p), dim3(32 * kMmaWarps), 0, stream,
             static_cast<const T*>(qkv), tau_c, bias, static_cast<T*>(out), g, p.windows_per_warp, p.blocks_x);
   return (int)cudaGetLastError();
 }
 
-template <typename T, int D, bool kAligned>
+template <typename T, int D, bool kVec>
 int backward_mma(const Geometry& g, const am_wa_plan& p, const void* qkv, const void* gout, const float* tau_c,
                  const float* bias, void* dqkv, float* dtau_part, float* dbias_part, void* stream) {
-  AM_LAUNCH((wa_backward_mma_kernel<T, D, kAligned>), mma_grid(g, p), dim3(32 * kMmaWarps), 0, stream,
+  AM_LAUNCH((wa_backward_mma_kernel<T, D, kVec>), mma_grid(g, p), dim3(32 * kMmaWarps), 0, stream,
             static_cast<const T*>(qkv), static_cast<const T*>(gout), tau_c, bias, static_cast<T*>(dqkv), dtau_part,
             dbias_part, g, p.windows_per_warp, p.blocks_x);
   return (int)cudaGetLastError();
@@ -837,7 +840,7 @@ int am_wa_forward(const am_wa_args* args, const void* qkv, const float* tau_c, c
   if (rc != AM_OK || g.n_windows == 0) return rc;
   am::DeviceGuard guard(args->device);
   if (p.kernel == AM_WA_KERNEL_MMA) {
-    const bool aligned = rows_aligned4(qkv, g.qkv_sb, g.qkv_sl, g) && rows_aligned4(out, g.out_sb, g.out_sl, g);
+    const bool aligned = rows_vec_aligned(qkv, g.qkv_sb, g.qkv_sl, g) && rows_vec_aligned(out, g.out_sb, g.out_sl, g);
     const MmaCall call{g, p, qkv, nullptr, tau_c, bias, out, nullptr, nullptr, stream, false, aligned};
     return call.run(args->dtype);
   }
@@ -863,8 +866,8 @@ int am_wa_backward(const am_wa_args* args, const void* qkv, const void* grad_out
   if (rc != AM_OK || g.n_windows == 0) return rc;
   am::DeviceGuard guard(args->device);
   if (p.kernel == AM_WA_KERNEL_MMA) {
-    const bool aligned = rows_aligned4(qkv, g.qkv_sb, g.qkv_sl, g) && rows_aligned4(grad_out, g.out_sb, g.out_sl, g) &&
-                         rows_aligned4(grad_qkv, g.dq_sb, g.dq_sl, g);
+    const bool aligned = rows_vec_aligned(qkv, g.qkv_sb, g.qkv_sl, g) && rows_vec_aligned(grad_out, g.out_sb, g.out_sl, g) &&
+                         rows_vec_aligned(grad_qkv, g.dq_sb, g.dq_sl, g);
     const MmaCall call{g, p, qkv, grad_out, tau_c, bias, grad_qkv, dtau_partial, dbias_partial, stream, true,
                        aligned};
     return call.run(args->dtype);

@@ -3,8 +3,8 @@
 // arithmetic; see there for the semantics).
 //
 // One warp per (window, head), nothing in shared memory. A window's 16 rows of q, k, v (and dO) are
-// loaded straight from the token-order tensors into tensor-core fragments (mma.cuh: lane 4g + t
-// holds rows g and g + 8, columns 2t, 2t + 1, 2t + 8, 2t + 9 of every 16-column chunk); every product
+// loaded straight from the token-order tensors into tensor-core fragments (mma.cuh; lane 4g + t
+// holds rows g and g + 8, and a quarter of each row's columns, see load_rows_frag); every product
 // is mma.sync m16n8k16 with float32 accumulators; a 16 x 16 score tile lives in the accumulator
 // layout, where a row's 16 entries are spread over the 4 lanes of a quad, so row maxima and sums are
 // two shuffles; the accumulator layout of the probabilities is the A-operand layout of the next
@@ -136,28 +136,54 @@ __device__ __forceinline__ Tile16 to_tile(const Acc16& a) {
   return t;
 }
 
-// Rows g and g + 8 of a [16, D] matrix whose row r starts at row_ptr[r], as D / 16 tiles.
-template <typename T, int D, bool kAligned>
+// Rows and columns. Lane 4g + t holds rows g and g + 8 and, of each, the D / 4 contiguous columns
+// [t D / 4, (t + 1) D / 4): one 8- or 16-byte access per row (two for D = 64) when kVec. Its pair j
+// of columns (t D / 4 + 2j, + 1) is the pair at columns 2t (j even) or 2t + 8 (j odd) of tile j / 2.
+// So the tiles hold the columns in another order than the matrix; every product contracts over
+// the columns of both its operands in the same order, or (P V, dCos Kn, P^T dO, dCos^T Qn) puts
+// them in its result's columns in that order, which the stores undo: the results are unchanged.
+template <int N>
+struct alignas(N >= 4 ? 16 : 4 * N) Words {
+  uint32_t w[N];
+};
+
+// Rows g and g + 8 (starting at r0 and r1) of a [16, D] matrix, as D / 16 tiles.
+template <typename T, int D, bool kVec>
 __device__ __forceinline__ void load_rows_frag(Tile16 (&x)[D / 16], const T* r0, const T* r1, int t) {
+  constexpr int P = D / 8;  // pairs per lane and row
+  const T* rows[2] = {r0 + t * (D / 4), r1 + t * (D / 4)};
 #pragma unroll
-  for (int c = 0; c < D / 16; ++c) {
-    x[c].r[0] = load_pair<T, kAligned>(r0 + 16 * c + 2 * t);
-    x[c].r[1] = load_pair<T, kAligned>(r1 + 16 * c + 2 * t);
-    x[c].r[2] = load_pair<T, kAligned>(r0 + 16 * c + 2 * t + 8);
-    x[c].r[3] = load_pair<T, kAligned>(r1 + 16 * c + 2 * t + 8);
+  for (int hr = 0; hr < 2; ++hr) {
+    Words<P> v;
+    if constexpr (kVec) {
+      v = *reinterpret_cast<const Words<P>*>(rows[hr]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < P; ++j) v.w[j] = load_pair<T, false>(rows[hr] + 2 * j);
+    }
+#pragma unroll
+    for (int j = 0; j < P; ++j) x[j >> 1].r[hr + 2 * (j & 1)] = v.w[j];
   }
 }
 
-// Rows g and g + 8 of a product [16, D] (D / 16 accumulator tiles) rounded to T and stored.
-template <typename T, int D, bool kAligned>
+// Rows g and g + 8 of a product [16, D] (D / 16 accumulator tiles, columns in the tiles' order)
+// rounded to T and stored at r0 and r1.
+template <typename T, int D, bool kVec>
 __device__ __forceinline__ void store_rows_acc(T* r0, T* r1, const Acc16 (&x)[D / 16], int t) {
+  constexpr int P = D / 8;
+  T* rows[2] = {r0 + t * (D / 4), r1 + t * (D / 4)};
 #pragma unroll
-  for (int c = 0; c < D / 16; ++c)
+  for (int hr = 0; hr < 2; ++hr) {
+    Words<P> v;
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      store_pair<T, kAligned>(r0 + 16 * c + 8 * nt + 2 * t, pack2<T>(x[c].v[nt][0], x[c].v[nt][1]));
-      store_pair<T, kAligned>(r1 + 16 * c + 8 * nt + 2 * t, pack2<T>(x[c].v[nt][2], x[c].v[nt][3]));
+    for (int j = 0; j < P; ++j) v.w[j] = pack2<T>(x[j >> 1].v[j & 1][2 * hr], x[j >> 1].v[j & 1][2 * hr + 1]);
+    if constexpr (kVec) {
+      *reinterpret_cast<Words<P>*>(rows[hr]) = v;
+    } else {
+#pragma unroll
+      for (int j = 0; j < P; ++j) store_pair<T, false>(rows[hr] + 2 * j, v.w[j]);
     }
+  }
 }
 
 // |x|^2 of rows g and g + 8 (float32, reduced over the quad), and 1 / max(|x|, 1e-12) from it.
@@ -270,7 +296,7 @@ __device__ __forceinline__ void normalize_grad(Acc16 (&dn)[D / 16], const Tile16
       }
 }
 
-template <typename T, int D, bool kAligned>
+template <typename T, int D, bool kVec>
 __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T* __restrict__ qkv,
                                                                         const float* __restrict__ tau_c,
                                                                         const float* __restrict__ bias,
@@ -298,9 +324,9 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T*
     const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
     const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
     Tile16 q[NC], k[NC], v[NC];
-    load_rows_frag<T, D, kAligned>(q, r0, r1, t);
-    load_rows_frag<T, D, kAligned>(k, r0 + C, r1 + C, t);
-    load_rows_frag<T, D, kAligned>(v, r0 + 2 * C, r1 + 2 * C, t);
+    load_rows_frag<T, D, kVec>(q, r0, r1, t);
+    load_rows_frag<T, D, kVec>(k, r0 + C, r1 + C, t);
+    load_rows_frag<T, D, kVec>(v, r0 + 2 * C, r1 + 2 * C, t);
 
     float sq[2], inv[2];
     row_norms<T, D>(q, sq, inv);
@@ -324,11 +350,11 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T*
       mma_abt<T>(o[c], p, transpose16(v[c]));
     }
     T* dst = out + (int64_t)cur.b * g.out_sb + (int64_t)h * D;
-    store_rows_acc<T, D, kAligned>(dst + (int64_t)lw.tok[0] * g.out_sl, dst + (int64_t)lw.tok[1] * g.out_sl, o, t);
+    store_rows_acc<T, D, kVec>(dst + (int64_t)lw.tok[0] * g.out_sl, dst + (int64_t)lw.tok[1] * g.out_sl, o, t);
   }
 }
 
-template <typename T, int D, bool kAligned>
+template <typename T, int D, bool kVec>
 __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? 4 : 1) wa_backward_mma_kernel(
     const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ tau_c,
     const float* __restrict__ bias, T* __restrict__ dqkv, float* __restrict__ dtau_part,
@@ -359,10 +385,10 @@ __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? 4 : 1) wa_backward_m
     const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
     const T* go = gout + (int64_t)cur.b * g.out_sb + (int64_t)h * D;
     Tile16 q[NC], k[NC], v[NC], dout[NC];
-    load_rows_frag<T, D, kAligned>(q, r0, r1, t);
-    load_rows_frag<T, D, kAligned>(k, r0 + C, r1 + C, t);
-    load_rows_frag<T, D, kAligned>(v, r0 + 2 * C, r1 + 2 * C, t);
-    load_rows_frag<T, D, kAligned>(dout, go + (int64_t)lw.tok[0] * g.out_sl, go + (int64_t)lw.tok[1] * g.out_sl, t);
+    load_rows_frag<T, D, kVec>(q, r0, r1, t);
+    load_rows_frag<T, D, kVec>(k, r0 + C, r1 + C, t);
+    load_rows_frag<T, D, kVec>(v, r0 + 2 * C, r1 + 2 * C, t);
+    load_rows_frag<T, D, kVec>(dout, go + (int64_t)lw.tok[0] * g.out_sl, go + (int64_t)lw.tok[1] * g.out_sl, t);
 
     float qsq[2], qinv[2], ksq[2], kinv[2];
     row_norms<T, D>(q, qsq, qinv);
@@ -417,7 +443,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? 4 : 1) wa_backward_m
       zero(acc[c]);
       mma_abt<T>(acc[c], ptt, transpose16(dout[c]));
     }
-    store_rows_acc<T, D, kAligned>(w0 + 2 * C, w1 + 2 * C, acc, t);
+    store_rows_acc<T, D, kVec>(w0 + 2 * C, w1 + 2 * C, acc, t);
     // dQn = dCos Kn, then through the normalisation of q
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
@@ -425,7 +451,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? 4 : 1) wa_backward_m
       mma_abt<T>(acc[c], dct, transpose16(kn[c]));
     }
     normalize_grad<T, D>(acc, q, qsq, qinv);
-    store_rows_acc<T, D, kAligned>(w0, w1, acc, t);
+    store_rows_acc<T, D, kVec>(w0, w1, acc, t);
     // dKn = dCos^T Qn, then through the normalisation of k
     const Tile16 dctt = transpose16(dct);
 #pragma unroll
@@ -434,7 +460,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? 4 : 1) wa_backward_m
       mma_abt<T>(acc[c], dctt, transpose16(qn[c]));
     }
     normalize_grad<T, D>(acc, k, ksq, kinv);
-    store_rows_acc<T, D, kAligned>(w0 + C, w1 + C, acc, t);
+    store_rows_acc<T, D, kVec>(w0 + C, w1 + C, acc, t);
   }
 
   // partial row `chunk`: each (i, j) of the bias gradient belongs to exactly one lane

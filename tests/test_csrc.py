@@ -579,9 +579,10 @@ def test_emulated_register_kernels_accumulate_over_several_windows_per_warp(emul
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_emulated_register_kernels_pairs_and_single_elements_agree(emulators, dtype):
-    """Rows on 4-byte boundaries move as 32-bit pairs, others element by element (an odd offset into
-    a wider tensor, odd strides): the same results, bit for bit, and right."""
+def test_emulated_register_kernels_vector_and_element_accesses_agree(emulators, dtype):
+    """Each lane moves its quarter of a row in 16-byte accesses when the rows allow, element by
+    element otherwise (an odd offset into a wider tensor, odd strides): the same results, bit for
+    bit, and right."""
     exe = _emulator(emulators, "address")
     dtype = DTYPES[dtype]
     (qkv, tau, bias), geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32)
