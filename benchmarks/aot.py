@@ -11,6 +11,10 @@ kernels are straight-line code inside one loop over window groups, whose body ru
 so that is close to the executed count (the prologue, counted too, runs once per program). With
 132 SMs x 4 schedulers it gives a floor on the kernel's time from instruction issue alone, beside
 the one from memory traffic; the registers per thread give the programs that fit on an SM. ``tests/test_triton_compile.py`` uses the same helpers to check that every kernel compiles.
+
+With nvcc installed it also compiles ``csrc/window_attention.cu`` for ``sm_<arch>`` and reports the
+same for the CUDA op's register kernels (one warp per window and head, a loop over the warp's
+windows): registers, spill bytes, warps per SM and the instructions of the loop body.
 """
 from __future__ import annotations
 
@@ -213,6 +217,88 @@ def attention_report(arch: int = 90, batch: int = 256) -> List[Dict[str, Any]]:
     return rows
 
 
+def _sass_functions(sass: str) -> Dict[str, List[str]]:
+    """{mangled name: [instruction text, ...]} of a cuobjdump -sass listing."""
+    out: Dict[str, List[str]] = {}
+    current = None
+    for line in sass.splitlines():
+        m = re.match(r"\s+Function : (\S+)", line)
+        if m:
+            current = out.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def loop_body(instructions) -> Optional[int]:
+    """Instructions in the body of the function's loop: the span of the longest backward branch in
+    line. Out-of-line code (the divergence fallbacks of shuffles, ``BRA.DIV`` targets, and slow paths
+    reached by ``CALL``) sits after the function and jumps back into it; those jumps are not loops.
+    None when there is no loop."""
+    index = {a: i for i, (a, _) in enumerate(instructions)}
+    out_of_line = [int(m.group(1), 16) for _, t in instructions
+                   for m in [re.search(r"(?:BRA\.DIV\s+\S+|CALL\.\S+)\s+0x([0-9a-f]+)", t)] if m]
+    end = min(out_of_line, default=float("inf"))
+    best = None
+    for i, (address, text) in enumerate(instructions):
+        m = re.match(r"(?:@!?P\d\s+)?BRA(?:\.U)?\s+(?:`\(\.L_x_\d+\)\s+)?0x([0-9a-f]+)", text)
+        if m and address < end and int(m.group(1), 16) < address and int(m.group(1), 16) in index:
+            span = i - index[int(m.group(1), 16)] + 1
+            best = span if best is None else max(best, span)
+    return best
+
+
+def cuda_report(arch: int = 90) -> List[Dict[str, Any]]:
+    """Compiled costs of the CUDA op's register window-attention kernels (bfloat16, vector accesses,
+    head_dim 16, 32 and 64) for ``sm_<arch>``; empty when nvcc or cuobjdump is missing."""
+    from audiomae import cuda_ext
+
+    nvcc, src, tool = cuda_ext.find_nvcc(), cuda_ext.source_dir(), _cuobjdump()
+    if nvcc is None or src is None or tool is None:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "wa.cubin")
+        cmd = [nvcc, "-cubin", *cuda_ext.NVCC_FLAGS, *cuda_ext.TORCH_NVCC_FLAGS,
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", cubin, os.path.join(src, "window_attention.cu")]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+    resources = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage))
+    rows = []
+    for name, instructions in sorted(_sass_functions(sass).items()):
+        m = re.search(r"wa_(forward|backward)_mma_kernelI13__nv_bfloat16Li(\d+)ELb1E", name)
+        if not m:
+            continue
+        res = resources.get(name, "")
+        row = dict(direction="fwd" if m.group(1) == "forward" else "bwd", head_dim=int(m.group(2)),
+                   instructions=len(instructions))
+        for key, field in (("REG", "registers"), ("STACK", "local bytes")):
+            found = re.search(key + r":(\d+)", res)
+            if found:
+                row[field] = int(found.group(1))
+        if "registers" in row:
+            row["warps per SM"] = 4 * programs_per_sm(row["registers"], 4)
+        row["warp instructions per window-head"] = loop_body(instructions)
+        rows.append(row)
+    return rows
+
+
+def _cuda_table(rows: List[Dict[str, Any]], batch: int, sms: int = 132, clock_ghz: float = 1.98) -> str:
+    keys = ["direction", "head_dim", "registers", "local bytes", "warps per SM", "instructions",
+            "warp instructions per window-head"]
+    head = keys + [f"issue floor ms (batch {batch}, 16 heads)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    window_heads = batch * 32 * 16
+    for r in sorted(rows, key=lambda r: (r["direction"], r["head_dim"])):
+        per = r.get("warp instructions per window-head")
+        floor = "" if per is None or r["head_dim"] != 32 else \
+            f"{per * window_heads / (sms * 4 * clock_ghz * 1e9) * 1e3:.3f}"
+        lines.append("| " + " | ".join([str(r.get(k, "")) for k in keys] + [floor]) + " |")
+    return "\n".join(lines)
+
+
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
     """Programs (thread blocks) resident on one sm_80/sm_90 SM: 64 K registers allocated per warp in
     units of 256, at most 64 warps, 32 blocks and 227 KB of shared memory."""
@@ -262,6 +348,15 @@ def main(argv=None) -> int:
     print("Issue floor: warp instructions per window-head x windows x heads / (132 SMs x 4 schedulers x "
           "1.98 GHz), the time instruction issue alone takes on an H100 (static counts of straight-line code).\n")
     print(_table(rows, args.batch))
+    cuda_rows = cuda_report(args.arch)
+    if cuda_rows:
+        print(f"\n## the CUDA op's register kernels (csrc/window_attention_mma.cuh), sm_{args.arch}, bf16\n")
+        print("One warp per (window, head); blocks of 4 warps. The loop over a warp's windows is straight-line "
+              "code, so its body is the instructions one window and head takes. The issue floor is for the "
+              "paper's layer (head_dim 32).\n")
+        print(_cuda_table(cuda_rows, args.batch))
+    else:
+        print("\n(the CUDA kernels are not compiled here: nvcc, csrc/ or cuobjdump is missing)")
     return 0
 
 

@@ -26,8 +26,14 @@ namespace am {
 namespace wa {
 
 constexpr int kMmaWarps = 4;  // warps per block of the register kernels
-// The backward for head_dim <= 32 is held to 128 registers, so that 16 warps fit on an SM (sm_90
-// SASS: 128 instead of 168, one value spilled outside the loop); at 64 that would spill in the loop.
+// On sm_90 the backward for head_dim <= 32 is held to 128 registers, so that 16 warps fit on an SM
+// (SASS: 128 instead of 168 registers, two spilled values reloaded per window); at head_dim 64, or
+// on sm_80 (whose code then spills dozens of values inside the loop), it is not.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kBackwardMinBlocks = 1;
+#else
+constexpr int kBackwardMinBlocks = 4;
+#endif
 
 // Where this lane's rows (g, g + 8) sit inside a window, as (time, frequency) offsets from its
 // corner (from the host's tables), and which of the lane's 8 score entries get the shift mask in a
@@ -355,7 +361,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T*
 }
 
 template <typename T, int D, bool kVec>
-__global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? 4 : 1) wa_backward_mma_kernel(
+__global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? kBackwardMinBlocks : 1) wa_backward_mma_kernel(
     const T* __restrict__ qkv, const T* __restrict__ gout, const float* __restrict__ tau_c,
     const float* __restrict__ bias, T* __restrict__ dqkv, float* __restrict__ dtau_part,
     float* __restrict__ dbias_part, Geometry g, int windows_per_warp, int chunks) {

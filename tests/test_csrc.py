@@ -368,6 +368,39 @@ def test_sources_compile_for_sm80_and_sm90():
     print("\n" + "\n".join(r.line() for r in results))
 
 
+def test_loop_body_skips_out_of_line_jumps():
+    from benchmarks.aot import loop_body
+
+    code = [(0x00, "S2R R0, SR_TID.X"), (0x10, "@P0 EXIT"), (0x20, "LDG.E R2, desc[UR4][R4.64]"),
+            (0x30, "BRA.DIV UR4, 0x90"), (0x40, "SHFL.BFLY PT, R3, R2, 0x1, 0x1f"), (0x50, "HMMA.16816.F32 R8, R4"),
+            (0x60, "@!P1 BRA 0x20"), (0x70, "EXIT"), (0x80, "BRA 0x70"), (0x90, "SHFL.BFLY PT, R3, R2, 0x1, 0x1f"),
+            (0xa0, "BRA 0x50")]
+    assert loop_body(code) == 5  # 0x20 .. 0x60; the jump back from 0x90's fallback is not a loop
+    sm80 = [(0x00, "@P0 EXIT"), (0x10, "HMMA.16816.F32 R8, R4"), (0x20, "BRA.DIV ~URZ, 0x50"),
+            (0x30, "SHFL.BFLY PT, R3, R2, 0x1, 0x1f"), (0x40, "BRA 0x00"), (0x50, "SHFL.BFLY PT, R3, R2, 0x1, 0x1f"),
+            (0x60, "BRA 0x30")]
+    assert loop_body(sm80) == 5  # an unconditional loop branch in line
+    assert loop_body(code[:3]) is None
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_register_kernels_compile_without_spilling_in_the_loop(arch):
+    """The register kernels for every head size: the loop found, the register budget kept (sm_90's
+    head_dim <= 32 backward at 128 for 16 warps per SM), little or no local memory."""
+    from benchmarks import aot
+
+    rows = aot.cuda_report(arch)
+    if not rows:
+        pytest.skip("nvcc, csrc/ or Triton's cuobjdump is missing")
+    assert {(r["direction"], r["head_dim"]) for r in rows} == {(d, h) for d in ("fwd", "bwd") for h in (16, 32, 64)}
+    for r in rows:
+        body = r["warp instructions per window-head"]
+        assert body is not None and 0 < body < r["instructions"], r
+        assert r["registers"] <= 255 and r["local bytes"] <= 32, r
+        if arch == 90 and r["direction"] == "bwd" and r["head_dim"] <= 32:
+            assert r["registers"] <= 128 and r["warps per SM"] == 16, r
+
+
 # ----------------------------------------------------------------------------------------------
 # the kernels as host code (csrc/emulate.h) under sanitizers
 # ----------------------------------------------------------------------------------------------
