@@ -37,6 +37,7 @@ MAX_WINDOW_AREA = 64  # AM_WA_MAX_AREA in csrc/audiomae_cuda.h
 MAX_HEAD_DIM = 128  # AM_WA_MAX_HEAD_DIM
 MAX_MASK_LENGTH = 4096  # AM_MASK_MAX_LENGTH
 KERNEL_ENV = "AUDIOMAE_CUDA_WA_KERNEL"  # read by the launch functions (csrc/audiomae_cuda.h)
+WINDOWS_PER_WARP_ENV = "AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP"  # a tuning knob, also read there
 KERNEL_CHOICES = ("auto", "smem", "mma")
 MMA_HEAD_DIMS = (16, 32, 64)
 # Tests set this to fill every output of the kernels with NaN (ids with -1) before they run, so an
@@ -140,6 +141,9 @@ def _window_attention_cuda_why_not(qkv, tau, bias, grid, window, shift, num_head
     for name, t in (("tau", tau), ("bias", bias)):
         if not t.dtype.is_floating_point or t.dtype == torch.float64:
             out.append(f"{name} dtype {t.dtype} (float32, bfloat16 or float16)")
+    wpw = os.environ.get(WINDOWS_PER_WARP_ENV, "")
+    if wpw and not (wpw.isdigit() and 1 <= int(wpw) <= 64):
+        out.append(f"{WINDOWS_PER_WARP_ENV}={wpw!r}: expected an integer from 1 to 64 (or unset)")
     geometry = _geometry_problems(qkv, tau, bias, grid, window, shift, num_heads)
     out += geometry
     if not geometry:

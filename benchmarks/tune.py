@@ -1,12 +1,16 @@
 """Tiling sweeps for the Triton kernels on a CUDA device.
 
-    python -m benchmarks.tune [--out DIR] [--only attention|fbank] [--batch N]
+    python -m benchmarks.tune [--out DIR] [--only attention|cuda|fbank] [--batch N]
 
 For every candidate tiling the kernel's result is checked against the default tiling (attention)
 or the float64 reference (fbank) before it is timed (CUDA-event median of ``do_bench``, several
 input sets in rotation). Attention rows time the whole op (``ms``) and its kernel alone
-(``kernel_ms``: the op's launch replayed, see :func:`benchmarks.aot.captured`). Prints one markdown table per kernel, best first, and writes
-``tune.json`` when ``--out`` is given. The defaults in ``audiomae/kernels`` come from these sweeps.
+(``kernel_ms``: the op's launch replayed, see :func:`benchmarks.aot.captured`). ``cuda`` times the
+CUDA op's window-attention kernels (register and shared-memory sets, csrc/) through the extension's
+launch functions, for several windows per warp (``AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP``), each checked
+against the Triton kernels first. Prints one markdown table per kernel, best first, and writes
+``tune.json`` when ``--out`` is given. The defaults in ``audiomae/kernels`` and ``csrc/`` come from
+these sweeps.
 """
 from __future__ import annotations
 
@@ -95,6 +99,73 @@ def attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
     return rows
 
 
+def cuda_attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
+    """The CUDA op's kernels, forward and backward, by kernel set and windows per warp (the binding's
+    calls: the kernels, output allocation and, for the backward, nothing else; the partial sums'
+    reduction is the custom op's, outside)."""
+    from audiomae import cuda_ext, ops_cuda
+
+    why = cuda_ext.why_not()
+    if why:
+        print("tune: the CUDA extension cannot be used here: " + "; ".join(why), flush=True)
+        return []
+    ext = cuda_ext.load()
+    H, D, T, F, win = 16, 32, 64, 8, (4, 4)
+    C, A = H * D, win[0] * win[1]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sets = 3
+    qkvs = [torch.randn(batch, T * F, 3 * C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
+    gouts = [torch.randn(batch, T * F, C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
+    tau = (torch.rand(H, device="cuda", generator=gen) * 0.2 + 0.02).to(dtype)  # above the clamp
+    bias = (torch.randn(H, A, A, device="cuda", generator=gen) * 2).to(dtype)
+    geometry = ([T, F], list(win), list(shift), H)
+    fwd_op, bwd_op = torch.ops.audiomae.window_attention_fwd, torch.ops.audiomae.window_attention_bwd
+    want_o = fwd_op(qkvs[0], tau, bias, *geometry).float()
+    want_g = bwd_op(gouts[0], qkvs[0], tau, bias, *geometry)[0].float()
+    tau_c, bias = tau.float(), bias.float()  # what the custom op passes to the extension
+    stream = torch.cuda.current_stream().cuda_stream
+    elt = qkvs[0].element_size()
+    n_tok = batch * T * F
+    saved = {k: os.environ.get(k) for k in (ops_cuda.KERNEL_ENV, ops_cuda.WINDOWS_PER_WARP_ENV)}
+    rows = []
+    try:
+        for kind, direction, wpw in itertools.product(("mma", "smem"), ("fwd", "bwd"), (0, 1, 2, 4, 8, 16)):
+            if kind == "smem" and direction == "fwd" and wpw:
+                continue  # the shared-memory forward takes one window per warp
+            os.environ[ops_cuda.KERNEL_ENV] = kind
+            if wpw:
+                os.environ[ops_cuda.WINDOWS_PER_WARP_ENV] = str(wpw)
+            else:
+                os.environ.pop(ops_cuda.WINDOWS_PER_WARP_ENV, None)
+            row = dict(kernel="cuda attention", set=kind, direction=direction, dtype=str(dtype).split(".")[-1],
+                       batch=batch, shift=list(shift), automatic=not wpw)
+            try:
+                row["windows_per_warp"] = ext.window_attention_plan(qkvs[0], tau_c, bias, *geometry,
+                                                                    direction == "bwd")[2]
+                if direction == "fwd":
+                    call = lambda i: ext.window_attention_fwd(qkvs[i], tau_c, bias, *geometry, stream, False)  # noqa: E731
+                    err = (call(0).float() - want_o).abs().max().item()
+                    nbytes = n_tok * 4 * C * elt
+                else:
+                    call = lambda i: ext.window_attention_bwd(gouts[i], qkvs[i], tau_c, bias, *geometry, stream,  # noqa: E731
+                                                              False)
+                    err = (call(0)[0].float() - want_g).abs().max().item()
+                    nbytes = n_tok * 7 * C * elt
+                ms = _median_ms(call, sets)
+                row.update(max_diff_vs_triton=err, ms=ms, gbps=nbytes / ms / 1e6)
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rows
+
+
 def fbank(batch: int) -> List[Dict]:
     from audiomae.audio import DATASET_STATS, waveform_to_input
     from audiomae.kernels import fbank as fk
@@ -150,7 +221,7 @@ def _table(rows: List[Dict], keys: List[str], metric: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder for tune.json")
-    ap.add_argument("--only", choices=("attention", "fbank"), action="append")
+    ap.add_argument("--only", choices=("attention", "cuda", "fbank"), action="append")
     ap.add_argument("--batch", type=int, default=256, help="attention batch (default 256)")
     ap.add_argument("--fbank-batch", type=int, default=64)
     args = ap.parse_args(argv)
@@ -159,7 +230,7 @@ def main(argv=None) -> int:
         return 0
     importlib.import_module("audiomae.ops")  # registers the custom ops
 
-    only = set(args.only or ("attention", "fbank"))
+    only = set(args.only or ("attention", "cuda", "fbank"))
     rows: List[Dict] = []
     t0 = time.time()
 
@@ -173,6 +244,10 @@ def main(argv=None) -> int:
         att = attention(args.batch, torch.bfloat16)
         rows += att
         save()
+    if "cuda" in only:
+        cu = cuda_attention(args.batch, torch.bfloat16)
+        rows += cu
+        save()
     if "fbank" in only:
         fb = fbank(args.fbank_batch)
         rows += fb
@@ -182,6 +257,11 @@ def main(argv=None) -> int:
             print(f"\n## attention {d}, bf16, batch {args.batch}, shift (2, 0)\n")
             print(_table([r for r in att if r["direction"] == d], ["block_m", "num_warps", "groups_per_program",
                                                                   "max_diff_vs_default", "kernel_ms"], "gbps"))
+    if "cuda" in only and cu:
+        for d in ("fwd", "bwd"):
+            print(f"\n## CUDA op attention {d}, bf16, batch {args.batch}, shift (2, 0)\n")
+            print(_table([r for r in cu if r["direction"] == d], ["set", "windows_per_warp", "automatic",
+                                                                 "max_diff_vs_triton"], "gbps"))
     if "fbank" in only:
         print(f"\n## fbank, batch {args.fbank_batch} x 10 s\n")
         print(_table(fb, ["method", "block_t_frames", "block_t", "block_s", "block_k", "num_warps", "precision",

@@ -21,7 +21,8 @@ enum am_status {
   AM_OK = 0,
   AM_ERR_ARGS = -1,         /* unsupported or inconsistent sizes */
   AM_ERR_SHARED_MEM = -2,   /* the window / head size needs more shared memory than the device has */
-  AM_ERR_KERNEL_CHOICE = -3 /* AUDIOMAE_CUDA_WA_KERNEL names no kernel, or one that does not apply */
+  AM_ERR_KERNEL_CHOICE = -3, /* AUDIOMAE_CUDA_WA_KERNEL names no kernel, or one that does not apply */
+  AM_ERR_WINDOWS_PER_WARP = -4 /* AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP is not an integer in 1..64 */
 };
 
 /* Limits of the window attention kernels (the Python side repeats them in audiomae/ops_cuda.py). */
@@ -46,6 +47,7 @@ typedef struct {
  * AM_WA_KERNEL_MMA: 16-token windows, float16/bfloat16, head_dim 16, 32 or 64, sm_80+; everything in
  *   registers, mma.sync tensor cores. Chosen where it applies, unless the environment variable
  *   AUDIOMAE_CUDA_WA_KERNEL says smem (it may also say mma, or auto, the default). */
+/* AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP = 1..64 sets windows_per_warp (a tuning knob; unset: automatic). */
 #define AM_WA_KERNEL_SMEM 0
 #define AM_WA_KERNEL_MMA 1
 

@@ -134,6 +134,8 @@ const char* am_error_string(int code) {
     case AM_ERR_KERNEL_CHOICE:
       return "AUDIOMAE_CUDA_WA_KERNEL must be auto, smem or mma, and mma needs 16-token windows, float16 or "
              "bfloat16, head_dim 16, 32 or 64 and an sm_80 or newer GPU";
+    case AM_ERR_WINDOWS_PER_WARP:
+      return "AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP must be an integer from 1 to 64 (or unset)";
     default:
       return cudaGetErrorString(static_cast<cudaError_t>(code));
   }

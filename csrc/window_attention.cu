@@ -542,6 +542,17 @@ int requested_kernel() {
   return -1;
 }
 
+// AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP = n (1..64): every warp takes n consecutive windows (the
+// register kernels in both directions, the shared-memory backward), for tuning sweeps; unset or
+// empty: the plan's own choice (0). Returns -1 for another value.
+int requested_windows_per_warp() {
+  const char* e = std::getenv("AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP");
+  if (e == nullptr || *e == 0) return 0;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  return (*end == 0 && v >= 1 && v <= 64) ? (int)v : -1;
+}
+
 int device_cc_major(int device) {
   int v = 0;
   if (cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
@@ -647,6 +658,7 @@ int make_layout(const Geometry& g, int dtype, bool backward, int64_t smem_limit,
     const int64_t units = (int64_t)g.n_windows * g.H;
     while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
   }
+  if (backward && requested_windows_per_warp() > 0) wpw = requested_windows_per_warp();
   L->windows_per_warp = wpw;
   return AM_OK;
 }
@@ -665,6 +677,7 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
   if (rc != AM_OK) return rc;
   const int want = requested_kernel();
   if (want == -1) return AM_ERR_KERNEL_CHOICE;
+  if (requested_windows_per_warp() < 0) return AM_ERR_WINDOWS_PER_WARP;
   if (want != AM_WA_KERNEL_SMEM && mma_applies(*g, a->dtype, device_cc_major(a->device))) {
     L->warps = kMmaWarps;
     L->wmma = 1;
@@ -678,6 +691,7 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
     const int64_t units = (int64_t)g->n_windows * g->H;
     int wpw = 1;
     while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
+    if (requested_windows_per_warp() > 0) wpw = requested_windows_per_warp();
     L->windows_per_warp = wpw;
     if (p != nullptr) {
       p->blocks_x = (int)(((int64_t)g->n_windows + wpw - 1) / wpw);  // window chunks

@@ -590,6 +590,11 @@ def test_kernel_choice_rules_and_errors(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="auto, smem, mma"):
         choose(16, 32, torch.bfloat16, (9, 0))
+    monkeypatch.delenv(KERNEL_ENV)
+    (qkv, tau, bias), geometry = make_inputs(1, (8, 4), (4, 4), (2, 0), 2, 16)
+    monkeypatch.setenv(ops_cuda.WINDOWS_PER_WARP_ENV, "many")
+    why = ops_cuda._window_attention_cuda_why_not(qkv.bfloat16(), tau, bias, *geometry)
+    assert any("AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP='many'" in w for w in why), why
 
 
 @pytest.mark.parametrize("san", SANITIZERS)
@@ -603,6 +608,14 @@ def test_emulated_register_kernels_accumulate_over_several_windows_per_warp(emul
     plan = _plan(exe, inputs, geometry, torch.bfloat16, env=env)["backward"]
     assert plan["kernel"] == 1 and plan["windows_per_warp"] == 8 and plan["blocks_x"] == 3, plan
     check_emulated(exe, inputs, geometry, torch.bfloat16, env=env)
+    three = {"AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP": "3"}  # the tuning knob: chunks of 3, in both directions
+    plan = _plan(exe, inputs, geometry, torch.bfloat16, env=three)
+    assert plan["forward"]["windows_per_warp"] == plan["backward"]["windows_per_warp"] == 3, plan
+    assert plan["backward"]["blocks_x"] == 6, plan
+    check_emulated(exe, inputs, geometry, torch.bfloat16, env=three)
+    for bad in ("0", "65", "two"):
+        plan = _plan(exe, inputs, geometry, torch.bfloat16, env={"AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP": bad})
+        assert plan["forward"]["rc"] == plan["backward"]["rc"] == -4, plan
     grad_out = torch.randn(3, 96, 32).bfloat16()
     x = [t.bfloat16() for t in inputs]
     first = emulated_window_attention(exe, *x, *geometry, grad_out=grad_out, env=env)
