@@ -196,8 +196,67 @@ def run(ctx: Context) -> None:
             _breakdown(ctx, cfg, batch, label, backend, is_ref)
 
 
+# Device kernels by what they compute, first match wins (names as CUDA libraries, Triton, inductor
+# and this package's kernels spell them).
+KERNEL_CATEGORIES = (
+    ("window attention", r"window_attention|wa_(forward|backward)"),
+    ("encoder attention (SDPA)", r"flash|fmha|attention|sdpa|cudnn.*mha"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|sm\d+_.*(tn|nt|nn|tt)_|ampere_|hopper_|wgmma|_mma_"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("front end (fbank)", r"fbank|fft|stft|mel"),
+    ("step ops (embed, unshuffle, loss)", r"patch_embed|unshuffle|masked_loss|norm_pix|random_masking"),
+    ("norms", r"layer_norm|layernorm|_norm_"),
+    ("fused by inductor", r"^triton_"),
+    ("copies and fills", r"memcpy|memset|copy|fill|cat|index|gather|scatter"),
+    ("elementwise and reductions", r"elementwise|vectorized|reduce|unrolled"),
+)
+
+
+def kernel_category(name: str) -> str:
+    import re
+
+    low = name.lower()
+    for category, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, low):
+            return category
+    return "other"
+
+
+def kernel_summary(kernels: Sequence, steps: int) -> str:
+    """Markdown tables of device kernels ``(name, microseconds)`` over ``steps`` steps: time per step
+    by category, and the 25 kernels that take the most."""
+    per_cat: Dict[str, float] = {}
+    per_name: Dict[str, List[float]] = {}
+    for name, us in kernels:
+        per_cat[kernel_category(name)] = per_cat.get(kernel_category(name), 0.0) + us
+        per_name.setdefault(name, []).append(us)
+    total = sum(per_cat.values()) or 1.0
+    lines = ["| kernels | ms per step | % of kernel time |", "|---|---|---|"]
+    for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {us / steps / 1e3:.3f} | {100 * us / total:.1f} |")
+    lines.append(f"| all | {total / steps / 1e3:.3f} | 100.0 |")
+    lines += ["", "| kernel | category | calls per step | ms per step |", "|---|---|---|---|"]
+    top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    for name, times in top:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short}` | {kernel_category(name)} | {len(times) / steps:g} | {sum(times) / steps / 1e3:.3f} |")
+    return "\n".join(lines)
+
+
+def _device_kernels(prof) -> List:
+    """(name, microseconds) of every device-side event of a torch.profiler run."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) == DeviceType.CUDA:
+            out.append((e.name, e.time_range.elapsed_us()))
+    return out
+
+
 def _profile(step, specs, device, label: str, path: str, steps: int = 2) -> None:
-    """Append the kernels of ``steps`` steps, by total device time, to ``path`` (torch.profiler)."""
+    """Append to ``path`` the device kernels of ``steps`` steps by category and the top kernels, then
+    torch.profiler's operator table (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -207,8 +266,12 @@ def _profile(step, specs, device, label: str, path: str, steps: int = 2) -> None
         synchronize(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    kernels = _device_kernels(prof) if device.type == "cuda" else []
     with open(path, "a") as f:
-        f.write(f"## {label}: {steps} steps\n\n{table}\n\n")
+        f.write(f"## {label}: {steps} steps\n\n")
+        if kernels:
+            f.write(kernel_summary(kernels, steps) + "\n\n")
+        f.write(f"{table}\n\n")
 
 
 def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps,

@@ -302,3 +302,27 @@ def test_best_attention_tiling_from_a_tune_json(tmp_path):
     path.write_text(json.dumps(dict(rows=[rows[2], rows[-1]])))
     with pytest.raises(SystemExit, match="no timed attention rows"):
         run.best_attention_tiling(str(path))
+
+
+def test_profile_kernel_categories_and_summary():
+    from benchmarks import pretrain
+
+    cases = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_TNT": "matmul",
+        "_window_attention_bwd_kernel": "window attention",
+        "void am::wa::wa_backward_mma_kernel<__nv_bfloat16, 32, true>(...)": "window attention",
+        "flash_fwd_kernel": "encoder attention (SDPA)",
+        "triton_poi_fused_gelu_5": "fused by inductor",
+        "void at::native::(anonymous namespace)::fused_adamw_kernel": "optimizer",
+        "_patch_embed_fwd_kernel": "step ops (embed, unshuffle, loss)",
+        "Memcpy HtoD (Pinned -> Device)": "copies and fills",
+        "something new": "other",
+    }
+    for name, category in cases.items():
+        assert pretrain.kernel_category(name) == category, name
+    text = pretrain.kernel_summary([("nvjet_tst_a", 3000.0), ("nvjet_tst_a", 1000.0), ("flash_fwd_kernel", 4000.0)], 2)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1] == "| matmul | 2.000 | 50.0 |" and rows[2] == "| encoder attention (SDPA) | 2.000 | 50.0 |"
+    assert "| all | 4.000 | 100.0 |" in rows
+    assert "| `nvjet_tst_a` | matmul | 1 | 2.000 |" in rows
