@@ -38,7 +38,7 @@ def _median_ms(fn, sets: int) -> float:
     return float(do_bench(call, warmup=25, rep=100, return_mode="median"))
 
 
-def attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
+def attention(batch: int, dtype: torch.dtype, shift=(2, 0), full: bool = False) -> List[Dict]:
     from audiomae.kernels import window_attention as wa
 
     from .aot import captured
@@ -60,9 +60,12 @@ def attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
     elt = qkvs[0].element_size()
     n_tok = batch * T * F
     # rows per program x warps x window groups per program (heads fastest: an H100 sweep of the grid
-    # order found it as fast or faster in every tiling of the forward)
+    # order found it as fast or faster in every tiling of the forward). The default grid leaves out 16
+    # window groups per program (a program that long leaves SMs idle at the end of the grid);
+    # ``full`` sweeps it too.
+    rows_opts, groups_opts = (16, 32, 64), ((1, 4, 16) if full else (1, 4))
     for direction in ("fwd", "bwd"):
-        for bm, nw, gpp in itertools.product((16, 32, 64), (1, 2, 4), (1, 4, 16)):
+        for bm, nw, gpp in itertools.product(rows_opts, (1, 2, 4), groups_opts):
             hf = True
             wa.TUNING.clear()
             wa.TUNING[direction] = dict(block_m=bm, num_warps=nw, heads_fast=hf, groups_per_program=gpp)
@@ -224,6 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("attention", "cuda", "fbank"), action="append")
     ap.add_argument("--batch", type=int, default=256, help="attention batch (default 256)")
     ap.add_argument("--fbank-batch", type=int, default=64)
+    ap.add_argument("--full", action="store_true", help="attention: the whole tiling grid (slower)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune: CUDA is not available; nothing to sweep")
@@ -241,7 +245,7 @@ def main(argv=None) -> int:
                 json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
 
     if "attention" in only:
-        att = attention(args.batch, torch.bfloat16)
+        att = attention(args.batch, torch.bfloat16, full=args.full)
         rows += att
         save()
     if "cuda" in only:

@@ -533,10 +533,11 @@ constexpr int64_t kUnitsPerWaveMma = 32768;  // the same for the register kernel
 
 // Which kernels: AUDIOMAE_CUDA_WA_KERNEL = auto (default: the register kernels where they apply),
 // smem (always the shared-memory kernels) or mma (the register kernels; an error where they do not
-// apply). Returns AM_WA_KERNEL_* or -1 for another value.
+// apply). Returns AM_WA_KERNEL_SMEM or AM_WA_KERNEL_MMA, kAutoKernel, or -1 for another value.
+constexpr int kAutoKernel = -2;
 int requested_kernel() {
   const char* e = std::getenv("AUDIOMAE_CUDA_WA_KERNEL");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return -2;
+  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return kAutoKernel;
   if (std::strcmp(e, "smem") == 0) return AM_WA_KERNEL_SMEM;
   if (std::strcmp(e, "mma") == 0) return AM_WA_KERNEL_MMA;
   return -1;
