@@ -61,8 +61,7 @@ def attention(batch: int, dtype: torch.dtype, shift=(2, 0), full: bool = False) 
     n_tok = batch * T * F
     # rows per program x warps x window groups per program (heads fastest: an H100 sweep of the grid
     # order found it as fast or faster in every tiling of the forward). The default grid leaves out 16
-    # window groups per program (a program that long leaves SMs idle at the end of the grid);
-    # ``full`` sweeps it too.
+    # window groups per program, so that the sweep fits in the GPU suite's time; ``full`` sweeps it.
     rows_opts, groups_opts = (16, 32, 64), ((1, 4, 16) if full else (1, 4))
     for direction in ("fwd", "bwd"):
         for bm, nw, gpp in itertools.product(rows_opts, (1, 2, 4), groups_opts):
