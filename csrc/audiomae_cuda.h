@@ -22,7 +22,8 @@ enum am_status {
   AM_ERR_ARGS = -1,         /* unsupported or inconsistent sizes */
   AM_ERR_SHARED_MEM = -2,   /* the window / head size needs more shared memory than the device has */
   AM_ERR_KERNEL_CHOICE = -3, /* AUDIOMAE_CUDA_WA_KERNEL names no kernel, or one that does not apply */
-  AM_ERR_WINDOWS_PER_WARP = -4 /* AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP is not an integer in 1..64 */
+  AM_ERR_WINDOWS_PER_WARP = -4, /* AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP is not an integer in 1..64 */
+  AM_ERR_PLAN = -5              /* the caller's partial-sum buffers do not match the launch's plan */
 };
 
 /* Limits of the window attention kernels (the Python side repeats them in audiomae/ops_cuda.py). */
@@ -71,10 +72,12 @@ int am_wa_forward(const am_wa_args* args, const void* qkv, const float* tau_c, c
 
 /* grad_qkv (same layout as qkv, every element written), and deterministic partial sums:
  * dtau_partial [blocks_x, heads] holds sum(dlogits * cos) (grad_tau = -sum / tau_c^2 where tau >= 0.01),
- * dbias_partial [blocks_x, heads, A, A] holds sum(dlogits); the caller sums over blocks_x. */
+ * dbias_partial [blocks_x, heads, A, A] holds sum(dlogits); the caller sums over blocks_x.
+ * partial_rows: the rows the caller allocated (blocks_x of its am_wa_make_plan call); AM_ERR_PLAN
+ * when the launch's own plan differs (the environment changed in between). */
 int am_wa_backward(const am_wa_args* args, const void* qkv, const void* grad_out, const float* tau_c,
                    const float* bias, void* grad_qkv, float* dtau_partial, float* dbias_partial,
-                   void* stream);
+                   int partial_rows, void* stream);
 
 /* Unstructured random masking in one launch, one block per sample. Per sample the sort keys are
  * (noise, index) pairs: noise[b, l] (float32, any strides) when `noise` is not NULL, else the first

@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   at::Tensor dbias = output({plan.blocks_x, heads, area, area}, f32, poison);
   check_status(am_wa_backward(&a, qkv.data_ptr(), grad_out.data_ptr(), tau_c.data_ptr<float>(),
                               bias.data_ptr<float>(), grad_qkv.data_ptr(), dtau.data_ptr<float>(),
-                              dbias.data_ptr<float>(), as_stream(stream)),
+                              dbias.data_ptr<float>(), plan.blocks_x, as_stream(stream)),
                "window attention backward");
   return {grad_qkv, dtau, dbias};
 }

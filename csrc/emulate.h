@@ -88,6 +88,14 @@ inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute attr, int value) {
   emu::g_granted_smem.store(value);
   return cudaSuccess;
 }
+struct cudaFuncAttributes {
+  int binaryVersion, ptxVersion;
+};
+template <typename K>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K) {
+  attr->binaryVersion = attr->ptxVersion = (int)emu::env_long("AM_EMULATE_BINARY_VERSION", 90);
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return emu::g_last_error.exchange(0); }
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {

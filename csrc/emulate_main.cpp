@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
       Buffer dbias((size_t)p.blocks_x * a.heads * area * area * 4);
       rc = am_wa_backward(&a, qkv.p, gout.p, reinterpret_cast<const float*>(tau.p),
                           reinterpret_cast<const float*>(bias.p), dqkv.p, reinterpret_cast<float*>(dtau.p),
-                          reinterpret_cast<float*>(dbias.p), nullptr);
+                          reinterpret_cast<float*>(dbias.p), p.blocks_x + (int)arg("rows_off_by", 0, false), nullptr);
       write_file("grad_qkv.bin", dqkv);
       write_file("dtau_partial.bin", dtau);
       write_file("dbias_partial.bin", dbias);

@@ -136,6 +136,9 @@ const char* am_error_string(int code) {
              "bfloat16, head_dim 16, 32 or 64 and an sm_80 or newer GPU";
     case AM_ERR_WINDOWS_PER_WARP:
       return "AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP must be an integer from 1 to 64 (or unset)";
+    case AM_ERR_PLAN:
+      return "the partial-sum buffers were sized for another launch plan (did AUDIOMAE_CUDA_WA_KERNEL or "
+             "AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP change during the call?)";
     default:
       return cudaGetErrorString(static_cast<cudaError_t>(code));
   }

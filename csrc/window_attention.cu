@@ -568,6 +568,8 @@ bool mma_applies(const Geometry& g, int dtype, int cc_major) {
   return dtype != AM_FLOAT32 && g.A == 16 && (g.D == 16 || g.D == 32 || g.D == 64) && cc_major >= 8;
 }
 
+bool mma_compiled(int device);  // below the kernels
+
 int make_geometry(const am_wa_args* a, Geometry* g) {
   if (a == nullptr || a->dtype < AM_FLOAT32 || a->dtype > AM_BFLOAT16) return AM_ERR_ARGS;
   if (a->batch < 0 || a->grid_t < 1 || a->grid_f < 1 || a->win_t < 1 || a->win_f < 1 || a->heads < 1 ||
@@ -679,7 +681,7 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
   const int want = requested_kernel();
   if (want == -1) return AM_ERR_KERNEL_CHOICE;
   if (requested_windows_per_warp() < 0) return AM_ERR_WINDOWS_PER_WARP;
-  if (want != AM_WA_KERNEL_SMEM && mma_applies(*g, a->dtype, device_cc_major(a->device))) {
+  if (want != AM_WA_KERNEL_SMEM && mma_applies(*g, a->dtype, device_cc_major(a->device)) && mma_compiled(a->device)) {
     L->warps = kMmaWarps;
     L->wmma = 1;
     L->block_bytes = 0;
@@ -694,8 +696,10 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
     while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
     if (requested_windows_per_warp() > 0) wpw = requested_windows_per_warp();
     L->windows_per_warp = wpw;
+    const int64_t chunks = ((int64_t)g->n_windows + wpw - 1) / wpw;
+    if ((chunks * g->H + kMmaWarps - 1) / kMmaWarps > INT32_MAX) return AM_ERR_ARGS;  // the grid's x limit
     if (p != nullptr) {
-      p->blocks_x = (int)(((int64_t)g->n_windows + wpw - 1) / wpw);  // window chunks
+      p->blocks_x = (int)chunks;  // window chunks
       p->warps = kMmaWarps;
       p->windows_per_warp = wpw;
       p->wmma = 1;
@@ -778,6 +782,18 @@ bool rows_vec_aligned(const void* ptr, int64_t stride_b, int64_t stride_l, const
   const int64_t bytes = g.D / 2 < 16 ? g.D / 2 : 16, elems = bytes / 2;
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0 && stride_b % elems == 0 && stride_l % elems == 0 &&
          g.C % elems == 0 && g.D % elems == 0;
+}
+
+// Whether this binary's register kernels run as sm_80+ code on `device`: a build for older
+// architectures only (e.g. 7.5 with PTX), run on a newer GPU, would reach their trap instead.
+bool mma_compiled(int device) {
+  DeviceGuard guard(device);
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, wa_forward_mma_kernel<__nv_bfloat16, 32, true>) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.binaryVersion >= 80 && attr.ptxVersion >= 80;
 }
 
 // The register kernels' grid: one warp per (window chunk, head).
@@ -872,13 +888,16 @@ int am_wa_forward(const am_wa_args* args, const void* qkv, const float* tau_c, c
 }
 
 int am_wa_backward(const am_wa_args* args, const void* qkv, const void* grad_out, const float* tau_c,
-                   const float* bias, void* grad_qkv, float* dtau_partial, float* dbias_partial, void* stream) {
+                   const float* bias, void* grad_qkv, float* dtau_partial, float* dbias_partial, int partial_rows,
+                   void* stream) {
   using namespace am::wa;
   Geometry g;
   Layout L;
   am_wa_plan p;
   int rc = plan(args, true, &g, &L, &p);
-  if (rc != AM_OK || g.n_windows == 0) return rc;
+  if (rc != AM_OK) return rc;
+  if (p.blocks_x != partial_rows) return AM_ERR_PLAN;
+  if (g.n_windows == 0) return AM_OK;
   am::DeviceGuard guard(args->device);
   if (p.kernel == AM_WA_KERNEL_MMA) {
     const bool aligned = rows_vec_aligned(qkv, g.qkv_sb, g.qkv_sl, g) && rows_vec_aligned(grad_out, g.out_sb, g.out_sl, g) &&

@@ -153,6 +153,17 @@ struct alignas(N >= 4 ? 16 : 4 * N) Words {
   uint32_t w[N];
 };
 
+// A vector access on a GPU faults unless aligned to its size; x86 does not care, so the emulation
+// checks (the host's rows_vec_aligned decides which accesses are vectors).
+__device__ __forceinline__ void check_vec_aligned(const void* p, size_t bytes) {
+#ifdef AUDIOMAE_EMULATE
+  if (reinterpret_cast<uintptr_t>(p) % bytes) emu::fail("misaligned vector access");
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // Rows g and g + 8 (starting at r0 and r1) of a [16, D] matrix, as D / 16 tiles.
 template <typename T, int D, bool kVec>
 __device__ __forceinline__ void load_rows_frag(Tile16 (&x)[D / 16], const T* r0, const T* r1, int t) {
@@ -162,6 +173,7 @@ __device__ __forceinline__ void load_rows_frag(Tile16 (&x)[D / 16], const T* r0,
   for (int hr = 0; hr < 2; ++hr) {
     Words<P> v;
     if constexpr (kVec) {
+      check_vec_aligned(rows[hr], alignof(Words<P>));
       v = *reinterpret_cast<const Words<P>*>(rows[hr]);
     } else {
 #pragma unroll
@@ -184,6 +196,7 @@ __device__ __forceinline__ void store_rows_acc(T* r0, T* r1, const Acc16 (&x)[D 
 #pragma unroll
     for (int j = 0; j < P; ++j) v.w[j] = pack2<T>(x[j >> 1].v[j & 1][2 * hr], x[j >> 1].v[j & 1][2 * hr + 1]);
     if constexpr (kVec) {
+      check_vec_aligned(rows[hr], alignof(Words<P>));
       *reinterpret_cast<Words<P>*>(rows[hr]) = v;
     } else {
 #pragma unroll

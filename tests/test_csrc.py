@@ -555,6 +555,8 @@ def test_emulated_kernel_choice(emulators):
     assert kernels(*decoder, torch.float16, env=MMA) == {"forward": 1, "backward": 1}
     assert kernels(*decoder, torch.bfloat16, env=SMEM) == {"forward": 0, "backward": 0}
     assert kernels(*decoder, torch.bfloat16, env={"AM_EMULATE_CC_MAJOR": "7"}) == {"forward": 0, "backward": 0}
+    # a build whose code for this GPU is older than sm_80 (PTX of 7.5, say) keeps to the shared-memory kernels
+    assert kernels(*decoder, torch.bfloat16, env={"AM_EMULATE_BINARY_VERSION": "75"}) == {"forward": 0, "backward": 0}
     assert kernels(*decoder, torch.float32) == {"forward": 0, "backward": 0}
     for other in (make_inputs(1, (12, 6), (4, 3), (2, 1), 2, 32), make_inputs(1, (8, 4), (4, 4), (2, 2), 1, 128)):
         assert kernels(*other, torch.bfloat16) == {"forward": 0, "backward": 0}
@@ -622,6 +624,21 @@ def test_emulated_register_kernels_accumulate_over_several_windows_per_warp(emul
     second = emulated_window_attention(exe, *x, *geometry, grad_out=grad_out, env=env)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_emulated_backward_refuses_buffers_of_another_plan(emulators):
+    """The backward re-plans at launch; partial-sum buffers sized by a different plan (the environment
+    changed in between) are an error, not an out-of-bounds write."""
+    exe = _emulator(emulators, "address")
+    (qkv, tau, bias), geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32)
+    files = {"qkv.bin": _raw(qkv.bfloat16()), "grad_out.bin": _raw(torch.randn(2, 128, 64).bfloat16()),
+             "tau_c.bin": _raw(tau.float()), "bias.bin": _raw(bias.float())}
+    args = dict(_wa_args(qkv.bfloat16(), *geometry[:3], geometry[3]), op="wa_bwd", out_stride_b=128 * 64,
+                out_stride_l=64, dqkv_stride_b=128 * 192, dqkv_stride_l=192, dqkv_elems=2 * 128 * 192)
+    stdout, _ = emulate(exe, dict(args, rows_off_by=1), files)
+    assert "rc=-5 " in stdout, stdout
+    stdout, _ = emulate(exe, args, files)
+    assert "rc=0 " in stdout, stdout
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -885,6 +902,23 @@ def test_gpu_register_kernels_match_reference(ext, poison, no_tf32, monkeypatch,
         assert _gpu_plan(ext, inputs, geometry, DTYPES[dtype])[5] == 1
     grad_out = torch.randn(batch, inputs[0].shape[1], inputs[0].shape[2] // 3, dtype=torch.float64, device="cuda")
     check_errors(gpu_run(inputs, geometry, grad_out, DTYPES[dtype]), inputs, geometry, grad_out, DTYPES[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_register_kernels_element_accesses(ext, poison, no_tf32, monkeypatch, dtype):
+    """qkv at an odd element offset into a wider tensor: the register kernels' element-by-element path
+    (rows not aligned for vector accesses) on the hardware."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    (qkv, tau, bias), geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32, device="cuda")
+    wide = torch.randn(2, 128, qkv.shape[-1] + 1, dtype=torch.float64, device="cuda")
+    wide[..., 1:] = qkv
+    grad_out = torch.randn(2, 128, 64, dtype=torch.float64, device="cuda")
+    x = [wide.to(DTYPES[dtype])[..., 1:].requires_grad_(), tau.to(DTYPES[dtype]).requires_grad_(),
+         bias.to(DTYPES[dtype]).requires_grad_()]
+    out = ops_cuda.window_attention_cuda(*x, *geometry)
+    grads = torch.autograd.grad(out, x, grad_out.to(DTYPES[dtype]))
+    check_errors([out.detach(), *grads], (qkv, tau, bias), geometry, grad_out, DTYPES[dtype])
 
 
 @pytest.mark.gpu
