@@ -315,6 +315,53 @@ __device__ __forceinline__ void normalize_grad(Acc16 (&dn)[D / 16], const Tile16
       }
 }
 
+// A warp's work: head h and the windows [first, last) of its chunk, and what it sets up once for
+// them. False for the warps past the last (chunk, head) of the grid.
+struct WarpTask {
+  int chunk, h, first, last;
+  LanePos pos;
+  float bias[2][4];
+  float inv_tau;
+};
+
+__device__ __forceinline__ bool warp_task(const Geometry& g, const float* tau_c, const float* bias,
+                                          int windows_per_warp, int chunks, WarpTask& w) {
+  const int64_t slot = (int64_t)blockIdx.x * kMmaWarps + (threadIdx.x >> 5);
+  if (slot >= (int64_t)chunks * g.H) return false;
+  const int lane = threadIdx.x & 31;
+  w.chunk = (int)(slot / g.H);
+  w.h = (int)(slot - (int64_t)w.chunk * g.H);
+  w.first = w.chunk * windows_per_warp;
+  w.last = imin(w.first + windows_per_warp, g.n_windows);
+  lane_positions(g, lane, w.pos);
+  load_bias(w.bias, bias + (size_t)w.h * 256, lane);
+  w.inv_tau = 1.0f / tau_c[w.h];
+  return true;
+}
+
+// One window and head up to the probabilities: q and k normalised (float32 norms, rounded to T),
+// their cosines and the softmax of the logits.
+template <int D>
+struct Scores {
+  Tile16 qn[D / 16], kn[D / 16];
+  float qsq[2], qinv[2], ksq[2], kinv[2];
+  Acc16 cosine, p;
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void window_scores(Scores<D>& sc, const Tile16 (&q)[D / 16], const Tile16 (&k)[D / 16],
+                                              const WarpTask& w, const LaneWindow& lw) {
+  row_norms<T, D>(q, sc.qsq, sc.qinv);
+  normalized<T, D>(sc.qn, q, sc.qinv);
+  row_norms<T, D>(k, sc.ksq, sc.kinv);
+  normalized<T, D>(sc.kn, k, sc.kinv);
+  zero(sc.cosine);
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) mma_abt<T>(sc.cosine, sc.qn[c], sc.kn[c]);
+  logits(sc.p, sc.cosine, w.inv_tau, w.bias, lw);
+  softmax_rows(sc.p);
+}
+
 template <typename T, int D, bool kVec>
 __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T* __restrict__ qkv,
                                                                         const float* __restrict__ tau_c,
@@ -322,45 +369,23 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T*
                                                                         T* __restrict__ out, Geometry g,
                                                                         int windows_per_warp, int chunks) {
   constexpr int NC = D / 16;
-  const int lane = threadIdx.x & 31, t = lane & 3;
-  const int64_t slot = (int64_t)blockIdx.x * kMmaWarps + (threadIdx.x >> 5);
-  if (slot >= (int64_t)chunks * g.H) return;  // the whole warp; no barrier follows
-  const int chunk = (int)(slot / g.H), h = (int)(slot - (int64_t)chunk * g.H);
-  LanePos pos;
-  lane_positions(g, lane, pos);
-  float bh[2][4];
-  load_bias(bh, bias + (size_t)h * 256, lane);
-  const float inv_tau = 1.0f / tau_c[h];
-  const int C = g.C;
-
-  const int first = chunk * windows_per_warp;
-  const int last = imin(first + windows_per_warp, g.n_windows);
-  WindowCursor cur(g, first);
-  for (int w = first; w < last; ++w, cur.next(g)) {
+  WarpTask w;
+  if (!warp_task(g, tau_c, bias, windows_per_warp, chunks, w)) return;  // the whole warp; no barrier follows
+  const int t = threadIdx.x & 3, C = g.C;
+  WindowCursor cur(g, w.first);
+  for (int win = w.first; win < w.last; ++win, cur.next(g)) {
     LaneWindow lw;
-    lane_window(g, pos, cur, lw);
-    const T* src = qkv + (int64_t)cur.b * g.qkv_sb + (int64_t)h * D;
+    lane_window(g, w.pos, cur, lw);
+    const T* src = qkv + (int64_t)cur.b * g.qkv_sb + (int64_t)w.h * D;
     const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
     const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
     Tile16 q[NC], k[NC], v[NC];
     load_rows_frag<T, D, kVec>(q, r0, r1, t);
     load_rows_frag<T, D, kVec>(k, r0 + C, r1 + C, t);
     load_rows_frag<T, D, kVec>(v, r0 + 2 * C, r1 + 2 * C, t);
-
-    float sq[2], inv[2];
-    row_norms<T, D>(q, sq, inv);
-    normalized<T, D>(q, q, inv);
-    row_norms<T, D>(k, sq, inv);
-    normalized<T, D>(k, k, inv);
-
-    Acc16 cosine;
-    zero(cosine);
-#pragma unroll
-    for (int c = 0; c < NC; ++c) mma_abt<T>(cosine, q[c], k[c]);
-    Acc16 s;
-    logits(s, cosine, inv_tau, bh, lw);
-    softmax_rows(s);
-    const Tile16 p = to_tile<T>(s);
+    Scores<D> sc;
+    window_scores<T, D>(sc, q, k, w, lw);
+    const Tile16 p = to_tile<T>(sc.p);
 
     Acc16 o[NC];
 #pragma unroll
@@ -368,7 +393,7 @@ __global__ void __launch_bounds__(32 * kMmaWarps) wa_forward_mma_kernel(const T*
       zero(o[c]);
       mma_abt<T>(o[c], p, transpose16(v[c]));
     }
-    T* dst = out + (int64_t)cur.b * g.out_sb + (int64_t)h * D;
+    T* dst = out + (int64_t)cur.b * g.out_sb + (int64_t)w.h * D;
     store_rows_acc<T, D, kVec>(dst + (int64_t)lw.tok[0] * g.out_sl, dst + (int64_t)lw.tok[1] * g.out_sl, o, t);
   }
 }
@@ -379,54 +404,33 @@ __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? kBackwardMinBlocks :
     const float* __restrict__ bias, T* __restrict__ dqkv, float* __restrict__ dtau_part,
     float* __restrict__ dbias_part, Geometry g, int windows_per_warp, int chunks) {
   constexpr int NC = D / 16;
-  const int lane = threadIdx.x & 31, t = lane & 3, gq = lane >> 2;
-  const int64_t slot = (int64_t)blockIdx.x * kMmaWarps + (threadIdx.x >> 5);
-  if (slot >= (int64_t)chunks * g.H) return;  // the whole warp; no barrier follows
-  const int chunk = (int)(slot / g.H), h = (int)(slot - (int64_t)chunk * g.H);
-  LanePos pos;
-  lane_positions(g, lane, pos);
-  float bh[2][4];
-  load_bias(bh, bias + (size_t)h * 256, lane);
-  const float inv_tau = 1.0f / tau_c[h];
-  const int C = g.C;
-
+  WarpTask w;
+  if (!warp_task(g, tau_c, bias, windows_per_warp, chunks, w)) return;  // the whole warp; no barrier follows
+  const int lane = threadIdx.x & 31, t = lane & 3, gq = lane >> 2, C = g.C;
   Acc16 dbias;
   zero(dbias);
   float dtau = 0.f;
-  const int first = chunk * windows_per_warp;
-  const int last = imin(first + windows_per_warp, g.n_windows);
-  WindowCursor cur(g, first);
-  for (int w = first; w < last; ++w, cur.next(g)) {
+  WindowCursor cur(g, w.first);
+  for (int win = w.first; win < w.last; ++win, cur.next(g)) {
     LaneWindow lw;
-    lane_window(g, pos, cur, lw);
-    const T* src = qkv + (int64_t)cur.b * g.qkv_sb + (int64_t)h * D;
+    lane_window(g, w.pos, cur, lw);
+    const T* src = qkv + (int64_t)cur.b * g.qkv_sb + (int64_t)w.h * D;
     const T* r0 = src + (int64_t)lw.tok[0] * g.qkv_sl;
     const T* r1 = src + (int64_t)lw.tok[1] * g.qkv_sl;
-    const T* go = gout + (int64_t)cur.b * g.out_sb + (int64_t)h * D;
+    const T* go = gout + (int64_t)cur.b * g.out_sb + (int64_t)w.h * D;
     Tile16 q[NC], k[NC], v[NC], dout[NC];
     load_rows_frag<T, D, kVec>(q, r0, r1, t);
     load_rows_frag<T, D, kVec>(k, r0 + C, r1 + C, t);
     load_rows_frag<T, D, kVec>(v, r0 + 2 * C, r1 + 2 * C, t);
     load_rows_frag<T, D, kVec>(dout, go + (int64_t)lw.tok[0] * g.out_sl, go + (int64_t)lw.tok[1] * g.out_sl, t);
 
-    float qsq[2], qinv[2], ksq[2], kinv[2];
-    row_norms<T, D>(q, qsq, qinv);
-    row_norms<T, D>(k, ksq, kinv);
-    Tile16 qn[NC], kn[NC];
-    normalized<T, D>(qn, q, qinv);
-    normalized<T, D>(kn, k, kinv);
-
-    Acc16 cosine, dp;
-    zero(cosine);
+    Scores<D> sc;
+    window_scores<T, D>(sc, q, k, w, lw);
+    const Acc16& p = sc.p;
+    Acc16 dp;  // dP = dO V^T
     zero(dp);
 #pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      mma_abt<T>(cosine, qn[c], kn[c]);   // cos = Qn Kn^T
-      mma_abt<T>(dp, dout[c], v[c]);      // dP = dO V^T
-    }
-    Acc16 p;
-    logits(p, cosine, inv_tau, bh, lw);
-    softmax_rows(p);
+    for (int c = 0; c < NC; ++c) mma_abt<T>(dp, dout[c], v[c]);
 
     // ds = p (dp - sum_j p dp); dtau += ds cos; dbias += ds; dCos = ds / tau_c
     Acc16 dc;
@@ -444,14 +448,14 @@ __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? kBackwardMinBlocks :
         for (int e = 0; e < 2; ++e) {
           const int i = 2 * hr + e;
           const float ds = p.v[nt][i] * (dp.v[nt][i] - dot);
-          dtau = fmaf(ds, cosine.v[nt][i], dtau);
+          dtau = fmaf(ds, sc.cosine.v[nt][i], dtau);
           dbias.v[nt][i] += ds;
-          dc.v[nt][i] = ds * inv_tau;
+          dc.v[nt][i] = ds * w.inv_tau;
         }
     }
     const Tile16 pt = to_tile<T>(p), dct = to_tile<T>(dc);
 
-    T* dst = dqkv + (int64_t)cur.b * g.dq_sb + (int64_t)h * D;
+    T* dst = dqkv + (int64_t)cur.b * g.dq_sb + (int64_t)w.h * D;
     T* w0 = dst + (int64_t)lw.tok[0] * g.dq_sl;
     T* w1 = dst + (int64_t)lw.tok[1] * g.dq_sl;
     Acc16 acc[NC];
@@ -467,29 +471,29 @@ __global__ void __launch_bounds__(32 * kMmaWarps, D <= 32 ? kBackwardMinBlocks :
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
       zero(acc[c]);
-      mma_abt<T>(acc[c], dct, transpose16(kn[c]));
+      mma_abt<T>(acc[c], dct, transpose16(sc.kn[c]));
     }
-    normalize_grad<T, D>(acc, q, qsq, qinv);
+    normalize_grad<T, D>(acc, q, sc.qsq, sc.qinv);
     store_rows_acc<T, D, kVec>(w0, w1, acc, t);
     // dKn = dCos^T Qn, then through the normalisation of k
     const Tile16 dctt = transpose16(dct);
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
       zero(acc[c]);
-      mma_abt<T>(acc[c], dctt, transpose16(qn[c]));
+      mma_abt<T>(acc[c], dctt, transpose16(sc.qn[c]));
     }
-    normalize_grad<T, D>(acc, k, ksq, kinv);
+    normalize_grad<T, D>(acc, k, sc.ksq, sc.kinv);
     store_rows_acc<T, D, kVec>(w0 + C, w1 + C, acc, t);
   }
 
   // partial row `chunk`: each (i, j) of the bias gradient belongs to exactly one lane
-  float* db = dbias_part + ((size_t)chunk * g.H + h) * 256;
+  float* db = dbias_part + ((size_t)w.chunk * g.H + w.h) * 256;
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) db[(gq + 8 * (i >> 1)) * 16 + 8 * nt + 2 * t + (i & 1)] = dbias.v[nt][i];
   dtau = group_sum(dtau, 32);
-  if (lane == 0) dtau_part[(size_t)chunk * g.H + h] = dtau;
+  if (lane == 0) dtau_part[(size_t)w.chunk * g.H + w.h] = dtau;
 }
 
 }  // namespace wa
