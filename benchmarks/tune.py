@@ -38,20 +38,30 @@ def _median_ms(fn, sets: int) -> float:
     return float(do_bench(call, warmup=25, rep=100, return_mode="median"))
 
 
+# the paper's decoder layer: 64 x 8 tokens, 4 x 4 windows, 16 heads of 32
+H, D, T, F, WINDOW = 16, 32, 64, 8, (4, 4)
+C, A = H * D, WINDOW[0] * WINDOW[1]
+SETS = 3  # input sets in rotation
+
+
+def _attention_inputs(batch: int, dtype: torch.dtype):
+    """SETS (qkv, grad_out) pairs on the GPU, and tau (above its clamp) and the bias, in ``dtype``."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkvs = [torch.randn(batch, T * F, 3 * C, device="cuda", dtype=dtype, generator=gen) for _ in range(SETS)]
+    gouts = [torch.randn(batch, T * F, C, device="cuda", dtype=dtype, generator=gen) for _ in range(SETS)]
+    tau = (torch.rand(H, device="cuda", generator=gen) * 0.2 + 0.02).to(dtype)
+    bias = (torch.randn(H, A, A, device="cuda", generator=gen) * 2).to(dtype)
+    return qkvs, gouts, tau, bias
+
+
 def attention(batch: int, dtype: torch.dtype, shift=(2, 0), full: bool = False) -> List[Dict]:
     from audiomae.kernels import window_attention as wa
 
     from .aot import captured
 
-    H, D, T, F, win = 16, 32, 64, 8, (4, 4)
-    C, A = H * D, win[0] * win[1]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    sets = 3
-    qkvs = [torch.randn(batch, T * F, 3 * C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
-    gouts = [torch.randn(batch, T * F, C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
-    tau = (torch.rand(H, device="cuda", generator=gen) * 0.2 + 0.02).to(dtype)
-    bias = (torch.randn(H, A, A, device="cuda", generator=gen) * 2).to(dtype)
-    args = ([T, F], list(win), list(shift), H)
+    qkvs, gouts, tau, bias = _attention_inputs(batch, dtype)
+    sets = SETS
+    args = ([T, F], list(WINDOW), list(shift), H)
     fwd_op, bwd_op = torch.ops.audiomae.window_attention_fwd, torch.ops.audiomae.window_attention_bwd
     wa.TUNING.clear()
     want_o = fwd_op(qkvs[0], tau, bias, *args).float()
@@ -112,15 +122,9 @@ def cuda_attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
         print("tune: the CUDA extension cannot be used here: " + "; ".join(why), flush=True)
         return []
     ext = cuda_ext.load()
-    H, D, T, F, win = 16, 32, 64, 8, (4, 4)
-    C, A = H * D, win[0] * win[1]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    sets = 3
-    qkvs = [torch.randn(batch, T * F, 3 * C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
-    gouts = [torch.randn(batch, T * F, C, device="cuda", dtype=dtype, generator=gen) for _ in range(sets)]
-    tau = (torch.rand(H, device="cuda", generator=gen) * 0.2 + 0.02).to(dtype)  # above the clamp
-    bias = (torch.randn(H, A, A, device="cuda", generator=gen) * 2).to(dtype)
-    geometry = ([T, F], list(win), list(shift), H)
+    qkvs, gouts, tau, bias = _attention_inputs(batch, dtype)
+    sets = SETS
+    geometry = ([T, F], list(WINDOW), list(shift), H)
     fwd_op, bwd_op = torch.ops.audiomae.window_attention_fwd, torch.ops.audiomae.window_attention_bwd
     want_o = fwd_op(qkvs[0], tau, bias, *geometry).float()
     want_g = bwd_op(gouts[0], qkvs[0], tau, bias, *geometry)[0].float()
