@@ -66,6 +66,12 @@ class Variant:
 VARIANTS: Dict[str, Variant] = {}
 
 
+def selects(selected: Sequence[str], name: str) -> bool:
+    """Whether ``--variants`` picks the variant ``name``: one of its entries is the name or a part of it
+    (case-insensitive), so that ``cuda`` picks both CUDA rows and no entry needs quotes."""
+    return any(s.strip() and s.strip().lower() in name.lower() for s in selected)
+
+
 def variant(name: str, available: Optional[Callable[[torch.device], Optional[str]]] = None,
             reference: bool = False):
     """Register ``fn`` as window-attention variant ``name`` (decorator)."""
@@ -387,7 +393,7 @@ def run(ctx: Context) -> None:
             variants.append(v)
     selected = ctx.options.get("attention_variants")
     if selected:
-        variants = [v for v in variants if v.name in selected or v.reference]
+        variants = [v for v in variants if v.reference or selects(selected, v.name)]
     targs = ctx.timing_args()
     skipped = 0
     for dtype in dtypes:

@@ -57,8 +57,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="comma-separated batch sizes (default 32,64,128,256 on CUDA; 1,2,4,8 on the CPU)")
     p.add_argument("--attention-dtypes", default=None, help="comma-separated from fp32,bf16,fp16 "
                                                               "(default bf16,fp16 on CUDA; fp32,bf16 on the CPU)")
-    p.add_argument("--variants", default=None, help="comma-separated attention variant names (default all; the "
-                                                     "reference always runs)")
+    p.add_argument("--variants", default=None, help="comma-separated attention variant names or parts of them, "
+                                                     "e.g. triton,cuda (default all; the reference always runs)")
     p.add_argument("--fbank-batch", type=int, default=None, help="clips per fbank call (default 64 on CUDA)")
     p.add_argument("--step-batch", type=int, default=None, help="batch of the step-op benchmarks (default 64 on CUDA)")
     p.add_argument("--tuning", metavar="TUNE_JSON", default=None,

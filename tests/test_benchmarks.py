@@ -326,3 +326,10 @@ def test_profile_kernel_categories_and_summary():
     assert rows[1] == "| matmul | 2.000 | 50.0 |" and rows[2] == "| encoder attention (SDPA) | 2.000 | 50.0 |"
     assert "| all | 4.000 | 100.0 |" in rows
     assert "| `nvjet_tst_a` | matmul | 1 | 2.000 |" in rows
+
+
+def test_variant_selection_by_name_or_part():
+    assert attention.selects(["triton", "cuda"], "cuda mma (audiomae)")
+    assert attention.selects(["Triton (audiomae)"], "triton (audiomae)")
+    assert not attention.selects(["cuda"], "triton (audiomae)")
+    assert not attention.selects(["", " "], "sdpa")
