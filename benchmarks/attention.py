@@ -24,7 +24,6 @@ qkv (3u) and grad_out (u) and writes grad_qkv (3u): 11u in all.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 from audiomae import dispatch, ops
 from audiomae.reference import shift_mask, window_attention_reference
 
-from .harness import (Context, Result, close_enough, dtype_name, error_note, free_memory, plot_sweep, rotation_count,
-                      time_fn)
+from .harness import (Context, Result, close_enough, dtype_name, environ, error_note, free_memory, plot_sweep,
+                      rotation_count, time_fn)
 
 SECTION = "attention"
 GRID = (64, 8)
@@ -240,20 +239,11 @@ def ours_triton(qkv, tau, bias, grid, window, shift, num_heads):
         return ops.window_attention(qkv, tau, bias, grid, window, shift, num_heads)
 
 
-@contextlib.contextmanager
 def _cuda_kernels(kind: str):
     """Runs the CUDA op's ``kind`` kernels (``AUDIOMAE_CUDA_WA_KERNEL``, read at each launch)."""
     from audiomae import ops_cuda
 
-    before = os.environ.get(ops_cuda.KERNEL_ENV)
-    os.environ[ops_cuda.KERNEL_ENV] = kind
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ops_cuda.KERNEL_ENV, None)
-        else:
-            os.environ[ops_cuda.KERNEL_ENV] = before
+    return environ(**{ops_cuda.KERNEL_ENV: kind})
 
 
 class _CudaKernels(torch.autograd.Function):

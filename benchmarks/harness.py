@@ -15,6 +15,7 @@ the row's (above 1: faster than the reference) among rows with the same section 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -31,6 +32,25 @@ import torch
 # ----------------------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def environ(**values: Optional[str]):
+    """Environment variables set (a string) or unset (None) inside the block, restored after it."""
+    before = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -25,6 +25,8 @@ from typing import Dict, List
 
 import torch
 
+from .harness import environ
+
 
 def _median_ms(fn, sets: int) -> float:
     from triton.testing import do_bench
@@ -132,20 +134,15 @@ def cuda_attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
     stream = torch.cuda.current_stream().cuda_stream
     elt = qkvs[0].element_size()
     n_tok = batch * T * F
-    saved = {k: os.environ.get(k) for k in (ops_cuda.KERNEL_ENV, ops_cuda.WINDOWS_PER_WARP_ENV)}
     rows = []
-    try:
-        for kind, direction, wpw in itertools.product(("mma", "smem"), ("fwd", "bwd"), (0, 1, 2, 4, 8, 16)):
-            if kind == "smem" and direction == "fwd" and wpw:
-                continue  # the shared-memory forward takes one window per warp
-            os.environ[ops_cuda.KERNEL_ENV] = kind
-            if wpw:
-                os.environ[ops_cuda.WINDOWS_PER_WARP_ENV] = str(wpw)
-            else:
-                os.environ.pop(ops_cuda.WINDOWS_PER_WARP_ENV, None)
-            row = dict(kernel="cuda attention", set=kind, direction=direction, dtype=str(dtype).split(".")[-1],
-                       batch=batch, shift=list(shift), automatic=not wpw)
-            try:
+    for kind, direction, wpw in itertools.product(("mma", "smem"), ("fwd", "bwd"), (0, 1, 2, 4, 8, 16)):
+        if kind == "smem" and direction == "fwd" and wpw:
+            continue  # the shared-memory forward takes one window per warp
+        row = dict(kernel="cuda attention", set=kind, direction=direction, dtype=str(dtype).split(".")[-1],
+                   batch=batch, shift=list(shift), automatic=not wpw)
+        env = {ops_cuda.KERNEL_ENV: kind, ops_cuda.WINDOWS_PER_WARP_ENV: str(wpw) if wpw else None}
+        try:
+            with environ(**env):
                 row["windows_per_warp"] = ext.window_attention_plan(qkvs[0], tau_c, bias, *geometry,
                                                                     direction == "bwd")[2]
                 if direction == "fwd":
@@ -158,17 +155,11 @@ def cuda_attention(batch: int, dtype: torch.dtype, shift=(2, 0)) -> List[Dict]:
                     err = (call(0)[0].float() - want_g).abs().max().item()
                     nbytes = n_tok * 7 * C * elt
                 ms = _median_ms(call, sets)
-                row.update(max_diff_vs_triton=err, ms=ms, gbps=nbytes / ms / 1e6)
-            except Exception as e:
-                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            row.update(max_diff_vs_triton=err, ms=ms, gbps=nbytes / ms / 1e6)
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 

@@ -333,3 +333,15 @@ def test_variant_selection_by_name_or_part():
     assert attention.selects(["Triton (audiomae)"], "triton (audiomae)")
     assert not attention.selects(["cuda"], "triton (audiomae)")
     assert not attention.selects(["", " "], "sdpa")
+
+
+def test_environ_sets_unsets_and_restores(monkeypatch):
+    from benchmarks.harness import environ
+
+    monkeypatch.setenv("AUDIOMAE_TEST_A", "before")
+    monkeypatch.delenv("AUDIOMAE_TEST_B", raising=False)
+    with pytest.raises(RuntimeError):
+        with environ(AUDIOMAE_TEST_A=None, AUDIOMAE_TEST_B="inside"):
+            assert "AUDIOMAE_TEST_A" not in os.environ and os.environ["AUDIOMAE_TEST_B"] == "inside"
+            raise RuntimeError
+    assert os.environ["AUDIOMAE_TEST_A"] == "before" and "AUDIOMAE_TEST_B" not in os.environ
