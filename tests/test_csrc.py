@@ -500,6 +500,80 @@ def emulated_window_attention(exe, qkv, tau, bias, grid, window, shift, heads, g
     return (grad_qkv, *ops_cuda.window_attention_finish_backward(tau, bias, dtau, dbias))
 
 
+class EmulatedExtension:
+    """The binding's window-attention calls (``window_attention_fwd`` / ``_bwd``) over the emulated
+    kernels, for CPU tensors: what the custom ops and the benchmark's CUDA rows call, without a GPU.
+    ``kernels`` records AUDIOMAE_CUDA_WA_KERNEL at each call (the emulator reads it too)."""
+
+    def __init__(self, exe):
+        self.exe, self.kernels = exe, []
+
+    def _args(self, qkv, grid, window, shift, heads):
+        self.kernels.append(os.environ.get(KERNEL_ENV, "auto"))
+        return _wa_args(qkv, grid, window, shift, heads)
+
+    def window_attention_fwd(self, qkv, tau_c, bias, grid, window, shift, heads, stream, poison):
+        B, L, C3 = qkv.shape
+        args = dict(self._args(qkv, grid, window, shift, heads), op="wa_fwd", out_stride_b=L * C3 // 3,
+                    out_stride_l=C3 // 3, out_elems=B * L * C3 // 3)
+        stdout, out = emulate(self.exe, args, {"qkv.bin": _raw(qkv), "tau_c.bin": _raw(tau_c), "bias.bin": _raw(bias)})
+        assert "rc=0 " in stdout, stdout
+        return _from_raw(out["out.bin"], qkv.dtype, (B, L, C3 // 3))
+
+    def window_attention_bwd(self, grad_out, qkv, tau_c, bias, grid, window, shift, heads, stream, poison):
+        B, L, C3 = qkv.shape
+        A = window[0] * window[1]
+        args = dict(self._args(qkv, grid, window, shift, heads), op="wa_bwd", out_stride_b=grad_out.stride(0),
+                    out_stride_l=grad_out.stride(1), dqkv_stride_b=L * C3, dqkv_stride_l=C3, dqkv_elems=B * L * C3)
+        files = {"qkv.bin": _raw(qkv), "grad_out.bin": _raw(grad_out), "tau_c.bin": _raw(tau_c),
+                 "bias.bin": _raw(bias)}
+        stdout, out = emulate(self.exe, args, files)
+        assert "rc=0 " in stdout, stdout
+        rows = int(stdout.split("blocks_x=")[1].split()[0])
+        return (_from_raw(out["grad_qkv.bin"], qkv.dtype, (B, L, C3)),
+                _from_raw(out["dtau_partial.bin"], torch.float32, (rows, heads)),
+                _from_raw(out["dbias_partial.bin"], torch.float32, (rows, heads, A, A)))
+
+
+@pytest.fixture
+def emulated_ext(emulators, monkeypatch):
+    """ops_cuda's custom ops running the emulated kernels on CPU tensors."""
+    ext = EmulatedExtension(_emulator(emulators, "address"))
+    monkeypatch.setattr(cuda_ext, "load", lambda: ext)
+    monkeypatch.setattr(ops_cuda, "_stream", lambda device: 0)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    return ext
+
+
+def test_custom_ops_and_autograd_over_the_emulated_kernels(emulated_ext):
+    """The whole Python path of the CUDA op (custom ops, autograd, the partial sums' reduction, dtype
+    handling of tau and bias) with the kernels emulated."""
+    inputs, geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32)
+    grad_out = torch.randn(2, 128, 64, dtype=torch.float64)
+    x = [t.to(torch.bfloat16).requires_grad_() for t in inputs]
+    out = ops_cuda.window_attention_cuda(*x, *geometry)
+    grads = torch.autograd.grad(out, x, grad_out.to(torch.bfloat16))
+    check_errors([out.detach(), *grads], inputs, geometry, grad_out, torch.bfloat16)
+    assert emulated_ext.kernels == ["auto", "auto"]
+
+
+def test_benchmark_cuda_rows_run_their_kernel_set_in_both_directions(emulated_ext):
+    """benchmarks/attention.py's two CUDA rows: each runs its own kernels forward and backward, and
+    both are right."""
+    from benchmarks import attention
+
+    inputs, geometry = make_inputs(1, (16, 8), (4, 4), (2, 0), 2, 32)
+    grad_out = torch.randn(1, 128, 64, dtype=torch.float64)
+    for name, kind in (("cuda mma (audiomae)", "mma"), ("cuda smem (audiomae)", "smem")):
+        emulated_ext.kernels.clear()
+        x = [t.to(torch.bfloat16).requires_grad_() for t in inputs]
+        out = attention.VARIANTS[name].fn(*x, *geometry)
+        grads = torch.autograd.grad(out, x, grad_out.to(torch.bfloat16))
+        assert emulated_ext.kernels == [kind, kind], name
+        check_errors([out.detach(), *grads], inputs, geometry, grad_out, torch.bfloat16)
+    assert KERNEL_ENV not in os.environ
+
+
 def check_emulated(exe, inputs, geometry, dtype, floor=None, env=None):
     x = [t.to(dtype) for t in inputs]
     grad_out = torch.randn(inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2] // 3, dtype=torch.float64)
