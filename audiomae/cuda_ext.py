@@ -147,9 +147,17 @@ def build_dir() -> Path:
 
 # --- availability ---------------------------------------------------------------------------------
 def why_not() -> List[str]:
-    """Why the extension cannot be used here (empty when it can). Cheap: builds and imports nothing."""
+    """Why the extension cannot be used here (empty when it can). Cheap: builds and imports nothing.
+
+    While torch.compile traces, only a loaded extension counts (the checks below read the file system,
+    which tracing cannot follow): load it first (:func:`load`, or any eager call of a ``cuda`` op)."""
     if _module is not None:
         return []
+    from .dispatch import _compiling
+
+    if _compiling():
+        return ["the extension is not loaded (torch.compile uses it once it is: call audiomae.cuda_ext.load() "
+                "before compiling)"]
     out = []
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         out.append(f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}")

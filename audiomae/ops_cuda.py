@@ -101,9 +101,20 @@ def window_attention_kernel(area: int, head_dim: int, dtype: torch.dtype, capabi
     return "mma" if fits and want != "smem" else "smem"
 
 
-def _device_smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+_DEVICE_INFO: dict = {}  # device index -> (compute capability, shared memory per block)
+
+
+def _device_info(device: torch.device) -> Optional[Tuple[Tuple[int, int], int]]:
+    """(compute capability, opt-in shared memory per block) of a CUDA device, queried once per device;
+    None while torch.compile traces and the device was not queried before (tracing cannot follow the
+    query; the launch functions check the same and raise with the reason)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    info = _DEVICE_INFO.get(index)
+    if info is None and not dispatch._compiling():
+        props = torch.cuda.get_device_properties(index)
+        info = _DEVICE_INFO[index] = ((props.major, props.minor),
+                                      int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)))
+    return info
 
 
 def _geometry_problems(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:
@@ -154,17 +165,15 @@ def _window_attention_cuda_why_not(qkv, tau, bias, grid, window, shift, num_head
             out.append(f"head_dim {head_dim} > {MAX_HEAD_DIM}")
         if area > MAX_WINDOW_AREA:
             out.append(f"window area {window[0]} x {window[1]} = {area} > {MAX_WINDOW_AREA}")
-        kernel = "smem"
-        if sizes_ok and qkv.device.type == "cuda" and qkv.dtype in WINDOW_ATTENTION_DTYPES:
+        info = _device_info(qkv.device) if qkv.device.type == "cuda" else None
+        if sizes_ok and info is not None and qkv.dtype in WINDOW_ATTENTION_DTYPES:
+            (capability, limit), kernel = info, "smem"
             try:
-                kernel = window_attention_kernel(area, head_dim, qkv.dtype,
-                                                 torch.cuda.get_device_capability(qkv.device))
+                kernel = window_attention_kernel(area, head_dim, qkv.dtype, capability)
             except ValueError as e:
                 out.append(str(e))
-        if kernel == "smem" and sizes_ok and qkv.device.type == "cuda" and qkv.dtype in WINDOW_ATTENTION_DTYPES:
             need = window_attention_smem(area, head_dim, qkv.dtype, True)[1]
-            limit = _device_smem_limit(qkv.device)
-            if need > limit:
+            if kernel == "smem" and need > limit:
                 out.append(f"window area {area} with head_dim {head_dim} in {qkv.dtype} needs {need // 1024} KB of "
                            f"shared memory per block for the backward pass; this GPU allows {limit // 1024} KB")
     return out

@@ -648,6 +648,27 @@ def test_emulated_kernel_choice(emulators):
                 assert ["smem", "mma"][got] == ops_cuda.window_attention_kernel(area, head_dim, dtype, (major, 0))
 
 
+def test_reasons_trace_under_torch_compile_without_graph_breaks(monkeypatch):
+    """While torch.compile traces, the CUDA backend's checks read no file system and no device (which
+    tracing cannot follow): only a loaded extension counts, and device facts queried before are
+    reused, so that a compiled model that consults the cuda backend keeps one graph."""
+    monkeypatch.setattr(cuda_ext, "_module", None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # as a CUDA build of torch: the file-system checks apply
+    (qkv, tau, bias), geometry = make_inputs(1, (8, 4), (4, 4), (2, 0), 2, 16)
+
+    def count(qkv, tau, bias):
+        return qkv.sum() * 0 + len(ops_cuda._window_attention_cuda_why_not(qkv, tau, bias, *geometry))
+
+    torch._dynamo.reset()
+    traced = torch.compile(count, fullgraph=True, backend="eager")(qkv, tau, bias)
+    assert traced.item() >= 1  # not loaded (and CPU tensors)
+    monkeypatch.setattr(dispatch, "_compiling", lambda: True)
+    assert cuda_ext.why_not() == ["the extension is not loaded (torch.compile uses it once it is: call "
+                                  "audiomae.cuda_ext.load() before compiling)"]
+    monkeypatch.setattr(cuda_ext, "_module", object())
+    assert cuda_ext.why_not() == []
+
+
 def test_kernel_choice_rules_and_errors(monkeypatch):
     choose = ops_cuda.window_attention_kernel
     monkeypatch.delenv(KERNEL_ENV, raising=False)
