@@ -1081,6 +1081,22 @@ def test_gpu_window_attention_through_dispatch_compile_and_opcheck(ext):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_gpu_dispatch_to_cuda_compiles_as_one_graph(ext, dtype):
+    """With the cuda backend chosen through the dispatch layer (as a preference would), a compiled
+    function keeps one graph: the backend's checks are traceable once the extension is loaded."""
+    from audiomae import ops
+
+    (qkv, tau, bias), geometry = make_inputs(2, (16, 8), (4, 4), (2, 0), 2, 32, device="cuda")
+    x = [t.to(DTYPES[dtype]).requires_grad_() for t in (qkv, tau, bias)]
+    with dispatch.use_backend("cuda", op="window_attention"):
+        eager = ops.window_attention(*x, *geometry)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *a: ops.window_attention(*a, *geometry), fullgraph=True)(*x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch,length,len_keep", [(8, 512, 102), (3, 1212, 242), (2, 4096, 819), (5, 1, 1), (2, 7, 0)])
 def test_gpu_masking_matches_reference(ext, poison, batch, length, len_keep):
     got = ops_cuda._random_masking_ids_cuda(batch, length, len_keep, "cuda", seed=1234, offset=5)
