@@ -61,6 +61,11 @@ def set_preference(op: str, order: Sequence[str]) -> None:
     _PREFERENCE[op] = order
 
 
+def preference(op: str) -> Tuple[str, ...]:
+    """The automatic choice order of ``op``."""
+    return _PREFERENCE.get(op, ("triton", "torch"))
+
+
 def _check_name(backend: Optional[str]) -> Optional[str]:
     if backend is None or backend in ("", "auto"):
         return None
@@ -127,7 +132,7 @@ def choose(op: str, *args, **kwargs) -> Tuple[str, Callable]:
                                           + f". Unset {ENV_VAR} or call audiomae.dispatch.set_backend(None) "
                                           "for the automatic choice.")
         return forced, impl.fn
-    for b in _PREFERENCE.get(op, ("triton", "torch")):
+    for b in preference(op):
         impl = impls.get(b)
         if impl is None:
             continue

@@ -121,7 +121,7 @@ def report() -> str:
     """The whole report as text."""
     lines = _versions() + _import_op_modules()
     for op in dispatch.registered_ops():
-        order = getattr(dispatch, "_PREFERENCE", {}).get(op, ("triton", "torch"))
+        order = dispatch.preference(op)
         forced = dispatch.forced_backend(op)
         registered = [b for b in dispatch.BACKENDS if b in getattr(dispatch, "_REGISTRY", {}).get(op, {})]
         lines += ["", f"{op} (implementations: {', '.join(registered)}; automatic order: {', '.join(order)}"

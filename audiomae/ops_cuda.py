@@ -272,6 +272,17 @@ def _ops():
     return _OPS
 
 
+def prepare_for_compile() -> bool:
+    """Load the extension now if some op would choose the ``cuda`` backend (forced, or first in its
+    automatic order) and it can be built here: torch.compile uses it only once it is loaded (see
+    :func:`audiomae.cuda_ext.why_not`). Call before compiling a model; returns whether it is loaded."""
+    wanted = any(dispatch.forced_backend(op) == "cuda" or dispatch.preference(op)[:1] == ("cuda",)
+                 for op in dispatch.registered_ops())
+    if wanted and not cuda_ext.is_loaded() and not cuda_ext.why_not():
+        cuda_ext.load()
+    return cuda_ext.is_loaded()
+
+
 def window_attention_cuda(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: Sequence[int],
                           window: Sequence[int], shift: Sequence[int], num_heads: int) -> torch.Tensor:
     """Shifted-window cosine attention with the CUDA kernels, differentiable in qkv, tau and bias.

@@ -278,6 +278,10 @@ def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, f
                  profile_to: Optional[str] = None) -> Result:
     model, opt = _build(cfg, device, fused_optimizer=not is_ref)
     # compiled: True (torch's default mode) or a torch.compile mode
+    if compiled:
+        from audiomae import ops_cuda
+
+        ops_cuda.prepare_for_compile()
     fwd_model = (torch.compile(model, mode=compiled if isinstance(compiled, str) else None) if compiled else model)
     step = _step_fn(fwd_model, opt, device)
     specs = _specs(cfg, batch, device)

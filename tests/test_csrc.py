@@ -1131,3 +1131,24 @@ def test_gpu_masking_determinism_dispatch_and_opcheck(ext):
     assert all(torch.equal(x, y) for x, y in zip(a, f))
     torch.library.opcheck(torch.ops.audiomae.random_masking_ids_cuda.default,
                           (4, 512, 102, torch.device("cuda", torch.cuda.current_device()), None, 7, 0))
+
+
+def test_prepare_for_compile_loads_only_a_wanted_and_buildable_extension(monkeypatch):
+    loads = []
+    monkeypatch.setattr(cuda_ext, "load", lambda: loads.append(1))
+    monkeypatch.setattr(cuda_ext, "_module", None)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "preference", lambda op: ("triton", "torch"))
+    assert ops_cuda.prepare_for_compile() is False and loads == []  # no op wants cuda
+    monkeypatch.setattr(dispatch, "preference", lambda op: ("cuda", "triton", "torch"))
+    monkeypatch.setattr(cuda_ext, "why_not", lambda: [])
+    ops_cuda.prepare_for_compile()
+    assert loads == [1]  # first in an automatic order
+    loads.clear()
+    monkeypatch.setattr(dispatch, "preference", lambda op: ("triton", "torch"))
+    with dispatch.use_backend("cuda", op="window_attention"):
+        monkeypatch.setattr(cuda_ext, "why_not", lambda: ["no GPU here"])
+        assert ops_cuda.prepare_for_compile() is False and loads == []  # wanted, but cannot be built
+        monkeypatch.setattr(cuda_ext, "why_not", lambda: [])
+        ops_cuda.prepare_for_compile()
+        assert loads == [1]

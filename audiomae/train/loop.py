@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import ops_cuda
 from ..config import AudioMAEConfig
 from ..model import AudioMAE, AudioMAEClassifier
 from . import distributed as D
@@ -172,6 +173,7 @@ class Trainer:
         self.forward_model = self.ddp or self.model
         if opts.get("compile") or opts.get("compile_mode"):
             mode = opts.get("compile_mode")
+            ops_cuda.prepare_for_compile()  # a cuda backend the model would choose must be loaded to be traced
             self.forward_model = torch.compile(self.forward_model, mode=None if mode in (None, "default") else mode)
 
     @property
