@@ -610,7 +610,8 @@ int make_geometry(const am_wa_args* a, Geometry* g) {
 }
 
 // Shared-memory layout for one warp and the block shape. smem_limit: the device's per-block maximum.
-int make_layout(const Geometry& g, int dtype, bool backward, int64_t smem_limit, Layout* L) {
+// forced_wpw: AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP (0: choose).
+int make_layout(const Geometry& g, int dtype, bool backward, int64_t smem_limit, int forced_wpw, Layout* L) {
   const int A = g.A, D = g.D;
   const int64_t es = dtype == AM_FLOAT32 ? 4 : 2;
   L->wmma = dtype != AM_FLOAT32 && A % 16 == 0 && D % 16 == 0;
@@ -661,7 +662,7 @@ int make_layout(const Geometry& g, int dtype, bool backward, int64_t smem_limit,
     const int64_t units = (int64_t)g.n_windows * g.H;
     while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
   }
-  if (backward && requested_windows_per_warp() > 0) wpw = requested_windows_per_warp();
+  if (backward && forced_wpw > 0) wpw = forced_wpw;
   L->windows_per_warp = wpw;
   return AM_OK;
 }
@@ -680,7 +681,8 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
   if (rc != AM_OK) return rc;
   const int want = requested_kernel();
   if (want == -1) return AM_ERR_KERNEL_CHOICE;
-  if (requested_windows_per_warp() < 0) return AM_ERR_WINDOWS_PER_WARP;
+  const int forced_wpw = requested_windows_per_warp();
+  if (forced_wpw < 0) return AM_ERR_WINDOWS_PER_WARP;
   if (want != AM_WA_KERNEL_SMEM && mma_applies(*g, a->dtype, device_cc_major(a->device)) && mma_compiled(a->device)) {
     L->warps = kMmaWarps;
     L->wmma = 1;
@@ -694,7 +696,7 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
     const int64_t units = (int64_t)g->n_windows * g->H;
     int wpw = 1;
     while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
-    if (requested_windows_per_warp() > 0) wpw = requested_windows_per_warp();
+    if (forced_wpw > 0) wpw = forced_wpw;
     L->windows_per_warp = wpw;
     const int64_t chunks = ((int64_t)g->n_windows + wpw - 1) / wpw;
     if ((chunks * g->H + kMmaWarps - 1) / kMmaWarps > INT32_MAX) return AM_ERR_ARGS;  // the grid's x limit
@@ -709,7 +711,7 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
     return AM_OK;
   }
   if (want == AM_WA_KERNEL_MMA) return AM_ERR_KERNEL_CHOICE;
-  rc = make_layout(*g, a->dtype, backward, device_smem_limit(a->device), L);
+  rc = make_layout(*g, a->dtype, backward, device_smem_limit(a->device), forced_wpw, L);
   if (rc != AM_OK) return rc;
   if (p != nullptr) {
     const int per_block = L->warps * L->windows_per_warp;
