@@ -29,6 +29,10 @@
 // in shared memory, each lane owning fixed (i, j) entries, and the tau gradient's sum(dlogits * cos)
 // in a register; at the end the block adds its warps' sums in warp order and writes one partial row
 // per block. The caller sums the rows: deterministic, no atomics.
+//
+// Those are the shared-memory kernels, for every shape. For the decoder's shape (16-token windows,
+// 16-bit dtypes, head_dim 16, 32 or 64, sm_80+) the plan picks the register kernels of
+// window_attention_mma.cuh instead, with the same arithmetic (AUDIOMAE_CUDA_WA_KERNEL overrides).
 #include "common.cuh"
 
 #include <cstdlib>
