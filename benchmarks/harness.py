@@ -34,23 +34,23 @@ import torch
 # ----------------------------------------------------------------------------------------------
 
 
+def _set_environ(values: Dict[str, Optional[str]]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def environ(**values: Optional[str]):
     """Environment variables set (a string) or unset (None) inside the block, restored after it."""
     before = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(values)
         yield
     finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(before)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
