@@ -11,8 +11,9 @@
 // Each register of a Tile16 is the fragment of one 8 x 8 block (row g, cols 2t, 2t+1 of the block),
 // which is what movmatrix transposes.
 //
-// Under AUDIOMAE_EMULATE (emulate.h) the lanes exchange their registers through the warp's table
-// and each lane computes its own outputs, summing products in k order in float32.
+// movmatrix needs PTX ISA 7.8 (CUDA 11.8, the oldest toolkit of the torch versions the package
+// supports). Under AUDIOMAE_EMULATE (emulate.h) the lanes exchange their registers through the
+// warp's table and each lane computes its own outputs, summing products in k order in float32.
 #pragma once
 
 #include "common.cuh"
@@ -43,21 +44,13 @@ template <typename T> __device__ __forceinline__ float hi_of(uint32_t r) {
   return to_float(from_bits16<T>((uint16_t)(r >> 16)));
 }
 
-// The pair p[0], p[1] (p even-aligned when kAligned: one 32-bit access, else two 16-bit ones).
-template <typename T, bool kAligned> __device__ __forceinline__ uint32_t load_pair(const T* p) {
-  if constexpr (kAligned) {
-    return *reinterpret_cast<const uint32_t*>(p);
-  } else {
-    return (uint32_t)bits16(p[0]) | ((uint32_t)bits16(p[1]) << 16);
-  }
+// The pair p[0], p[1] in one register, element by element (p need not be 4-byte aligned).
+template <typename T> __device__ __forceinline__ uint32_t load_pair(const T* p) {
+  return (uint32_t)bits16(p[0]) | ((uint32_t)bits16(p[1]) << 16);
 }
-template <typename T, bool kAligned> __device__ __forceinline__ void store_pair(T* p, uint32_t v) {
-  if constexpr (kAligned) {
-    *reinterpret_cast<uint32_t*>(p) = v;
-  } else {
-    p[0] = from_bits16<T>((uint16_t)(v & 0xffffu));
-    p[1] = from_bits16<T>((uint16_t)(v >> 16));
-  }
+template <typename T> __device__ __forceinline__ void store_pair(T* p, uint32_t v) {
+  p[0] = from_bits16<T>((uint16_t)(v & 0xffffu));
+  p[1] = from_bits16<T>((uint16_t)(v >> 16));
 }
 
 #ifdef AUDIOMAE_EMULATE

@@ -177,7 +177,7 @@ __device__ __forceinline__ void load_rows_frag(Tile16 (&x)[D / 16], const T* r0,
       v = *reinterpret_cast<const Words<P>*>(rows[hr]);
     } else {
 #pragma unroll
-      for (int j = 0; j < P; ++j) v.w[j] = load_pair<T, false>(rows[hr] + 2 * j);
+      for (int j = 0; j < P; ++j) v.w[j] = load_pair<T>(rows[hr] + 2 * j);
     }
 #pragma unroll
     for (int j = 0; j < P; ++j) x[j >> 1].r[hr + 2 * (j & 1)] = v.w[j];
@@ -200,7 +200,7 @@ __device__ __forceinline__ void store_rows_acc(T* r0, T* r1, const Acc16 (&x)[D 
       *reinterpret_cast<Words<P>*>(rows[hr]) = v;
     } else {
 #pragma unroll
-      for (int j = 0; j < P; ++j) store_pair<T, false>(rows[hr] + 2 * j, v.w[j]);
+      for (int j = 0; j < P; ++j) store_pair<T>(rows[hr] + 2 * j, v.w[j]);
     }
   }
 }
