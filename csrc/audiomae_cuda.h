@@ -57,7 +57,7 @@ typedef struct {
   int blocks_x;           /* backward: rows of the partial sums. smem kernels: the grid is (blocks_x, heads);
                              mma kernels: blocks_x chunks of windows_per_warp windows, a warp per (chunk, head) */
   int warps;              /* warps per block, one (window, head) at a time per warp */
-  int windows_per_warp;   /* consecutive windows each warp takes (smem kernels: backward only) */
+  int windows_per_warp;   /* consecutive windows each warp takes (1 in the forward unless the knob sets it) */
   int wmma;               /* 1: the products run on tensor cores (16-bit inputs, area and head_dim % 16 == 0) */
   int64_t smem_bytes;     /* dynamic shared memory per block */
   int kernel;             /* AM_WA_KERNEL_SMEM or AM_WA_KERNEL_MMA */

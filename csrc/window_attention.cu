@@ -691,7 +691,9 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
     L->warps = kMmaWarps;
     L->wmma = 1;
     L->block_bytes = 0;
-    // both directions: a warp takes several windows when there are enough (window, head) pairs
+    // the backward: a warp takes several windows when there are enough (window, head) pairs (fewer
+    // tau/bias partial sums). The forward keeps one window per warp: on an H100 (the paper's layer,
+    // bf16, batch 256) it took 0.184 ms against 0.196 ms with 4 windows per warp.
 #ifdef AUDIOMAE_EMULATE
     const int64_t per_wave = emu::env_long("AM_EMULATE_UNITS_PER_WAVE", kUnitsPerWaveMma);
 #else
@@ -699,7 +701,7 @@ int plan(const am_wa_args* a, bool backward, Geometry* g, Layout* L, am_wa_plan*
 #endif
     const int64_t units = (int64_t)g->n_windows * g->H;
     int wpw = 1;
-    while (wpw < 8 && units / wpw > per_wave) wpw *= 2;
+    while (backward && wpw < 8 && units / wpw > per_wave) wpw *= 2;
     if (forced_wpw > 0) wpw = forced_wpw;
     L->windows_per_warp = wpw;
     const int64_t chunks = ((int64_t)g->n_windows + wpw - 1) / wpw;

@@ -24,8 +24,8 @@ That is the default method, ``"dft"``. The ``"fft"`` method computes the same fu
 steps: a kernel writes the pre-emphasised, windowed, zero-padded frames ``[B, T, 512]``,
 ``torch.fft.rfft`` (cuFFT on GPUs, float32) transforms them, and a second kernel does power, mel,
 log, padding and normalisation. It moves the frames and the spectrum through memory but does tens of
-times fewer FLOPs; its error is that of a float32 FFT (the reference's own), within 1.5x of it on the
-test fixtures.
+times fewer FLOPs; its error is that of the device's float32 FFT, as the reference front end's on the
+same device (tested within 1.5x of it on the fixtures).
 
 Only the exact mode exists: a faster DFT (single-pass tf32 or bf16) is off by up to 1-5 nats on
 wide-dynamic-range audio, and no error bound for a cheaper compromise has been measured here.

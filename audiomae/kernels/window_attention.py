@@ -360,8 +360,8 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
                 DOT_PRECISION="ieee" if dot_fp32 else "tf32", COS_PRECISION=cos_precision)
     launches = {}
     for direction in ("fwd", "bwd"):
-        block_m, num_warps = _tile(A, block_d, qkv.dtype == torch.float32, direction == "bwd")
-        heads_fast, gpp = True, 1
+        block_m, num_warps, gpp = _tile(A, block_d, qkv.dtype == torch.float32, direction == "bwd")
+        heads_fast = True
         override = TUNING.get(direction)
         if override:
             block_m = max(int(override.get("block_m", block_m)), _next_pow2(A), 16)
@@ -380,17 +380,18 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
     return dict(n_windows=n_windows, A=A, C=C, **launches)
 
 
-def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int]:
-    """(BLOCK_M, num_warps): rows of packed windows per program, and warps.
+def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int, int]:
+    """(BLOCK_M, num_warps, GPP): rows of packed windows per program, warps, window groups per program.
 
-    16-bit inputs: one window per program with as few warps as keep the tiles in registers. On an
-    H100 (``benchmarks/tune.py``, the paper's layer at batch 256) that is the fastest tiling in both
-    directions: the backward takes 1.05 ms with 16 rows and 2 warps against 2.14 ms with 4 windows
-    and 8 warps. Both kernels issue about as many instructions as their memory traffic takes time,
-    and packed windows waste most of a block-diagonal score tile while more warps per tile add
-    layout shuffles (``python -m benchmarks.aot`` counts registers, spills and instructions without
-    a GPU). Full-float32 products (no tf32) hold more registers: packed tiles, more warps, and with
-    8 x 8 windows (64 rows at least) some spills remain.
+    16-bit inputs: one window per program with as few warps as keep the tiles in registers. For
+    16-token windows and heads up to 64 wide that is one warp looping over 4 windows, loading the next
+    window while the current one computes: on an H100 (``benchmarks/tune.py``, the paper's layer at
+    batch 256, bf16, head_dim 32) the fastest tiling of the sweep in both directions, forward 0.214 ms
+    and backward 0.502 ms against 0.291 ms and 0.980 ms with 2 warps and one window per program.
+    Packed windows waste most of a block-diagonal score tile while more warps per tile add layout
+    shuffles (``python -m benchmarks.aot`` counts registers, spills and instructions without a GPU).
+    Full-float32 products (no tf32) hold more registers: packed tiles, more warps, and with 8 x 8
+    windows (64 rows at least) some spills remain.
     """
     if fp32:
         rows = 16 if (block_d > 64 and not backward) else 32
@@ -398,8 +399,11 @@ def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int
         rows = 16
     block_m = max(16, _next_pow2(area), rows)
     work = block_m * max(block_m, block_d)  # elements of the largest tile
+    gpp = 1
     if not fp32:
-        if block_m <= 32 and block_d <= 64:
+        if block_m == 16 and block_d <= 64:
+            num_warps, gpp = 1, 4
+        elif block_m <= 32 and block_d <= 64:
             num_warps = 2
         elif backward and block_m >= 64 and block_d > 64:  # 8 x 8 windows, wide heads: fewer spills
             num_warps = 8
@@ -409,7 +413,7 @@ def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int
         num_warps = 4
     else:
         num_warps = 16 if (backward and block_m <= 32 and block_d > 64) else 8
-    return block_m, num_warps
+    return block_m, num_warps, gpp
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
