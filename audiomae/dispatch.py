@@ -3,9 +3,12 @@
 Backends: ``torch`` (the plain PyTorch references, always available), ``triton`` (Triton kernels; on
 CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` (the compiled extension in
 ``csrc/``). Each implementation declares why it cannot run on given inputs (a list of reasons, empty
-when it can). The automatic choice takes the first backend of the op's preference order whose
-reasons are empty and logs the others' reasons at debug level; a backend the user forced raises its
-reasons as the error.
+when it can), and may declare inputs on which the automatic choice passes over it although it can
+run them (where it was measured slower than the next backend). The automatic choice takes the first
+backend of the op's preference order that can run the inputs and is not passed over, and logs the
+others' reasons at debug level; a backend the user forced raises its reasons as the error. A backend
+that needs a one-time step (the CUDA extension's just-in-time build) takes it when the automatic
+choice first picks it; if that fails, a warning says why and the next backend runs.
 
 Force a backend with the environment variable ``AUDIOMAE_BACKEND=torch|triton|cuda`` or in Python::
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -37,6 +41,12 @@ class BackendUnavailableError(RuntimeError):
 class Implementation:
     fn: Callable
     why_not: Callable[..., List[str]]  # same arguments as fn -> reasons it cannot run (empty: it can)
+    # same arguments -> reasons the automatic choice passes over it although it can run (measured
+    # slower on these inputs); a forced backend ignores them
+    passed_over: Callable[..., List[str]] = None  # type: ignore[assignment]
+    # run once before the automatic choice first takes it (e.g. a just-in-time build); an exception
+    # makes the choice fall through to the next backend with a warning
+    prepare: Optional[Callable[[], object]] = None
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
@@ -48,11 +58,15 @@ def _always(*args, **kwargs) -> List[str]:
     return []
 
 
-def register(op: str, backend: str, fn: Callable, why_not: Optional[Callable[..., List[str]]] = None) -> None:
-    """Declare ``fn`` as ``op``'s implementation on ``backend``; ``why_not`` tells when it cannot run."""
+def register(op: str, backend: str, fn: Callable, why_not: Optional[Callable[..., List[str]]] = None,
+             passed_over: Optional[Callable[..., List[str]]] = None,
+             prepare: Optional[Callable[[], object]] = None) -> None:
+    """Declare ``fn`` as ``op``'s implementation on ``backend``; ``why_not`` tells when it cannot run,
+    ``passed_over`` when the automatic choice should take a later backend although this one can run
+    (it is slower there), and ``prepare`` (e.g. a build) runs before the automatic choice first takes it."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, why_not or _always)
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, why_not or _always, passed_over or _always, prepare)
 
 
 def set_preference(op: str, order: Sequence[str]) -> None:
@@ -118,8 +132,30 @@ def reasons(op: str, *args, **kwargs) -> Dict[str, List[str]]:
     return out
 
 
+def passed_over(op: str, *args, **kwargs) -> Dict[str, List[str]]:
+    """For every registered backend, why the automatic choice passes over it on these inputs although
+    it may run them (empty list: it does not)."""
+    out = {}
+    for b, impl in _REGISTRY.get(op, {}).items():
+        try:
+            out[b] = list(impl.passed_over(*args, **kwargs))
+        except Exception as e:  # a check must never break the op
+            out[b] = [f"check failed: {type(e).__name__}: {e}"]
+    return out
+
+
+def would_choose(op: str, *args, **kwargs) -> str:
+    """The backend :func:`choose` takes for these inputs, without running any one-time step (a build)
+    it would run first; that step may still fail and make :func:`choose` take the next backend."""
+    return _choose(op, args, kwargs, prepare=False)[0]
+
+
 def choose(op: str, *args, **kwargs) -> Tuple[str, Callable]:
     """The backend name and function that will run ``op`` on these inputs."""
+    return _choose(op, args, kwargs, prepare=True)
+
+
+def _choose(op: str, args, kwargs, prepare: bool) -> Tuple[str, Callable]:
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
@@ -136,7 +172,13 @@ def choose(op: str, *args, **kwargs) -> Tuple[str, Callable]:
         impl = impls.get(b)
         if impl is None:
             continue
-        why = impl.why_not(*args, **kwargs)
+        why = impl.why_not(*args, **kwargs) or impl.passed_over(*args, **kwargs)
+        if not why and prepare and impl.prepare is not None and not _compiling():
+            try:
+                impl.prepare()
+            except Exception as e:  # e.g. a failed build: the next backend runs, with the reason shown once
+                why = [f"{type(e).__name__}: {e}"]
+                warnings.warn(f"audiomae: {op}: the {b} backend is not used: {e}", RuntimeWarning, stacklevel=3)
         if not why:
             return b, impl.fn
         if not _compiling():  # logging inside a torch.compile'd region would break its graph

@@ -134,12 +134,16 @@ def report() -> str:
             try:
                 args, desc = example(device, dtype)
                 try:
-                    chosen = dispatch.choose(op, *args)[0]
+                    chosen = dispatch.would_choose(op, *args)
                 except dispatch.BackendUnavailableError as e:
                     chosen = f"none ({e})"
                 lines.append(f"  {desc}: runs on {chosen}")
+                slower = dispatch.passed_over(op, *args)
                 for backend, why in dispatch.reasons(op, *args).items():
-                    lines.append(f"    {backend:<7} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+                    text = "available" if not why else "unavailable: " + "; ".join(why)
+                    if not why and slower.get(backend):
+                        text += " (passed over: " + "; ".join(slower[backend]) + ")"
+                    lines.append(f"    {backend:<7} {text}")
             except Exception as e:  # an example out of date with its op must not break the report
                 lines.append(f"  (example on {device} failed: {type(e).__name__}: {e})")
     return "\n".join(lines)

@@ -51,7 +51,9 @@ def _window_attention_triton_why_not(qkv, tau, bias, grid, window, shift, num_he
 
 dispatch.register("window_attention", "torch", window_attention_reference)
 dispatch.register("window_attention", "triton", _window_attention_triton, _window_attention_triton_why_not)
-dispatch.set_preference("window_attention", ("triton", "torch"))
+# cuda first where its register kernels were measured faster (large 16-bit layers; see
+# audiomae.ops_cuda.MMA_MIN_PAIRS), the Triton kernels everywhere else on GPUs
+dispatch.set_preference("window_attention", ("cuda", "triton", "torch"))
 
 
 def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: Tuple[int, int],
@@ -59,8 +61,9 @@ def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, g
     """Shifted-window scaled cosine attention: ``[B, T*F, 3C]`` qkv in token order -> ``[B, T*F, C]``.
 
     See :func:`audiomae.reference.window_attention_reference` for the exact semantics. CUDA tensors
-    run the fused Triton kernels (:mod:`audiomae.kernels.window_attention`) when they can, CPU
-    tensors the reference.
+    run the CUDA register kernels (:mod:`audiomae.ops_cuda`) on large 16-bit layers of 16-token
+    windows, the fused Triton kernels (:mod:`audiomae.kernels.window_attention`) otherwise; CPU
+    tensors the reference. ``AUDIOMAE_BACKEND`` or :func:`audiomae.dispatch.set_backend` overrides.
     """
     return dispatch.call("window_attention", qkv, tau, bias, grid, window, shift, num_heads)
 

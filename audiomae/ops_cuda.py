@@ -25,6 +25,7 @@ Nothing here builds or imports the extension: that happens when a ``cuda`` op fi
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -279,7 +280,10 @@ def prepare_for_compile() -> bool:
     wanted = any(dispatch.forced_backend(op) == "cuda" or dispatch.preference(op)[:1] == ("cuda",)
                  for op in dispatch.registered_ops())
     if wanted and not cuda_ext.is_loaded() and not cuda_ext.why_not():
-        cuda_ext.load()
+        try:
+            cuda_ext.load()
+        except RuntimeError as e:  # a failed build: the other backends run, as in eager mode
+            warnings.warn(f"audiomae: the CUDA extension is not used: {e}", RuntimeWarning, stacklevel=2)
     return cuda_ext.is_loaded()
 
 
@@ -298,12 +302,32 @@ def window_attention_cuda(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tens
                                                         int(num_heads))
 
 
-dispatch.register("window_attention", "cuda", window_attention_cuda, _window_attention_cuda_why_not)
-# No set_preference here: audiomae.ops keeps ("triton", "torch") for window_attention. Measured on an
-# H200 (torch 2.11, bf16, the paper's layer, batch 256) with the shared-memory kernels: forward
-# 0.29 ms Triton, 0.50 ms CUDA; forward + backward 2.47 / 2.53 ms (shifted) and 2.41 / 2.43 ms
-# (unshifted). The register kernels are not timed yet. The CUDA op stays selectable with the "cuda"
-# backend.
+# The automatic choice (audiomae.ops: "cuda" before "triton") takes the CUDA op only where it was
+# measured faster than the Triton kernels: the register kernels (16-token windows, 16-bit, sm_80+)
+# on at least MMA_MIN_PAIRS (window, head) pairs. On an H100 (torch 2.11, triton 3.6, bf16, the paper's
+# layer, shift (2, 0)), forward + backward: batch 32 0.157 ms CUDA vs 0.146 ms Triton, batch 64
+# 0.244 vs 0.238, batch 128 0.378 vs 0.394, batch 256 0.663 vs 0.712; forward: batch 128 0.108 vs
+# 0.117, batch 256 0.204 vs 0.217. The shared-memory kernels took 2-4x Triton's time at every batch.
+MMA_MIN_PAIRS = 65536  # batch 128 of the paper's layer (32 windows x 16 heads per clip)
+
+
+def _window_attention_cuda_passed_over(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:
+    info = _device_info(qkv.device)
+    if info is None:
+        return ["the GPU was not queried before tracing"]
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    area = int(window[0]) * int(window[1])
+    if not mma_applies(area, head_dim, qkv.dtype, info[0]) or os.environ.get(KERNEL_ENV, "") == "smem":
+        return ["the shared-memory kernels (the register kernels need 16-token windows, float16 or bfloat16, "
+                f"head_dim in {MMA_HEAD_DIMS} and sm_80+) are slower than Triton's"]
+    pairs = qkv.shape[0] * (int(grid[0]) // int(window[0])) * (int(grid[1]) // int(window[1])) * int(num_heads)
+    if pairs < MMA_MIN_PAIRS:
+        return [f"{pairs} (window, head) pairs: below {MMA_MIN_PAIRS} Triton's kernels are faster"]
+    return []
+
+
+dispatch.register("window_attention", "cuda", window_attention_cuda, _window_attention_cuda_why_not,
+                  _window_attention_cuda_passed_over, prepare=cuda_ext.load)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +469,10 @@ def random_masking_ids(batch: int, length: int, len_keep: int, device=None, nois
 
 
 dispatch.register("random_masking_ids", "torch", random_masking_ids_reference)
-dispatch.register("random_masking_ids", "cuda", _random_masking_ids_cuda, _random_masking_ids_cuda_why_not)
-# torch: no GPU benchmark of the one-launch kernel against it yet (it would also change the random
-# stream of unseeded calls). The kernel stays selectable with the "cuda" backend.
-dispatch.set_preference("random_masking_ids", ("torch",))
+dispatch.register("random_masking_ids", "cuda", _random_masking_ids_cuda, _random_masking_ids_cuda_why_not,
+                  prepare=cuda_ext.load)
+# cuda first: on an H100 (torch 2.11) the one-launch kernel took 0.0115 ms for batch 64 x 512 patches
+# at mask ratio 0.8, against 0.0803 ms for the release's torch.rand + two argsorts. Unseeded calls
+# then draw Philox noise from a seed of torch's CPU generator (reproducible under torch.manual_seed,
+# not the same stream as torch.rand).
+dispatch.set_preference("random_masking_ids", ("cuda",))

@@ -227,3 +227,68 @@ def test_info_lists_ops_backends_and_versions(capsys):
     assert "runs on torch" in text
     for backend in ("torch", "triton", "cuda"):
         assert f"    {backend}" in text
+
+
+def _toy_op(monkeypatch, triton_passed_over=None, triton_prepare=None):
+    """A throwaway op with a triton and a torch implementation (the registry is restored afterwards)."""
+    monkeypatch.setattr(dispatch, "_REGISTRY", dict(dispatch._REGISTRY))
+    monkeypatch.setattr(dispatch, "_PREFERENCE", dict(dispatch._PREFERENCE))
+    dispatch.register("toy", "torch", lambda x: ("torch", x))
+    dispatch.register("toy", "triton", lambda x: ("triton", x), passed_over=triton_passed_over,
+                      prepare=triton_prepare)
+    dispatch.set_preference("toy", ("triton",))
+
+
+def test_a_passed_over_backend_is_skipped_automatically_but_runs_when_forced(monkeypatch, caplog):
+    _toy_op(monkeypatch, triton_passed_over=lambda x: ["slower below 10"] if x < 10 else [])
+    assert dispatch.call("toy", 3) == ("torch", 3)
+    assert dispatch.call("toy", 30) == ("triton", 30)
+    with caplog.at_level(logging.DEBUG, logger="audiomae.dispatch"):
+        dispatch.choose("toy", 3)
+    assert "slower below 10" in caplog.text
+    with dispatch.use_backend("triton", op="toy"):
+        assert dispatch.call("toy", 3) == ("triton", 3)
+    assert dispatch.reasons("toy", 3)["triton"] == []  # it can run them
+    assert dispatch.passed_over("toy", 3) == {"torch": [], "triton": ["slower below 10"]}
+    assert dispatch.would_choose("toy", 3) == "torch"
+
+
+def test_a_failed_prepare_step_falls_through_with_a_warning(monkeypatch):
+    calls = []
+
+    def prepare():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("building the extension failed: no compiler")
+
+    _toy_op(monkeypatch, triton_prepare=prepare)
+    assert dispatch.would_choose("toy", 0) == "triton" and not calls  # no one-time step for a question
+    with pytest.warns(RuntimeWarning, match="toy: the triton backend is not used: building the extension failed"):
+        assert dispatch.call("toy", 1) == ("torch", 1)
+    assert dispatch.call("toy", 2) == ("triton", 2)  # the step succeeds now
+    assert len(calls) == 2
+    with dispatch.use_backend("triton", op="toy"):  # forcing runs the implementation itself
+        assert dispatch.call("toy", 3) == ("triton", 3)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("batch,dtype,window,head_dim,kernel_env,taken", [
+    (128, torch.bfloat16, (4, 4), 32, "", True),  # the paper's layer at batch 128: 65536 (window, head) pairs
+    (256, torch.float16, (4, 4), 32, "auto", True),
+    (64, torch.bfloat16, (4, 4), 32, "", False),  # Triton is faster on fewer pairs
+    (256, torch.float32, (4, 4), 32, "", False),  # the shared-memory kernels: Triton is faster
+    (256, torch.bfloat16, (4, 4), 128, "", False),
+    (256, torch.bfloat16, (8, 4), 32, "", False),
+    (256, torch.bfloat16, (4, 4), 32, "smem", False),
+])
+def test_the_cuda_window_attention_is_taken_where_it_was_measured_faster(monkeypatch, batch, dtype, window, head_dim,
+                                                                        kernel_env, taken):
+    from audiomae import ops_cuda
+
+    monkeypatch.setattr(ops_cuda, "_device_info", lambda device: ((9, 0), 232448))
+    monkeypatch.setenv(ops_cuda.KERNEL_ENV, kernel_env)
+    heads = 512 // head_dim
+    qkv = torch.empty(batch, 512, 3 * 512, dtype=dtype, device="meta")
+    tau, bias = torch.empty(heads, device="meta"), torch.empty(heads, window[0] * window[1], window[0] * window[1])
+    why = ops_cuda._window_attention_cuda_passed_over(qkv, tau, bias, (64, 8), window, (0, 0), heads)
+    assert (why == []) == taken, why

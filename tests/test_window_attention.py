@@ -131,6 +131,29 @@ def test_tilings_and_groups_per_program(interpret, monkeypatch, block_m, gpp, he
     check_against_reference(inputs, geometry, torch.float32)
 
 
+@pytest.mark.parametrize("window,head_dim,dtype,hopper,fp32_products,warps,gpp", [
+    ((8, 8), 16, torch.bfloat16, True, True, 8, 1),  # wgmma faults on Hopper: float32 products
+    ((8, 8), 16, torch.float16, False, False, 4, 1),
+    ((8, 8), 64, torch.bfloat16, True, True, 8, 1),
+    ((4, 8), 32, torch.bfloat16, True, False, 2, 1),  # 32-row tiles: mma.sync, unaffected
+    ((4, 4), 32, torch.bfloat16, True, False, 1, 4),  # the paper's layer: one warp, 4 windows
+    ((4, 4), 64, torch.bfloat16, True, False, 2, 1),
+    ((4, 4), 32, torch.float32, False, True, 4, 1),
+])
+def test_tiling_defaults(monkeypatch, window, head_dim, dtype, hopper, fp32_products, warps, gpp):
+    """The default tiling per shape and device: 16-bit tiles of 64 rows on a Hopper GPU take float32
+    products (no wgmma), and 16-token windows one warp over 4 windows."""
+    monkeypatch.setattr(wa, "_wgmma_device", lambda device: hopper)
+    monkeypatch.setattr(wa, "TUNING", {})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (qkv, tau, bias), geometry = make_inputs(2, (2 * window[0], window[1]), window, (0, 0), 2, head_dim)
+    plan = wa._plan(qkv.to(dtype), tau.to(dtype), bias.to(dtype), *geometry)
+    for direction in ("fwd", "bwd"):
+        meta = plan[direction]["meta"]
+        assert meta["DOT_FP32"] == fp32_products and (meta["COS_PRECISION"] == "ieee") == fp32_products, meta
+        assert plan[direction]["num_warps"] == warps and meta["GPP"] == gpp, plan[direction]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_geometries(interpret, seed):
     """Windows from 1 x 2 to 8 x 8, 1-3 windows per axis, any shift, 1-4 heads, batch 1-3."""
@@ -371,9 +394,18 @@ def test_paper_shape_on_cuda_deterministic():
 
 
 @pytest.mark.gpu
-def test_automatic_choice_on_cuda_is_triton():
+def test_automatic_choice_on_cuda():
+    """Triton for small and float32 layers; the CUDA register kernels for the paper's bf16 layer at
+    batch 128 (where they were measured faster), when the extension can be built here."""
+    from audiomae import cuda_ext
+
     inputs, geometry = make_inputs(1, (8, 4), (4, 4), (2, 0), 2, 16, device="cuda")
     assert dispatch.choose("window_attention", *[t.float() for t in inputs], *geometry)[0] == "triton"
+    assert dispatch.choose("window_attention", *[t.bfloat16() for t in inputs], *geometry)[0] == "triton"
+    qkv = torch.randn(128, 512, 3 * 512, device="cuda", dtype=torch.bfloat16)
+    tau, bias = torch.ones(16, device="cuda"), torch.zeros(16, 16, 16, device="cuda")
+    expected = "cuda" if not cuda_ext.why_not() else "triton"
+    assert dispatch.choose("window_attention", qkv, tau, bias, (64, 8), (4, 4), (2, 0), 16)[0] == expected
 
 
 @pytest.mark.gpu

@@ -350,7 +350,10 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
     block_d = max(16, _next_pow2(D))
     # Triton's interpreter multiplies bfloat16 blocks as raw integers: there the products take the
     # operands rounded to the input dtype and widened back to float32, which is the same arithmetic.
-    dot_fp32 = qkv.dtype == torch.float32 or _interpreting()
+    # On Hopper GPUs, 16-bit tiles of 64 rows (windows of more than 32 tokens) would compile to wgmma,
+    # which faults with an illegal memory access there (Triton 3.6 on an H100, 8 x 8 windows): those
+    # take float32 products too, the arithmetic of the interpreter's path, on FMA units.
+    dot_fp32 = qkv.dtype == torch.float32 or _interpreting() or (A > 32 and _wgmma_device(qkv.device))
     n_windows = B * (T // wt) * (F // wf)
     # The cosines are computed to float32 accuracy whatever the input dtype: 1/tau (up to 100)
     # magnifies their rounding, and tau's gradient, a sum with cancellations, is the first to show it.
@@ -360,7 +363,7 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
                 DOT_PRECISION="ieee" if dot_fp32 else "tf32", COS_PRECISION=cos_precision)
     launches = {}
     for direction in ("fwd", "bwd"):
-        block_m, num_warps, gpp = _tile(A, block_d, qkv.dtype == torch.float32, direction == "bwd")
+        block_m, num_warps, gpp = _tile(A, block_d, dot_fp32, direction == "bwd")
         heads_fast = True
         override = TUNING.get(direction)
         if override:
@@ -380,18 +383,30 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
     return dict(n_windows=n_windows, A=A, C=C, **launches)
 
 
+_WGMMA: dict = {}  # CUDA device index -> whether it has wgmma (compute capability 9.x)
+
+
+def _wgmma_device(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WGMMA:
+        _WGMMA[index] = torch.cuda.get_device_capability(index)[0] == 9
+    return _WGMMA[index]
+
+
 def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int, int]:
     """(BLOCK_M, num_warps, GPP): rows of packed windows per program, warps, window groups per program.
 
     16-bit inputs: one window per program with as few warps as keep the tiles in registers. For
-    16-token windows and heads up to 64 wide that is one warp looping over 4 windows, loading the next
+    16-token windows and heads up to 32 wide that is one warp looping over 4 windows, loading the next
     window while the current one computes: on an H100 (``benchmarks/tune.py``, the paper's layer at
     batch 256, bf16, head_dim 32) the fastest tiling of the sweep in both directions, forward 0.214 ms
     and backward 0.502 ms against 0.291 ms and 0.980 ms with 2 warps and one window per program.
     Packed windows waste most of a block-diagonal score tile while more warps per tile add layout
     shuffles (``python -m benchmarks.aot`` counts registers, spills and instructions without a GPU).
-    Full-float32 products (no tf32) hold more registers: packed tiles, more warps, and with 8 x 8
-    windows (64 rows at least) some spills remain.
+    Float32 products (float32 inputs, and 16-bit windows of more than 32 tokens on Hopper) hold more
+    registers: packed tiles, more warps, and with 8 x 8 windows (64 rows at least) some spills remain.
     """
     if fp32:
         rows = 16 if (block_d > 64 and not backward) else 32
@@ -401,7 +416,7 @@ def _tile(area: int, block_d: int, fp32: bool, backward: bool) -> Tuple[int, int
     work = block_m * max(block_m, block_d)  # elements of the largest tile
     gpp = 1
     if not fp32:
-        if block_m == 16 and block_d <= 64:
+        if block_m == 16 and block_d <= 32:
             num_warps, gpp = 1, 4
         elif block_m <= 32 and block_d <= 64:
             num_warps = 2
