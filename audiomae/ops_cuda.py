@@ -10,17 +10,24 @@ Ops:
   (``smem``: every other shape; wmma tensor cores for float16/bfloat16 when the window area and
   head_dim are multiples of 16). The first applies wherever it can; ``AUDIOMAE_CUDA_WA_KERNEL=smem``
   (or ``mma``, or ``auto``) decides instead (:func:`window_attention_kernel`). The automatic order
-  stays ``("triton", "torch")`` (set in :mod:`audiomae.ops`) until a GPU benchmark
-  (``benchmarks/attention.py``) shows the CUDA kernels win; until then they run when asked for:
-  ``AUDIOMAE_BACKEND=cuda`` or ``audiomae.dispatch.set_backend("cuda", op="window_attention")``.
+  is ``("cuda", "triton", "torch")`` (set in :mod:`audiomae.ops`), and the automatic choice passes
+  over ``cuda`` except where its register kernels were measured faster than Triton's (16-bit layers
+  of at least :data:`MMA_MIN_PAIRS` (window, head) pairs; ``benchmarks/attention.py`` on an H100).
+  ``AUDIOMAE_BACKEND=cuda`` or ``audiomae.dispatch.set_backend("cuda", op="window_attention")``
+  forces it everywhere it can run.
 - ``random_masking_ids``: the release's unstructured masking ids (:func:`random_masking_ids`):
   ``torch`` (:func:`random_masking_ids_reference`, any device) and ``cuda`` (one launch: noise,
-  per-sample sort, ids_keep, ids_restore and mask). The automatic choice is ``torch`` until a GPU
-  benchmark says otherwise. With a ``seed`` both backends draw the same Philox4x32-10 bits and give
-  the same ids; with ``noise`` both give ``argsort(noise)`` with ties in index order.
+  per-sample sort, ids_keep, ids_restore and mask). The automatic choice is ``cuda`` on CUDA devices
+  (7x the release's torch path on an H100). With a ``seed`` both backends draw the same
+  Philox4x32-10 bits and give the same ids; with ``noise`` both give ``argsort(noise)`` with ties in
+  index order; with neither, ``torch`` draws ``torch.rand`` as the release and ``cuda`` Philox bits
+  from a seed of torch's CPU generator.
 
-Nothing here builds or imports the extension: that happens when a ``cuda`` op first runs
-(:func:`audiomae.cuda_ext.load`), and :func:`audiomae.cuda_ext.why_not` explains when it cannot.
+The first automatic choice of a ``cuda`` op builds the extension if needed; if that fails, a warning
+says why and the next backend runs.
+
+Importing this module builds and imports nothing: that happens when a ``cuda`` op is first chosen or
+run (:func:`audiomae.cuda_ext.load`), and :func:`audiomae.cuda_ext.why_not` explains when it cannot.
 """
 from __future__ import annotations
 
