@@ -116,12 +116,18 @@ def triton_fft(waves: torch.Tensor) -> torch.Tensor:
     return _triton_method(waves, "fft")
 
 
+def triton_split(waves: torch.Tensor) -> torch.Tensor:
+    """The fused Triton kernel with the DFT in two stages (16 x 32, twiddles folded into the second)."""
+    return _triton_method(waves, "split")
+
+
 VARIANTS: List[Tuple[str, Callable, Callable[[torch.device], Optional[str]], bool]] = [
     ("torchaudio kaldi.fbank, per clip", torchaudio_per_clip, _torchaudio_why_not, False),
     ("reference, per clip", reference_per_clip, lambda d: None, False),
     ("reference, batched", reference_batched, lambda d: None, True),
     ("triton (audiomae)", triton_fused, _triton_why_not, False),
     ("triton frames + FFT + mel (audiomae)", triton_fft, _triton_why_not, False),
+    ("triton split DFT (audiomae)", triton_split, _triton_why_not, False),
 ]
 
 
