@@ -291,6 +291,8 @@ def prepare_for_compile() -> bool:
             cuda_ext.load()
         except RuntimeError as e:  # a failed build: the other backends run, as in eager mode
             warnings.warn(f"audiomae: the CUDA extension is not used: {e}", RuntimeWarning, stacklevel=2)
+    if cuda_ext.is_loaded() and torch.cuda.is_available():
+        _device_info(torch.device("cuda"))  # the choice needs it, and tracing cannot query it
     return cuda_ext.is_loaded()
 
 

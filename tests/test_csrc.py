@@ -1152,3 +1152,23 @@ def test_prepare_for_compile_loads_only_a_wanted_and_buildable_extension(monkeyp
         monkeypatch.setattr(cuda_ext, "why_not", lambda: [])
         ops_cuda.prepare_for_compile()
         assert loads == [1]
+
+
+def test_prepare_for_compile_warns_when_the_build_fails_and_queries_the_gpu_once_loaded(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "_module", None)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "preference", lambda op: ("cuda", "triton", "torch"))
+    monkeypatch.setattr(cuda_ext, "why_not", lambda: [])
+
+    def failing_build():
+        raise RuntimeError("building the audiomae CUDA extension failed: nvcc exited with 1")
+
+    monkeypatch.setattr(cuda_ext, "load", failing_build)
+    with pytest.warns(RuntimeWarning, match="the CUDA extension is not used: building"):
+        assert ops_cuda.prepare_for_compile() is False
+    queried = []
+    monkeypatch.setattr(cuda_ext, "load", lambda: None)
+    monkeypatch.setattr(cuda_ext, "is_loaded", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ops_cuda, "_device_info", lambda device: queried.append(device.type))
+    assert ops_cuda.prepare_for_compile() is True and queried == ["cuda"]
