@@ -44,8 +44,8 @@ class Implementation:
     # same arguments -> reasons the automatic choice passes over it although it can run (measured
     # slower on these inputs); a forced backend ignores them
     passed_over: Callable[..., List[str]] = None  # type: ignore[assignment]
-    # run once before the automatic choice first takes it (e.g. a just-in-time build); an exception
-    # makes the choice fall through to the next backend with a warning
+    # run each time before the automatic choice takes it (e.g. a just-in-time build; cheap once
+    # done); an exception makes the choice fall through to the next backend with a warning
     prepare: Optional[Callable[[], object]] = None
 
 
@@ -63,7 +63,8 @@ def register(op: str, backend: str, fn: Callable, why_not: Optional[Callable[...
              prepare: Optional[Callable[[], object]] = None) -> None:
     """Declare ``fn`` as ``op``'s implementation on ``backend``; ``why_not`` tells when it cannot run,
     ``passed_over`` when the automatic choice should take a later backend although this one can run
-    (it is slower there), and ``prepare`` (e.g. a build) runs before the automatic choice first takes it."""
+    (it is slower there), and ``prepare`` (e.g. a build, cheap once done) runs before the automatic
+    choice takes it."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, why_not or _always, passed_over or _always, prepare)
