@@ -277,25 +277,19 @@ def _fbank_split_kernel(
         x_im = x_im - tl.dot(a_re, s2, input_precision="ieee")
         power = x_re * x_re + x_im * x_im  # [16 k1, BLOCK_T, 16 k2]
         power = tl.reshape(tl.permute(power, (1, 2, 0)), [BLOCK_T, 256])  # bin k1 + 16 k2
-        kk = tl.arange(0, 256)
-        # the mel projection, log, padding rows and normalisation, MEL_CHUNK filters at a time
-        for m0 in tl.static_range(0, BLOCK_MEL, MEL_CHUNK):
-            offs_mel = m0 + tl.arange(0, MEL_CHUNK)
-            mel = tl.load(mel_ptr + kk[:, None] * BLOCK_MEL + offs_mel[None, :])
-            energy = tl.dot(power, mel, input_precision="ieee")
-            value = tl.where(valid_t[:, None], tl.log(tl.maximum(energy, FLOOR)), 0.0)
-            if NORMALIZE:
-                value = tl.div_rn(value - NORM_MEAN, NORM_SCALE)
-            tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + offs_mel[None, :] * s_of,
-                     value.to(out_ptr.dtype.element_ty), mask=(t < T_OUT)[:, None] & (offs_mel < NMEL)[None, :])
-    else:  # rows past the clip's last frame: padding, 0 before normalisation
-        for m0 in tl.static_range(0, BLOCK_MEL, MEL_CHUNK):
-            offs_mel = m0 + tl.arange(0, MEL_CHUNK)
-            value = tl.full((BLOCK_T, MEL_CHUNK), 0.0, tl.float32)
-            if NORMALIZE:
-                value = tl.div_rn(value - NORM_MEAN, NORM_SCALE)
-            tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + offs_mel[None, :] * s_of,
-                     value.to(out_ptr.dtype.element_ty), mask=(t < T_OUT)[:, None] & (offs_mel < NMEL)[None, :])
+    else:  # rows past the clip's last frame only: padding
+        power = tl.full((BLOCK_T, 256), 0.0, tl.float32)
+    kk = tl.arange(0, 256)
+    # the mel projection, log, padding rows and normalisation, MEL_CHUNK filters at a time
+    for m0 in tl.static_range(0, BLOCK_MEL, MEL_CHUNK):
+        offs_mel = m0 + tl.arange(0, MEL_CHUNK)
+        mel = tl.load(mel_ptr + kk[:, None] * BLOCK_MEL + offs_mel[None, :])
+        energy = tl.dot(power, mel, input_precision="ieee")
+        value = tl.where(valid_t[:, None], tl.log(tl.maximum(energy, FLOOR)), 0.0)  # padding rows: 0
+        if NORMALIZE:
+            value = tl.div_rn(value - NORM_MEAN, NORM_SCALE)
+        tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + offs_mel[None, :] * s_of,
+                 value.to(out_ptr.dtype.element_ty), mask=(t < T_OUT)[:, None] & (offs_mel < NMEL)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,18 +358,14 @@ def _split_constants(device: torch.device, num_mel_bins: int):
     mel_t = torch.zeros(N_FFT // 2, block_mel, dtype=torch.float64)
     mel_t[:, :num_mel_bins] = mel[:, : N_FFT // 2].t()
 
-    def table(rows: int, cols: int, period: int, scale: int):
-        i = torch.arange(rows, dtype=torch.int64)[:, None]
-        j = torch.arange(cols, dtype=torch.int64)[None, :]
-        angle = 2.0 * math.pi * ((i * j * scale) % period).to(torch.float64) / period  # exact reduction
+    def unit(phase: torch.Tensor, period: int):  # cos, sin of 2 pi phase / period, reduced exactly
+        angle = 2.0 * math.pi * (phase % period).to(torch.float64) / period
         return torch.cos(angle), torch.sin(angle)
 
-    c16, s16 = table(16, 16, 16, 1)
-    k1 = torch.arange(16, dtype=torch.int64)[:, None, None]
+    i16 = torch.arange(16, dtype=torch.int64)
+    c16, s16 = unit(i16[:, None] * i16[None, :], 16)  # [n1, k1]
     n2 = torch.arange(32, dtype=torch.int64)[None, :, None]
-    k2 = torch.arange(16, dtype=torch.int64)[None, None, :]
-    angle = 2.0 * math.pi * ((n2 * (k1 + 16 * k2)) % N_FFT).to(torch.float64) / N_FFT  # [k1, n2, k2]
-    c2, s2 = torch.cos(angle), torch.sin(angle)
+    c2, s2 = unit(n2 * (i16[:, None, None] + 16 * i16[None, None, :]), N_FFT)  # [k1, n2, k2]
     f32 = [t.to(torch.float32).contiguous().to(device) for t in (_hann(N_FFT), c16, s16, c2, s2, mel_t)]
     return (*f32, block_mel)
 
