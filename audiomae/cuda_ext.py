@@ -18,8 +18,8 @@ Command line::
     python -m audiomae.cuda_ext --emulator        # build the kernels as host code (csrc/emulate.h)
 
 Sources: ``audiomae_cuda.h`` (the C launch API: plain pointers, sizes, strides, a stream),
-``window_attention.cu`` and ``random_masking.cu`` (kernels and launchers; only the CUDA toolkit's
-headers), ``bindings.cpp`` (pybind11 module through ``torch/extension.h``; no CUDA headers, so it
+``window_attention.cu``, ``random_masking.cu`` and ``fbank.cu`` (kernels and launchers; only the CUDA
+toolkit's headers), ``bindings.cpp`` (pybind11 module through ``torch/extension.h``; no CUDA headers, so it
 compiles against a CPU build of torch too).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 
 EXT_NAME = "audiomae_cuda"
 PREBUILT = "audiomae._cuda_ext"
-CUDA_SOURCES = ("window_attention.cu", "random_masking.cu")
+CUDA_SOURCES = ("window_attention.cu", "random_masking.cu", "fbank.cu")
 CPP_SOURCES = ("bindings.cpp",)
 HEADERS = ("audiomae_cuda.h", "common.cuh", "mma.cuh", "window_attention_mma.cuh")
 EMULATOR_SOURCES = ("emulate.h", "emulate_main.cpp")

@@ -209,3 +209,5 @@ dispatch.register("fbank_features", "triton", _triton_fbank_features, _fbank_why
 # it takes 1.26 ms and the Triton kernel 1.67 ms (benchmarks/results/). The kernel stays selectable
 # with the "triton" backend.
 dispatch.set_preference("fbank_features", ())
+
+from . import ops_cuda  # noqa: E402,F401  (registers the cuda backends: fbank_features, random_masking_ids)

@@ -3,8 +3,9 @@ Kaldi fbank, pad/cut to 1024 frames, AudioSet normalisation).
 
 Variants: torchaudio's ``compliance.kaldi.fbank`` one clip at a time (the release's data loader;
 when torchaudio is importable), the package's PyTorch reference one clip at a time and batched
-(:func:`audiomae.audio.waveform_to_input` on ``[B, N]``, the reference row), and the fused Triton
-op (:func:`audiomae.ops_step.fbank_features` with the ``triton`` backend). Every variant's output is
+(:func:`audiomae.audio.waveform_to_input` on ``[B, N]``, the reference row), the fused Triton op
+(:func:`audiomae.ops_step.fbank_features` with the ``triton`` backend, each of its methods) and the
+CUDA kernel (the ``cuda`` backend: ``csrc/fbank.cu``, built on first use). Every variant's output is
 checked against a float64 computation before it is timed.
 
 ``clips/s`` = B / time; ``RTF`` (real-time factor) = compute time / audio duration (lower is faster).
@@ -121,6 +122,22 @@ def triton_split(waves: torch.Tensor) -> torch.Tensor:
     return _triton_method(waves, "split")
 
 
+def _cuda_why_not(device) -> Optional[str]:
+    probe = torch.zeros(1, 400, device=device)
+    try:
+        reasons = dispatch.reasons("fbank_features", probe, TARGET_LENGTH, "audioset")["cuda"]
+    except KeyError as e:
+        return f"no CUDA fbank_features in the dispatch ({e})"
+    return "; ".join(reasons) or None
+
+
+def cuda_fused(waves: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernel: float32 framing, a float64 four-step FFT per frame, power, mel, log, pad,
+    normalise in one launch."""
+    with dispatch.use_backend("cuda", op="fbank_features"):
+        return _fused_op()(waves, TARGET_LENGTH, "audioset")
+
+
 VARIANTS: List[Tuple[str, Callable, Callable[[torch.device], Optional[str]], bool]] = [
     ("torchaudio kaldi.fbank, per clip", torchaudio_per_clip, _torchaudio_why_not, False),
     ("reference, per clip", reference_per_clip, lambda d: None, False),
@@ -128,6 +145,7 @@ VARIANTS: List[Tuple[str, Callable, Callable[[torch.device], Optional[str]], boo
     ("triton (audiomae)", triton_fused, _triton_why_not, False),
     ("triton frames + FFT + mel (audiomae)", triton_fft, _triton_why_not, False),
     ("triton split DFT (audiomae)", triton_split, _triton_why_not, False),
+    ("cuda FFT (audiomae)", cuda_fused, _cuda_why_not, False),
 ]
 
 

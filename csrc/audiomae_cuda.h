@@ -91,6 +91,29 @@ int am_random_masking(int batch, int length, int len_keep, uint64_t seed, uint64
                       const float* noise, int64_t noise_stride_b, int64_t noise_stride_l,
                       int64_t* ids_keep, int64_t* ids_restore, float* mask, int device, void* stream);
 
+/* Kaldi-compatible log-mel filterbank (the release's front end) of 16 kHz clips, written as the model
+ * input: wave [batch, samples] float32 (any strides) minus clip_mean[b] (NULL: 0), frames of 400 samples
+ * every 160 (snip_edges), DC removal, pre-emphasis 0.97, window[400], 512-point power spectrum,
+ * mel filter m = sum over q < mel_off[m + 1] - mel_off[m] of mel_w[mel_off[m] + q] * power[mel_lo[m] + q]
+ * (bins <= 255), log(max(e, float32 eps)), then (v - norm_mean) / norm_scale
+ * when normalize is 1. out [batch, t_out, num_mel] (strides in elements, any dtype of am_dtype): row t
+ * holds frame t for t < 1 + (samples - 400) / 160, padding (0 before normalisation) after it.
+ * twiddle [32 * 16 * 2] float64: cos and sin of 2 pi (n2 * k1 mod 512) / 512 at 2 (n2 * 16 + k1) and the
+ * next element. */
+typedef struct {
+  int dtype; /* am_dtype of out */
+  int device;
+  int batch, t_out, num_mel, normalize;
+  int64_t samples;
+  int64_t wave_stride_b, wave_stride_n;
+  int64_t out_stride_b, out_stride_t, out_stride_m;
+  float norm_mean, norm_scale;
+} am_fbank_args;
+
+int am_fbank(const am_fbank_args* args, const float* wave, const float* clip_mean, const float* window,
+             const double* twiddle, const int* mel_lo, const int* mel_off, const float* mel_w, void* out,
+             void* stream);
+
 /* Philox4x32-10 (Random123), for tests of the generator: out[0..3] for counter ctr[0..3], key[0..1]. */
 void am_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -177,10 +178,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_ids(int64_t batch,
   return {keep, restore, mask};
 }
 
+// The log-mel model input of 16 kHz clips, written into out [B, 1, T, M] (allocated by the caller).
+void fbank(const at::Tensor& wave, const at::Tensor& clip_mean, const at::Tensor& window, const at::Tensor& twiddle,
+           const at::Tensor& mel_lo, const at::Tensor& mel_off, const at::Tensor& mel_w,
+           at::Tensor& out, bool normalize, double norm_mean, double norm_scale, int64_t stream) {
+  TORCH_CHECK(wave.is_cuda() && wave.scalar_type() == at::kFloat && wave.dim() == 2,
+              "wave must be a float32 CUDA tensor [B, N], got ", wave.sizes());
+  const int64_t B = wave.size(0), M = out.dim() == 4 ? out.size(3) : -1;
+  TORCH_CHECK(wave.size(1) >= 400, "fbank needs at least 400 samples per clip, got ", wave.size(1));
+  TORCH_CHECK(out.device() == wave.device() && out.dim() == 4 && out.size(0) == B && out.size(1) == 1 && M >= 1,
+              "out must be [B, 1, T, M] on the waves' device, got ", out.sizes());
+  TORCH_CHECK(B <= std::numeric_limits<int>::max() && out.size(2) <= std::numeric_limits<int>::max() &&
+                  M <= std::numeric_limits<int>::max(),
+              "fbank sizes out of range");
+  auto table = [&](const at::Tensor& t, at::ScalarType type, int64_t n, const char* name) {
+    TORCH_CHECK(t.device() == wave.device() && t.scalar_type() == type && t.is_contiguous() && t.dim() == 1 &&
+                    (n < 0 || t.size(0) == n),
+                name, " must be a contiguous 1-D ", type, " tensor", n >= 0 ? " of " : "", n >= 0 ? std::to_string(n) : "",
+                " on the waves' device, got ", t.sizes());
+  };
+  table(clip_mean, at::kFloat, B, "clip_mean");
+  table(window, at::kFloat, 400, "window");
+  table(twiddle, at::kDouble, 1024, "twiddle");
+  table(mel_lo, at::kInt, M, "mel_lo");
+  table(mel_off, at::kInt, M + 1, "mel_off");
+  table(mel_w, at::kFloat, -1, "mel_w");
+  am_fbank_args a{};
+  a.dtype = dtype_code(out);
+  a.device = wave.get_device();
+  a.batch = (int)B;
+  a.t_out = (int)out.size(2);
+  a.num_mel = (int)M;
+  a.normalize = normalize ? 1 : 0;
+  a.samples = wave.size(1);
+  a.wave_stride_b = wave.stride(0);
+  a.wave_stride_n = wave.stride(1);
+  a.out_stride_b = out.stride(0);
+  a.out_stride_t = out.stride(2);
+  a.out_stride_m = out.stride(3);
+  a.norm_mean = (float)norm_mean;
+  a.norm_scale = (float)norm_scale;
+  check_status(am_fbank(&a, wave.data_ptr<float>(), clip_mean.data_ptr<float>(), window.data_ptr<float>(),
+                        twiddle.data_ptr<double>(), mel_lo.data_ptr<int>(),
+                        mel_off.data_ptr<int>(), mel_w.data_ptr<float>(), out.data_ptr(), as_stream(stream)),
+               "fbank");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "audiomae CUDA kernels: shifted-window cosine attention and random masking";
+  m.doc() = "audiomae CUDA kernels: shifted-window cosine attention, random masking and the fbank front end";
   m.def("window_attention_fwd", &window_attention_fwd, "window attention forward", py::arg("qkv"), py::arg("tau_c"),
         py::arg("bias"), py::arg("grid"), py::arg("window"), py::arg("shift"), py::arg("heads"), py::arg("stream"),
         py::arg("poison") = false);
@@ -193,6 +240,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("random_masking_ids", &random_masking_ids, "unstructured random masking", py::arg("batch"),
         py::arg("length"), py::arg("len_keep"), py::arg("noise"), py::arg("device"), py::arg("seed"),
         py::arg("offset"), py::arg("stream"), py::arg("poison") = false);
+  m.def("fbank", &fbank, "Kaldi log-mel filterbank of 16 kHz clips (the model input)", py::arg("wave"),
+        py::arg("clip_mean"), py::arg("window"), py::arg("twiddle"), py::arg("mel_lo"),
+        py::arg("mel_off"), py::arg("mel_w"), py::arg("out"), py::arg("normalize"),
+        py::arg("norm_mean"), py::arg("norm_scale"), py::arg("stream"));
   m.attr("max_window_area") = AM_WA_MAX_AREA;
   m.attr("max_head_dim") = AM_WA_MAX_HEAD_DIM;
   m.attr("max_mask_length") = AM_MASK_MAX_LENGTH;

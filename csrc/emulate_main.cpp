@@ -7,6 +7,9 @@
 //                  dtau_partial.bin, dbias_partial.bin
 //     op=mask      [noise.bin] -> ids_keep.bin ids_restore.bin mask.bin
 //     op=philox    c0..c3 k0 k1 -> prints the four output words
+//     op=fbank     wave.bin [clip_mean.bin] window.bin twiddle.bin mel_lo.bin mel_off.bin mel_w.bin
+//                  -> out.bin (out_elems elements); the fields of am_fbank_args, norm_mean
+//                  and norm_scale as the bits of float32 values
 // Window attention arguments are the fields of am_wa_args (dtype, batch, grid_t, ...). Output
 // buffers start filled with 0xFF bytes (NaN, or -1 for integers) so unwritten elements show. Prints
 // rc=<status> (0 on success) and exits 0 unless the files are unusable.
@@ -178,6 +181,36 @@ int main(int argc, char** argv) {
     write_file("ids_keep.bin", ids_keep);
     write_file("ids_restore.bin", ids_restore);
     write_file("mask.bin", mask);
+  } else if (op == "fbank") {
+    am_fbank_args a{};
+    a.dtype = (int)arg("dtype");
+    a.device = 0;
+    a.batch = (int)arg("batch");
+    a.t_out = (int)arg("t_out");
+    a.num_mel = (int)arg("num_mel");
+    a.normalize = (int)arg("normalize");
+    a.samples = arg("samples");
+    a.wave_stride_b = arg("wave_stride_b");
+    a.wave_stride_n = arg("wave_stride_n");
+    a.out_stride_b = arg("out_stride_b");
+    a.out_stride_t = arg("out_stride_t");
+    a.out_stride_m = arg("out_stride_m");
+    const uint32_t mean_bits = (uint32_t)uarg("norm_mean_bits"), scale_bits = (uint32_t)uarg("norm_scale_bits");
+    std::memcpy(&a.norm_mean, &mean_bits, 4);
+    std::memcpy(&a.norm_scale, &scale_bits, 4);
+    const bool has_mean = arg("has_clip_mean", 0, false) != 0;
+    std::vector<unsigned char> mean_data;
+    if (has_mean) mean_data = read_file("clip_mean.bin");
+    Buffer wave(read_file("wave.bin")), clip_mean(mean_data), window(read_file("window.bin"));
+    Buffer twiddle(read_file("twiddle.bin"));
+    Buffer mel_lo(read_file("mel_lo.bin")), mel_off(read_file("mel_off.bin")), mel_w(read_file("mel_w.bin"));
+    Buffer out((size_t)arg("out_elems") * element_size(a.dtype));
+    rc = am_fbank(&a, reinterpret_cast<const float*>(wave.p),
+                  has_mean ? reinterpret_cast<const float*>(clip_mean.p) : nullptr,
+                  reinterpret_cast<const float*>(window.p), reinterpret_cast<const double*>(twiddle.p),
+                  reinterpret_cast<const int*>(mel_lo.p),
+                  reinterpret_cast<const int*>(mel_off.p), reinterpret_cast<const float*>(mel_w.p), out.p, nullptr);
+    write_file("out.bin", out);
   } else if (op == "philox") {
     const uint32_t ctr[4] = {(uint32_t)uarg("c0"), (uint32_t)uarg("c1"), (uint32_t)uarg("c2"), (uint32_t)uarg("c3")};
     const uint32_t key[2] = {(uint32_t)uarg("k0"), (uint32_t)uarg("k1")};

@@ -11,19 +11,20 @@ Without a GPU nothing compiled for CUDA can run, so the kernels are checked thre
   accesses), with outputs and shared memory poisoned with NaN, when g++ is installed;
 - ``gpu`` tests build the extension and compare it with the references on a CUDA device.
 """
+import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from audiomae import cuda_ext, dispatch, ops_cuda
+from audiomae import cuda_ext, dispatch, ops_cuda, ops_step
 from audiomae.reference import shift_mask, window_attention_reference, window_geometry
-from audiomae.reference.step import random_masking_ids as release_random_masking_ids
+from audiomae.reference.step import fbank_features_reference, random_masking_ids as release_random_masking_ids
+from emulation import SANITIZERS, EmulatedFbank, build_emulators, emulate, float_bits, from_raw as _from_raw, raw as _raw
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -257,11 +258,13 @@ def test_fake_implementations_give_shapes_and_dtypes_without_a_gpu():
         grads = torch.ops.audiomae.window_attention_cuda_bwd(out, qkv, tau, bias, [16, 8], [4, 4], [2, 0], 2)
         assert out.is_contiguous() and all(g.is_contiguous() for g in grads)  # as the binding allocates them
         ids = torch.ops.audiomae.random_masking_ids_cuda(4, 512, 102, torch.device("cuda", 0), None, 1, 0)
+        spec = ops_cuda._fbank_op()(torch.empty(3, 160000, device="cuda"), 1024, True, -4.27, 4.57, torch.bfloat16, 128)
     assert out.shape == (2, 128, 64) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
     assert [(tuple(g.shape), g.dtype) for g in grads] == [((2, 128, 192), torch.bfloat16), ((2,), torch.float32),
                                                           ((2, 16, 16), torch.bfloat16)]
     assert [(tuple(t.shape), t.dtype) for t in ids] == [((4, 102), torch.int64), ((4, 512), torch.int64),
                                                         ((4, 512), torch.float32)]
+    assert spec.shape == (3, 1, 1024, 128) and spec.dtype == torch.bfloat16 and spec.device.type == "cuda"
     assert not cuda_ext.is_loaded()
 
 
@@ -404,68 +407,16 @@ def test_register_kernels_compile_without_spilling_in_the_loop(arch):
 # ----------------------------------------------------------------------------------------------
 # the kernels as host code (csrc/emulate.h) under sanitizers
 # ----------------------------------------------------------------------------------------------
-SANITIZERS = ("thread", "address")
-_EMU_ENV = dict(ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1",
-                UBSAN_OPTIONS="print_stacktrace=1")
-
-
 @pytest.fixture(scope="module")
 def emulators(request, tmp_path_factory):
     """{sanitizer: executable} for the sanitizers that build and start here (cached between runs)."""
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("g++ not installed (the emulated kernels are C++20 host code)")
-    cache = getattr(request.config, "cache", None)
-    directory = Path(cache.mkdir("audiomae-emulator")) if cache is not None else tmp_path_factory.mktemp("emu")
-    out, why = {}, []
-    for san in SANITIZERS:
-        try:
-            exe = cuda_ext.build_emulator(san, directory)
-            emulate(exe, dict(op="philox", c0=0, c1=0, c2=0, c3=0, k0=0, k1=0), {})
-            out[san] = exe
-        except Exception as e:  # a sanitizer runtime missing or refusing this kernel's memory layout
-            why.append(f"{san}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
-    if not out:
-        pytest.skip("no sanitizer build of the emulator runs here: " + "; ".join(why))
-    return out
+    return build_emulators(request, tmp_path_factory)
 
 
 def _emulator(emulators, san):
     if san not in emulators:
         pytest.skip(f"the {san} sanitizer build does not run here")
     return emulators[san]
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    """The bytes from t's first element to its last (strides kept), as the kernel reads them."""
-    t = t.detach().cpu()
-    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
-    flat = t.as_strided((span,), (1,), t.storage_offset()).clone()
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.view(torch.int16)
-    return flat.numpy().tobytes()
-
-
-def _from_raw(data: bytes, dtype, shape) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    view = torch.int16 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return torch.frombuffer(bytearray(data), dtype=view).view(dtype).reshape(shape).clone()
-
-
-def emulate(exe, args, files, env=None, stderr=None):
-    """Run one launch-API call of the emulated kernels: (stdout, {output name: bytes}); ``stderr``, a
-    list, receives the run's stderr."""
-    with tempfile.TemporaryDirectory(prefix="audiomae-emu-") as d:
-        Path(d, "args.txt").write_text(" ".join(f"{k}={v}" for k, v in args.items()))
-        for name, data in files.items():
-            Path(d, name).write_bytes(data)
-        p = subprocess.run([str(exe), d], capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, **_EMU_ENV, **(env or {})))
-        if p.returncode != 0:
-            raise AssertionError(f"emulated kernel failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr[-6000:]}")
-        if stderr is not None:
-            stderr.append(p.stderr)
-        return p.stdout, {n: Path(d, n).read_bytes() for n in os.listdir(d) if n.endswith(".bin") and n not in files}
 
 
 def _wa_args(qkv, grid, window, shift, heads):
@@ -936,6 +887,86 @@ def test_emulated_masking_special_values_and_races(emulators):
     want = ops_cuda.random_masking_ids_reference(2, 512, 102, seed=99)
     for g, w in zip(got, want):
         assert torch.equal(g, w.to(g.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# the fbank kernel (csrc/fbank.cu); tests/test_fbank_kernel.py runs its accuracy tests too
+# ----------------------------------------------------------------------------------------------
+def test_fbank_tables_hold_the_reference_constants():
+    from audiomae.audio import _fbank_constants, _nyquist_edges
+
+    window, twiddle, mel_lo, mel_off, mel_w = ops_cuda.fbank_tables(torch.device("cpu"), 128)
+    ref_window, ref_mel_t = _fbank_constants(torch.device("cpu"), torch.float32, 16000.0, 128, 400, 512,
+                                             *_nyquist_edges(16000.0, 20.0, 0.0))  # what fbank() uses
+    assert torch.equal(window, ref_window)
+    dense = torch.zeros(128, 257)
+    for m in range(128):
+        lo, o0, o1 = int(mel_lo[m]), int(mel_off[m]), int(mel_off[m + 1])
+        dense[m, lo:lo + o1 - o0] = mel_w[o0:o1]
+    assert torch.equal(dense, ref_mel_t.t()) and int(mel_off[-1]) == mel_w.numel()
+    assert int(mel_off[-1]) < 600  # the filters' non-zero spans, not 128 x 257
+    k = torch.arange(512)
+    angle = 2 * math.pi * ((k // 16) * (k % 16) % 512).double() / 512
+    assert twiddle.dtype == torch.float64 and torch.equal(twiddle.view(512, 2), torch.stack([angle.cos(), angle.sin()], 1))
+
+
+def _fbank_launch_args(**over):
+    args = dict(op="fbank", dtype=0, batch=1, t_out=4, num_mel=128, normalize=0, samples=1000, wave_stride_b=1000,
+                wave_stride_n=1, out_stride_b=512, out_stride_t=128, out_stride_m=1,
+                norm_mean_bits=float_bits(0.0), norm_scale_bits=float_bits(1.0), has_clip_mean=0, out_elems=512)
+    args.update(over)
+    return args
+
+
+def _fbank_files(samples=1000):
+    window, twiddle, mel_lo, mel_off, mel_w = ops_cuda.fbank_tables(torch.device("cpu"), 128)
+    return {"wave.bin": _raw(torch.randn(samples)), "window.bin": _raw(window), "twiddle.bin": _raw(twiddle),
+            "mel_lo.bin": _raw(mel_lo), "mel_off.bin": _raw(mel_off), "mel_w.bin": _raw(mel_w)}
+
+
+@pytest.mark.parametrize("bad", [dict(samples=399, wave_stride_b=399), dict(t_out=0), dict(num_mel=0),
+                                 dict(norm_scale_bits=float_bits(0.0)), dict(dtype=7), dict(batch=-1)],
+                         ids=["short-clip", "no-rows", "no-filters", "zero-scale", "bad-dtype", "negative-batch"])
+def test_emulated_fbank_refuses_bad_arguments(emulators, bad):
+    stdout, _ = emulate(_emulator(emulators, "address"), _fbank_launch_args(**bad), _fbank_files())
+    assert "rc=-1 " in stdout, stdout
+
+
+def _emulated_fbank(monkeypatch, exe):
+    ext = EmulatedFbank(exe)
+    monkeypatch.setattr(cuda_ext, "load", lambda: ext)
+    monkeypatch.setattr(ops_cuda, "_stream", lambda device: 0)
+    monkeypatch.setattr(ops_cuda, "POISON_OUTPUTS", True)
+    return ext
+
+
+@pytest.mark.parametrize("san", SANITIZERS)
+def test_emulated_fbank_strided_batch_with_partial_blocks(emulators, monkeypatch, san):
+    """Three clips read through a stride of 2 (the op passes strides through), 37 frames (the last
+    block of 16 frames partly past the clip) padded to 45 rows, ESC-50 statistics, bfloat16 output;
+    under ThreadSanitizer the shared buffers reused from frame to frame must be ordered by the
+    warp barriers."""
+    ext = _emulated_fbank(monkeypatch, _emulator(emulators, san))
+    base = 0.1 * torch.randn(3, 2 * 6200)
+    base[1] *= torch.linspace(0, 1, base.shape[1]) ** 2
+    waves = base[:, ::2]
+    assert waves.stride(1) == 2
+    out = ops_cuda.fbank_features_cuda(waves, 45, "esc50", out_dtype=torch.bfloat16)
+    ref = fbank_features_reference(waves.contiguous(), 45, "esc50")
+    assert ext.calls == 1 and out.shape == ref.shape == (3, 1, 45, 128) and out.dtype == torch.bfloat16
+    assert ((out.double() - ref.double()).abs() <= 1e-4 + 2.0 ** -8 * ref.double().abs()).all()
+    assert torch.equal(out[:, :, 37:], torch.full_like(out[:, :, 37:], (0 + 6.6268077) / (2 * 5.358466)))
+
+
+def test_fbank_dispatch_on_cpu(monkeypatch):
+    wave = torch.randn(2, 4000)
+    assert "cuda" in dispatch.reasons("fbank_features", wave, 128)
+    assert any("CUDA tensors" in r for r in dispatch.reasons("fbank_features", wave, 128)["cuda"])
+    assert any("float64" in r for r in dispatch.reasons("fbank_features", wave.double(), 128)["cuda"])
+    assert dispatch.choose("fbank_features", wave, 128)[0] == "torch"
+    with dispatch.use_backend("cuda", op="fbank_features"):
+        with pytest.raises(dispatch.BackendUnavailableError, match="CUDA tensors"):
+            ops_step.fbank_features(wave, 128)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""The fused log-mel kernel against the reference front end (audiomae.audio), a float64 computation
+"""The fused log-mel kernels against the reference front end (audiomae.audio), a float64 computation
 and torchaudio's output (the fixture waves): accuracy, padding / cutting, normalisation, output
 dtypes, silence, the dispatch.
 
-Without a GPU the kernel runs under Triton's interpreter on CPU tensors (the autouse ``interpret``
-fixture sets ``TRITON_INTERPRET=1`` for each test; the kernel module is imported inside the tests).
-With a GPU the same tests run on CUDA tensors. Output buffers start as NaN, so an unwritten element fails.
+Every test runs for each Triton method and for the CUDA kernel (csrc/fbank.cu). Without a GPU the
+Triton kernels run under Triton's interpreter on CPU tensors (the autouse ``interpret`` fixture sets
+``TRITON_INTERPRET=1`` for each test; the kernel module is imported inside the tests) and the CUDA
+kernel as host code (csrc/emulate.h, built with AddressSanitizer); with a GPU the same tests run on
+CUDA tensors. Output buffers start as NaN, so an unwritten element fails.
 """
 import importlib
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -16,9 +19,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 import audiomae.audio as A  # noqa: E402
-from audiomae import dispatch, ops_step  # noqa: E402
+from audiomae import cuda_ext, dispatch, ops_cuda, ops_step  # noqa: E402
 from audiomae.reference.step import fbank_features_reference  # noqa: E402
 from conftest import DATA  # noqa: E402
+from emulation import EmulatedFbank, build_emulators  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["speech", "chirp_10s", "quiet_noise_0.5s", "one_frame_559"]
@@ -37,14 +41,41 @@ def interpret(monkeypatch):
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch, interpret):
     monkeypatch.setattr(kernel_module(), "POISON_OUTPUTS", True)
+    monkeypatch.setattr(ops_cuda, "POISON_OUTPUTS", True)
 
 
-@pytest.fixture(autouse=True, params=["dft", "fft", "split"])
+@pytest.fixture(scope="module")
+def cuda_kernel(request, tmp_path_factory):
+    """What runs the CUDA kernel here: the extension on a GPU, else the emulated kernel."""
+    if DEVICE == "cuda":
+        reasons = cuda_ext.why_not()
+        if reasons:
+            pytest.skip("the CUDA extension cannot be used here: " + "; ".join(reasons))
+        return cuda_ext.load()
+    return EmulatedFbank(build_emulators(request, tmp_path_factory, ("address",))["address"])
+
+
+@pytest.fixture(autouse=True, params=["dft", "fft", "split", "cuda"])
 def method(request, monkeypatch):
-    """Every test runs with each way of computing the DFT (one kernel over the dense basis, frames +
-    FFT + mel, or one kernel with a 16 x 32 split DFT)."""
-    monkeypatch.setitem(kernel_module().TUNING, "method", request.param)
+    """Every test runs with each way of computing the DFT: Triton kernels with one kernel over the
+    dense basis, frames + FFT + mel, or one kernel with a 16 x 32 split DFT; the CUDA kernel."""
+    if request.param == "cuda":
+        ext = request.getfixturevalue("cuda_kernel")
+        if DEVICE == "cpu":
+            monkeypatch.setattr(cuda_ext, "load", lambda: ext)
+            monkeypatch.setattr(ops_cuda, "_stream", lambda device: 0)
+    else:
+        monkeypatch.setitem(kernel_module().TUNING, "method", request.param)
+    monkeypatch.setattr(sys.modules[__name__], "METHOD", request.param)
     return request.param
+
+
+METHOD = "dft"  # the method of the running test (the `method` fixture sets it)
+
+
+def triton_only(method):
+    if method == "cuda":
+        pytest.skip("a test of the Triton kernels")
 
 
 def kernel_module():
@@ -52,7 +83,8 @@ def kernel_module():
 
 
 def kernel(*args, **kwargs):
-    return kernel_module().fbank_features(*args, **kwargs)
+    fn = ops_cuda.fbank_features_cuda if METHOD == "cuda" else kernel_module().fbank_features
+    return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +134,8 @@ def test_fixture_waves(kaldi, name, method):
     frames = 1 + (wave.numel() - 400) // 160
     assert out.shape == (1, frames, 128) and out.dtype == torch.float32
     err64 = check_float32_accuracy(out[0], wave)
-    if method in ("dft", "split"):  # float32 products over bases rounded once from float64
-        assert err64 < 2e-3
+    if method in ("dft", "split", "cuda"):  # float32 products over bases rounded once from float64, or a
+        assert err64 < 2e-3                 # float64 FFT of the float32 frames
     else:  # the FFT of the device (cuFFT on GPUs), as the reference's on the same device: at most 1.5 x
         # that reference's own distance to float64
         own = (A.fbank(wave.float() - wave.float().mean()).double() - float64_fbank(wave)).abs().max().item()
@@ -112,7 +144,7 @@ def test_fixture_waves(kaldi, name, method):
     # torchaudio (the release's front end): the same hard cap as the reference's own test
     assert (out - fixture).abs().max() < 5e-3
     assert ((out - fixture).abs() <= 1e-4).double().mean() > 0.97
-    if method in ("dft", "split"):
+    if method in ("dft", "split", "cuda"):
         # the default's bound: within 1e-3 nats of the reference front end, except where the reference's own
         # float32 FFT is further than that from the float64 value (deep spectral valleys of the chirp)
         ref32 = fbank_features_reference(wave.cpu(), None, None)[0].double()
@@ -164,12 +196,13 @@ def test_model_input_matches_waveform_to_input(kaldi, target_length, stats, out_
             assert abs(padded[0, 0, 0, 0].item() - 0.467032) < 1e-3
 
 
-def test_single_clip_shape_and_public_op(kaldi):
+def test_single_clip_shape_and_public_op(kaldi, method):
     wave = kaldi["speech"][0][:20000].to(DEVICE)
     out = kernel(wave, 128)
     assert out.shape == (1, 128, 128)
-    with dispatch.use_backend("triton", op="fbank_features"):
-        assert torch.equal(ops_step.fbank_features(wave, 128), out)
+    if method != "cuda" or DEVICE == "cuda":  # the dispatch takes the CUDA kernel for CUDA tensors only
+        with dispatch.use_backend("cuda" if method == "cuda" else "triton", op="fbank_features"):
+            assert torch.equal(ops_step.fbank_features(wave, 128), out)
     with dispatch.use_backend("torch", op="fbank_features"):
         ref = ops_step.fbank_features(wave, 128)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-3 / (2 * 4.5689974))
@@ -185,9 +218,10 @@ def test_other_mel_counts(kaldi, mels):
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
-def test_gpu_tiling(kaldi, monkeypatch, precision):
+def test_gpu_tiling(kaldi, monkeypatch, method, precision):
     """32-frame tiles: a full tile, a tile that ends inside the clip, and a tile of padding only;
     with each float32-accurate product precision."""
+    triton_only(method)
     monkeypatch.setattr(kernel_module(), "_blocks", lambda: (32, 32, 64, 4, precision))
     waves = clips(kaldi, n=1, length=8000)  # 48 frames
     for target in (80, 40):
@@ -200,7 +234,8 @@ def test_gpu_tiling(kaldi, monkeypatch, precision):
 # ----------------------------------------------------------------------------------------------
 # errors and dispatch
 # ----------------------------------------------------------------------------------------------
-def test_unknown_method_is_refused(monkeypatch):
+def test_unknown_method_is_refused(monkeypatch, method):
+    triton_only(method)
     monkeypatch.setitem(kernel_module().TUNING, "method", "fast")
     with pytest.raises(ValueError, match="fbank method must be one of"):
         kernel(torch.randn(1, 4000, device=DEVICE), 20, "audioset")
@@ -219,14 +254,16 @@ def test_errors():
         kernel(torch.zeros(1000, device=DEVICE), stats="nosuchset")
 
 
-def test_custom_op_schema_and_fake_impl():
+def test_custom_op_schema_and_fake_impl(method):
     kernel_module()  # registers the op
+    op = ops_cuda._fbank_op() if method == "cuda" else torch.ops.audiomae.fbank_features
     for args in [(torch.randn(2, 4000, device=DEVICE), -1, True, -4.0, 4.0, torch.bfloat16, 128),
                  (torch.randn(1, 2000, device=DEVICE), 20, False, 0.0, 1.0, torch.float32, 64)]:
-        torch.library.opcheck(torch.ops.audiomae.fbank_features, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_dispatch_reasons(monkeypatch):
+def test_dispatch_reasons(monkeypatch, method):
+    triton_only(method)
     wave = torch.randn(2, 4000, device=DEVICE)
     assert "fbank_features" in dispatch.registered_ops()
     # the batched reference is the automatic choice (faster on an H100); the kernel is selectable
@@ -264,8 +301,9 @@ def test_audioset_batch_cuda(kaldi):
 
 
 @pytest.mark.gpu
-def test_torch_compile_traces_fbank():
+def test_torch_compile_traces_fbank(method):
     waves = torch.randn(2, 16000, device="cuda") * 0.1
-    op = kernel_module().fbank_features  # resolved outside the traced function
+    # resolved outside the traced function
+    op = ops_cuda.fbank_features_cuda if method == "cuda" else kernel_module().fbank_features
     fn = torch.compile(lambda w: op(w, 128, "audioset"), fullgraph=True)
     torch.testing.assert_close(fn(waves), kernel(waves, 128, "audioset"), rtol=0, atol=0)
