@@ -357,7 +357,7 @@ def emulator_command(output: Path, sanitizer: Optional[str] = None, cxx: str = "
         raise RuntimeError("csrc/ not found next to the audiomae package")
     san = {None: [], "thread": ["-fsanitize=thread"], "address": ["-fsanitize=address,undefined",
                                                                   "-fno-sanitize-recover=undefined"]}[sanitizer]
-    return [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-DAUDIOMAE_EMULATE", *san, f"-I{src}",
+    return [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-ffp-contract=off", "-DAUDIOMAE_EMULATE", *san, f"-I{src}",
             "-x", "c++", *[str(src / f) for f in CUDA_SOURCES], "-x", "none", str(src / "emulate_main.cpp"),
             "-o", str(output)]
 
@@ -371,7 +371,7 @@ def build_emulator(sanitizer: Optional[str] = None, directory: Optional[Path] = 
     h = hashlib.sha256()
     for f in CUDA_SOURCES + HEADERS + EMULATOR_SOURCES:
         h.update((src / f).read_bytes())
-    h.update(f"{sanitizer}|{cxx}".encode())
+    h.update(" ".join(emulator_command(Path("exe"), sanitizer, cxx)).encode())  # the flags too
     directory = Path(directory) if directory else cache_root() / "emulator"
     directory.mkdir(parents=True, exist_ok=True)
     exe = directory / f"emulate-{sanitizer or 'plain'}-{h.hexdigest()[:16]}"

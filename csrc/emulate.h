@@ -252,6 +252,7 @@ inline void warp_release() { warp_barrier(); }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }  // the emulator builds with -ffp-contract=off
 
 inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline __half __ushort_as_half(unsigned short x) { return __half{x}; }

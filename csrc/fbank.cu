@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kWarps * 32) fbank_kernel(
       if (n < kWin) {
         const float prev = n > 0 ? x0[(n - 1) * wave_sn] - mean_c : x[0];
         const float d = x[j] - mean, d_prev = prev - mean;
-        y = (d - kPreemph * d_prev) * window[n];
+        y = (d - __fmul_rn(kPreemph, d_prev)) * window[n];  // rounded product, not an FMA: the reference's
       }
       re[j] = (double)y;
       im[j] = 0.0;
