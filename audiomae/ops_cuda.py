@@ -498,6 +498,10 @@ dispatch.set_preference("random_masking_ids", ("cuda",))
 # fbank
 # ----------------------------------------------------------------------------------------------
 FBANK_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# tuning knobs read by the launch function (csrc/audiomae_cuda.h): warps per block (1, 2 or 4) and
+# frames per warp (1..64); unset: 4 and 4
+FBANK_WARPS_ENV = "AUDIOMAE_CUDA_FBANK_WARPS"
+FBANK_FRAMES_PER_WARP_ENV = "AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP"
 _FBANK_WIN, _FBANK_NFFT = 400, 512
 
 
@@ -548,6 +552,11 @@ def _fbank_cuda_why_not(waveforms, target_length=1024, stats="audioset", out_dty
         out.append("waveforms require grad (the kernel is not differentiable)")
     if out_dtype not in FBANK_OUT_DTYPES:
         out.append(f"out_dtype {out_dtype} (the kernel writes float32, bfloat16, float16)")
+    warps, frames = os.environ.get(FBANK_WARPS_ENV, ""), os.environ.get(FBANK_FRAMES_PER_WARP_ENV, "")
+    if warps and warps not in ("1", "2", "4"):
+        out.append(f"{FBANK_WARPS_ENV}={warps!r}: expected 1, 2 or 4 (or unset)")
+    if frames and not (frames.isdigit() and 1 <= int(frames) <= 64):
+        out.append(f"{FBANK_FRAMES_PER_WARP_ENV}={frames!r}: expected an integer from 1 to 64 (or unset)")
     return out
 
 

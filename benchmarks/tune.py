@@ -8,7 +8,8 @@ input sets in rotation). Attention rows time the whole op (``ms``) and its kerne
 (``kernel_ms``: the op's launch replayed, see :func:`benchmarks.aot.captured`). ``cuda`` times the
 CUDA op's window-attention kernels (register and shared-memory sets, csrc/) through the extension's
 launch functions, for several windows per warp (``AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP``), each checked
-against the Triton kernels first. Prints one markdown table per kernel, best first, and writes
+against the Triton kernels first. ``fbank`` sweeps the Triton methods' tilings and the CUDA kernel's
+launch shapes (``AUDIOMAE_CUDA_FBANK_WARPS`` x ``AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP``). Prints one markdown table per kernel, best first, and writes
 ``tune.json`` when ``--out`` is given. The defaults in ``audiomae/kernels`` and ``csrc/`` come from
 these sweeps.
 """
@@ -201,6 +202,33 @@ def fbank(batch: int) -> List[Dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     fk.TUNING.clear()
+    rows += cuda_fbank(waves, ref, batch)
+    return rows
+
+
+def cuda_fbank(waves: List[torch.Tensor], ref: torch.Tensor, batch: int) -> List[Dict]:
+    """The CUDA fbank kernel's launch shapes: warps per block x frames per warp (the launch function
+    reads them from the environment at each call)."""
+    from audiomae import cuda_ext, ops_cuda
+    from audiomae.audio import DATASET_STATS
+
+    why = cuda_ext.why_not()
+    if why:
+        print(f"cuda fbank: not run ({'; '.join(why)})", flush=True)
+        return []
+    rows = []
+    for warps, fpw in itertools.product((1, 2, 4), (1, 2, 4, 8, 16)):
+        row = dict(kernel="fbank", batch=batch, method="cuda", num_warps=warps, frames_per_warp=fpw)
+        with environ(**{ops_cuda.FBANK_WARPS_ENV: str(warps), ops_cuda.FBANK_FRAMES_PER_WARP_ENV: str(fpw)}):
+            try:
+                got = ops_cuda.fbank_features_cuda(waves[0], 1024, "audioset")
+                err = ((got - ref).abs().max() * 2 * DATASET_STATS["audioset"].std).item()
+                ms = _median_ms(lambda i: ops_cuda.fbank_features_cuda(waves[i], 1024, "audioset"), len(waves))
+                row.update(max_log_err=err, ms=ms, clips_per_s=batch / ms * 1e3)
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -263,8 +291,8 @@ def main(argv=None) -> int:
                                                                  "max_diff_vs_triton"], "gbps"))
     if "fbank" in only:
         print(f"\n## fbank, batch {args.fbank_batch} x 10 s\n")
-        print(_table(fb, ["method", "block_t_frames", "block_t", "block_s", "block_k", "num_warps", "precision",
-                          "max_log_err"], "clips_per_s"))
+        print(_table(fb, ["method", "block_t_frames", "block_t", "block_s", "block_k", "num_warps", "frames_per_warp",
+                          "precision", "max_log_err"], "clips_per_s"))
     print(f"\ntune: {time.time() - t0:.0f} s", file=sys.stderr)
     return 0
 

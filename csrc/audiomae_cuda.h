@@ -23,7 +23,8 @@ enum am_status {
   AM_ERR_SHARED_MEM = -2,   /* the window / head size needs more shared memory than the device has */
   AM_ERR_KERNEL_CHOICE = -3, /* AUDIOMAE_CUDA_WA_KERNEL names no kernel, or one that does not apply */
   AM_ERR_WINDOWS_PER_WARP = -4, /* AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP is not an integer in 1..64 */
-  AM_ERR_PLAN = -5              /* the caller's partial-sum buffers do not match the launch's plan */
+  AM_ERR_PLAN = -5,             /* the caller's partial-sum buffers do not match the launch's plan */
+  AM_ERR_FBANK_TUNING = -6      /* AUDIOMAE_CUDA_FBANK_WARPS or AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP is invalid */
 };
 
 /* Limits of the window attention kernels (the Python side repeats them in audiomae/ops_cuda.py). */
@@ -98,6 +99,8 @@ int am_random_masking(int batch, int length, int len_keep, uint64_t seed, uint64
  * (bins <= 255), log(max(e, float32 eps)), then (v - norm_mean) / norm_scale
  * when normalize is 1. out [batch, t_out, num_mel] (strides in elements, any dtype of am_dtype): row t
  * holds frame t for t < 1 + (samples - 400) / 160, padding (0 before normalisation) after it.
+ * Tuning knobs (read at each launch; unset: 4 and 4): AUDIOMAE_CUDA_FBANK_WARPS = 1, 2 or 4 warps per
+ * block, AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP = 1..64 frames per warp; other values: AM_ERR_FBANK_TUNING.
  * twiddle [32 * 16 * 2] float64: cos and sin of 2 pi (n2 * k1 mod 512) / 512 at 2 (n2 * 16 + k1) and the
  * next element. */
 typedef struct {

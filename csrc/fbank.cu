@@ -1,7 +1,9 @@
 // Kaldi-compatible log-mel filterbank on the GPU: waveforms -> the normalised model input in one launch.
 //
-// One warp per frame (400 samples every 160, snip_edges); each block takes kWarps * kFramesPerWarp
-// consecutive frames of one clip, warp w the frames first + w, first + w + kWarps, ...
+// One warp per frame (400 samples every 160, snip_edges); each block of W warps takes W * F
+// consecutive frames of one clip, warp w the frames first + w, first + w + W, ... (W = 4 and F = 4
+// unless AUDIOMAE_CUDA_FBANK_WARPS = 1, 2 or 4 and AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP = 1..64 say
+// otherwise: tuning knobs).
 //
 // Per frame:
 //  1. in float32 and in the reference's order: samples minus the clip mean (the caller's), the frame
@@ -22,6 +24,8 @@
 // the rounding of the float32 samples that the reference computes too (1.2e-3 nats from float64 at
 // worst on that fixture). The FFT is about 600 float64 operations per lane and frame, a few percent of
 // the dense DFT's work.
+#include <cstdlib>
+
 #include "common.cuh"
 
 namespace am {
@@ -29,8 +33,8 @@ namespace fb {
 
 constexpr int kWin = 400;
 constexpr int kShift = 160;
-constexpr int kWarps = 4;          // warps per block
-constexpr int kFramesPerWarp = 4;  // frames each warp takes in a block
+constexpr int kMaxWarps = 4;       // warps per block: at most 4 (39 KB of shared memory), 4 unless tuned
+constexpr int kFramesPerWarp = 4;  // frames each warp takes in a block, unless tuned
 constexpr int kLd = 34;            // row stride (elements) of the transpose buffers: conflict-free both ways
 constexpr int kTransposeElems = 16 * kLd;
 constexpr int kPowerFloats = 256;  // bins 0..255
@@ -113,27 +117,27 @@ __device__ __forceinline__ double cos32(int k) {
 __device__ __forceinline__ double sin32(int k) { return k <= 8 ? cos32(8 - k) : cos32(k - 8); }
 
 template <typename OutT>
-__global__ void __launch_bounds__(kWarps * 32) fbank_kernel(
+__global__ void __launch_bounds__(kMaxWarps * 32) fbank_kernel(
     const float* __restrict__ wave, int64_t wave_sb, int64_t wave_sn, const float* __restrict__ clip_mean,
-    int chunks, int frames, int t_out, int num_mel, const float* __restrict__ window,
+    int chunks, int frames_per_warp, int frames, int t_out, int num_mel, const float* __restrict__ window,
     const double* __restrict__ twiddle, const int* __restrict__ mel_lo, const int* __restrict__ mel_off,
     const float* __restrict__ mel_w, OutT* __restrict__ out, int64_t out_sb, int64_t out_st, int64_t out_sm,
     int normalize, float norm_mean, float norm_scale) {
   AM_DYNAMIC_SMEM(smem);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   double* t_re = reinterpret_cast<double*>(smem + warp * kWarpBytes);  // [16 k1][kLd], columns n2
   double* t_im = t_re + kTransposeElems;
   float* power = reinterpret_cast<float*>(t_im + kTransposeElems);  // [256] bins
   const int64_t b = blockIdx.x / chunks;
-  const int first = (blockIdx.x % chunks) * (kWarps * kFramesPerWarp) + warp;
+  const int first = (blockIdx.x % chunks) * (warps * frames_per_warp) + warp;
   const float* clip = wave + b * wave_sb;
   OutT* rows = out + b * out_sb;
   const float pad = normalize ? (0.0f - norm_mean) / norm_scale : 0.0f;
   const float mean_c = clip_mean != nullptr ? clip_mean[b] : 0.0f;
   const int k1 = lane >> 1, odd = lane & 1;  // the column and half of the second stage
 
-  for (int it = 0; it < kFramesPerWarp; ++it) {
-    const int t = first + it * kWarps;  // the same for the whole warp
+  for (int it = 0; it < frames_per_warp; ++it) {
+    const int t = first + it * warps;  // the same for the whole warp
     if (t >= t_out) break;
     if (t >= frames) {  // padding row
       for (int m = lane; m < num_mel; m += 32) rows[(int64_t)t * out_st + m * out_sm] = from_float<OutT>(pad);
@@ -206,19 +210,29 @@ __global__ void __launch_bounds__(kWarps * 32) fbank_kernel(
   }
 }
 
+// A tuning knob from the environment: unset or empty gives `fallback`; a value outside `allowed` -1.
+int knob(const char* name, int fallback, int lo, int hi, bool power_of_two) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == 0) return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  const bool ok = *end == 0 && v >= lo && v <= hi && (!power_of_two || (v & (v - 1)) == 0);
+  return ok ? (int)v : -1;
+}
+
 template <typename OutT>
-int launch(const am_fbank_args* a, const float* wave, const float* clip_mean, const float* window,
-           const double* twiddle, const int* mel_lo, const int* mel_off, const float* mel_w, void* out,
-           void* stream) {
-  const int per_block = kWarps * kFramesPerWarp;
+int launch(const am_fbank_args* a, int warps, int frames_per_warp, const float* wave, const float* clip_mean,
+           const float* window, const double* twiddle, const int* mel_lo, const int* mel_off, const float* mel_w,
+           void* out, void* stream) {
+  const int per_block = warps * frames_per_warp;
   const int chunks = (a->t_out + per_block - 1) / per_block;
   const int frames = (int)(1 + (a->samples - kWin) / kShift);
-  const size_t smem = kWarpBytes * kWarps;  // 39 KB
+  const size_t smem = kWarpBytes * warps;  // 9.5 KB per warp
   DeviceGuard guard(a->device);
   auto kernel = fbank_kernel<OutT>;
-  AM_LAUNCH(kernel, dim3((unsigned)((int64_t)chunks * a->batch)), dim3(kWarps * 32), smem, stream, wave,
-            a->wave_stride_b, a->wave_stride_n, clip_mean, chunks, frames, a->t_out, a->num_mel, window,
-            twiddle, mel_lo, mel_off, mel_w, static_cast<OutT*>(out), a->out_stride_b, a->out_stride_t,
+  AM_LAUNCH(kernel, dim3((unsigned)((int64_t)chunks * a->batch)), dim3(warps * 32), smem, stream, wave,
+            a->wave_stride_b, a->wave_stride_n, clip_mean, chunks, frames_per_warp, frames, a->t_out, a->num_mel,
+            window, twiddle, mel_lo, mel_off, mel_w, static_cast<OutT*>(out), a->out_stride_b, a->out_stride_t,
             a->out_stride_m, a->normalize, a->norm_mean, a->norm_scale);
   return (int)cudaGetLastError();
 }
@@ -234,9 +248,11 @@ int am_fbank(const am_fbank_args* a, const float* wave, const float* clip_mean, 
   if (a == nullptr || a->batch < 0 || a->samples < am::fb::kWin || a->t_out < 1 || a->num_mel < 1 ||
       !(a->norm_scale != 0.0f))
     return AM_ERR_ARGS;
+  const int warps = am::fb::knob("AUDIOMAE_CUDA_FBANK_WARPS", am::fb::kMaxWarps, 1, am::fb::kMaxWarps, true);
+  const int fpw = am::fb::knob("AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP", am::fb::kFramesPerWarp, 1, 64, false);
+  if (warps < 0 || fpw < 0) return AM_ERR_FBANK_TUNING;
   const int64_t frames = 1 + (a->samples - am::fb::kWin) / am::fb::kShift;
-  const int64_t chunks = (a->t_out + am::fb::kWarps * am::fb::kFramesPerWarp - 1) /
-                         (am::fb::kWarps * am::fb::kFramesPerWarp);
+  const int64_t chunks = (a->t_out + (int64_t)warps * fpw - 1) / ((int64_t)warps * fpw);
   if (frames > (int64_t)1 << 30 || chunks * a->batch > (int64_t)0x7fffffff) return AM_ERR_ARGS;
   if (a->batch == 0) return AM_OK;
   if (wave == nullptr || window == nullptr || twiddle == nullptr || mel_lo == nullptr || mel_off == nullptr ||
@@ -244,11 +260,14 @@ int am_fbank(const am_fbank_args* a, const float* wave, const float* clip_mean, 
     return AM_ERR_ARGS;
   switch (a->dtype) {
     case AM_FLOAT32:
-      return am::fb::launch<float>(a, wave, clip_mean, window, twiddle, mel_lo, mel_off, mel_w, out, stream);
+      return am::fb::launch<float>(a, warps, fpw, wave, clip_mean, window, twiddle, mel_lo, mel_off, mel_w, out,
+                                   stream);
     case AM_FLOAT16:
-      return am::fb::launch<__half>(a, wave, clip_mean, window, twiddle, mel_lo, mel_off, mel_w, out, stream);
+      return am::fb::launch<__half>(a, warps, fpw, wave, clip_mean, window, twiddle, mel_lo, mel_off, mel_w, out,
+                                    stream);
     case AM_BFLOAT16:
-      return am::fb::launch<__nv_bfloat16>(a, wave, clip_mean, window, twiddle, mel_lo, mel_off, mel_w, out, stream);
+      return am::fb::launch<__nv_bfloat16>(a, warps, fpw, wave, clip_mean, window, twiddle, mel_lo, mel_off, mel_w,
+                                           out, stream);
     default:
       return AM_ERR_ARGS;
   }

@@ -139,6 +139,9 @@ const char* am_error_string(int code) {
     case AM_ERR_PLAN:
       return "the partial-sum buffers were sized for another launch plan (did AUDIOMAE_CUDA_WA_KERNEL or "
              "AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP change during the call?)";
+    case AM_ERR_FBANK_TUNING:
+      return "AUDIOMAE_CUDA_FBANK_WARPS must be 1, 2 or 4 and AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP an integer from 1 "
+             "to 64 (or unset)";
     default:
       return cudaGetErrorString(static_cast<cudaError_t>(code));
   }

@@ -932,6 +932,20 @@ def test_emulated_fbank_refuses_bad_arguments(emulators, bad):
     assert "rc=-1 " in stdout, stdout
 
 
+@pytest.mark.parametrize("env", [dict(AUDIOMAE_CUDA_FBANK_WARPS="3"), dict(AUDIOMAE_CUDA_FBANK_WARPS="8"),
+                                 dict(AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP="0"),
+                                 dict(AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP="65"),
+                                 dict(AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP="4x")],
+                         ids=["warps-3", "warps-8", "frames-0", "frames-65", "frames-text"])
+def test_emulated_fbank_refuses_bad_tuning_knobs(emulators, monkeypatch, env):
+    stdout, _ = emulate(_emulator(emulators, "address"), _fbank_launch_args(), _fbank_files(), env=env)
+    assert "rc=-6 AUDIOMAE_CUDA_FBANK_WARPS must be 1, 2 or 4" in stdout, stdout
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    why = dispatch.reasons("fbank_features", torch.zeros(1, 1000), 4)["cuda"]
+    assert any(name in r and repr(value) in r for r in why for name, value in env.items()), why
+
+
 def _emulated_fbank(monkeypatch, exe):
     ext = EmulatedFbank(exe)
     monkeypatch.setattr(cuda_ext, "load", lambda: ext)
@@ -956,6 +970,22 @@ def test_emulated_fbank_strided_batch_with_partial_blocks(emulators, monkeypatch
     assert ext.calls == 1 and out.shape == ref.shape == (3, 1, 45, 128) and out.dtype == torch.bfloat16
     assert ((out.double() - ref.double()).abs() <= 1e-4 + 2.0 ** -8 * ref.double().abs()).all()
     assert torch.equal(out[:, :, 37:], torch.full_like(out[:, :, 37:], (0 + 6.6268077) / (2 * 5.358466)))
+
+
+def test_emulated_fbank_launch_shapes_give_the_same_bits(emulators, monkeypatch):
+    """Warps per block and frames per warp only change which warp computes a frame: every launch
+    shape gives the same output, bit for bit, on 43 frames (blocks ending inside the clip, in the
+    padding, past the rows)."""
+    _emulated_fbank(monkeypatch, _emulator(emulators, "address"))
+    waves = 0.1 * torch.randn(2, 7300)
+    outs = []
+    for warps, frames in ((4, 4), (1, 1), (2, 3), (4, 64), (1, 7)):
+        monkeypatch.setenv("AUDIOMAE_CUDA_FBANK_WARPS", str(warps))
+        monkeypatch.setenv("AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP", str(frames))
+        outs.append(ops_cuda.fbank_features_cuda(waves, 50, "audioset"))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    ref = fbank_features_reference(waves, 50, "audioset")
+    torch.testing.assert_close(outs[0], ref, rtol=0, atol=1e-3 / (2 * 4.5689974))
 
 
 def test_fbank_dispatch_on_cpu(monkeypatch):
