@@ -507,8 +507,8 @@ _FBANK_WIN, _FBANK_NFFT = 400, 512
 
 @functools.lru_cache(maxsize=16)
 def fbank_tables(device: torch.device, num_mel_bins: int):
-    """The kernel's constant tables on ``device``: (window [400] float32, twiddles [32 * 16 * 2] float64:
-    cos and sin of ``2 pi (n2 k1 mod 512) / 512`` at ``2 (n2 * 16 + k1)``, each filter's first weighted bin
+    """The kernel's constant tables on ``device``: (window [400] float32, twiddles [2 * 16 * 32] float64:
+    cos of ``2 pi (n2 k1 mod 512) / 512`` at ``k1 * 32 + n2`` and its sin 512 entries later, each filter's first weighted bin
     ``mel_lo`` [M] int32, offsets ``mel_off`` [M + 1] int32 into the weights ``mel_w`` (float32,
     the filter's bins from its first to its last non-zero weight)). Window and filters are the
     reference's float32 values. Raises ValueError if a filter weights the Nyquist bin (Kaldi's never
@@ -517,10 +517,10 @@ def fbank_tables(device: torch.device, num_mel_bins: int):
 
     n = torch.arange(_FBANK_WIN, dtype=torch.float64)
     window = (0.5 - 0.5 * torch.cos(2.0 * math.pi * n / (_FBANK_WIN - 1))).to(torch.float32)
-    n2 = torch.arange(32, dtype=torch.int64)[:, None]
-    k1 = torch.arange(16, dtype=torch.int64)[None, :]
+    k1 = torch.arange(16, dtype=torch.int64)[:, None]
+    n2 = torch.arange(32, dtype=torch.int64)[None, :]
     angle = 2.0 * math.pi * ((n2 * k1) % _FBANK_NFFT).to(torch.float64) / _FBANK_NFFT
-    twiddle = torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1).flatten()
+    twiddle = torch.cat([torch.cos(angle).flatten(), torch.sin(angle).flatten()])
     mel = mel_filterbank(int(num_mel_bins), _FBANK_NFFT).to(torch.float32)  # [M, 257], the reference's weights
     lo, off, weights = [], [0], []
     for row in mel:
@@ -613,6 +613,9 @@ def fbank_features_cuda(waveforms: torch.Tensor, target_length: Optional[int] = 
         raise ValueError(f"out_dtype must be one of {FBANK_OUT_DTYPES}, got {out_dtype}")
     if waveforms.dim() not in (1, 2):
         raise ValueError(f"waveforms must be [N] or [B, N], got shape {tuple(waveforms.shape)}")
+    if not waveforms.dtype.is_floating_point:
+        raise ValueError(f"waveforms must hold float samples, got {waveforms.dtype} (audiomae.audio.load_audio "
+                         "gives float samples in [-1, 1])")
     if waveforms.shape[-1] < _FBANK_WIN:
         raise ValueError(f"waveform too short for fbank: {waveforms.shape[-1]} samples, but one frame of 25 ms "
                          f"at 16000 Hz needs {_FBANK_WIN} samples")
@@ -629,3 +632,8 @@ def fbank_features_cuda(waveforms: torch.Tensor, target_length: Optional[int] = 
 
 
 dispatch.register("fbank_features", "cuda", fbank_features_cuda, _fbank_cuda_why_not, prepare=cuda_ext.load)
+
+# The custom ops are registered at import (which builds and loads nothing): a registration made
+# inside a region that torch.compile traces would break the graph.
+_ops()
+_fbank_op()

@@ -101,8 +101,10 @@ int am_random_masking(int batch, int length, int len_keep, uint64_t seed, uint64
  * holds frame t for t < 1 + (samples - 400) / 160, padding (0 before normalisation) after it.
  * Tuning knobs (read at each launch; unset: 4 and 4): AUDIOMAE_CUDA_FBANK_WARPS = 1, 2 or 4 warps per
  * block, AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP = 1..64 frames per warp; other values: AM_ERR_FBANK_TUNING.
- * twiddle [32 * 16 * 2] float64: cos and sin of 2 pi (n2 * k1 mod 512) / 512 at 2 (n2 * 16 + k1) and the
- * next element. */
+ * twiddle [2 * 16 * 32] float64: cos of 2 pi (n2 * k1 mod 512) / 512 at k1 * 32 + n2, its sin 512 later.
+ * The tables are trusted (audiomae.ops_cuda.fbank_tables builds them): every filter's bins lie in 0..255
+ * and mel_off is non-decreasing up to the length of mel_w. t_out <= 2^30; norm_mean and norm_scale finite,
+ * norm_scale non-zero. */
 typedef struct {
   int dtype; /* am_dtype of out */
   int device;

@@ -178,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_ids(int64_t batch,
   return {keep, restore, mask};
 }
 
-// The log-mel model input of 16 kHz clips, written into out [B, 1, T, M] (allocated by the caller).
+// The log-mel model input of 16 kHz clips, written into out [B, 1, T, M] (allocated by the caller). The
+// tables are those of audiomae.ops_cuda.fbank_tables: their sizes are checked, their contents trusted.
 void fbank(const at::Tensor& wave, const at::Tensor& clip_mean, const at::Tensor& window, const at::Tensor& twiddle,
            const at::Tensor& mel_lo, const at::Tensor& mel_off, const at::Tensor& mel_w,
            at::Tensor& out, bool normalize, double norm_mean, double norm_scale, int64_t stream) {
@@ -188,6 +189,7 @@ void fbank(const at::Tensor& wave, const at::Tensor& clip_mean, const at::Tensor
   TORCH_CHECK(wave.size(1) >= 400, "fbank needs at least 400 samples per clip, got ", wave.size(1));
   TORCH_CHECK(out.device() == wave.device() && out.dim() == 4 && out.size(0) == B && out.size(1) == 1 && M >= 1,
               "out must be [B, 1, T, M] on the waves' device, got ", out.sizes());
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), "out must not overlap itself (every element is written once)");
   TORCH_CHECK(B <= std::numeric_limits<int>::max() && out.size(2) <= std::numeric_limits<int>::max() &&
                   M <= std::numeric_limits<int>::max(),
               "fbank sizes out of range");

@@ -10,7 +10,8 @@
 //     mean removed, pre-emphasis y[n] = x[n] - 0.97 x[n-1] (x[-1] = x[0]), the Hann window;
 //  2. the 512-point real DFT in float64 as a four-step FFT, 512 = 16 x 32 with n = 32 n1 + n2 and
 //     k = k1 + 16 k2: lane n2 holds y[32 n1 + n2] for n1 = 0..15 (the coalesced load order) and takes
-//     their 16-point DFT in registers, times the twiddles W512^(n2 k1) (a float64 table); a transpose
+//     their 16-point DFT in registers, times the twiddles W512^(n2 k1) (a float64 table, read
+//     coalesced: entry k1 * 32 + n2); a transpose
 //     through shared memory gives lanes 2 k1 and 2 k1 + 1 the even and odd n2 of column k1, each
 //     takes the 16-point DFT of its half and the pair combines them (one shuffle per value) into bins
 //     k1 + 16 k2, k2 = 0..15: bins 0..255 (Kaldi's filters give the Nyquist bin 256 no weight);
@@ -24,6 +25,7 @@
 // the rounding of the float32 samples that the reference computes too (1.2e-3 nats from float64 at
 // worst on that fixture). The FFT is about 600 float64 operations per lane and frame, a few percent of
 // the dense DFT's work.
+#include <cmath>
 #include <cstdlib>
 
 #include "common.cuh"
@@ -170,7 +172,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fbank_kernel(
     // 2a. 16-point DFTs over n1, then the twiddles W512^(n2 k1)
     dft16(re, im);
 #pragma unroll
-    for (int k = 1; k < 16; ++k) rotate(re[k], im[k], twiddle[(lane * 16 + k) * 2], twiddle[(lane * 16 + k) * 2 + 1]);
+    for (int k = 1; k < 16; ++k) rotate(re[k], im[k], twiddle[k * 32 + lane], twiddle[512 + k * 32 + lane]);
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       t_re[k * kLd + lane] = re[k];
@@ -200,9 +202,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fbank_kernel(
     // 3. mel projection, log, normalisation
     for (int m = lane; m < num_mel; m += 32) {
       const int lo = mel_lo[m], o0 = mel_off[m], o1 = mel_off[m + 1];
-      float e = 0.0f;
+      // 0, or NaN when a sample is NaN or infinite: the reference's energies are all NaN then (its
+      // product over all bins sees 0 * NaN), those of filters without bins included
+      float e = mean - mean;
       for (int q = o0; q < o1; ++q) e += mel_w[q] * power[lo + q - o0];
-      float v = logf(fmaxf(e, kFloor));
+      float v = logf(e < kFloor ? kFloor : e);  // NaN stays NaN, as the reference's clamp_min keeps it
       if (normalize) v = (v - norm_mean) / norm_scale;
       rows[(int64_t)t * out_st + m * out_sm] = from_float<OutT>(v);
     }
@@ -225,7 +229,7 @@ int launch(const am_fbank_args* a, int warps, int frames_per_warp, const float* 
            const float* window, const double* twiddle, const int* mel_lo, const int* mel_off, const float* mel_w,
            void* out, void* stream) {
   const int per_block = warps * frames_per_warp;
-  const int chunks = (a->t_out + per_block - 1) / per_block;
+  const int chunks = (int)(((int64_t)a->t_out + per_block - 1) / per_block);
   const int frames = (int)(1 + (a->samples - kWin) / kShift);
   const size_t smem = kWarpBytes * warps;  // 9.5 KB per warp
   DeviceGuard guard(a->device);
@@ -245,8 +249,8 @@ extern "C" {
 int am_fbank(const am_fbank_args* a, const float* wave, const float* clip_mean, const float* window,
              const double* twiddle, const int* mel_lo, const int* mel_off, const float* mel_w, void* out,
              void* stream) {
-  if (a == nullptr || a->batch < 0 || a->samples < am::fb::kWin || a->t_out < 1 || a->num_mel < 1 ||
-      !(a->norm_scale != 0.0f))
+  if (a == nullptr || a->batch < 0 || a->samples < am::fb::kWin || a->t_out < 1 || a->t_out > (1 << 30) ||
+      a->num_mel < 1 || !std::isfinite(a->norm_mean) || !std::isfinite(a->norm_scale) || a->norm_scale == 0.0f)
     return AM_ERR_ARGS;
   const int warps = am::fb::knob("AUDIOMAE_CUDA_FBANK_WARPS", am::fb::kMaxWarps, 1, am::fb::kMaxWarps, true);
   const int fpw = am::fb::knob("AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP", am::fb::kFramesPerWarp, 1, 64, false);

@@ -176,7 +176,10 @@ def test_import_builds_and_loads_nothing():
             "bad = [m for m in sys.modules if m.startswith(('audiomae_cuda', 'audiomae._cuda_ext', '_cuda_ext'))]\n"
             "assert not bad, bad\n"
             "assert 'torch.utils.cpp_extension' not in sys.modules\n"
-            "assert not hasattr(__import__('torch').ops.audiomae, 'window_attention_cuda_fwd')\n")
+            # the custom ops are registered (torch.compile cannot trace a first registration), nothing built
+            "ops = __import__('torch').ops.audiomae\n"
+            "assert all(hasattr(ops, n) for n in ('window_attention_cuda_fwd', 'window_attention_cuda_bwd',\n"
+            "                                     'random_masking_ids_cuda', 'fbank_features_cuda'))\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
@@ -905,9 +908,11 @@ def test_fbank_tables_hold_the_reference_constants():
         dense[m, lo:lo + o1 - o0] = mel_w[o0:o1]
     assert torch.equal(dense, ref_mel_t.t()) and int(mel_off[-1]) == mel_w.numel()
     assert int(mel_off[-1]) < 600  # the filters' non-zero spans, not 128 x 257
-    k = torch.arange(512)
-    angle = 2 * math.pi * ((k // 16) * (k % 16) % 512).double() / 512
-    assert twiddle.dtype == torch.float64 and torch.equal(twiddle.view(512, 2), torch.stack([angle.cos(), angle.sin()], 1))
+    # entry k1 * 32 + n2: W512^(n2 k1) = cos - i sin, the sines 512 entries later
+    k1, n2 = torch.arange(16)[:, None], torch.arange(32)[None, :]
+    w = torch.exp(-2j * math.pi * (k1 * n2).to(torch.complex128) / 512).flatten()
+    assert twiddle.dtype == torch.float64 and twiddle.shape == (1024,)
+    torch.testing.assert_close(twiddle[:512] - 1j * twiddle[512:], w, rtol=0, atol=1e-15)
 
 
 def _fbank_launch_args(**over):
@@ -944,6 +949,26 @@ def test_emulated_fbank_refuses_bad_tuning_knobs(emulators, monkeypatch, env):
         monkeypatch.setenv(name, value)
     why = dispatch.reasons("fbank_features", torch.zeros(1, 1000), 4)["cuda"]
     assert any(name in r and repr(value) in r for r in why for name, value in env.items()), why
+
+
+def test_emulated_fbank_without_clip_means_reads_the_samples_as_they_are(emulators):
+    """clip_mean NULL: the samples as given, so clips already centred give what the op's path gives."""
+    exe = _emulator(emulators, "address")
+    wave = 0.1 * torch.randn(1000) + 0.3
+    centred = wave - wave.mean()
+    files = _fbank_files()
+    runs = []
+    for x, mean in ((wave, wave.mean().view(1)), (centred, None)):
+        files["wave.bin"] = _raw(x)
+        args = _fbank_launch_args(has_clip_mean=int(mean is not None))
+        if mean is not None:
+            files["clip_mean.bin"] = _raw(mean)
+        stdout, out = emulate(exe, args, files)
+        assert "rc=0 " in stdout, stdout
+        runs.append(_from_raw(out["out.bin"], torch.float32, (4, 128)))
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
+    ref = fbank_features_reference(wave, 4, None)[0]
+    torch.testing.assert_close(runs[0], ref, rtol=0, atol=1e-3)
 
 
 def _emulated_fbank(monkeypatch, exe):
@@ -986,6 +1011,18 @@ def test_emulated_fbank_launch_shapes_give_the_same_bits(emulators, monkeypatch)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
     ref = fbank_features_reference(waves, 50, "audioset")
     torch.testing.assert_close(outs[0], ref, rtol=0, atol=1e-3 / (2 * 4.5689974))
+
+
+def test_emulated_fbank_op_traces_as_one_graph(emulators, monkeypatch):
+    """torch.compile through the public function (custom op opaque, shapes from the fake), with the
+    kernel emulated: no graph break, the same output as eager."""
+    ext = _emulated_fbank(monkeypatch, _emulator(emulators, "address"))
+    waves = 0.1 * torch.randn(2, 4000)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda w: ops_cuda.fbank_features_cuda(w, 30, "audioset", out_dtype=torch.bfloat16),
+                       backend="aot_eager", fullgraph=True)
+    got = fn(waves)
+    assert ext.calls == 1 and torch.equal(got, ops_cuda.fbank_features_cuda(waves, 30, "audioset", torch.bfloat16))
 
 
 def test_fbank_dispatch_on_cpu(monkeypatch):

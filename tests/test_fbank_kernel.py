@@ -164,6 +164,19 @@ def test_filter_without_bins_and_silence():
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_nan_and_inf_samples_propagate_as_in_the_reference():
+    """A NaN or infinite sample makes the clip mean, and so every frame of its clip, NaN in the
+    reference; the kernel must not floor that to log(eps). Padding rows stay the padding value."""
+    waves = 0.1 * torch.randn(3, 4000)
+    waves[0, 1234], waves[1, 7] = float("nan"), float("inf")
+    ref = fbank_features_reference(waves, 30, "audioset")
+    out = kernel(waves.to(DEVICE), 30, "audioset").cpu()
+    assert ref[:2, :, :23].isnan().all() and not ref[:2, :, 23:].isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out[2], ref[2], rtol=0, atol=1e-3 / (2 * 4.5689974))
+
+
 # ----------------------------------------------------------------------------------------------
 # the whole model input: pad / cut, normalisation, output dtype
 # ----------------------------------------------------------------------------------------------
@@ -244,6 +257,8 @@ def test_unknown_method_is_refused(monkeypatch, method):
 def test_errors():
     with pytest.raises(ValueError, match="too short"):
         kernel(torch.zeros(399, device=DEVICE))
+    with pytest.raises(ValueError, match="float samples"):  # integer samples would need a full scale
+        kernel(torch.zeros(1000, dtype=torch.int16, device=DEVICE))
     with pytest.raises(ValueError, match="mode"):
         kernel(torch.zeros(1000, device=DEVICE), mode="fast")
     with pytest.raises(ValueError, match="mode"):

@@ -151,7 +151,7 @@ def _fbank_kernel(
             power = re * re + im * im
             mel = tl.load(mel_ptr + k[:, None] * BLOCK_MEL + offs_mel[None, :])
             energy = tl.dot(power, mel, energy, input_precision=PREC)
-        logmel = tl.log(tl.maximum(energy, FLOOR))
+        logmel = tl.log(tl.where(energy < FLOOR, FLOOR, energy))  # NaN stays NaN, as in the reference
         value = tl.where(valid_t[:, None], logmel, 0.0)  # padding rows are 0 before normalisation
     else:
         value = tl.full((BLOCK_T, BLOCK_MEL), 0.0, tl.float32)
@@ -216,7 +216,7 @@ def _fbank_mel_kernel(
             power = re * re + im * im
             mel = tl.load(mel_ptr + k[:, None] * BLOCK_MEL + offs_mel[None, :])
             energy = tl.dot(power, mel, energy, input_precision=PREC)
-        logmel = tl.log(tl.maximum(energy, FLOOR))
+        logmel = tl.log(tl.where(energy < FLOOR, FLOOR, energy))
         value = tl.where(valid_t[:, None], logmel, 0.0)  # padding rows are 0 before normalisation
     else:
         value = tl.full((BLOCK_T, BLOCK_MEL), 0.0, tl.float32)
@@ -285,7 +285,7 @@ def _fbank_split_kernel(
         offs_mel = m0 + tl.arange(0, MEL_CHUNK)
         mel = tl.load(mel_ptr + kk[:, None] * BLOCK_MEL + offs_mel[None, :])
         energy = tl.dot(power, mel, input_precision="ieee")
-        value = tl.where(valid_t[:, None], tl.log(tl.maximum(energy, FLOOR)), 0.0)  # padding rows: 0
+        value = tl.where(valid_t[:, None], tl.log(tl.where(energy < FLOOR, FLOOR, energy)), 0.0)  # padding rows: 0
         if NORMALIZE:
             value = tl.div_rn(value - NORM_MEAN, NORM_SCALE)
         tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + offs_mel[None, :] * s_of,
@@ -500,6 +500,9 @@ def fbank_features(waveforms: torch.Tensor, target_length: Optional[int] = 1024,
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     if waveforms.dim() not in (1, 2):
         raise ValueError(f"waveforms must be [N] or [B, N], got shape {tuple(waveforms.shape)}")
+    if not waveforms.dtype.is_floating_point:
+        raise ValueError(f"waveforms must hold float samples, got {waveforms.dtype} (audiomae.audio.load_audio "
+                         "gives float samples in [-1, 1])")
     if waveforms.shape[-1] < WIN:
         raise ValueError(f"waveform too short for fbank: {waveforms.shape[-1]} samples, but one frame of "
                          f"25 ms at 16000 Hz needs {WIN} samples")
