@@ -407,6 +407,37 @@ def pad_or_cut(features: torch.Tensor, target_length: int) -> torch.Tensor:
 _INT_FULL_SCALE = {torch.int16: 32768.0, torch.int32: 2147483648.0, torch.int8: 128.0}
 
 
+FUSED_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_fbank_args(waveforms: torch.Tensor, target_length: Optional[int], stats, out_dtype: torch.dtype,
+                     mode: str, num_mel_bins: int) -> Tuple[torch.Tensor, bool, int, Optional["NormStats"]]:
+    """Checks the arguments of the fused front ends (the Triton and CUDA kernels of
+    :func:`audiomae.ops_step.fbank_features`: 16 kHz float samples, ``mode="exact"``, float32 /
+    bfloat16 / float16 output) and returns ``(waveforms as [B, N], whether they were [N], target
+    length or -1 for every frame, statistics or None)``. Raises ValueError with the reason."""
+    if mode != "exact":
+        raise ValueError(f"fbank mode must be one of ('exact',), got {mode!r}")
+    if out_dtype not in FUSED_OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {FUSED_OUT_DTYPES}, got {out_dtype}")
+    if waveforms.dim() not in (1, 2):
+        raise ValueError(f"waveforms must be [N] or [B, N], got shape {tuple(waveforms.shape)}")
+    if not waveforms.dtype.is_floating_point:
+        raise ValueError(f"waveforms must hold float samples, got {waveforms.dtype} (load_audio gives float "
+                         "samples in [-1, 1])")
+    win = _frame_params(float(SAMPLE_RATE), 25.0, 10.0)[0]
+    if waveforms.shape[-1] < win:
+        raise ValueError(f"waveform too short for fbank: {waveforms.shape[-1]} samples, but one frame of 25 ms at "
+                         f"{SAMPLE_RATE} Hz needs {win} samples")
+    if target_length is not None and int(target_length) < 1:
+        raise ValueError(f"target_length must be positive, got {target_length}")
+    if int(num_mel_bins) < 1:
+        raise ValueError(f"num_mel_bins must be positive, got {num_mel_bins}")
+    single = waveforms.dim() == 1
+    x = waveforms.unsqueeze(0) if single else waveforms
+    return x.detach(), single, -1 if target_length is None else int(target_length), get_stats(stats)
+
+
 def waveform_to_input(
     waveform: ArrayLike,
     sample_rate: int = SAMPLE_RATE,

@@ -497,7 +497,6 @@ dispatch.set_preference("random_masking_ids", ("cuda",))
 # ----------------------------------------------------------------------------------------------
 # fbank
 # ----------------------------------------------------------------------------------------------
-FBANK_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # tuning knobs read by the launch function (csrc/audiomae_cuda.h): warps per block (1, 2 or 4) and
 # frames per warp (1..64); unset: 4 and 4
 FBANK_WARPS_ENV = "AUDIOMAE_CUDA_FBANK_WARPS"
@@ -537,21 +536,12 @@ def fbank_tables(device: torch.device, num_mel_bins: int):
             torch.tensor(off, dtype=torch.int32, device=dev), mel_w.contiguous().to(dev))
 
 
-def _fbank_cuda_why_not(waveforms, target_length=1024, stats="audioset", out_dtype=torch.float32, mode="exact",
-                        num_mel_bins=128) -> List[str]:
+def fbank_cuda_reasons(waveforms: torch.Tensor) -> List[str]:
+    """Why the CUDA kernel cannot run here, beyond the inputs' dtype and shape (which
+    :mod:`audiomae.ops_step` checks for every fused front end): the extension, the device, the knobs."""
     out = list(cuda_ext.why_not())
     if waveforms.device.type != "cuda":
         out.append(f"waveforms are on {waveforms.device.type} (the CUDA kernel needs CUDA tensors)")
-    if waveforms.dtype == torch.float64:
-        out.append("float64 waveforms (the kernel computes in float32; the reference keeps float64)")
-    elif not waveforms.dtype.is_floating_point:
-        out.append(f"waveform dtype {waveforms.dtype} (the kernel takes float samples)")
-    if waveforms.dim() not in (1, 2):
-        out.append(f"waveforms must be [N] or [B, N], got {list(waveforms.shape)}")
-    if waveforms.requires_grad and torch.is_grad_enabled():
-        out.append("waveforms require grad (the kernel is not differentiable)")
-    if out_dtype not in FBANK_OUT_DTYPES:
-        out.append(f"out_dtype {out_dtype} (the kernel writes float32, bfloat16, float16)")
     warps, frames = os.environ.get(FBANK_WARPS_ENV, ""), os.environ.get(FBANK_FRAMES_PER_WARP_ENV, "")
     if warps and warps not in ("1", "2", "4"):
         out.append(f"{FBANK_WARPS_ENV}={warps!r}: expected 1, 2 or 4 (or unset)")
@@ -605,33 +595,14 @@ def fbank_features_cuda(waveforms: torch.Tensor, target_length: Optional[int] = 
     reference's float32 framing, a float64 four-step FFT (16 x 32), power, the mel filters over their
     non-zero bins, log, padding and normalisation, written in ``out_dtype``. Within 1.2e-3 nats of a
     float64 computation on the test fixtures (the float32 reference: 2.2e-3)."""
-    from .audio import get_stats
+    from .audio import fused_fbank_args
 
-    if mode != "exact":
-        raise ValueError(f"fbank mode must be 'exact', got {mode!r}")
-    if out_dtype not in FBANK_OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {FBANK_OUT_DTYPES}, got {out_dtype}")
-    if waveforms.dim() not in (1, 2):
-        raise ValueError(f"waveforms must be [N] or [B, N], got shape {tuple(waveforms.shape)}")
-    if not waveforms.dtype.is_floating_point:
-        raise ValueError(f"waveforms must hold float samples, got {waveforms.dtype} (audiomae.audio.load_audio "
-                         "gives float samples in [-1, 1])")
-    if waveforms.shape[-1] < _FBANK_WIN:
-        raise ValueError(f"waveform too short for fbank: {waveforms.shape[-1]} samples, but one frame of 25 ms "
-                         f"at 16000 Hz needs {_FBANK_WIN} samples")
-    if target_length is not None and int(target_length) < 1:
-        raise ValueError(f"target_length must be positive, got {target_length}")
-    if int(num_mel_bins) < 1:
-        raise ValueError(f"num_mel_bins must be positive, got {num_mel_bins}")
-    s = get_stats(stats)
-    single = waveforms.dim() == 1
-    x = waveforms.unsqueeze(0) if single else waveforms
-    out = _fbank_op()(x.detach(), -1 if target_length is None else int(target_length), s is not None,
-                      s.mean if s else 0.0, s.std if s else 0.5, out_dtype, int(num_mel_bins))
+    x, single, target, s = fused_fbank_args(waveforms, target_length, stats, out_dtype, mode, num_mel_bins)
+    out = _fbank_op()(x, target, s is not None, s.mean if s else 0.0, s.std if s else 0.5, out_dtype,
+                      int(num_mel_bins))
     return out[0] if single else out
 
 
-dispatch.register("fbank_features", "cuda", fbank_features_cuda, _fbank_cuda_why_not, prepare=cuda_ext.load)
 
 # The custom ops are registered at import (which builds and loads nothing): a registration made
 # inside a region that torch.compile traces would break the graph.

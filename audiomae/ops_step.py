@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from . import dispatch
+from . import cuda_ext, dispatch, ops_cuda  # ops_cuda registers random_masking_ids' cuda backend
 from .reference.step import (
     decoder_unshuffle_reference,
     fbank_features_reference,
@@ -166,9 +166,9 @@ dispatch.set_preference("masked_norm_pix_loss", ("triton", "torch"))
 # ----------------------------------------------------------------------------------------------
 # front end
 # ----------------------------------------------------------------------------------------------
-def _fbank_why_not(waveforms, target_length=1024, stats="audioset", out_dtype=torch.float32, mode="exact",
-                   num_mel_bins=128) -> List[str]:
-    out = dispatch.triton_reasons(waveforms)
+def _fbank_input_reasons(waveforms, out_dtype) -> List[str]:
+    """What no fused front end (Triton or CUDA) takes."""
+    out = []
     if waveforms.dtype == torch.float64:
         out.append("float64 waveforms (the kernel computes in float32; the reference keeps float64)")
     elif not waveforms.dtype.is_floating_point:
@@ -180,6 +180,16 @@ def _fbank_why_not(waveforms, target_length=1024, stats="audioset", out_dtype=to
     if out_dtype not in KERNEL_DTYPES:
         out.append(f"out_dtype {out_dtype} (the kernel writes float32, bfloat16, float16)")
     return out
+
+
+def _fbank_why_not(waveforms, target_length=1024, stats="audioset", out_dtype=torch.float32, mode="exact",
+                   num_mel_bins=128) -> List[str]:
+    return dispatch.triton_reasons(waveforms) + _fbank_input_reasons(waveforms, out_dtype)
+
+
+def _fbank_cuda_why_not(waveforms, target_length=1024, stats="audioset", out_dtype=torch.float32, mode="exact",
+                        num_mel_bins=128) -> List[str]:
+    return ops_cuda.fbank_cuda_reasons(waveforms) + _fbank_input_reasons(waveforms, out_dtype)
 
 
 def _triton_fbank_features(waveforms, target_length=1024, stats="audioset", out_dtype=torch.float32,
@@ -205,9 +215,9 @@ def fbank_features(waveforms: torch.Tensor, target_length: Optional[int] = 1024,
 
 dispatch.register("fbank_features", "torch", fbank_features_reference)
 dispatch.register("fbank_features", "triton", _triton_fbank_features, _fbank_why_not)
+dispatch.register("fbank_features", "cuda", ops_cuda.fbank_features_cuda, _fbank_cuda_why_not,
+                  prepare=cuda_ext.load)
 # The batched reference (cuFFT) is the automatic choice: on an H100 (torch 2.11, 64 clips of 10 s)
 # it takes 1.26 ms and the Triton kernel 1.67 ms (benchmarks/results/). The kernel stays selectable
 # with the "triton" backend.
 dispatch.set_preference("fbank_features", ())
-
-from . import ops_cuda  # noqa: E402,F401  (registers the cuda backends: fbank_features, random_masking_ids)

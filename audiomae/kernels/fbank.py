@@ -66,8 +66,6 @@ SHIFT = 160  # 10 ms
 N_FFT = 512
 PREEMPHASIS = 0.97
 FLOOR = 1.1920928955078125e-07  # float32 eps, torchaudio's energy floor
-MODES = ("exact",)
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
 
@@ -492,25 +490,9 @@ def fbank_features(waveforms: torch.Tensor, target_length: Optional[int] = 1024,
 
         spec = fbank_features(waves.cuda(), target_length=1024, stats="audioset", out_dtype=torch.bfloat16)
     """
-    from ..audio import get_stats
+    from ..audio import fused_fbank_args
 
-    if mode not in MODES:
-        raise ValueError(f"fbank mode must be one of {MODES}, got {mode!r}")
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    if waveforms.dim() not in (1, 2):
-        raise ValueError(f"waveforms must be [N] or [B, N], got shape {tuple(waveforms.shape)}")
-    if not waveforms.dtype.is_floating_point:
-        raise ValueError(f"waveforms must hold float samples, got {waveforms.dtype} (audiomae.audio.load_audio "
-                         "gives float samples in [-1, 1])")
-    if waveforms.shape[-1] < WIN:
-        raise ValueError(f"waveform too short for fbank: {waveforms.shape[-1]} samples, but one frame of "
-                         f"25 ms at 16000 Hz needs {WIN} samples")
-    if target_length is not None and int(target_length) < 1:
-        raise ValueError(f"target_length must be positive, got {target_length}")
-    s = get_stats(stats)
-    single = waveforms.dim() == 1
-    x = waveforms.unsqueeze(0) if single else waveforms
-    out = fbank_features_op(x.detach(), -1 if target_length is None else int(target_length), s is not None,
-                            s.mean if s else 0.0, s.std if s else 1.0, out_dtype, int(num_mel_bins))
+    x, single, target, s = fused_fbank_args(waveforms, target_length, stats, out_dtype, mode, num_mel_bins)
+    out = fbank_features_op(x, target, s is not None, s.mean if s else 0.0, s.std if s else 1.0, out_dtype,
+                            int(num_mel_bins))
     return out[0] if single else out
