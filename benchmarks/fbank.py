@@ -80,16 +80,21 @@ def _fused_op() -> Optional[Callable]:
     return getattr(ops_step, "fbank_features", None)
 
 
-def _triton_why_not(device) -> Optional[str]:
-    op = _fused_op()
-    if op is None:
-        return "audiomae.ops_step has no fbank_features"
-    probe = torch.zeros(1, 400, device=device)
-    try:
-        reasons = dispatch.reasons("fbank_features", probe, TARGET_LENGTH, "audioset")["triton"]
-    except KeyError as e:
-        return f"no fbank_features op in the dispatch ({e})"
-    return "; ".join(reasons) or None
+def _backend_why_not(backend: str) -> Callable[[torch.device], Optional[str]]:
+    """Why the fused op's ``backend`` cannot run on ``device`` (None: it can)."""
+    def why_not(device) -> Optional[str]:
+        if _fused_op() is None:
+            return "audiomae.ops_step has no fbank_features"
+        probe = torch.zeros(1, 400, device=device)
+        try:
+            reasons = dispatch.reasons("fbank_features", probe, TARGET_LENGTH, "audioset")[backend]
+        except KeyError as e:
+            return f"no {backend} fbank_features in the dispatch ({e})"
+        return "; ".join(reasons) or None
+    return why_not
+
+
+_triton_why_not = _backend_why_not("triton")
 
 
 def _triton_method(waves: torch.Tensor, method: str) -> torch.Tensor:
@@ -122,15 +127,6 @@ def triton_split(waves: torch.Tensor) -> torch.Tensor:
     return _triton_method(waves, "split")
 
 
-def _cuda_why_not(device) -> Optional[str]:
-    probe = torch.zeros(1, 400, device=device)
-    try:
-        reasons = dispatch.reasons("fbank_features", probe, TARGET_LENGTH, "audioset")["cuda"]
-    except KeyError as e:
-        return f"no CUDA fbank_features in the dispatch ({e})"
-    return "; ".join(reasons) or None
-
-
 def cuda_fused(waves: torch.Tensor) -> torch.Tensor:
     """The CUDA kernel: float32 framing, a float64 four-step FFT per frame, power, mel, log, pad,
     normalise in one launch."""
@@ -145,7 +141,7 @@ VARIANTS: List[Tuple[str, Callable, Callable[[torch.device], Optional[str]], boo
     ("triton (audiomae)", triton_fused, _triton_why_not, False),
     ("triton frames + FFT + mel (audiomae)", triton_fft, _triton_why_not, False),
     ("triton split DFT (audiomae)", triton_split, _triton_why_not, False),
-    ("cuda FFT (audiomae)", cuda_fused, _cuda_why_not, False),
+    ("cuda FFT (audiomae)", cuda_fused, _backend_why_not("cuda"), False),
 ]
 
 
