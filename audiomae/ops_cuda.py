@@ -506,10 +506,10 @@ _FBANK_WIN, _FBANK_NFFT = 400, 512
 
 @functools.lru_cache(maxsize=16)
 def fbank_tables(device: torch.device, num_mel_bins: int):
-    """The kernel's constant tables on ``device``: (window [400] float32, twiddles [2 * 16 * 32] float64:
-    cos of ``2 pi (n2 k1 mod 512) / 512`` at ``k1 * 32 + n2`` and its sin 512 entries later, each filter's first weighted bin
-    ``mel_lo`` [M] int32, offsets ``mel_off`` [M + 1] int32 into the weights ``mel_w`` (float32,
-    the filter's bins from its first to its last non-zero weight)). Window and filters are the
+    """The kernel's constant tables on ``device``: (window [400] float32, twiddles [2 * 16 * 32]
+    float64: cos of ``2 pi (n2 k1 mod 512) / 512`` at ``k1 * 32 + n2`` and its sin 512 entries later,
+    each filter's first weighted bin ``mel_lo`` [M] int32, offsets ``mel_off`` [M + 1] int32 into the
+    weights ``mel_w`` (float32, the filter's bins from its first to its last non-zero weight)). Window and filters are the
     reference's float32 values. Raises ValueError if a filter weights the Nyquist bin (Kaldi's never
     do; the kernel computes bins 0..255)."""
     from .audio import mel_filterbank
@@ -550,41 +550,32 @@ def fbank_cuda_reasons(waveforms: torch.Tensor) -> List[str]:
     return out
 
 
-_FBANK_OP = None
+@torch.library.custom_op("audiomae::fbank_features_cuda", mutates_args=())
+def _fbank_op(waveforms: torch.Tensor, target_length: int, normalize: bool, norm_mean: float, norm_std: float,
+              out_dtype: torch.dtype, num_mel_bins: int) -> torch.Tensor:
+    """The CUDA kernel as a custom op (opaque to torch.compile, shapes from the fake below):
+    ``waveforms`` [B, N] float -> [B, 1, T, num_mel_bins]; ``target_length < 0`` keeps every frame."""
+    B, N = waveforms.shape
+    t_out = 1 + (N - _FBANK_WIN) // 160 if target_length < 0 else target_length
+    out = torch.empty((B, 1, t_out, num_mel_bins), dtype=out_dtype, device=waveforms.device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    if B == 0:
+        return out
+    ext = cuda_ext.load()
+    x = waveforms.to(torch.float32)
+    clip_mean = x.mean(dim=-1)  # the reference's per-clip mean, subtracted as samples are read
+    window, twiddle, mel_lo, mel_off, mel_w = fbank_tables(x.device, num_mel_bins)
+    ext.fbank(x, clip_mean, window, twiddle, mel_lo, mel_off, mel_w, out, normalize, norm_mean, 2.0 * norm_std,
+              _stream(x.device))
+    return out
 
 
-def _fbank_op():
-    """The custom op (registered on first use): opaque to torch.compile, shapes from the fake."""
-    global _FBANK_OP
-    if _FBANK_OP is None:
-        from torch.library import custom_op
-
-        @custom_op("audiomae::fbank_features_cuda", mutates_args=())
-        def fbank_op(waveforms: torch.Tensor, target_length: int, normalize: bool, norm_mean: float,
-                     norm_std: float, out_dtype: torch.dtype, num_mel_bins: int) -> torch.Tensor:
-            B, N = waveforms.shape
-            t_out = 1 + (N - _FBANK_WIN) // 160 if target_length < 0 else target_length
-            out = torch.empty((B, 1, t_out, num_mel_bins), dtype=out_dtype, device=waveforms.device)
-            if POISON_OUTPUTS:
-                out.fill_(float("nan"))
-            if B == 0:
-                return out
-            ext = cuda_ext.load()
-            x = waveforms.to(torch.float32)
-            clip_mean = x.mean(dim=-1)  # the reference's per-clip mean, subtracted as samples are read
-            window, twiddle, mel_lo, mel_off, mel_w = fbank_tables(x.device, num_mel_bins)
-            ext.fbank(x, clip_mean, window, twiddle, mel_lo, mel_off, mel_w, out, normalize,
-                      norm_mean, 2.0 * norm_std, _stream(x.device))
-            return out
-
-        @fbank_op.register_fake
-        def _(waveforms, target_length, normalize, norm_mean, norm_std, out_dtype, num_mel_bins):
-            B, N = waveforms.shape
-            t_out = 1 + (N - _FBANK_WIN) // 160 if target_length < 0 else target_length
-            return waveforms.new_empty((B, 1, t_out, num_mel_bins), dtype=out_dtype)
-
-        _FBANK_OP = fbank_op
-    return _FBANK_OP
+@_fbank_op.register_fake
+def _(waveforms, target_length, normalize, norm_mean, norm_std, out_dtype, num_mel_bins):
+    B, N = waveforms.shape
+    t_out = 1 + (N - _FBANK_WIN) // 160 if target_length < 0 else target_length
+    return waveforms.new_empty((B, 1, t_out, num_mel_bins), dtype=out_dtype)
 
 
 def fbank_features_cuda(waveforms: torch.Tensor, target_length: Optional[int] = 1024, stats="audioset",
@@ -598,13 +589,11 @@ def fbank_features_cuda(waveforms: torch.Tensor, target_length: Optional[int] = 
     from .audio import fused_fbank_args
 
     x, single, target, s = fused_fbank_args(waveforms, target_length, stats, out_dtype, mode, num_mel_bins)
-    out = _fbank_op()(x, target, s is not None, s.mean if s else 0.0, s.std if s else 0.5, out_dtype,
+    out = _fbank_op(x, target, s is not None, s.mean if s else 0.0, s.std if s else 0.5, out_dtype,
                       int(num_mel_bins))
     return out[0] if single else out
-
 
 
 # The custom ops are registered at import (which builds and loads nothing): a registration made
 # inside a region that torch.compile traces would break the graph.
 _ops()
-_fbank_op()

@@ -218,6 +218,6 @@ dispatch.register("fbank_features", "triton", _triton_fbank_features, _fbank_why
 dispatch.register("fbank_features", "cuda", ops_cuda.fbank_features_cuda, _fbank_cuda_why_not,
                   prepare=cuda_ext.load)
 # The batched reference (cuFFT) is the automatic choice: on an H100 (torch 2.11, 64 clips of 10 s)
-# it takes 1.26 ms and the Triton kernel 1.67 ms (benchmarks/results/). The kernel stays selectable
-# with the "triton" backend.
+# it takes 1.26 ms and the Triton kernel 1.67 ms (benchmarks/results/). The Triton kernel stays
+# selectable with the "triton" backend, the CUDA kernel (not timed on a GPU yet) with "cuda".
 dispatch.set_preference("fbank_features", ())

@@ -261,7 +261,7 @@ def test_fake_implementations_give_shapes_and_dtypes_without_a_gpu():
         grads = torch.ops.audiomae.window_attention_cuda_bwd(out, qkv, tau, bias, [16, 8], [4, 4], [2, 0], 2)
         assert out.is_contiguous() and all(g.is_contiguous() for g in grads)  # as the binding allocates them
         ids = torch.ops.audiomae.random_masking_ids_cuda(4, 512, 102, torch.device("cuda", 0), None, 1, 0)
-        spec = ops_cuda._fbank_op()(torch.empty(3, 160000, device="cuda"), 1024, True, -4.27, 4.57, torch.bfloat16, 128)
+        spec = torch.ops.audiomae.fbank_features_cuda(torch.empty(3, 160000, device="cuda"), 1024, True, -4.27, 4.57, torch.bfloat16, 128)
     assert out.shape == (2, 128, 64) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
     assert [(tuple(g.shape), g.dtype) for g in grads] == [((2, 128, 192), torch.bfloat16), ((2,), torch.float32),
                                                           ((2, 16, 16), torch.bfloat16)]

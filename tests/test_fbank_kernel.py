@@ -271,7 +271,7 @@ def test_errors():
 
 def test_custom_op_schema_and_fake_impl(method):
     kernel_module()  # registers the op
-    op = ops_cuda._fbank_op() if method == "cuda" else torch.ops.audiomae.fbank_features
+    op = torch.ops.audiomae.fbank_features_cuda if method == "cuda" else torch.ops.audiomae.fbank_features
     for args in [(torch.randn(2, 4000, device=DEVICE), -1, True, -4.0, 4.0, torch.bfloat16, 128),
                  (torch.randn(1, 2000, device=DEVICE), 20, False, 0.0, 1.0, torch.float32, 64)]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
