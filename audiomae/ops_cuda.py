@@ -585,8 +585,9 @@ def fbank_features_cuda(waveforms: torch.Tensor, target_length: Optional[int] = 
     """The model input from 16 kHz waveforms with the CUDA kernel (``csrc/fbank.cu``): the contract of
     :func:`audiomae.ops_step.fbank_features`. One launch after the clip means: per frame the
     reference's float32 framing, a float64 four-step FFT (16 x 32), power, the mel filters over their
-    non-zero bins, log, padding and normalisation, written in ``out_dtype``. Within 1.2e-3 nats of a
-    float64 computation on the test fixtures (the float32 reference: 2.2e-3)."""
+    non-zero bins, log, padding and normalisation, written in ``out_dtype``. Run as host code
+    (``csrc/emulate.h``), within 1.2e-3 nats of a float64 computation on the test fixtures (the float32
+    reference: 2.2e-3)."""
     from .audio import fused_fbank_args
 
     x, single, target, s = fused_fbank_args(waveforms, target_length, stats, out_dtype, mode, num_mel_bins)
