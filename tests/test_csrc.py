@@ -1252,6 +1252,37 @@ def test_prepare_for_compile_loads_only_a_wanted_and_buildable_extension(monkeyp
         assert loads == [1]
 
 
+@pytest.mark.gpu
+def test_gpu_fbank_binding_checks_its_arguments(ext):
+    """The binding refuses what the launch function cannot take, with the reason (the emulated runs
+    replace the binding, so these checks only run here)."""
+    dev = torch.device("cuda")
+    wave = 0.1 * torch.randn(2, 4000, device=dev)
+    window, twiddle, mel_lo, mel_off, mel_w = ops_cuda.fbank_tables(dev, 128)
+    stream = torch.cuda.current_stream().cuda_stream
+    good = dict(wave=wave, clip_mean=wave.mean(-1), window=window, twiddle=twiddle, mel_lo=mel_lo, mel_off=mel_off,
+                mel_w=mel_w, out=torch.empty(2, 1, 30, 128, device=dev), normalize=True, norm_mean=-4.27,
+                norm_scale=9.14, stream=stream)
+    ext.fbank(**good)
+    ref = fbank_features_reference(wave, 30, (-4.27, 4.57))
+    torch.testing.assert_close(good["out"], ref, rtol=0, atol=1e-3 / 9.14)
+    bad = [
+        (dict(wave=wave.double()), "wave must be a float32 CUDA tensor"),
+        (dict(wave=wave[:, :399]), "at least 400 samples"),
+        (dict(out=torch.empty(2, 30, 128, device=dev)), "out must be"),
+        (dict(out=torch.empty(2, 1, 1, 128, device=dev).expand(2, 1, 30, 128)), "overlap"),
+        (dict(window=window[:399]), "window must be"),
+        (dict(twiddle=twiddle.float()), "twiddle must be"),
+        (dict(mel_off=mel_off[:-1]), "mel_off must be"),
+        (dict(clip_mean=wave.mean(-1).cpu()), "clip_mean must be"),
+        (dict(norm_scale=0.0), "fbank failed"),
+        (dict(norm_mean=float("nan")), "fbank failed"),
+    ]
+    for change, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            ext.fbank(**dict(good, **change))
+
+
 def test_prepare_for_compile_warns_when_the_build_fails_and_queries_the_gpu_once_loaded(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_module", None)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
