@@ -14,7 +14,8 @@ the one from memory traffic; the registers per thread give the programs that fit
 
 With nvcc installed it also compiles ``csrc/window_attention.cu`` for ``sm_<arch>`` and reports the
 same for the CUDA op's register kernels (one warp per window and head, a loop over the warp's
-windows): registers, spill bytes, warps per SM and the instructions of the loop body.
+windows): registers, spill bytes, warps per SM and the instructions of the loop body; and for the
+CUDA fbank kernel (``csrc/fbank.cu``), with its float64 instructions counted apart.
 """
 from __future__ import annotations
 
@@ -250,37 +251,71 @@ def loop_body(instructions) -> Optional[int]:
     return best
 
 
-def cuda_report(arch: int = 90) -> List[Dict[str, Any]]:
-    """Compiled costs of the CUDA op's register window-attention kernels (bfloat16, vector accesses,
-    head_dim 16, 32 and 64) for ``sm_<arch>``; empty when nvcc or cuobjdump is missing."""
+def _compile_csrc(source: str, arch: int):
+    """(resource usage, {mangled name: SASS instructions}) of ``csrc/<source>`` compiled for
+    ``sm_<arch>`` with the extension's flags; None when nvcc, csrc/ or cuobjdump is missing."""
     from audiomae import cuda_ext
 
     nvcc, src, tool = cuda_ext.find_nvcc(), cuda_ext.source_dir(), _cuobjdump()
     if nvcc is None or src is None or tool is None:
-        return []
+        return None
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "wa.cubin")
+        cubin = os.path.join(tmp, "k.cubin")
         cmd = [nvcc, "-cubin", *cuda_ext.NVCC_FLAGS, *cuda_ext.TORCH_NVCC_FLAGS,
-               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", cubin, os.path.join(src, "window_attention.cu")]
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", cubin, os.path.join(src, source)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
         sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
-    resources = dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage))
+    return dict(re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage)), _sass_functions(sass)
+
+
+def _resources(res: str, row: Dict[str, Any], warps: int) -> None:
+    for key, field in (("REG", "registers"), ("STACK", "local bytes")):
+        found = re.search(key + r":(\d+)", res)
+        if found:
+            row[field] = int(found.group(1))
+    if "registers" in row:
+        row["warps per SM"] = warps * programs_per_sm(row["registers"], warps)
+
+
+def cuda_report(arch: int = 90) -> List[Dict[str, Any]]:
+    """Compiled costs of the CUDA op's register window-attention kernels (bfloat16, vector accesses,
+    head_dim 16, 32 and 64) for ``sm_<arch>``; empty when nvcc or cuobjdump is missing."""
+    compiled = _compile_csrc("window_attention.cu", arch)
+    if compiled is None:
+        return []
+    resources, functions = compiled
     rows = []
-    for name, instructions in sorted(_sass_functions(sass).items()):
+    for name, instructions in sorted(functions.items()):
         m = re.search(r"wa_(forward|backward)_mma_kernelI13__nv_bfloat16Li(\d+)ELb1E", name)
         if not m:
             continue
-        res = resources.get(name, "")
         row = dict(direction="fwd" if m.group(1) == "forward" else "bwd", head_dim=int(m.group(2)),
                    instructions=len(instructions))
-        for key, field in (("REG", "registers"), ("STACK", "local bytes")):
-            found = re.search(key + r":(\d+)", res)
-            if found:
-                row[field] = int(found.group(1))
-        if "registers" in row:
-            row["warps per SM"] = 4 * programs_per_sm(row["registers"], 4)
+        _resources(resources.get(name, ""), row, 4)
         row["warp instructions per window-head"] = loop_body(instructions)
+        rows.append(row)
+    return rows
+
+
+def fbank_cuda_report(arch: int = 90) -> List[Dict[str, Any]]:
+    """Compiled costs of the CUDA fbank kernel (csrc/fbank.cu, one warp per frame, blocks of 4 warps)
+    per output dtype for ``sm_<arch>``: registers, spill bytes, warps per SM, static instruction
+    counts (all, float64); empty when nvcc or cuobjdump is missing."""
+    compiled = _compile_csrc("fbank.cu", arch)
+    if compiled is None:
+        return []
+    resources, functions = compiled
+    rows = []
+    for name, instructions in sorted(functions.items()):
+        m = re.search(r"fbank_kernelI(f|6__half|13__nv_bfloat16)E", name)
+        if not m:
+            continue
+        row = dict(out_dtype={"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}[m.group(1)],
+                   instructions=len(instructions))
+        _resources(resources.get(name, ""), row, 4)
+        row["float64 instructions"] = sum(1 for _, t in instructions
+                                          if re.match(r"(?:@!?P\d\s+)?D(?:ADD|FMA|MUL)\b", t))
         rows.append(row)
     return rows
 
@@ -357,6 +392,15 @@ def main(argv=None) -> int:
         print(_cuda_table(cuda_rows, args.batch))
     else:
         print("\n(the CUDA kernels are not compiled here: nvcc, csrc/ or cuobjdump is missing)")
+    fbank_rows = fbank_cuda_report(args.arch)
+    if fbank_rows:
+        keys = ["out_dtype", "registers", "local bytes", "warps per SM", "instructions", "float64 instructions"]
+        print(f"\n## the CUDA fbank kernel (csrc/fbank.cu), sm_{args.arch}\n")
+        print("One warp per frame, blocks of 4 warps. Static instruction counts of the whole kernel; the loop "
+              "over a warp's frames is most of it.\n")
+        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for r in fbank_rows:
+            print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
     return 0
 
 

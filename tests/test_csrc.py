@@ -407,6 +407,21 @@ def test_register_kernels_compile_without_spilling_in_the_loop(arch):
             assert r["registers"] <= 128 and r["warps per SM"] == 16, r
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_fbank_kernel_compiles_without_local_memory(arch):
+    """Every register array of the FFT stays in registers (compile-time indices), nothing spills, and
+    four 4-warp blocks fit on an SM."""
+    from benchmarks import aot
+
+    rows = aot.fbank_cuda_report(arch)
+    if not rows:
+        pytest.skip("nvcc, csrc/ or Triton's cuobjdump is missing")
+    assert {r["out_dtype"] for r in rows} == {"float32", "float16", "bfloat16"}
+    for r in rows:
+        assert r["local bytes"] == 0 and r["registers"] <= 128 and r["warps per SM"] == 16, r
+        assert r["float64 instructions"] > 300, r  # the FFT is float64
+
+
 # ----------------------------------------------------------------------------------------------
 # the kernels as host code (csrc/emulate.h) under sanitizers
 # ----------------------------------------------------------------------------------------------
