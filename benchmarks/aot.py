@@ -278,46 +278,43 @@ def _resources(res: str, row: Dict[str, Any], warps: int) -> None:
         row["warps per SM"] = warps * programs_per_sm(row["registers"], warps)
 
 
-def cuda_report(arch: int = 90) -> List[Dict[str, Any]]:
-    """Compiled costs of the CUDA op's register window-attention kernels (bfloat16, vector accesses,
-    head_dim 16, 32 and 64) for ``sm_<arch>``; empty when nvcc or cuobjdump is missing."""
-    compiled = _compile_csrc("window_attention.cu", arch)
+def _csrc_rows(source: str, arch: int, pattern: str, fields) -> List[Dict[str, Any]]:
+    """One row per kernel of ``csrc/<source>`` whose mangled name matches ``pattern``: ``fields(match,
+    instructions)`` plus the instruction count, registers, spill bytes and warps per SM (blocks of 4
+    warps); empty when nvcc, csrc/ or cuobjdump is missing."""
+    compiled = _compile_csrc(source, arch)
     if compiled is None:
         return []
     resources, functions = compiled
     rows = []
     for name, instructions in sorted(functions.items()):
-        m = re.search(r"wa_(forward|backward)_mma_kernelI13__nv_bfloat16Li(\d+)ELb1E", name)
-        if not m:
-            continue
-        row = dict(direction="fwd" if m.group(1) == "forward" else "bwd", head_dim=int(m.group(2)),
-                   instructions=len(instructions))
-        _resources(resources.get(name, ""), row, 4)
-        row["warp instructions per window-head"] = loop_body(instructions)
-        rows.append(row)
+        m = re.search(pattern, name)
+        if m:
+            row = dict(fields(m, instructions), instructions=len(instructions))
+            _resources(resources.get(name, ""), row, 4)
+            rows.append(row)
     return rows
+
+
+def cuda_report(arch: int = 90) -> List[Dict[str, Any]]:
+    """Compiled costs of the CUDA op's register window-attention kernels (bfloat16, vector accesses,
+    head_dim 16, 32 and 64) for ``sm_<arch>``, with the instructions of the loop over a warp's windows;
+    empty when nvcc or cuobjdump is missing."""
+    return _csrc_rows("window_attention.cu", arch, r"wa_(forward|backward)_mma_kernelI13__nv_bfloat16Li(\d+)ELb1E",
+                      lambda m, ins: {"direction": "fwd" if m.group(1) == "forward" else "bwd",
+                                      "head_dim": int(m.group(2)),
+                                      "warp instructions per window-head": loop_body(ins)})
 
 
 def fbank_cuda_report(arch: int = 90) -> List[Dict[str, Any]]:
     """Compiled costs of the CUDA fbank kernel (csrc/fbank.cu, one warp per frame, blocks of 4 warps)
-    per output dtype for ``sm_<arch>``: registers, spill bytes, warps per SM, static instruction
-    counts (all, float64); empty when nvcc or cuobjdump is missing."""
-    compiled = _compile_csrc("fbank.cu", arch)
-    if compiled is None:
-        return []
-    resources, functions = compiled
-    rows = []
-    for name, instructions in sorted(functions.items()):
-        m = re.search(r"fbank_kernelI(f|6__half|13__nv_bfloat16)E", name)
-        if not m:
-            continue
-        row = dict(out_dtype={"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}[m.group(1)],
-                   instructions=len(instructions))
-        _resources(resources.get(name, ""), row, 4)
-        row["float64 instructions"] = sum(1 for _, t in instructions
-                                          if re.match(r"(?:@!?P\d\s+)?D(?:ADD|FMA|MUL)\b", t))
-        rows.append(row)
-    return rows
+    per output dtype for ``sm_<arch>``, with its static count of float64 instructions; empty when nvcc
+    or cuobjdump is missing."""
+    names = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+    return _csrc_rows("fbank.cu", arch, r"fbank_kernelI(f|6__half|13__nv_bfloat16)E",
+                      lambda m, ins: {"out_dtype": names[m.group(1)],
+                                      "float64 instructions": sum(1 for _, t in ins if re.match(
+                                          r"(?:@!?P\d\s+)?D(?:ADD|FMA|MUL)\b", t))})
 
 
 def _cuda_table(rows: List[Dict[str, Any]], batch: int, sms: int = 132, clock_ghz: float = 1.98) -> str:
