@@ -210,7 +210,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) fbank_kernel(
       if (normalize) v = (v - norm_mean) / norm_scale;
       rows[(int64_t)t * out_st + m * out_sm] = from_float<OutT>(v);
     }
-    __syncwarp();  // the buffers are rewritten by the next frame
+    // no barrier needed before the next frame: it writes the transpose buffers, last read before the
+    // barrier above, and the power buffer only after its own first barrier
   }
 }
 
