@@ -122,11 +122,6 @@ def triton_fft(waves: torch.Tensor) -> torch.Tensor:
     return _triton_method(waves, "fft")
 
 
-def triton_split(waves: torch.Tensor) -> torch.Tensor:
-    """The fused Triton kernel with the DFT in two stages (16 x 32, twiddles folded into the second)."""
-    return _triton_method(waves, "split")
-
-
 def cuda_fused(waves: torch.Tensor) -> torch.Tensor:
     """The CUDA kernel: float32 framing, a float64 four-step FFT per frame, power, mel, log, pad,
     normalise in one launch."""
@@ -140,7 +135,6 @@ VARIANTS: List[Tuple[str, Callable, Callable[[torch.device], Optional[str]], boo
     ("reference, batched", reference_batched, lambda d: None, True),
     ("triton (audiomae)", triton_fused, _triton_why_not, False),
     ("triton frames + FFT + mel (audiomae)", triton_fft, _triton_why_not, False),
-    ("triton split DFT (audiomae)", triton_split, _triton_why_not, False),
     ("cuda FFT (audiomae)", cuda_fused, _backend_why_not("cuda"), False),
 ]
 

@@ -186,7 +186,6 @@ def fbank(batch: int) -> List[Dict]:
                for nw in (4, 8)]
     configs += [dict(method="dft", block_t=bt, block_s=bs, block_k=bk, num_warps=nw, precision="ieee")
                 for bt, bs, bk, nw in ((32, 32, 64, 4), (64, 16, 128, 8))]
-    configs += [dict(method="split", block_t=bt, num_warps=nw) for bt in (16, 32) for nw in (4, 8)]
     for cfg in configs:
         fk.TUNING.clear()
         fk.TUNING.update(cfg)

@@ -11,6 +11,7 @@ Without a GPU nothing compiled for CUDA can run, so the kernels are checked thre
   accesses), with outputs and shared memory poisoned with NaN, when g++ is installed;
 - ``gpu`` tests build the extension and compare it with the references on a CUDA device.
 """
+import dataclasses
 import math
 import os
 import shutil
@@ -1049,6 +1050,24 @@ def test_fbank_dispatch_on_cpu(monkeypatch):
     with dispatch.use_backend("cuda", op="fbank_features"):
         with pytest.raises(dispatch.BackendUnavailableError, match="CUDA tensors"):
             ops_step.fbank_features(wave, 128)
+
+
+@pytest.mark.parametrize("capability,chosen", [((9, 0), True), ((8, 0), True), ((10, 0), True), ((8, 6), False),
+                                               ((8, 9), False), ((12, 0), False), ((7, 5), False)])
+def test_fbank_cuda_is_passed_over_on_gpus_with_slow_float64(monkeypatch, capability, chosen):
+    """The automatic order puts the CUDA kernel first only where float64 is fast (its FFT is float64)."""
+    wave = torch.randn(2, 4000)
+    monkeypatch.setattr(ops_cuda, "_device_info", lambda device: (capability, 227 * 1024))
+    why = ops_cuda._fbank_cuda_passed_over(wave, 128)
+    assert (why == []) == chosen
+    if not chosen:
+        assert "slow float64" in why[0] and f"sm_{capability[0]}{capability[1]}" in why[0]
+    impl = dispatch._REGISTRY["fbank_features"]["cuda"]  # as on a GPU with the extension built
+    monkeypatch.setitem(dispatch._REGISTRY["fbank_features"], "cuda",
+                        dataclasses.replace(impl, why_not=lambda *a, **k: [], prepare=None))
+    assert dispatch.choose("fbank_features", wave, 128)[0] == ("cuda" if chosen else "torch")
+    monkeypatch.setattr(ops_cuda, "_device_info", lambda device: None)  # tracing, GPU not queried: reference
+    assert dispatch.choose("fbank_features", wave, 128)[0] == "torch"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,10 +55,10 @@ def cuda_kernel(request, tmp_path_factory):
     return EmulatedFbank(build_emulators(request, tmp_path_factory, ("address",))["address"])
 
 
-@pytest.fixture(autouse=True, params=["dft", "fft", "split", "cuda"])
+@pytest.fixture(autouse=True, params=["dft", "fft", "cuda"])
 def method(request, monkeypatch):
     """Every test runs with each way of computing the DFT: Triton kernels with one kernel over the
-    dense basis, frames + FFT + mel, or one kernel with a 16 x 32 split DFT; the CUDA kernel."""
+    dense basis, or frames + FFT + mel; the CUDA kernel."""
     if request.param == "cuda":
         ext = request.getfixturevalue("cuda_kernel")
         if DEVICE == "cpu":
@@ -134,7 +134,7 @@ def test_fixture_waves(kaldi, name, method):
     frames = 1 + (wave.numel() - 400) // 160
     assert out.shape == (1, frames, 128) and out.dtype == torch.float32
     err64 = check_float32_accuracy(out[0], wave)
-    if method in ("dft", "split", "cuda"):  # float32 products over bases rounded once from float64, or a
+    if method in ("dft", "cuda"):  # float32 products over bases rounded once from float64, or a
         assert err64 < 2e-3                 # float64 FFT of the float32 frames
     else:  # the FFT of the device (cuFFT on GPUs), as the reference's on the same device: at most 1.5 x
         # that reference's own distance to float64
@@ -144,7 +144,7 @@ def test_fixture_waves(kaldi, name, method):
     # torchaudio (the release's front end): the same hard cap as the reference's own test
     assert (out - fixture).abs().max() < 5e-3
     assert ((out - fixture).abs() <= 1e-4).double().mean() > 0.97
-    if method in ("dft", "split", "cuda"):
+    if method in ("dft", "cuda"):
         # the default's bound: within 1e-3 nats of the reference front end, except where the reference's own
         # float32 FFT is further than that from the float64 value (deep spectral valleys of the chirp)
         ref32 = fbank_features_reference(wave.cpu(), None, None)[0].double()
@@ -281,8 +281,12 @@ def test_dispatch_reasons(monkeypatch, method):
     triton_only(method)
     wave = torch.randn(2, 4000, device=DEVICE)
     assert "fbank_features" in dispatch.registered_ops()
-    # the batched reference is the automatic choice (faster on an H100); the kernel is selectable
-    assert dispatch.choose("fbank_features", wave, 128, "audioset", torch.float32, "exact", 128)[0] == "torch"
+    # the CUDA kernel is the automatic choice on GPUs with fast float64, the batched reference elsewhere (both
+    # faster than the Triton kernel on an H100); the Triton kernel is selectable
+    fast = (DEVICE == "cuda" and not cuda_ext.why_not()
+            and torch.cuda.get_device_capability() in ops_cuda.FAST_FLOAT64_CAPABILITIES)
+    auto = dispatch.choose("fbank_features", wave, 128, "audioset", torch.float32, "exact", 128)[0]
+    assert auto == ("cuda" if fast else "torch")
     with dispatch.use_backend("triton", op="fbank_features"):
         assert dispatch.choose("fbank_features", wave, 128, "audioset", torch.float32, "exact", 128)[0] == "triton"
     why = dispatch.reasons("fbank_features", wave.double(), 128)
@@ -292,6 +296,7 @@ def test_dispatch_reasons(monkeypatch, method):
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         assert dispatch.choose("fbank_features", wave, 128)[0] == "torch"
+        assert dispatch.preference("fbank_features") == ("cuda", "torch")
         with dispatch.use_backend("triton", op="fbank_features"):
             with pytest.raises(dispatch.BackendUnavailableError, match="CPU"):
                 ops_step.fbank_features(wave, 128)

@@ -30,15 +30,6 @@ on an H100 (cuFFT, torch 2.11) it measured 1.1e-3 nats from float64 on the speec
 on chirps in noise (``benchmarks/tune.py``), against 9.7e-4 for ``"dft"``, and it took 0.70 ms for 64
 clips of 10 s against 1.66 ms for ``"dft"`` and 1.26 ms for the batched PyTorch reference.
 
-The ``"split"`` method is one kernel like ``"dft"``, with the DFT in two stages (Cooley-Tukey,
-512 = 16 x 32): 16-point DFTs of the frame's 32 interleaved sub-sequences as one product, then for
-each of the 16 first-stage bins a product over the 32 sub-sequences whose coefficients carry the
-twiddle factors, all in float32 over coefficients rounded once from float64: about a third of the
-dense DFT's FLOPs. On the test fixtures it is within 1e-3 nats of the reference (the default's
-bound) and within 1.5e-3 of float64 (``"dft"``: 1.2e-3); on a synthetic chirp with 24-nat valleys,
-3.8e-3 from float64 against 1.0e-3 for ``"dft"`` and 7.7e-3 for the float32 reference (Triton's
-interpreter). It has not been timed on a GPU yet.
-
 Only the exact mode exists: a faster DFT (single-pass tf32 or bf16) is off by up to 1-5 nats on
 wide-dynamic-range audio, and no error bound for a cheaper compromise has been measured here.
 
@@ -75,12 +66,11 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 # How the DFT is done: "dft", one kernel with the DFT as float32 matrix products (the default),
 # "fft", a framing kernel, torch.fft.rfft and a power/mel/log kernel (a spectrum round trip through
-# memory, far fewer FLOPs), or "split", one kernel with a two-stage (16 x 32) float32 DFT.
-# TUNING["method"] overrides the default.
-METHODS = ("dft", "fft", "split")
+# memory, far fewer FLOPs). TUNING["method"] overrides the default.
+METHODS = ("dft", "fft")
 DEFAULT_METHOD = "dft"
 # Overrides for tuning sweeps (benchmarks/tune.py): "method", "block_t_frames" (framing kernel of
-# "fft"), and any of "block_t" ("split": frames per program, default 16), "block_s", "block_k",
+# "fft"), and any of "block_t", "block_s", "block_k",
 # "num_warps", "precision" ("ieee", the default, or "tf32x3": three tf32 tensor-core passes, faster
 # but measured on an H100 at 1.7e-3 nats from float64 on chirps in noise, against 9.7e-4 for
 # "ieee", so outside the 1e-3 bound); empty means the defaults.
@@ -224,72 +214,6 @@ def _fbank_mel_kernel(
              mask=(t < T_OUT)[:, None] & (offs_mel < NMEL)[None, :])
 
 
-@triton.jit
-def _fbank_split_kernel(
-    wave_ptr, win_ptr, c16_ptr, s16_ptr, c2_ptr, s2_ptr, mel_ptr, out_ptr,
-    NF, T_OUT, NMEL,
-    s_wb, s_wn,
-    s_ob, s_ot, s_of,
-    NORM_MEAN, NORM_SCALE,
-    BLOCK_MEL: tl.constexpr, MEL_CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
-    WIN: tl.constexpr, SHIFT: tl.constexpr, PREEMPH: tl.constexpr, FLOOR: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-):
-    """Method "split": the 512-point DFT in two stages (Cooley-Tukey, 16 x 32): sample n = 32 n1 + n2,
-    bin k = k1 + 16 k2 for k < 256. 16-point DFTs over n1 (one product), then for each k1 the sum over
-    n2 with the twiddle folded into the coefficients W512^(n2 (k1 + 16 k2)) (a batched product), then
-    power, mel, log, padding rows and normalisation as the "dft" method. Every product in float32
-    ("ieee") over coefficients rounded once from float64."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid_t = t < NF
-    if pid_t * BLOCK_T < NF:
-        n = tl.arange(0, 512)
-        m2 = valid_t[:, None] & (n < WIN)[None, :]
-        wave = wave_ptr + b * s_wb + (t * SHIFT)[:, None] * s_wn
-        x = tl.load(wave + n[None, :] * s_wn, mask=m2, other=0.0)
-        x_prev = tl.load(wave + tl.maximum(n - 1, 0)[None, :] * s_wn, mask=m2, other=0.0)
-        mean = tl.reduce(x, 1, tl.standard._sum_combine) / WIN
-        # DC removal and pre-emphasis in float32, as the reference orders them, then the window
-        y = (x - mean[:, None]) - PREEMPH * (x_prev - mean[:, None])
-        y = tl.where(m2, y * tl.load(win_ptr + n)[None, :], 0.0)
-        # stage 1: rows (frame, n2), columns n1 -> k1
-        y = tl.reshape(tl.permute(tl.reshape(y, [BLOCK_T, 16, 32]), (0, 2, 1)), [BLOCK_T * 32, 16])
-        r16 = tl.arange(0, 16)
-        c16 = tl.load(c16_ptr + r16[:, None] * 16 + r16[None, :])
-        s16 = tl.load(s16_ptr + r16[:, None] * 16 + r16[None, :])
-        a_re = tl.dot(y, c16, input_precision="ieee")
-        a_im = -tl.dot(y, s16, input_precision="ieee")
-        # stage 2, twiddles folded in: X[k1 + 16 k2] = sum over n2 of A[n2, k1] W512^(n2 (k1 + 16 k2)),
-        # one [32 n2, 16 k2] coefficient matrix per k1 (a batched product over k1)
-        a_re = tl.permute(tl.reshape(a_re, [BLOCK_T, 32, 16]), (2, 0, 1))  # [16 k1, BLOCK_T, 32 n2]
-        a_im = tl.permute(tl.reshape(a_im, [BLOCK_T, 32, 16]), (2, 0, 1))
-        r32 = tl.arange(0, 32)
-        coef = r16[:, None, None] * 512 + r32[None, :, None] * 16 + r16[None, None, :]  # [k1, n2, k2]
-        c2 = tl.load(c2_ptr + coef)
-        s2 = tl.load(s2_ptr + coef)
-        x_re = tl.dot(a_re, c2, input_precision="ieee")
-        x_re = tl.dot(a_im, s2, x_re, input_precision="ieee")
-        x_im = tl.dot(a_im, c2, input_precision="ieee")
-        x_im = x_im - tl.dot(a_re, s2, input_precision="ieee")
-        power = x_re * x_re + x_im * x_im  # [16 k1, BLOCK_T, 16 k2]
-        power = tl.reshape(tl.permute(power, (1, 2, 0)), [BLOCK_T, 256])  # bin k1 + 16 k2
-    else:  # rows past the clip's last frame only: padding
-        power = tl.full((BLOCK_T, 256), 0.0, tl.float32)
-    kk = tl.arange(0, 256)
-    # the mel projection, log, padding rows and normalisation, MEL_CHUNK filters at a time
-    for m0 in tl.static_range(0, BLOCK_MEL, MEL_CHUNK):
-        offs_mel = m0 + tl.arange(0, MEL_CHUNK)
-        mel = tl.load(mel_ptr + kk[:, None] * BLOCK_MEL + offs_mel[None, :])
-        energy = tl.dot(power, mel, input_precision="ieee")
-        value = tl.where(valid_t[:, None], tl.log(tl.where(energy < FLOOR, FLOOR, energy)), 0.0)  # padding rows: 0
-        if NORMALIZE:
-            value = tl.div_rn(value - NORM_MEAN, NORM_SCALE)
-        tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + offs_mel[None, :] * s_of,
-                 value.to(out_ptr.dtype.element_ty), mask=(t < T_OUT)[:, None] & (offs_mel < NMEL)[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------
@@ -339,51 +263,6 @@ def _fft_constants(device: torch.device, num_mel_bins: int, block_k: int):
     :func:`_mel_rows` and ``k_first``; float32 on ``device``."""
     _, mel_t, k_first, nb_pad, block_mel = _mel_rows(num_mel_bins, block_k)
     return _hann(N_FFT).to(torch.float32).to(device), mel_t.to(device), k_first, nb_pad, block_mel
-
-
-@functools.lru_cache(maxsize=16)
-def _split_constants(device: torch.device, num_mel_bins: int):
-    """Method "split": the Hann window ``[512]``, the 16-point DFT (cos, sin) ``[16 n1, 16 k1]``, the
-    second stage's coefficients (cos, sin) of ``2 pi n2 (k1 + 16 k2) / 512`` ``[16 k1, 32 n2, 16 k2]``
-    and the mel matrix over bins 0..255 ``[256, BLOCK_MEL]``; float32 on
-    ``device``. Raises ValueError when a filter weights the Nyquist bin (256), which it does not cover."""
-    from ..audio import mel_filterbank
-
-    mel = mel_filterbank(num_mel_bins, N_FFT, SAMPLE_RATE).to(torch.float64)  # [M, 257]
-    if mel[:, N_FFT // 2:].abs().sum() > 0:
-        raise ValueError(f'fbank method "split" covers bins 0..255; {num_mel_bins} mel filters weight bin 256')
-    block_mel = triton.next_power_of_2(num_mel_bins)
-    mel_t = torch.zeros(N_FFT // 2, block_mel, dtype=torch.float64)
-    mel_t[:, :num_mel_bins] = mel[:, : N_FFT // 2].t()
-
-    def unit(phase: torch.Tensor, period: int):  # cos, sin of 2 pi phase / period, reduced exactly
-        angle = 2.0 * math.pi * (phase % period).to(torch.float64) / period
-        return torch.cos(angle), torch.sin(angle)
-
-    i16 = torch.arange(16, dtype=torch.int64)
-    c16, s16 = unit(i16[:, None] * i16[None, :], 16)  # [n1, k1]
-    n2 = torch.arange(32, dtype=torch.int64)[None, :, None]
-    c2, s2 = unit(n2 * (i16[:, None, None] + 16 * i16[None, None, :]), N_FFT)  # [k1, n2, k2]
-    f32 = [t.to(torch.float32).contiguous().to(device) for t in (_hann(N_FFT), c16, s16, c2, s2, mel_t)]
-    return (*f32, block_mel)
-
-
-def _fbank_split(x: torch.Tensor, out: torch.Tensor, nf: int, t_out: int, num_mel_bins: int, normalize: bool,
-                 norm_mean: float, norm_std: float) -> None:
-    """Method "split": one kernel, the DFT as 16 x 32 Cooley-Tukey products in float32. Writes ``out``."""
-    B = x.shape[0]
-    bt = 64 if _interpreting() else TUNING.get("block_t", 16)
-    warps = TUNING.get("num_warps", 8)
-    win, c16, s16, c2, s2, mel, block_mel = _split_constants(x.device, num_mel_bins)
-    _for_current_mode(_fbank_split_kernel)[(triton.cdiv(t_out, bt), B)](
-        x, win, c16, s16, c2, s2, mel, out,
-        nf, t_out, num_mel_bins,
-        x.stride(0), x.stride(1),
-        out.stride(0), out.stride(2), out.stride(3),
-        float(norm_mean), float(2.0 * norm_std),
-        BLOCK_MEL=block_mel, MEL_CHUNK=min(block_mel, 32 if not _interpreting() else 256), BLOCK_T=bt,
-        WIN=WIN, SHIFT=SHIFT, PREEMPH=PREEMPHASIS, FLOOR=FLOOR, NORMALIZE=bool(normalize), num_warps=warps,
-    )
 
 
 def _fbank_fft(x: torch.Tensor, out: torch.Tensor, nf: int, t_out: int, num_mel_bins: int, normalize: bool,
@@ -436,9 +315,8 @@ def fbank_features_op(waveforms: torch.Tensor, target_length: int, normalize: bo
     method = TUNING.get("method", DEFAULT_METHOD)
     if method not in METHODS:
         raise ValueError(f"fbank method must be one of {METHODS}, got {method!r}")
-    if method in ("fft", "split"):
-        (_fbank_fft if method == "fft" else _fbank_split)(x, out, nf, t_out, num_mel_bins, normalize, norm_mean,
-                                                          norm_std)
+    if method == "fft":
+        _fbank_fft(x, out, nf, t_out, num_mel_bins, normalize, norm_mean, norm_std)
         return out
     bt, bs, bk, warps, prec = _blocks()
     cos, sin, mel, ns_pad, nb_pad, block_mel = _constants(x.device, num_mel_bins, bs, bk)
