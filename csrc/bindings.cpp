@@ -10,12 +10,44 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <stdexcept>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "audiomae_cuda.h"
 
 namespace {
+
+// Failed checks raise std::runtime_error (RuntimeError in Python) with a message built from
+// std::string pieces. TORCH_CHECK's stream formatting (c10::str) is not used: a failed check with a
+// formatted message crashed the process (SIGSEGV) in this extension on an H100 machine with
+// torch 2.11+cu130, while messages without formatting raised normally.
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+std::string piece(T v) {
+  return std::to_string(v);
+}
+std::string piece(at::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+std::string piece(at::ScalarType t) { return c10::toString(t); }
+std::string piece(const at::Device& d) { return d.str(); }
+
+template <typename... A>
+std::string cat(const A&... a) {
+  std::string s;
+  ((s += piece(a)), ...);
+  return s;
+}
+
+#define AM_CHECK(cond, ...)                                    \
+  do {                                                         \
+    if (!(cond)) throw std::runtime_error(cat(__VA_ARGS__));   \
+  } while (0)
 
 int dtype_code(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -26,19 +58,19 @@ int dtype_code(const at::Tensor& t) {
     case at::kBFloat16:
       return AM_BFLOAT16;
     default:
-      TORCH_CHECK(false, "audiomae CUDA kernels take float32, float16 or bfloat16 tensors, got ", t.scalar_type());
+      AM_CHECK(false, "audiomae CUDA kernels take float32, float16 or bfloat16 tensors, got ", t.scalar_type());
   }
   return -1;
 }
 
 void check_status(int code, const char* what) {
-  TORCH_CHECK(code == AM_OK, "audiomae CUDA ", what, " failed: ", am_error_string(code), " (code ", code, ")");
+  AM_CHECK(code == AM_OK, "audiomae CUDA ", what, " failed: ", am_error_string(code), " (code ", code, ")");
 }
 
 void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<uintptr_t>(stream)); }
 
 std::vector<int64_t> pair(const std::vector<int64_t>& v, const char* name) {
-  TORCH_CHECK(v.size() == 2, name, " must have two entries (time, frequency), got ", v.size());
+  AM_CHECK(v.size() == 2, name, " must have two entries (time, frequency), got ", v.size());
   return v;
 }
 
@@ -51,25 +83,25 @@ am_wa_args wa_args(const at::Tensor& qkv, const at::Tensor& tau_c, const at::Ten
                    const std::vector<int64_t>& grid_v, const std::vector<int64_t>& window_v,
                    const std::vector<int64_t>& shift_v, int64_t heads) {
   const auto grid = pair(grid_v, "grid"), window = pair(window_v, "window"), shift = pair(shift_v, "shift");
-  TORCH_CHECK(qkv.is_cuda(), "qkv must be a CUDA tensor");
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 3 == 0, "qkv must be [B, T*F, 3*C], got ", qkv.sizes());
-  TORCH_CHECK(qkv.stride(2) == 1, "qkv's channels must be contiguous (stride 1)");
-  TORCH_CHECK(heads > 0 && (qkv.size(2) / 3) % heads == 0, "C = ", qkv.size(2) / 3, " is not divisible by ", heads,
-              " heads");
-  TORCH_CHECK(grid[0] * grid[1] == qkv.size(1), "grid ", grid[0], " x ", grid[1], " does not match ", qkv.size(1),
-              " tokens");
+  AM_CHECK(qkv.is_cuda(), "qkv must be a CUDA tensor");
+  AM_CHECK(qkv.dim() == 3 && qkv.size(2) % 3 == 0, "qkv must be [B, T*F, 3*C], got ", qkv.sizes());
+  AM_CHECK(qkv.stride(2) == 1, "qkv's channels must be contiguous (stride 1)");
+  AM_CHECK(heads > 0 && (qkv.size(2) / 3) % heads == 0, "C = ", qkv.size(2) / 3, " is not divisible by ", heads,
+           " heads");
+  AM_CHECK(grid[0] * grid[1] == qkv.size(1), "grid ", grid[0], " x ", grid[1], " does not match ", qkv.size(1),
+           " tokens");
   const int64_t area = window[0] * window[1];
-  TORCH_CHECK(tau_c.is_cuda() && tau_c.scalar_type() == at::kFloat && tau_c.is_contiguous() && tau_c.dim() == 1 &&
-                  tau_c.size(0) == heads,
-              "tau_c must be a contiguous float32 CUDA tensor of ", heads, " elements");
-  TORCH_CHECK(bias.is_cuda() && bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 3 &&
-                  bias.size(0) == heads && bias.size(1) == area && bias.size(2) == area,
-              "bias must be a contiguous float32 CUDA tensor [", heads, ", ", area, ", ", area, "]");
-  TORCH_CHECK(tau_c.device() == qkv.device() && bias.device() == qkv.device(),
-              "qkv, tau_c and bias must be on one device");
+  AM_CHECK(tau_c.is_cuda() && tau_c.scalar_type() == at::kFloat && tau_c.is_contiguous() && tau_c.dim() == 1 &&
+               tau_c.size(0) == heads,
+           "tau_c must be a contiguous float32 CUDA tensor of ", heads, " elements");
+  AM_CHECK(bias.is_cuda() && bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 3 &&
+               bias.size(0) == heads && bias.size(1) == area && bias.size(2) == area,
+           "bias must be a contiguous float32 CUDA tensor [", heads, ", ", area, ", ", area, "]");
+  AM_CHECK(tau_c.device() == qkv.device() && bias.device() == qkv.device(),
+           "qkv, tau_c and bias must be on one device");
   for (int64_t v : {grid[0], grid[1], window[0], window[1], shift[0], shift[1]})
-    TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "grid, window and shift must be small non-negative integers");
-  TORCH_CHECK(qkv.size(0) <= std::numeric_limits<int>::max(), "batch too large");
+    AM_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "grid, window and shift must be small non-negative integers");
+  AM_CHECK(qkv.size(0) <= std::numeric_limits<int>::max(), "batch too large");
   am_wa_args a;
   a.dtype = dtype_code(qkv);
   a.device = qkv.get_device();
@@ -108,12 +140,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     std::vector<int64_t> grid, std::vector<int64_t> window, std::vector<int64_t> shift, int64_t heads,
     int64_t stream, bool poison) {
   am_wa_args a = wa_args(qkv, tau_c, bias, grid, window, shift, heads);
-  TORCH_CHECK(grad_out.is_cuda() && grad_out.device() == qkv.device() && grad_out.scalar_type() == qkv.scalar_type(),
-              "grad_out must be a CUDA tensor of qkv's device and dtype");
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == qkv.size(0) && grad_out.size(1) == qkv.size(1) &&
-                  grad_out.size(2) == qkv.size(2) / 3,
-              "grad_out must be [B, T*F, C], got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.stride(2) == 1, "grad_out's channels must be contiguous (stride 1)");
+  AM_CHECK(grad_out.is_cuda() && grad_out.device() == qkv.device() && grad_out.scalar_type() == qkv.scalar_type(),
+           "grad_out must be a CUDA tensor of qkv's device and dtype");
+  AM_CHECK(grad_out.dim() == 3 && grad_out.size(0) == qkv.size(0) && grad_out.size(1) == qkv.size(1) &&
+               grad_out.size(2) == qkv.size(2) / 3,
+           "grad_out must be [B, T*F, C], got ", grad_out.sizes());
+  AM_CHECK(grad_out.stride(2) == 1, "grad_out's channels must be contiguous (stride 1)");
   a.out_stride_b = grad_out.stride(0);
   a.out_stride_l = grad_out.stride(1);
   am_wa_plan plan;
@@ -147,18 +179,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_ids(int64_t batch,
                                                                  c10::optional<at::Tensor> noise, at::Device device,
                                                                  uint64_t seed, uint64_t offset, int64_t stream,
                                                                  bool poison) {
-  TORCH_CHECK(device.is_cuda() && device.has_index(), "random_masking_ids needs a CUDA device with an index");
-  TORCH_CHECK(batch >= 0 && batch <= std::numeric_limits<int>::max(), "batch out of range");
-  TORCH_CHECK(length >= 0 && length <= AM_MASK_MAX_LENGTH, "length must be in [0, ", AM_MASK_MAX_LENGTH, "], got ",
-              length);
-  TORCH_CHECK(len_keep >= 0 && len_keep <= length, "len_keep must be in [0, ", length, "], got ", len_keep);
+  AM_CHECK(device.is_cuda() && device.has_index(), "random_masking_ids needs a CUDA device with an index");
+  AM_CHECK(batch >= 0 && batch <= std::numeric_limits<int>::max(), "batch out of range");
+  AM_CHECK(length >= 0 && length <= AM_MASK_MAX_LENGTH, "length must be in [0, ", AM_MASK_MAX_LENGTH, "], got ",
+           length);
+  AM_CHECK(len_keep >= 0 && len_keep <= length, "len_keep must be in [0, ", length, "], got ", len_keep);
   const float* noise_ptr = nullptr;
   int64_t sb = 0, sl = 0;
   if (noise.has_value()) {
     const at::Tensor& n = *noise;
-    TORCH_CHECK(n.device() == device && n.scalar_type() == at::kFloat && n.dim() == 2 && n.size(0) == batch &&
-                    n.size(1) == length,
-                "noise must be a float32 tensor [", batch, ", ", length, "] on ", device);
+    AM_CHECK(n.device() == device && n.scalar_type() == at::kFloat && n.dim() == 2 && n.size(0) == batch &&
+                 n.size(1) == length,
+             "noise must be a float32 tensor [", batch, ", ", length, "] on ", device);
     noise_ptr = n.data_ptr<float>();
     sb = n.stride(0);
     sl = n.stride(1);
@@ -183,21 +215,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_ids(int64_t batch,
 void fbank(const at::Tensor& wave, const at::Tensor& clip_mean, const at::Tensor& window, const at::Tensor& twiddle,
            const at::Tensor& mel_lo, const at::Tensor& mel_off, const at::Tensor& mel_w,
            at::Tensor& out, bool normalize, double norm_mean, double norm_scale, int64_t stream) {
-  TORCH_CHECK(wave.is_cuda() && wave.scalar_type() == at::kFloat && wave.dim() == 2,
-              "wave must be a float32 CUDA tensor [B, N], got ", wave.sizes());
+  AM_CHECK(wave.is_cuda() && wave.scalar_type() == at::kFloat && wave.dim() == 2,
+           "wave must be a float32 CUDA tensor [B, N], got ", wave.sizes());
   const int64_t B = wave.size(0), M = out.dim() == 4 ? out.size(3) : -1;
-  TORCH_CHECK(wave.size(1) >= 400, "fbank needs at least 400 samples per clip, got ", wave.size(1));
-  TORCH_CHECK(out.device() == wave.device() && out.dim() == 4 && out.size(0) == B && out.size(1) == 1 && M >= 1,
-              "out must be [B, 1, T, M] on the waves' device, got ", out.sizes());
-  TORCH_CHECK(out.is_non_overlapping_and_dense(), "out must not overlap itself (every element is written once)");
-  TORCH_CHECK(B <= std::numeric_limits<int>::max() && out.size(2) <= std::numeric_limits<int>::max() &&
-                  M <= std::numeric_limits<int>::max(),
-              "fbank sizes out of range");
+  AM_CHECK(wave.size(1) >= 400, "fbank needs at least 400 samples per clip, got ", wave.size(1));
+  AM_CHECK(out.device() == wave.device() && out.dim() == 4 && out.size(0) == B && out.size(1) == 1 && M >= 1,
+           "out must be [B, 1, T, M] on the waves' device, got ", out.sizes());
+  AM_CHECK(out.is_non_overlapping_and_dense(), "out must not overlap itself (every element is written once)");
+  AM_CHECK(B <= std::numeric_limits<int>::max() && out.size(2) <= std::numeric_limits<int>::max() &&
+               M <= std::numeric_limits<int>::max(),
+           "fbank sizes out of range");
   auto table = [&](const at::Tensor& t, at::ScalarType type, int64_t n, const char* name) {
-    TORCH_CHECK(t.device() == wave.device() && t.scalar_type() == type && t.is_contiguous() && t.dim() == 1 &&
-                    (n < 0 || t.size(0) == n),
-                name, " must be a contiguous 1-D ", type, " tensor", n >= 0 ? " of " : "", n >= 0 ? std::to_string(n) : "",
-                " on the waves' device, got ", t.sizes());
+    AM_CHECK(t.device() == wave.device() && t.scalar_type() == type && t.is_contiguous() && t.dim() == 1 &&
+                 (n < 0 || t.size(0) == n),
+             name, " must be a contiguous 1-D ", type, " tensor", n >= 0 ? " of " : "", n >= 0 ? std::to_string(n) : "",
+             " on the waves' device, got ", t.sizes());
   };
   table(clip_mean, at::kFloat, B, "clip_mean");
   table(window, at::kFloat, 400, "window");
