@@ -219,6 +219,6 @@ dispatch.register("fbank_features", "cuda", ops_cuda.fbank_features_cuda, _fbank
                   ops_cuda._fbank_cuda_passed_over, prepare=cuda_ext.load)
 # The CUDA kernel first where it applies (GPUs with fast float64: see ops_cuda.FAST_FLOAT64_CAPABILITIES),
 # else the batched reference (cuFFT). On an H100 (torch 2.11, 64 clips of 10 s): CUDA 0.204 ms, the
-# batched reference 1.27 ms, the Triton kernel 1.62 ms (benchmarks/results/); the Triton kernel stays
+# batched reference 1.27 ms, the Triton kernel 1.63 ms (benchmarks/results/); the Triton kernel stays
 # selectable with the "triton" backend.
 dispatch.set_preference("fbank_features", ("cuda", "torch"))
