@@ -167,9 +167,11 @@ def run(ctx: Context) -> None:
         f"({peak_tflops:.1f} TFLOP/s)."),
         config=cfg.to_dict(), flops_per_sample=flops, peak_matmul_tflops=peak_tflops,
         peak_matmul_dtype=str(peak_dtype).replace("torch.", ""))
-    mode = opts.get("compile_mode") or None
+    # the compiled column: True (torch's default), a torch.compile mode, or a dict of inductor options
+    mode = opts.get("compile_mode") or opts.get("compile_options") or None
+    how = ", ".join(f"{k}={v}" for k, v in mode.items()) if isinstance(mode, dict) else mode
     columns = [("eager (torch backend)", "torch", False, True), ("fused (auto)", None, False, False),
-               ("fused + torch.compile" + (f" ({mode})" if mode else ""), None, mode or True, False)]
+               ("fused + torch.compile" + (f" ({how})" if how else ""), None, mode or True, False)]
     wanted = opts.get("pretrain_columns")
     if wanted:
         columns = [c for c, key in zip(columns, ("eager", "fused", "compile")) if key in wanted]
@@ -277,12 +279,13 @@ def _profile(step, specs, device, label: str, path: str, steps: int = 2) -> None
 def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps,
                  profile_to: Optional[str] = None) -> Result:
     model, opt = _build(cfg, device, fused_optimizer=not is_ref)
-    # compiled: True (torch's default mode) or a torch.compile mode
+    # compiled: True (torch's default mode), a torch.compile mode or a dict of inductor options
     if compiled:
         from audiomae import ops_cuda
 
         ops_cuda.prepare_for_compile()
-    fwd_model = (torch.compile(model, mode=compiled if isinstance(compiled, str) else None) if compiled else model)
+    fwd_model = (torch.compile(model, mode=compiled if isinstance(compiled, str) else None,
+                               options=compiled if isinstance(compiled, dict) else None) if compiled else model)
     step = _step_fn(fwd_model, opt, device)
     specs = _specs(cfg, batch, device)
     ctx_backend = dispatch.use_backend(backend) if backend else contextlib.nullcontext()

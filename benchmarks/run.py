@@ -49,6 +49,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column of the pretraining step")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode of that column (default: torch's default; e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--compile-options", default=None, metavar="KEY=VALUE,...",
+                   help="inductor options of that column instead of a mode (torch.compile(options=...)), e.g. "
+                        "coordinate_descent_tuning=true or max_autotune_gemm=true,max_autotune_gemm_backends=TRITON")
     p.add_argument("--profile", action="store_true",
                    help="also write profile.txt: the kernels of two pretraining steps per column (torch.profiler)")
     p.add_argument("--pretrain-columns", default=None,
@@ -73,7 +76,48 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     args.sections = only or list(SECTIONS)
+    if args.compile_options is not None:
+        if args.compile_mode:
+            p.error("--compile-mode and --compile-options exclude each other (torch.compile takes one of them)")
+        try:
+            args.compile_options = inductor_options(args.compile_options)
+        except ValueError as e:
+            p.error(f"--compile-options: {e}")
     return args
+
+
+def inductor_options(text: str) -> dict:
+    """``"key=value,..."`` -> the ``options`` of ``torch.compile``: each key an inductor config entry
+    (``torch._inductor.config``, dotted for its sub-configs), each value parsed as a bool (true/false),
+    an int, a float or else kept as a string. Raises ValueError naming what is wrong."""
+    import torch._inductor.config as config
+
+    out = {}
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key or not value:
+            raise ValueError(f"expected key=value, got {item!r}")
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, part):
+                raise ValueError(f"torch._inductor.config has no entry {key!r}")
+            node = getattr(node, part)
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    if not out:
+        raise ValueError("no key=value given")
+    return out
 
 
 def best_attention_tiling(path: str) -> dict:
@@ -134,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = harness.Report(out, env, config)
     budget = harness.Budget(args.time_budget if args.time_budget else 1e9)
     options = dict(batch=args.batch, model=args.model, no_compile=args.no_compile, plot_dir=out,
-                   compile_mode=args.compile_mode,
+                   compile_mode=args.compile_mode, compile_options=args.compile_options,
                    attention_batches=_csv(args.attention_batches, int), attention_dtypes=_csv(args.attention_dtypes),
                    attention_variants=_csv(args.variants), fbank_batch=args.fbank_batch, step_batch=args.step_batch,
                    pretrain_columns=_csv(args.pretrain_columns), profile=args.profile)

@@ -242,6 +242,31 @@ def test_cli_rejects_unknown_sections():
     assert args.sections == ["fbank", "pretrain"] and args.quick and args.batch == "auto"
 
 
+def test_compile_options_are_parsed_checked_and_passed_to_torch_compile(monkeypatch):
+    args = run.parse_args(["--only", "pretrain", "--compile-options",
+                           "coordinate_descent_tuning=true, triton.cudagraphs=False,max_autotune_gemm_backends=ATEN"])
+    assert args.compile_options == {"coordinate_descent_tuning": True, "triton.cudagraphs": False,
+                                    "max_autotune_gemm_backends": "ATEN"}
+    assert run.inductor_options("realize_opcount_threshold=30") == {"realize_opcount_threshold": 30}
+    for bad in (["--compile-options", "no_such_option=1"], ["--compile-options", "coordinate_descent_tuning"],
+                ["--compile-options", ","],
+                ["--compile-mode", "max-autotune", "--compile-options", "coordinate_descent_tuning=true"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(bad)
+    seen = {}
+
+    def fake_compile(model, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = AudioMAEConfig.preset("tiny")
+    with pytest.raises(RuntimeError, match="stop here"):
+        pretrain._time_column(cfg, 1, torch.device("cpu"), "c", None, {"coordinate_descent_tuning": True}, False,
+                              {}, pretrain.mae_flops(cfg, 0.8), 1.0, 1)
+    assert seen == {"mode": None, "options": {"coordinate_descent_tuning": True}}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the clean skip without CUDA")
 def test_cli_skips_cleanly_without_cuda(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--out", str(tmp_path / "r")],
