@@ -1065,7 +1065,8 @@ def test_fbank_dispatch_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("capability,chosen", [((9, 0), True), ((8, 0), True), ((10, 0), True), ((8, 6), False),
-                                               ((8, 9), False), ((12, 0), False), ((7, 5), False)])
+                                               ((8, 9), False), ((12, 0), False), ((7, 5), False),
+                                               ((10, 3), False)])
 def test_fbank_cuda_is_passed_over_on_gpus_with_slow_float64(monkeypatch, capability, chosen):
     """The automatic order puts the CUDA kernel first only where float64 is fast (its FFT is float64)."""
     wave = torch.randn(2, 4000)
