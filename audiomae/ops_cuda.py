@@ -611,7 +611,7 @@ def _fbank_cuda_passed_over(waveforms, *args, **kwargs) -> List[str]:
     info = _device_info(waveforms.device)
     if info is None:
         return ["the GPU was not queried before tracing"]
-    if tuple(info[0]) not in FAST_FLOAT64_CAPABILITIES:
+    if info[0] not in FAST_FLOAT64_CAPABILITIES:
         major, minor = info[0]
         return [f"sm_{major}{minor} has slow float64 units (the kernel's FFT is float64); the batched reference "
                 "is used"]
