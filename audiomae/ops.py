@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import dispatch
 from .reference import window_attention_reference
@@ -66,6 +67,83 @@ def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, g
     tensors the reference. ``AUDIOMAE_BACKEND`` or :func:`audiomae.dispatch.set_backend` overrides.
     """
     return dispatch.call("window_attention", qkv, tau, bias, grid, window, shift, num_heads)
+
+
+# --- transformer MLP with GELU --------------------------------------------------------------------
+GELU_MLP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _autocast_dtype(x: torch.Tensor):
+    """The dtype autocast gives ``nn.Linear`` on ``x``'s device now, or None when it is off."""
+    kind = x.device.type
+    try:
+        if not torch.is_autocast_enabled(kind):
+            return None
+        return torch.get_autocast_dtype(kind)
+    except (TypeError, RuntimeError):  # a device type without autocast
+        return None
+
+
+def gelu_mlp_reference(x, w1, b1, w2, b2):
+    """``fc2(gelu(fc1(x)))`` as ``nn.Linear`` -> ``nn.GELU()`` -> ``nn.Linear`` compute it (autocast included)."""
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def _gelu_mlp_args(x, w1, b1, w2, b2):
+    """The arguments in the dtype the matmuls run in: autocast's when it is on, else unchanged."""
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return x, w1, b1, w2, b2
+    return tuple(None if t is None else t.to(dt) for t in (x, w1, b1, w2, b2))
+
+
+def _gelu_mlp_triton(x, w1, b1, w2, b2):
+    from .kernels.gelu_mlp import gelu_mlp as fused
+
+    args = _gelu_mlp_args(x, w1, b1, w2, b2)
+    with torch.autocast(x.device.type, enabled=False):
+        return fused(*args)
+
+
+def _gelu_mlp_triton_why_not(x, w1, b1, w2, b2) -> List[str]:
+    tensors = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    out = dispatch.triton_reasons(*tensors)
+    if not hasattr(torch.library, "triton_op"):
+        out.append(f"torch {torch.__version__} has no torch.library.triton_op (needs torch >= 2.6)")
+    if x.dim() < 1 or w1.dim() != 2 or w2.dim() != 2 or x.shape[-1] != w1.shape[1] or w2.shape[1] != w1.shape[0] \
+            or (b1 is not None and tuple(b1.shape) != (w1.shape[0],)) \
+            or (b2 is not None and tuple(b2.shape) != (w2.shape[0],)):
+        out.append(f"shapes x {list(x.shape)}, w1 {list(w1.shape)}, b1 {None if b1 is None else list(b1.shape)}, "
+                   f"w2 {list(w2.shape)}, b2 {None if b2 is None else list(b2.shape)} do not chain "
+                   "([..., D], [H, D], [H], [E, H], [E])")
+    dtypes = {t.dtype for t in _gelu_mlp_args(*(x, w1, b1, w2, b2)) if t is not None}
+    if len(dtypes) > 1:
+        out.append(f"mixed dtypes {sorted(map(str, dtypes))} (one dtype, or autocast)")
+    elif dtypes and not dtypes <= set(GELU_MLP_DTYPES):
+        out.append(f"dtype {dtypes.pop()} is not one of float32, bfloat16, float16")
+    if len({t.device for t in tensors}) > 1:
+        out.append(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
+    return out
+
+
+dispatch.register("gelu_mlp", "torch", gelu_mlp_reference)
+dispatch.register("gelu_mlp", "triton", _gelu_mlp_triton, _gelu_mlp_triton_why_not)
+# The fused kernels are chosen on request only (set_backend("triton", op="gelu_mlp")): they replace
+# cuBLAS GEMMs, and the automatic choice takes them only where they are measured faster.
+dispatch.set_preference("gelu_mlp", ("torch",))
+
+
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2) -> torch.Tensor:
+    """The transformer MLP ``fc2(gelu(fc1(x)))`` (exact GELU): ``x`` [..., D], ``w1`` [H, D], ``b1`` [H]
+    or None, ``w2`` [E, H], ``b2`` [E] or None -> ``[..., E]``, under autocast as ``nn.Linear`` runs.
+
+    The ``triton`` backend (:mod:`audiomae.kernels.gelu_mlp`) computes the GELU and its derivative in
+    the epilogues of its GEMMs instead of separate passes over the 4x-wide hidden activation; it runs
+    when asked for (``audiomae.dispatch.set_backend("triton", op="gelu_mlp")``); the automatic choice
+    is the PyTorch reference.
+    """
+    return dispatch.call("gelu_mlp", x, w1, b1, w2, b2)
+
 
 # The compiled CUDA kernels (csrc/) register as the ``cuda`` backend of window_attention and of
 # random_masking_ids; importing builds nothing (the extension is built on first use).

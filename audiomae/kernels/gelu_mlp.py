@@ -1,0 +1,314 @@
+"""Transformer MLP ``fc2(gelu(fc1(x)))`` with the GELU in the epilogues of two Triton GEMMs.
+
+In the eager block (and in the block ``torch.compile`` builds around cuBLAS) the hidden activation
+of the MLP, 4x the width of the block, is written and read back by separate element-wise kernels:
+the forward writes ``h = fc1(x)``, reads it for ``g = gelu(h)``; the backward writes
+``dg = dy @ W2``, reads it and ``h`` for ``dh = dg * gelu'(h)``, and reads ``dh`` again for the
+bias gradient. Here:
+
+- forward: one GEMM computes ``h = x @ W1^T + b1`` and writes both ``h`` (kept for the backward)
+  and ``g = gelu(h)`` from its accumulator; ``y = g @ W2^T + b2`` is cuBLAS (``torch.addmm``);
+- backward: one GEMM computes ``dy @ W2``, multiplies it by ``gelu'(h)`` in its epilogue and
+  writes ``dh``, plus one float32 column sum per row block for ``db1`` (summed afterwards in a
+  fixed order: deterministic); the weight and input gradients are cuBLAS matmuls.
+
+Rounding follows the eager computation in the input dtype: ``h`` is rounded to the dtype before
+the GELU is applied, ``dy @ W2`` is rounded before it is multiplied by ``gelu'(h)``, and the GELU
+and its derivative are PyTorch's exact (erf) forms, evaluated in float32. The result equals the
+eager MLP up to the summation order of the matmuls. float32 inputs use full float32 products (no
+tf32).
+
+Layers: Triton kernels -> launchers (``torch.library`` custom ops) -> ``torch.autograd.Function``
+-> :func:`gelu_mlp`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ._common import alloc, interpreting as _interpreting, launcher as _launcher
+
+POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
+
+# Tiling override (tests, sweeps): {"fwd": (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages),
+# "bwd": (...)}; a missing key means the defaults of _tiling.
+TUNING: dict = {}
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    return alloc(shape, dtype, device, POISON_OUTPUTS)
+
+
+def _tiling(which: str, M: int, N: int, K: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the ``fwd`` or ``bwd`` kernel."""
+    if which in TUNING:
+        return tuple(int(v) for v in TUNING[which])
+    if _interpreting():  # few, large tiles: the interpreter pays per operation, not per element
+        return (min(64, triton.next_power_of_2(max(M, 16))), min(64, triton.next_power_of_2(max(N, 16))),
+                min(64, triton.next_power_of_2(max(K, 16))), 4, 4, 1)
+    if dtype == torch.float32:
+        return 64, 64, 32, 8, 4, 3
+    # 16-bit: the backward's epilogue also holds a tile of h, so its tiles are half as wide
+    return (128, 256, 64, 8, 8, 3) if which == "fwd" else (128, 128, 64, 8, 8, 4)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 operands: full float32 products (Triton's default would be tf32); 16-bit operands
+    # ignore the setting and use the tensor cores with float32 accumulation
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_upcast(dtype: torch.dtype) -> bool:
+    # Triton's interpreter multiplies bfloat16 operands as their raw 16-bit patterns; in float32 the
+    # products of bfloat16 values are exact, so upcasting there gives what the tensor cores give
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+# Accumulators start from tl.full, reductions use tl.reduce with Triton's own combine function, and
+# the tile order and ceil-divisions are written out in each kernel: tl.zeros, tl.sum, tl.cdiv and any
+# other @triton.jit helper keep the mode (GPU or interpreter) of the moment triton was first
+# imported, while these work in both, whatever the environment was then.
+
+SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi): PyTorch's kAlpha
+
+
+@triton.jit
+def _fc1_gelu_kernel(
+    x_ptr, w_ptr, b_ptr, h_ptr, g_ptr,
+    M, N, K,
+    s_xm, s_xk, s_wn, s_wk, s_hm, s_hn, s_gm, s_gn,
+    HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """h = x @ w^T + b (x [M, K], w [N, K]); g = gelu(h) from h rounded to the output dtype."""
+    # programs in groups of GROUP_M row blocks, so the programs running together share their B
+    # tiles in L2 (inlined: a @triton.jit helper would be fixed to the mode of its first import)
+    pid = tl.program_id(0)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows and columns past the end wrap around for the loads (always in bounds, no masks in the
+    # loop); the stores below are masked
+    rows = offs_m % M
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + rows[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    b_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_wn + offs_k[:, None] * s_wk
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+            b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K * s_xk
+        b_ptrs += BLOCK_K * s_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    h = acc.to(g_ptr.dtype.element_ty)
+    hf = h.to(tl.float32)
+    g = hf * 0.5 * (1.0 + tl.math.erf(hf * SQRT1_2))
+    store = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    m64 = offs_m[:, None].to(tl.int64)
+    if WRITE_H:
+        tl.store(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, h, mask=store)
+    tl.store(g_ptr + m64 * s_gm + offs_n[None, :] * s_gn, g.to(g_ptr.dtype.element_ty), mask=store)
+
+
+@triton.jit
+def _dgelu_kernel(
+    dy_ptr, w_ptr, h_ptr, dh_ptr, part_ptr,
+    M, N, K,
+    s_dm, s_dk, s_wk, s_wn, s_hm, s_hn, s_om, s_on, s_pm,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dh = round(dy @ w) * gelu'(h) (dy [M, K], w [K, N], h [M, N]); with WRITE_PARTIAL, the
+    float32 column sums of dh over this program's rows go to part[pid_m, :]."""
+    # programs in groups of GROUP_M row blocks, so the programs running together share their B
+    # tiles in L2 (inlined: a @triton.jit helper would be fixed to the mode of its first import)
+    pid = tl.program_id(0)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m % M
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = dy_ptr + rows[:, None].to(tl.int64) * s_dm + offs_k[None, :] * s_dk
+    b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * s_wk + cols[None, :] * s_wn
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+            b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K * s_dk
+        b_ptrs += BLOCK_K * s_wk
+    keep_m = offs_m < M
+    store = keep_m[:, None] & (offs_n < N)[None, :]
+    m64 = offs_m[:, None].to(tl.int64)
+    hf = tl.load(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, mask=store, other=0.0).to(tl.float32)
+    dg = acc.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the eager backward rounds dy @ W2 first
+    cdf = 0.5 * (1.0 + tl.math.erf(hf * SQRT1_2))
+    pdf = tl.exp(-0.5 * hf * hf) * INV_SQRT_2PI
+    dh = (dg * (cdf + hf * pdf)).to(dh_ptr.dtype.element_ty)
+    tl.store(dh_ptr + m64 * s_om + offs_n[None, :] * s_on, dh, mask=store)
+    if WRITE_PARTIAL:
+        col = tl.reduce(tl.where(keep_m[:, None], dh.to(tl.float32), 0.0), 0, tl.standard._sum_combine)
+        tl.store(part_ptr + pid_m.to(tl.int64) * s_pm + offs_n, col, mask=offs_n < N)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (custom ops)
+# ----------------------------------------------------------------------------------------------
+@triton_op("audiomae::gelu_mlp_fc1", mutates_args=())
+def gelu_mlp_fc1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 write_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K], ``weight`` [N, K], ``bias`` [N] or None, one dtype -> (``h = x @ weight^T + bias``,
+    ``gelu(h)``), both [M, N] in that dtype; ``h`` is an empty tensor unless ``write_h``."""
+    M, K = x.shape
+    N = weight.shape[0]
+    g = _alloc((M, N), x.dtype, x.device)
+    h = _alloc((M, N), x.dtype, x.device) if write_h else x.new_empty((0, 0))
+    if M == 0 or N == 0:
+        return h, g
+    if K == 0:  # an empty product: h is the bias
+        h0 = (bias if bias is not None else x.new_zeros(N)).expand(M, N)
+        return (h0.clone() if write_h else h), torch.nn.functional.gelu(h0.float()).to(x.dtype)
+    bm, bn, bk, group, warps, stages = _tiling("fwd", M, N, K, x.dtype)
+    hs = h.stride() if write_h else (0, 0)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _launcher(_fc1_gelu_kernel)[grid](
+        x, weight, bias if bias is not None else weight, h, g,
+        M, N, K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), hs[0], hs[1], g.stride(0), g.stride(1),
+        HAS_BIAS=bias is not None, WRITE_H=bool(write_h), EVEN_K=K % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
+        PREC=_dot_precision(x.dtype), UPCAST=_dot_upcast(x.dtype), num_warps=warps, num_stages=stages,
+    )
+    return h, g
+
+
+@triton_op("audiomae::gelu_mlp_dgelu", mutates_args=())
+def gelu_mlp_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
+                   write_partial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dy`` [M, K] (gradient of ``fc2``'s output), ``weight`` [K, N] (``fc2.weight``), ``h`` [M, N]
+    -> (``dh = (dy @ weight) * gelu'(h)`` [M, N] in ``h.dtype``, float32 column sums of ``dh`` per
+    block of rows [row blocks, N], or an empty tensor unless ``write_partial``)."""
+    M, K = dy.shape
+    N = weight.shape[1]
+    dh = _alloc((M, N), h.dtype, h.device)
+    bm, bn, bk, group, warps, stages = _tiling("bwd", M, N, K, h.dtype)
+    blocks_m = triton.cdiv(M, bm)
+    part = _alloc((blocks_m, N), torch.float32, h.device) if write_partial else h.new_empty((0, 0), dtype=torch.float32)
+    if M == 0 or N == 0:
+        return dh, part
+    if K == 0:  # an empty product: no gradient reaches h
+        return dh.zero_(), (part.zero_() if write_partial else part)
+    grid = (blocks_m * triton.cdiv(N, bn),)
+    _launcher(_dgelu_kernel)[grid](
+        dy, weight, h, dh, part,
+        M, N, K,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
+        dh.stride(0), dh.stride(1), part.stride(0) if write_partial else 0,
+        WRITE_PARTIAL=bool(write_partial), EVEN_K=K % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
+        PREC=_dot_precision(h.dtype), UPCAST=_dot_upcast(h.dtype), num_warps=warps, num_stages=stages,
+    )
+    return dh, part
+
+
+# Shapes only, for tracing (torch.compile still sees the kernels: triton_op decomposes the ops
+# into them when it lowers the graph).
+@gelu_mlp_fc1.register_fake
+def _(x, weight, bias, write_h):
+    g = x.new_empty((x.shape[0], weight.shape[0]))
+    return (torch.empty_like(g) if write_h else x.new_empty((0, 0))), g
+
+
+@gelu_mlp_dgelu.register_fake
+def _(dy, weight, h, write_partial):
+    bm = _tiling("bwd", dy.shape[0], weight.shape[1], dy.shape[1], h.dtype)[0]
+    rows = (dy.shape[0] + bm - 1) // bm if write_partial else 0
+    return torch.empty_like(h), h.new_empty((rows, weight.shape[1] if write_partial else 0), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class GeluMlpFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        x2 = x.reshape(-1, x.shape[-1])
+        train = any(ctx.needs_input_grad)
+        h, g = gelu_mlp_fc1(x2, w1, b1, train)
+        y = torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t()
+        if train:
+            ctx.save_for_backward(x2, w1, w2, h, g)
+            ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w1, w2, h, g = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(g.dtype)
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need_w2:
+            dw2 = dy2.t() @ g
+        if need_b2:
+            db2 = dy2.sum(0)
+        if need_x or need_w1 or need_b1:
+            dh, part = gelu_mlp_dgelu(dy2, w2, h, bool(need_b1))
+            if need_x:
+                dx = (dh @ w1).reshape(ctx.x_shape)
+            if need_w1:
+                dw1 = dh.t() @ x2
+            if need_b1:
+                db1 = part.sum(0).to(dh.dtype)
+        return dx, dw1, db1, dw2, db2
+
+
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+             b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))`` with the GELU fused into the GEMMs' epilogues (see the module docstring).
+
+    Args:
+        x: ``[..., D]`` float32 / bfloat16 / float16.
+        w1: ``[H, D]`` (``fc1.weight``); ``b1``: ``[H]`` or None.
+        w2: ``[E, H]`` (``fc2.weight``); ``b2``: ``[E]`` or None. All in ``x.dtype`` (under autocast,
+            :func:`audiomae.ops.gelu_mlp` casts them first, as autocast does for ``nn.Linear``).
+
+    Returns:
+        ``[..., E]`` in ``x.dtype``: ``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)``.
+    """
+    return GeluMlpFunction.apply(x, w1, b1, w2, b2)
