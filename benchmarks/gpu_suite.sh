@@ -40,7 +40,7 @@ echo "gpu suite: results in $RES"
 #    SUITE_WORKERS processes (default 8): compiling the kernels for each shape is the slow part.
 tests_rc=0
 if [ "${SUITE_TESTS:-1}" != 0 ]; then
-kernel_tests=$(ls tests/test_window_attention.py tests/test_step_kernels.py tests/test_fbank_kernel.py 2>/dev/null)
+kernel_tests=$(ls tests/test_window_attention.py tests/test_step_kernels.py tests/test_fbank_kernel.py tests/test_gelu_mlp.py 2>/dev/null)
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${SUITE_WORKERS:-8}"); fi
 {

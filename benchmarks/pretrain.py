@@ -10,6 +10,10 @@ weights, as the training loop builds it) with bf16 autocast on CUDA (float32 on 
   (PyTorch's single-kernel ``fused=True`` on CUDA);
 - ``fused + torch.compile``: the same model wrapped in ``torch.compile``.
 
+``--op-backends op=backend,...`` (``benchmarks.run``) forces those ops' backends in the two fused
+columns, e.g. ``gelu_mlp=triton`` for the MLP with the GELU in its GEMMs, which the automatic
+choice does not take; the column labels say so.
+
 A step here is forward + backward + optimizer step on a spectrogram batch already on the device;
 ``samples/s`` = batch / median step time. MFU (model FLOPs utilisation) = model FLOPs per second /
 the bf16 matmul peak measured on this device in this run (see :func:`mae_flops`). The breakdown
@@ -170,8 +174,12 @@ def run(ctx: Context) -> None:
     # the compiled column: True (torch's default), a torch.compile mode, or a dict of inductor options
     mode = opts.get("compile_mode") or opts.get("compile_options") or None
     how = ", ".join(f"{k}={v}" for k, v in mode.items()) if isinstance(mode, dict) else mode
-    columns = [("eager (torch backend)", "torch", False, True), ("fused (auto)", None, False, False),
-               ("fused + torch.compile" + (f" ({how})" if how else ""), None, mode or True, False)]
+    forced = opts.get("op_backends") or {}
+    also = ", ".join(f"{k}={v}" for k, v in forced.items())
+    columns = [("eager (torch backend)", "torch", False, True),
+               ("fused (auto" + (f"; {also}" if also else "") + ")", None, False, False),
+               ("fused + torch.compile" + (f" ({', '.join(x for x in (how, also) if x)})" if how or also else ""), None,
+                mode or True, False)]
     wanted = opts.get("pretrain_columns")
     if wanted:
         columns = [c for c, key in zip(columns, ("eager", "fused", "compile")) if key in wanted]
@@ -192,10 +200,11 @@ def run(ctx: Context) -> None:
             continue
         profile_to = os.path.join(opts["plot_dir"], "profile.txt") if opts.get("profile") and opts.get("plot_dir") \
             else None
+        op_forced = {} if is_ref else forced
         report.add(_time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops,
-                                n_steps, profile_to))
+                                n_steps, profile_to, op_forced))
         if not compiled and not ctx.budget.expired():
-            _breakdown(ctx, cfg, batch, label, backend, is_ref)
+            _breakdown(ctx, cfg, batch, label, backend, is_ref, op_forced)
 
 
 # Device kernels by what they compute, first match wins (names as CUDA libraries, Triton, inductor
@@ -276,8 +285,19 @@ def _profile(step, specs, device, label: str, path: str, steps: int = 2) -> None
         f.write(f"{table}\n\n")
 
 
+def backends(backend: Optional[str], op_backends: Optional[Dict[str, str]] = None) -> contextlib.ExitStack:
+    """A context forcing ``backend`` for every op (None: the automatic choice), then ``op_backends``
+    ({op: backend}) for those ops."""
+    stack = contextlib.ExitStack()
+    if backend:
+        stack.enter_context(dispatch.use_backend(backend))
+    for op, b in (op_backends or {}).items():
+        stack.enter_context(dispatch.use_backend(b, op=op))
+    return stack
+
+
 def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops, n_steps,
-                 profile_to: Optional[str] = None) -> Result:
+                 profile_to: Optional[str] = None, op_backends: Optional[Dict[str, str]] = None) -> Result:
     model, opt = _build(cfg, device, fused_optimizer=not is_ref)
     # compiled: True (torch's default mode), a torch.compile mode or a dict of inductor options
     if compiled:
@@ -288,7 +308,7 @@ def _time_column(cfg, batch, device, label, backend, compiled, is_ref, params, f
                                options=compiled if isinstance(compiled, dict) else None) if compiled else model)
     step = _step_fn(fwd_model, opt, device)
     specs = _specs(cfg, batch, device)
-    ctx_backend = dispatch.use_backend(backend) if backend else contextlib.nullcontext()
+    ctx_backend = backends(backend, op_backends)
     metrics = {}
     try:
         with ctx_backend:
@@ -342,7 +362,7 @@ def _fbank_backend(device) -> str:
         return f"unknown ({type(e).__name__})"
 
 
-def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
+def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref, op_backends: Optional[Dict[str, str]] = None) -> None:
     """Per-phase device time of ``n`` eager steps (not compiled: a compiled step has no phases)."""
     device = ctx.device
     frames = cfg.img_size[0]
@@ -355,7 +375,7 @@ def _breakdown(ctx: Context, cfg, batch, label, backend, is_ref) -> None:
     n = 3 if ctx.quick else 6
     samples: Dict[str, List[float]] = {p: [] for p in PHASES}
     totals: List[float] = []
-    ctx_backend = dispatch.use_backend(backend) if backend else contextlib.nullcontext()
+    ctx_backend = backends(backend, op_backends)
     try:
         with ctx_backend:
             for i in range(n + 1):  # the first step warms up

@@ -14,6 +14,7 @@ skipped is noted in the results).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -52,6 +53,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-options", default=None, metavar="KEY=VALUE,...",
                    help="inductor options of that column instead of a mode (torch.compile(options=...)), e.g. "
                         "coordinate_descent_tuning=true or max_autotune_gemm=true,max_autotune_gemm_backends=TRITON")
+    p.add_argument("--op-backends", default=None, metavar="OP=BACKEND,...",
+                   help="force these ops' backends in the fused and compiled pretraining columns (the eager "
+                        "column stays on the references), e.g. gelu_mlp=triton to measure the fused MLP")
     p.add_argument("--profile", action="store_true",
                    help="also write profile.txt: the kernels of two pretraining steps per column (torch.profiler)")
     p.add_argument("--pretrain-columns", default=None,
@@ -65,7 +69,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fbank-batch", type=int, default=None, help="clips per fbank call (default 64 on CUDA)")
     p.add_argument("--step-batch", type=int, default=None, help="batch of the step-op benchmarks (default 64 on CUDA)")
     p.add_argument("--tuning", metavar="TUNE_JSON", default=None,
-                   help="run the Triton attention with the fastest tiling per direction of this tune.json "
+                   help="run the Triton attention (and the fused MLP, when the file has its rows) with the "
+                        "fastest tiling per direction of this tune.json "
                         "(python -m benchmarks.tune --out DIR) instead of the defaults; the report records it")
     p.add_argument("--list-variants", action="store_true", help="print the attention variants and exit")
     p.add_argument("--replot", metavar="DIR", default=None,
@@ -83,7 +88,38 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             args.compile_options = inductor_options(args.compile_options)
         except ValueError as e:
             p.error(f"--compile-options: {e}")
+    if args.op_backends is not None:
+        try:
+            args.op_backends = op_backends(args.op_backends)
+        except ValueError as e:
+            p.error(f"--op-backends: {e}")
     return args
+
+
+def op_backends(text: str) -> dict:
+    """``"op=backend,..."`` -> {op: backend}, each op one of :func:`audiomae.dispatch.registered_ops`
+    and each backend one of :data:`audiomae.dispatch.BACKENDS`. Raises ValueError naming what is wrong."""
+    from audiomae import dispatch
+
+    for module in ("audiomae.ops", "audiomae.ops_step"):  # importing them registers the ops
+        importlib.import_module(module)
+
+    known = dispatch.registered_ops()
+    out = {}
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        op, sep, backend = (s.strip() for s in item.partition("="))
+        if not sep or not op or not backend:
+            raise ValueError(f"expected op=backend, got {item!r}")
+        if op not in known:
+            raise ValueError(f"unknown op {op!r}; the ops are {', '.join(known)}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} for {op}; choose one of {', '.join(dispatch.BACKENDS)}")
+        out[op] = backend
+    if not out:
+        raise ValueError("no op=backend given")
+    return out
 
 
 def inductor_options(text: str) -> dict:
@@ -138,6 +174,23 @@ def best_attention_tiling(path: str) -> dict:
     return out
 
 
+def best_mlp_tiling(path: str) -> dict:
+    """``{"fwd": (...), "bwd": (...)}``: per GEMM of the fused MLP, the tiling of its fastest
+    ``method="triton"`` row of a ``tune.json``, in the form of ``audiomae.kernels.gelu_mlp.TUNING``
+    (empty when the file has no timed MLP rows)."""
+    with open(path) as f:
+        rows = json.load(f).get("rows", [])
+    keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+    out = {}
+    for direction in ("fwd", "bwd"):
+        timed = [r for r in rows if r.get("kernel") == "mlp" and r.get("method") == "triton"
+                 and r.get("direction") == direction and "ms" in r]
+        if timed:
+            best = min(timed, key=lambda r: r["ms"])
+            out[direction] = tuple(int(best[k]) for k in keys)
+    return out
+
+
 def _csv(text, cast=str):
     return tuple(cast(x.strip()) for x in text.split(",") if x.strip()) if text else None
 
@@ -175,13 +228,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         wa.TUNING.update(tiling)
         config["attention tiling"] = json.dumps(tiling, sort_keys=True)
         print(f"attention tiling from {args.tuning}: {config['attention tiling']}", flush=True)
+        mlp_tiling = best_mlp_tiling(args.tuning)
+        if mlp_tiling:
+            from audiomae.kernels import gelu_mlp
+
+            gelu_mlp.TUNING.clear()
+            gelu_mlp.TUNING.update(mlp_tiling)
+            config["MLP tiling"] = json.dumps(mlp_tiling, sort_keys=True)
+            print(f"MLP tiling from {args.tuning}: {config['MLP tiling']}", flush=True)
+    if args.op_backends:
+        config["op backends (fused columns)"] = ", ".join(f"{k}={v}" for k, v in args.op_backends.items())
     report = harness.Report(out, env, config)
     budget = harness.Budget(args.time_budget if args.time_budget else 1e9)
     options = dict(batch=args.batch, model=args.model, no_compile=args.no_compile, plot_dir=out,
                    compile_mode=args.compile_mode, compile_options=args.compile_options,
                    attention_batches=_csv(args.attention_batches, int), attention_dtypes=_csv(args.attention_dtypes),
                    attention_variants=_csv(args.variants), fbank_batch=args.fbank_batch, step_batch=args.step_batch,
-                   pretrain_columns=_csv(args.pretrain_columns), profile=args.profile)
+                   pretrain_columns=_csv(args.pretrain_columns), profile=args.profile,
+                   op_backends=args.op_backends)
     ctx = harness.Context(device, args.quick, report, budget, options)
     print(f"benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}) -> {out}",
           flush=True)

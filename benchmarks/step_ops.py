@@ -6,14 +6,18 @@ patch 16 -> 512 patches, 102 kept at mask ratio 0.8, encoder width 768, decoder 
 - decoder unshuffle: mask tokens in, original order back, positions added
   (:func:`audiomae.ops_step.decoder_unshuffle`);
 - masked norm-pix loss (:func:`audiomae.ops_step.masked_norm_pix_loss`);
+- the transformer MLP ``fc2(gelu(fc1(x)))`` of the decoder and of the encoder, with the GELU and
+  its derivative in the epilogues of Triton GEMMs vs cuBLAS GEMMs and PyTorch's GELU kernels
+  (:func:`audiomae.ops.gelu_mlp`); on CUDA also the PyTorch MLP under ``torch.compile``, whose
+  GELU kernels inductor generates, the alternative a compiled training step has;
 - random masking ids: the release's recipe in PyTorch vs the one-launch CUDA kernel
   (:func:`audiomae.ops_cuda.random_masking_ids`), when the extension can be built.
 
 Each op runs through the dispatch with the ``torch`` backend (the eager reference, the "ref" row)
 and the ``triton`` backend, forward and forward + backward (gradients of the parameters and
-activations the model trains: weight and bias; x and mask_token; pred). Outputs and gradients are
-checked against a float64 computation before timing. Ops missing from :mod:`audiomae.ops_step` are
-skipped with a note.
+activations the model trains: weight and bias; x and mask_token; pred; all five for the MLP).
+Outputs and gradients are checked against a float64 computation before timing. Ops missing from
+:mod:`audiomae.ops_step` and :mod:`audiomae.ops` are skipped with a note.
 """
 from __future__ import annotations
 
@@ -77,17 +81,43 @@ def _loss(batch: int, seed: int):
     return [pred, spec, mask], (0,), (P,)
 
 
+def _mlp(tokens: int, width: int):
+    def make(batch: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, tokens, width, generator=g, dtype=torch.float64)
+        w1 = torch.randn(4 * width, width, generator=g, dtype=torch.float64) / width ** 0.5
+        b1 = torch.randn(4 * width, generator=g, dtype=torch.float64) * 0.1
+        w2 = torch.randn(width, 4 * width, generator=g, dtype=torch.float64) / (4 * width) ** 0.5
+        b2 = torch.randn(width, generator=g, dtype=torch.float64) * 0.1
+        return [x, w1, b1, w2, b2], (0, 1, 2, 3, 4), ()
+    return make
+
+
 CASES = [
     OpCase("masked patch embedding", "masked_patch_embed", _patch_embed),
     OpCase("decoder unshuffle", "decoder_unshuffle", _unshuffle),
     OpCase("masked norm-pix loss", "masked_norm_pix_loss", _loss),
+    OpCase("decoder MLP (GELU)", "gelu_mlp", _mlp(L, DD)),
+    OpCase("encoder MLP (GELU)", "gelu_mlp", _mlp(K + 1, D)),
 ]
 
 
-def _call(case: OpCase, backend: str, leaves, extra):
-    from audiomae import ops_step
+def _op(name: str):
+    """The public function ``name`` of :mod:`audiomae.ops_step` or :mod:`audiomae.ops`, or None."""
+    from audiomae import ops, ops_step
 
-    fn = getattr(ops_step, case.op)
+    return getattr(ops_step, name, None) or getattr(ops, name, None)
+
+
+_COMPILED: dict = {}
+
+
+def _call(case: OpCase, backend: str, leaves, extra, compiled: bool = False):
+    fn = _op(case.op)
+    if compiled:  # one compiled function per op, reused across calls (dynamo guards on the shapes)
+        if case.op not in _COMPILED:
+            _COMPILED[case.op] = torch.compile(fn)
+        fn = _COMPILED[case.op]
     if case.op == "decoder_unshuffle":  # (x, mask_token, ids_restore, pos, keep_cls)
         args = (leaves[0], leaves[1], *extra)
     else:
@@ -134,10 +164,8 @@ def check(case: OpCase, batch: int, dtype: torch.dtype, device, backward: bool) 
 
 
 def _why_not(case: OpCase, device, dtype) -> Optional[str]:
-    from audiomae import ops_step
-
-    if not hasattr(ops_step, case.op):
-        return f"audiomae.ops_step has no {case.op}"
+    if _op(case.op) is None:
+        return f"neither audiomae.ops_step nor audiomae.ops has {case.op}"
     leaves, _, extra = _prepare(case, 1, 0, dtype, device, False)
     args = (leaves[0], leaves[1], *extra) if case.op == "decoder_unshuffle" else (*leaves, *extra)
     return "; ".join(dispatch.reasons(case.op, *args)["triton"]) or None
@@ -148,20 +176,24 @@ def run(ctx: Context) -> None:
     batch = int(ctx.options.get("step_batch") or (64 if device.type == "cuda" else 4))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report.describe(SECTION, f"Batch {batch}, {dtype_name(dtype)}; `fwd+bwd` includes the gradients the model "
-                             "needs (patch embedding: weight, bias; unshuffle: x, mask_token; loss: pred).",
+                             "needs (patch embedding: weight, bias; unshuffle: x, mask_token; loss: pred; MLP: x and "
+                             "both layers' weights and biases). The MLPs: decoder [batch, 512, 512] -> 2048 -> 512, "
+                             "encoder [batch, 103, 768] -> 3072 -> 768.",
                     spec=f"[{batch}, 1, {T}, {FREQ}]", patch=P, patches=L, kept=K, encoder_dim=D, decoder_dim=DD)
     targs = ctx.timing_args()
     for case in CASES:
         why = _why_not(case, device, dtype)
-        backends = [("eager (torch backend)", "torch", True)]
+        backends = [("eager (torch backend)", "torch", True, False)]
+        if case.op == "gelu_mlp" and device.type == "cuda":
+            backends.append(("torch backend + torch.compile", "torch", False, True))
         if why:
             report.note(SECTION, f"{case.name}, triton: not run ({why})")
         else:
-            backends.append(("triton (audiomae)", "triton", False))
+            backends.append(("triton (audiomae)", "triton", False, False))
         for backward in (False, True):
             params = {"op": case.name, "pass": "fwd+bwd" if backward else "fwd", "dtype": dtype_name(dtype),
                       "batch": batch}
-            for label, backend, is_ref in backends:
+            for label, backend, is_ref, compiled in backends:
                 if ctx.budget.expired():
                     report.note(SECTION, "time budget used up: the remaining measurements were not made")
                     return
@@ -172,8 +204,8 @@ def run(ctx: Context) -> None:
                         continue
                 sets = [_prepare(case, batch, s, dtype, device, backward) for s in range(3)]
 
-                def step(leaves, grad_idx, extra, backend=backend, backward=backward):
-                    out = _call(case, backend, leaves, extra)
+                def step(leaves, grad_idx, extra, backend=backend, backward=backward, compiled=compiled):
+                    out = _call(case, backend, leaves, extra, compiled)
                     if backward:
                         torch.autograd.grad(out, [leaves[i] for i in grad_idx], torch.ones_like(out))
 

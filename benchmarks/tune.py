@@ -1,6 +1,6 @@
 """Tiling sweeps for the Triton kernels on a CUDA device.
 
-    python -m benchmarks.tune [--out DIR] [--only attention|cuda|fbank] [--batch N]
+    python -m benchmarks.tune [--out DIR] [--only attention|cuda|fbank|mlp] [--batch N]
 
 For every candidate tiling the kernel's result is checked against the default tiling (attention)
 or the float64 reference (fbank) before it is timed (CUDA-event median of ``do_bench``, several
@@ -9,8 +9,10 @@ input sets in rotation). Attention rows time the whole op (``ms``) and its kerne
 CUDA op's window-attention kernels (register and shared-memory sets, csrc/) through the extension's
 launch functions, for several windows per warp (``AUDIOMAE_CUDA_WA_WINDOWS_PER_WARP``), each checked
 against the Triton kernels first. ``fbank`` sweeps the Triton methods' tilings and the CUDA kernel's
-launch shapes (``AUDIOMAE_CUDA_FBANK_WARPS`` x ``AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP``). Prints one markdown table per kernel, best first, and writes
-``tune.json`` when ``--out`` is given. The defaults in ``audiomae/kernels`` and ``csrc/`` come from
+launch shapes (``AUDIOMAE_CUDA_FBANK_WARPS`` x ``AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP``). ``mlp``
+sweeps the fused MLP's two GEMM kernels (:mod:`audiomae.kernels.gelu_mlp`), each tiling checked
+against PyTorch, next to PyTorch's own time for the same outputs. Prints one markdown table per
+kernel, best first, and writes ``tune.json`` when ``--out`` is given. The defaults in ``audiomae/kernels`` and ``csrc/`` come from
 these sweeps.
 """
 from __future__ import annotations
@@ -231,6 +233,78 @@ def cuda_fbank(waves: List[torch.Tensor], ref: torch.Tensor, batch: int) -> List
     return rows
 
 
+MLP_TILINGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+    "fwd": [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
+            (128, 128, 64, 8, 4, 4), (128, 128, 128, 8, 8, 3), (64, 256, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4)],
+    "bwd": [(128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3),
+            (256, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (128, 128, 128, 8, 8, 3)],
+}
+MLP_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+
+
+def mlp(batch: int, tokens: int = 512, width: int = 512) -> List[Dict]:
+    """The fused MLP's two GEMM kernels at the decoder's shape (``batch * tokens`` rows, width ->
+    4 x width), bfloat16, over MLP_TILINGS, each checked against PyTorch (cuBLAS + its GELU
+    kernels) first; the rows with ``method="torch"`` time that PyTorch computation of the same
+    outputs, the baseline a tiling has to beat."""
+    import torch.nn.functional as F
+
+    from audiomae.kernels import gelu_mlp as km
+
+    M, D, H = batch * tokens, width, 4 * width
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bf = torch.bfloat16
+    xs = [torch.randn(M, D, device="cuda", generator=gen).to(bf) for _ in range(SETS)]
+    dys = [torch.randn(M, D, device="cuda", generator=gen).to(bf) for _ in range(SETS)]
+    w1 = (torch.randn(H, D, device="cuda", generator=gen) / D ** 0.5).to(bf)
+    b1 = (torch.randn(H, device="cuda", generator=gen) * 0.1).to(bf)
+    w2 = (torch.randn(D, H, device="cuda", generator=gen) / H ** 0.5).to(bf)
+    hs = [F.linear(x, w1, b1) for x in xs]
+    flops = 2.0 * M * D * H
+
+    def torch_fwd(i):
+        h = F.linear(xs[i], w1, b1)
+        return h, F.gelu(h)
+
+    def torch_bwd(i):
+        dh = torch.ops.aten.gelu_backward(dys[i] @ w2, hs[i])
+        return dh, dh.float().sum(0)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1.0)).item()
+
+    runs = {"fwd": (torch_fwd, lambda i: km.gelu_mlp_fc1(xs[i], w1, b1, True)),
+            "bwd": (torch_bwd, lambda i: km.gelu_mlp_dgelu(dys[i], w2, hs[i], True))}
+    rows = []
+    for direction, (ref_fn, fused_fn) in runs.items():
+        ref = ref_fn(0)
+        ms = _median_ms(ref_fn, SETS)
+        rows.append(dict(kernel="mlp", direction=direction, method="torch", batch=batch, ms=ms,
+                         tflops=flops / ms / 1e9))
+        print(json.dumps(rows[-1]), flush=True)
+        for tiling in MLP_TILINGS[direction]:
+            km.TUNING.clear()
+            km.TUNING[direction] = tiling
+            row = dict(kernel="mlp", direction=direction, method="triton", batch=batch, **dict(zip(MLP_KEYS, tiling)))
+            try:
+                got = fused_fn(0)
+                if direction == "fwd":
+                    err = max(rel(got[0], ref[0]), rel(got[1], ref[1]))
+                else:
+                    err = max(rel(got[0], ref[0]), rel(got[1].sum(0), ref[1]))
+                row["max_rel_diff_vs_torch"] = err
+                if err > 2e-2:
+                    raise AssertionError(f"differs from PyTorch by {err:.3g}")
+                ms = _median_ms(fused_fn, SETS)
+                row.update(ms=ms, tflops=flops / ms / 1e9)
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    km.TUNING.clear()
+    return rows
+
+
 def _table(rows: List[Dict], keys: List[str], metric: str) -> str:
     ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
     bad = [r for r in rows if "ms" not in r]
@@ -246,9 +320,10 @@ def _table(rows: List[Dict], keys: List[str], metric: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder for tune.json")
-    ap.add_argument("--only", choices=("attention", "cuda", "fbank"), action="append")
+    ap.add_argument("--only", choices=("attention", "cuda", "fbank", "mlp"), action="append")
     ap.add_argument("--batch", type=int, default=256, help="attention batch (default 256)")
     ap.add_argument("--fbank-batch", type=int, default=64)
+    ap.add_argument("--mlp-batch", type=int, default=64, help="MLP: clips of 512 decoder tokens (default 64)")
     ap.add_argument("--full", action="store_true", help="attention: the whole tiling grid (slower)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -256,7 +331,7 @@ def main(argv=None) -> int:
         return 0
     importlib.import_module("audiomae.ops")  # registers the custom ops
 
-    only = set(args.only or ("attention", "cuda", "fbank"))
+    only = set(args.only or ("attention", "cuda", "fbank", "mlp"))
     rows: List[Dict] = []
     t0 = time.time()
 
@@ -278,6 +353,10 @@ def main(argv=None) -> int:
         fb = fbank(args.fbank_batch)
         rows += fb
         save()
+    if "mlp" in only:
+        ml = mlp(args.mlp_batch)
+        rows += ml
+        save()
     if "attention" in only:
         for d in ("fwd", "bwd"):
             print(f"\n## attention {d}, bf16, batch {args.batch}, shift (2, 0)\n")
@@ -292,6 +371,11 @@ def main(argv=None) -> int:
         print(f"\n## fbank, batch {args.fbank_batch} x 10 s\n")
         print(_table(fb, ["method", "block_t_frames", "block_t", "block_s", "block_k", "num_warps", "frames_per_warp",
                           "precision", "max_log_err"], "clips_per_s"))
+    if "mlp" in only:
+        for d in ("fwd", "bwd"):
+            print(f"\n## fused MLP {d} GEMM, bf16, {args.mlp_batch} x 512 tokens, 512 -> 2048\n")
+            print(_table([r for r in ml if r["direction"] == d], ["method", *MLP_KEYS, "max_rel_diff_vs_torch"],
+                         "tflops"))
     print(f"\ntune: {time.time() - t0:.0f} s", file=sys.stderr)
     return 0
 

@@ -234,6 +234,29 @@ def test_a_wrong_variant_is_not_timed():
     assert not ok and "RuntimeError: unsupported" in msg
 
 
+def test_step_op_gate_checks_the_mlp_against_float64(monkeypatch):
+    pytest.importorskip("triton")
+    from benchmarks import step_ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    small = step_ops.OpCase("small MLP", "gelu_mlp", step_ops._mlp(9, 32))
+    assert step_ops._why_not(small, CPU, torch.float32) is None
+    assert step_ops.check(small, 2, torch.float32, CPU, backward=True) == (True, "ok")
+    assert step_ops.check(small, 2, torch.bfloat16, CPU, backward=False) == (True, "ok")
+    # a wrong result is not timed
+    import audiomae.kernels.gelu_mlp as km
+
+    real = km.gelu_mlp_dgelu
+
+    def halved(dy, w, h, write_partial):
+        dh, part = real(dy, w, h, write_partial)
+        return dh * 0.5, part
+
+    monkeypatch.setattr(km, "gelu_mlp_dgelu", halved)
+    ok, msg = step_ops.check(small, 2, torch.float32, CPU, backward=True)
+    assert not ok and msg.startswith("wrong gradient")
+
+
 # --- command line and the GPU suite --------------------------------------------------------------------
 def test_cli_rejects_unknown_sections():
     with pytest.raises(SystemExit):
@@ -265,6 +288,33 @@ def test_compile_options_are_parsed_checked_and_passed_to_torch_compile(monkeypa
         pretrain._time_column(cfg, 1, torch.device("cpu"), "c", None, {"coordinate_descent_tuning": True}, False,
                               {}, pretrain.mae_flops(cfg, 0.8), 1.0, 1)
     assert seen == {"mode": None, "options": {"coordinate_descent_tuning": True}}
+
+
+def test_op_backends_are_parsed_checked_and_forced_in_the_fused_columns(monkeypatch):
+    args = run.parse_args(["--only", "pretrain", "--op-backends", "gelu_mlp=triton, window_attention=cuda"])
+    assert args.op_backends == {"gelu_mlp": "triton", "window_attention": "cuda"}
+    assert run.parse_args([]).op_backends is None
+    for bad in ("no_such_op=triton", "gelu_mlp=tpu", "gelu_mlp", ","):
+        with pytest.raises(SystemExit):
+            run.parse_args(["--op-backends", bad])
+        with pytest.raises(ValueError):
+            run.op_backends(bad)
+    from audiomae import dispatch
+
+    with pretrain.backends("torch", {"gelu_mlp": "triton"}):
+        assert dispatch.forced_backend("gelu_mlp") == "triton"
+        assert dispatch.forced_backend("window_attention") == "torch"
+    assert dispatch.forced_backend("gelu_mlp") is None
+    seen = []
+
+    def fake_step_fn(model, opt, device):
+        return lambda spec: seen.append((dispatch.forced_backend("gelu_mlp"), dispatch.forced_backend("fbank_features")))
+
+    monkeypatch.setattr(pretrain, "_step_fn", fake_step_fn)
+    cfg = AudioMAEConfig.preset("tiny")
+    result = pretrain._time_column(cfg, 1, CPU, "fused", None, False, False, {}, pretrain.mae_flops(cfg, 0.8), 1.0,
+                                   1, op_backends={"gelu_mlp": "triton"})
+    assert result.timing is not None and seen and set(seen) == {("triton", None)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the clean skip without CUDA")
@@ -327,6 +377,16 @@ def test_best_attention_tiling_from_a_tune_json(tmp_path):
     path.write_text(json.dumps(dict(rows=[rows[2], rows[-1]])))
     with pytest.raises(SystemExit, match="no timed attention rows"):
         run.best_attention_tiling(str(path))
+    assert run.best_mlp_tiling(str(path)) == {}
+    keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+    mlp = [dict(kernel="mlp", direction="fwd", method="torch", ms=0.1),
+           dict(kernel="mlp", direction="fwd", method="triton", ms=0.3, **dict(zip(keys, (128, 256, 64, 8, 8, 3)))),
+           dict(kernel="mlp", direction="fwd", method="triton", ms=0.2, **dict(zip(keys, (128, 128, 64, 8, 4, 4)))),
+           dict(kernel="mlp", direction="bwd", method="triton", error="OutOfResources",
+                **dict(zip(keys, (256, 256, 64, 8, 8, 3)))),
+           dict(kernel="mlp", direction="bwd", method="triton", ms=0.5, **dict(zip(keys, (64, 128, 64, 8, 4, 4))))]
+    path.write_text(json.dumps(dict(rows=rows + mlp)))
+    assert run.best_mlp_tiling(str(path)) == {"fwd": (128, 128, 64, 8, 4, 4), "bwd": (64, 128, 64, 8, 4, 4)}
 
 
 def test_profile_kernel_categories_and_summary():
