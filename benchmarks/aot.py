@@ -15,7 +15,9 @@ the one from memory traffic; the registers per thread give the programs that fit
 With nvcc installed it also compiles ``csrc/window_attention.cu`` for ``sm_<arch>`` and reports the
 same for the CUDA op's register kernels (one warp per window and head, a loop over the warp's
 windows): registers, spill bytes, warps per SM and the instructions of the loop body; and for the
-CUDA fbank kernel (``csrc/fbank.cu``), with its float64 instructions counted apart.
+CUDA fbank kernel (``csrc/fbank.cu``), with its float64 instructions counted apart. For the fused
+MLP's GEMM kernels it lists, per tiling, registers, spills, shared memory, programs per SM and
+whether the dots compiled to Hopper ``wgmma``.
 """
 from __future__ import annotations
 
@@ -218,6 +220,56 @@ def attention_report(arch: int = 90, batch: int = 256) -> List[Dict[str, Any]]:
     return rows
 
 
+def mlp_report(arch: int = 90, batch: int = 64) -> List[Dict[str, Any]]:
+    """Compiled costs of the fused MLP's two GEMM kernels (:mod:`audiomae.kernels.gelu_mlp`) at the
+    decoder's shape (``batch`` x 512 tokens, 512 -> 2048), bf16, for the default tiling and each
+    candidate of ``benchmarks.tune.MLP_TILINGS``: registers, spills, shared memory (the pipeline's
+    buffers included), programs per SM and whether the dots became Hopper ``wgmma`` instructions."""
+    from audiomae.kernels import gelu_mlp as km
+
+    from .tune import MLP_KEYS, MLP_TILINGS
+
+    M, D, H = batch * 512, 512, 2048
+    bf = torch.bfloat16
+    x, w1, b1 = torch.empty(M, D, dtype=bf), torch.empty(H, D, dtype=bf), torch.empty(H, dtype=bf)
+    w2, h = torch.empty(D, H, dtype=bf), torch.empty(M, H, dtype=bf)
+    rows = []
+    saved = dict(km.TUNING)
+    try:
+        for direction in ("fwd", "bwd"):
+            for tiling in [None] + MLP_TILINGS[direction]:
+                km.TUNING.clear()
+                if tiling:
+                    km.TUNING[direction] = tiling
+                with captured(km) as launches:
+                    if direction == "fwd":
+                        km.gelu_mlp_fc1(x, w1, b1, True)
+                    else:
+                        km.gelu_mlp_dgelu(x, w2, h, True)
+                fn, args, kwargs = launches[0]
+                used = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"],
+                        kwargs["num_warps"], kwargs["num_stages"])
+                row = dict(direction=direction, tiling="default" if tiling is None else "", **dict(zip(MLP_KEYS, used)))
+                try:
+                    compiled = compile_for(fn, args, kwargs, arch)
+                except Exception as e:  # a tiling the compiler refuses
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+                    rows.append(row)
+                    continue
+                costs = cubin_costs(compiled.asm["cubin"])
+                row.update({k: v for k, v in costs.items() if k != "shared bytes"})
+                row["shared bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0)
+                row["wgmma"] = "wgmma.mma_async" in compiled.asm.get("ptx", "")
+                if "registers" in costs:
+                    row["programs per SM"] = programs_per_sm(costs["registers"], kwargs["num_warps"],
+                                                             row["shared bytes"])
+                rows.append(row)
+    finally:
+        km.TUNING.clear()
+        km.TUNING.update(saved)
+    return rows
+
+
 def _sass_functions(sass: str) -> Dict[str, List[str]]:
     """{mangled name: [instruction text, ...]} of a cuobjdump -sass listing."""
     out: Dict[str, List[str]] = {}
@@ -389,6 +441,14 @@ def main(argv=None) -> int:
         print(_cuda_table(cuda_rows, args.batch))
     else:
         print("\n(the CUDA kernels are not compiled here: nvcc, csrc/ or cuobjdump is missing)")
+    keys = ["direction", "tiling", "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "registers",
+            "local bytes", "shared bytes", "programs per SM", "wgmma", "instructions"]
+    print(f"\n## the fused MLP's GEMM kernels (audiomae/kernels/gelu_mlp.py), sm_{args.arch}, bf16\n")
+    print("The decoder's MLP, 64 x 512 tokens, 512 -> 2048: `fwd` the fc1 GEMM with bias and GELU epilogue, `bwd` "
+          "the GEMM into the hidden layer with the GELU-derivative epilogue and bias column sums.\n")
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in mlp_report(args.arch):
+        print("| " + " | ".join(str(r.get(k, r.get("error", "") if k == "registers" else "")) for k in keys) + " |")
     fbank_rows = fbank_cuda_report(args.arch)
     if fbank_rows:
         keys = ["out_dtype", "registers", "local bytes", "warps per SM", "instructions", "float64 instructions"]

@@ -162,3 +162,19 @@ def test_a_captured_launch_replays_alone(monkeypatch):
     kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}  # not for the interpreter
     _common.for_current_mode(fn)[launches.grids[0]](*args, **kwargs)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gelu_mlp_kernels_compile(aot, monkeypatch, dtype):
+    from audiomae.kernels import gelu_mlp
+
+    monkeypatch.setattr(gelu_mlp, "TUNING", {})
+    M, D, H = 300, 96, 384
+    x, w1, b1 = torch.randn(M, D, dtype=dtype), torch.randn(H, D, dtype=dtype), torch.randn(H, dtype=dtype)
+    w2, h = torch.randn(D, H, dtype=dtype), torch.randn(M, H, dtype=dtype)
+    with captured(gelu_mlp) as launches:
+        gelu_mlp.gelu_mlp_fc1(x, w1, b1, True)
+        gelu_mlp.gelu_mlp_fc1(x[:, :90], w1[:, :90], None, False)  # a K tail, no bias, no h
+        gelu_mlp.gelu_mlp_dgelu(x, w2, h, True)
+        gelu_mlp.gelu_mlp_dgelu(x[:, :90], w2[:90], h, False)
+    compile_all(aot, launches)
