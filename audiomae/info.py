@@ -74,6 +74,13 @@ def _fbank_features_example(device, dtype):
     return (waves, 128, "audioset", dtype), f"waveforms {list(waves.shape)} on {device} -> {_dtype_name(dtype)}"
 
 
+def _gelu_mlp_example(device, dtype):
+    x = torch.zeros(2, 64, 512, device=device, dtype=dtype)
+    w1, b1 = torch.zeros(2048, 512, device=device, dtype=dtype), torch.zeros(2048, device=device, dtype=dtype)
+    w2, b2 = torch.zeros(512, 2048, device=device, dtype=dtype), torch.zeros(512, device=device, dtype=dtype)
+    return (x, w1, b1, w2, b2), f"x {list(x.shape)} {_dtype_name(dtype)} on {device}, 512 -> 2048 -> 512"
+
+
 def _random_masking_ids_example(device, dtype):
     return (2, 128, 25, torch.device(device)), f"2 x 128 patches on {device}, 25 kept"
 
@@ -85,6 +92,7 @@ EXAMPLES: Dict[str, Callable[[str, torch.dtype], Tuple[tuple, str]]] = {
     "decoder_unshuffle": _decoder_unshuffle_example,
     "masked_norm_pix_loss": _masked_norm_pix_loss_example,
     "fbank_features": _fbank_features_example,
+    "gelu_mlp": _gelu_mlp_example,
 }
 
 
@@ -143,6 +151,8 @@ def report() -> str:
                     text = "available" if not why else "unavailable: " + "; ".join(why)
                     if not why and slower.get(backend):
                         text += " (passed over: " + "; ".join(slower[backend]) + ")"
+                    elif not why and backend not in order:
+                        text += " (when asked for: not in the automatic order)"
                     lines.append(f"    {backend:<7} {text}")
             except Exception as e:  # an example out of date with its op must not break the report
                 lines.append(f"  (example on {device} failed: {type(e).__name__}: {e})")

@@ -221,14 +221,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.time_budget:
         config["time budget s"] = args.time_budget
     if args.tuning:
-        from audiomae.kernels import window_attention as wa
-
-        tiling = best_attention_tiling(args.tuning)
-        wa.TUNING.clear()
-        wa.TUNING.update(tiling)
-        config["attention tiling"] = json.dumps(tiling, sort_keys=True)
-        print(f"attention tiling from {args.tuning}: {config['attention tiling']}", flush=True)
         mlp_tiling = best_mlp_tiling(args.tuning)
+        try:
+            tiling = best_attention_tiling(args.tuning)
+        except SystemExit:
+            if not mlp_tiling:
+                raise SystemExit(f"--tuning: {args.tuning} has no timed attention or MLP rows")
+            tiling = None
+        if tiling:
+            from audiomae.kernels import window_attention as wa
+
+            wa.TUNING.clear()
+            wa.TUNING.update(tiling)
+            config["attention tiling"] = json.dumps(tiling, sort_keys=True)
+            print(f"attention tiling from {args.tuning}: {config['attention tiling']}", flush=True)
         if mlp_tiling:
             from audiomae.kernels import gelu_mlp
 

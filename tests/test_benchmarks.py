@@ -337,6 +337,25 @@ def test_cli_runs_a_small_cpu_section(tmp_path):
     assert "Log-mel front end" in md and "triton (audiomae): not run" in md
 
 
+def test_tuning_file_with_only_mlp_rows_sets_the_mlp_tiling(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from audiomae.kernels import gelu_mlp
+
+    monkeypatch.setattr(gelu_mlp, "TUNING", {})
+    keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps(dict(rows=[dict(kernel="mlp", direction="bwd", method="triton", ms=0.4,
+                                               **dict(zip(keys, (64, 128, 64, 8, 4, 3))))])))
+    out = tmp_path / "r"
+    assert run.main(["--only", "fbank", "--quick", "--device", "cpu", "--fbank-batch", "1", "--tuning", str(tune),
+                     "--out", str(out)]) == 0
+    assert gelu_mlp.TUNING == {"bwd": (64, 128, 64, 8, 4, 3)}
+    assert "MLP tiling" in json.loads((out / "results.json").read_text())["config"]
+    tune.write_text(json.dumps(dict(rows=[dict(kernel="fbank", method="fft", ms=0.01)])))
+    with pytest.raises(SystemExit, match="no timed attention or MLP rows"):
+        run.main(["--only", "fbank", "--device", "cpu", "--tuning", str(tune), "--out", str(out)])
+
+
 def test_cpu_table_from_pytest_benchmark_json():
     from benchmarks.cpu_table import table
 

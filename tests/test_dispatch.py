@@ -225,6 +225,8 @@ def test_info_lists_ops_backends_and_versions(capsys):
     assert f"torch {torch.__version__}" in text and "triton" in text
     assert "window_attention (implementations: torch, triton" in text and "automatic order: triton, torch" in text
     assert "runs on torch" in text
+    assert "gelu_mlp (implementations: torch, triton; automatic order: torch)" in text
+    assert "x [2, 64, 512] float32 on cpu, 512 -> 2048 -> 512: runs on torch" in text
     for backend in ("torch", "triton", "cuda"):
         assert f"    {backend}" in text
 
