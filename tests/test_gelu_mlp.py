@@ -139,14 +139,20 @@ def test_non_contiguous_input():
     check([x] + leaves[1:], dy, torch.float32)
 
 
-def test_empty_batch():
-    leaves, _ = inputs((0,), 16, 32, 16)
-    x = [t.to(DEVICE, torch.float32).requires_grad_() for t in leaves]
-    with dispatch.use_backend("triton", op="gelu_mlp"):
-        y = ops.gelu_mlp(*x)
-    assert y.shape == (0, 16)
-    y.sum().backward()
-    assert x[2].grad.abs().sum() == 0 and x[0].grad.shape == (0, 16)
+@pytest.mark.parametrize("M,D,H,E", [(0, 16, 32, 16), (3, 0, 8, 4), (3, 4, 8, 0), (3, 4, 0, 4)],
+                         ids=["no-rows", "no-inputs", "no-outputs", "no-hidden"])
+def test_empty_dimensions_match_the_reference(M, D, H, E):
+    leaves = [torch.randn(M, D), torch.randn(H, D), torch.randn(H), torch.randn(E, H), torch.randn(E)]
+    outs = {}
+    for backend in ("torch", "triton"):
+        x = [t.to(DEVICE).requires_grad_() for t in leaves]
+        with dispatch.use_backend(backend, op="gelu_mlp"):
+            y = ops.gelu_mlp(*x)
+        outs[backend] = [y.detach()] + list(torch.autograd.grad(y, x, torch.ones_like(y)))
+    assert outs["triton"][0].shape == (M, E)
+    for got, want in zip(outs["triton"], outs["torch"]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_reductions_are_deterministic(kernels, monkeypatch):

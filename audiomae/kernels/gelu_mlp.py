@@ -23,6 +23,7 @@ Layers: Triton kernels -> launchers (``torch.library`` custom ops) -> ``torch.au
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -268,7 +269,7 @@ def _(dy, weight, h, write_partial):
 class GeluMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: D may be 0
         train = any(ctx.needs_input_grad)
         h, g = gelu_mlp_fc1(x2, w1, b1, train)
         y = torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t()
@@ -281,7 +282,7 @@ class GeluMlpFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, w1, w2, h, g = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(g.dtype)
+        dy2 = dy.reshape(math.prod(dy.shape[:-1]), dy.shape[-1]).to(g.dtype)
         dx = dw1 = db1 = dw2 = db2 = None
         if need_w2:
             dw2 = dy2.t() @ g
