@@ -50,9 +50,18 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, out or dim)
 
+    def _fusable(self) -> bool:
+        """Whether ``fc2(gelu(fc1(x)))`` may run as one op: exact GELU, no active dropout, and two plain
+        ``nn.Linear`` layers without hooks (the op reads their weights and does not call them)."""
+        act = self.act
+        if not (isinstance(act, nn.GELU) and act.approximate == "none" and (self.drop.p == 0.0 or not self.training)):
+            return False
+        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in (self.fc1, self.fc2))
+
     def forward(self, x):
         act = self.act
-        if isinstance(act, nn.GELU) and act.approximate == "none" and (self.drop.p == 0.0 or not self.training):
+        if self._fusable():
             # one op, so a fused backend can keep the GELU inside its matmuls (the reference is this
             # same computation)
             return ops.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)

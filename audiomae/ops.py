@@ -90,11 +90,13 @@ def gelu_mlp_reference(x, w1, b1, w2, b2):
 
 
 def _gelu_mlp_args(x, w1, b1, w2, b2):
-    """The arguments in the dtype the matmuls run in: autocast's when it is on, else unchanged."""
+    """The arguments in the dtype the matmuls run in: autocast's when it is on (for the dtypes autocast
+    casts: float32, float16, bfloat16; float64 stays, as autocast leaves it for ``nn.Linear``), else
+    unchanged."""
     dt = _autocast_dtype(x)
     if dt is None:
         return x, w1, b1, w2, b2
-    return tuple(None if t is None else t.to(dt) for t in (x, w1, b1, w2, b2))
+    return tuple(t.to(dt) if t is not None and t.dtype in GELU_MLP_DTYPES else t for t in (x, w1, b1, w2, b2))
 
 
 def _gelu_mlp_triton(x, w1, b1, w2, b2):

@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from torch.library import triton_op
 
 from ._common import alloc, interpreting as _interpreting, launcher as _launcher
@@ -260,7 +261,8 @@ def _(x, weight, bias, write_h):
 def _(dy, weight, h, write_partial):
     bm = _tiling("bwd", dy.shape[0], weight.shape[1], dy.shape[1], h.dtype)[0]
     rows = (dy.shape[0] + bm - 1) // bm if write_partial else 0
-    return torch.empty_like(h), h.new_empty((rows, weight.shape[1] if write_partial else 0), dtype=torch.float32)
+    return (h.new_empty((dy.shape[0], weight.shape[1])),
+            h.new_empty((rows, weight.shape[1] if write_partial else 0), dtype=torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,10 +270,11 @@ def _(dy, weight, h, write_partial):
 # ----------------------------------------------------------------------------------------------
 class GeluMlpFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, train):
         x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: D may be 0
-        train = any(ctx.needs_input_grad)
-        h, g = gelu_mlp_fc1(x2, w1, b1, train)
+        # h (the 4x-wide pre-activation) is kept only when a gradient will flow into fc1 or x
+        need_h = bool(train) and any(ctx.needs_input_grad[:3])
+        h, g = gelu_mlp_fc1(x2, w1, b1, need_h)
         y = torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t()
         if train:
             ctx.save_for_backward(x2, w1, w2, h, g)
@@ -279,9 +282,10 @@ class GeluMlpFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, w1, w2, h, g = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(math.prod(dy.shape[:-1]), dy.shape[-1]).to(g.dtype)
         dx = dw1 = db1 = dw2 = db2 = None
         if need_w2:
@@ -296,7 +300,7 @@ class GeluMlpFunction(torch.autograd.Function):
                 dw1 = dh.t() @ x2
             if need_b1:
                 db1 = part.sum(0).to(dh.dtype)
-        return dx, dw1, db1, dw2, db2
+        return dx, dw1, db1, dw2, db2, None
 
 
 def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
@@ -310,6 +314,9 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
             :func:`audiomae.ops.gelu_mlp` casts them first, as autocast does for ``nn.Linear``).
 
     Returns:
-        ``[..., E]`` in ``x.dtype``: ``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)``.
+        ``[..., E]`` in ``x.dtype``: ``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)``; differentiable
+        once (no double backward).
     """
-    return GeluMlpFunction.apply(x, w1, b1, w2, b2)
+    # under no_grad nothing is saved and h is not written, although the parameters require grad
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    return GeluMlpFunction.apply(x, w1, b1, w2, b2, train)
