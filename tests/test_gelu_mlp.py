@@ -323,6 +323,25 @@ def test_custom_ops_schema_and_fake_impls(kernels):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_dynamo_traces_the_op_without_graph_breaks():
+    """Dynamo captures the dispatch, the autocast casts and the autograd function in one graph (run
+    by the eager backend here; inductor's compilation of the kernels is a GPU test below)."""
+    leaves, dy = inputs((2, 9), 16, 32, 16)
+    x = [t.float().to(DEVICE).requires_grad_() for t in leaves]
+
+    def mlp(*args):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return ops.gelu_mlp(*args)
+
+    with dispatch.use_backend("triton", op="gelu_mlp"):
+        eager = mlp(*x)
+        eager_grads = torch.autograd.grad(eager, x, dy.to(DEVICE, eager.dtype))
+        y = torch.compile(mlp, fullgraph=True, backend="eager")(*x)
+        grads = torch.autograd.grad(y, x, dy.to(DEVICE, y.dtype))
+    assert torch.equal(y, eager)
+    assert all(torch.equal(g, e) for g, e in zip(grads, eager_grads))
+
+
 # ----------------------------------------------------------------------------------------------
 # the whole model
 # ----------------------------------------------------------------------------------------------

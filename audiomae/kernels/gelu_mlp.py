@@ -78,8 +78,9 @@ def _dot_upcast(dtype: torch.dtype) -> bool:
 # other @triton.jit helper keep the mode (GPU or interpreter) of the moment triton was first
 # imported, while these work in both, whatever the environment was then.
 
-SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
-INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi): PyTorch's kAlpha
+# The constants are written as literals in the kernels (0.7071067811865476 = 1 / sqrt(2),
+# 0.3989422804014327 = 1 / sqrt(2 pi), PyTorch's kAlpha), so that a copy of a kernel's source, as
+# torch.compile makes of user-defined Triton kernels, needs no module globals.
 
 
 @triton.jit
@@ -127,7 +128,7 @@ def _fc1_gelu_kernel(
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     h = acc.to(g_ptr.dtype.element_ty)
     hf = h.to(tl.float32)
-    g = hf * 0.5 * (1.0 + tl.math.erf(hf * SQRT1_2))
+    g = hf * 0.5 * (1.0 + tl.math.erf(hf * 0.7071067811865476))
     store = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     m64 = offs_m[:, None].to(tl.int64)
     if WRITE_H:
@@ -180,8 +181,8 @@ def _dgelu_kernel(
     m64 = offs_m[:, None].to(tl.int64)
     hf = tl.load(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, mask=store, other=0.0).to(tl.float32)
     dg = acc.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the eager backward rounds dy @ W2 first
-    cdf = 0.5 * (1.0 + tl.math.erf(hf * SQRT1_2))
-    pdf = tl.exp(-0.5 * hf * hf) * INV_SQRT_2PI
+    cdf = 0.5 * (1.0 + tl.math.erf(hf * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * hf * hf) * 0.3989422804014327
     dh = (dg * (cdf + hf * pdf)).to(dh_ptr.dtype.element_ty)
     tl.store(dh_ptr + m64 * s_om + offs_n[None, :] * s_on, dh, mask=store)
     if WRITE_PARTIAL:
