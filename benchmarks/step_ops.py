@@ -114,10 +114,10 @@ _COMPILED: dict = {}
 
 def _call(case: OpCase, backend: str, leaves, extra, compiled: bool = False):
     fn = _op(case.op)
-    if compiled:  # one compiled function per op, reused across calls (dynamo guards on the shapes)
-        if case.op not in _COMPILED:
-            _COMPILED[case.op] = torch.compile(fn)
-        fn = _COMPILED[case.op]
+    if compiled:  # one compiled function per case (its own shapes: no recompiling for dynamic ones)
+        if case.name not in _COMPILED:
+            _COMPILED[case.name] = torch.compile(fn)
+        fn = _COMPILED[case.name]
     if case.op == "decoder_unshuffle":  # (x, mask_token, ids_restore, pos, keep_cls)
         args = (leaves[0], leaves[1], *extra)
     else:
