@@ -15,6 +15,20 @@ def alloc(shape, dtype, device, poison: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``: float32 operands get full float32
+    products (Triton's default would be tf32); 16-bit operands ignore the setting and use the tensor
+    cores with float32 accumulation."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def dot_upcast(dtype: torch.dtype, interpret: bool) -> bool:
+    """Whether to upcast ``tl.dot`` operands of ``dtype`` to float32 first: Triton's interpreter
+    multiplies bfloat16 operands as their raw 16-bit patterns; in float32 the products of bfloat16
+    values are exact, so upcasting there gives what the tensor cores give."""
+    return dtype == torch.bfloat16 and interpret
+
+
 def interpreting() -> bool:
     """Whether Triton's interpreter (``TRITON_INTERPRET=1``) is in force now."""
     knobs = getattr(triton, "knobs", None)  # triton >= 3.3

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op
 
-from ._common import alloc, interpreting as _interpreting, launcher as _launcher
+from ._common import alloc, dot_precision, dot_upcast, interpreting as _interpreting, launcher as _launcher
 
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
@@ -56,18 +56,6 @@ def _tiling(which: str, M: int, N: int, K: int, dtype: torch.dtype) -> Tuple[int
         return 64, 64, 32, 8, 4, 3
     # 16-bit: the backward's epilogue also holds a tile of h, so its tiles are half as wide
     return (128, 256, 64, 8, 8, 3) if which == "fwd" else (128, 128, 64, 8, 8, 4)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 operands: full float32 products (Triton's default would be tf32); 16-bit operands
-    # ignore the setting and use the tensor cores with float32 accumulation
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _dot_upcast(dtype: torch.dtype) -> bool:
-    # Triton's interpreter multiplies bfloat16 operands as their raw 16-bit patterns; in float32 the
-    # products of bfloat16 values are exact, so upcasting there gives what the tensor cores give
-    return dtype == torch.bfloat16 and _interpreting()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +204,7 @@ def gelu_mlp_fc1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), hs[0], hs[1], g.stride(0), g.stride(1),
         HAS_BIAS=bias is not None, WRITE_H=bool(write_h), EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
-        PREC=_dot_precision(x.dtype), UPCAST=_dot_upcast(x.dtype), num_warps=warps, num_stages=stages,
+        PREC=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype, _interpreting()), num_warps=warps, num_stages=stages,
     )
     return h, g
 
@@ -245,7 +233,7 @@ def gelu_mlp_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
         dh.stride(0), dh.stride(1), part.stride(0) if write_partial else 0,
         WRITE_PARTIAL=bool(write_partial), EVEN_K=K % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
-        PREC=_dot_precision(h.dtype), UPCAST=_dot_upcast(h.dtype), num_warps=warps, num_stages=stages,
+        PREC=dot_precision(h.dtype), UPCAST=dot_upcast(h.dtype, _interpreting()), num_warps=warps, num_stages=stages,
     )
     return dh, part
 

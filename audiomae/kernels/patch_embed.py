@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc, interpreting as _interpreting, launcher as _launcher
+from ._common import alloc, dot_precision, dot_upcast, interpreting as _interpreting, launcher as _launcher
 from torch.library import triton_op
 
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
@@ -39,18 +39,6 @@ POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unw
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
     return alloc(shape, dtype, device, POISON_OUTPUTS)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 operands: full float32 products (Triton's default would be tf32); 16-bit operands
-    # ignore the setting and use the tensor cores with float32 accumulation
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _dot_upcast(dtype: torch.dtype) -> bool:
-    # Triton's interpreter multiplies bfloat16 operands as their raw 16-bit patterns; in float32 the
-    # products of bfloat16 values are exact, so upcasting there gives what the tensor cores give
-    return dtype == torch.bfloat16 and _interpreting()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +225,8 @@ def masked_patch_embed_fwd(spec: torch.Tensor, weight: torch.Tensor, bias: torch
         pos.stride(1), pos.stride(2),
         ids_keep.stride(0), ids_keep.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        P=p, BLOCK_M=bm, BLOCK_N=bn, BLOCK_J=bj, PREC=_dot_precision(spec.dtype), UPCAST=_dot_upcast(spec.dtype),
+        P=p, BLOCK_M=bm, BLOCK_N=bn, BLOCK_J=bj, PREC=dot_precision(spec.dtype),
+        UPCAST=dot_upcast(spec.dtype, _interpreting()),
         num_warps=warps,
     )
     return out
@@ -258,7 +247,7 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
     if D == 0:
         return dspec, _alloc((D, 1, p, p), weight.dtype, spec.device), _alloc((D,), weight.dtype, spec.device)
     bm, bn, bj, warps = _blocks(K, D, pp)
-    prec = _dot_precision(spec.dtype)
+    prec = dot_precision(spec.dtype)
     tiles = triton.cdiv(D, bn) * triton.cdiv(pp, bj)
     split = _weight_grad_split(tiles, B * K, bm, spec.device)
     chunk = triton.cdiv(triton.cdiv(max(B * K, 1), split), bm) * bm  # a whole number of row blocks
@@ -277,7 +266,8 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
         spec.stride(0), spec.stride(2), spec.stride(3),
         ids_keep.stride(0), ids_keep.stride(1),
         dw_out.stride(0) if split > 1 else 0, db_out.stride(0) if split > 1 else 0,
-        P=p, BLOCK_R=bm, BLOCK_N=bn, BLOCK_J=bj, PREC=prec, UPCAST=_dot_upcast(spec.dtype), num_warps=warps,
+        P=p, BLOCK_R=bm, BLOCK_N=bn, BLOCK_J=bj, PREC=prec, UPCAST=dot_upcast(spec.dtype, _interpreting()),
+        num_warps=warps,
     )
     if split > 1:
         dw = dw_out.sum(0).to(weight.dtype).reshape(D, 1, p, p)
@@ -292,7 +282,8 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
             w.stride(0), w.stride(1),
             ids_keep.stride(0), ids_keep.stride(1),
             dspec.stride(0), dspec.stride(2), dspec.stride(3),
-            P=p, BLOCK_M=bm, BLOCK_D=bn, BLOCK_J=bj, PREC=prec, UPCAST=_dot_upcast(spec.dtype), num_warps=warps,
+            P=p, BLOCK_M=bm, BLOCK_D=bn, BLOCK_J=bj, PREC=prec, UPCAST=dot_upcast(spec.dtype, _interpreting()),
+            num_warps=warps,
         )
     return dspec, dw, db
 
