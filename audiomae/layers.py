@@ -60,12 +60,11 @@ class Mlp(nn.Module):
                    for m in (self.fc1, self.fc2))
 
     def forward(self, x):
-        act = self.act
         if self._fusable():
             # one op, so a fused backend can keep the GELU inside its matmuls (the reference is this
             # same computation)
             return ops.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        return self.fc2(self.drop(act(self.fc1(x))))
+        return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
 class Attention(nn.Module):

@@ -118,7 +118,7 @@ def _gelu_mlp_triton_why_not(x, w1, b1, w2, b2) -> List[str]:
         out.append(f"shapes x {list(x.shape)}, w1 {list(w1.shape)}, b1 {None if b1 is None else list(b1.shape)}, "
                    f"w2 {list(w2.shape)}, b2 {None if b2 is None else list(b2.shape)} do not chain "
                    "([..., D], [H, D], [H], [E, H], [E])")
-    dtypes = {t.dtype for t in _gelu_mlp_args(*(x, w1, b1, w2, b2)) if t is not None}
+    dtypes = {t.dtype for t in _gelu_mlp_args(x, w1, b1, w2, b2) if t is not None}
     if len(dtypes) > 1:
         out.append(f"mixed dtypes {sorted(map(str, dtypes))} (one dtype, or autocast)")
     elif dtypes and not dtypes <= set(GELU_MLP_DTYPES):
