@@ -96,6 +96,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _pairs(text: str, form: str) -> List[tuple]:
+    """``"a=b,c=d"`` -> [("a", "b"), ("c", "d")] (spaces and empty items ignored); ``form`` (e.g.
+    "key=value") names what is expected in the ValueError for a malformed item or an empty list."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key or not value:
+            raise ValueError(f"expected {form}, got {item!r}")
+        out.append((key, value))
+    if not out:
+        raise ValueError(f"no {form} given")
+    return out
+
+
 def op_backends(text: str) -> dict:
     """``"op=backend,..."`` -> {op: backend}, each op one of :func:`audiomae.dispatch.registered_ops`
     and each backend one of :data:`audiomae.dispatch.BACKENDS`. Raises ValueError naming what is wrong."""
@@ -106,19 +122,12 @@ def op_backends(text: str) -> dict:
 
     known = dispatch.registered_ops()
     out = {}
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        op, sep, backend = (s.strip() for s in item.partition("="))
-        if not sep or not op or not backend:
-            raise ValueError(f"expected op=backend, got {item!r}")
+    for op, backend in _pairs(text, "op=backend"):
         if op not in known:
             raise ValueError(f"unknown op {op!r}; the ops are {', '.join(known)}")
         if backend not in dispatch.BACKENDS:
             raise ValueError(f"unknown backend {backend!r} for {op}; choose one of {', '.join(dispatch.BACKENDS)}")
         out[op] = backend
-    if not out:
-        raise ValueError("no op=backend given")
     return out
 
 
@@ -129,12 +138,7 @@ def inductor_options(text: str) -> dict:
     import torch._inductor.config as config
 
     out = {}
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or not key or not value:
-            raise ValueError(f"expected key=value, got {item!r}")
+    for key, value in _pairs(text, "key=value"):
         node = config
         for part in key.split("."):
             if not hasattr(node, part):
@@ -151,8 +155,6 @@ def inductor_options(text: str) -> dict:
                 pass
         else:
             out[key] = value
-    if not out:
-        raise ValueError("no key=value given")
     return out
 
 
