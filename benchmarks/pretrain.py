@@ -175,14 +175,20 @@ def run(ctx: Context) -> None:
     mode = opts.get("compile_mode") or opts.get("compile_options") or None
     how = ", ".join(f"{k}={v}" for k, v in mode.items()) if isinstance(mode, dict) else mode
     forced = opts.get("op_backends") or {}
-    also = ", ".join(f"{k}={v}" for k, v in forced.items())
-    columns = [("eager (torch backend)", "torch", False, True),
-               ("fused (auto" + (f"; {also}" if also else "") + ")", None, False, False),
-               ("fused + torch.compile" + (f" ({', '.join(x for x in (how, also) if x)})" if how or also else ""), None,
-                mode or True, False)]
+    # (label, backend, compiled, is_ref, forced op backends, --pretrain-columns key); with forced op
+    # backends the fused and compiled columns run twice, without them first: the baseline they
+    # are compared with, measured in the same run
+    columns = [("eager (torch backend)", "torch", False, True, {}, "eager")]
+    for ops_forced in ([{}, forced] if forced else [{}]):
+        also = ", ".join(f"{k}={v}" for k, v in ops_forced.items())
+        columns.append(("fused (auto" + (f"; {also}" if also else "") + ")", None, False, False, ops_forced, "fused"))
+    for ops_forced in ([{}, forced] if forced else [{}]):
+        also = ", ".join(f"{k}={v}" for k, v in ops_forced.items())
+        columns.append(("fused + torch.compile" + (f" ({', '.join(x for x in (how, also) if x)})" if how or also
+                                                   else ""), None, mode or True, False, ops_forced, "compile"))
     wanted = opts.get("pretrain_columns")
     if wanted:
-        columns = [c for c, key in zip(columns, ("eager", "fused", "compile")) if key in wanted]
+        columns = [c for c in columns if c[5] in wanted]
     elif device.type != "cuda":
         columns = columns[:1]
         report.note(SECTION, "on the CPU every op's automatic choice is its PyTorch reference, so only the eager "
@@ -191,7 +197,7 @@ def run(ctx: Context) -> None:
         columns = [c for c in columns if not c[2]]
     params = {"model": preset, "batch": batch, "precision": precision}
     n_steps = 5 if ctx.quick else 10
-    for label, backend, compiled, is_ref in columns:
+    for label, backend, compiled, is_ref, op_forced, _ in columns:
         if compiled and ctx.budget.left() < (60 if device.type == "cuda" else 300):
             report.note(SECTION, f"{label}: not run (less than a minute of the time budget left for compiling)")
             continue
@@ -200,7 +206,6 @@ def run(ctx: Context) -> None:
             continue
         profile_to = os.path.join(opts["plot_dir"], "profile.txt") if opts.get("profile") and opts.get("plot_dir") \
             else None
-        op_forced = {} if is_ref else forced
         report.add(_time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak_tflops,
                                 n_steps, profile_to, op_forced))
         if not compiled and not ctx.budget.expired():

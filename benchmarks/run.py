@@ -54,8 +54,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="inductor options of that column instead of a mode (torch.compile(options=...)), e.g. "
                         "coordinate_descent_tuning=true or max_autotune_gemm=true,max_autotune_gemm_backends=TRITON")
     p.add_argument("--op-backends", default=None, metavar="OP=BACKEND,...",
-                   help="force these ops' backends in the fused and compiled pretraining columns (the eager "
-                        "column stays on the references), e.g. gelu_mlp=triton to measure the fused MLP")
+                   help="also run the fused and compiled pretraining columns with these ops' backends forced, "
+                        "next to the automatic choice (the eager column stays on the references), e.g. "
+                        "gelu_mlp=triton to measure the fused MLP")
     p.add_argument("--profile", action="store_true",
                    help="also write profile.txt: the kernels of two pretraining steps per column (torch.profiler)")
     p.add_argument("--pretrain-columns", default=None,
@@ -177,19 +178,23 @@ def best_attention_tiling(path: str) -> dict:
 
 
 def best_mlp_tiling(path: str) -> dict:
-    """``{"fwd": (...), "bwd": (...)}``: per GEMM of the fused MLP, the tiling of its fastest
-    ``method="triton"`` row of a ``tune.json``, in the form of ``audiomae.kernels.gelu_mlp.TUNING``
-    (empty when the file has no timed MLP rows)."""
+    """``{"fwd": ..., "bwd": ...}``: per half of the fused MLP, the tiling of its fastest
+    ``method="triton"`` row of a ``tune.json``, or ``"torch"`` where the ``method="torch"`` row
+    (cuBLAS and PyTorch's GELU) was faster than every tiling; in the form of
+    ``audiomae.kernels.gelu_mlp.TUNING`` (empty when the file has no timed MLP rows)."""
     with open(path) as f:
         rows = json.load(f).get("rows", [])
     keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
     out = {}
     for direction in ("fwd", "bwd"):
-        timed = [r for r in rows if r.get("kernel") == "mlp" and r.get("method") == "triton"
-                 and r.get("direction") == direction and "ms" in r]
-        if timed:
-            best = min(timed, key=lambda r: r["ms"])
+        timed = [r for r in rows if r.get("kernel") == "mlp" and r.get("direction") == direction and "ms" in r]
+        fused = [r for r in timed if r.get("method") == "triton"]
+        if fused:
+            best = min(fused, key=lambda r: r["ms"])
             out[direction] = tuple(int(best[k]) for k in keys)
+            plain = [r["ms"] for r in timed if r.get("method") == "torch"]
+            if plain and min(plain) < best["ms"]:
+                out[direction] = "torch"
     return out
 
 

@@ -11,7 +11,8 @@ launch functions, for several windows per warp (``AUDIOMAE_CUDA_WA_WINDOWS_PER_W
 against the Triton kernels first. ``fbank`` sweeps the Triton methods' tilings and the CUDA kernel's
 launch shapes (``AUDIOMAE_CUDA_FBANK_WARPS`` x ``AUDIOMAE_CUDA_FBANK_FRAMES_PER_WARP``). ``mlp``
 sweeps the fused MLP's two GEMM kernels (:mod:`audiomae.kernels.gelu_mlp`), each tiling checked
-against PyTorch, next to PyTorch's own time for the same outputs. Prints one markdown table per
+against PyTorch, next to PyTorch's own time for the same outputs (``benchmarks.run --tuning`` keeps
+a half of the MLP on PyTorch's ops where that time beats every tiling). Prints one markdown table per
 kernel, best first, and writes ``tune.json`` when ``--out`` is given. The defaults in
 ``audiomae/kernels`` and ``csrc/`` come from these sweeps, except the fused MLP's: no GPU sweep of
 them is committed yet, and its defaults are the spill-free or nearly spill-free tilings of

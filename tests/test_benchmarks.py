@@ -317,6 +317,36 @@ def test_op_backends_are_parsed_checked_and_forced_in_the_fused_columns(monkeypa
     assert result.timing is not None and seen and set(seen) == {("triton", None)}
 
 
+def test_forced_op_backends_run_next_to_the_automatic_columns(monkeypatch, tmp_path):
+    """With --op-backends the fused and compiled columns run twice, first with the automatic choice
+    (the baseline of the same run), then with the forced backends; the eager reference never."""
+    ran = []
+
+    def fake_time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak, n, profile_to,
+                         op_backends):
+        ran.append((label, backend, bool(compiled), is_ref, dict(op_backends)))
+        return harness.Result(pretrain.SECTION, label, params, None, note="not timed", reference=is_ref)
+
+    monkeypatch.setattr(pretrain, "_time_column", fake_time_column)
+    monkeypatch.setattr(pretrain, "_breakdown", lambda *a, **k: None)
+    forced = {"gelu_mlp": "triton"}
+    for columns, want in [(None, 5), (("compile",), 2)]:
+        ran.clear()
+        ctx = harness.Context(CPU, True, Report(str(tmp_path), _env()), harness.Budget(1e9),
+                              dict(batch=1, model="tiny", op_backends=forced,
+                                   pretrain_columns=columns or ("eager", "fused", "compile")))
+        ctx._matmul = (1.0, torch.float32)
+        pretrain.run(ctx)
+        assert len(ran) == want
+    assert ran == [("fused + torch.compile", None, True, False, {}),
+                   ("fused + torch.compile (gelu_mlp=triton)", None, True, False, forced)]
+    ran.clear()
+    ctx.options["pretrain_columns"] = ("eager", "fused")
+    pretrain.run(ctx)
+    assert ran == [("eager (torch backend)", "torch", False, True, {}), ("fused (auto)", None, False, False, {}),
+                   ("fused (auto; gelu_mlp=triton)", None, False, False, forced)]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the clean skip without CUDA")
 def test_cli_skips_cleanly_without_cuda(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--out", str(tmp_path / "r")],
@@ -403,7 +433,12 @@ def test_best_attention_tiling_from_a_tune_json(tmp_path):
            dict(kernel="mlp", direction="fwd", method="triton", ms=0.2, **dict(zip(keys, (128, 128, 64, 8, 4, 4)))),
            dict(kernel="mlp", direction="bwd", method="triton", error="OutOfResources",
                 **dict(zip(keys, (256, 256, 64, 8, 8, 3)))),
-           dict(kernel="mlp", direction="bwd", method="triton", ms=0.5, **dict(zip(keys, (64, 128, 64, 8, 4, 4))))]
+           dict(kernel="mlp", direction="bwd", method="triton", ms=0.5, **dict(zip(keys, (64, 128, 64, 8, 4, 4)))),
+           dict(kernel="mlp", direction="bwd", method="torch", ms=0.6)]
+    # PyTorch's forward (0.1 ms) beats every tiling: that half stays on PyTorch's ops
+    path.write_text(json.dumps(dict(rows=rows + mlp)))
+    assert run.best_mlp_tiling(str(path)) == {"fwd": "torch", "bwd": (64, 128, 64, 8, 4, 4)}
+    mlp[0]["ms"] = 0.25
     path.write_text(json.dumps(dict(rows=rows + mlp)))
     assert run.best_mlp_tiling(str(path)) == {"fwd": (128, 128, 64, 8, 4, 4), "bwd": (64, 128, 64, 8, 4, 4)}
 

@@ -113,6 +113,43 @@ def test_gpu_style_tiling(kernels, monkeypatch, dtype, even_k):
     check(leaves, dy, dtype)
 
 
+@pytest.mark.parametrize("halves", [("torch", None), (None, "torch"), ("torch", "torch")],
+                         ids=["fwd-torch", "bwd-torch", "both-torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_either_half_on_pytorch(kernels, monkeypatch, dtype, halves):
+    """TUNING[half] = "torch" computes that half with cuBLAS and PyTorch's GELU (or its derivative):
+    the same values and gradients, and no Triton kernel runs for it."""
+    tuning = {k: v for k, v in zip(("fwd", "bwd"), halves) if v}
+    monkeypatch.setattr(kernels, "TUNING", tuning)
+    calls = []
+    for name in ("gelu_mlp_fc1", "gelu_mlp_dgelu"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    leaves, dy = inputs((2, 9), 24, 40, 12)
+    check(leaves, dy, dtype)
+    assert ("gelu_mlp_fc1" in calls) == ("fwd" not in tuning)
+    assert ("gelu_mlp_dgelu" in calls) == ("bwd" not in tuning)
+    # only fc2 trains: no gradient needs h, and h is not kept (gelu(h) is), under either forward
+    x = [t.detach().to(DEVICE, dtype) for t in leaves]
+    x[3].requires_grad_(True)
+    kept = []
+    with dispatch.use_backend("triton", op="gelu_mlp"), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+        y = ops.gelu_mlp(*x)
+    assert kept.count((18, 40)) == 1, kept
+    (dw2,) = torch.autograd.grad(y, x[3], dy.to(DEVICE, dtype))
+    ref = torch.autograd.grad(ops.gelu_mlp_reference(*x), x[3], dy.to(DEVICE, dtype))[0]
+    assert rel_err(dw2, ref) <= 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("value", ["cublas", (16, 32, 16)], ids=["unknown-name", "short-tiling"])
+def test_a_bad_tuning_value_is_a_clear_error(kernels, monkeypatch, value):
+    monkeypatch.setattr(kernels, "TUNING", {"fwd": value})
+    leaves, _ = inputs((5,), 8, 16, 8)
+    with dispatch.use_backend("triton", op="gelu_mlp"), pytest.raises(ValueError, match="TUNING"):
+        ops.gelu_mlp(*[t.to(DEVICE, torch.float32) for t in leaves])
+
+
 @pytest.mark.parametrize("grads", [(False, True, True, True, True), (True, False, False, True, False),
                                    (False, False, False, True, True), (True, True, False, False, False)],
                          ids=["weights-only", "x-w1-w2", "fc2-only", "x-w1"])
@@ -323,9 +360,12 @@ def test_custom_ops_schema_and_fake_impls(kernels):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_dynamo_traces_the_op_without_graph_breaks():
+@pytest.mark.parametrize("tuning", [{}, {"fwd": "torch"}, {"bwd": "torch"}], ids=["triton", "fwd-torch", "bwd-torch"])
+def test_dynamo_traces_the_op_without_graph_breaks(kernels, monkeypatch, tuning):
     """Dynamo captures the dispatch, the autocast casts and the autograd function in one graph (run
-    by the eager backend here; inductor's compilation of the kernels is a GPU test below)."""
+    by the eager backend here; inductor's compilation of the kernels is a GPU test below), also with
+    a half on PyTorch's ops."""
+    monkeypatch.setattr(kernels, "TUNING", tuning)
     leaves, dy = inputs((2, 9), 16, 32, 16)
     x = [t.float().to(DEVICE).requires_grad_() for t in leaves]
 
@@ -383,7 +423,10 @@ def test_paper_shapes_bf16_cuda(shape, D):
 
 
 @pytest.mark.gpu
-def test_torch_compile_traces_the_op():
+@pytest.mark.parametrize("tuning", [{}, {"fwd": "torch"}, {"bwd": "torch"}], ids=["triton", "fwd-torch", "bwd-torch"])
+def test_torch_compile_traces_the_op(kernels, monkeypatch, tuning):
+    monkeypatch.setattr(kernels, "TUNING", tuning)
+    torch._dynamo.reset()
     leaves, dy = inputs((4, 64), 64, 256, 64)
     x = [t.float().to(DEVICE).requires_grad_() for t in leaves]
 

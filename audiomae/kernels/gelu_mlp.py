@@ -12,6 +12,11 @@ bias gradient. Here:
   writes ``dh``, plus one float32 column sum per row block for ``db1`` (summed afterwards in a
   fixed order: deterministic); the weight and input gradients are cuBLAS matmuls.
 
+Either half can run on PyTorch's ops instead (``TUNING["fwd"]`` or ``TUNING["bwd"]`` set to
+``"torch"``), for a GPU where the sweep of ``benchmarks.tune --only mlp`` finds cuBLAS plus a
+separate GELU pass faster than the fused GEMM: the forward still keeps ``gelu(h)`` for ``fc2``'s
+weight gradient, so the backward does not compute it again.
+
 Rounding follows the eager computation in the input dtype: ``h`` is rounded to the dtype before
 the GELU is applied, ``dy @ W2`` is rounded before it is multiplied by ``gelu'(h)``, and the GELU
 and its derivative are PyTorch's exact (erf) forms, evaluated in float32. The result equals the
@@ -37,8 +42,21 @@ from ._common import alloc, dot_precision, dot_upcast, interpreting as _interpre
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
 # Tiling override (tests, sweeps): {"fwd": (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages),
-# "bwd": (...)}; a missing key means the defaults of _tiling.
+# "bwd": (...)}; a missing key means the defaults of _tiling. The value "torch" computes that half
+# with PyTorch's ops instead of the Triton GEMM (cuBLAS, then PyTorch's GELU or GELU derivative):
+# ``benchmarks.run --tuning`` sets it where the sweep measured PyTorch faster than every tiling.
 TUNING: dict = {}
+
+
+def _on_torch(which: str) -> bool:
+    """Whether the ``fwd`` or ``bwd`` half runs on PyTorch's ops (``TUNING[which] == "torch"``)."""
+    value = TUNING.get(which)
+    if isinstance(value, str):
+        if value != "torch":
+            raise ValueError(f"gelu_mlp TUNING[{which!r}] = {value!r}: expected 'torch' or a tiling "
+                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)")
+        return True
+    return False
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -51,8 +69,12 @@ def _tiling(which: str, M: int, N: int, K: int, dtype: torch.dtype) -> Tuple[int
     The 16-bit defaults are the widest tiles that compile for sm_90 without (fwd: with 24 bytes of)
     register spills (``python -m benchmarks.aot``); ``python -m benchmarks.tune --only mlp`` times
     the candidates on a GPU, and ``benchmarks.run --tuning`` applies the fastest."""
-    if which in TUNING:
-        return tuple(int(v) for v in TUNING[which])
+    if which in TUNING and not _on_torch(which):
+        tiling = tuple(TUNING[which])
+        if len(tiling) != 6:
+            raise ValueError(f"gelu_mlp TUNING[{which!r}] = {TUNING[which]!r}: expected 6 values "
+                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) or 'torch'")
+        return tuple(int(v) for v in tiling)
     if _interpreting():  # few, large tiles: the interpreter pays per operation, not per element
         return (min(64, triton.next_power_of_2(max(M, 16))), min(64, triton.next_power_of_2(max(N, 16))),
                 min(64, triton.next_power_of_2(max(K, 16))), 4, 4, 1)
@@ -267,7 +289,13 @@ class GeluMlpFunction(torch.autograd.Function):
         x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: D may be 0
         # h (the 4x-wide pre-activation) is kept only when a gradient will flow into fc1 or x
         need_h = bool(train) and any(ctx.needs_input_grad[:3])
-        h, g = gelu_mlp_fc1(x2, w1, b1, need_h)
+        if _on_torch("fwd"):  # cuBLAS, then PyTorch's GELU (torch.compile fuses it as for nn.GELU)
+            h = torch.nn.functional.linear(x2, w1, b1)
+            g = torch.nn.functional.gelu(h)
+            if not need_h:
+                h = x2.new_empty((0, 0))
+        else:
+            h, g = gelu_mlp_fc1(x2, w1, b1, need_h)
         y = torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t()
         if train:
             ctx.save_for_backward(x2, w1, w2, h, g)
@@ -286,13 +314,18 @@ class GeluMlpFunction(torch.autograd.Function):
         if need_b2:
             db2 = dy2.sum(0)
         if need_x or need_w1 or need_b1:
-            dh, part = gelu_mlp_dgelu(dy2, w2, h, bool(need_b1))
+            if _on_torch("bwd"):  # cuBLAS, then PyTorch's GELU derivative and bias sum, as in eager
+                dh = torch.ops.aten.gelu_backward(dy2 @ w2, h)
+                if need_b1:
+                    db1 = dh.sum(0)
+            else:
+                dh, part = gelu_mlp_dgelu(dy2, w2, h, bool(need_b1))
+                if need_b1:
+                    db1 = part.sum(0).to(dh.dtype)
             if need_x:
                 dx = (dh @ w1).reshape(ctx.x_shape)
             if need_w1:
                 dw1 = dh.t() @ x2
-            if need_b1:
-                db1 = part.sum(0).to(dh.dtype)
         return dx, dw1, db1, dw2, db2, None
 
 
