@@ -192,6 +192,8 @@ def best_mlp_tiling(path: str) -> dict:
         if fused:
             best = min(fused, key=lambda r: r["ms"])
             out[direction] = tuple(int(best[k]) for k in keys)
+            if best.get("prefetch_h"):  # the backward's optional 7th value
+                out[direction] += (1,)
             plain = [r["ms"] for r in timed if r.get("method") == "torch"]
             if plain and min(plain) < best["ms"]:
                 out[direction] = "torch"

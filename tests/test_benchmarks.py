@@ -441,6 +441,11 @@ def test_best_attention_tiling_from_a_tune_json(tmp_path):
     mlp[0]["ms"] = 0.25
     path.write_text(json.dumps(dict(rows=rows + mlp)))
     assert run.best_mlp_tiling(str(path)) == {"fwd": (128, 128, 64, 8, 4, 4), "bwd": (64, 128, 64, 8, 4, 4)}
+    # the backward's 7th value (its tile of h loaded before the K loop) comes along when it won
+    mlp.append(dict(kernel="mlp", direction="bwd", method="triton", ms=0.4,
+                    **dict(zip(keys + ("prefetch_h",), (128, 128, 64, 8, 8, 4, 1)))))
+    path.write_text(json.dumps(dict(rows=rows + mlp)))
+    assert run.best_mlp_tiling(str(path))["bwd"] == (128, 128, 64, 8, 8, 4, 1)
 
 
 def test_profile_kernel_categories_and_summary():

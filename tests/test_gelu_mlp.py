@@ -103,11 +103,13 @@ def test_without_biases(dtype):
     check(leaves, dy, dtype)
 
 
+@pytest.mark.parametrize("prefetch_h", [0, 1], ids=["h-after-loop", "h-prefetched"])
 @pytest.mark.parametrize("even_k", [True, False], ids=["even-k", "odd-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_gpu_style_tiling(kernels, monkeypatch, dtype, even_k):
-    """Several programs along both axes, partial tiles, row groups, a K loop with and without a tail."""
-    monkeypatch.setattr(kernels, "TUNING", {"fwd": (16, 32, 16, 2, 4, 1), "bwd": (32, 16, 16, 3, 4, 1)})
+def test_gpu_style_tiling(kernels, monkeypatch, dtype, even_k, prefetch_h):
+    """Several programs along both axes, partial tiles, row groups, a K loop with and without a tail,
+    the backward's tile of h loaded after the K loop or before it."""
+    monkeypatch.setattr(kernels, "TUNING", {"fwd": (16, 32, 16, 2, 4, 1), "bwd": (32, 16, 16, 3, 4, 1, prefetch_h)})
     D, E = (48, 32) if even_k else (40, 24)
     leaves, dy = inputs((70,), D, 72, E)
     check(leaves, dy, dtype)
@@ -142,12 +144,15 @@ def test_either_half_on_pytorch(kernels, monkeypatch, dtype, halves):
     assert rel_err(dw2, ref) <= 2 * TOL[dtype]
 
 
-@pytest.mark.parametrize("value", ["cublas", (16, 32, 16)], ids=["unknown-name", "short-tiling"])
-def test_a_bad_tuning_value_is_a_clear_error(kernels, monkeypatch, value):
-    monkeypatch.setattr(kernels, "TUNING", {"fwd": value})
+@pytest.mark.parametrize("which,value", [("fwd", "cublas"), ("fwd", (16, 32, 16)), ("fwd", (16, 32, 16, 2, 4, 1, 1)),
+                                         ("bwd", (16, 32, 16, 2, 4, 1, 2))],
+                         ids=["unknown-name", "short-tiling", "prefetch-in-fwd", "prefetch-not-0-or-1"])
+def test_a_bad_tuning_value_is_a_clear_error(kernels, monkeypatch, which, value):
+    monkeypatch.setattr(kernels, "TUNING", {which: value})
     leaves, _ = inputs((5,), 8, 16, 8)
+    x = [t.detach().to(DEVICE, torch.float32).requires_grad_() for t in leaves]
     with dispatch.use_backend("triton", op="gelu_mlp"), pytest.raises(ValueError, match="TUNING"):
-        ops.gelu_mlp(*[t.to(DEVICE, torch.float32) for t in leaves])
+        ops.gelu_mlp(*x).sum().backward()
 
 
 @pytest.mark.parametrize("grads", [(False, True, True, True, True), (True, False, False, True, False),

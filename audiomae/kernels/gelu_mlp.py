@@ -42,7 +42,9 @@ from ._common import alloc, dot_precision, dot_upcast, interpreting as _interpre
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
 # Tiling override (tests, sweeps): {"fwd": (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages),
-# "bwd": (...)}; a missing key means the defaults of _tiling. The value "torch" computes that half
+# "bwd": (..., num_stages[, PREFETCH_H])}; a missing key means the defaults of _tiling. The backward's
+# optional 7th value (0 or 1, default 0) loads its tile of h before the K loop instead of after it: the
+# read overlaps the matmul, and the tile's registers stay taken meanwhile. The value "torch" computes that half
 # with PyTorch's ops instead of the Triton GEMM (cuBLAS, then PyTorch's GELU or GELU derivative):
 # ``benchmarks.run --tuning`` sets it where the sweep measured PyTorch faster than every tiling.
 TUNING: dict = {}
@@ -63,25 +65,27 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return alloc(shape, dtype, device, POISON_OUTPUTS)
 
 
-def _tiling(which: str, M: int, N: int, K: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the ``fwd`` or ``bwd`` kernel.
+def _tiling(which: str, M: int, N: int, K: int, dtype: torch.dtype) -> Tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, PREFETCH_H) of the ``fwd`` or
+    ``bwd`` kernel (PREFETCH_H is 0 for ``fwd``).
 
     The 16-bit defaults are the widest tiles that compile for sm_90 without (fwd: with 24 bytes of)
     register spills (``python -m benchmarks.aot``); ``python -m benchmarks.tune --only mlp`` times
     the candidates on a GPU, and ``benchmarks.run --tuning`` applies the fastest."""
     if which in TUNING and not _on_torch(which):
-        tiling = tuple(TUNING[which])
-        if len(tiling) != 6:
+        tiling = tuple(int(v) for v in TUNING[which])
+        if len(tiling) != 6 and not (which == "bwd" and len(tiling) == 7 and tiling[6] in (0, 1)):
             raise ValueError(f"gelu_mlp TUNING[{which!r}] = {TUNING[which]!r}: expected 6 values "
-                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) or 'torch'")
-        return tuple(int(v) for v in tiling)
+                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), for 'bwd' "
+                             "optionally a 7th (PREFETCH_H: 0 or 1), or 'torch'")
+        return tiling + (0,) * (7 - len(tiling))
     if _interpreting():  # few, large tiles: the interpreter pays per operation, not per element
         return (min(64, triton.next_power_of_2(max(M, 16))), min(64, triton.next_power_of_2(max(N, 16))),
-                min(64, triton.next_power_of_2(max(K, 16))), 4, 4, 1)
+                min(64, triton.next_power_of_2(max(K, 16))), 4, 4, 1, 0)
     if dtype == torch.float32:
-        return 64, 64, 32, 8, 4, 3
+        return 64, 64, 32, 8, 4, 3, 0
     # 16-bit: the backward's epilogue also holds a tile of h, so its tiles are half as wide
-    return (128, 256, 64, 8, 8, 3) if which == "fwd" else (128, 128, 64, 8, 8, 4)
+    return (128, 256, 64, 8, 8, 3, 0) if which == "fwd" else (128, 128, 64, 8, 8, 4, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +159,7 @@ def _dgelu_kernel(
     dy_ptr, w_ptr, h_ptr, dh_ptr, part_ptr,
     M, N, K,
     s_dm, s_dk, s_wk, s_wn, s_hm, s_hn, s_om, s_on, s_pm,
-    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -177,6 +181,11 @@ def _dgelu_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = dy_ptr + rows[:, None].to(tl.int64) * s_dm + offs_k[None, :] * s_dk
     b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * s_wk + cols[None, :] * s_wn
+    # the tile of h: with PREFETCH_H loaded here, so that its read overlaps the matmul (rows and
+    # columns past the end wrap around, like the operands', and are never stored), else after the
+    # loop, with fewer registers taken during it
+    if PREFETCH_H:
+        h_tile = tl.load(h_ptr + rows[:, None].to(tl.int64) * s_hm + cols[None, :] * s_hn)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -193,7 +202,9 @@ def _dgelu_kernel(
     keep_m = offs_m < M
     store = keep_m[:, None] & (offs_n < N)[None, :]
     m64 = offs_m[:, None].to(tl.int64)
-    hf = tl.load(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, mask=store, other=0.0).to(tl.float32)
+    if not PREFETCH_H:
+        h_tile = tl.load(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, mask=store, other=0.0)
+    hf = h_tile.to(tl.float32)
     dg = acc.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the eager backward rounds dy @ W2 first
     cdf = 0.5 * (1.0 + tl.math.erf(hf * 0.7071067811865476))
     pdf = tl.exp(-0.5 * hf * hf) * 0.3989422804014327
@@ -221,7 +232,7 @@ def gelu_mlp_fc1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if K == 0:  # an empty product: h is the bias
         h0 = (bias if bias is not None else x.new_zeros(N)).expand(M, N)
         return (h0.clone() if write_h else h), torch.nn.functional.gelu(h0.float()).to(x.dtype)
-    bm, bn, bk, group, warps, stages = _tiling("fwd", M, N, K, x.dtype)
+    bm, bn, bk, group, warps, stages, _ = _tiling("fwd", M, N, K, x.dtype)
     hs = h.stride() if write_h else (0, 0)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _launcher(_fc1_gelu_kernel)[grid](
@@ -244,7 +255,7 @@ def gelu_mlp_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
     M, K = dy.shape
     N = weight.shape[1]
     dh = _alloc((M, N), h.dtype, h.device)
-    bm, bn, bk, group, warps, stages = _tiling("bwd", M, N, K, h.dtype)
+    bm, bn, bk, group, warps, stages, prefetch = _tiling("bwd", M, N, K, h.dtype)
     blocks_m = triton.cdiv(M, bm)
     part = _alloc((blocks_m, N), torch.float32, h.device) if write_partial else h.new_empty((0, 0), dtype=torch.float32)
     if M == 0 or N == 0:
@@ -257,7 +268,7 @@ def gelu_mlp_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
         M, N, K,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         dh.stride(0), dh.stride(1), part.stride(0) if write_partial else 0,
-        WRITE_PARTIAL=bool(write_partial), EVEN_K=K % bk == 0,
+        WRITE_PARTIAL=bool(write_partial), EVEN_K=K % bk == 0, PREFETCH_H=bool(prefetch),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
         PREC=dot_precision(h.dtype), UPCAST=dot_upcast(h.dtype, _interpreting()), num_warps=warps, num_stages=stages,
     )
