@@ -318,8 +318,8 @@ def test_op_backends_are_parsed_checked_and_forced_in_the_fused_columns(monkeypa
 
 
 def test_forced_op_backends_run_next_to_the_automatic_columns(monkeypatch, tmp_path):
-    """With --op-backends the fused and compiled columns run twice, first with the automatic choice
-    (the baseline of the same run), then with the forced backends; the eager reference never."""
+    """With --op-backends the fused and compiled columns run twice, with the forced backends and with
+    the automatic choice (the baseline of the same run); the eager reference never."""
     ran = []
 
     def fake_time_column(cfg, batch, device, label, backend, compiled, is_ref, params, flops, peak, n, profile_to,
@@ -338,13 +338,13 @@ def test_forced_op_backends_run_next_to_the_automatic_columns(monkeypatch, tmp_p
         ctx._matmul = (1.0, torch.float32)
         pretrain.run(ctx)
         assert len(ran) == want
-    assert ran == [("fused + torch.compile", None, True, False, {}),
-                   ("fused + torch.compile (gelu_mlp=triton)", None, True, False, forced)]
+    assert ran == [("fused + torch.compile (gelu_mlp=triton)", None, True, False, forced),
+                   ("fused + torch.compile", None, True, False, {})]
     ran.clear()
     ctx.options["pretrain_columns"] = ("eager", "fused")
     pretrain.run(ctx)
-    assert ran == [("eager (torch backend)", "torch", False, True, {}), ("fused (auto)", None, False, False, {}),
-                   ("fused (auto; gelu_mlp=triton)", None, False, False, forced)]
+    assert ran == [("eager (torch backend)", "torch", False, True, {}),
+                   ("fused (auto; gelu_mlp=triton)", None, False, False, forced), ("fused (auto)", None, False, False, {})]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the clean skip without CUDA")

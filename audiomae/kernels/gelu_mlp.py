@@ -42,11 +42,12 @@ from ._common import alloc, dot_precision, dot_upcast, interpreting as _interpre
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
 # Tiling override (tests, sweeps): {"fwd": (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages),
-# "bwd": (..., num_stages[, PREFETCH_H])}; a missing key means the defaults of _tiling. The backward's
-# optional 7th value (0 or 1, default 0) loads its tile of h before the K loop instead of after it: the
-# read overlaps the matmul, and the tile's registers stay taken meanwhile. The value "torch" computes that half
-# with PyTorch's ops instead of the Triton GEMM (cuBLAS, then PyTorch's GELU or GELU derivative):
-# ``benchmarks.run --tuning`` sets it where the sweep measured PyTorch faster than every tiling.
+# "bwd": (..., num_stages[, PREFETCH_H])}; a missing key means the defaults of _tiling. The
+# backward's optional 7th value (0 or 1, default 0) loads its tile of h before the K loop instead of
+# after it: the read overlaps the matmul, and the tile's registers stay taken meanwhile. The value
+# "torch" computes that half with PyTorch's ops instead of the Triton GEMM (cuBLAS, then PyTorch's
+# GELU or GELU derivative): ``benchmarks.run --tuning`` sets it where the sweep measured PyTorch
+# faster than every tiling.
 TUNING: dict = {}
 
 
