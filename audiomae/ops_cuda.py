@@ -322,9 +322,10 @@ def window_attention_cuda(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tens
 # The automatic choice (audiomae.ops: "cuda" before "triton") takes the CUDA op only where it was
 # measured faster than the Triton kernels: the register kernels (16-token windows, 16-bit, sm_80+)
 # on at least MMA_MIN_PAIRS (window, head) pairs. On an H100 (torch 2.11, triton 3.6, bf16, the paper's
-# layer, shift (2, 0)), forward + backward: batch 32 0.157 ms CUDA vs 0.146 ms Triton, batch 64
-# 0.244 vs 0.238, batch 128 0.378 vs 0.394, batch 256 0.663 vs 0.712; forward: batch 128 0.108 vs
-# 0.117, batch 256 0.204 vs 0.217. The shared-memory kernels took 2-4x Triton's time at every batch.
+# layer, shift (2, 0); benchmarks/results/nvidia-h100-80gb-hbm3-torch2.11/results.md), forward +
+# backward: batch 32 0.162 ms CUDA vs 0.146 ms Triton, batch 64 0.248 vs 0.241, batch 128 0.381 vs
+# 0.395, batch 256 0.664 vs 0.721; forward: batch 128 0.109 vs 0.117, batch 256 0.196 vs 0.218. The
+# shared-memory kernels took 2-4x Triton's time at every batch.
 MMA_MIN_PAIRS = 65536  # batch 128 of the paper's layer (32 windows x 16 heads per clip)
 
 

@@ -26,9 +26,10 @@ steps: a kernel writes the pre-emphasised, windowed, zero-padded frames ``[B, T,
 log, padding and normalisation. It moves the frames and the spectrum through memory but does tens of
 times fewer FLOPs; its error is that of the device's float32 FFT, as the reference front end's on the
 same device (tested within 1.5x of it on the fixtures), which is not the 1e-3 bound of the default:
-on an H100 (cuFFT, torch 2.11) it measured 1.1e-3 nats from float64 on the speech fixture and 4.1e-3
-on chirps in noise (``benchmarks/tune.py``), against 9.7e-4 for ``"dft"``, and it took 0.70 ms for 64
-clips of 10 s against 1.66 ms for ``"dft"`` and 1.26 ms for the batched PyTorch reference.
+on an H100 (cuFFT, torch 2.11) it measured 4.2e-3 nats from float64 on chirps in noise
+(``benchmarks/tune.py``), against 9.7e-4 for ``"dft"``, and it took 0.711 ms for 64 clips of 10 s
+against 1.63 ms for ``"dft"`` and 1.27 ms for the batched PyTorch reference
+(``benchmarks/results/nvidia-h100-80gb-hbm3-torch2.11/fbank.md``).
 
 Only the exact mode exists: a faster DFT (single-pass tf32 or bf16) is off by up to 1-5 nats on
 wide-dynamic-range audio, and no error bound for a cheaper compromise has been measured here.
@@ -71,9 +72,9 @@ METHODS = ("dft", "fft")
 DEFAULT_METHOD = "dft"
 # Overrides for tuning sweeps (benchmarks/tune.py): "method", "block_t_frames" (framing kernel of
 # "fft"), and any of "block_t", "block_s", "block_k",
-# "num_warps", "precision" ("ieee", the default, or "tf32x3": three tf32 tensor-core passes, faster
-# but measured on an H100 at 1.7e-3 nats from float64 on chirps in noise, against 9.7e-4 for
-# "ieee", so outside the 1e-3 bound); empty means the defaults.
+# "num_warps", "precision" ("ieee", the default, 9.7e-4 nats from float64 on chirps in noise on an
+# H100, or "tf32x3": three tf32 tensor-core passes, faster, whose error in this kernel's DFT has no
+# committed measurement, so the default stays "ieee"); empty means the defaults.
 TUNING: dict = {}
 
 

@@ -18,9 +18,9 @@ block-diagonal ``BLOCK_M x BLOCK_M`` tile. Entries between different windows are
 (probability exactly 0); a row never spans two windows, so each row's softmax is exact in
 registers. With several groups per program the next group's tiles are loaded while the current
 one computes, and the backward's bias and tau partial sums cover all of the program's groups. For
-the paper's layer (4 x 4 windows, head_dim 32, bf16) forward and backward programs take one window
-each with 2 warps (the fastest of the tilings with 2 to 8 warps that ``benchmarks/tune.py`` timed
-on an H100; the sweep also covers 1 warp and several groups per program). The grid is flat,
+the paper's layer (4 x 4 windows, head_dim 32, bf16) forward and backward programs run one warp
+over 4 windows, one window at a time (the fastest tiling in both directions that
+``benchmarks/tune.py`` timed on an H100; see :func:`_tile`). The grid is flat,
 heads fastest, so that neighbouring programs read neighbouring bytes of each token's row.
 
 Precision. Norms, scores, softmax and every accumulation are float32. The cosines are computed to
