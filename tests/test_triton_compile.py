@@ -80,11 +80,19 @@ def test_step_kernels_compile(aot, monkeypatch, dtype):
     compile_all(aot, launches)
 
 
-@pytest.mark.parametrize("method", ["dft", "fft"])
+@pytest.mark.parametrize("method", ["dft", "fft", "dft-hopper"])
 def test_fbank_kernels_compile(aot, monkeypatch, method):
+    """The default tilings (the DFT kernel's of older GPUs on CPU tensors; "dft-hopper": the one it
+    takes on sm_90 and later)."""
     from audiomae.kernels import fbank
 
-    monkeypatch.setitem(fbank.TUNING, "method", method)
+    monkeypatch.setitem(fbank.TUNING, "method", method.split("-")[0])
+    if method == "dft-hopper":
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        wide = fbank._blocks(torch.device("cuda"))
+        assert wide[:4] == (64, 16, 128, 8)
+        for key, value in zip(("block_t", "block_s", "block_k", "num_warps"), wide):
+            monkeypatch.setitem(fbank.TUNING, key, value)
     with captured(fbank) as launches:
         fbank.fbank_features_op(torch.randn(2, 16000), 100, True, -4.27, 4.57, torch.bfloat16, 128)
     compile_all(aot, launches)

@@ -28,8 +28,8 @@ times fewer FLOPs; its error is that of the device's float32 FFT, as the referen
 same device (tested within 1.5x of it on the fixtures), which is not the 1e-3 bound of the default:
 on an H100 (cuFFT, torch 2.11) it measured 4.2e-3 nats from float64 on chirps in noise
 (``benchmarks/tune.py``), against 9.7e-4 for ``"dft"``, and it took 0.711 ms for 64 clips of 10 s
-against 1.63 ms for ``"dft"`` and 1.27 ms for the batched PyTorch reference
-(``benchmarks/results/nvidia-h100-80gb-hbm3-torch2.11/fbank.md``).
+against 1.63 ms for ``"dft"`` (1.13 ms at the tiling it takes on Hopper, see :func:`_blocks`) and
+1.27 ms for the batched PyTorch reference (``benchmarks/results/nvidia-h100-80gb-hbm3-torch2.11/fbank.md``).
 
 Only the exact mode exists: a faster DFT (single-pass tf32 or bf16) is off by up to 1-5 nats on
 wide-dynamic-range audio, and no error bound for a cheaper compromise has been measured here.
@@ -78,12 +78,20 @@ DEFAULT_METHOD = "dft"
 TUNING: dict = {}
 
 
-def _blocks():
-    """(BLOCK_T frames, BLOCK_S samples, BLOCK_K DFT bins, num_warps, dot precision)."""
+def _blocks(device: torch.device):
+    """(BLOCK_T frames, BLOCK_S samples, BLOCK_K DFT bins, num_warps, dot precision) of the DFT kernel.
+
+    On Hopper and later the default is the faster of the two tilings the sweep timed on an H100
+    (``benchmarks/tune.py``, 64 clips of 10 s, ``tune-fbank.json``): 64 x 16 x 128 with 8 warps took
+    1.13 ms, 32 x 32 x 64 with 4 warps 1.61 ms, at the same error. Compiled for sm_80 the wider
+    tiling spills 3 KB per thread (``benchmarks.aot``'s ``compile_for``), so older GPUs keep the
+    narrower one."""
     if _interpreting():  # few, large tiles: the interpreter pays per operation, not per element
         return 256, 256, 256, 4, "ieee"
+    wide = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    bt, bs, bk, nw = (64, 16, 128, 8) if wide else (32, 32, 64, 4)
     t = TUNING
-    return (t.get("block_t", 32), t.get("block_s", 32), t.get("block_k", 64), t.get("num_warps", 4),
+    return (t.get("block_t", bt), t.get("block_s", bs), t.get("block_k", bk), t.get("num_warps", nw),
             t.get("precision", "ieee"))
 
 
@@ -319,7 +327,7 @@ def fbank_features_op(waveforms: torch.Tensor, target_length: int, normalize: bo
     if method == "fft":
         _fbank_fft(x, out, nf, t_out, num_mel_bins, normalize, norm_mean, norm_std)
         return out
-    bt, bs, bk, warps, prec = _blocks()
+    bt, bs, bk, warps, prec = _blocks(x.device)
     cos, sin, mel, ns_pad, nb_pad, block_mel = _constants(x.device, num_mel_bins, bs, bk)
     _for_current_mode(_fbank_kernel)[(triton.cdiv(t_out, bt), B)](
         x, cos, sin, mel, out,
