@@ -231,11 +231,13 @@ def test_other_mel_counts(kaldi, mels):
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
-def test_gpu_tiling(kaldi, monkeypatch, method, precision):
-    """32-frame tiles: a full tile, a tile that ends inside the clip, and a tile of padding only;
-    with each float32-accurate product precision."""
+@pytest.mark.parametrize("tiling", [(32, 32, 64, 4), (64, 16, 128, 8)], ids=["sm80", "sm90"])
+def test_gpu_tiling(kaldi, monkeypatch, method, precision, tiling):
+    """The GPU tilings of the DFT kernel (older GPUs' and Hopper's). 32-frame tiles: a full tile, a
+    tile that ends inside the clip, and a tile of padding only; 64-frame tiles: one that ends inside
+    the clip and one of padding only; with each float32-accurate product precision."""
     triton_only(method)
-    monkeypatch.setattr(kernel_module(), "_blocks", lambda: (32, 32, 64, 4, precision))
+    monkeypatch.setattr(kernel_module(), "_blocks", lambda device: (*tiling, precision))
     waves = clips(kaldi, n=1, length=8000)  # 48 frames
     for target in (80, 40):
         out = kernel(waves, target, "audioset")

@@ -88,6 +88,8 @@ def test_fbank_kernels_compile(aot, monkeypatch, method):
 
     monkeypatch.setitem(fbank.TUNING, "method", method.split("-")[0])
     if method == "dft-hopper":
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+        assert fbank._blocks(torch.device("cuda"))[:4] == (32, 32, 64, 4)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         wide = fbank._blocks(torch.device("cuda"))
         assert wide[:4] == (64, 16, 128, 8)
