@@ -178,14 +178,12 @@ def run(ctx: Context) -> None:
     # (label, backend, compiled, is_ref, forced op backends, --pretrain-columns key); with forced op
     # backends the fused and compiled columns run twice: with them first (should the time budget
     # run out), then without them, the baseline they are compared with, measured in the same run
+    variants = [(f, ", ".join(f"{k}={v}" for k, v in f.items())) for f in ([forced, {}] if forced else [{}])]
     columns = [("eager (torch backend)", "torch", False, True, {}, "eager")]
-    for ops_forced in ([forced, {}] if forced else [{}]):
-        also = ", ".join(f"{k}={v}" for k, v in ops_forced.items())
-        columns.append(("fused (auto" + (f"; {also}" if also else "") + ")", None, False, False, ops_forced, "fused"))
-    for ops_forced in ([forced, {}] if forced else [{}]):
-        also = ", ".join(f"{k}={v}" for k, v in ops_forced.items())
-        columns.append(("fused + torch.compile" + (f" ({', '.join(x for x in (how, also) if x)})" if how or also
-                                                   else ""), None, mode or True, False, ops_forced, "compile"))
+    columns += [("fused (auto" + (f"; {also}" if also else "") + ")", None, False, False, f, "fused")
+                for f, also in variants]
+    columns += [("fused + torch.compile" + (f" ({', '.join(x for x in (how, also) if x)})" if how or also else ""),
+                 None, mode or True, False, f, "compile") for f, also in variants]
     wanted = opts.get("pretrain_columns")
     if wanted:
         columns = [c for c in columns if c[5] in wanted]
