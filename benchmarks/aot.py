@@ -249,8 +249,7 @@ def mlp_report(arch: int = 90, batch: int = 64) -> List[Dict[str, Any]]:
                 fn, args, kwargs = launches[0]
                 used = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["GROUP_M"],
                         kwargs["num_warps"], kwargs["num_stages"])
-                if "PREFETCH_H" in kwargs:
-                    used += (int(kwargs["PREFETCH_H"]),)
+                used += (int(kwargs.get("PREFETCH_H", 0)), km._tiling(direction, M, H, D, bf)[7])
                 row = dict(direction=direction, tiling="default" if tiling is None else "", **dict(zip(MLP_KEYS, used)))
                 try:
                     compiled = compile_for(fn, args, kwargs, arch)
@@ -443,7 +442,7 @@ def main(argv=None) -> int:
         print(_cuda_table(cuda_rows, args.batch))
     else:
         print("\n(the CUDA kernels are not compiled here: nvcc, csrc/ or cuobjdump is missing)")
-    keys = ["direction", "tiling", "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "prefetch_h",
+    keys = ["direction", "tiling", "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "prefetch_h", "persistent",
             "registers", "local bytes", "shared bytes", "programs per SM", "wgmma", "instructions"]
     print(f"\n## the fused MLP's GEMM kernels (audiomae/kernels/gelu_mlp.py), sm_{args.arch}, bf16\n")
     print("The decoder's MLP, 64 x 512 tokens, 512 -> 2048: `fwd` the fc1 GEMM with bias and GELU epilogue, `bwd` "

@@ -192,8 +192,9 @@ def best_mlp_tiling(path: str) -> dict:
         if fused:
             best = min(fused, key=lambda r: r["ms"])
             out[direction] = tuple(int(best[k]) for k in keys)
-            if best.get("prefetch_h"):  # the backward's optional 7th value
-                out[direction] += (1,)
+            extra = (int(best.get("prefetch_h") or 0), int(best.get("persistent") or 0))
+            if any(extra):  # the optional 7th and 8th values (PREFETCH_H, PERSISTENT)
+                out[direction] += extra if extra[1] else extra[:1]
             plain = [r["ms"] for r in timed if r.get("method") == "torch"]
             if plain and min(plain) < best["ms"]:
                 out[direction] = "torch"

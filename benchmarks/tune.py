@@ -237,19 +237,30 @@ def cuda_fbank(waves: List[torch.Tensor], ref: torch.Tensor, batch: int) -> List
     return rows
 
 
-MLP_TILINGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-    "fwd": [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
-            (128, 128, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (64, 256, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4)],
+MLP_TILINGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, PREFETCH_H, PERSISTENT)
+    "fwd": [(128, 256, 64, 8, 8, 3, 0, 0), (128, 256, 64, 8, 8, 4, 0, 0), (256, 128, 64, 8, 8, 3, 0, 0),
+            (128, 128, 64, 8, 8, 4, 0, 0), (128, 128, 64, 8, 8, 3, 0, 0), (128, 128, 128, 8, 8, 3, 0, 0),
+            (64, 256, 64, 8, 4, 4, 0, 0), (128, 64, 64, 8, 4, 4, 0, 0),
+            (64, 256, 64, 8, 8, 3, 0, 1), (64, 256, 64, 8, 8, 4, 0, 1), (128, 128, 64, 8, 8, 2, 0, 1),
+            (128, 128, 64, 8, 8, 3, 0, 1), (64, 128, 64, 8, 4, 3, 0, 2), (64, 128, 64, 8, 4, 4, 0, 2)],
     # no 4-warp 128 x 128 or 256-wide tiles: their epilogue (a tile of h besides the accumulator)
-    # spills 0.6 KB per thread on sm_90 (python -m benchmarks.aot). The 7th value loads the tile of
-    # h before the K loop (255 registers, no spills on sm_90): tried on the 8-warp tilings, which
-    # run one program per SM, so nothing else overlaps that read
-    "bwd": [(128, 128, 64, 8, 8, 4, 0), (128, 128, 64, 8, 8, 3, 0), (64, 128, 64, 8, 4, 4, 0),
-            (64, 128, 64, 8, 4, 3, 0), (128, 64, 64, 8, 4, 4, 0), (128, 128, 128, 8, 8, 3, 0),
-            (64, 256, 64, 8, 8, 3, 0), (128, 128, 64, 8, 8, 4, 1), (128, 128, 64, 8, 8, 3, 1),
-            (64, 256, 64, 8, 8, 3, 1)],
+    # spills 0.6 KB per thread on sm_90 (python -m benchmarks.aot). PREFETCH_H loads the tile of h
+    # before the K loop (255 registers, no spills on sm_90): tried on the 8-warp tilings, which run
+    # one program per SM, so nothing else overlaps that read
+    "bwd": [(128, 128, 64, 8, 8, 4, 0, 0), (128, 128, 64, 8, 8, 3, 0, 0), (64, 128, 64, 8, 4, 4, 0, 0),
+            (64, 128, 64, 8, 4, 3, 0, 0), (128, 64, 64, 8, 4, 4, 0, 0), (128, 128, 128, 8, 8, 3, 0, 0),
+            (64, 256, 64, 8, 8, 3, 0, 0), (128, 128, 64, 8, 8, 4, 1, 0), (128, 128, 64, 8, 8, 3, 1, 0),
+            (64, 256, 64, 8, 8, 3, 1, 0),
+            (64, 256, 64, 8, 8, 3, 0, 1), (64, 256, 64, 8, 8, 4, 0, 1), (128, 128, 64, 8, 8, 4, 0, 1),
+            (64, 128, 64, 8, 4, 3, 0, 2), (64, 128, 64, 8, 4, 4, 0, 2)],
 }
-MLP_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "prefetch_h")
+# PERSISTENT (the 8th value): that many programs per SM, each looping over output tiles in one loop
+# that Triton flattens and pipelines, so that a tile's epilogue can overlap the next tile's loads (K
+# is 512 here: 8 steps of 64 per tile, against an epilogue that writes two tiles, or reads one and
+# writes one). The flattened loop holds more registers: the candidates are the tilings that spill
+# at most 40 bytes per thread on sm_90 (python -m benchmarks.aot); 128 x 256 and the backward's
+# PREFETCH_H spill 0.5 KB.
+MLP_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "prefetch_h", "persistent")
 
 
 def mlp(batch: int, tokens: int = 512, width: int = 512) -> List[Dict]:

@@ -446,6 +446,12 @@ def test_best_attention_tiling_from_a_tune_json(tmp_path):
                     **dict(zip(keys + ("prefetch_h",), (128, 128, 64, 8, 8, 4, 1)))))
     path.write_text(json.dumps(dict(rows=rows + mlp)))
     assert run.best_mlp_tiling(str(path))["bwd"] == (128, 128, 64, 8, 8, 4, 1)
+    # and the 8th (persistent programs per SM), with the 7th before it
+    for direction, ms in (("bwd", 0.3), ("fwd", 0.15)):
+        mlp.append(dict(kernel="mlp", direction=direction, method="triton", ms=ms, prefetch_h=0,
+                        **dict(zip(keys + ("persistent",), (64, 256, 64, 8, 8, 3, 2)))))
+    path.write_text(json.dumps(dict(rows=rows + mlp)))
+    assert run.best_mlp_tiling(str(path)) == {"fwd": (64, 256, 64, 8, 8, 3, 0, 2), "bwd": (64, 256, 64, 8, 8, 3, 0, 2)}
 
 
 def test_profile_kernel_categories_and_summary():

@@ -103,16 +103,28 @@ def test_without_biases(dtype):
     check(leaves, dy, dtype)
 
 
-@pytest.mark.parametrize("prefetch_h", [0, 1], ids=["h-after-loop", "h-prefetched"])
+@pytest.mark.parametrize("prefetch_h,persistent", [(0, 0), (1, 0), (0, 1), (1, 2)],
+                         ids=["h-after-loop", "h-prefetched", "persistent", "persistent-2-per-sm-h-prefetched"])
 @pytest.mark.parametrize("even_k", [True, False], ids=["even-k", "odd-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_gpu_style_tiling(kernels, monkeypatch, dtype, even_k, prefetch_h):
+def test_gpu_style_tiling(kernels, monkeypatch, dtype, even_k, prefetch_h, persistent):
     """Several programs along both axes, partial tiles, row groups, a K loop with and without a tail,
-    the backward's tile of h loaded after the K loop or before it."""
-    monkeypatch.setattr(kernels, "TUNING", {"fwd": (16, 32, 16, 2, 4, 1), "bwd": (32, 16, 16, 3, 4, 1, prefetch_h)})
+    the backward's tile of h loaded after the K loop or before it; one program per output tile, or
+    persistent programs that each loop over several tiles."""
+    monkeypatch.setattr(kernels, "TUNING", {"fwd": (16, 32, 16, 2, 4, 1, 0, persistent),
+                                            "bwd": (32, 16, 16, 3, 4, 1, prefetch_h, persistent)})
+    launched = []
+    real = kernels._programs
+    monkeypatch.setattr(kernels, "_programs", lambda *a: launched.append((a[2], real(*a))) or launched[-1][1])
     D, E = (48, 32) if even_k else (40, 24)
     leaves, dy = inputs((70,), D, 72, E)
     check(leaves, dy, dtype)
+    # (tiles, programs) of each launch: fwd 5 x 3 tiles of 16 x 32, bwd 3 x 5 tiles of 32 x 16
+    assert launched and all(tiles == 15 for tiles, _ in launched), launched
+    if persistent and DEVICE == "cpu":  # as if 3 SMs: 3 or 6 programs, each with several tiles
+        assert all(programs == 3 * persistent for _, programs in launched), launched
+    elif not persistent:
+        assert all(programs == tiles for tiles, programs in launched), launched
 
 
 @pytest.mark.parametrize("halves", [("torch", None), (None, "torch"), ("torch", "torch")],
@@ -145,8 +157,10 @@ def test_either_half_on_pytorch(kernels, monkeypatch, dtype, halves):
 
 
 @pytest.mark.parametrize("which,value", [("fwd", "cublas"), ("fwd", (16, 32, 16)), ("fwd", (16, 32, 16, 2, 4, 1, 1)),
-                                         ("bwd", (16, 32, 16, 2, 4, 1, 2))],
-                         ids=["unknown-name", "short-tiling", "prefetch-in-fwd", "prefetch-not-0-or-1"])
+                                         ("bwd", (16, 32, 16, 2, 4, 1, 2)), ("bwd", (16, 32, 16, 2, 4, 1, 0, 3)),
+                                         ("fwd", (16, 32, 16, 2, 4, 1, 0, 1, 0))],
+                         ids=["unknown-name", "short-tiling", "prefetch-in-fwd", "prefetch-not-0-or-1",
+                              "persistent-not-0-1-or-2", "too-long"])
 def test_a_bad_tuning_value_is_a_clear_error(kernels, monkeypatch, which, value):
     monkeypatch.setattr(kernels, "TUNING", {which: value})
     leaves, _ = inputs((5,), 8, 16, 8)

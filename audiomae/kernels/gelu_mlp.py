@@ -41,13 +41,15 @@ from ._common import alloc, dot_precision, dot_upcast, interpreting as _interpre
 
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
 
-# Tiling override (tests, sweeps): {"fwd": (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages),
-# "bwd": (..., num_stages[, PREFETCH_H])}; a missing key means the defaults of _tiling. The
-# backward's optional 7th value (0 or 1, default 0) loads its tile of h before the K loop instead of
-# after it: the read overlaps the matmul, and the tile's registers stay taken meanwhile. The value
-# "torch" computes that half with PyTorch's ops instead of the Triton GEMM (cuBLAS, then PyTorch's
-# GELU or GELU derivative): ``benchmarks.run --tuning`` sets it where the sweep measured PyTorch
-# faster than every tiling.
+# Tiling override (tests, sweeps): {"fwd": (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+# [, PREFETCH_H[, PERSISTENT]]), "bwd": (...)}; a missing key means the defaults of _tiling. The
+# backward's optional 7th value (0 or 1, default 0; always 0 for the forward) loads its tile of h
+# before the K loop instead of after it: the read overlaps the matmul, and the tile's registers stay
+# taken meanwhile. The optional 8th (0, 1 or 2, default 0) launches that many persistent programs
+# per SM, each looping over output tiles, instead of one program per tile. The value "torch"
+# computes that half with PyTorch's ops instead of the Triton GEMM (cuBLAS, then PyTorch's GELU or
+# GELU derivative): ``benchmarks.run --tuning`` sets it where the sweep measured PyTorch faster than
+# every tiling.
 TUNING: dict = {}
 
 
@@ -67,26 +69,39 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 
 def _tiling(which: str, M: int, N: int, K: int, dtype: torch.dtype) -> Tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, PREFETCH_H) of the ``fwd`` or
-    ``bwd`` kernel (PREFETCH_H is 0 for ``fwd``).
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, PREFETCH_H, PERSISTENT) of the
+    ``fwd`` or ``bwd`` kernel (PREFETCH_H is 0 for ``fwd``; PERSISTENT is the number of persistent
+    programs per SM, 0 for one program per output tile).
 
     The 16-bit defaults are the widest tiles that compile for sm_90 without (fwd: with 24 bytes of)
     register spills (``python -m benchmarks.aot``); ``python -m benchmarks.tune --only mlp`` times
     the candidates on a GPU, and ``benchmarks.run --tuning`` applies the fastest."""
     if which in TUNING and not _on_torch(which):
         tiling = tuple(int(v) for v in TUNING[which])
-        if len(tiling) != 6 and not (which == "bwd" and len(tiling) == 7 and tiling[6] in (0, 1)):
+        prefetch_ok = len(tiling) < 7 or tiling[6] == 0 or (which == "bwd" and tiling[6] == 1)
+        if not (6 <= len(tiling) <= 8 and prefetch_ok and (len(tiling) < 8 or tiling[7] in (0, 1, 2))):
             raise ValueError(f"gelu_mlp TUNING[{which!r}] = {TUNING[which]!r}: expected 6 values "
-                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), for 'bwd' "
-                             "optionally a 7th (PREFETCH_H: 0 or 1), or 'torch'")
-        return tiling + (0,) * (7 - len(tiling))
+                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), optionally a 7th "
+                             "(PREFETCH_H: 0, or 1 for 'bwd') and an 8th (PERSISTENT: 0, 1 or 2 programs "
+                             "per SM), or 'torch'")
+        return tiling + (0,) * (8 - len(tiling))
     if _interpreting():  # few, large tiles: the interpreter pays per operation, not per element
         return (min(64, triton.next_power_of_2(max(M, 16))), min(64, triton.next_power_of_2(max(N, 16))),
-                min(64, triton.next_power_of_2(max(K, 16))), 4, 4, 1, 0)
+                min(64, triton.next_power_of_2(max(K, 16))), 4, 4, 1, 0, 0)
     if dtype == torch.float32:
-        return 64, 64, 32, 8, 4, 3, 0
+        return 64, 64, 32, 8, 4, 3, 0, 0
     # 16-bit: the backward's epilogue also holds a tile of h, so its tiles are half as wide
-    return (128, 256, 64, 8, 8, 3, 0) if which == "fwd" else (128, 128, 64, 8, 8, 4, 0)
+    return (128, 256, 64, 8, 8, 3, 0, 0) if which == "fwd" else (128, 128, 64, 8, 8, 4, 0, 0)
+
+
+def _programs(device: torch.device, per_sm: int, tiles: int) -> int:
+    """Programs to launch for ``tiles`` output tiles: one per tile, or ``per_sm`` persistent
+    programs per SM (on the CPU, under the interpreter, as if there were 3 SMs: a test shape then
+    gives a program several tiles)."""
+    if not per_sm:
+        return tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    return max(1, min(tiles, per_sm * sms))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,52 +122,64 @@ def _fc1_gelu_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, g_ptr,
     M, N, K,
     s_xm, s_xk, s_wn, s_wk, s_hm, s_hn, s_gm, s_gn,
-    HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr, EVEN_K: tl.constexpr,
+    n_programs,
+    HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr, EVEN_K: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """h = x @ w^T + b (x [M, K], w [N, K]); g = gelu(h) from h rounded to the output dtype."""
-    # programs in groups of GROUP_M row blocks, so the programs running together share their B
-    # tiles in L2 (inlined: a @triton.jit helper would be fixed to the mode of its first import)
+    """h = x @ w^T + b (x [M, K], w [N, K]); g = gelu(h) from h rounded to the output dtype.
+
+    One output tile per program, or with PERSISTENT the tiles pid, pid + n_programs, ... of a
+    persistent program, in one loop that Triton flattens and software-pipelines across tiles (so
+    that a tile's epilogue can overlap the loads of the next)."""
     pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
     num_n = (N + BLOCK_N - 1) // BLOCK_N
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # rows and columns past the end wrap around for the loads (always in bounds, no masks in the
-    # loop); the stores below are masked
-    rows = offs_m % M
-    cols = offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + rows[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
-    b_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_wn + offs_k[:, None] * s_wk
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
-            b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K * s_xk
-        b_ptrs += BLOCK_K * s_wk
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    h = acc.to(g_ptr.dtype.element_ty)
-    hf = h.to(tl.float32)
-    g = hf * 0.5 * (1.0 + tl.math.erf(hf * 0.7071067811865476))
-    store = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    m64 = offs_m[:, None].to(tl.int64)
-    if WRITE_H:
-        tl.store(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, h, mask=store)
-    tl.store(g_ptr + m64 * s_gm + offs_n[None, :] * s_gn, g.to(g_ptr.dtype.element_ty), mask=store)
+    if PERSISTENT:
+        my_tiles = (num_m * num_n - pid + n_programs - 1) // n_programs
+    else:  # a loop of one trip with constant bounds, which the compiler removes
+        my_tiles = 1
+    for i in tl.range(0, my_tiles, flatten=PERSISTENT):
+        tile = pid + i * n_programs
+        # tiles in groups of GROUP_M row blocks, so the programs running together share their B
+        # tiles in L2 (inlined: a @triton.jit helper would be fixed to the mode of its first import)
+        in_group = GROUP_M * num_n
+        first_m = (tile // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % in_group) % size_m
+        pid_n = (tile % in_group) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # rows and columns past the end wrap around for the loads (always in bounds, no masks in the
+        # loop); the stores below are masked
+        rows = offs_m % M
+        cols = offs_n % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + rows[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+        b_ptrs = w_ptr + cols[None, :].to(tl.int64) * s_wn + offs_k[:, None] * s_wk
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+                b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            a_ptrs += BLOCK_K * s_xk
+            b_ptrs += BLOCK_K * s_wk
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+        h = acc.to(g_ptr.dtype.element_ty)
+        hf = h.to(tl.float32)
+        g = hf * 0.5 * (1.0 + tl.math.erf(hf * 0.7071067811865476))
+        store = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        m64 = offs_m[:, None].to(tl.int64)
+        if WRITE_H:
+            tl.store(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, h, mask=store)
+        tl.store(g_ptr + m64 * s_gm + offs_n[None, :] * s_gn, g.to(g_ptr.dtype.element_ty), mask=store)
 
 
 @triton.jit
@@ -160,60 +187,69 @@ def _dgelu_kernel(
     dy_ptr, w_ptr, h_ptr, dh_ptr, part_ptr,
     M, N, K,
     s_dm, s_dk, s_wk, s_wn, s_hm, s_hn, s_om, s_on, s_pm,
-    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH_H: tl.constexpr,
+    n_programs,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH_H: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dh = round(dy @ w) * gelu'(h) (dy [M, K], w [K, N], h [M, N]); with WRITE_PARTIAL, the
-    float32 column sums of dh over this program's rows go to part[pid_m, :]."""
-    # programs in groups of GROUP_M row blocks, so the programs running together share their B
-    # tiles in L2 (inlined: a @triton.jit helper would be fixed to the mode of its first import)
+    float32 column sums of dh over the tile's rows go to part[tile row, :]. Tiles per program as
+    in _fc1_gelu_kernel."""
     pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
     num_n = (N + BLOCK_N - 1) // BLOCK_N
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m % M
-    cols = offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = dy_ptr + rows[:, None].to(tl.int64) * s_dm + offs_k[None, :] * s_dk
-    b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * s_wk + cols[None, :] * s_wn
-    # the tile of h: with PREFETCH_H loaded here, so that its read overlaps the matmul (rows and
-    # columns past the end wrap around, like the operands', and are never stored), else after the
-    # loop, with fewer registers taken during it
-    if PREFETCH_H:
-        h_tile = tl.load(h_ptr + rows[:, None].to(tl.int64) * s_hm + cols[None, :] * s_hn)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
-            b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K * s_dk
-        b_ptrs += BLOCK_K * s_wk
-    keep_m = offs_m < M
-    store = keep_m[:, None] & (offs_n < N)[None, :]
-    m64 = offs_m[:, None].to(tl.int64)
-    if not PREFETCH_H:
-        h_tile = tl.load(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, mask=store, other=0.0)
-    hf = h_tile.to(tl.float32)
-    dg = acc.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the eager backward rounds dy @ W2 first
-    cdf = 0.5 * (1.0 + tl.math.erf(hf * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * hf * hf) * 0.3989422804014327
-    dh = (dg * (cdf + hf * pdf)).to(dh_ptr.dtype.element_ty)
-    tl.store(dh_ptr + m64 * s_om + offs_n[None, :] * s_on, dh, mask=store)
-    if WRITE_PARTIAL:
-        col = tl.reduce(tl.where(keep_m[:, None], dh.to(tl.float32), 0.0), 0, tl.standard._sum_combine)
-        tl.store(part_ptr + pid_m.to(tl.int64) * s_pm + offs_n, col, mask=offs_n < N)
+    if PERSISTENT:
+        my_tiles = (num_m * num_n - pid + n_programs - 1) // n_programs
+    else:  # a loop of one trip with constant bounds, which the compiler removes
+        my_tiles = 1
+    for i in tl.range(0, my_tiles, flatten=PERSISTENT):
+        tile = pid + i * n_programs
+        # tiles in groups of GROUP_M row blocks, so the programs running together share their B
+        # tiles in L2 (inlined: a @triton.jit helper would be fixed to the mode of its first import)
+        in_group = GROUP_M * num_n
+        first_m = (tile // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % in_group) % size_m
+        pid_n = (tile % in_group) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_m % M
+        cols = offs_n % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = dy_ptr + rows[:, None].to(tl.int64) * s_dm + offs_k[None, :] * s_dk
+        b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * s_wk + cols[None, :] * s_wn
+        # the tile of h: with PREFETCH_H loaded here, so that its read overlaps the matmul (rows and
+        # columns past the end wrap around, like the operands', and are never stored), else after the
+        # loop, with fewer registers taken during it
+        if PREFETCH_H:
+            h_tile = tl.load(h_ptr + rows[:, None].to(tl.int64) * s_hm + cols[None, :] * s_hn)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+                b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            a_ptrs += BLOCK_K * s_dk
+            b_ptrs += BLOCK_K * s_wk
+        keep_m = offs_m < M
+        store = keep_m[:, None] & (offs_n < N)[None, :]
+        m64 = offs_m[:, None].to(tl.int64)
+        if not PREFETCH_H:
+            h_tile = tl.load(h_ptr + m64 * s_hm + offs_n[None, :] * s_hn, mask=store, other=0.0)
+        hf = h_tile.to(tl.float32)
+        dg = acc.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the eager backward rounds dy @ W2 first
+        cdf = 0.5 * (1.0 + tl.math.erf(hf * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * hf * hf) * 0.3989422804014327
+        dh = (dg * (cdf + hf * pdf)).to(dh_ptr.dtype.element_ty)
+        tl.store(dh_ptr + m64 * s_om + offs_n[None, :] * s_on, dh, mask=store)
+        if WRITE_PARTIAL:
+            col = tl.reduce(tl.where(keep_m[:, None], dh.to(tl.float32), 0.0), 0, tl.standard._sum_combine)
+            tl.store(part_ptr + pid_m.to(tl.int64) * s_pm + offs_n, col, mask=offs_n < N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,14 +269,15 @@ def gelu_mlp_fc1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if K == 0:  # an empty product: h is the bias
         h0 = (bias if bias is not None else x.new_zeros(N)).expand(M, N)
         return (h0.clone() if write_h else h), torch.nn.functional.gelu(h0.float()).to(x.dtype)
-    bm, bn, bk, group, warps, stages, _ = _tiling("fwd", M, N, K, x.dtype)
+    bm, bn, bk, group, warps, stages, _, per_sm = _tiling("fwd", M, N, K, x.dtype)
     hs = h.stride() if write_h else (0, 0)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _launcher(_fc1_gelu_kernel)[grid](
+    programs = _programs(x.device, per_sm, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    _launcher(_fc1_gelu_kernel)[(programs,)](
         x, weight, bias if bias is not None else weight, h, g,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), hs[0], hs[1], g.stride(0), g.stride(1),
-        HAS_BIAS=bias is not None, WRITE_H=bool(write_h), EVEN_K=K % bk == 0,
+        programs,
+        HAS_BIAS=bias is not None, WRITE_H=bool(write_h), EVEN_K=K % bk == 0, PERSISTENT=bool(per_sm),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
         PREC=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype, _interpreting()), num_warps=warps, num_stages=stages,
     )
@@ -256,20 +293,21 @@ def gelu_mlp_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
     M, K = dy.shape
     N = weight.shape[1]
     dh = _alloc((M, N), h.dtype, h.device)
-    bm, bn, bk, group, warps, stages, prefetch = _tiling("bwd", M, N, K, h.dtype)
+    bm, bn, bk, group, warps, stages, prefetch, per_sm = _tiling("bwd", M, N, K, h.dtype)
     blocks_m = triton.cdiv(M, bm)
     part = _alloc((blocks_m, N), torch.float32, h.device) if write_partial else h.new_empty((0, 0), dtype=torch.float32)
     if M == 0 or N == 0:
         return dh, part
     if K == 0:  # an empty product: no gradient reaches h
         return dh.zero_(), (part.zero_() if write_partial else part)
-    grid = (blocks_m * triton.cdiv(N, bn),)
-    _launcher(_dgelu_kernel)[grid](
+    programs = _programs(h.device, per_sm, blocks_m * triton.cdiv(N, bn))
+    _launcher(_dgelu_kernel)[(programs,)](
         dy, weight, h, dh, part,
         M, N, K,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         dh.stride(0), dh.stride(1), part.stride(0) if write_partial else 0,
-        WRITE_PARTIAL=bool(write_partial), EVEN_K=K % bk == 0, PREFETCH_H=bool(prefetch),
+        programs,
+        WRITE_PARTIAL=bool(write_partial), EVEN_K=K % bk == 0, PREFETCH_H=bool(prefetch), PERSISTENT=bool(per_sm),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
         PREC=dot_precision(h.dtype), UPCAST=dot_upcast(h.dtype, _interpreting()), num_warps=warps, num_stages=stages,
     )
