@@ -25,6 +25,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 HALF_FACTOR = 2.0
 NAMES = ("y", "dx", "dw1", "db1", "dw2", "db2")
+# persistent GPU tilings of both GEMMs (candidates of benchmarks.tune.MLP_TILINGS)
+PERSISTENT = {"fwd": (64, 128, 64, 8, 4, 3, 0, 2), "bwd": (64, 256, 64, 8, 8, 3, 0, 1)}
 
 
 @pytest.fixture(autouse=True)
@@ -379,7 +381,8 @@ def test_custom_ops_schema_and_fake_impls(kernels):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("tuning", [{}, {"fwd": "torch"}, {"bwd": "torch"}], ids=["triton", "fwd-torch", "bwd-torch"])
+@pytest.mark.parametrize("tuning", [{}, {"fwd": "torch"}, {"bwd": "torch"}, PERSISTENT],
+                         ids=["triton", "fwd-torch", "bwd-torch", "persistent"])
 def test_dynamo_traces_the_op_without_graph_breaks(kernels, monkeypatch, tuning):
     """Dynamo captures the dispatch, the autocast casts and the autograd function in one graph (run
     by the eager backend here; inductor's compilation of the kernels is a GPU test below), also with
@@ -434,15 +437,18 @@ def test_tiny_model_same_loss_and_grads():
 # GPU: the paper's decoder and encoder MLPs in bfloat16, torch.compile
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("tuning", [{}, PERSISTENT], ids=["default", "persistent"])
 @pytest.mark.parametrize("shape,D", [((4, 512), 512), ((8, 103), 768)], ids=["decoder", "encoder"])
-def test_paper_shapes_bf16_cuda(shape, D):
+def test_paper_shapes_bf16_cuda(kernels, monkeypatch, shape, D, tuning):
+    monkeypatch.setattr(kernels, "TUNING", tuning)
     leaves, dy = inputs(shape, D, 4 * D, D)
     errors = check(leaves, dy, torch.bfloat16)
     assert max(errors.values()) < 5e-2
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tuning", [{}, {"fwd": "torch"}, {"bwd": "torch"}], ids=["triton", "fwd-torch", "bwd-torch"])
+@pytest.mark.parametrize("tuning", [{}, {"fwd": "torch"}, {"bwd": "torch"}, PERSISTENT],
+                         ids=["triton", "fwd-torch", "bwd-torch", "persistent"])
 def test_torch_compile_traces_the_op(kernels, monkeypatch, tuning):
     monkeypatch.setattr(kernels, "TUNING", tuning)
     torch._dynamo.reset()
