@@ -40,6 +40,9 @@ from torch.library import triton_op
 from ._common import alloc, dot_precision, dot_upcast, interpreting as _interpreting, launcher as _launcher
 
 POISON_OUTPUTS = False  # tests set this: output buffers start as NaN, so an unwritten element shows
+# tests set this: the SM count that persistent tilings assume (None: the device's), so that small
+# shapes give each persistent program several tiles on a GPU too
+SMS = None
 
 # Tiling override (tests, sweeps): {"fwd": (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
 # [, PREFETCH_H[, PERSISTENT]]), "bwd": (...)}; a missing key means the defaults of _tiling. The
@@ -59,7 +62,8 @@ def _on_torch(which: str) -> bool:
     if isinstance(value, str):
         if value != "torch":
             raise ValueError(f"gelu_mlp TUNING[{which!r}] = {value!r}: expected 'torch' or a tiling "
-                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)")
+                             "(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, PREFETCH_H"
+                             "[, PERSISTENT]])")
         return True
     return False
 
@@ -96,11 +100,11 @@ def _tiling(which: str, M: int, N: int, K: int, dtype: torch.dtype) -> Tuple[int
 
 def _programs(device: torch.device, per_sm: int, tiles: int) -> int:
     """Programs to launch for ``tiles`` output tiles: one per tile, or ``per_sm`` persistent
-    programs per SM (on the CPU, under the interpreter, as if there were 3 SMs: a test shape then
-    gives a program several tiles)."""
+    programs per SM, at most one per tile. The SM count is ``SMS`` when set, else the CUDA device's,
+    else 3 (CPU tensors: Triton's interpreter, or a launch captured for ahead-of-time compilation)."""
     if not per_sm:
         return tiles
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    sms = SMS or (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3)
     return max(1, min(tiles, per_sm * sms))
 
 
@@ -276,7 +280,7 @@ def gelu_mlp_fc1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         x, weight, bias if bias is not None else weight, h, g,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), hs[0], hs[1], g.stride(0), g.stride(1),
-        programs,
+        programs if per_sm else 0,  # unused with one program per tile: a constant
         HAS_BIAS=bias is not None, WRITE_H=bool(write_h), EVEN_K=K % bk == 0, PERSISTENT=bool(per_sm),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
         PREC=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype, _interpreting()), num_warps=warps, num_stages=stages,
@@ -306,7 +310,7 @@ def gelu_mlp_dgelu(dy: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
         M, N, K,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
         dh.stride(0), dh.stride(1), part.stride(0) if write_partial else 0,
-        programs,
+        programs if per_sm else 0,
         WRITE_PARTIAL=bool(write_partial), EVEN_K=K % bk == 0, PREFETCH_H=bool(prefetch), PERSISTENT=bool(per_sm),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
         PREC=dot_precision(h.dtype), UPCAST=dot_upcast(h.dtype, _interpreting()), num_warps=warps, num_stages=stages,
