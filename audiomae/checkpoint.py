@@ -42,18 +42,29 @@ def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], O
     """Return ``(state_dict, config_dict or None, released args or None)`` from a path or a dict."""
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
+        if os.path.isdir(path):
+            raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint file not found: {path}")
         if path.endswith(".safetensors"):
             return _read_safetensors(path, map_location)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive (or, with the legacy format, a pickle: protocol byte 0x80)
+        if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; "
+                                  f"this file starts with {head!r})")
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
             raise CheckpointError(
-                f"{path}: refused to unpickle it safely ({str(e).splitlines()[0]}). Checkpoints are loaded "
-                "with weights_only=True so that no code from the file runs; re-save the weights as a "
-                "plain state dict (torch.save(model.state_dict(), ...)) or as safetensors.") from None
+                f"{path}: holds objects other than tensors and plain containers ({why}). Checkpoints are "
+                "loaded with weights_only=True so that no code from the file runs; if you trust the file, "
+                "re-save its weights as a plain state dict (torch.save(model.state_dict(), ...)) or as "
+                "safetensors.") from None
         except Exception as e:  # truncated or non-checkpoint files
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     elif isinstance(src, dict):

@@ -81,7 +81,19 @@ class _Encoder(nn.Module):
 
     def _check_input(self, spec: torch.Tensor) -> None:
         cfg = self.config
+        if not isinstance(spec, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor [B, 1, T, F], got {type(spec).__module__}.{type(spec).__name__}"
+                            + ("; convert it with torch.from_numpy" if type(spec).__module__ == "numpy" else ""))
+        if not spec.dtype.is_floating_point:
+            raise TypeError(f"expected a floating-point spectrogram, got dtype {spec.dtype}")
+        weight = self.patch_embed.proj.weight
+        if spec.dtype != weight.dtype and not torch.is_autocast_enabled(spec.device.type):
+            raise TypeError(f"input dtype {spec.dtype} differs from the model's {weight.dtype}: convert the input "
+                            f"(spec.to({weight.dtype})) or run under torch.autocast")
         if spec.ndim == 3:
+            if spec.shape[0] == cfg.in_chans and tuple(spec.shape[1:]) == cfg.img_size:
+                raise ValueError(f"expected input [B, 1, T, F], got one clip {list(spec.shape)} (as load_input "
+                                 "returns it); add the batch axis with spec.unsqueeze(0), or torch.stack clips")
             raise ValueError(f"expected input [B, 1, T, F], got {list(spec.shape)}; add the channel axis with "
                              f"spec.unsqueeze(1)")
         if spec.ndim != 4 or spec.shape[1] != cfg.in_chans or tuple(spec.shape[2:]) != cfg.img_size:

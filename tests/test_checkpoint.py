@@ -147,8 +147,24 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         AudioMAE.from_pretrained(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a PyTorch checkpoint"):
         AudioMAE.from_pretrained(tmp_path / "junk.pt")
+    (tmp_path / "notes.pt").write_text("hello")  # text: said so, and no advice to unpickle it unsafely
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
+        AudioMAE.from_pretrained(tmp_path / "notes.pt")
+    assert "weights_only" not in str(info.value)
+    (tmp_path / "clip.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt ")
+    with pytest.raises(CheckpointError, match="clip.wav: not a PyTorch checkpoint"):
+        AudioMAE.from_pretrained(tmp_path / "clip.wav")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        AudioMAE.from_pretrained(tmp_path)
+    torch.save({"model": AudioMAE(TINY).state_dict()}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match="cut.pt: not a readable PyTorch checkpoint"):
+        AudioMAE.from_pretrained(tmp_path / "cut.pt")
+    # torch.save's legacy (non-zip) format is a pickle and still loads
+    torch.save({"model": AudioMAE(TINY).state_dict()}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert isinstance(AudioMAE.from_pretrained(tmp_path / "legacy.pt"), AudioMAE)
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an Audio-MAE state dict"):
         AudioMAE.from_pretrained(tmp_path / "other.pt")

@@ -614,3 +614,27 @@ def test_roll_as_dataset_transform(audioset_dir):
     gain = float(w.abs().max() / plain.abs().max())
     assert 0.5 <= gain <= 1.5
     assert torch.allclose(torch.sort(w[:8000]).values, torch.sort(plain[:8000]).values * gain, atol=1e-6)
+
+
+def test_evaluation_and_embedding_count_each_readable_clip_once(tmp_path):
+    """Training may use a stand-in for an unreadable clip; evaluation and embedding leave it out, so
+    each readable clip counts once (rows, targets, per-class counts) and the rows name their clips."""
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    from audiomae.train import loop
+
+    manifest, labels = _bad_manifest(tmp_path)  # 7 readable clips, all of class /m/a; 3 bad ones
+    ds = ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=1.0)
+    torch.manual_seed(0)
+    model = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=ds.num_classes).eval()
+    feats = FeatureExtractor(target_length=model.config.img_size[0], stats="audioset", device="cpu")
+    opts = {"batch_size": 4, "quiet": True}
+    indices = []
+    emb, targets = loop.embed_dataset(model, ds, opts, torch.device("cpu"), feats, indices=indices)
+    readable = [0, 2, 5, 6, 7, 8, 9]
+    assert indices == readable and emb.shape[0] == targets.shape[0] == 7
+    assert targets.argmax(1).tolist() == [0] * 7  # no target of a bad file (/m/b, /m/c) remains
+    # the rows equal the clips embedded one by one
+    one = torch.stack([ds[i]["waveform"] for i in readable])
+    assert torch.allclose(emb, model.embed(feats(one)), atol=1e-5)
+    scores, targets = loop.predict(model, ds, opts, torch.device("cpu"), feats)
+    assert scores.shape[0] == targets.shape[0] == 7 and targets.sum(0).tolist() == [7, 0, 0]

@@ -114,8 +114,30 @@ def test_bad_input_shape_message():
     model = AudioMAE(AudioMAEConfig.preset("tiny"))
     with pytest.raises(ValueError, match=r"expected input \[B, 1, 256, 128\]"):
         model(torch.randn(2, 1, 200, 128))
-    with pytest.raises(ValueError, match="unsqueeze"):
+    with pytest.raises(ValueError, match=r"unsqueeze\(1\)"):
         model(torch.randn(2, 256, 128))
+    with pytest.raises(ValueError, match=r"one clip .*unsqueeze\(0\)"):  # load_input's [1, T, F]
+        model.embed(torch.randn(1, 256, 128))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda: torch.randn(2, 1, 256, 128).numpy(), "got numpy.ndarray; convert it with torch.from_numpy"),
+    (lambda: torch.zeros(2, 1, 256, 128, dtype=torch.long), "floating-point spectrogram, got dtype torch.int64"),
+    (lambda: torch.randn(2, 1, 256, 128, dtype=torch.float64), "torch.float64 differs from the model's torch.float32"),
+], ids=["numpy", "integer", "float64"])
+def test_bad_input_type_message(bad, message):
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    with pytest.raises(TypeError, match=message):
+        model(bad())
+    classifier = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=3)
+    with pytest.raises(TypeError, match=message):
+        classifier(bad())
+
+
+def test_input_dtype_may_differ_under_autocast():
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.embed(torch.randn(2, 1, 256, 128, dtype=torch.bfloat16)).shape == (2, 64)
 
 
 def test_embeddings():

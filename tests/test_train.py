@@ -218,3 +218,18 @@ def test_cli_compile_mode_choices():
     assert args.compile_mode == "max-autotune-no-cudagraphs" and not args.compile
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pretrain", "--compile-mode", "fastest"])
+
+
+def test_evaluate_needs_a_classifier_with_the_data_classes(tmp_path):
+    """A pretraining checkpoint has no head to evaluate: said before any work, with what to do;
+    a classifier for another number of classes likewise."""
+    from audiomae.train.loop import evaluate
+
+    opts = {"data": "synthetic", "num_eval_clips": 4, "clip_seconds": 2.56, "output_dir": str(tmp_path / "out"),
+            "device": "cpu", "quiet": True}
+    AudioMAE(TINY).save_pretrained(tmp_path / "pre.pt")
+    with pytest.raises(TrainingError, match="pretraining checkpoint without a classification head.*finetune"):
+        evaluate(dict(opts, checkpoint=str(tmp_path / "pre.pt")))
+    AudioMAEClassifier(TINY, num_classes=3).save_pretrained(tmp_path / "three.pt")
+    with pytest.raises(TrainingError, match="predicts 3 classes, the data has 10"):
+        evaluate(dict(opts, checkpoint=str(tmp_path / "three.pt")))

@@ -14,7 +14,9 @@ computed in the loading process with :func:`audiomae.audio.waveform_to_input`) i
 Bad data. A file that cannot be read (corrupt, empty, missing, an unreadable sample rate, or
 non-finite samples) does not end an epoch: the dataset substitutes the next readable clip
 (index + 1, + 2, ... modulo the length, so the choice is deterministic), and the item lists the
-failures in ``"bad"``. Accounting happens in exactly one process: in the main process when the
+failures in ``"bad"``. Evaluation and embedding drop such stand-ins (``"substituted"`` in a
+batch, see :func:`collate_items`): there every readable clip counts once and an unreadable one
+not at all. Accounting happens in exactly one process: in the main process when the
 dataset is indexed there (directly, or by a loader without worker processes), and otherwise by the
 loader (:func:`audiomae.data.make_loader`), which feeds the ``"bad"`` lists of each batch into the
 dataset's :class:`BadFileTracker` in the main process. The tracker reports each bad path once
@@ -324,13 +326,17 @@ def collate_items(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Stack a list of items into a batch; the ``"bad"`` lists are concatenated.
 
     Returns ``{"waveform": [B, N]`` or ``"input": [B, 1, T, F], "target": [B, C],
-    "index": int64 [B], "bad": [(path, reason), ...]}``.
+    "index": int64 [B], "substituted": bool [B], "bad": [(path, reason), ...]}``, where
+    ``substituted`` marks the items that stand in for an unreadable clip (their ``"bad"`` list is
+    not empty): training can use them, evaluation and embedding drop them, since the clip they
+    carry is also read at its own index.
     """
     batch: Dict[str, Any] = {}
     for key in ("waveform", "input", "target"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
     batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+    batch["substituted"] = torch.tensor([bool(it.get("bad")) for it in items], dtype=torch.bool)
     batch["bad"] = [tuple(b) for it in items for b in it.get("bad", ())]
     for key in items[0]:
         if key not in batch:

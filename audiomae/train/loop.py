@@ -395,7 +395,7 @@ def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info
     loader = _loader(dataset, opts, sampler, int(opts.get("eval_batch_size") or opts.get("batch_size", 32)))
     model.eval()
     precision = _resolve_precision(opts.get("precision", "auto"), device)
-    scores, targets = [], []
+    scores, targets, kept = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not info.is_main or opts.get("quiet"), unit="batch",
                       dynamic_ncols=True, leave=False):
         x = batch["input"].to(device) if "input" in batch else feats(batch["waveform"].to(device))
@@ -403,8 +403,19 @@ def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info
             logits = model(x).float()
         scores.append(torch.sigmoid(logits) if dataset.multi_label else torch.softmax(logits, -1))
         targets.append(batch["target"].to(device).float())
-    s, t = torch.cat(scores), torch.cat(targets)
-    return D.all_gather_cat(s).cpu(), D.all_gather_cat(t).cpu()
+        kept.append(_readable(batch).to(device))
+    s, t, k = torch.cat(scores), torch.cat(targets), torch.cat(kept)
+    # gathered at equal sizes from every rank, then the stand-ins for unreadable clips dropped
+    k = D.all_gather_cat(k.to(torch.uint8)).cpu().bool()
+    return D.all_gather_cat(s).cpu()[k], D.all_gather_cat(t).cpu()[k]
+
+
+def _readable(batch: Dict[str, Any]) -> torch.Tensor:
+    """bool [B]: the items of a batch that are their own clip, not a stand-in for an unreadable one
+    (see :func:`audiomae.data.dataset.collate_items`)."""
+    n = len(batch["target"])
+    sub = batch.get("substituted")
+    return torch.ones(n, dtype=torch.bool) if sub is None else ~torch.as_tensor(sub, dtype=torch.bool)
 
 
 def compute_metrics(scores, targets, dataset) -> Dict[str, Any]:
@@ -494,10 +505,18 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     device, info = _setup(opts)
     dataset = build_dataset(opts, "val")
     T = _target_length(opts, dataset)
-    model = AudioMAEClassifier.from_pretrained(opts["checkpoint"], img_size=(T, 128)).to(device)
-    if model.num_classes != dataset.num_classes:
-        raise SystemExit(f"error: the checkpoint predicts {model.num_classes} classes, the data has "
-                         f"{dataset.num_classes}")
+    from ..checkpoint import read_checkpoint
+    sd, cfg, args = read_checkpoint(opts["checkpoint"])
+    if "head.weight" not in sd:
+        kind = "a pretraining checkpoint" if any(k.startswith("decoder_") for k in sd) else "an encoder"
+        raise TrainingError(f"{opts['checkpoint']} is {kind} without a classification head: fine-tune it first "
+                            f"(audiomae finetune --pretrained {opts['checkpoint']} ...), or use audiomae embed "
+                            "for its embeddings")
+    if sd["head.weight"].shape[0] != dataset.num_classes:
+        raise TrainingError(f"{opts['checkpoint']} predicts {sd['head.weight'].shape[0]} classes, the data has "
+                            f"{dataset.num_classes}")
+    model = AudioMAEClassifier.from_pretrained({"model": sd, "config": cfg, "args": args},
+                                               img_size=(T, 128)).to(device)
     feats = _features(opts, dataset, device)
     scores, targets = predict(model, dataset, opts, device, feats, info)
     metrics = compute_metrics(scores, targets, dataset)
@@ -507,7 +526,9 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
             json.dump({k: v for k, v in metrics.items() if k != "per_class"}, f, indent=2)
         name, value = headline(metrics)
         extra = f", AUC {metrics['AUC']:.4f}, d' {metrics['d_prime']:.3f}" if "AUC" in metrics else ""
-        print(f"{name} {value:.4f}{extra} on {len(targets)} clips; per-class report in "
+        skipped = getattr(dataset, "bad_count", 0)
+        skipped = f" ({skipped} unreadable file{'s' if skipped != 1 else ''} left out)" if skipped else ""
+        print(f"{name} {value:.4f}{extra} on {len(targets)} clips{skipped}; per-class report in "
               f"{os.path.join(opts['output_dir'], 'report.csv')}")
     D.cleanup()
     return metrics
@@ -516,16 +537,27 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
 # --- embeddings and the linear probe ------------------------------------------------------------
 @torch.no_grad()
 def embed_dataset(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, per_patch: bool = False,
-                  desc: str = "embedding") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings ``[N, D]`` (or ``[N, L, D]``) and targets of a whole dataset, in dataset order."""
+                  desc: str = "embedding", indices: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings ``[N, D]`` (or ``[N, L, D]``) and targets of the readable clips of a dataset, in
+    dataset order (an unreadable file has no row); ``indices``, when given, receives the dataset
+    index of each row."""
     sampler = ResumableSampler(len(dataset), shuffle=False)
     loader = _loader(dataset, opts, sampler, int(opts.get("batch_size", 32)))
     model.eval()
     out, targets = [], []
     for batch in tqdm(loader, desc=desc, unit="batch", disable=opts.get("quiet"), dynamic_ncols=True, leave=False):
-        x = batch["input"].to(device) if "input" in batch else feats(batch["waveform"].to(device))
+        keep = _readable(batch)
+        if not keep.any():
+            continue
+        x = batch["input"] if "input" in batch else batch["waveform"]
+        x = x[keep].to(device)
+        x = x if "input" in batch else feats(x)
         out.append(model.embed(x, per_patch=per_patch).float().cpu())
-        targets.append(batch["target"].float())
+        targets.append(batch["target"][keep].float())
+        if indices is not None:
+            indices.extend(int(i) for i in torch.as_tensor(batch["index"])[keep])
+    if not out:
+        raise TrainingError(f"no readable clip in the dataset ({len(dataset)} clips)")
     return torch.cat(out), torch.cat(targets)
 
 
