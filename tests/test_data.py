@@ -638,3 +638,16 @@ def test_evaluation_and_embedding_count_each_readable_clip_once(tmp_path):
     assert torch.allclose(emb, model.embed(feats(one)), atol=1e-5)
     scores, targets = loop.predict(model, ds, opts, torch.device("cpu"), feats)
     assert scores.shape[0] == targets.shape[0] == 7 and targets.sum(0).tolist() == [7, 0, 0]
+
+
+def test_a_bad_file_is_reported_once_per_process(tmp_path, caplog):
+    """Two datasets over the same files (a run's training and evaluation sets) count a bad file each,
+    and it is reported once."""
+    manifest, labels = _bad_manifest(tmp_path)
+    caplog.set_level(logging.WARNING, logger="audiomae.data")
+    sets = [ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=1.0) for _ in range(2)]
+    for ds in sets:
+        for i in range(len(ds)):
+            ds[i]
+    assert [ds.bad_count for ds in sets] == [3, 3]
+    assert sorted(os.path.basename(p) for p in _warned_paths(caplog)) == sorted(BAD_NAMES)

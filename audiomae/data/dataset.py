@@ -38,6 +38,7 @@ from ..audio import SAMPLE_RATE, AudioLoadError, waveform_to_input
 logger = logging.getLogger("audiomae.data")
 
 BadEntry = Tuple[str, str]
+_REPORTED: set = set()  # bad paths already reported by any tracker of this process
 
 #: Exceptions that mark a file as unreadable. AudioLoadError is the audio module's own; soundfile
 #: raises RuntimeError subclasses (LibsndfileError), the OS raises OSError, decoders ValueError.
@@ -90,7 +91,9 @@ class BadFileTracker:
             path = str(path)
             if path not in self.bad_files:
                 self.bad_files[path] = str(reason)
-                logger.warning("skipping unreadable audio file %s: %s", path, reason)
+                if path not in _REPORTED:  # once per process, also when two datasets share a file
+                    _REPORTED.add(path)
+                    logger.warning("skipping unreadable audio file %s: %s", path, reason)
         self.attempts += int(good) + n_bad
         self.bad_attempts += n_bad
         self.check()
