@@ -1,8 +1,9 @@
 """The ``audiomae`` command (also ``python -m audiomae``).
 
-Sub-commands: pretrain, finetune, evaluate, embed, reconstruct, demo, info. Every option has a
-default from the paper's recipe or, for the data, the embedded synthetic dataset, so each command
-runs as it is; ``--config run/config.json`` repeats a saved run (explicit options still win).
+Sub-commands: pretrain, finetune, evaluate, embed, reconstruct, demo, info. Training options have
+defaults from the paper's recipe and, for the data, the embedded synthetic dataset, so pretrain,
+finetune and demo run as they are; ``--config run/config.json`` repeats a saved run (explicit
+options still win). ``embed`` needs audio files or ``--data``.
 """
 from __future__ import annotations
 
@@ -11,61 +12,105 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from typing import Any, Dict, List, Optional
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+EMBED_FORMATS = (".pt", ".npz")
 
 DESCRIPTION = """Audio-MAE: masked-autoencoder pretraining on log-mel spectrograms, fine-tuning,
-evaluation, embeddings and reconstructions. With no --data, commands use the embedded synthetic
-dataset (10 procedurally generated sound classes, nothing to download)."""
+evaluation, embeddings and reconstructions. With no --data, the training commands use the embedded
+synthetic dataset (10 procedurally generated sound classes, nothing to download)."""
+
+STATS_HELP = "normalisation statistics: audioset, esc50, speechcommands, none, or MEAN,STD"
 
 
-def _add_data(p: argparse.ArgumentParser, clip_default: Optional[float] = None) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help="'synthetic' (embedded, default), an AudioSet-style JSON manifest "
-                        "({\"data\": [{\"wav\": ..., \"labels\": \"/m/..,/m/..\"}]}) or a folder with one "
-                        "sub-folder of audio files per class")
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions paragraph by paragraph (blank lines kept) and appends each option's default
+    to its help, unless the help already speaks of its default or there is none to show (None, flags)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(textwrap.fill(" ".join(par.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent, break_on_hyphens=False)
+                           for par in text.split("\n\n"))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0 or (not action.option_strings and action.nargs not in ("?", "*")):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def _add_data(p: argparse.ArgumentParser, command: str) -> None:
+    """Dataset options. ``command`` selects those that apply: pretrain/finetune read a training set
+    and an evaluation set, evaluate one evaluation set, embed one dataset."""
+    g = p.add_argument_group("data", "With --data these apply to the dataset; --target-length and --stats "
+                                     "also apply to audio files." if command == "embed" else None)
+    if command == "embed":
+        g.add_argument("--data", help="a dataset to embed instead of audio files: an AudioSet-style JSON manifest, "
+                                      "a folder with one sub-folder of audio files per class, or 'synthetic' for "
+                                      "the embedded dataset (required when no audio files are given)")
+    else:
+        g.add_argument("--data", default="synthetic",
+                       help="'synthetic' (the embedded dataset), an AudioSet-style JSON manifest "
+                            "({\"data\": [{\"wav\": ..., \"labels\": \"/m/..,/m/..\"}]}) or a folder with one "
+                            "sub-folder of audio files per class")
     g.add_argument("--labels", help="class-labels CSV (index,mid,display_name) for a manifest")
-    g.add_argument("--eval-data", help="manifest or folder for evaluation (default: --data)")
-    g.add_argument("--clip-seconds", type=float, default=clip_default,
-                   help="clip length in seconds (default: 2.56 for synthetic, 10 for files)")
-    g.add_argument("--target-length", type=int, help="model input frames (default: from the clip length; "
-                                                     "1024 for 10 s AudioSet clips)")
-    g.add_argument("--stats", default="audioset", help="normalisation statistics: audioset, esc50, "
-                                                       "speechcommands, none, or MEAN,STD")
-    g.add_argument("--num-clips", type=int, default=2000, help="synthetic training clips (default 2000)")
-    g.add_argument("--num-eval-clips", type=int, default=500, help="synthetic evaluation clips (default 500)")
+    if command in ("pretrain", "finetune"):
+        g.add_argument("--eval-data", help="manifest or folder for evaluation (default: --data)")
+    g.add_argument("--clip-seconds", type=float,
+                   help="dataset clips are cut or zero-padded to this length in seconds "
+                        "(default: 2.56 for synthetic, 10 for files)")
+    if command == "embed":
+        g.add_argument("--target-length", type=int,
+                       help="model input length in frames of 10 ms: each file or clip is cut or zero-padded to "
+                            "it, and the checkpoint's position tables are adapted to it. It must give a patch grid the "
+                            "model can take: a multiple of 16 frames, of 64 with a 4 x 4-window decoder (default: the checkpoint's input length, e.g. 256 = 2.56 s for tiny, "
+                            "1024 = 10.24 s for base)")
+    else:
+        g.add_argument("--target-length", type=int, help="model input frames (default: from the clip length; "
+                                                         "1024 for 10 s AudioSet clips)")
+    g.add_argument("--stats", default="audioset", help=STATS_HELP)
+    if command in ("pretrain", "finetune"):
+        g.add_argument("--num-clips", type=int, default=2000, help="clips of the synthetic training set")
+    elif command == "embed":
+        g.add_argument("--num-clips", type=int, default=2000, help="clips of the synthetic dataset")
+    if command != "embed":
+        g.add_argument("--num-eval-clips", type=int, default=500, help="clips of the synthetic evaluation set")
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1 if (os.cpu_count() or 1) > 1 else 0,
                    help="audio decoding worker processes")
     g.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="stop when more than this fraction of the clips read so far cannot be decoded (default 0.01)")
+                   help="stop when more than this fraction of the clips read so far cannot be decoded")
 
 
-def _add_run(p: argparse.ArgumentParser, out_default: str) -> None:
+def _add_run(p: argparse.ArgumentParser, out_default: Optional[str], seed_help: str) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", "-o", default=out_default, help=f"run folder (default {out_default})")
+    if out_default:
+        g.add_argument("--output-dir", "-o", default=out_default, help="run folder")
     g.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast precision on GPU (auto: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--seed", type=int, default=0)
+    if out_default:
+        g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                       help="autocast precision on GPU (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--seed", type=int, default=0, help=seed_help)
     g.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto",
-                   help="fused-op backend (default: Triton kernels on GPU, PyTorch references on CPU)")
+                   help="fused-op backend (auto: Triton kernels on GPU, PyTorch references on CPU)")
     g.add_argument("--config", help="a run's saved config.json to repeat (explicit options win)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, warmup: float, wd: float) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"(default {epochs})")
-    g.add_argument("--batch-size", type=int, default=batch, help=f"per-process batch (default {batch})")
-    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--blr", type=float, default=blr, help=f"base lr; lr = blr * effective batch / 256 (default {blr})")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
+    g.add_argument("--batch-size", type=int, default=batch, help="clips per step and process")
+    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--blr", type=float, default=blr, help="base lr; lr = blr * effective batch / 256")
     g.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="cosine floor")
-    g.add_argument("--warmup-epochs", type=float, default=warmup, help=f"per-step linear warmup (default {warmup})")
-    g.add_argument("--weight-decay", type=float, default=wd, help=f"AdamW decay, not on norms/biases/tokens (default {wd})")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine lr schedule")
+    g.add_argument("--warmup-epochs", type=float, default=warmup, help="epochs of per-step linear lr warmup")
+    g.add_argument("--weight-decay", type=float, default=wd, help="AdamW decay, not on norms/biases/tokens")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile; default: torch's default mode). "
@@ -74,83 +119,108 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
     g.add_argument("--weighted-sampling", action="store_true", help="sample clips by inverse label frequency (AudioSet)")
     g.add_argument("--epoch-size", type=int, help="clips per epoch (default: the dataset's size)")
     g.add_argument("--resume", help="a training checkpoint, or 'auto' for the run folder's last one")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: only per epoch)")
     g.add_argument("--max-nan-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
-    g.add_argument("--log-every", type=int, default=10, help="metrics.jsonl every N steps")
+    g.add_argument("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="audiomae", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="audiomae", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="masked-autoencoder pretraining (the paper's recipe)",
-                       description="Pretrain an Audio-MAE: mask 80 %% of the patches and reconstruct them.")
-    p.add_argument("--model", default="tiny", help="size preset: tiny, small, base (ViT-B), large, huge (default tiny)")
-    p.add_argument("--decoder-mode", choices=["local", "global", "hybrid"], help="decoder attention (default local)")
-    p.add_argument("--mask-ratio", type=float, default=0.8)
-    p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"])
-    p.add_argument("--no-norm-pix-loss", action="store_true", help="plain pixel targets")
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+
+    p = add("pretrain", "masked-autoencoder pretraining (the paper's recipe)",
+            "Pretrain an Audio-MAE: mask 80 % of the spectrogram patches and reconstruct them.")
+    p.add_argument("--model", default="tiny", help="size preset: tiny, small, base (ViT-B), large, huge")
+    p.add_argument("--decoder-mode", choices=["local", "global", "hybrid"],
+                   help="decoder attention (default: the preset's, local for all but huge)")
+    p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in [0, 1)")
+    p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"],
+                   help="which patches are removed: random patches, whole time columns, whole frequency rows, "
+                        "or both")
+    p.add_argument("--no-norm-pix-loss", action="store_true", help="plain pixel targets (default: per-patch "
+                                                                  "normalised targets)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no roll-and-magnitude augmentation")
     p.add_argument("--init", help="start from these weights (a pretraining checkpoint)")
-    _add_data(p)
+    _add_data(p, "pretrain")
     _add_train(p, epochs=32, blr=2e-4, batch=32, warmup=3, wd=1e-4)
-    _add_run(p, "runs/pretrain")
+    _add_run(p, "runs/pretrain", "seed of the weights, the masks, the sampling and the synthetic dataset")
 
-    p = sub.add_parser("finetune", help="fine-tune a classifier from a pretrained checkpoint",
-                       description="Fine-tune with layer-wise lr decay, mixup, SpecAugment and optional 2D masking.")
-    p.add_argument("--pretrained", help="pretrained checkpoint (released or ours); none: from scratch")
+    p = add("finetune", "fine-tune a classifier from a pretrained checkpoint",
+            "Fine-tune a classifier with layer-wise lr decay, mixup, SpecAugment and optional 2D masking.")
+    p.add_argument("--pretrained", help="pretrained checkpoint (released or ours) (default: train from scratch)")
     p.add_argument("--model", default="tiny", help="size preset when training from scratch")
-    p.add_argument("--layer-decay", type=float, default=0.75)
-    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay per block from the top")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--mixup", type=float, default=0.5, help="mixup alpha (0: off)")
-    p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false")
+    p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false", help="no SpecAugment masking")
     p.add_argument("--freq-mask", type=int, default=48, help="SpecAugment frequency mask width bound")
     p.add_argument("--time-mask", type=int, default=192, help="SpecAugment time mask width bound")
     p.add_argument("--mask-2d", action="store_true", help="structured time/frequency token masking in training")
-    p.add_argument("--mask-t-prob", type=float, default=0.2)
-    p.add_argument("--mask-f-prob", type=float, default=0.2)
-    _add_data(p)
+    p.add_argument("--mask-t-prob", type=float, default=0.2, help="with --mask-2d: fraction of time columns removed")
+    p.add_argument("--mask-f-prob", type=float, default=0.2,
+                   help="with --mask-2d: fraction of frequency rows removed")
+    _add_data(p, "finetune")
     _add_train(p, epochs=60, blr=1e-3, batch=32, warmup=4, wd=1e-4)
-    _add_run(p, "runs/finetune")
+    _add_run(p, "runs/finetune", "seed of the head, the augmentation, the sampling and the synthetic dataset")
 
-    p = sub.add_parser("evaluate", help="mAP / AUC / d-prime or accuracy of a classifier, with a per-class report")
-    p.add_argument("checkpoint", help="classifier checkpoint")
-    p.add_argument("--batch-size", type=int, default=32)
-    _add_data(p)
-    _add_run(p, "runs/evaluate")
+    p = add("evaluate", "mAP / AUC / d-prime or accuracy of a classifier, with a per-class report",
+            "Evaluate a classifier checkpoint on a dataset; writes metrics.json and report.csv (per class) "
+            "to the run folder.")
+    p.add_argument("checkpoint", help="classifier checkpoint (from finetune)")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
+    _add_data(p, "evaluate")
+    _add_run(p, "runs/evaluate", "seed of the synthetic dataset")
 
-    p = sub.add_parser("embed", help="audio files or a manifest -> embeddings file")
-    p.add_argument("inputs", nargs="*", help="audio files (or use --data for a manifest/folder/synthetic)")
+    p = add("embed", "audio files or a dataset -> embeddings file",
+            "Encoder embeddings (mean of the patch tokens) of audio files or of a dataset, written to a .pt or "
+            ".npz file with the keys embeddings [N, D] and paths (the clip of each row), for a dataset also "
+            "indices, targets and class_names, and with --per-patch patch_embeddings [N, L, D]. An "
+            "unreadable file of a dataset is left out (a warning counts them).\n\n"
+            "Every audio file is read and checked before the model runs; if any cannot be used (missing, "
+            "not audio, empty, corrupt, shorter than 25 ms), nothing is embedded and the error lists them. "
+            "Each file is cut or zero-padded to the model input length (--target-length); a warning says "
+            "how many files were longer than it.")
+    p.add_argument("inputs", nargs="*", metavar="AUDIO", help="audio files (WAV, FLAC, OGG, ...)")
     p.add_argument("--checkpoint", required=True, help="pretraining or classifier checkpoint")
-    p.add_argument("--out", default="embeddings.pt", help="output file: .pt or .npz (default embeddings.pt)")
+    p.add_argument("--out", default="embeddings.pt", help="output file, .pt (torch) or .npz (numpy)")
     p.add_argument("--per-patch", action="store_true", help="also store per-patch embeddings [N, L, D]")
-    p.add_argument("--batch-size", type=int, default=32)
-    _add_data(p)
-    _add_run(p, "runs/embed")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
+    _add_data(p, "embed")
+    _add_run(p, None, "seed of the synthetic dataset")
 
-    p = sub.add_parser("reconstruct", help="one clip -> PNG of input / masked / reconstruction (+ WAV)")
+    p = add("reconstruct", "one clip -> PNG of input / masked / reconstruction (+ WAV)",
+            "Mask one clip, reconstruct it with a pretraining checkpoint and draw input, masked input, "
+            "reconstruction and reconstruction pasted around the visible patches; prints the loss on the "
+            "removed patches. The clip is cut or zero-padded to the model input length.")
     p.add_argument("audio", help="audio file, or synthetic:N for clip N of the embedded dataset")
     p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (with decoder)")
-    p.add_argument("--out", default="reconstruction.png")
+    p.add_argument("--out", default="reconstruction.png", help="picture file (.png, .pdf, .svg, ...); its folder "
+                                                              "is created")
     p.add_argument("--wav", help="also write the reconstruction as audio (Griffin-Lim) to this file")
-    p.add_argument("--mask-ratio", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stats", default="audioset")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    p.add_argument("--stats", default="audioset", help=STATS_HELP + " (as the model was trained with)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
 
-    p = sub.add_parser("demo", help="the main job on the embedded data: pretrain, reconstruct, linear probe")
-    p.add_argument("--output-dir", "-o", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--num-clips", type=int, default=1000)
-    p.add_argument("--num-eval-clips", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p = add("demo", "the main job on the embedded data: pretrain, reconstruct, linear probe",
+            "Pretrain a tiny Audio-MAE on the embedded synthetic dataset, draw a reconstruction of a held-out "
+            "clip, and compare linear-probe accuracy of the pretrained and an untrained encoder.")
+    p.add_argument("--output-dir", "-o", default="runs/demo", help="run folder")
+    p.add_argument("--epochs", type=int, default=10, help="pretraining epochs")
+    p.add_argument("--num-clips", type=int, default=1000, help="synthetic training clips")
+    p.add_argument("--num-eval-clips", type=int, default=500, help="synthetic held-out clips for the probe")
+    p.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the masks and the synthetic dataset")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sub.add_parser("info", help="versions, devices and which fused-op backends can run here")
+    add("info", "versions, devices and which fused-op backends can run here",
+        "Print the versions (Python, torch, Triton, CUDA), the backend overrides in force and, for every fused "
+        "op on each device, which backend the automatic choice takes and why the others cannot run.")
     return parser
 
 
@@ -159,7 +229,30 @@ def _version() -> str:
     return f"audiomae {__version__}"
 
 
-def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-command's own parser (for its usage line in errors)."""
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
+    """How the user named the argument ``dest``: the option string typed (``-o`` or ``--output-dir``,
+    or an accepted abbreviation), or a positional argument's name."""
+    for action in sub._actions:
+        if action.dest != dest:
+            continue
+        if not action.option_strings:
+            return action.metavar or action.dest
+        for a in argv:
+            key = a.split("=", 1)[0]
+            if key in action.option_strings:
+                return key
+            if key.startswith("--") and len(key) > 2 and any(o.startswith(key) for o in action.option_strings):
+                return key
+        return max(action.option_strings, key=len)
+    return "--" + dest.replace("_", "-")
+
+
+def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
     opts = {k: v for k, v in vars(args).items() if k != "command"}
     cfg_path = opts.pop("config", None)
     if cfg_path:
@@ -167,8 +260,9 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Li
             with open(cfg_path) as f:
                 saved = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {cfg_path}: {e}")
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # the command's own parser
+            sub.error(f"{_typed(sub, 'config', argv)} {cfg_path}: {e}")
+        if not isinstance(saved, dict):
+            sub.error(f"{_typed(sub, 'config', argv)} {cfg_path}: expected a JSON object of options")
         actions = sub._option_string_actions
         explicit = {actions[a.split("=")[0]].dest for a in argv if a.startswith("-") and a.split("=")[0] in actions}
         for k, v in saved.items():
@@ -177,23 +271,54 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Li
     return opts
 
 
-def _check(opts: Dict[str, Any], parser: argparse.ArgumentParser) -> None:
-    for k in ("epochs", "batch_size"):
-        if k in opts and opts[k] is not None and opts[k] < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1, got {opts[k]}")
-    if "mask_ratio" in opts and not 0.0 <= opts["mask_ratio"] < 1.0:
-        parser.error(f"--mask-ratio must be in [0, 1), got {opts['mask_ratio']}")
-    if opts.get("stats") and "," in str(opts["stats"]):
+def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, argv: List[str]) -> None:
+    """Checks that need no model: bad values end here with the sub-command's usage and exit status 2."""
+    def name(dest: str) -> str:
+        return _typed(sub, dest, argv)
+
+    for k in ("epochs", "batch_size", "accum_iter", "num_clips", "num_eval_clips"):
+        if opts.get(k) is not None and opts[k] < 1:
+            sub.error(f"{name(k)} must be at least 1, got {opts[k]}")
+    if opts.get("target_length") is not None and opts["target_length"] < 1:
+        sub.error(f"{name('target_length')} must be at least 1, got {opts['target_length']}")
+    if opts.get("clip_seconds") is not None and not opts["clip_seconds"] > 0:
+        sub.error(f"{name('clip_seconds')} must be positive, got {opts['clip_seconds']}")
+    if "mask_ratio" in opts:
+        r = opts["mask_ratio"]
+        if command == "reconstruct" and not 0.0 < r < 1.0:
+            sub.error(f"{name('mask_ratio')} must be in (0, 1) for a reconstruction (some patches must be removed "
+                      f"and some kept), got {r}")
+        if not 0.0 <= r < 1.0:
+            sub.error(f"{name('mask_ratio')} must be in [0, 1), got {r}")
+    if opts.get("stats") is not None:
+        from .audio import get_stats
+        stats = opts["stats"]
+        if isinstance(stats, str) and "," in stats:
+            try:
+                m, s = (float(v) for v in stats.split(","))
+            except ValueError:
+                sub.error(f"{name('stats')} {stats}: expected a name or MEAN,STD")
+            stats = (m, s)
         try:
-            m, s = (float(v) for v in opts["stats"].split(","))
-        except ValueError:
-            parser.error(f"--stats {opts['stats']}: expected a name or MEAN,STD")
-        opts["stats"] = (m, s)
+            get_stats(stats)
+        except (TypeError, ValueError) as e:
+            sub.error(f"{name('stats')} {opts['stats']}: {e}")
+        opts["stats"] = stats
     for k in ("pretrained", "init", "checkpoint", "labels"):
-        if opts.get(k) and not os.path.exists(opts[k]):
-            parser.error(f"--{k} {opts[k]}: no such file")
+        if opts.get(k) and not os.path.isfile(opts[k]):
+            what = "no such file" if not os.path.exists(opts[k]) else "not a file"
+            sub.error(f"{name(k)} {opts[k]}: {what}")
     if opts.get("data") not in (None, "synthetic") and not os.path.exists(opts["data"]):
-        parser.error(f"--data {opts['data']}: no such file or folder (use 'synthetic', a manifest or a folder)")
+        sub.error(f"{name('data')} {opts['data']}: no such file or folder (use 'synthetic', a manifest or a folder)")
+    if command == "embed":
+        if not opts.get("inputs") and not opts.get("data"):
+            sub.error("give audio files to embed, or --data with a manifest, a folder or 'synthetic' "
+                      "(the embedded dataset)")
+        if opts.get("inputs") and opts.get("data"):
+            sub.error("give either audio files or --data, not both")
+        out = str(opts.get("out") or "")
+        if not out.lower().endswith(EMBED_FORMATS):
+            sub.error(f"{name('out')} {out}: the embeddings file must end in .pt (torch) or .npz (numpy)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -208,18 +333,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .info import main as info_main
         info_main()
         return 0
-    opts = _options(args, parser, argv)
-    _check(opts, parser)
+    sub = _command_parser(parser, args.command)
+    opts = _options(args, sub, argv)
+    _check(opts, sub, args.command, argv)
     if opts.get("backend") not in (None, "auto"):
         from . import dispatch
         dispatch.set_backend(opts["backend"])
+    from .audio import AudioLoadError
     from .checkpoint import CheckpointError
+    from .commands import InputError
     from .train import TrainingError
+    known = (CheckpointError, TrainingError, AudioLoadError, InputError)
     try:
         from .data import DataError, TooManyBadFilesError
-        known = (CheckpointError, TrainingError, DataError, TooManyBadFilesError)
+        known += (DataError, TooManyBadFilesError)
     except ImportError:  # pragma: no cover
-        known = (CheckpointError, TrainingError)
+        pass
     try:
         if args.command == "pretrain":
             from .train import pretrain
@@ -243,7 +372,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume auto", file=sys.stderr)
+        resumable = args.command in ("pretrain", "finetune")
+        print("interrupted" + ("; resume with --resume auto" if resumable else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
-from typing import Any, Dict
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import read_checkpoint
+from .checkpoint import CheckpointAdaptedWarning, CheckpointError, read_checkpoint
 from .model import AudioMAE, AudioMAEClassifier
+
+NUM_MEL_BINS = 128
+FRAME_SHIFT_S = 0.010
+
+
+class InputError(Exception):
+    """The command cannot use one of its inputs or outputs (an audio file, an output path, an option
+    value that does not fit the checkpoint); the message names it."""
 
 
 def load_any(path: str, **overrides):
@@ -24,24 +34,129 @@ def _device(name: str) -> torch.device:
     return pick_device(name)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _frame_samples() -> Tuple[int, int]:
+    """Samples of one fbank window and of one frame shift at the model's sample rate (400, 160)."""
+    from .audio import SAMPLE_RATE, _frame_params
+    win, shift, _ = _frame_params(float(SAMPLE_RATE), 25.0, 10.0)
+    return win, shift
+
+
+def _num_frames(num_samples: int) -> int:
+    win, shift = _frame_samples()
+    return 0 if num_samples < win else 1 + (num_samples - win) // shift
+
+
+def read_clip(path: str) -> torch.Tensor:
+    """A file's 16 kHz mono waveform, checked to be long enough for one fbank frame. Raises
+    AudioLoadError (unreadable file) or InputError (too short), each naming the file."""
+    from .audio import SAMPLE_RATE, AudioLoadError, load_audio
+    try:
+        wave = load_audio(path, SAMPLE_RATE, mono=True)
+    except AudioLoadError:
+        if os.path.isdir(path):
+            raise AudioLoadError(path, "a folder, not an audio file (use --data for a folder of class "
+                                       "sub-folders)") from None
+        raise
+    win, _ = _frame_samples()
+    if wave.shape[-1] < win:
+        raise InputError(f"cannot use audio file {path!r}: {wave.shape[-1]} samples ({wave.shape[-1] * 1000 // SAMPLE_RATE} ms"
+                         f" at {SAMPLE_RATE} Hz) is shorter than one 25 ms analysis frame ({win} samples)")
+    return wave
+
+
+def check_audio_files(files: Sequence[str]) -> List[int]:
+    """Read every file once before any model work; returns each file's number of fbank frames.
+    Raises AudioLoadError / InputError for one unusable file, InputError listing them for several."""
+    from .audio import AudioLoadError
+    frames, problems = [], []
+    for f in files:
+        try:
+            frames.append(_num_frames(read_clip(f).shape[-1]))
+        except (AudioLoadError, InputError) as e:
+            problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        lines = "\n".join(f"  {e}" for e in problems)
+        raise InputError(f"{len(problems)} of {len(files)} audio files cannot be used; nothing was embedded:\n{lines}")
+    return frames
+
+
+def _output_folder(path: str, option: str) -> None:
+    """Create the folder of an output file, or fail with a message naming the option and the path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path}: is a folder; give a file name")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot create the folder {folder}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{option} {path}: the folder {folder} is not writable")
+
+
+def _load_for_length(checkpoint: str, target_length: Optional[int]):
+    """The checkpoint's model; with ``target_length``, rebuilt for inputs of that many frames (its
+    position tables adapted), or InputError when that length does not fit the model."""
+    if not target_length:
+        return load_any(checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointAdaptedWarning)
+        try:
+            model = load_any(checkpoint, img_size=(int(target_length), NUM_MEL_BINS))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise InputError(f"--target-length {target_length} does not fit {checkpoint}: {e}") from None
+    for w in caught:
+        if issubclass(w.category, CheckpointAdaptedWarning):
+            print(f"note: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
+def _seconds(frames: int) -> str:
+    return f"{frames * FRAME_SHIFT_S:.2f} s"
+
+
 def embed(opts: Dict[str, Any]) -> str:
-    """Embeddings of audio files (positional inputs) or of a dataset (``--data``) -> .pt or .npz."""
-    from .audio import load_input
-    from .data import FeatureExtractor
-    from .train.loop import build_dataset, embed_dataset
+    """Embeddings of audio files (positional inputs) or of a dataset (``--data``) -> .pt or .npz.
+
+    Every file is read and checked first: if any cannot be used, nothing is embedded and the error
+    names them all. Files are cut or zero-padded to the model input length (``target_length``, by
+    default the checkpoint's), with a warning counting the files that were cut."""
+    from .audio import SAMPLE_RATE, waveform_to_input
     from tqdm.auto import tqdm
 
+    path = opts.get("out") or "embeddings.pt"
+    if not path.lower().endswith((".pt", ".npz")):
+        raise InputError(f"--out {path}: the embeddings file must end in .pt (torch) or .npz (numpy)")
+    files = list(opts.get("inputs") or [])
+    if not files and not opts.get("data"):
+        raise InputError("nothing to embed: give audio files or --data")
+    _output_folder(path, "--out")
+    frames = check_audio_files(files) if files else []
+
     device = _device(opts.get("device", "auto"))
-    model = load_any(opts["checkpoint"]).to(device).eval()
+    model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
     T = model.config.img_size[0]
+    stats = opts.get("stats", "audioset")
     out: Dict[str, Any] = {"checkpoint": os.path.abspath(opts["checkpoint"])}
-    if opts.get("inputs"):
+    if files:
+        longer = sum(n > T for n in frames)
+        if longer:
+            _warn(f"{longer} of {len(files)} {'file is' if len(files) == 1 else 'files are'} longer than the model input of {_seconds(T)} ({T} frames); "
+                  f"only their first {_seconds(T)} are embedded (--target-length sets the input length)")
         pooled, patches = [], []
-        stats = opts.get("stats", "audioset")
-        files = opts["inputs"]
         bs = int(opts.get("batch_size", 32))
         for i in tqdm(range(0, len(files), bs), desc="embedding", unit="batch", disable=opts.get("quiet")):
-            x = torch.stack([load_input(f, target_length=T, stats=stats) for f in files[i:i + bs]]).to(device)
+            x = torch.stack([waveform_to_input(read_clip(f), SAMPLE_RATE, T, stats)
+                             for f in files[i:i + bs]]).to(device)
             pooled.append(model.embed(x).float().cpu())
             if opts.get("per_patch"):
                 patches.append(model.embed(x, per_patch=True).float().cpu())
@@ -50,15 +165,27 @@ def embed(opts: Dict[str, Any]) -> str:
         if patches:
             out["patch_embeddings"] = torch.cat(patches)
     else:
+        from .data import FeatureExtractor
+        from .train.loop import build_dataset, embed_dataset
         dataset = build_dataset(opts, "val" if opts.get("eval_data") else "train")
-        feats = FeatureExtractor(target_length=T, stats=opts.get("stats", "audioset"), device=device)
-        out["embeddings"], out["targets"] = embed_dataset(model, dataset, opts, device, feats)
+        clip = getattr(dataset, "clip_samples", None)
+        if clip and _num_frames(int(clip)) > T:
+            _warn(f"the dataset's clips are {clip / SAMPLE_RATE:.2f} s ({_num_frames(int(clip))} frames), longer than "
+                  f"the model input of {_seconds(T)} ({T} frames); only their first {_seconds(T)} are embedded "
+                  "(--clip-seconds and --target-length set the lengths)")
+        feats = FeatureExtractor(target_length=T, stats=stats, device=device)
+        indices: List[int] = []
+        out["embeddings"], out["targets"] = embed_dataset(model, dataset, opts, device, feats, indices=indices)
         if opts.get("per_patch"):
             out["patch_embeddings"], _ = embed_dataset(model, dataset, opts, device, feats, per_patch=True)
         out["class_names"] = list(getattr(dataset, "class_names", []) or [])
-    path = opts.get("out", "embeddings.pt")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".npz"):
+        # the clip of each row (an unreadable file has none)
+        out["indices"] = torch.tensor(indices, dtype=torch.long)
+        out["paths"] = [os.path.abspath(p) if os.path.exists(p) else p for p in map(dataset._path, indices)]
+        if getattr(dataset, "bad_count", 0):
+            _warn(f"{dataset.bad_count} unreadable file{'s' if dataset.bad_count != 1 else ''} left out: "
+                  f"{len(indices)} of {len(dataset)} clips embedded")
+    if path.lower().endswith(".npz"):
         import numpy as np
         np.savez(path, **{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in out.items()})
     else:
@@ -68,24 +195,60 @@ def embed(opts: Dict[str, Any]) -> str:
 
 
 def _clip_input(src: str, T: int, stats) -> torch.Tensor:
-    from .audio import load_input, waveform_to_input
+    from .audio import SAMPLE_RATE, waveform_to_input
     if src.startswith("synthetic:"):
         from .data import SyntheticAudioDataset
         try:
             idx = int(src.split(":", 1)[1])
         except ValueError:
-            raise SystemExit(f"error: {src}: expected synthetic:N with N a clip number") from None
+            idx = -1
+        if idx < 0:
+            raise InputError(f"{src}: expected synthetic:N with N a clip number (0, 1, 2, ...)")
         ds = SyntheticAudioDataset(num_clips=idx + 1, split="val")
         return waveform_to_input(ds[idx]["waveform"], target_length=T, stats=stats)
-    if not os.path.exists(src):
-        raise SystemExit(f"error: {src}: no such audio file")
-    return load_input(src, target_length=T, stats=stats)
+    wave = read_clip(src)
+    n = _num_frames(wave.shape[-1])
+    if n > T:
+        _warn(f"{src} is {wave.shape[-1] / SAMPLE_RATE:.2f} s long; only its first {_seconds(T)} (the model input, "
+              f"{T} frames) are reconstructed")
+    return waveform_to_input(wave, SAMPLE_RATE, T, stats)
+
+
+def _check_picture_path(path: str) -> None:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError("drawing the reconstruction needs matplotlib (pip install matplotlib)") from None
+    kinds = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if ext not in kinds:
+        raise InputError(f"--out {path}: unknown picture format '.{ext}' (use one of "
+                         f"{', '.join('.' + k for k in sorted(kinds))})")
+    _output_folder(path, "--out")
+
+
+def _check_audio_path(path: str) -> None:
+    import soundfile as sf
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext.upper() not in sf.available_formats():
+        raise InputError(f"--wav {path}: unknown audio format '.{ext}' (use .wav, .flac or .ogg)")
+    _output_folder(path, "--wav")
 
 
 def reconstruct(opts: Dict[str, Any]) -> str:
     """One clip -> PNG of input / masked input / reconstruction / reconstruction + visible (+ WAV)."""
     from .reconstruct import mel_to_audio, reconstruction_figure, write_wav
 
+    ratio = float(opts.get("mask_ratio", 0.8))
+    if not 0.0 < ratio < 1.0:
+        raise InputError(f"--mask-ratio must be in (0, 1) for a reconstruction (some patches must be removed "
+                         f"and some kept), got {ratio}")
+    _check_picture_path(opts["out"])
+    if opts.get("wav"):
+        _check_audio_path(opts["wav"])
     device = _device(opts.get("device", "auto"))
     model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
     T = model.config.img_size[0]
@@ -93,8 +256,8 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))
     noise = torch.rand(1, model.config.num_patches, generator=g).to(device)
     with torch.no_grad():
-        recon, mask = model.reconstruct(x, opts.get("mask_ratio", 0.8), noise=noise)
-        loss = model(x, opts.get("mask_ratio", 0.8), noise=noise).loss
+        recon, mask = model.reconstruct(x, ratio, noise=noise)
+        loss = model(x, ratio, noise=noise).loss
     reconstruction_figure(x[0, 0], recon[0, 0], mask[0, 0], opts["out"],
                           title=f"{os.path.basename(opts['audio'])}: masked-patch loss {float(loss):.3f}")
     print(f"wrote {opts['out']} (loss on the removed patches {float(loss):.4f})")
@@ -111,8 +274,13 @@ def demo(opts: Dict[str, Any]) -> Dict[str, float]:
     from .data import FeatureExtractor
     from .train.loop import build_dataset, embed_dataset, linear_probe, pretrain
 
+    import importlib.util
+
     out = opts["output_dir"]
     t0 = time.time()
+    draw = importlib.util.find_spec("matplotlib") is not None
+    if not draw:
+        _warn("matplotlib is not installed: the demo skips the reconstruction picture (pip install matplotlib)")
     pre = dict(opts, model="tiny", data="synthetic", blr=1e-2, weight_decay=0.05, warmup_epochs=1,
                min_lr=1e-5, accum_iter=1, mask_ratio=0.8, mask_mode="unstructured", augment=True, num_workers=0,
                stats="audioset", log_every=10, save_every_steps=0, max_nan_steps=20, precision="auto")
@@ -120,10 +288,13 @@ def demo(opts: Dict[str, Any]) -> Dict[str, float]:
     pretrain(pre)
     ckpt = os.path.join(out, "model.pt")
 
-    print("[2/3] reconstruction of a held-out clip")
     png = os.path.join(out, "reconstruction.png")
-    reconstruct({"checkpoint": ckpt, "audio": "synthetic:3", "out": png, "device": opts.get("device", "auto"),
-                 "seed": 0, "mask_ratio": 0.8})
+    if draw:
+        print("[2/3] reconstruction of a held-out clip")
+        reconstruct({"checkpoint": ckpt, "audio": "synthetic:3", "out": png, "device": opts.get("device", "auto"),
+                     "seed": 0, "mask_ratio": 0.8})
+    else:
+        print("[2/3] reconstruction of a held-out clip: skipped (no matplotlib)")
 
     print("[3/3] linear probe on frozen embeddings (10 classes, chance = 10 %)")
     device = _device(opts.get("device", "auto"))
@@ -142,5 +313,5 @@ def demo(opts: Dict[str, Any]) -> Dict[str, float]:
     print(f"  linear-probe accuracy, pretrained encoder : {results['pretrained'] * 100:5.1f} %")
     print(f"  linear-probe accuracy, untrained encoder  : {results['untrained'] * 100:5.1f} %")
     print("  chance                                    :  10.0 %")
-    print(f"  reconstruction picture: {png}   ({time.time() - t0:.0f} s in all)")
+    print(f"  reconstruction picture: {png if draw else 'none (no matplotlib)'}   ({time.time() - t0:.0f} s in all)")
     return results

@@ -13,6 +13,8 @@ from audiomae.cli import main
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 SMALL = ["--num-clips", "32", "--num-eval-clips", "16", "--batch-size", "8", "--num-workers", "0", "--quiet"]
+SMALL_EMBED = ["--data", "synthetic", "--num-clips", "32", "--batch-size", "8", "--num-workers", "0", "--quiet"]
+SMALL_EVAL = ["--num-eval-clips", "16", "--batch-size", "8", "--num-workers", "0", "--quiet"]
 
 
 def run_cli(*args, check=True):
@@ -61,6 +63,231 @@ def test_bad_checkpoint_is_one_line_error(tmp_path, capsys):
     assert err.startswith("error:") and "junk.pt" in err
 
 
+# --- input and output problems: one `error:` line, no traceback ---------------------------------
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from audiomae.checkpoint import save_model
+    from audiomae.config import AudioMAEConfig
+    from audiomae.model import AudioMAE
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_model(AudioMAE(AudioMAEConfig.preset("tiny")), path)
+    return str(path)
+
+
+def _wav(path, seconds, nan=False):
+    import numpy as np
+    import soundfile as sf
+    x = (0.1 * np.random.default_rng(0).standard_normal(int(seconds * SR))).astype("float32")
+    if nan:
+        x[len(x) // 2] = np.nan
+    sf.write(str(path), x, SR, subtype="FLOAT" if nan else "PCM_16")
+    return str(path)
+
+
+def _bad_audio(kind, d):
+    p = d / f"{kind}.wav"
+    if kind == "missing":
+        pass
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "not_audio":
+        p.write_text("this is text, not audio\n" * 20)
+    elif kind == "truncated":
+        p.write_bytes(open(_wav(d / "full.wav", 1.0), "rb").read()[:30])
+    elif kind == "nan":
+        _wav(p, 1.0, nan=True)
+    elif kind == "short":
+        _wav(p, 0.005)
+    return str(p)
+
+
+def assert_one_error_line(err, *names):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert sum(line.startswith("error:") for line in lines) == 1, err
+    for name in names:
+        assert name in err, err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Makes loading a model fail, to show that a command stops before any model work."""
+    import audiomae.commands as commands
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(commands, "load_any", fail)
+    monkeypatch.setattr(commands.AudioMAE, "from_pretrained", fail)
+
+
+BAD_AUDIO = ["missing", "folder", "empty", "not_audio", "truncated", "nan", "short"]
+
+
+@pytest.mark.parametrize("kind", BAD_AUDIO)
+def test_embed_bad_audio_is_one_line_error(kind, tmp_path, tiny_ckpt, no_model, capsys):
+    bad = _bad_audio(kind, tmp_path)
+    out = tmp_path / "e.pt"
+    assert main(["embed", "--checkpoint", tiny_ckpt, bad, "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err, bad)
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["not_audio", "short"])
+def test_reconstruct_bad_audio_is_one_line_error(kind, tmp_path, tiny_ckpt, capsys):
+    bad = _bad_audio(kind, tmp_path)
+    out = tmp_path / "r.png"
+    assert main(["reconstruct", "--checkpoint", tiny_ckpt, bad, "--out", str(out)]) == 1
+    assert_one_error_line(capsys.readouterr().err, bad)
+    assert not out.exists()
+
+
+def test_embed_checks_every_file_before_the_model(tmp_path, tiny_ckpt, no_model, capsys):
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+    missing, short = _bad_audio("missing", tmp_path), _bad_audio("short", tmp_path)
+    out = tmp_path / "e.pt"
+    assert main(["embed", "--checkpoint", tiny_ckpt, ok, missing, short, "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err, "2 of 3 audio files", missing, short, "nothing was embedded")
+    assert ok not in err and not out.exists()
+
+
+def test_embed_files_warns_about_cropping_and_honours_target_length(tmp_path, tiny_ckpt, capsys):
+    files = [_wav(tmp_path / "a.wav", 1.0), _wav(tmp_path / "b.wav", 5.0)]
+    out = tmp_path / "sub" / "e.pt"
+    assert main(["embed", "--checkpoint", tiny_ckpt, *files, "--out", str(out), "--quiet", "--per-patch"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 files are longer than the model input of 2.56 s (256 frames)" in err
+    z = torch.load(out, weights_only=False)
+    assert z["embeddings"].shape == (2, 64) and z["patch_embeddings"].shape == (2, 16 * 8, 64)
+    assert z["paths"] == [os.path.abspath(f) for f in files]
+
+    out2 = tmp_path / "e2.npz"
+    assert main(["embed", "--checkpoint", tiny_ckpt, *files, "--out", str(out2), "--quiet", "--per-patch",
+                 "--target-length", "512"]) == 0
+    assert "longer than the model input" not in capsys.readouterr().err
+    import numpy as np
+    z = np.load(out2)
+    assert z["embeddings"].shape == (2, 64) and z["patch_embeddings"].shape == (2, 32 * 8, 64)
+
+    assert main(["embed", "--checkpoint", tiny_ckpt, *files, "--out", str(out2), "--target-length", "272"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--target-length 272 does not fit")
+
+
+def test_embed_synthetic_only_when_asked(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["embed", "--checkpoint", tiny_ckpt])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: audiomae embed" in err and "give audio files to embed, or --data" in err
+    assert not (tmp_path / "embeddings.pt").exists()
+    assert main(["embed", "--checkpoint", tiny_ckpt, "--data", "synthetic", "--num-clips", "4", "--num-workers", "0",
+                 "--quiet"]) == 0
+    assert torch.load(tmp_path / "embeddings.pt", weights_only=False)["embeddings"].shape == (4, 64)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--out", "e.txt"], "--out e.txt: the embeddings file must end in .pt (torch) or .npz (numpy)"),
+    (["--stats", "bogus"], "--stats bogus: unknown normalisation statistics"),
+    (["--target-length", "0"], "--target-length must be at least 1"),
+    (["--data", "synthetic"], "either audio files or --data, not both"),
+])
+def test_embed_bad_options_rejected_before_work(extra, message, tmp_path, tiny_ckpt, no_model, capsys):
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+    with pytest.raises(SystemExit) as e:
+        main(["embed", "--checkpoint", tiny_ckpt, ok, *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: audiomae embed" in err
+    assert_one_error_line(err.replace("audiomae embed: error:", "error:"), message)
+
+
+@pytest.mark.parametrize("argv,usage,message", [
+    (["evaluate", "nope.pt"], "usage: audiomae evaluate", "checkpoint nope.pt: no such file"),
+    (["finetune", "--pretr", "/no/such.pt"], "usage: audiomae finetune", "--pretr /no/such.pt: no such file"),
+    (["pretrain", "-o", "x", "--epochs", "0"], "usage: audiomae pretrain", "--epochs must be at least 1"),
+])
+def test_errors_use_the_subcommand_usage(argv, usage, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert usage in err and message in err and "usage: audiomae [-h]" not in err
+    assert "--checkpoint" not in err.split("error:")[1]
+
+
+def test_reconstruct_outputs_and_mask_ratio(tmp_path, tiny_ckpt, capsys):
+    ok = _wav(tmp_path / "ok.wav", 3.0)
+    for ratio in ("0", "1"):
+        with pytest.raises(SystemExit) as e:
+            main(["reconstruct", "--checkpoint", tiny_ckpt, ok, "--mask-ratio", ratio])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: audiomae reconstruct" in err and "--mask-ratio must be in (0, 1)" in err
+    assert main(["reconstruct", "--checkpoint", tiny_ckpt, ok, "--out", str(tmp_path / "r.txt")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--out", "r.txt", "unknown picture format")
+    assert main(["reconstruct", "--checkpoint", tiny_ckpt, ok, "--wav", str(tmp_path / "r.xyz"),
+                 "--out", str(tmp_path / "r.png")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--wav", "unknown audio format")
+    png = tmp_path / "new" / "dir" / "r.png"
+    assert main(["reconstruct", "--checkpoint", tiny_ckpt, ok, "--out", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert png.stat().st_size > 1000 and "loss on the removed patches" in captured.out and "nan" not in captured.out
+    assert "only its first 2.56 s" in captured.err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["reconstruct", "--checkpoint", tiny_ckpt, ok, "--out", str(blocker / "r.png")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--out", "cannot create the folder")
+
+
+COMMANDS = ["pretrain", "finetune", "evaluate", "embed", "reconstruct", "demo", "info"]
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+    from audiomae.cli import build_parser, _command_parser
+    parser = build_parser()
+    for cmd in COMMANDS:
+        sub = _command_parser(parser, cmd)
+        assert sub.description, cmd
+        fmt = sub.formatter_class(prog=cmd)
+        for a in sub._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help, (cmd, a.dest)
+            if a.option_strings and a.default is not None and a.nargs != 0:
+                assert "default" in fmt._get_help_string(a), (cmd, a.dest)
+
+
+def test_help_texts(capsys):
+    def helptext(cmd):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    text = helptext("pretrain")
+    assert "mask 80 % of the" in text and "%%" not in text
+    assert "--mask-ratio MASK_RATIO fraction of the patches removed, in [0, 1) (default: 0.8)" in text
+    evaluate, embed = helptext("evaluate"), helptext("embed")
+    for gone in ("--num-clips", "--eval-data", "synthetic training clips"):
+        assert gone not in evaluate
+    for gone in ("--num-eval-clips", "--eval-data", "--output-dir", "synthetic training clips"):
+        assert gone not in embed
+    assert "nothing is embedded and the error lists them" in embed
+    assert "(default: the checkpoint's input length" in embed
+    assert "(default: reconstruction.png)" in helptext("reconstruct")
+    assert "(default: runs/demo)" in helptext("demo")
+
+
 def test_end_to_end(tmp_path):
     pre = tmp_path / "pre"
     run_cli("pretrain", "--epochs", "1", "-o", str(pre), *SMALL)
@@ -75,17 +302,18 @@ def test_end_to_end(tmp_path):
     assert png.stat().st_size > 10_000 and wav.stat().st_size > 10_000
 
     emb = tmp_path / "e.npz"
-    run_cli("embed", "--checkpoint", str(pre / "model.pt"), "--out", str(emb), *SMALL)
+    run_cli("embed", "--checkpoint", str(pre / "model.pt"), "--out", str(emb), *SMALL_EMBED)
     import numpy as np
     z = np.load(emb)
     assert z["embeddings"].shape == (32, 64) and z["targets"].shape == (32, 10)
+    assert z["indices"].tolist() == list(range(32)) and len(z["paths"]) == 32
 
     ft = tmp_path / "ft"
     run_cli("finetune", "--pretrained", str(pre / "model.pt"), "--epochs", "1", "-o", str(ft), "--mask-2d", *SMALL)
     assert (ft / "checkpoint-best.pt").exists() and (ft / "best_report.csv").exists()
 
     ev = tmp_path / "ev"
-    out = run_cli("evaluate", str(ft / "checkpoint-best.pt"), "-o", str(ev), *SMALL).stdout
+    out = run_cli("evaluate", str(ft / "checkpoint-best.pt"), "-o", str(ev), *SMALL_EVAL).stdout
     assert "accuracy" in out
     metrics = json.loads((ev / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
@@ -140,3 +368,22 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert "ranks agree" in proc.stdout
     state = torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)
     assert state["step"] == 4  # 32 clips / (2 ranks x batch 4)
+
+
+def test_embed_dataset_leaves_unreadable_files_out(tmp_path, tiny_ckpt, capsys):
+    from audiomae.cli import main
+
+    for cls, n in (("a", 3), ("b", 2)):
+        (tmp_path / "ds" / cls).mkdir(parents=True)
+        for i in range(n):
+            _wav(tmp_path / "ds" / cls / f"{i}.wav", 0.5)
+    (tmp_path / "ds" / "b" / "bad.wav").write_text("not audio")
+    out = tmp_path / "e.pt"
+    assert main(["embed", "--checkpoint", tiny_ckpt, "--data", str(tmp_path / "ds"), "--clip-seconds", "0.5",
+                 "--max-bad-fraction", "1", "--out", str(out), "--num-workers", "0", "--quiet"]) in (0, None)
+    z = torch.load(out)
+    names = [os.path.relpath(p, tmp_path / "ds") for p in z["paths"]]
+    assert z["embeddings"].shape[0] == z["targets"].shape[0] == 5 and "b/bad.wav" not in names
+    assert sorted(names) == ["a/0.wav", "a/1.wav", "a/2.wav", "b/0.wav", "b/1.wav"]
+    assert z["targets"].sum(0).tolist() == [3, 2]
+    assert "1 unreadable file left out: 5 of 6 clips embedded" in capsys.readouterr().err
