@@ -5,11 +5,12 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .checkpoint import CheckpointAdaptedWarning, CheckpointError, read_checkpoint
+from .data.dataset import frames_for
 from .model import AudioMAE, AudioMAEClassifier
 
 NUM_MEL_BINS = 128
@@ -38,18 +39,6 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _frame_samples() -> Tuple[int, int]:
-    """Samples of one fbank window and of one frame shift at the model's sample rate (400, 160)."""
-    from .audio import SAMPLE_RATE, _frame_params
-    win, shift, _ = _frame_params(float(SAMPLE_RATE), 25.0, 10.0)
-    return win, shift
-
-
-def _num_frames(num_samples: int) -> int:
-    win, shift = _frame_samples()
-    return 0 if num_samples < win else 1 + (num_samples - win) // shift
-
-
 def read_clip(path: str) -> torch.Tensor:
     """A file's 16 kHz mono waveform, checked to be long enough for one fbank frame. Raises
     AudioLoadError (unreadable file) or InputError (too short), each naming the file."""
@@ -61,10 +50,9 @@ def read_clip(path: str) -> torch.Tensor:
             raise AudioLoadError(path, "a folder, not an audio file (use --data for a folder of class "
                                        "sub-folders)") from None
         raise
-    win, _ = _frame_samples()
-    if wave.shape[-1] < win:
+    if frames_for(wave.shape[-1]) == 0:
         raise InputError(f"cannot use audio file {path!r}: {wave.shape[-1]} samples ({wave.shape[-1] * 1000 // SAMPLE_RATE} ms"
-                         f" at {SAMPLE_RATE} Hz) is shorter than one 25 ms analysis frame ({win} samples)")
+                         f" at {SAMPLE_RATE} Hz) is shorter than one 25 ms analysis frame")
     return wave
 
 
@@ -75,7 +63,7 @@ def check_audio_files(files: Sequence[str]) -> List[int]:
     frames, problems = [], []
     for f in files:
         try:
-            frames.append(_num_frames(read_clip(f).shape[-1]))
+            frames.append(frames_for(read_clip(f).shape[-1]))
         except (AudioLoadError, InputError) as e:
             problems.append(e)
     if len(problems) == 1:
@@ -169,8 +157,8 @@ def embed(opts: Dict[str, Any]) -> str:
         from .train.loop import build_dataset, embed_dataset
         dataset = build_dataset(opts, "val" if opts.get("eval_data") else "train")
         clip = getattr(dataset, "clip_samples", None)
-        if clip and _num_frames(int(clip)) > T:
-            _warn(f"the dataset's clips are {clip / SAMPLE_RATE:.2f} s ({_num_frames(int(clip))} frames), longer than "
+        if clip and frames_for(int(clip)) > T:
+            _warn(f"the dataset's clips are {clip / SAMPLE_RATE:.2f} s ({frames_for(int(clip))} frames), longer than "
                   f"the model input of {_seconds(T)} ({T} frames); only their first {_seconds(T)} are embedded "
                   "(--clip-seconds and --target-length set the lengths)")
         feats = FeatureExtractor(target_length=T, stats=stats, device=device)
@@ -207,7 +195,7 @@ def _clip_input(src: str, T: int, stats) -> torch.Tensor:
         ds = SyntheticAudioDataset(num_clips=idx + 1, split="val")
         return waveform_to_input(ds[idx]["waveform"], target_length=T, stats=stats)
     wave = read_clip(src)
-    n = _num_frames(wave.shape[-1])
+    n = frames_for(wave.shape[-1])
     if n > T:
         _warn(f"{src} is {wave.shape[-1] / SAMPLE_RATE:.2f} s long; only its first {_seconds(T)} (the model input, "
               f"{T} frames) are reconstructed")
