@@ -39,6 +39,8 @@ __all__ = [
     "get_stats",
     "normalize",
     "pad_or_cut",
+    "num_frames",
+    "pad_beyond",
     "waveform_to_input",
     "load_input",
     "StatsAccumulator",
@@ -404,6 +406,47 @@ def pad_or_cut(features: torch.Tensor, target_length: int) -> torch.Tensor:
     return torch.nn.functional.pad(features, (0, 0, 0, target_length - t))
 
 
+def num_frames(num_samples, sample_rate: float = SAMPLE_RATE, frame_length: float = 25.0,
+               frame_shift: float = 10.0):
+    """Frames :func:`fbank` makes of ``num_samples`` samples (snip edges: ``1 + (N - 400) // 160`` at
+    16 kHz, 0 below one frame). An int gives an int; a tensor of lengths gives a tensor."""
+    win, shift, _ = _frame_params(float(sample_rate), float(frame_length), float(frame_shift))
+    if isinstance(num_samples, torch.Tensor):
+        n = num_samples.long()
+        return torch.where(n >= win, 1 + torch.div(n - win, shift, rounding_mode="floor"), torch.zeros_like(n))
+    n = int(num_samples)
+    return 1 + (n - win) // shift if n >= win else 0
+
+
+def pad_beyond(features: torch.Tensor, lengths, stats) -> torch.Tensor:
+    """Give the rows past each clip's own frames the padding value.
+
+    ``features`` ``[B, ..., T, F]``: model inputs of clips that were zero-padded to a common number
+    of samples before :func:`fbank` (a batch); ``lengths`` [B]: each clip's real number of samples
+    (16 kHz). Rows ``t >= num_frames(lengths[b])``, which saw padding samples, become what
+    :func:`pad_or_cut` puts there, normalised with ``stats``: 0 before normalisation,
+    ``-mean / (2 std)`` after it (+0.467032 with AudioSet statistics). The release computes the fbank
+    of the real samples only and pads after the log, so this gives its input (the per-frame DC
+    removal makes each real frame independent of the padding and of the clip mean). Returns
+    ``features`` itself when every clip fills the rows.
+    """
+    if lengths is None:
+        return features
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.shape[0] != features.shape[0] or lengths.dtype.is_floating_point:
+        raise ValueError(f"lengths must be integers [B] = [{features.shape[0]}], got {lengths.dtype} "
+                         f"{list(lengths.shape)}")
+    frames = num_frames(lengths)
+    T = features.shape[-2]
+    if frames.device.type == "cpu" and bool((frames >= T).all()):
+        return features  # nothing padded (decided on the host: no device sync)
+    # the value exactly as pad_or_cut + normalize make it (in float32, like the fused front ends)
+    value = normalize(torch.zeros((), dtype=torch.float32, device=features.device), stats).to(features.dtype)
+    rows = torch.arange(T, device=features.device)
+    keep = rows < frames.to(features.device).view((-1,) + (1,) * (features.dim() - 2))
+    return torch.where(keep.unsqueeze(-1), features, value)
+
+
 _INT_FULL_SCALE = {torch.int16: 32768.0, torch.int32: 2147483648.0, torch.int8: 128.0}
 
 
@@ -444,6 +487,7 @@ def waveform_to_input(
     target_length: Optional[int] = 1024,
     stats="audioset",
     num_mel_bins: int = 128,
+    lengths=None,
 ) -> torch.Tensor:
     """The paper's preprocessing: waveform -> model input.
 
@@ -453,6 +497,9 @@ def waveform_to_input(
     ``[N]`` gives ``[1, T, F]``; ``[B, N]`` gives ``[B, 1, T, F]``. Floating waveforms are taken
     as they are (expected in [-1, 1]); integer PCM (int8/int16/int32 tensors or arrays) is scaled
     to [-1, 1] by its full scale, as a file reader would, since the statistics assume that range.
+    ``lengths`` (``[B]``, with ``[B, N]`` clips zero-padded to a common length): each clip's real
+    number of samples at ``sample_rate``; the rows of the frames that reach into the padding then
+    hold the padding value, as for a clip computed alone (:func:`pad_beyond`).
     """
     x = waveform if isinstance(waveform, torch.Tensor) else torch.as_tensor(np.asarray(waveform))
     if x.dtype in _INT_FULL_SCALE:
@@ -464,12 +511,18 @@ def waveform_to_input(
         raise ValueError(f"waveform must be [N] or [B, N], got shape {tuple(x.shape)}")
     x = x - x.mean(dim=-1, keepdim=True)
     sample_rate = _as_rate(sample_rate, "sample_rate")
+    if lengths is not None:
+        if x.dim() != 2:
+            raise ValueError("lengths go with a batch of waveforms [B, N]; cut a single clip to its length instead")
+        lengths = torch.as_tensor(lengths)
+        if sample_rate != SAMPLE_RATE:  # the samples that only real samples reach
+            lengths = torch.div(lengths.long() * SAMPLE_RATE, sample_rate, rounding_mode="floor")
     if sample_rate != SAMPLE_RATE:
         x = resample(x, sample_rate, SAMPLE_RATE)
     feats = fbank(x, sample_rate=SAMPLE_RATE, num_mel_bins=num_mel_bins)
     if target_length is not None:
         feats = pad_or_cut(feats, target_length)
-    feats = normalize(feats, stats)
+    feats = pad_beyond(normalize(feats, stats), lengths, stats)
     return feats.unsqueeze(-3)
 
 

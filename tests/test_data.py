@@ -99,7 +99,8 @@ def test_synthetic_item_format():
     assert not ds.multi_label
     assert ds.clip_samples == 40960 and ds.target_length == 256
     item = ds[13]
-    assert set(item) == {"waveform", "target", "index", "bad"}
+    assert set(item) == {"waveform", "length", "target", "index", "bad"}
+    assert item["length"] == ds.clip_samples  # synthetic clips fill the clip
     w = item["waveform"]
     assert w.dtype == torch.float32 and w.shape == (40960,)
     assert torch.isfinite(w).all() and w.abs().max() <= 1.0 and w.abs().max() > 0.01
@@ -359,8 +360,9 @@ def test_bad_files_substituted_counted_reported_once(tmp_path, caplog):
     assert "empty" in reasons["empty.wav"] and "no such file" in reasons["missing.wav"]
     warned = _warned_paths(caplog)
     assert sorted(os.path.basename(p) for p in warned) == sorted(BAD_NAMES)  # once each
-    # bad reads per epoch: corrupt and empty once, missing twice (for items 3 and 4)
-    assert ds.bad_tracker.bad_attempts == 2 * 4 and ds.bad_tracker.attempts == 2 * (10 + 4)
+    # each bad file counts once (missing.wav is tried for items 3 and 4, in both epochs), every good
+    # read counts
+    assert ds.bad_tracker.bad_attempts == 3 and ds.bad_tracker.attempts == 2 * 10 + 3
 
 
 def test_bad_fraction_threshold(tmp_path):
@@ -376,6 +378,22 @@ def test_bad_fraction_threshold(tmp_path):
     for i in range(len(ds)):
         ds[i]
     assert ds.bad_count == 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_bad_file_counts_once_over_epochs(tmp_path, num_workers):
+    """1 unreadable file of 150 (0.67 %) stays under a 1 % threshold in every epoch, wherever the
+    shuffle puts it (each retry used to count as another failed read)."""
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    good = _wav(str(tmp_path / "g.wav"), 0.03)
+    (tmp_path / "bad.wav").write_bytes(b"RIFF junk")
+    entries = [{"wav": "bad.wav" if i == 3 else good, "labels": "/m/a"} for i in range(150)]
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
+    loader = make_loader(ds, batch_size=10, shuffle=False, num_workers=num_workers)
+    for _ in range(3):
+        assert sum(len(b["index"]) for b in loader) == 150
+    assert ds.bad_count == 1 and ds.bad_tracker.bad_attempts == 1
 
 
 def test_all_files_bad(tmp_path):
@@ -428,14 +446,14 @@ def test_loader_aggregates_bad_files(tmp_path, caplog, num_workers):
     assert ds.bad_count == 3 and loader.bad_count == 3
     assert {os.path.basename(p) for p in loader.bad_files} == BAD_NAMES
     assert sorted(os.path.basename(p) for p in _warned_paths(caplog)) == sorted(BAD_NAMES)
-    assert ds.bad_tracker.bad_attempts == 2 * 4 and ds.bad_tracker.attempts == 2 * (10 + 4)
+    assert ds.bad_tracker.bad_attempts == 3 and ds.bad_tracker.attempts == 2 * 10 + 3
 
 
 def test_loader_threshold_with_workers(tmp_path):
     manifest, labels = _bad_manifest(tmp_path)
     ds = ManifestDataset(manifest, labels, clip_seconds=0.1, max_bad_fraction=0.1, min_attempts=5)
     loader = make_loader(ds, batch_size=5, shuffle=False, num_workers=2)
-    with pytest.raises(TooManyBadFilesError, match="audio reads failed"):
+    with pytest.raises(TooManyBadFilesError, match="could not be decoded"):
         for _ in loader:
             pass
 
@@ -481,6 +499,88 @@ def test_feature_extractor():
     assert torch.allclose(x[1], waveform_to_input(batch["waveform"][1], target_length=256))
     assert torch.equal(fe(batch), x)
     assert FeatureExtractor()(batch["waveform"]).shape == (3, 1, 1024, 128)
+
+
+def _release_input(w, target_length, stats="audioset"):
+    """The release's model input of one clip: fbank of its real samples, zero rows after the log,
+    normalised (float64, straight from the recipe)."""
+    w = torch.as_tensor(w, dtype=torch.float64)
+    n = target_length
+    if w.shape[-1] >= 400:
+        f = fbank(w - w.mean())[:n]
+    else:
+        f = torch.zeros(0, 128, dtype=torch.float64)
+    f = torch.cat([f, torch.zeros(n - f.shape[0], 128, dtype=torch.float64)])
+    return ((f + 4.2677393) / (2 * 4.5689974)).float()[None]
+
+
+@pytest.mark.parametrize("seconds", [0.25, 0.5, 0.8, 0.02, 1.0])
+def test_short_clips_get_the_release_padding(tmp_path, seconds):
+    """A clip shorter than the clip length: fbank of its real samples, padded after the log
+    (+0.467 rows), alike in features mode, in a batch through the feature extractor, and as
+    load_input gives it for the file."""
+    from audiomae.audio import load_input
+
+    path = _wav(str(tmp_path / "a.wav"), seconds, 700.0)
+    full = _wav(str(tmp_path / "b.wav"), 1.0, 500.0)
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": path, "labels": "/m/a"},
+                                                          {"wav": full, "labels": "/m/b"}]}))
+    kw = dict(clip_seconds=1.0, target_length=128)
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", **kw)
+    dsf = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", features=True, **kw)
+    item = ds[0]
+    n = int(round(seconds * SR))
+    assert item["length"] == n and item["waveform"].shape == (SR,) and torch.all(item["waveform"][n:] == 0)
+    ref = _release_input(sf.read(path, dtype="float32")[0], 128)
+    frames = 1 + (n - 400) // 160 if n >= 400 else 0
+    assert torch.all(ref[0, frames:] == ref[0, -1]) and abs(float(ref[0, -1, 0]) - 0.467032) < 1e-6
+    batch = collate_items([ds[0], ds[1]])
+    assert batch["length"].tolist() == [n, SR]
+    fe = FeatureExtractor(target_length=128)
+    got = {"features mode": dsf[0]["input"], "feature extractor": fe(batch)[0],
+           "feature extractor, lengths given": fe(batch["waveform"], batch["length"])[0]}
+    if n >= 400:
+        got["load_input"] = load_input(path, 128)
+    for name, x in got.items():
+        assert x.shape == (1, 128, 128)
+        torch.testing.assert_close(x, ref, atol=2e-4, rtol=0, msg=name)
+        assert torch.equal(x[0, frames:], ref[0, frames:]), name  # the padding value exactly
+    # the full clip in the same batch is computed as before (every frame real)
+    torch.testing.assert_close(fe(batch)[1], waveform_to_input(batch["waveform"][1], target_length=128))
+    if n < SR:  # without lengths, a padded waveform is taken as it is (its zeros are audio)
+        assert not torch.allclose(fe(batch["waveform"])[0], ref, atol=1e-2)
+
+
+def test_long_clips_are_cut_to_the_clip_length(tmp_path):
+    path = _wav(str(tmp_path / "a.wav"), 1.5, 700.0)
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": path, "labels": "/m/a"}]}))
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=1.0, target_length=128)
+    item = ds[0]
+    assert item["length"] == SR and item["waveform"].shape == (SR,)
+    x = FeatureExtractor(target_length=128)(collate_items([item]))[0]
+    torch.testing.assert_close(x, _release_input(sf.read(path, dtype="float32")[0][:SR], 128), atol=2e-4, rtol=0)
+
+
+def test_pad_beyond():
+    from audiomae.audio import num_frames, pad_beyond
+
+    assert [num_frames(n) for n in (0, 399, 400, 559, 560, 160000)] == [0, 0, 1, 1, 2, 998]
+    assert num_frames(torch.tensor([0, 399, 400, 560, 160000])).tolist() == [0, 0, 1, 2, 998]
+    x = torch.randn(3, 1, 10, 4)
+    assert pad_beyond(x, torch.tensor([2000, 2000, 2000]), "audioset") is x  # nothing to pad
+    assert pad_beyond(x, None, "audioset") is x
+    y = pad_beyond(x, torch.tensor([400 + 160 * 4, 0, 2000]), None)  # 5 frames, none, all
+    assert torch.equal(y[0, :, :5], x[0, :, :5]) and torch.all(y[0, :, 5:] == 0)
+    assert torch.all(y[1] == 0) and torch.equal(y[2], x[2])
+    z = pad_beyond(x.to(torch.bfloat16), [560, 560, 560], "audioset")
+    assert z.dtype == torch.bfloat16 and torch.all(z[:, :, 2:] == torch.tensor(0.467032).to(torch.bfloat16))
+    for bad in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 2]), torch.ones(3, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match="lengths"):
+            pad_beyond(x, bad, "audioset")
+    with pytest.raises(ValueError, match="batch"):
+        waveform_to_input(torch.randn(1000), lengths=[500])
 
 
 def test_label_weights_toy():
@@ -600,6 +700,30 @@ def test_roll_and_magnitude():
         assert torch.allclose(yb[i], torch.roll(xb[i], int(sb[i])) * float(mb[i]))
     y = roll_and_magnitude(x, generator=g, roll=False)
     assert torch.allclose(y / (y[0] / x[0]), x)
+
+
+def test_roll_within_real_lengths():
+    """With lengths (a batch of padded clips), each clip rolls within its own samples and its
+    padding stays at the end; full-length clips roll as without lengths."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([300, 1000, 1, 0, 999])
+    x = torch.randn(5, 1000, generator=g)
+    x[torch.arange(1000) >= lengths[:, None]] = 0
+    seen = set()
+    for _ in range(20):
+        y, s, m = roll_and_magnitude(x, generator=g, return_params=True, lengths=lengths)
+        for i, n in enumerate(lengths.tolist()):
+            assert 0 <= int(s[i]) < max(n, 1)
+            assert torch.allclose(y[i, :n], torch.roll(x[i, :n], int(s[i])) * float(m[i]))
+            assert torch.all(y[i, n:] == 0)
+        seen.add(int(s[0]))
+    assert len(seen) > 10
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    full = torch.randn(3, 50, generator=g)
+    assert torch.equal(roll_and_magnitude(full, generator=g1, lengths=[50, 50, 50]),
+                       roll_and_magnitude(full, generator=g2))
+    with pytest.raises(ValueError, match="lengths"):
+        roll_and_magnitude(full, lengths=[50, 50])
 
 
 def test_roll_as_dataset_transform(audioset_dir):

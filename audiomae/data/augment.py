@@ -117,13 +117,17 @@ def roll_and_magnitude(
     roll: bool = True,
     magnitude: bool = True,
     return_params: bool = False,
+    lengths=None,
 ):
     """The pretraining waveform augmentation: a random circular shift and a random gain.
 
     For each waveform (``[N]``, or each row of ``[..., N]``): ``roll`` by a shift drawn uniformly
     from ``0 .. N - 1`` over the time axis, then scale by ``Beta(10, 10) + 0.5`` (in (0.5, 1.5),
     mean 1), as the release's ``_roll_mag_aug`` does. Apply it to the clip's real samples, before
-    padding (the datasets' ``transform`` argument does), so no padding is rolled into the clip.
+    padding (the datasets' ``transform`` argument does), or give the real lengths of padded clips
+    (``lengths``, shaped like the leading axes, e.g. a batch's ``"length"``): each clip is then
+    rolled within its first ``lengths`` samples (shift in ``0 .. length - 1``) and its padding
+    stays where it is, so no padding is rolled into the clip.
 
     Difference from the release, on purpose: the release draws the shift from ``len()`` of a
     ``(1, N)`` array, i.e. from ``range(1)``, so its roll is always 0 and only the gain acts. Here
@@ -136,8 +140,20 @@ def roll_and_magnitude(
         raise ValueError("waveform must be [N] or [..., N]")
     lead = tuple(waveform.shape[:-1])
     n = waveform.shape[-1]
+    span = None  # per-clip real lengths, or None: the whole axis
+    if lengths is not None:
+        span = torch.as_tensor(lengths).long().cpu()
+        if tuple(span.shape) != lead:
+            raise ValueError(f"lengths must be shaped like the leading axes {list(lead)}, got {list(span.shape)}")
+        span = span.clamp(0, n)
+        if bool((span == n).all()):
+            span = None  # nothing padded: the plain roll
     if roll and n > 0:
-        shifts = (_uniform(lead, generator).double() * n).long().clamp_(max=n - 1)
+        u = _uniform(lead, generator).double()
+        if span is None:
+            shifts = (u * n).long().clamp_(max=n - 1)
+        else:
+            shifts = torch.minimum((u * span).long(), (span - 1).clamp(min=0))
     else:
         shifts = torch.zeros(lead, dtype=torch.long)
     if magnitude:
@@ -146,7 +162,13 @@ def roll_and_magnitude(
         gains = torch.ones(lead, dtype=torch.float64)
     out = waveform
     if roll and n > 0:
-        if not lead:
+        if span is not None:
+            # out[j] = x[(j - shift) mod length] inside the clip, out[j] = x[j] in its padding
+            j = torch.arange(n)
+            m = span.unsqueeze(-1).clamp(min=1)
+            idx = torch.where(j < span.unsqueeze(-1), (j - shifts.unsqueeze(-1)) % m, j)
+            out = torch.gather(waveform, -1, idx.expand(lead + (n,)).to(waveform.device))
+        elif not lead:
             out = torch.roll(waveform, int(shifts), dims=-1)
         else:
             idx = (torch.arange(n) - shifts.unsqueeze(-1)) % n  # out[j] = x[(j - shift) mod n]

@@ -3,6 +3,7 @@
 Every dataset in :mod:`audiomae.data` returns items of one format::
 
     {"waveform": float32 [clip_samples],   # 16 kHz mono, zero-padded or cut to the clip length
+     "length":   int,                      # its real samples (clip_samples unless it was padded)
      "target":   float32 [num_classes],    # multi-hot (multi-label) or one-hot (single-label)
      "index":    int,                      # the index the item was actually read from
      "bad":      [(path, reason), ...]}    # files that failed and were replaced by another clip
@@ -10,6 +11,13 @@ Every dataset in :mod:`audiomae.data` returns items of one format::
 With ``features=True`` the item carries ``"input"`` (the normalised model input ``[1, T, 128]``,
 computed in the loading process with :func:`audiomae.audio.waveform_to_input`) instead of
 ``"waveform"``.
+
+Padding. A clip shorter than the clip length is zero-padded as a waveform (so clips batch), and
+its model input is what the release computes: the fbank of its real samples, padded after the
+log (rows of the padding value, +0.467 after AudioSet normalisation, not the log-floor of
+silence). The features of a batch follow ``"length"`` for that
+(:class:`audiomae.data.FeatureExtractor`, :func:`audiomae.audio.pad_beyond`). A longer clip is cut
+to the clip length: raise ``clip_seconds`` to keep more of it (10.255 s fills 1024 frames).
 
 Bad data. A file that cannot be read (corrupt, empty, missing, an unreadable sample rate, or
 non-finite samples) does not end an epoch: the dataset substitutes the next readable clip
@@ -21,8 +29,8 @@ dataset is indexed there (directly, or by a loader without worker processes), an
 loader (:func:`audiomae.data.make_loader`), which feeds the ``"bad"`` lists of each batch into the
 dataset's :class:`BadFileTracker` in the main process. The tracker reports each bad path once
 (logger ``audiomae.data``), counts them (``dataset.bad_count``, ``dataset.bad_files``), and raises
-:class:`TooManyBadFilesError` once the fraction of failed reads exceeds ``max_bad_fraction`` after
-at least ``min_attempts`` reads.
+:class:`TooManyBadFilesError` once the bad files exceed ``max_bad_fraction`` of the reads after
+at least ``min_attempts`` reads (each bad file counts once).
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ..audio import SAMPLE_RATE, AudioLoadError, waveform_to_input
+from ..audio import SAMPLE_RATE, AudioLoadError, num_frames, pad_beyond, waveform_to_input
 
 logger = logging.getLogger("audiomae.data")
 
@@ -54,9 +62,12 @@ class TooManyBadFilesError(RuntimeError):
 
 
 class BadFileTracker:
-    """Counts reads and failed reads, reports each bad path once, and applies the threshold.
+    """Counts reads and bad files, reports each bad path once, and applies the threshold.
 
-    ``max_bad_fraction``: the largest tolerated fraction of failed reads (``bad_attempts / attempts``).
+    A bad file counts once, however often it is tried again (as a substitute, in a later epoch or
+    in another worker process): ``attempts`` are the good reads plus the distinct bad files, and
+    ``bad_attempts`` the distinct bad files.
+    ``max_bad_fraction``: the largest tolerated fraction ``bad_attempts / attempts``.
     ``min_attempts``: no judgement before this many reads, so that a single early failure of an
     otherwise healthy dataset does not trip a 1 % threshold. Set ``max_bad_fraction=1.0`` to never
     raise.
@@ -87,13 +98,14 @@ class BadFileTracker:
         report new bad paths, then apply the threshold."""
         n_bad = 0
         for path, reason in bad:
-            n_bad += 1
             path = str(path)
-            if path not in self.bad_files:
-                self.bad_files[path] = str(reason)
-                if path not in _REPORTED:  # once per process, also when two datasets share a file
-                    _REPORTED.add(path)
-                    logger.warning("skipping unreadable audio file %s: %s", path, reason)
+            if path in self.bad_files:
+                continue  # counted when first seen
+            n_bad += 1
+            self.bad_files[path] = str(reason)
+            if path not in _REPORTED:  # once per process, also when two datasets share a file
+                _REPORTED.add(path)
+                logger.warning("skipping unreadable audio file %s: %s", path, reason)
         self.attempts += int(good) + n_bad
         self.bad_attempts += n_bad
         self.check()
@@ -109,9 +121,8 @@ class BadFileTracker:
 
     def summary(self, max_paths: int = 10) -> str:
         lines = [
-            f"{self.bad_attempts} of {self.attempts} audio reads failed ({self.bad_fraction:.2%}, "
-            f"{self.bad_count} distinct files), more than max_bad_fraction="
-            f"{self.max_bad_fraction:g}; first bad files:"
+            f"{self.bad_count} audio files could not be decoded, {self.bad_fraction:.2%} of the "
+            f"{self.attempts} clips read, more than max_bad_fraction={self.max_bad_fraction:g}; first bad files:"
         ]
         for path, reason in list(self.bad_files.items())[:max_paths]:
             lines.append(f"  {path}: {reason}")
@@ -127,7 +138,7 @@ class BadFileTracker:
 
 def frames_for(num_samples: int) -> int:
     """Number of fbank frames of a clip (25 ms window, 10 ms shift, snip edges)."""
-    return max(0, 1 + (num_samples - 400) // 160) if num_samples >= 400 else 0
+    return num_frames(num_samples)
 
 
 def default_target_length(clip_samples: int) -> int:
@@ -280,15 +291,17 @@ class ClipDataset(Dataset):
         item: Dict[str, Any] = {"target": self.target(used), "index": used, "bad": bad}
         if self.transform is not None:
             waveform = self.transform(waveform)
+        item["length"] = min(int(waveform.shape[-1]), self.clip_samples)
         waveform = fix_length(waveform, self.clip_samples)
         if self.features:
             item["input"] = waveform_to_input(
-                waveform,
+                waveform[None],
                 sample_rate=self.sample_rate,
                 target_length=self.target_length,
                 stats=self.stats,
                 num_mel_bins=self.num_mel_bins,
-            )
+                lengths=[item["length"]],
+            )[0]
         else:
             item["waveform"] = waveform
         return item
@@ -328,7 +341,7 @@ def _reason(e: BaseException) -> str:
 def collate_items(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Stack a list of items into a batch; the ``"bad"`` lists are concatenated.
 
-    Returns ``{"waveform": [B, N]`` or ``"input": [B, 1, T, F], "target": [B, C],
+    Returns ``{"waveform": [B, N]`` or ``"input": [B, 1, T, F], "length": int64 [B], "target": [B, C],
     "index": int64 [B], "substituted": bool [B], "bad": [(path, reason), ...]}``, where
     ``substituted`` marks the items that stand in for an unreadable clip (their ``"bad"`` list is
     not empty): training can use them, evaluation and embedding drop them, since the clip they
@@ -339,6 +352,8 @@ def collate_items(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
     batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+    if "length" in items[0]:
+        batch["length"] = torch.tensor([int(it["length"]) for it in items], dtype=torch.long)
     batch["substituted"] = torch.tensor([bool(it.get("bad")) for it in items], dtype=torch.bool)
     batch["bad"] = [tuple(b) for it in items for b in it.get("bad", ())]
     for key in items[0]:

@@ -27,7 +27,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from ..audio import SAMPLE_RATE, waveform_to_input
+from ..audio import SAMPLE_RATE, pad_beyond, waveform_to_input
 from .dataset import BadFileTracker, base_dataset, collate_items
 
 
@@ -312,23 +312,29 @@ class FeatureExtractor(nn.Module):
         self.num_mel_bins = int(num_mel_bins)
         self.sample_rate = int(sample_rate)
 
-    def forward(self, batch: Union[torch.Tensor, Dict[str, Any]]) -> torch.Tensor:
+    def forward(self, batch: Union[torch.Tensor, Dict[str, Any]], lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``lengths`` [B]: each clip's real samples (a batch dict's ``"length"`` when not given);
+        the rows of frames past them get the padding value (:func:`audiomae.audio.pad_beyond`)."""
         if isinstance(batch, dict):
             if "input" in batch:
                 x = batch["input"]
                 return x.to(self.device, non_blocking=True) if self.device is not None else x
+            if lengths is None:
+                lengths = batch.get("length")
             batch = batch["waveform"]
         w = batch.to(self.device, non_blocking=True) if self.device is not None else batch
         if self.sample_rate == SAMPLE_RATE and w.is_floating_point() and w.ndim == 2:
-            # the fused front end (a Triton kernel on GPUs, the reference on CPUs)
+            # the fused front end (a CUDA or Triton kernel on GPUs, the reference on CPUs)
             from ..ops_step import fbank_features
-            return fbank_features(w, self.target_length, self.stats, torch.float32, "exact", self.num_mel_bins)
+            x = fbank_features(w, self.target_length, self.stats, torch.float32, "exact", self.num_mel_bins)
+            return pad_beyond(x, lengths, self.stats)
         return waveform_to_input(
             w,
             sample_rate=self.sample_rate,
             target_length=self.target_length,
             stats=self.stats,
             num_mel_bins=self.num_mel_bins,
+            lengths=lengths,
         )
 
     def extra_repr(self) -> str:

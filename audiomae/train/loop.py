@@ -356,9 +356,10 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
 
     def step_fn(m, batch):
         wave = batch["waveform"].to(device, non_blocking=True)
+        lengths = batch.get("length")  # clips padded to the clip length: roll and features follow them
         if opts.get("augment", True):
-            wave = roll_and_magnitude(wave)
-        return m(feats(wave), mask_ratio=ratio).loss
+            wave = roll_and_magnitude(wave, lengths=lengths)
+        return m(feats(wave, lengths), mask_ratio=ratio).loss
 
     trainer = Trainer(model, opts, dataset, device, info, step_fn)
     path = resolve_resume(opts.get("resume"), opts["output_dir"])
@@ -398,7 +399,7 @@ def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info
     scores, targets, kept = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not info.is_main or opts.get("quiet"), unit="batch",
                       dynamic_ncols=True, leave=False):
-        x = batch["input"].to(device) if "input" in batch else feats(batch["waveform"].to(device))
+        x = feats(batch)
         with _autocast(device, precision):
             logits = model(x).float()
         scores.append(torch.sigmoid(logits) if dataset.multi_label else torch.softmax(logits, -1))
@@ -462,7 +463,7 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
     mask_value = 0.0 if st is None else -st.mean / (2 * st.std)
 
     def step_fn(m, batch):
-        x = feats(batch["waveform"].to(device, non_blocking=True))
+        x = feats(batch)
         y = batch["target"].to(device).float()
         if opts.get("mixup", 0) > 0:
             x, y, _ = mixup(x, y, alpha=opts["mixup"])
@@ -549,9 +550,7 @@ def embed_dataset(model: nn.Module, dataset, opts: Dict[str, Any], device, feats
         keep = _readable(batch)
         if not keep.any():
             continue
-        x = batch["input"] if "input" in batch else batch["waveform"]
-        x = x[keep].to(device)
-        x = x if "input" in batch else feats(x)
+        x = feats({k: batch[k][keep] for k in ("input", "waveform", "length") if k in batch})
         out.append(model.embed(x, per_patch=per_patch).float().cpu())
         targets.append(batch["target"][keep].float())
         if indices is not None:
