@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
+MODEL_PRESETS = ("tiny", "small", "base", "large", "huge")  # audiomae.config.PRESETS (not imported for --help)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EMBED_FORMATS = (".pt", ".npz")
 
@@ -58,6 +60,13 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
                             "({\"data\": [{\"wav\": ..., \"labels\": \"/m/..,/m/..\"}]}) or a folder with one "
                             "sub-folder of audio files per class")
     g.add_argument("--labels", help="class-labels CSV (index,mid,display_name) for a manifest")
+    g.add_argument("--data-root", help="folder that a manifest's relative audio paths start from (default: the "
+                                       "manifest's folder, or the working directory when the paths are found "
+                                       "only there)")
+    if command in ("finetune", "evaluate", "embed"):
+        g.add_argument("--single-label", action="store_true",
+                       help="a manifest's clips have one class each (ESC-50, Speech Commands): cross-entropy "
+                            "and accuracy instead of BCE and mAP; class folders always are single-label")
     if command in ("pretrain", "finetune"):
         g.add_argument("--eval-data", help="manifest or folder for evaluation (default: --data)")
     g.add_argument("--clip-seconds", type=float,
@@ -119,6 +128,9 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
     g.add_argument("--weighted-sampling", action="store_true", help="sample clips by inverse label frequency (AudioSet)")
     g.add_argument("--epoch-size", type=int, help="clips per epoch (default: the dataset's size)")
     g.add_argument("--resume", help="a training checkpoint, or 'auto' for the run folder's last one")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run's checkpoint, replacing it (without this, "
+                        "such a folder needs --resume)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: only per epoch)")
     g.add_argument("--max-nan-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
     g.add_argument("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
@@ -134,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("pretrain", "masked-autoencoder pretraining (the paper's recipe)",
             "Pretrain an Audio-MAE: mask 80 % of the spectrogram patches and reconstruct them.")
-    p.add_argument("--model", default="tiny", help="size preset: tiny, small, base (ViT-B), large, huge")
+    p.add_argument("--model", default="tiny", choices=MODEL_PRESETS, help="size preset (base: ViT-B)")
     p.add_argument("--decoder-mode", choices=["local", "global", "hybrid"],
                    help="decoder attention (default: the preset's, local for all but huge)")
-    p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in [0, 1)")
+    p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"],
                    help="which patches are removed: random patches, whole time columns, whole frequency rows, "
                         "or both")
@@ -152,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("finetune", "fine-tune a classifier from a pretrained checkpoint",
             "Fine-tune a classifier with layer-wise lr decay, mixup, SpecAugment and optional 2D masking.")
     p.add_argument("--pretrained", help="pretrained checkpoint (released or ours) (default: train from scratch)")
-    p.add_argument("--model", default="tiny", help="size preset when training from scratch")
+    p.add_argument("--model", default="tiny", choices=MODEL_PRESETS, help="size preset when training from scratch")
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay per block from the top")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--mixup", type=float, default=0.5, help="mixup alpha (0: off)")
@@ -264,7 +276,15 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
         if not isinstance(saved, dict):
             sub.error(f"{_typed(sub, 'config', argv)} {cfg_path}: expected a JSON object of options")
         actions = sub._option_string_actions
-        explicit = {actions[a.split("=")[0]].dest for a in argv if a.startswith("-") and a.split("=")[0] in actions}
+        explicit = set()
+        for a in argv:  # the options typed, also as the abbreviations argparse accepts
+            key = a.split("=", 1)[0]
+            if not key.startswith("-"):
+                continue
+            if key in actions:
+                explicit.add(actions[key].dest)
+            elif key.startswith("--"):
+                explicit.update(act.dest for o, act in actions.items() if o.startswith(key))
         for k, v in saved.items():
             if k in opts and k not in explicit:
                 opts[k] = v
@@ -276,20 +296,41 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
     def name(dest: str) -> str:
         return _typed(sub, dest, argv)
 
-    for k in ("epochs", "batch_size", "accum_iter", "num_clips", "num_eval_clips"):
-        if opts.get(k) is not None and opts[k] < 1:
-            sub.error(f"{name(k)} must be at least 1, got {opts[k]}")
-    if opts.get("target_length") is not None and opts["target_length"] < 1:
-        sub.error(f"{name('target_length')} must be at least 1, got {opts['target_length']}")
-    if opts.get("clip_seconds") is not None and not opts["clip_seconds"] > 0:
-        sub.error(f"{name('clip_seconds')} must be positive, got {opts['clip_seconds']}")
+    def bounded(dest: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
+                why: str = "") -> None:
+        v = opts.get(dest)
+        if v is None:
+            return
+        if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi) or v != v:
+            if hi == math.inf:
+                rule = f"{'greater than' if lo_open else 'at least'} {lo:g}"
+            else:
+                rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            sub.error(f"{name(dest)} must be {rule}{why}, got {v:g}")
+
+    for k in ("epochs", "batch_size", "accum_iter", "num_clips", "num_eval_clips", "epoch_size", "max_nan_steps",
+              "log_every"):
+        bounded(k, 1)
+    bounded("target_length", 1)
+    bounded("clip_seconds", 0.025, why=" (one 25 ms frame)")
+    for k in ("num_workers", "save_every_steps", "weight_decay", "warmup_epochs", "min_lr", "mixup", "freq_mask",
+              "time_mask"):
+        bounded(k, 0)
+    for k in ("blr", "lr", "clip_grad"):
+        bounded(k, 0, lo_open=True)
+    bounded("max_bad_fraction", 0, 1)
+    bounded("layer_decay", 0, 1, lo_open=True)
+    bounded("drop_path", 0, 1, hi_open=True)
+    for k in ("mask_t_prob", "mask_f_prob"):
+        bounded(k, 0, 1, hi_open=True, why=" (a fraction of the rows removed; some must stay)")
     if "mask_ratio" in opts:
         r = opts["mask_ratio"]
         if command == "reconstruct" and not 0.0 < r < 1.0:
             sub.error(f"{name('mask_ratio')} must be in (0, 1) for a reconstruction (some patches must be removed "
                       f"and some kept), got {r}")
-        if not 0.0 <= r < 1.0:
-            sub.error(f"{name('mask_ratio')} must be in [0, 1), got {r}")
+        if not 0.0 < r < 1.0:
+            sub.error(f"{name('mask_ratio')} must be in (0, 1) (the loss is taken on the removed patches, the "
+                      f"encoder sees the kept ones), got {r}")
     if opts.get("stats") is not None:
         from .audio import get_stats
         stats = opts["stats"]
@@ -308,8 +349,11 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         if opts.get(k) and not os.path.isfile(opts[k]):
             what = "no such file" if not os.path.exists(opts[k]) else "not a file"
             sub.error(f"{name(k)} {opts[k]}: {what}")
-    if opts.get("data") not in (None, "synthetic") and not os.path.exists(opts["data"]):
-        sub.error(f"{name('data')} {opts['data']}: no such file or folder (use 'synthetic', a manifest or a folder)")
+    for k in ("data", "eval_data"):
+        if opts.get(k) not in (None, "synthetic") and not os.path.exists(opts[k]):
+            sub.error(f"{name(k)} {opts[k]}: no such file or folder (use 'synthetic', a manifest or a folder)")
+    if opts.get("data_root") and not os.path.isdir(opts["data_root"]):
+        sub.error(f"{name('data_root')} {opts['data_root']}: no such folder")
     if command == "embed":
         if not opts.get("inputs") and not opts.get("data"):
             sub.error("give audio files to embed, or --data with a manifest, a folder or 'synthetic' "

@@ -271,7 +271,8 @@ def demo(opts: Dict[str, Any]) -> Dict[str, float]:
         _warn("matplotlib is not installed: the demo skips the reconstruction picture (pip install matplotlib)")
     pre = dict(opts, model="tiny", data="synthetic", blr=1e-2, weight_decay=0.05, warmup_epochs=1,
                min_lr=1e-5, accum_iter=1, mask_ratio=0.8, mask_mode="unstructured", augment=True, num_workers=0,
-               stats="audioset", log_every=10, save_every_steps=0, max_nan_steps=20, precision="auto")
+               stats="audioset", log_every=10, save_every_steps=0, max_nan_steps=20, precision="auto",
+               resume=None, overwrite=True)  # each demo run starts afresh in its folder
     print(f"[1/3] pretraining a tiny Audio-MAE on {opts['num_clips']} synthetic clips for {opts['epochs']} epochs")
     pretrain(pre)
     ckpt = os.path.join(out, "model.pt")

@@ -39,12 +39,25 @@ def test_help_lists_commands(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["pretrain", "--epochs", "0"], "--epochs must be at least 1"),
-    (["pretrain", "--mask-ratio", "1.5"], "--mask-ratio must be in [0, 1)"),
+    (["pretrain", "--mask-ratio", "1.5"], "--mask-ratio must be in (0, 1)"),
+    (["pretrain", "--mask-ratio", "0"], "--mask-ratio must be in (0, 1)"),
     (["pretrain", "--data", "/no/such/manifest.json"], "no such file or folder"),
     (["finetune", "--pretrained", "/no/such.pt"], "--pretrained /no/such.pt: no such file"),
     (["pretrain", "--stats", "1,2,3"], "expected a name or MEAN,STD"),
     (["pretrain", "--precision", "fp8"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
+    (["pretrain", "--model", "gigantic"], "invalid choice"),
+    (["pretrain", "--lr", "-1"], "--lr must be greater than 0"),
+    (["pretrain", "--num-workers", "-1"], "--num-workers must be at least 0"),
+    (["pretrain", "--epoch-size", "-5"], "--epoch-size must be at least 1"),
+    (["pretrain", "--weight-decay", "-1"], "--weight-decay must be at least 0"),
+    (["pretrain", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
+    (["pretrain", "--clip-seconds", "0.01"], "--clip-seconds must be at least 0.025 (one 25 ms frame)"),
+    (["finetune", "--mask-t-prob", "1.0"], "--mask-t-prob must be in [0, 1)"),
+    (["finetune", "--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
+    (["evaluate", "x.pt", "--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1]"),
+    (["finetune", "--eval-data", "/no/such/eval.json"], "--eval-data /no/such/eval.json: no such file"),
+    (["finetune", "--data-root", "/no/such/root"], "--data-root /no/such/root: no such folder"),
 ])
 def test_bad_input_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -276,7 +289,7 @@ def test_help_texts(capsys):
 
     text = helptext("pretrain")
     assert "mask 80 % of the" in text and "%%" not in text
-    assert "--mask-ratio MASK_RATIO fraction of the patches removed, in [0, 1) (default: 0.8)" in text
+    assert "--mask-ratio MASK_RATIO fraction of the patches removed, in (0, 1) (default: 0.8)" in text
     evaluate, embed = helptext("evaluate"), helptext("embed")
     for gone in ("--num-clips", "--eval-data", "synthetic training clips"):
         assert gone not in evaluate
@@ -365,9 +378,9 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
                            "--master_port", "29533", script, str(tmp_path)], capture_output=True, text=True,
                           env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ranks agree" in proc.stdout
+    assert "ranks agree" in proc.stdout and "resume and evaluation per rank ok" in proc.stdout
     state = torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)
-    assert state["step"] == 4  # 32 clips / (2 ranks x batch 4)
+    assert state["step"] == 8  # 2 epochs of 32 clips / (2 ranks x batch 4), the second after a resume
 
 
 def test_embed_dataset_leaves_unreadable_files_out(tmp_path, tiny_ckpt, capsys):
@@ -387,3 +400,105 @@ def test_embed_dataset_leaves_unreadable_files_out(tmp_path, tiny_ckpt, capsys):
     assert sorted(names) == ["a/0.wav", "a/1.wav", "a/2.wav", "b/0.wav", "b/1.wav"]
     assert z["targets"].sum(0).tolist() == [3, 2]
     assert "1 unreadable file left out: 5 of 6 clips embedded" in capsys.readouterr().err
+
+
+TINY_RUN = ["--num-clips", "16", "--num-eval-clips", "8", "--batch-size", "8", "--epochs", "1", "--num-workers", "0",
+            "--quiet"]
+
+
+def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["pretrain", "-o", out, *TINY_RUN]) == 0
+    ckpt = os.path.join(out, "checkpoint-last.pt")
+    before = os.path.getmtime(ckpt), (tmp_path / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["pretrain", "-o", out, *TINY_RUN, "--num-clips", "24"]) == 1
+    err = capsys.readouterr().err
+    assert "holds a run" in err and "--resume auto" in err and "--overwrite" in err and "Traceback" not in err
+    assert (os.path.getmtime(ckpt), (tmp_path / "run" / "metrics.jsonl").read_text()) == before  # untouched
+    assert main(["pretrain", "-o", out, *TINY_RUN, "--resume", "auto"]) == 0  # continuing is fine
+    assert main(["pretrain", "-o", out, *TINY_RUN, "--overwrite"]) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+
+
+def test_resume_from_an_unfitting_checkpoint_is_one_line_error(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["pretrain", "-o", out, *TINY_RUN]) == 0
+    ckpt = os.path.join(out, "checkpoint-last.pt")
+    capsys.readouterr()
+    assert main(["finetune", "-o", str(tmp_path / "ft"), *TINY_RUN, "--resume", ckpt]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint of AudioMAE" in err and "AudioMAEClassifier" in err and "Traceback" not in err
+    assert main(["pretrain", "-o", out, *TINY_RUN, "--resume", "auto", "--model", "small"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit this run" in err and "config.json" in err and "Traceback" not in err
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    assert main(["pretrain", "-o", str(tmp_path / "j"), *TINY_RUN, "--resume", str(junk)]) == 1
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "weights_only" not in err
+
+
+def test_model_that_cannot_take_the_input_length_is_one_line_error(tmp_path, capsys):
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--target-length", "100"]) == 1
+    err = capsys.readouterr().err
+    assert "input of 100 frames" in err and "Traceback" not in err
+
+
+def test_config_loses_to_abbreviated_options(tmp_path):
+    from audiomae.cli import _command_parser, _options, build_parser
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"batch_size": 8, "epochs": 3}))
+    parser = build_parser()
+    argv = ["pretrain", "--config", str(cfg), "--batch", "16"]
+    opts = _options(parser.parse_args(argv), _command_parser(parser, "pretrain"), argv)
+    assert opts["batch_size"] == 16 and opts["epochs"] == 3
+
+
+def _wav16(path, seconds=0.3, freq=440.0):
+    import numpy as np
+    import soundfile as sf
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    t = np.arange(int(seconds * 16000)) / 16000
+    sf.write(path, 0.3 * np.sin(2 * np.pi * freq * t), 16000, subtype="PCM_16")
+
+
+def _class_folders(root, classes, per_class=4):
+    for k, c in enumerate(classes):
+        for i in range(per_class):
+            _wav16(os.path.join(root, c, f"{i}.wav"), freq=200.0 * (k + 1) + 10 * i)
+
+
+def test_finetune_refuses_evaluation_classes_that_differ(tmp_path, capsys):
+    _class_folders(str(tmp_path / "tr"), ["a", "b", "c"])
+    _class_folders(str(tmp_path / "ev"), ["a", "c", "z"])
+    code = main(["finetune", "--data", str(tmp_path / "tr"), "--eval-data", str(tmp_path / "ev"), "--clip-seconds",
+                 "0.64", "-o", str(tmp_path / "ft"), *TINY_RUN])
+    err = capsys.readouterr().err
+    assert code == 1 and "classes differ" in err and "only in training: b" in err and "z" in err
+
+
+def test_single_label_manifest(tmp_path, capsys):
+    """An ESC-50-style manifest (one label per clip): --single-label trains with cross-entropy and
+    reports accuracy; without it, a note says so."""
+    lines = ["index,mid,display_name"] + [f"{k},/m/{c},{c}" for k, c in enumerate("abc")]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    entries = []
+    for k, c in enumerate("abc"):
+        for i in range(4):
+            p = str(tmp_path / "audio" / f"{c}{i}.wav")
+            _wav16(p, freq=200.0 * (k + 1) + 10 * i)
+            entries.append({"wav": f"audio/{c}{i}.wav", "labels": f"/m/{c}"})
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    data = ["--data", str(tmp_path / "m.json"), "--labels", str(tmp_path / "labels.csv"), "--clip-seconds", "0.64"]
+    assert main(["finetune", *data, "-o", str(tmp_path / "ml"), *TINY_RUN]) == 0
+    out = capsys.readouterr().out
+    assert "pass --single-label" in out and "mAP" in out
+    assert main(["finetune", *data, "--single-label", "-o", str(tmp_path / "sl"), *TINY_RUN]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "--single-label" not in out
+    assert main(["evaluate", str(tmp_path / "sl" / "checkpoint-best.pt"), *data, "--single-label", "-o",
+                 str(tmp_path / "ev"), "--num-workers", "0", "--quiet"]) == 0
+    assert "accuracy" in json.loads((tmp_path / "ev" / "metrics.json").read_text())

@@ -396,6 +396,37 @@ def test_a_bad_file_counts_once_over_epochs(tmp_path, num_workers):
     assert ds.bad_count == 1 and ds.bad_tracker.bad_attempts == 1
 
 
+def test_manifest_paths_relative_to_the_working_directory(tmp_path, monkeypatch, caplog):
+    """AST's recipes write manifests under data/datafiles/ whose paths start from the working
+    directory: found there (with a note) when they are not next to the manifest; root= decides."""
+    _wav(str(tmp_path / "data" / "audio" / "a.wav"), 0.2)
+    (tmp_path / "data" / "datafiles").mkdir(parents=True)
+    (tmp_path / "data" / "datafiles" / "labels.csv").write_text(LABEL_CSV)
+    m = tmp_path / "data" / "datafiles" / "m.json"
+    m.write_text(json.dumps({"data": [{"wav": "./data/audio/a.wav", "labels": "/m/a"}]}))
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING, logger="audiomae.data")
+    ds = ManifestDataset("data/datafiles/m.json", "data/datafiles/labels.csv", clip_seconds=0.2)
+    assert ds.paths == [str(tmp_path / "data" / "audio" / "a.wav")] and ds.bad_count == 0
+    assert ds[0]["index"] == 0 and "working directory" in caplog.text
+    ds = ManifestDataset(m, tmp_path / "data" / "datafiles" / "labels.csv", root=tmp_path / "elsewhere")
+    assert ds.paths == [str(tmp_path / "elsewhere" / "data" / "audio" / "a.wav")]
+    # next to the manifest wins when the paths are there
+    _wav(str(tmp_path / "data" / "datafiles" / "data" / "audio" / "a.wav"), 0.2)
+    ds = ManifestDataset("data/datafiles/m.json", "data/datafiles/labels.csv", clip_seconds=0.2)
+    assert ds.paths == [str(tmp_path / "data" / "datafiles" / "data" / "audio" / "a.wav")]
+
+
+def test_no_readable_clip_in_a_worker_is_a_clean_error(tmp_path):
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.json").write_text('{"data": [{"wav": "x.wav", "labels": "/m/a"}, {"wav": "y.wav", "labels": "/m/a"}]}')
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", max_bad_fraction=1.0)
+    with pytest.raises(TooManyBadFilesError) as info:
+        list(make_loader(ds, batch_size=2, num_workers=1))
+    msg = str(info.value)
+    assert msg.startswith("no readable clip") and "Traceback" not in msg and "x.wav" in msg
+
+
 def test_all_files_bad(tmp_path):
     (tmp_path / "labels.csv").write_text(LABEL_CSV)
     (tmp_path / "m.json").write_text('{"data": [{"wav": "x.wav", "labels": "/m/a"}, {"wav": "y.wav", "labels": "/m/a"}]}')

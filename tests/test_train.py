@@ -111,6 +111,17 @@ def test_resumable_sampler_ranks_and_start():
     assert list(w) == [2] * 6
 
 
+def test_resumable_sampler_epoch_longer_than_the_dataset():
+    s = ResumableSampler(10, seed=2, num_samples=25)
+    order = list(s)
+    assert len(s) == len(order) == 25
+    assert sorted(order[:10]) == sorted(order[10:20]) == list(range(10))  # whole permutations
+    assert len(set(order[20:])) == 5
+    assert list(ResumableSampler(10, shuffle=False, num_samples=25)) == [i % 10 for i in range(25)]
+    two = [list(ResumableSampler(10, seed=2, num_samples=25, rank=r, world_size=2)) for r in range(2)]
+    assert len(two[0]) == len(two[1]) == 12
+
+
 class _Toy(torch.utils.data.Dataset):
     multi_label = False
     num_classes = 2

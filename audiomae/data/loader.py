@@ -28,7 +28,7 @@ from torch.utils.data import (
 )
 
 from ..audio import SAMPLE_RATE, pad_beyond, waveform_to_input
-from .dataset import BadFileTracker, base_dataset, collate_items
+from .dataset import BadFileTracker, TooManyBadFilesError, base_dataset, collate_items
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,10 +205,17 @@ class ClipLoader:
             self._generator.manual_seed(_epoch_seed(self.seed, epoch))
         if hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(epoch)
-        for batch in self.loader:
-            if self._account:
-                self.bad_tracker.update_from_batch(batch)
-            yield batch
+        try:
+            for batch in self.loader:
+                if self._account:
+                    self.bad_tracker.update_from_batch(batch)
+                yield batch
+        except TooManyBadFilesError as e:
+            # raised in a worker process: DataLoader wraps the message in the worker's traceback
+            msg = str(e)
+            if "Original Traceback" not in msg:
+                raise
+            raise TooManyBadFilesError(msg.rsplit("TooManyBadFilesError: ", 1)[-1].strip()) from None
 
 
 def make_loader(

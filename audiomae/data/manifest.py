@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..audio import load_audio
 from .dataset import ClipDataset, DataError
+
+logger = logging.getLogger("audiomae.data")
 
 PathLike = Union[str, "os.PathLike[str]"]
 _MISSING = object()  # an entry without 'labels'
@@ -216,7 +219,9 @@ class ManifestDataset(ClipDataset):
     manifest: JSON (``{"data": [{"wav", "labels"}]}``), or CSV/TSV with ``wav`` and ``labels`` columns.
     label_csv: the class list (``index,mid,display_name``). ``None`` for unlabelled data (e.g.
       pretraining): then ``labels`` may be absent and targets are empty (``num_classes == 0``).
-    root: folder that relative ``wav`` paths are resolved against; default the manifest's folder.
+    root: folder that relative ``wav`` paths are resolved against. By default the manifest's folder,
+      unless none of the first relative paths exists there and some exist relative to the working
+      directory (as AST's recipes write them, ``./data/...``): then the working directory, with a note.
     multi_label: ``False`` for single-label data (ESC-50, Speech Commands): every entry must then
       carry exactly one label; targets are one-hot either way.
     Other keyword arguments: see :class:`audiomae.data.ClipDataset` (``features``,
@@ -245,10 +250,10 @@ class ManifestDataset(ClipDataset):
             self.label_set = None
             self.class_names = []
             self.class_mids = []
-        base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(self.manifest_path))
         entries = read_manifest(self.manifest_path)
         if not entries:
             raise DataError(f"{self.manifest_path}: the manifest lists no clips")
+        base = os.fspath(root) if root is not None else self._relative_base(entries)
         lookup = self.label_set.index if self.label_set is not None else {}
         self.paths: List[str] = []
         self._labels: List[Tuple[int, ...]] = []
@@ -271,6 +276,21 @@ class ManifestDataset(ClipDataset):
             if not self.multi_label and len(idx) != 1:
                 raise DataError(f"{where}: {len(idx)} labels {mids!r} in a single-label dataset")
             self._labels.append(tuple(idx))
+
+    def _relative_base(self, entries, probe: int = 20) -> str:
+        """The folder relative paths are taken from: the manifest's, or the working directory when only
+        there do the first ``probe`` relative paths exist."""
+        here = os.path.dirname(os.path.abspath(self.manifest_path))
+        rel = [os.path.expanduser(w.strip()) for w, _, _ in entries]
+        rel = [w for w in rel if not os.path.isabs(w)][:probe]
+        cwd = os.getcwd()
+        if not rel or here == cwd or any(os.path.exists(os.path.join(here, w)) for w in rel):
+            return here
+        if any(os.path.exists(os.path.join(cwd, w)) for w in rel):
+            logger.warning("%s: its relative paths are not found next to it but in the working directory %s; "
+                           "reading them from there (pass --data-root / root= to choose)", self.manifest_path, cwd)
+            return cwd
+        return here
 
     def __len__(self) -> int:
         return len(self.paths)

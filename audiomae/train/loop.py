@@ -25,7 +25,7 @@ from . import distributed as D
 from .metrics import multilabel_metrics, singlelabel_metrics
 from .optim import adamw, effective_lr, lr_at, param_groups, set_lr
 from .sampler import ResumableSampler
-from .state import BEST, LAST, load_training_state, resolve_resume, save_training_state, set_rng_state
+from .state import BEST, LAST, load_training_state, resolve_resume, rng_state, save_training_state, set_rng_state
 
 log = logging.getLogger("audiomae.train")
 
@@ -92,17 +92,26 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
 
     src = opts.get("data", "synthetic")
     common = dict(max_bad_fraction=opts.get("max_bad_fraction", 0.01))
+    if split != "train" and opts.get("eval_data"):
+        src = opts["eval_data"]
     if src == "synthetic":
         n = opts.get("num_clips", 2000) if split == "train" else opts.get("num_eval_clips", 500)
         return data_mod.SyntheticAudioDataset(num_clips=n, clip_seconds=opts.get("clip_seconds") or 2.56,
                                               seed=opts.get("seed", 0), split=split, **common)
-    path = src if split == "train" else (opts.get("eval_data") or src)
+    path = src
     if not os.path.exists(path):
-        raise SystemExit(f"error: --data {path}: no such file or folder (use 'synthetic', a manifest or a folder)")
+        flag = "--data" if split == "train" or not opts.get("eval_data") else "--eval-data"
+        raise TrainingError(f"{flag} {path}: no such file or folder (use 'synthetic', a manifest or a folder)")
     clip = opts.get("clip_seconds") or 10.0
     if os.path.isdir(path):
         return data_mod.FolderDataset(path, clip_seconds=clip, **common)
-    return data_mod.ManifestDataset(path, opts.get("labels"), clip_seconds=clip, **common)
+    single = bool(opts.get("single_label"))
+    ds = data_mod.ManifestDataset(path, opts.get("labels"), clip_seconds=clip, multi_label=not single,
+                                  root=opts.get("data_root"), **common)
+    if not single and "single_label" in opts and len(ds) > 1 and all(len(c) == 1 for c in ds.labels_per_clip()):
+        print(f"note: every clip of {path} has one label; pass --single-label for cross-entropy and accuracy "
+              "(ESC-50, Speech Commands), without it the clips are multi-label (BCE, mAP)")
+    return ds
 
 
 def _target_length(opts: Dict[str, Any], dataset) -> int:
@@ -186,10 +195,16 @@ class Trainer:
 
     # -- checkpoints --
     def save(self, name: str = LAST) -> None:
+        # every process's random state (masks, augmentation draws differ by rank), gathered on all
+        ranks = None
+        if self.info.enabled:
+            ranks = [None] * self.info.world_size
+            torch.distributed.all_gather_object(ranks, rng_state())
         if self.info.is_main:
             save_training_state(os.path.join(self.out_dir, name), model=self.model, optimizer=self.optimizer,
                                 scaler=self.scaler, step=self.step, epoch=self.epoch, epoch_step=self.epoch_step,
-                                args=_json_safe(self.opts), schedule=self.schedule, best=self.best)
+                                args=_json_safe(self.opts), schedule=self.schedule, best=self.best,
+                                extra={"rng_ranks": ranks} if ranks else None)
         D.barrier()
 
     def resume(self, path: str) -> None:
@@ -198,13 +213,29 @@ class Trainer:
             raise TrainingError(f"cannot resume from {path}: it was made with {state['schedule'].get('steps_per_epoch')} "
                                 f"steps per epoch, this run has {self.steps_per_epoch} (batch size, accumulation, "
                                 "data or process count changed)")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        kind = state.get("kind")
+        if kind and kind != type(self.model).__name__:
+            raise TrainingError(f"cannot resume from {path}: it is a checkpoint of {kind}, this run trains "
+                                f"{type(self.model).__name__} (use it with --init / --pretrained instead)")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()
+            raise TrainingError(f"cannot resume from {path}: its model or optimizer does not fit this run's "
+                                f"({first[0] if first else type(e).__name__}{' ...' if len(first) > 1 else ''}); "
+                                "resume with the options the run was started with (its config.json)") from None
         if state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best = state.get("best")
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if ranks and len(ranks) == self.info.world_size:
+            set_rng_state(ranks[self.info.rank])
+        elif self.info.rank == 0:
+            set_rng_state(state["rng"])
+        # else: a checkpoint without the other processes' states keeps this process's own seeding, so
+        # that processes do not all draw rank 0's numbers
         if self.info.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.step} (lr {self.current_lr():.3g})")
 
@@ -311,7 +342,18 @@ class Trainer:
                 "best": self.best}
 
 
-def _setup(opts: Dict[str, Any]) -> Tuple[torch.device, D.DistInfo]:
+def _refuse_to_overwrite(opts: Dict[str, Any]) -> None:
+    """A new training run must not replace the checkpoint of another one in its folder unasked."""
+    last = os.path.join(opts["output_dir"], LAST)
+    if opts.get("resume") or opts.get("overwrite") or not os.path.isfile(last):
+        return
+    raise TrainingError(f"{opts['output_dir']} holds a run ({LAST}): continue it with --resume auto, start "
+                        "afresh there with --overwrite, or choose another --output-dir")
+
+
+def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, D.DistInfo]:
+    if training:
+        _refuse_to_overwrite(opts)
     device = D.pick_device(opts.get("device", "auto"))
     info = D.init(device)
     if device.type == "cuda" and info.enabled:
@@ -324,6 +366,31 @@ def _setup(opts: Dict[str, Any]) -> Tuple[torch.device, D.DistInfo]:
             json.dump(_json_safe(opts), f, indent=2, sort_keys=True)
     D.barrier()
     return device, info
+
+
+@contextlib.contextmanager
+def _model_input(T: int):
+    """A model that cannot take the input length: one error naming the option, not a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        raise TrainingError(f"an input of {T} frames (--target-length, or from --clip-seconds) does not fit the "
+                            f"model: {e}") from None
+
+
+def _class_mismatch(train: List[str], other: List[str]) -> str:
+    only_train = [c for c in train if c not in other]
+    only_other = [c for c in other if c not in train]
+    if not only_train and not only_other:
+        return ("the evaluation data has the training classes in another order; class indices would be "
+                "scored against the wrong classes")
+    parts = [f"{len(train)} classes in training, {len(other)} in the evaluation data"]
+    if only_train:
+        parts.append(f"only in training: {', '.join(only_train[:5])}{' ...' if len(only_train) > 5 else ''}")
+    if only_other:
+        parts.append(f"only in the evaluation data: {', '.join(only_other[:5])}{' ...' if len(only_other) > 5 else ''}")
+    return "the evaluation data's classes differ from the training data's (" + "; ".join(parts) + \
+        "): give both the same classes (the same labels CSV, or class folders with the same names)"
 
 
 def _features(opts, dataset, device):
@@ -344,13 +411,14 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
     from ..data import roll_and_magnitude
 
-    device, info = _setup(opts)
+    device, info = _setup(opts, training=True)
     dataset = build_dataset(opts, "train")
     T = _target_length(opts, dataset)
-    if opts.get("init"):
-        model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128))
-    else:
-        model = AudioMAE(_model_config(opts, T))
+    with _model_input(T):
+        if opts.get("init"):
+            model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128))
+        else:
+            model = AudioMAE(_model_config(opts, T))
     feats = _features(opts, dataset, device)
     ratio = model.config.mask_ratio
 
@@ -391,12 +459,15 @@ def _loss_fn(multi_label: bool):
 def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info=D.DistInfo(),
             desc="evaluating") -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores (sigmoid or softmax) and targets of a whole dataset, gathered from every rank."""
-    sampler = ResumableSampler(len(dataset), shuffle=False, rank=info.rank, world_size=info.world_size,
-                               num_samples=len(dataset) - len(dataset) % info.world_size)
+    # every rank gets the same number of clips: the last ones wrap around to the first, and those
+    # repeats are dropped after the gather (clip r + i * world_size is rank r's i-th)
+    n, world = len(dataset), info.world_size
+    sampler = ResumableSampler(n, shuffle=False, rank=info.rank, world_size=world, num_samples=-(-n // world) * world)
     loader = _loader(dataset, opts, sampler, int(opts.get("eval_batch_size") or opts.get("batch_size", 32)))
     model.eval()
     precision = _resolve_precision(opts.get("precision", "auto"), device)
     scores, targets, kept = [], [], []
+    done = 0
     for batch in tqdm(loader, desc=desc, disable=not info.is_main or opts.get("quiet"), unit="batch",
                       dynamic_ncols=True, leave=False):
         x = feats(batch)
@@ -404,7 +475,10 @@ def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info
             logits = model(x).float()
         scores.append(torch.sigmoid(logits) if dataset.multi_label else torch.softmax(logits, -1))
         targets.append(batch["target"].to(device).float())
-        kept.append(_readable(batch).to(device))
+        b = len(batch["target"])
+        position = info.rank + world * torch.arange(done, done + b)
+        done += b
+        kept.append((_readable(batch) & (position < n)).to(device))
     s, t, k = torch.cat(scores), torch.cat(targets), torch.cat(kept)
     # gathered at equal sizes from every rank, then the stand-ins for unreadable clips dropped
     k = D.all_gather_cat(k.to(torch.uint8)).cpu().bool()
@@ -445,17 +519,20 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Fine-tune a classifier from a pretrained checkpoint (see ``audiomae finetune --help``)."""
     from ..data import mixup, spec_augment
 
-    device, info = _setup(opts)
+    device, info = _setup(opts, training=True)
     train_set = build_dataset(opts, "train")
     eval_set = build_dataset(opts, "val")
     T = _target_length(opts, train_set)
     overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
                      finetune_mask_2d=bool(opts.get("mask_2d", False)),
                      finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
-    if opts.get("pretrained"):
-        model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
-    else:
-        model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
+    if eval_set.class_names != train_set.class_names:
+        raise TrainingError(_class_mismatch(train_set.class_names, eval_set.class_names))
+    with _model_input(T):
+        if opts.get("pretrained"):
+            model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
+        else:
+            model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
     feats = _features(opts, train_set, device)
     loss_of = _loss_fn(train_set.multi_label)
     from ..audio import get_stats

@@ -11,6 +11,8 @@ from torch.utils.data import Sampler
 class ResumableSampler(Sampler[int]):
     """Uniform shuffling, or weighted draws with replacement (``weights``), split across ranks.
 
+    ``num_samples`` (default: the dataset's length) indices per epoch: uniform shuffling makes them
+    from whole permutations (each clip once per ``length`` draws), weighted sampling draws them.
     Every rank gets ``num_samples // world_size`` indices per epoch (the tail is dropped so ranks
     stay in step); ``set_epoch(e, start=k)`` skips the first ``k`` indices of this rank's share.
     """
@@ -44,8 +46,9 @@ class ResumableSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.weights is not None:
             return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
-        if self.shuffle:
-            return torch.randperm(self.length, generator=g)[: self.num_samples]
+        if self.shuffle:  # an epoch longer than the dataset: whole permutations one after another
+            reps = -(-self.num_samples // self.length)
+            return torch.cat([torch.randperm(self.length, generator=g) for _ in range(reps)])[: self.num_samples]
         return torch.arange(self.num_samples) % self.length
 
     def __iter__(self) -> Iterator[int]:

@@ -62,10 +62,20 @@ def save_training_state(path: str, *, model, optimizer, scaler, step: int, epoch
 def load_training_state(path: str, map_location="cpu") -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"cannot resume: {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: a zip archive or a pickle
+        raise CheckpointError(f"cannot resume from {path}: not a PyTorch checkpoint (it starts with {head!r})")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+        # torch's message spans many lines and suggests weights_only=False, which would run code from
+        # the file: only the line that says what is wrong
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
+        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {why}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot resume from {path}: not a training checkpoint (a {type(state).__name__})")
     missing = [k for k in ("model", "optimizer", "step", "epoch", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"cannot resume from {path}: not a training checkpoint (missing {', '.join(missing)}); "
