@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .config import PRESETS, AudioMAEConfig
+from .config import POS_EMBED_KINDS, PRESETS, AudioMAEConfig
 from .pos_embed import sincos_2d
 
 FORMAT = "audiomae"
@@ -27,6 +27,9 @@ _PREFIXES = ("module.", "_orig_mod.")
 _POS_KEYS = ("pos_embed", "decoder_pos_embed")
 # head counts cannot be read from weights: take the preset's for that width
 _DEFAULT_HEADS = {p["embed_dim"]: p["num_heads"] for p in PRESETS.values()}
+# the release's inputs: 128 mel bins, and 1024 (AudioSet), 512 (ESC-50) or 128 (Speech Commands) frames
+_RELEASE_MELS = 128
+_RELEASE_FRAMES = (1024, 512, 128)
 
 
 class CheckpointError(ValueError):
@@ -140,11 +143,18 @@ def infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any
                                num_heads=_DEFAULT_HEADS.get(D, max(1, D // 64)))
     if "blocks.0.mlp.fc1.weight" in sd:
         cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
-    if "pos_embed" in sd:
-        L = sd["pos_embed"].shape[1] - 1
-        f = 128 // p
-        if L % f == 0:
-            cfg["img_size"] = (L // f * p, 128)
+    table = sd.get("pos_embed", sd.get("decoder_pos_embed"))
+    if table is not None and table.dim() == 3:
+        try:
+            grid, kind = _checkpoint_grid("pos_embed" if "pos_embed" in sd else "decoder_pos_embed", table, p)
+        except CheckpointError:
+            grid, kind = None, None  # loading says so if the table has to be adapted
+        if grid is not None:
+            cfg["img_size"] = _input_size(grid, p)
+            if kind is None and "decoder_pos_embed" in sd and "pos_embed" in sd:
+                kind = _fixed_kind(sd["decoder_pos_embed"], grid)
+            if kind is not None:
+                cfg["pos_embed_kind"] = kind
     if "decoder_embed.weight" in sd:
         Dd = sd["decoder_embed.weight"].shape[0]
         depth = _count(sd, "decoder_blocks.")
@@ -164,34 +174,100 @@ def infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any
         cfg["num_classes"] = sd["head.weight"].shape[0]
         cfg["global_pool"] = "fc_norm.weight" in sd
     if isinstance(args, argparse.Namespace):
-        a = vars(args)
-        for name in ("norm_pix_loss", "mask_ratio", "mask_t_prob", "mask_f_prob"):
-            if isinstance(a.get(name), (bool, int, float)) and not isinstance(a.get(name), str):
-                cfg[name] = type(getattr(AudioMAEConfig, name))(a[name])
-        if a.get("no_shift"):
-            cfg["shift_size"] = (0, 0)
-        if isinstance(a.get("mask_2d"), bool) and "head.weight" in sd:
-            cfg["finetune_mask_2d"] = a["mask_2d"]
+        cfg.update(_fields_from_args(vars(args), classifier="head.weight" in sd))
     return cfg
 
 
-# --- loading into a model ------------------------------------------------------------------------
-def _grid_of(table: torch.Tensor, grid_f: int) -> Optional[Tuple[int, int]]:
+# release argument -> config field, by the script that wrote the checkpoint. The same names mean
+# different things: main_pretrain.py's mask_2d / mask_t_prob / mask_f_prob choose and size the
+# structured pretraining masking (random_masking_2d instead of random_masking(mask_ratio)), while
+# main_finetune_as.py's size the 2D masking of the classifier's input tokens in fine-tuning.
+_PRETRAIN_ARGS = {"norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio",
+                  "mask_t_prob": "mask_t_prob", "mask_f_prob": "mask_f_prob"}
+_FINETUNE_ARGS = {"mask_2d": "finetune_mask_2d", "mask_t_prob": "finetune_mask_t_prob",
+                  "mask_f_prob": "finetune_mask_f_prob"}
+
+
+def _fields_from_args(a: Dict[str, Any], classifier: bool) -> Dict[str, Any]:
+    """Config fields from a released ``args`` namespace: a fine-tuning run's (``classifier``, the
+    state dict has a head) or a pretraining run's. Values of the wrong type are ignored."""
+    out: Dict[str, Any] = {}
+    for arg, field in (_FINETUNE_ARGS if classifier else _PRETRAIN_ARGS).items():
+        v = a.get(arg)
+        if isinstance(v, (bool, int, float)):
+            out[field] = type(getattr(AudioMAEConfig, field))(v)
+    if not classifier:
+        if a.get("mask_2d") is True:  # the release then masks time rows and frequency columns
+            out["mask_mode"] = "time_frequency"
+        if a.get("no_shift") is True:
+            out["shift_size"] = (0, 0)
+    return out
+
+
+def _input_size(grid: Tuple[int, int], patch: int) -> Tuple[int, int]:
+    """The input (frames, mel bins) for a patch grid: the release's input where its grid is this one
+    (1024 frames at patch 14 give 73 time patches, the remainder dropped), else whole patches."""
+    t, f = grid
+    frames = next((n for n in _RELEASE_FRAMES if n // patch == t), t * patch)
+    return frames, (_RELEASE_MELS if _RELEASE_MELS // patch == f else f * patch)
+
+
+def _fixed_kind(table: torch.Tensor, grid: Tuple[int, int]) -> Optional[str]:
+    """Which fixed sin-cos table (``'released'`` or ``'grid'``) ``table`` is for ``grid``; None when it
+    is neither (a trained table). On a one-row or one-column grid the two kinds coincide: 'released'."""
+    if table.dim() != 3 or table.shape[1] - 1 != grid[0] * grid[1] or table.shape[-1] % 4:
+        return None
+    D = table.shape[-1]
+    t = table.detach().float().cpu()
+    # a table stored in half precision carries its rounding
+    atol = max(1e-5, torch.finfo(table.dtype).eps) if table.is_floating_point() else 1e-5
+    return next((k for k in POS_EMBED_KINDS if torch.allclose(t, sincos_2d(D, grid, k), atol=atol)), None)
+
+
+def _checkpoint_grid(name: str, table: torch.Tensor, patch: int,
+                     file_grid: Optional[Tuple[int, int]] = None) -> Tuple[Tuple[int, int], Optional[str]]:
+    """The patch grid (time, frequency) a checkpoint's position table ``name`` was made for, and its
+    fixed kind (``'released'`` / ``'grid'``), or None for a trained table.
+
+    The grid is ``file_grid`` (from the file's config) when given. Otherwise it is the release's:
+    ``128 // patch`` frequency patches (128 mel bins), unless the table is the fixed sin-cos code of
+    another grid, which then names its grid. A trained table of another number of mel bins cannot be
+    told from its shape: save such models with ``save_pretrained``, which records the config."""
     L = table.shape[1] - 1
-    return (L // grid_f, grid_f) if L % grid_f == 0 else None
+    if file_grid is not None:
+        if file_grid[0] * file_grid[1] != L:
+            raise CheckpointError(
+                f"{name}: the checkpoint's table has {L} positions, but the {file_grid[0]}x{file_grid[1]} "
+                f"patch grid of its own config has {file_grid[0] * file_grid[1]}: the file's config does not "
+                "describe its weights. Re-save the weights with the config they were trained with.")
+        return tuple(file_grid), _fixed_kind(table, file_grid)
+    f = max(1, _RELEASE_MELS // patch)
+    hint = (L // f, f) if L > 0 and L % f == 0 else None
+    grids = ([hint] if hint else []) + [(t, L // t) for t in range(1, L + 1) if L % t == 0 and (t, L // t) != hint]
+    for grid in grids:
+        kind = _fixed_kind(table, grid)
+        if kind is not None:
+            return grid, kind
+    if hint is not None:
+        return hint, None  # a trained table, read at the release's frequency count
+    raise CheckpointError(
+        f"{name}: the checkpoint's {L} positions fit no patch grid: the table is not the fixed sin-cos code "
+        f"of any grid, and {L} is not a multiple of the {f} frequency patches of {_RELEASE_MELS} mel bins at "
+        f"patch size {patch}. Load it at the size it was trained with (config= or img_size=), then save it "
+        "with save_pretrained, which records that size, before loading it at another.")
 
 
-def _adapt_pos_table(name: str, old: torch.Tensor, new: torch.Tensor, kind: str, new_grid) -> Tuple[torch.Tensor, str]:
-    """The model's table for a checkpoint table of another grid: rebuilt when the checkpoint holds the
-    fixed sin-cos code of its grid, interpolated (bicubic over the patch grid) when it was trained."""
+# --- loading into a model ------------------------------------------------------------------------
+def _adapt_pos_table(name: str, old: torch.Tensor, new: torch.Tensor, old_grid: Tuple[int, int],
+                     kind: Optional[str], new_grid: Tuple[int, int]) -> Tuple[torch.Tensor, str]:
+    """The model's table ``new`` for a checkpoint table ``old`` of another grid: the fixed sin-cos code
+    of the checkpoint's ``kind`` rebuilt for the new grid, or, for a trained table (``kind`` None),
+    ``old`` interpolated (bicubic over the patch grid)."""
     D = old.shape[-1]
-    old_grid = _grid_of(old, new_grid[1])
-    if old_grid is None:
-        raise CheckpointError(f"{name}: {old.shape[1] - 1} positions do not form a grid with "
-                              f"{new_grid[1]} frequency patches")
-    fixed = any(torch.allclose(old.float().cpu(), sincos_2d(D, old_grid, k), atol=1e-5) for k in ("released", "grid"))
-    if fixed:
-        return new, f"{name}: fixed sin-cos table rebuilt for the {new_grid[0]}x{new_grid[1]} grid"
+    if kind is not None:
+        return (sincos_2d(D, new_grid, kind).to(new.dtype),
+                f"{name}: fixed sin-cos table rebuilt for the {new_grid[0]}x{new_grid[1]} grid "
+                f"({kind!r} kind, as the checkpoint's {old_grid[0]}x{old_grid[1]} table)")
     body = old[:, 1:].reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2).float()
     body = F.interpolate(body, size=new_grid, mode="bicubic", align_corners=False)
     table = torch.cat([old[:, :1].float(), body.permute(0, 2, 3, 1).reshape(1, -1, D)], dim=1).to(old.dtype)
@@ -249,11 +325,27 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
                     sd[k] = target[k]
                 notes.append("new fc_norm (initialised to identity)")
 
+    kinds = set()
     for name in _POS_KEYS:
         if name in sd and name in target and sd[name].shape != target[name].shape and \
-                sd[name].shape[-1] == target[name].shape[-1]:
-            sd[name], msg = _adapt_pos_table(name, sd[name], target[name], config.pos_embed_kind, config.grid_size)
+                sd[name].dim() == 3 and sd[name].shape[-1] == target[name].shape[-1]:
+            # the checkpoint's grid: its own config's, else what infer_config reads from the shapes
+            file_grid = None
+            if file_cfg:
+                try:
+                    file_grid = AudioMAEConfig.from_dict(file_cfg).grid_size
+                except (TypeError, ValueError) as e:
+                    raise CheckpointError(f"{where}: its configuration is not usable: {e}") from None
+            old_grid, kind = _checkpoint_grid(name, sd[name], sd["patch_embed.proj.weight"].shape[-1], file_grid)
+            sd[name], msg = _adapt_pos_table(name, sd[name], target[name], old_grid, kind, config.grid_size)
             notes.append(msg)
+            if kind is not None:
+                kinds.add(kind)
+    if len(kinds) == 1 and config.pos_embed_kind not in kinds:
+        kind = kinds.pop()
+        notes.append(f"pos_embed_kind={kind!r} (the checkpoint's tables), not {config.pos_embed_kind!r}")
+        config = config.replace(pos_embed_kind=kind)
+        model.config = config
 
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]

@@ -208,3 +208,138 @@ def test_classifier_new_head_when_classes_differ(tmp_path):
     same = AudioMAEClassifier.from_pretrained(path).eval()
     with torch.no_grad():
         torch.testing.assert_close(same(d["input"]), d["logits"], rtol=0, atol=1e-5)
+
+
+# --- the checkpoint's own grid and table kind, whatever the new model's --------------------------
+def test_other_mel_bins_rebuild_fixed_tables_for_the_checkpoints_grid(tmp_path):
+    """A 16x8 checkpoint loaded for 64 mel bins: its grid is read as the release's (8 frequency
+    patches), not from the new model's 4, so the fixed tables are recognised and rebuilt for 16x4."""
+    torch.save(AudioMAE(TINY).state_dict(), tmp_path / "bare.pt")
+    with pytest.warns(CheckpointAdaptedWarning, match=r"pos_embed: fixed sin-cos table rebuilt for the 16x4 grid") as rec:
+        mae = AudioMAE.from_pretrained(tmp_path / "bare.pt", img_size=(256, 64))
+    assert "interpolated" not in str(rec[0].message) and "checkpoint's 16x8 table" in str(rec[0].message)
+    torch.testing.assert_close(mae.pos_embed.data, sincos_2d(64, (16, 4)), rtol=0, atol=0)
+    torch.testing.assert_close(mae.decoder_pos_embed.data, sincos_2d(64, (16, 4)), rtol=0, atol=0)
+    assert torch.isfinite(mae(torch.randn(1, 1, 256, 64)).loss)
+
+
+def test_trained_table_grid_comes_from_the_files_config(tmp_path):
+    """A trained 16x4 table (64 mel bins) in a file with its config: interpolated from 16x4, the grid
+    its config names, not from a grid guessed from the new model's frequency count."""
+    src = AudioMAEClassifier(TINY.replace(img_size=(256, 64)), num_classes=4)
+    src.pos_embed.data += 0.1 * torch.randn_like(src.pos_embed)
+    src.save_pretrained(tmp_path / "own.pt")
+    for img_size, grid in [((512, 64), "32x4"), ((512, 128), "32x8")]:
+        with pytest.warns(CheckpointAdaptedWarning, match=f"trained table interpolated from 16x4 to {grid}"):
+            clf = AudioMAEClassifier.from_pretrained(tmp_path / "own.pt", img_size=img_size)
+        torch.testing.assert_close(clf.pos_embed[:, 0], src.pos_embed[:, 0])
+    # the same table with a config that does not describe it is refused, naming the key
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    raw["config"]["img_size"] = [128, 64]
+    torch.save(raw, tmp_path / "lying.pt")
+    with pytest.raises(CheckpointError, match=r"pos_embed: the checkpoint's table has 64 positions, but the 8x4"):
+        AudioMAEClassifier.from_pretrained(tmp_path / "lying.pt", config=TINY.replace(img_size=(512, 64)), num_classes=4)
+
+
+def test_fixed_table_of_another_grid_is_recognised(tmp_path):
+    """A bare state dict of a 5x5 grid (80 x 80 input): 25 positions are no multiple of 8 frequency
+    patches, but the table is the fixed code of the 5x5 grid, which names it."""
+    src = AudioMAEClassifier(TINY.replace(img_size=(80, 80)), num_classes=4)
+    assert infer_config(src.state_dict())["img_size"] == (80, 80)
+    with pytest.warns(CheckpointAdaptedWarning, match=r"rebuilt for the 10x5 grid .*checkpoint's 5x5 table"):
+        clf = AudioMAEClassifier.from_pretrained(src.state_dict(), img_size=(160, 80))
+    torch.testing.assert_close(clf.pos_embed.data, sincos_2d(64, (10, 5)), rtol=0, atol=0)
+
+
+def test_table_that_fits_no_grid_is_refused(tmp_path):
+    src = AudioMAEClassifier(TINY.replace(img_size=(80, 80)), num_classes=4)
+    sd = src.state_dict()
+    sd["pos_embed"] = sd["pos_embed"] + 0.1 * torch.randn_like(sd["pos_embed"])  # trained: no fixed code
+    torch.save(sd, tmp_path / "trained.pt")
+    assert "img_size" not in infer_config(sd)
+    for kwargs in [dict(img_size=(160, 80)), dict(config=TINY.replace(img_size=(160, 80)), num_classes=4), {}]:
+        with pytest.raises(CheckpointError, match=r"pos_embed: the checkpoint's 25 positions fit no patch grid.*"
+                                                  r"8 frequency patches.*save_pretrained"):
+            AudioMAEClassifier.from_pretrained(tmp_path / "trained.pt", **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["grid", "released"])
+def test_table_kind_detected_and_kept_when_adapting(tmp_path, kind):
+    """A bare state dict of a ``pos_embed_kind`` model: the kind is read from its tables, and another
+    input length rebuilds that kind (not the config default), saying which."""
+    src = AudioMAE(TINY.replace(pos_embed_kind=kind))
+    with pytest.warns(CheckpointAdaptedWarning, match=rf"rebuilt for the 32x8 grid \('{kind}' kind") as rec:
+        mae = AudioMAE.from_pretrained(src.state_dict(), img_size=(512, 128))
+    torch.testing.assert_close(mae.pos_embed.data, sincos_2d(64, (32, 8), kind), rtol=0, atol=0)
+    torch.testing.assert_close(mae.decoder_pos_embed.data, sincos_2d(64, (32, 8), kind), rtol=0, atol=0)
+    assert mae.config.pos_embed_kind == kind and "pos_embed_kind=" not in str(rec[0].message)  # read, not corrected
+    assert infer_config(src.state_dict())["pos_embed_kind"] == kind
+    # same shapes: loads as it is, with its kind in the config
+    same = AudioMAE.from_pretrained(src.state_dict())
+    assert same.config.pos_embed_kind == kind and _same_output(src, same, torch.randn(1, 1, 256, 128),
+                                                               noise=torch.rand(1, 128))
+
+
+def test_explicit_config_of_the_other_kind_keeps_the_checkpoints(tmp_path):
+    src = AudioMAEClassifier(TINY.replace(pos_embed_kind="grid"), num_classes=4)
+    with pytest.warns(CheckpointAdaptedWarning, match=r"'grid' kind.*pos_embed_kind='grid' \(the checkpoint's tables\), "
+                                                      r"not 'released'"):
+        clf = AudioMAEClassifier.from_pretrained(src.state_dict(), config=TINY.replace(img_size=(512, 128)),
+                                                 num_classes=4)
+    assert clf.config.pos_embed_kind == "grid"
+    torch.testing.assert_close(clf.pos_embed.data, sincos_2d(64, (32, 8), "grid"), rtol=0, atol=0)
+
+
+def test_half_precision_fixed_table_is_recognised(tmp_path):
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in AudioMAEClassifier(TINY, num_classes=4).state_dict().items()}
+    with pytest.warns(CheckpointAdaptedWarning, match="fixed sin-cos table rebuilt for the 32x8 grid"):
+        clf = AudioMAEClassifier.from_pretrained(sd, img_size=(512, 128))
+    torch.testing.assert_close(clf.pos_embed.data, sincos_2d(64, (32, 8)), rtol=0, atol=0)
+
+
+# --- the release's args, by the script that wrote them --------------------------------------------
+def test_finetuning_args_go_to_the_finetuning_fields(tmp_path):
+    """main_finetune_as.py's mask_2d / mask_t_prob / mask_f_prob are the classifier's fine-tuning
+    masking; the pretraining masking fields keep their defaults."""
+    clf = AudioMAEClassifier(TINY, num_classes=10)
+    args = argparse.Namespace(model="vit_base_patch16", nb_classes=10, mask_2d=True, mask_t_prob=0.3,
+                              mask_f_prob=0.25, drop_path=0.1)
+    path = _released_file(tmp_path, clf.state_dict(), args, name="ft.pth")
+    cfg = AudioMAEClassifier.from_pretrained(path).config
+    assert (cfg.finetune_mask_2d, cfg.finetune_mask_t_prob, cfg.finetune_mask_f_prob) == (True, 0.3, 0.25)
+    default = AudioMAEConfig()
+    assert (cfg.mask_t_prob, cfg.mask_f_prob, cfg.mask_mode) == (default.mask_t_prob, default.mask_f_prob, "unstructured")
+
+
+def test_pretraining_args_go_to_the_pretraining_fields(tmp_path):
+    """main_pretrain.py's mask_2d selects its structured masking (random_masking_2d) with its
+    mask_t_prob / mask_f_prob; the fine-tuning fields keep their defaults."""
+    args = argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True, mask_ratio=0.8, mask_2d=True,
+                              mask_t_prob=0.7, mask_f_prob=0.3, no_shift=False, decoder_mode=1)
+    path = _released_file(tmp_path, AudioMAE(TINY).state_dict(), args, name="pt.pth")
+    cfg = AudioMAE.from_pretrained(path).config
+    assert (cfg.mask_mode, cfg.mask_t_prob, cfg.mask_f_prob, cfg.mask_ratio) == ("time_frequency", 0.7, 0.3, 0.8)
+    default = AudioMAEConfig()
+    assert (cfg.finetune_mask_2d, cfg.finetune_mask_t_prob, cfg.finetune_mask_f_prob) == \
+        (default.finetune_mask_2d, default.finetune_mask_t_prob, default.finetune_mask_f_prob)
+    assert cfg.shift_size == default.shift_size
+    # without mask_2d the release masks unstructured (mask_ratio); its t / f defaults are still recorded
+    plain = infer_config(AudioMAE(TINY).state_dict(), argparse.Namespace(mask_2d=False, mask_t_prob=0.7, no_shift=True))
+    assert "mask_mode" not in plain and plain["mask_t_prob"] == 0.7 and plain["shift_size"] == (0, 0)
+
+
+# --- patch 14 (the release's ViT-H) ---------------------------------------------------------------
+@pytest.mark.parametrize("frames", [1024, 512])
+def test_patch14_input_size_is_the_releases(tmp_path, frames):
+    """Patch 14 on the release's inputs leaves 73 (or 36) x 9 patches, the remainders dropped, as the
+    huge preset does: the inferred input is that one, not 73 * 14 = 1022 frames."""
+    assert AudioMAEConfig.preset("huge").img_size == (1024, 128)
+    src = AudioMAE(TINY.replace(patch_size=14, img_size=(frames, 128), decoder_mode="global"))
+    torch.save(src.state_dict(), tmp_path / "h.pt")
+    assert infer_config(src.state_dict())["img_size"] == (frames, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to adapt
+        model = AudioMAE.from_pretrained(tmp_path / "h.pt")
+    assert model.config.img_size == (frames, 128) and model.config.grid_size == (frames // 14, 9)
+    L = (frames // 14) * 9
+    assert _same_output(src, model, torch.randn(1, 1, frames, 128), noise=torch.rand(1, L))
