@@ -7,6 +7,8 @@ this dataclass without translation.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -67,22 +69,43 @@ class AudioMAEConfig:
             problems.append(f"mask_mode={self.mask_mode!r} is not one of {MASK_MODES}")
         if self.pos_embed_kind not in POS_EMBED_KINDS:
             problems.append(f"pos_embed_kind={self.pos_embed_kind!r} is not one of {POS_EMBED_KINDS}")
-        if self.patch_size <= 0 or any(s < self.patch_size for s in self.img_size):
+        positive = ("patch_size", "embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads")
+        bad = [n for n in positive if not _is_int(getattr(self, n)) or getattr(self, n) <= 0]
+        problems += [f"{n}={getattr(self, n)!r} must be a positive integer" for n in bad]
+        if "patch_size" not in bad and any(s < self.patch_size for s in self.img_size):
             problems.append(f"img_size={self.img_size} must be at least one patch ({self.patch_size}) per axis")
-        for name in ("embed_dim", "decoder_embed_dim"):
-            dim, heads = getattr(self, name), getattr(self, name.replace("embed_dim", "num_heads"))
-            if name == "embed_dim":
-                heads = self.num_heads
+        for name, heads_name in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            if name in bad or heads_name in bad:
+                continue
+            dim, heads = getattr(self, name), getattr(self, heads_name)
             if dim % heads:
-                problems.append(f"{name}={dim} is not divisible by its number of heads ({heads})")
+                problems.append(f"{name}={dim} is not divisible by its number of heads ({heads_name}={heads})")
             if dim % 4:
                 problems.append(f"{name}={dim} must be a multiple of 4 for the 2D sin-cos position table")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            problems.append(f"mask_ratio={self.mask_ratio} must be in [0, 1)")
+        problems += self._masking_problems(grid_known=not problems)
         if any(w <= 0 for w in self.window_size) or any(s < 0 for s in self.shift_size):
             problems.append(f"window_size={self.window_size} must be positive and shift_size={self.shift_size} >= 0")
         if problems:
             raise ValueError("invalid AudioMAEConfig: " + "; ".join(problems))
+
+    def _masking_problems(self, grid_known: bool) -> list:
+        """The masking fields: ratios in range, and a pretraining masking that removes at least one
+        patch per sample (the loss is the mean over the removed patches), as the forward call checks."""
+        from .masking import PRETRAIN_RATIO, PRETRAIN_RATIO_WHY, check_ratio
+
+        problems = []
+        for name in ("mask_ratio", "mask_t_prob", "mask_f_prob", "finetune_mask_t_prob", "finetune_mask_f_prob"):
+            try:  # the probabilities remove lines, one of each axis is always kept
+                if name == "mask_ratio":
+                    check_ratio(self.mask_ratio, name, PRETRAIN_RATIO, PRETRAIN_RATIO_WHY)
+                else:
+                    check_ratio(getattr(self, name), name, "[0, 1]")
+            except (TypeError, ValueError) as e:
+                problems.append(str(e))
+        if not problems and grid_known:
+            problems += masking_removes_nothing(self.grid_size, self.mask_mode, self.mask_ratio,
+                                                self.mask_t_prob, self.mask_f_prob)
+        return problems
 
     # --- derived quantities -------------------------------------------------------------------
     @property
@@ -126,14 +149,39 @@ class AudioMAEConfig:
         return cls(**{**PRESETS[key], **overrides})
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _pair(v: Any, name: str) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
+    if _is_int(v):
+        return (int(v), int(v))
     try:
         a, b = v
-        return (int(a), int(b))
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    # int() would cut 1024.7 silently; whole floats (1024.0) are taken
+    if not all(_is_int(x) or (isinstance(x, float) and x.is_integer()) for x in (a, b)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return (int(a), int(b))
+
+
+def masking_removes_nothing(grid: Tuple[int, int], mode: str, mask_ratio: float, t_ratio: float,
+                            f_ratio: float) -> list:
+    """[] if the pretraining masking ``mode`` on ``grid`` removes at least one patch per sample, else
+    the problem, naming the ratios that decide it."""
+    from .masking import num_masked
+
+    if num_masked(grid, mode, mask_ratio, t_ratio, f_ratio):
+        return []
+    T, F = grid
+    if mode == "time_frequency":
+        return [f"mask_t_prob={t_ratio} and mask_f_prob={f_ratio} mask no patch with time_frequency masking; "
+                "the pretraining loss is the mean over the masked patches and needs at least one per sample"]
+    hint = ("use a larger mask_ratio, in (0, 1)" if num_masked(grid, mode, math.nextafter(1.0, 0.0), t_ratio, f_ratio)
+            else f"no mask_ratio does on this grid (one {mode} line is always kept): use another mask_mode")
+    return [f"mask_ratio={mask_ratio} masks no patch of the {T} x {F} patch grid with {mode} masking; the "
+            f"pretraining loss is the mean over the masked patches and needs at least one per sample: {hint}"]
 
 
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=16, decoder_num_heads=16, decoder_mode="local")

@@ -84,16 +84,49 @@ def preference(op: str) -> Tuple[str, ...]:
 def _check_name(backend: Optional[str]) -> Optional[str]:
     if backend is None or backend in ("", "auto"):
         return None
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a name, one of {', '.join(BACKENDS)} or 'auto' (or None), "
+                         f"got {backend!r} ({type(backend).__name__})")
     backend = backend.lower()
+    if backend == "auto":
+        return None
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
     return backend
 
 
+# modules whose import registers op implementations (imported on demand to check an op name)
+_OP_MODULES = ("ops", "ops_step", "ops_cuda")
+
+
+def _check_op(op: Optional[str]) -> Optional[str]:
+    """``op`` if it is None (every op) or a registered op name, else a ValueError naming the ops. The
+    op modules register on import, so they are imported before an unknown name is refused."""
+    if op is None:
+        return None
+    if not isinstance(op, str):
+        raise ValueError(f"op must be an op name (or None for every op), got {op!r} ({type(op).__name__})")
+    problems = []
+    if op not in _REGISTRY:
+        import importlib
+
+        for name in _OP_MODULES:
+            try:
+                importlib.import_module(f"{__package__}.{name}")
+            except Exception as e:  # a broken optional module: say so rather than hide it
+                problems.append(f"audiomae.{name} is not importable ({type(e).__name__}: {e})")
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; the ops are {', '.join(registered_ops())}"
+                         + ("; " + "; ".join(problems) if problems else ""))
+    return op
+
+
 def set_backend(backend: Optional[str], op: Optional[str] = None) -> None:
     """Force ``backend`` for ``op`` (or for every op when ``op`` is None); ``None``/'auto' restores the
-    automatic choice. Takes precedence over ``AUDIOMAE_BACKEND``."""
-    _FORCED[op] = _check_name(backend)
+    automatic choice. Takes precedence over ``AUDIOMAE_BACKEND``; a per-op setting (also 'auto') takes
+    precedence over the one for every op. Unknown backends and ops raise ValueError."""
+    backend = _check_name(backend)
+    _FORCED[_check_op(op)] = backend
 
 
 @contextlib.contextmanager
@@ -111,11 +144,28 @@ def use_backend(backend: Optional[str], op: Optional[str] = None) -> Iterator[No
 
 
 def forced_backend(op: str) -> Optional[str]:
-    """The backend forced for ``op`` (per-op setting, then global setting, then the environment)."""
-    for key in (op, None):
-        if _FORCED.get(key):
-            return _FORCED[key]
-    return _check_name(os.environ.get(ENV_VAR))
+    """The backend forced for ``op`` (per-op setting, then global setting, then the environment); a
+    setting of None/'auto' means the automatic choice, whatever comes after it."""
+    return _forced(op)[0]
+
+
+def _forced(op: str) -> Tuple[Optional[str], str]:
+    """(forced backend or None, where that is set: ``"op"``, ``"every op"`` or ``"environment"``)."""
+    if op in _FORCED:
+        return _FORCED[op], "op"
+    if None in _FORCED:
+        return _FORCED[None], "every op"
+    return _check_name(os.environ.get(ENV_VAR)), "environment"
+
+
+def _undo_advice(op: str, source: str) -> str:
+    """How to get the automatic choice back, for a backend forced at ``source`` (see :func:`_forced`)."""
+    if source == "environment":
+        return f"Unset {ENV_VAR} or call audiomae.dispatch.set_backend(None) for the automatic choice."
+    if source == "every op":
+        return (f"Call audiomae.dispatch.set_backend(None) for the automatic choice (it takes precedence over "
+                f"{ENV_VAR}).")
+    return f"Call audiomae.dispatch.set_backend(None, op={op!r}) for the automatic choice of this op."
 
 
 def reasons(op: str, *args, **kwargs) -> Dict[str, List[str]]:
@@ -160,14 +210,13 @@ def _choose(op: str, args, kwargs, prepare: bool) -> Tuple[str, Callable]:
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
-    forced = forced_backend(op)
+    forced, source = _forced(op)
     if forced is not None:
         impl = impls.get(forced)
         why = [f"no {forced} implementation of {op}"] if impl is None else impl.why_not(*args, **kwargs)
         if why:
             raise BackendUnavailableError(f"{op}: backend '{forced}' was asked for but cannot run: " + "; ".join(why)
-                                          + f". Unset {ENV_VAR} or call audiomae.dispatch.set_backend(None) "
-                                          "for the automatic choice.")
+                                          + ". " + _undo_advice(op, source))
         return forced, impl.fn
     for b in preference(op):
         impl = impls.get(b)

@@ -9,6 +9,8 @@ They return the kept tokens and the bookkeeping the decoder and loss need:
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -26,6 +28,42 @@ def num_kept(length: int, ratio: float) -> int:
     return max(1, int(length * (1 - ratio)))
 
 
+def check_ratio(value, name: str = "mask_ratio", interval: str = "[0, 1)", why: str = "") -> float:
+    """``value`` as a float after checking it is a real number in ``interval`` (``"[0, 1)"``,
+    ``"(0, 1)"`` or ``"[0, 1]"``); a ValueError (TypeError for a non-number) naming ``name``, the
+    interval and ``why`` otherwise."""
+    why = f" ({why})" if why else ""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in {interval}{why}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    low_ok = value > 0.0 if interval[0] == "(" else value >= 0.0
+    high_ok = value <= 1.0 if interval[-1] == "]" else value < 1.0
+    if math.isnan(value) or not (low_ok and high_ok):
+        raise ValueError(f"{name} must be in {interval}{why}, got {value}")
+    return value
+
+
+# the forward call's and the config's rule for the pretraining mask_ratio
+PRETRAIN_RATIO = "(0, 1)"
+PRETRAIN_RATIO_WHY = "the loss is the mean over the masked patches, the encoder sees the kept ones"
+
+
+def num_masked(grid: Tuple[int, int], mode: str, mask_ratio: float, t_ratio: Optional[float] = None,
+               f_ratio: Optional[float] = None) -> int:
+    """How many of the ``T * F`` patches each sample's masking removes (the same for every sample), for
+    the ratios as :func:`mask_tokens` uses them."""
+    T, F = grid
+    if mode == "unstructured":
+        return T * F - int(T * F * (1 - mask_ratio))
+    t = mask_ratio if mode == "time" or t_ratio is None else t_ratio
+    f = mask_ratio if mode == "frequency" or f_ratio is None else f_ratio
+    kept_t = num_kept(T, t) if mode in ("time", "time_frequency") else T
+    kept_f = num_kept(F, f) if mode in ("frequency", "time_frequency") else F
+    return T * F - kept_t * kept_f
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``x[b, ids[b, k], :]`` for ``x`` [B, L, D] and ``ids`` [B, K]."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -40,14 +78,16 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Ten
     from .reference.step import random_masking_ids  # the one implementation of the recipe
 
     B, L, _ = x.shape
+    mask_ratio = check_ratio(mask_ratio)
     ids_keep, ids_restore, mask = random_masking_ids(B, L, int(L * (1 - mask_ratio)), x.device, noise)
     return Masking(gather_tokens(x, ids_keep), mask, ids_restore, ids_keep)
 
 
 def _keep_lines(n: int, ratio: float, noise: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, n]: the ``int(n * (1 - ratio))`` lines with the smallest noise are kept."""
+    """Boolean [B, n]: the ``int(n * (1 - ratio))`` lines (at least one) with the smallest noise are
+    kept; equal noise values keep index order (a stable argsort, as unstructured masking)."""
     keep = num_kept(n, ratio)
-    ids = torch.argsort(noise, dim=1)[:, :keep]
+    ids = torch.argsort(noise, dim=1, stable=True)[:, :keep]
     out = torch.zeros(noise.shape, dtype=torch.bool, device=noise.device)
     return out.scatter_(1, ids, True)
 
@@ -58,15 +98,22 @@ def structured_keep(batch: int, grid: Tuple[int, int], mode: str, t_ratio: float
 
     Whole time rows (``time``), whole frequency columns (``frequency``) or both are removed.
     ``noise`` (optional) is [B, T] for time, [B, F] for frequency, [B, T + F] for time_frequency
-    (time noise first); the lines with the smallest noise are kept.
+    (time noise first); the lines with the smallest noise are kept, ties in index order. The ratios
+    are in [0, 1]; at least one line of each axis is kept.
     """
     T, F = grid
     sizes = {"time": (T,), "frequency": (F,), "time_frequency": (T, F)}
     if mode not in sizes:
         raise ValueError(f"structured masking mode must be one of {sorted(sizes)}, got {mode!r}")
+    if mode in ("time", "time_frequency"):
+        t_ratio = check_ratio(t_ratio, "the time masking ratio", "[0, 1]")
+    if mode in ("frequency", "time_frequency"):
+        f_ratio = check_ratio(f_ratio, "the frequency masking ratio", "[0, 1]")
     n = sum(sizes[mode])
     if noise is None:
         noise = torch.rand(batch, n, device=device)
+    elif not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise for {mode} masking must be a torch.Tensor [B, {n}], got {type(noise).__name__}")
     elif noise.shape != (batch, n):
         raise ValueError(f"noise for {mode} masking must be [B, {n}], got {list(noise.shape)}")
     keep_t = torch.ones(batch, T, dtype=torch.bool, device=noise.device)

@@ -13,9 +13,10 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .config import AudioMAEConfig
+from .config import MASK_MODES, AudioMAEConfig, masking_removes_nothing
 from .layers import Block, PatchEmbed, SwinBlock
-from .masking import Masking, mask_tokens, structured_keep, masking_from_keep
+from .masking import (PRETRAIN_RATIO, PRETRAIN_RATIO_WHY, Masking, check_ratio, mask_tokens, masking_from_keep,
+                      structured_keep)
 from .ops_step import decoder_unshuffle, masked_norm_pix_loss, masked_patch_embed, random_masking_ids
 from .pos_embed import sincos_2d
 
@@ -87,9 +88,18 @@ class _Encoder(nn.Module):
         if not spec.dtype.is_floating_point:
             raise TypeError(f"expected a floating-point spectrogram, got dtype {spec.dtype}")
         weight = self.patch_embed.proj.weight
-        if spec.dtype != weight.dtype and not torch.is_autocast_enabled(spec.device.type):
-            raise TypeError(f"input dtype {spec.dtype} differs from the model's {weight.dtype}: convert the input "
-                            f"(spec.to({weight.dtype})) or run under torch.autocast")
+        if spec.dtype != weight.dtype:
+            # autocast casts float32/16-bit tensors, never float64 ones: a float64 input (or model) under
+            # autocast would reach the convolution with mixed dtypes
+            castable = (torch.float32, torch.float16, torch.bfloat16)
+            if not (torch.is_autocast_enabled(spec.device.type) and spec.dtype in castable
+                    and weight.dtype in castable):
+                advice = f"convert the input (spec.to({weight.dtype}))"
+                if spec.dtype == torch.float64:
+                    advice += " or the model (model.double()); torch.autocast does not cast float64 tensors"
+                elif weight.dtype in castable:
+                    advice += " or run under torch.autocast"
+                raise TypeError(f"input dtype {spec.dtype} differs from the model's {weight.dtype}: {advice}")
         if spec.ndim == 3:
             if spec.shape[0] == cfg.in_chans and tuple(spec.shape[1:]) == cfg.img_size:
                 raise ValueError(f"expected input [B, 1, T, F], got one clip {list(spec.shape)} (as load_input "
@@ -100,6 +110,18 @@ class _Encoder(nn.Module):
             raise ValueError(f"expected input [B, {cfg.in_chans}, {cfg.img_size[0]}, {cfg.img_size[1]}] "
                              f"(time frames, mel bins), got {list(spec.shape)}; pad or cut the time axis with "
                              f"audiomae.audio.pad_or_cut, or build the model for this size")
+
+    @staticmethod
+    def _check_noise(noise: Optional[torch.Tensor], spec: torch.Tensor) -> None:
+        """``noise`` (fixing the masking) is None or a tensor on the input's device."""
+        if noise is None:
+            return
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__module__}.{type(noise).__name__}; "
+                            "convert it with torch.as_tensor(noise, device=spec.device)")
+        if noise.device != spec.device:
+            raise ValueError(f"noise is on {noise.device} but the input is on {spec.device}: move it with "
+                             "noise.to(spec.device)")
 
     def _init_encoder_weights(self) -> None:
         # as the release: xavier-uniform on the flattened conv kernel, std 0.02 tokens, xavier linears
@@ -172,12 +194,19 @@ class AudioMAE(_Encoder):
     # --- pieces ----------------------------------------------------------------------------
     def forward_encoder(self, spec: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None,
                         mask_mode: Optional[str] = None) -> Tuple[torch.Tensor, Masking]:
-        """``[B, 1, T, F]`` -> (normed encoder output ``[B, 1 + K, D]`` for kept tokens, masking)."""
+        """``[B, 1, T, F]`` -> (normed encoder output ``[B, 1 + K, D]`` for kept tokens, masking).
+
+        ``mask_ratio`` in [0, 1); ``time_frequency`` masking uses the config's ``mask_t_prob`` and
+        ``mask_f_prob`` instead."""
         cfg = self.config
         mode = mask_mode or cfg.mask_mode
+        if mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mode!r}")
+        mask_ratio = check_ratio(mask_ratio)
+        self._check_input(spec)
+        self._check_noise(noise, spec)
         if mode == "unstructured":
             # embed only the kept patches: the same values as embedding all of them, then gathering
-            self._check_input(spec)
             B, L = spec.shape[0], cfg.num_patches
             ids_keep, ids_restore, mask = random_masking_ids(B, L, int(L * (1 - mask_ratio)), spec.device, noise)
             proj = self.patch_embed.proj
@@ -208,11 +237,19 @@ class AudioMAE(_Encoder):
                 mask_mode: Optional[str] = None) -> MAEOutput:
         """Masked reconstruction of ``spec`` [B, 1, T, F].
 
-        ``mask_ratio`` defaults to the config's (0.8). ``noise`` fixes the masking: [B, L] for the
+        ``mask_ratio`` defaults to the config's (0.8); it is in (0, 1) and must mask at least one
+        patch (the loss is the mean over the masked ones). ``noise`` fixes the masking: [B, L] for the
         unstructured recipe (the release's, bit for bit), [B, T] / [B, F] / [B, T + F] for the
-        time / frequency / time_frequency modes.
+        time / frequency / time_frequency modes, on the input's device; equal values keep index order.
         """
-        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        cfg = self.config
+        ratio = check_ratio(cfg.mask_ratio if mask_ratio is None else mask_ratio, "mask_ratio", PRETRAIN_RATIO,
+                            PRETRAIN_RATIO_WHY)
+        mode = mask_mode or cfg.mask_mode
+        if mode in MASK_MODES:  # else forward_encoder says so
+            problem = masking_removes_nothing(cfg.grid_size, mode, ratio, cfg.mask_t_prob, cfg.mask_f_prob)
+            if problem:
+                raise ValueError(problem[0])
         latent, m = self.forward_encoder(spec, ratio, noise, mask_mode)
         pred = self.forward_decoder(latent, m.ids_restore)
         loss = self.forward_loss(spec, pred, m.mask)
@@ -291,6 +328,7 @@ class AudioMAEClassifier(_Encoder):
         x = self.tokens(spec)
         use_mask = (cfg.finetune_mask_2d and self.training) if mask_2d is None else mask_2d
         if use_mask:
+            self._check_noise(noise, spec)
             keep = structured_keep(x.shape[0], cfg.grid_size, "time_frequency", cfg.finetune_mask_t_prob,
                                    cfg.finetune_mask_f_prob, noise=noise, device=x.device)
             x = masking_from_keep(x, keep).x

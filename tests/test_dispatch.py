@@ -99,8 +99,13 @@ def test_set_backend_takes_precedence_over_the_environment(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     dispatch.set_backend("torch")
     assert dispatch.choose(OP, *example())[0] == "torch"
-    dispatch.set_backend(None)
-    assert dispatch.forced_backend(OP) == "triton"  # back to the environment
+    dispatch.set_backend(None)  # the automatic choice, as the docstring and the error message say
+    assert dispatch.forced_backend(OP) is None
+    assert dispatch.choose(OP, *example())[0] == "torch"  # the automatic choice on the CPU
+    dispatch.set_backend("auto", op=OP)
+    assert dispatch.forced_backend(OP) is None
+    dispatch._FORCED.clear()  # no setting left: the environment applies again
+    assert dispatch.forced_backend(OP) == "triton"
 
 
 def test_per_op_setting_beats_the_global_one():
@@ -294,3 +299,63 @@ def test_the_cuda_window_attention_is_taken_where_it_was_measured_faster(monkeyp
     tau, bias = torch.empty(heads, device="meta"), torch.empty(heads, window[0] * window[1], window[0] * window[1])
     why = ops_cuda._window_attention_cuda_passed_over(qkv, tau, bias, (64, 8), window, (0, 0), heads)
     assert (why == []) == taken, why
+
+
+def test_auto_overrides_the_environment_and_the_global_setting(monkeypatch):
+    """set_backend(None) / 'auto' is the automatic choice whatever AUDIOMAE_BACKEND says (as the error
+    message advises), and a per-op 'auto' beats a backend forced for every op."""
+    from audiomae import AudioMAE, AudioMAEConfig
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    with pytest.raises(BackendUnavailableError, match=r"Unset AUDIOMAE_BACKEND or call .*set_backend\(None\)"):
+        dispatch.choose(OP, *example())
+    dispatch.set_backend(None)
+    assert dispatch.forced_backend(OP) is None
+    assert dispatch.choose(OP, *example())[0] == "torch"
+    model = AudioMAE(AudioMAEConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 1, 256, 128)).loss)
+    dispatch.set_backend("cuda")
+    dispatch.set_backend("auto", op=OP)
+    assert dispatch.forced_backend(OP) is None and dispatch.forced_backend("gelu_mlp") == "cuda"
+    assert dispatch.choose(OP, *example())[0] == "torch"
+    with pytest.raises(BackendUnavailableError, match=r"Call audiomae.dispatch.set_backend\(None\) .*precedence"):
+        dispatch.choose("masked_norm_pix_loss", torch.zeros(1, 8, 256), torch.zeros(1, 1, 64, 32), torch.ones(1, 8), 16)
+    dispatch.set_backend("cuda", op=OP)  # forced for this op only: the advice names the op
+    with pytest.raises(BackendUnavailableError, match=r"set_backend\(None, op='window_attention'\)"):
+        dispatch.choose(OP, *example())
+
+
+def test_set_backend_rejects_bad_backends_and_unknown_ops():
+    for bad in (3, 1.0, ["torch"]):
+        with pytest.raises(ValueError, match="torch, triton, cuda or 'auto'"):
+            dispatch.set_backend(bad)
+    with pytest.raises(ValueError, match=r"unknown op 'window_atention'; the ops are .*window_attention"):
+        dispatch.set_backend("triton", op="window_atention")
+    with pytest.raises(ValueError, match="unknown op"):
+        with dispatch.use_backend("torch", op="gelu"):
+            pass
+    with pytest.raises(ValueError, match="op must be an op name"):
+        dispatch.set_backend("torch", op=5)
+    assert dispatch._FORCED == {}  # nothing stored by a refused call
+    for op in dispatch.registered_ops():  # every real op is taken, and 'AUTO' is the automatic choice
+        with dispatch.use_backend("torch", op=op):
+            assert dispatch.forced_backend(op) == "torch"
+    dispatch.set_backend("AUTO", op=OP)
+    assert dispatch._FORCED == {OP: None}
+
+
+def test_an_op_not_yet_registered_is_imported_before_it_is_refused(monkeypatch):
+    """Ops register when their module is imported: set_backend imports the op modules before it
+    refuses a name, so an op whose module was not imported yet is accepted (and registered)."""
+    import audiomae
+
+    monkeypatch.setattr(dispatch, "_REGISTRY", {k: v for k, v in dispatch._REGISTRY.items()
+                                                if k not in ("masked_patch_embed", "decoder_unshuffle")})
+    monkeypatch.setattr(dispatch, "_PREFERENCE", dict(dispatch._PREFERENCE))
+    monkeypatch.setattr(audiomae, "ops_step", audiomae.ops_step)  # the package attribute, restored
+    monkeypatch.delitem(sys.modules, "audiomae.ops_step")  # as if never imported (restored afterwards)
+    assert "masked_patch_embed" not in dispatch.registered_ops()
+    dispatch.set_backend("torch", op="masked_patch_embed")
+    assert "masked_patch_embed" in dispatch.registered_ops()
+    assert dispatch.forced_backend("masked_patch_embed") == "torch"

@@ -88,3 +88,53 @@ def test_model_masking_modes_run():
         assert torch.isfinite(out.loss)
         g = out.mask.view(2, 16, 8)
         assert torch.equal(g, torch.maximum(g.amin(2, keepdim=True), g.amin(1, keepdim=True)))
+
+
+def test_ties_keep_index_order_as_the_dispatched_op():
+    """Equal noise values keep index order (a stable sort) in the reference the model calls, as in
+    the dispatched op (audiomae.ops_cuda) and its CUDA kernel: a given noise gives one masking."""
+    from audiomae import AudioMAE, AudioMAEConfig
+    from audiomae.ops_cuda import random_masking_ids_reference
+    from audiomae.reference.step import random_masking_ids
+
+    ids_keep, ids_restore, mask = random_masking_ids(2, 128, 25, None, torch.zeros(2, 128))
+    assert ids_keep.tolist() == [list(range(25))] * 2
+    assert mask.tolist() == [[0.0] * 25 + [1.0] * 103] * 2
+    torch.manual_seed(0)
+    noise = torch.rand(4, 512).to(torch.bfloat16)  # quantised: many ties
+    for a, b in zip(random_masking_ids(4, 512, 102, None, noise),
+                    random_masking_ids_reference(4, 512, 102, None, noise)):
+        assert torch.equal(a, b)
+    m = random_masking(torch.randn(2, 128, 4), 0.8, torch.zeros(2, 128))
+    assert m.ids_keep.tolist() == [list(range(25))] * 2
+    model = AudioMAE(AudioMAEConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 256, 128), noise=torch.zeros(1, 128))
+    assert (out.mask[0] == 0).nonzero().flatten().tolist() == list(range(25))
+
+
+@pytest.mark.parametrize("mode", ["time", "frequency", "time_frequency"])
+def test_structured_ties_keep_index_order(mode):
+    T, F = 32, 24
+    n = {"time": T, "frequency": F, "time_frequency": T + F}[mode]
+    keep = structured_keep(2, (T, F), mode, 0.5, 0.5, noise=torch.zeros(2, n)).view(2, T, F)
+    kept_t = T if mode == "frequency" else T // 2  # all-equal noise: the first lines are kept
+    kept_f = F if mode == "time" else F // 2
+    assert keep.any(2).tolist() == [[t < kept_t for t in range(T)]] * 2
+    assert keep.any(1).tolist() == [[f < kept_f for f in range(F)]] * 2
+
+
+def test_masking_ratio_and_noise_errors():
+    x = torch.randn(2, 16, 3)
+    for bad in (-0.5, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+            random_masking(x, bad)
+    with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
+        random_masking(x, 0.5, [[0.1] * 16] * 2)
+    with pytest.raises(ValueError, match=r"the time masking ratio must be in \[0, 1\]"):
+        structured_keep(2, (4, 4), "time", 1.5, 0.5)
+    with pytest.raises(ValueError, match=r"the frequency masking ratio must be in \[0, 1\]"):
+        structured_keep(2, (4, 4), "time_frequency", 0.5, float("nan"))
+    with pytest.raises(TypeError, match="noise for time masking must be a torch.Tensor"):
+        structured_keep(2, (4, 4), "time", 0.5, 0.5, noise=[[0.1] * 4] * 2)
+    assert structured_keep(2, (4, 4), "time", 1.0, 0.0).view(2, 4, 4).any(2).sum(1).tolist() == [1, 1]

@@ -182,3 +182,83 @@ def test_presets():
 def test_public_api():
     assert audiomae.AudioMAEConfig is AudioMAEConfig
     assert callable(audiomae.AudioMAE.from_pretrained)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5, float("nan")])
+@pytest.mark.parametrize("mode", ["unstructured", "time"])
+def test_mask_ratio_outside_0_1_is_refused_by_name(ratio, mode):
+    """0 would give a NaN loss (no masked patch), 1 no kept patch; the message names mask_ratio."""
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\) \(the loss is the mean over the masked"):
+        model(torch.randn(2, 1, 256, 128), mask_ratio=ratio, mask_mode=mode)
+
+
+def test_mask_ratio_that_masks_nothing_is_refused():
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    x = torch.randn(2, 1, 256, 128)
+    with pytest.raises(ValueError, match=r"mask_ratio=1e-17 masks no patch of the 16 x 8 patch grid"):
+        model(x, mask_ratio=1e-17)
+    with pytest.raises(TypeError, match="mask_ratio must be a number"):
+        model(x, mask_ratio="0.8")
+    model.config.mask_ratio = 0.0  # a config changed after it was checked
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\)"):
+        model(x)
+    out = model(x, mask_ratio=0.005)  # int(128 * 0.995) = 127 kept: a ratio that masks one patch is fine
+    assert (out.mask.sum(1) == 1).all() and torch.isfinite(out.loss)
+    assert (model(x, mask_ratio=0.99).mask.sum(1) == 127).all()
+
+
+def test_config_masking_rules_match_the_forward_call():
+    for kw, message in [(dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 1\)"),
+                        (dict(mask_ratio=1.0), r"mask_ratio must be in \(0, 1\)"),
+                        (dict(mask_ratio=float("nan")), r"mask_ratio must be in \(0, 1\)"),
+                        (dict(mask_t_prob=1.5), r"mask_t_prob must be in \[0, 1\]"),
+                        (dict(finetune_mask_f_prob=-0.1), r"finetune_mask_f_prob must be in \[0, 1\]"),
+                        (dict(mask_mode="time_frequency", mask_t_prob=0.0, mask_f_prob=0.0), "mask no patch"),
+                        (dict(img_size=(16, 128), mask_mode="time"), "no mask_ratio does on this grid")]:
+        with pytest.raises(ValueError, match=message):
+            AudioMAEConfig.preset("tiny", **kw)
+
+
+def test_config_rejects_bad_heads_and_non_integer_sizes():
+    for kw, message in [(dict(num_heads=0), "num_heads=0 must be a positive integer"),
+                        (dict(decoder_num_heads=0), "decoder_num_heads=0 must be a positive integer"),
+                        (dict(num_heads=-4), "num_heads=-4 must be a positive integer"),
+                        (dict(num_heads=3), r"embed_dim=64 is not divisible by its number of heads \(num_heads=3\)"),
+                        (dict(decoder_num_heads=3), r"decoder_embed_dim=64 is not divisible .*decoder_num_heads=3"),
+                        (dict(img_size=(1024.7, 128.9)), "img_size must be an int or a pair of ints"),
+                        (dict(img_size=("256", 128)), "img_size must be an int or a pair of ints"),
+                        (dict(patch_size=16.5), "patch_size=16.5 must be a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            AudioMAEConfig.preset("tiny", **kw)
+    assert AudioMAEConfig.preset("tiny", img_size=(256.0, 128)).img_size == (256, 128)  # whole floats are taken
+
+
+def test_noise_of_the_wrong_kind_or_device_is_refused():
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    x = torch.randn(2, 1, 256, 128)
+    with pytest.raises(TypeError, match=r"noise must be a torch.Tensor, got builtins.list; convert it"):
+        model(x, noise=[[0.5] * 128] * 2)
+    with pytest.raises(ValueError, match=r"noise is on meta but the input is on cpu: move it"):
+        model(x, noise=torch.rand(2, 128, device="meta"))
+    with pytest.raises(ValueError, match="noise is on meta"):
+        model(x, mask_mode="time", noise=torch.rand(2, 16, device="meta"))
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=3)
+    with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
+        clf(x, mask_2d=True, noise=[[0.5] * 24] * 2)
+
+
+def test_float64_input_advice_works():
+    """Under autocast a float64 input cannot reach the convolution (autocast does not cast float64);
+    the error says so and what works, and following it works."""
+    model = AudioMAE(AudioMAEConfig.preset("tiny")).eval()
+    x = torch.randn(2, 1, 256, 128, dtype=torch.float64)
+    for run in (lambda: model(x), lambda: model(x, mask_mode="time"), lambda: model.embed(x)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(TypeError, match=r"model.double\(\)\); torch.autocast does not cast float64"):
+                run()
+    with pytest.raises(TypeError, match=r"spec.to\(torch.float32\)\) or the model \(model.double\(\)\)"):
+        model(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(x.float()).loss)
+    assert model.double()(x).loss.dtype == torch.float64

@@ -25,17 +25,22 @@ def random_masking_ids(batch: int, length: int, len_keep: int, device=None,
     ``ids_keep`` [B, len_keep] (int64, the first ``len_keep`` of ``ids_shuffle``), ``ids_restore``
     [B, L] (int64) and ``mask`` [B, L] (float32, 1 = removed), exactly as
     :func:`audiomae.masking.random_masking` computes them (same random draws when ``noise`` is None).
+    Tie rule: equal noise values keep index order (a stable argsort, as the ``cuda`` backend sorts;
+    NaN last), so a given ``noise`` with ties gives the same ids on every backend and device.
     Everything stays on the device: no host synchronisation.
     """
     if noise is None:
         noise = torch.rand(batch, length, device=device)
+    elif not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor [B, L] = [{batch}, {length}], got {type(noise).__name__}")
     elif noise.shape != (batch, length):
         raise ValueError(f"noise for unstructured masking must be [B, L] = [{batch}, {length}], "
                          f"got {list(noise.shape)}")
     if not 0 <= len_keep <= length:
         raise ValueError(f"len_keep must be in [0, {length}], got {len_keep}")
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    # stable: ties in index order (continuous noise has none in practice: the release's ids)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # of a permutation: no ties
     ids_keep = ids_shuffle[:, :len_keep]
     # the release builds [0]*K + [1]*(L-K) and gathers it with ids_restore: the same values
     mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
