@@ -343,3 +343,17 @@ def test_patch14_input_size_is_the_releases(tmp_path, frames):
     assert model.config.img_size == (frames, 128) and model.config.grid_size == (frames // 14, 9)
     L = (frames // 14) * 9
     assert _same_output(src, model, torch.randn(1, 1, frames, 128), noise=torch.rand(1, L))
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    """Written through a temporary file (atomic), yet readable as a plain open() would make it."""
+    import stat
+
+    from audiomae.checkpoint import atomic_save
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o644

@@ -417,6 +417,7 @@ def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path, capsys):
     assert "holds a run" in err and "--resume auto" in err and "--overwrite" in err and "Traceback" not in err
     assert (os.path.getmtime(ckpt), (tmp_path / "run" / "metrics.jsonl").read_text()) == before  # untouched
     assert main(["pretrain", "-o", out, *TINY_RUN, "--resume", "auto"]) == 0  # continuing is fine
+    assert "nothing to train: the run had finished its 1 epochs (step 2)" in capsys.readouterr().out
     assert main(["pretrain", "-o", out, *TINY_RUN, "--overwrite"]) == 0
     assert torch.load(ckpt, weights_only=True)["step"] == 2
 

@@ -198,6 +198,49 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(second.model.bias, straight.model.bias)
 
 
+def test_resume_logs_each_step_once_and_lr_is_the_steps(tmp_path):
+    def step_fn(m, batch):
+        return (m(batch["waveform"]) ** 2).mean()
+
+    first = _trainer(tmp_path, step_fn, epochs=3, save_every_steps=3, log_every=1, warmup_epochs=1)
+    orig = first.train_step
+
+    def crash_after_five(batches):
+        if first.step == 5:
+            raise KeyboardInterrupt
+        return orig(batches)
+
+    first.train_step = crash_after_five
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    log = os.path.join(tmp_path, "metrics.jsonl")
+    with open(log, "a") as f:
+        f.write('{"phase": "train", "st')  # a line cut off by the crash
+    second = _trainer(tmp_path, step_fn, epochs=3, log_every=1, warmup_epochs=1)
+    second.resume(os.path.join(tmp_path, "checkpoint-last.pt"))  # the step-3 checkpoint
+    second.run()
+    import json
+    recs = [json.loads(line) for line in open(log)]
+    steps = [r["step"] for r in recs if r["phase"] == "train"]
+    assert steps == list(range(1, 13))  # 4 steps per epoch, each once
+    # the lr logged with a step is the one it used: 0 for the first step of the warmup
+    assert recs[0]["lr"] == 0.0 and recs[1]["lr"] == pytest.approx(second.lr / 4)
+    assert recs[-1]["lr"] == pytest.approx(lr_at(11, 12, 4, second.lr))
+
+
+def test_leftover_batches_of_an_epoch_are_trained(tmp_path):
+    seen = []
+
+    def step_fn(m, batch):
+        seen.append(batch["index"].tolist())
+        return m(batch["waveform"]).mean()
+
+    tr = _trainer(tmp_path, step_fn, epochs=1, accum_iter=3)  # 16 clips, batch 4: 4 batches, 3 + 1
+    assert tr.steps_per_epoch == 2
+    tr.run()
+    assert tr.step == 2 and sorted(i for b in seen for i in b) == list(range(16))
+
+
 def test_resume_refuses_other_geometry(tmp_path):
     tr = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), epochs=1)
     tr.run()

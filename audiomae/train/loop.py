@@ -61,6 +61,31 @@ class RunLog:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(f"{record.get('phase', 'train')}/{k}", v, record["step"])
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop the records of steps after ``step`` (they are trained again), in the JSON
+        lines and in TensorBoard (purge_step), so each step is logged once."""
+        if not self.enabled:
+            return
+        if os.path.isfile(self.path):
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut off by the crash
+                    if not isinstance(rec, dict) or int(rec.get("step", 0)) <= step:
+                        kept.append(json.dumps(rec) + "\n")
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        if self.tb is not None:
+            log_dir = self.tb.log_dir
+            self.tb.close()
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir, purge_step=step + 1)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -165,7 +190,8 @@ class Trainer:
                                         world_size=info.world_size, weights=weights, num_samples=n_samples)
         self.loader = _loader(dataset, opts, self.sampler, batch)
         self.batches_per_epoch = math.ceil(self.sampler.per_rank / batch)
-        self.steps_per_epoch = max(1, self.batches_per_epoch // accum)
+        # the last step of an epoch takes the batches left over from whole accumulation groups
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / accum))
         self.total_steps = int(opts["epochs"]) * self.steps_per_epoch
         self.warmup_steps = int(round(opts.get("warmup_epochs", 0) * self.steps_per_epoch))
         self.step = 0
@@ -229,6 +255,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best = state.get("best")
+        self.runlog.truncate_after(self.step)
         ranks = state.get("rng_ranks")
         if ranks and len(ranks) == self.info.world_size:
             set_rng_state(ranks[self.info.rank])
@@ -287,6 +314,7 @@ class Trainer:
         save_every = int(opts.get("save_every_steps") or 0)
         epochs = int(opts["epochs"])
         last_loss = float("nan")
+        start_step = self.step
         while self.epoch < epochs:
             self.model.train()
             self.loader.set_epoch(self.epoch)
@@ -306,6 +334,7 @@ class Trainer:
                         break
                 if not batches:
                     break
+                lr = self.current_lr()  # the step's lr (train_step sets it)
                 loss = self.train_step(batches)
                 n = sum(len(b["target"]) for b in batches) * self.info.world_size
                 if loss is None:
@@ -323,11 +352,14 @@ class Trainer:
                 self.epoch_step += 1
                 seen += n
                 rate = seen / max(1e-9, time.time() - t0)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self.current_lr():.2e}", samples_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 bar.update(1)
                 if self.step % max(1, int(opts.get("log_every", 10))) == 0 or self.epoch_step == self.steps_per_epoch:
-                    self.runlog.write({"phase": "train", "step": self.step, "epoch": self.epoch, "loss": last_loss,
-                                       "lr": self.current_lr(), "samples_per_s": rate, "skipped_steps": self.skipped})
+                    # the mean over the processes (every process logs at the same steps)
+                    logged = float(D.all_reduce_mean(torch.tensor([last_loss], device=self.device)).item()) \
+                        if self.info.enabled else last_loss
+                    self.runlog.write({"phase": "train", "step": self.step, "epoch": self.epoch, "loss": logged,
+                                       "lr": lr, "samples_per_s": rate, "skipped_steps": self.skipped})
                 if save_every and self.step % save_every == 0:
                     self.save()
             bar.close()
@@ -338,8 +370,10 @@ class Trainer:
             self.save()
         self.runlog.close()
         self._check_replicas()
+        if self.info.enabled and self.step > start_step:
+            last_loss = float(D.all_reduce_mean(torch.tensor([last_loss], device=self.device)).item())
         return {"steps": self.step, "epochs": self.epoch, "loss": last_loss, "skipped_steps": self.skipped,
-                "best": self.best}
+                "best": self.best, "trained_steps": self.step - start_step}
 
 
 def _refuse_to_overwrite(opts: Dict[str, Any]) -> None:
@@ -442,7 +476,12 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     summary = trainer.run()
     if info.is_main:
         model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"))
-        print(f"done: final loss {summary['loss']:.4f}; model in {os.path.join(opts['output_dir'], 'model.pt')}")
+        where = os.path.join(opts["output_dir"], "model.pt")
+        if summary["trained_steps"]:
+            print(f"done: final loss {summary['loss']:.4f}; model in {where}")
+        else:
+            print(f"nothing to train: the run had finished its {summary['epochs']} epochs (step {summary['steps']}); "
+                  f"raise --epochs to train further; model in {where}")
     if opts.get("cleanup", True):
         D.cleanup()
     return summary
