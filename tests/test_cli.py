@@ -503,3 +503,18 @@ def test_single_label_manifest(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "sl" / "checkpoint-best.pt"), *data, "--single-label", "-o",
                  str(tmp_path / "ev"), "--num-workers", "0", "--quiet"]) == 0
     assert "accuracy" in json.loads((tmp_path / "ev" / "metrics.json").read_text())
+
+
+def test_evaluate_refuses_data_with_other_classes_than_the_checkpoints(tmp_path, capsys):
+    _class_folders(str(tmp_path / "tr"), ["a", "b", "c"])
+    _class_folders(str(tmp_path / "other"), ["a", "b", "d"])
+    assert main(["finetune", "--data", str(tmp_path / "tr"), "--clip-seconds", "0.64", "-o", str(tmp_path / "ft"),
+                 *TINY_RUN]) == 0
+    for ckpt in ("checkpoint-best.pt", "model.pt"):
+        capsys.readouterr()
+        code = main(["evaluate", str(tmp_path / "ft" / ckpt), "--data", str(tmp_path / "other"), "--clip-seconds",
+                     "0.64", "-o", str(tmp_path / "ev"), "--num-workers", "0", "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 1 and "classes differ" in err and "only in training: c" in err, ckpt
+    assert main(["evaluate", str(tmp_path / "ft" / "model.pt"), "--data", str(tmp_path / "tr"), "--clip-seconds",
+                 "0.64", "-o", str(tmp_path / "ev"), "--num-workers", "0", "--quiet"]) == 0

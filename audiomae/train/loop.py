@@ -603,6 +603,8 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
             if info.is_main:
                 write_report(metrics, os.path.join(opts["output_dir"], "best_report.csv"))
 
+    # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
+    opts = dict(opts, class_names=list(train_set.class_names))
     trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
                       on_epoch_end=on_epoch_end)
     path = resolve_resume(opts.get("resume"), opts["output_dir"])
@@ -610,7 +612,7 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
         trainer.resume(path)
     summary = trainer.run()
     if info.is_main:
-        model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"))
+        model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"), args=_json_safe(opts))
         name = "mAP" if train_set.multi_label else "accuracy"
         print(f"done: best {name} {summary['best']:.4f}; best checkpoint in {os.path.join(opts['output_dir'], BEST)}")
     D.cleanup()
@@ -632,6 +634,9 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     if sd["head.weight"].shape[0] != dataset.num_classes:
         raise TrainingError(f"{opts['checkpoint']} predicts {sd['head.weight'].shape[0]} classes, the data has "
                             f"{dataset.num_classes}")
+    trained = args.get("class_names") if isinstance(args, dict) else None
+    if isinstance(trained, list) and trained != list(dataset.class_names):
+        raise TrainingError(f"{opts['checkpoint']}: " + _class_mismatch(trained, list(dataset.class_names)))
     model = AudioMAEClassifier.from_pretrained({"model": sd, "config": cfg, "args": args},
                                                img_size=(T, 128)).to(device)
     feats = _features(opts, dataset, device)
