@@ -142,6 +142,20 @@ def _trainer(tmp_path, step_fn, model=None, **over):
     return Trainer(model, opts, _Toy(), torch.device("cpu"), DistInfo(), step_fn)
 
 
+def _crash_at(trainer, step):
+    """Run ``trainer`` until it has done ``step`` steps, then stop it as a crash would."""
+    orig = trainer.train_step
+
+    def crash(batches):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return orig(batches)
+
+    trainer.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+
+
 def test_nan_steps_are_skipped_then_stop(tmp_path):
     calls = {"n": 0}
 
@@ -178,16 +192,7 @@ def test_resume_continues_exactly(tmp_path):
     torch.manual_seed(0)
     first = _trainer(tmp_path / "b", step_fn, epochs=3, save_every_steps=1)
     # stop in the middle of epoch 2 (step 6 of 12) as a crash would, after the step-6 checkpoint
-    orig = first.train_step
-
-    def crash_after_six(batches):
-        if first.step == 6:
-            raise KeyboardInterrupt
-        return orig(batches)
-
-    first.train_step = crash_after_six
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    _crash_at(first, 6)
     torch.manual_seed(123)  # a new process has another RNG state; resume must restore it
     second = _trainer(tmp_path / "b", step_fn, epochs=3)
     second.resume(os.path.join(tmp_path / "b", "checkpoint-last.pt"))
@@ -203,16 +208,7 @@ def test_resume_logs_each_step_once_and_lr_is_the_steps(tmp_path):
         return (m(batch["waveform"]) ** 2).mean()
 
     first = _trainer(tmp_path, step_fn, epochs=3, save_every_steps=3, log_every=1, warmup_epochs=1)
-    orig = first.train_step
-
-    def crash_after_five(batches):
-        if first.step == 5:
-            raise KeyboardInterrupt
-        return orig(batches)
-
-    first.train_step = crash_after_five
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    _crash_at(first, 5)
     log = os.path.join(tmp_path, "metrics.jsonl")
     with open(log, "a") as f:
         f.write('{"phase": "train", "st')  # a line cut off by the crash
