@@ -17,6 +17,7 @@ import textwrap
 from typing import Any, Dict, List, Optional
 
 MODEL_PRESETS = ("tiny", "small", "base", "large", "huge")  # audiomae.config.PRESETS (not imported for --help)
+# (the release's names, e.g. vit_base_patch16, are accepted too: audiomae.config.PRESET_ALIASES)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EMBED_FORMATS = (".pt", ".npz")
 
@@ -119,7 +120,7 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
     g.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine lr schedule")
     g.add_argument("--warmup-epochs", type=float, default=warmup, help="epochs of per-step linear lr warmup")
     g.add_argument("--weight-decay", type=float, default=wd, help="AdamW decay, not on norms/biases/tokens")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default, or 0: no clipping)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile; default: torch's default mode). "
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("pretrain", "masked-autoencoder pretraining (the paper's recipe)",
             "Pretrain an Audio-MAE: mask 80 % of the spectrogram patches and reconstruct them.")
-    p.add_argument("--model", default="tiny", choices=MODEL_PRESETS, help="size preset (base: ViT-B)")
+    p.add_argument("--model", default="tiny", help="size preset: " + ", ".join(MODEL_PRESETS) + " (base: ViT-B)")
     p.add_argument("--decoder-mode", choices=["local", "global", "hybrid"],
                    help="decoder attention (default: the preset's, local for all but huge)")
     p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("finetune", "fine-tune a classifier from a pretrained checkpoint",
             "Fine-tune a classifier with layer-wise lr decay, mixup, SpecAugment and optional 2D masking.")
     p.add_argument("--pretrained", help="pretrained checkpoint (released or ours) (default: train from scratch)")
-    p.add_argument("--model", default="tiny", choices=MODEL_PRESETS, help="size preset when training from scratch")
+    p.add_argument("--model", default="tiny", help="size preset when training from scratch: " + ", ".join(MODEL_PRESETS))
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay per block from the top")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--mixup", type=float, default=0.5, help="mixup alpha (0: off)")
@@ -308,16 +309,21 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
                 rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
             sub.error(f"{name(dest)} must be {rule}{why}, got {v:g}")
 
-    for k in ("epochs", "batch_size", "accum_iter", "num_clips", "num_eval_clips", "epoch_size", "max_nan_steps",
-              "log_every"):
+    for k in ("epochs", "batch_size", "accum_iter", "num_clips", "num_eval_clips"):
         bounded(k, 1)
     bounded("target_length", 1)
     bounded("clip_seconds", 0.025, why=" (one 25 ms frame)")
+    # 0 means: the dataset's size (epoch size), no clipping, stop at the first non-finite loss, every step
     for k in ("num_workers", "save_every_steps", "weight_decay", "warmup_epochs", "min_lr", "mixup", "freq_mask",
-              "time_mask"):
+              "time_mask", "epoch_size", "clip_grad", "max_nan_steps", "log_every"):
         bounded(k, 0)
-    for k in ("blr", "lr", "clip_grad"):
+    for k in ("blr", "lr"):
         bounded(k, 0, lo_open=True)
+    if opts.get("model") is not None and "model" in opts:
+        from .config import PRESET_ALIASES, PRESETS
+        if str(opts["model"]).lower() not in PRESETS and str(opts["model"]).lower() not in PRESET_ALIASES:
+            sub.error(f"{name('model')} {opts['model']}: no such preset; choose one of {', '.join(MODEL_PRESETS)} "
+                      "(or a release name such as vit_base_patch16)")
     bounded("max_bad_fraction", 0, 1)
     bounded("layer_decay", 0, 1, lo_open=True)
     bounded("drop_path", 0, 1, hi_open=True)

@@ -89,22 +89,17 @@ class AudioMAEConfig:
             raise ValueError("invalid AudioMAEConfig: " + "; ".join(problems))
 
     def _masking_problems(self, grid_known: bool) -> list:
-        """The masking fields: ratios in range, and a pretraining masking that removes at least one
-        patch per sample (the loss is the mean over the removed patches), as the forward call checks."""
-        from .masking import PRETRAIN_RATIO, PRETRAIN_RATIO_WHY, check_ratio
+        """The masking fields in range: ``mask_ratio`` in [0, 1) (a classifier's config never masks
+        with it, and older files hold 0), the probabilities in [0, 1]. Whether a pretraining masking
+        removes at least one patch is checked by the forward call, which uses it."""
+        from .masking import check_ratio
 
         problems = []
         for name in ("mask_ratio", "mask_t_prob", "mask_f_prob", "finetune_mask_t_prob", "finetune_mask_f_prob"):
             try:  # the probabilities remove lines, one of each axis is always kept
-                if name == "mask_ratio":
-                    check_ratio(self.mask_ratio, name, PRETRAIN_RATIO, PRETRAIN_RATIO_WHY)
-                else:
-                    check_ratio(getattr(self, name), name, "[0, 1]")
+                check_ratio(getattr(self, name), name, "[0, 1)" if name == "mask_ratio" else "[0, 1]")
             except (TypeError, ValueError) as e:
                 problems.append(str(e))
-        if not problems and grid_known:
-            problems += masking_removes_nothing(self.grid_size, self.mask_mode, self.mask_ratio,
-                                                self.mask_t_prob, self.mask_f_prob)
         return problems
 
     # --- derived quantities -------------------------------------------------------------------

@@ -46,10 +46,12 @@ def test_help_lists_commands(capsys):
     (["pretrain", "--stats", "1,2,3"], "expected a name or MEAN,STD"),
     (["pretrain", "--precision", "fp8"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
-    (["pretrain", "--model", "gigantic"], "invalid choice"),
+    (["pretrain", "--model", "gigantic"], "--model gigantic: no such preset"),
     (["pretrain", "--lr", "-1"], "--lr must be greater than 0"),
     (["pretrain", "--num-workers", "-1"], "--num-workers must be at least 0"),
-    (["pretrain", "--epoch-size", "-5"], "--epoch-size must be at least 1"),
+    (["pretrain", "--epoch-size", "-5"], "--epoch-size must be at least 0"),
+    (["pretrain", "--max-nan-steps", "-1"], "--max-nan-steps must be at least 0"),
+    (["pretrain", "--clip-grad", "-1"], "--clip-grad must be at least 0"),
     (["pretrain", "--weight-decay", "-1"], "--weight-decay must be at least 0"),
     (["pretrain", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
     (["pretrain", "--clip-seconds", "0.01"], "--clip-seconds must be at least 0.025 (one 25 ms frame)"),
@@ -420,6 +422,8 @@ def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path, capsys):
     assert "nothing to train: the run had finished its 1 epochs (step 2)" in capsys.readouterr().out
     assert main(["pretrain", "-o", out, *TINY_RUN, "--overwrite"]) == 0
     assert torch.load(ckpt, weights_only=True)["step"] == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2]  # one record of the new run: the old run's log went with its checkpoint
 
 
 def test_resume_from_an_unfitting_checkpoint_is_one_line_error(tmp_path, capsys):
@@ -444,6 +448,21 @@ def test_model_that_cannot_take_the_input_length_is_one_line_error(tmp_path, cap
     assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--target-length", "100"]) == 1
     err = capsys.readouterr().err
     assert "input of 100 frames" in err and "Traceback" not in err
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    assert main(["finetune", "-o", str(tmp_path / "f"), *TINY_RUN, "--pretrained", str(junk)]) == 1
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "frames" not in err  # a checkpoint error, as it is
+
+
+def test_model_preset_names_of_the_release_are_accepted(tmp_path):
+    from audiomae.cli import _check, _command_parser, build_parser
+
+    parser = build_parser()
+    for name in ("base", "vit_base_patch16", "B"):
+        argv = ["pretrain", "--model", name]
+        sub = _command_parser(parser, "pretrain")
+        _check(vars(parser.parse_args(argv)), sub, "pretrain", argv)  # no SystemExit
 
 
 def test_config_loses_to_abbreviated_options(tmp_path):
@@ -503,6 +522,10 @@ def test_single_label_manifest(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "sl" / "checkpoint-best.pt"), *data, "--single-label", "-o",
                  str(tmp_path / "ev"), "--num-workers", "0", "--quiet"]) == 0
     assert "accuracy" in json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    # a checkpoint fine-tuned single-label is evaluated so without the flag
+    assert main(["evaluate", str(tmp_path / "sl" / "model.pt"), *data, "-o", str(tmp_path / "ev2"),
+                 "--num-workers", "0", "--quiet"]) == 0
+    assert "accuracy" in json.loads((tmp_path / "ev2" / "metrics.json").read_text())
 
 
 def test_evaluate_refuses_data_with_other_classes_than_the_checkpoints(tmp_path, capsys):

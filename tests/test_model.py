@@ -209,15 +209,23 @@ def test_mask_ratio_that_masks_nothing_is_refused():
 
 
 def test_config_masking_rules_match_the_forward_call():
-    for kw, message in [(dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 1\)"),
-                        (dict(mask_ratio=1.0), r"mask_ratio must be in \(0, 1\)"),
-                        (dict(mask_ratio=float("nan")), r"mask_ratio must be in \(0, 1\)"),
+    for kw, message in [(dict(mask_ratio=1.0), r"mask_ratio must be in \[0, 1\)"),
+                        (dict(mask_ratio=float("nan")), r"mask_ratio must be in \[0, 1\)"),
                         (dict(mask_t_prob=1.5), r"mask_t_prob must be in \[0, 1\]"),
-                        (dict(finetune_mask_f_prob=-0.1), r"finetune_mask_f_prob must be in \[0, 1\]"),
-                        (dict(mask_mode="time_frequency", mask_t_prob=0.0, mask_f_prob=0.0), "mask no patch"),
-                        (dict(img_size=(16, 128), mask_mode="time"), "no mask_ratio does on this grid")]:
+                        (dict(finetune_mask_f_prob=-0.1), r"finetune_mask_f_prob must be in \[0, 1\]")]:
         with pytest.raises(ValueError, match=message):
             AudioMAEConfig.preset("tiny", **kw)
+    # configs that cannot pretrain are still configs (a classifier's, files saved with mask_ratio 0);
+    # the forward call refuses to pretrain with them
+    x = torch.randn(1, 1, 256, 128)
+    for kw, message in [(dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 1\)"),
+                        (dict(mask_mode="time_frequency", mask_t_prob=0.0, mask_f_prob=0.0), "mask no patch"),
+                        (dict(img_size=(16, 128), mask_mode="time"), "no mask_ratio does on this grid")]:
+        cfg = AudioMAEConfig.preset("tiny", **kw)
+        with pytest.raises(ValueError, match=message):
+            AudioMAE(cfg)(torch.randn(1, 1, *cfg.img_size))
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny", mask_ratio=0.0), num_classes=3)
+    assert clf(x).shape == (1, 3)
 
 
 def test_config_rejects_bad_heads_and_non_integer_sizes():

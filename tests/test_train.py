@@ -237,6 +237,25 @@ def test_leftover_batches_of_an_epoch_are_trained(tmp_path):
     assert tr.step == 2 and sorted(i for b in seen for i in b) == list(range(16))
 
 
+def test_resume_of_a_run_that_left_accumulation_leftovers_out(tmp_path):
+    """Checkpoints of earlier versions count only whole accumulation groups per epoch: such a run
+    continues on its own schedule."""
+    def step_fn(m, batch):
+        return m(batch["waveform"]).mean()
+
+    first = _trainer(tmp_path, step_fn, epochs=2, accum_iter=3)  # 4 batches an epoch: 2 steps now, 1 before
+    first.run()
+    path = os.path.join(tmp_path, "checkpoint-last.pt")
+    state = torch.load(path, weights_only=True)
+    state["schedule"].update(steps_per_epoch=1, total_steps=2)
+    state.update(step=1, epoch=1, epoch_step=0)
+    torch.save(state, path)
+    again = _trainer(tmp_path, step_fn, epochs=2, accum_iter=3)
+    again.resume(path)
+    assert again.steps_per_epoch == 1 and again.total_steps == 2
+    assert again.run()["steps"] == 2
+
+
 def test_resume_refuses_other_geometry(tmp_path):
     tr = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), epochs=1)
     tr.run()

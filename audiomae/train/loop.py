@@ -133,10 +133,15 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
     single = bool(opts.get("single_label"))
     ds = data_mod.ManifestDataset(path, opts.get("labels"), clip_seconds=clip, multi_label=not single,
                                   root=opts.get("data_root"), **common)
-    if not single and "single_label" in opts and len(ds) > 1 and all(len(c) == 1 for c in ds.labels_per_clip()):
+    if not single and "single_label" in opts and path not in _NOTED and os.environ.get("RANK", "0") == "0" \
+            and len(ds) > 1 and all(len(c) == 1 for c in ds.labels_per_clip()):
+        _NOTED.add(path)
         print(f"note: every clip of {path} has one label; pass --single-label for cross-entropy and accuracy "
               "(ESC-50, Speech Commands), without it the clips are multi-label (BCE, mAP)")
     return ds
+
+
+_NOTED: set = set()  # manifests the single-label note was printed for
 
 
 def _target_length(opts: Dict[str, Any], dataset) -> int:
@@ -191,9 +196,7 @@ class Trainer:
         self.loader = _loader(dataset, opts, self.sampler, batch)
         self.batches_per_epoch = math.ceil(self.sampler.per_rank / batch)
         # the last step of an epoch takes the batches left over from whole accumulation groups
-        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / accum))
-        self.total_steps = int(opts["epochs"]) * self.steps_per_epoch
-        self.warmup_steps = int(round(opts.get("warmup_epochs", 0) * self.steps_per_epoch))
+        self._set_steps_per_epoch(max(1, math.ceil(self.batches_per_epoch / accum)))
         self.step = 0
         self.epoch = 0
         self.epoch_step = 0
@@ -210,6 +213,11 @@ class Trainer:
             mode = opts.get("compile_mode")
             ops_cuda.prepare_for_compile()  # a cuda backend the model would choose must be loaded to be traced
             self.forward_model = torch.compile(self.forward_model, mode=None if mode in (None, "default") else mode)
+
+    def _set_steps_per_epoch(self, n: int) -> None:
+        self.steps_per_epoch = n
+        self.total_steps = int(self.opts["epochs"]) * n
+        self.warmup_steps = int(round(self.opts.get("warmup_epochs", 0) * n))
 
     @property
     def schedule(self) -> Dict[str, Any]:
@@ -235,6 +243,14 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         state = load_training_state(path)
+        saved = state["schedule"].get("steps_per_epoch")
+        if saved != self.steps_per_epoch and saved == max(1, self.batches_per_epoch // self.accum):
+            # written by an earlier version, whose epochs left the batches past whole accumulation
+            # groups out: the run goes on with its own schedule
+            self._set_steps_per_epoch(saved)
+            if self.info.is_main:
+                print(f"note: {path} counts {saved} steps per epoch (the batches left over from whole "
+                      "accumulation groups untrained, as the run started); continuing so")
         if state["schedule"].get("steps_per_epoch") != self.steps_per_epoch:
             raise TrainingError(f"cannot resume from {path}: it was made with {state['schedule'].get('steps_per_epoch')} "
                                 f"steps per epoch, this run has {self.steps_per_epoch} (batch size, accumulation, "
@@ -379,7 +395,17 @@ class Trainer:
 def _refuse_to_overwrite(opts: Dict[str, Any]) -> None:
     """A new training run must not replace the checkpoint of another one in its folder unasked."""
     last = os.path.join(opts["output_dir"], LAST)
-    if opts.get("resume") or opts.get("overwrite") or not os.path.isfile(last):
+    if opts.get("resume") or not os.path.isfile(last):
+        return
+    if opts.get("overwrite"):  # afresh: the old run's checkpoints, logs and reports go
+        if int(os.environ.get("RANK", "0")) == 0:
+            import shutil
+
+            for name in (LAST, BEST, "model.pt", "metrics.jsonl", "best_report.csv"):
+                p = os.path.join(opts["output_dir"], name)
+                if os.path.isfile(p):
+                    os.remove(p)
+            shutil.rmtree(os.path.join(opts["output_dir"], "tensorboard"), ignore_errors=True)
         return
     raise TrainingError(f"{opts['output_dir']} holds a run ({LAST}): continue it with --resume auto, start "
                         "afresh there with --overwrite, or choose another --output-dir")
@@ -404,12 +430,17 @@ def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, 
 
 @contextlib.contextmanager
 def _model_input(T: int):
-    """A model that cannot take the input length: one error naming the option, not a traceback."""
+    """A model that cannot be built for the input length (or the options): one error, not a traceback.
+    Checkpoint errors say what they say."""
+    from ..checkpoint import CheckpointError
+
     try:
         yield
+    except CheckpointError:
+        raise
     except ValueError as e:
-        raise TrainingError(f"an input of {T} frames (--target-length, or from --clip-seconds) does not fit the "
-                            f"model: {e}") from None
+        raise TrainingError(f"cannot build the model for an input of {T} frames (--target-length, or from "
+                            f"--clip-seconds) with these options: {e}") from None
 
 
 def _class_mismatch(train: List[str], other: List[str]) -> str:
@@ -621,11 +652,13 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Evaluate a classifier checkpoint; writes metrics.json and a per-class CSV report."""
+    from ..checkpoint import read_checkpoint
+    sd, cfg, args = read_checkpoint(opts["checkpoint"])
+    if isinstance(args, dict) and args.get("single_label") and not opts.get("single_label"):
+        opts = dict(opts, single_label=True)  # scored as the model was trained
     device, info = _setup(opts)
     dataset = build_dataset(opts, "val")
     T = _target_length(opts, dataset)
-    from ..checkpoint import read_checkpoint
-    sd, cfg, args = read_checkpoint(opts["checkpoint"])
     if "head.weight" not in sd:
         kind = "a pretraining checkpoint" if any(k.startswith("decoder_") for k in sd) else "an encoder"
         raise TrainingError(f"{opts['checkpoint']} is {kind} without a classification head: fine-tune it first "
