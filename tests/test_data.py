@@ -308,6 +308,15 @@ def test_folder_dataset(tmp_path):
     assert all(ds[i]["waveform"].abs().max() > 0.1 for i in range(4))
 
 
+def test_folder_dataset_symlink_loop(tmp_path):
+    """A link back up the tree (dog/again -> dog) does not list the same files over and over."""
+    _wav(str(tmp_path / "dog" / "a.wav"), 0.1)
+    _wav(str(tmp_path / "cat" / "b.wav"), 0.1)
+    os.symlink(tmp_path / "dog", tmp_path / "dog" / "again")
+    ds = FolderDataset(tmp_path, clip_seconds=0.1)
+    assert [os.path.basename(p) for p in ds.paths] == ["b.wav", "a.wav"]
+
+
 def test_folder_dataset_errors(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         FolderDataset(tmp_path / "missing")

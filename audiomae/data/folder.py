@@ -58,7 +58,13 @@ class FolderDataset(ClipDataset):
         self._labels: List[int] = []
         for ci, name in enumerate(classes):
             found = []
+            seen = set()  # folders walked, by real path: a link back up the tree is entered once
             for dirpath, dirnames, filenames in os.walk(os.path.join(self.root, name), followlinks=True):
+                real = os.path.realpath(dirpath)
+                if real in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add(real)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for fn in filenames:
                     if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in exts:
