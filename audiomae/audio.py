@@ -443,7 +443,8 @@ def pad_beyond(features: torch.Tensor, lengths, stats) -> torch.Tensor:
     # the value exactly as pad_or_cut + normalize make it (in float32, like the fused front ends)
     value = normalize(torch.zeros((), dtype=torch.float32, device=features.device), stats).to(features.dtype)
     rows = torch.arange(T, device=features.device)
-    keep = rows < frames.to(features.device).view((-1,) + (1,) * (features.dim() - 2))
+    # non_blocking: from pageable host memory the copy is staged at once, without waiting for the device
+    keep = rows < frames.to(features.device, non_blocking=True).view((-1,) + (1,) * (features.dim() - 2))
     return torch.where(keep.unsqueeze(-1), features, value)
 
 
