@@ -327,7 +327,19 @@ def _run(fn, leaves, grad_out, shift, backward: bool) -> List[torch.Tensor]:
     out = fn(*x, GRID, WINDOW, shift, HEADS)
     if not backward:
         return [out.detach()]
-    return [out.detach()] + [g.detach() for g in torch.autograd.grad(out, x, grad_out)]
+    try:
+        grads = torch.autograd.grad(out, x, grad_out)
+    except Exception as e:
+        raise _BackwardFailed(e) from e
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+class _BackwardFailed(RuntimeError):
+    """The gradients of a variant's output could not be taken (e.g. an input it does not use)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def check_variant(v: Variant, batch: int, dtype: torch.dtype, shift, device, backward: bool) -> Tuple[bool, str]:
@@ -337,11 +349,15 @@ def check_variant(v: Variant, batch: int, dtype: torch.dtype, shift, device, bac
     own = _run(window_attention_reference, [qkv, tau, bias], grad, shift, backward)
     try:
         got = _run(v.fn, [qkv, tau, bias], grad, shift, backward)
+    except _BackwardFailed as e:  # the variant ran; its gradients could not be taken
+        return False, error_note(e.cause, "no gradients of its output: ")
     except Exception as e:  # a variant that cannot run these inputs is reported, not fatal
         return False, error_note(e, "raised ")
     names = ("out", "grad_qkv", "grad_tau", "grad_bias")
     worst = []
     for name, g, r, o in zip(names, got, exact, own):
+        if g.dtype != o.dtype:  # timed as a row of this dtype, so it must compute in it
+            return False, f"{name} is {g.dtype}, not {o.dtype} as for {o.dtype} inputs"
         ok, err, bound = close_enough(g, r, o, FLOOR[dtype])
         worst.append(f"{name} {err:.2g}")
         if not ok:
@@ -384,22 +400,35 @@ def run(ctx: Context) -> None:
     selected = ctx.options.get("attention_variants")
     if selected:
         variants = [v for v in variants if v.reference or selects(selected, v.name)]
+        unmatched = [e for e in selected if not any(selects([e], v.name) for v in VARIANTS.values())]
+        if unmatched:
+            report.note(SECTION, f"--variants {', '.join(unmatched)}: no registered variant has such a name "
+                                 f"(python -m benchmarks.run --list-variants)")
     targs = ctx.timing_args()
     skipped = 0
+    check_batches = sorted({min(batches), max(batches)})
     for dtype in dtypes:
-        # correctness first, at the smallest batch of the sweep
+        # correctness first, at the smallest and the largest batch of the sweep; a variant not
+        # checked (time budget) is not timed and counts as skipped
         usable = {}
         for shift in shifts:
             for v in variants:
                 for backward in (False, True):
-                    if ctx.budget.expired():
-                        break
-                    ok, msg = check_variant(v, batches[0], dtype, shift, device, backward)
-                    usable[(v.name, tuple(shift), backward)] = ok
-                    if not ok:
-                        report.note(SECTION, f"{v.name}, {'fwd+bwd' if backward else 'fwd'}, {dtype_name(dtype)}, "
-                                             f"shift {shift}: not timed, {msg}")
+                    key = (v.name, tuple(shift), backward)
+                    for b in check_batches:
+                        if ctx.budget.expired():
+                            usable.pop(key, None)
+                            break
+                        ok, msg = check_variant(v, b, dtype, shift, device, backward)
+                        usable[key] = ok
+                        if not ok:
+                            report.note(SECTION, f"{v.name}, {'fwd+bwd' if backward else 'fwd'}, "
+                                                 f"{dtype_name(dtype)}, shift {shift}, batch {b}: not timed, {msg}")
+                            break
                 free_memory(device)
+        unchecked = sum(1 for shift in shifts for v in variants for backward in (False, True)
+                        if (v.name, tuple(shift), backward) not in usable)
+        skipped += unchecked * len(batches)
         for batch in batches:
             sets = None
             for shift in shifts:

@@ -491,6 +491,57 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def keep_earlier_sections(report: Report, running: Sequence[str]) -> List[str]:
+    """Before a run writes into a folder that holds an earlier run's ``results.json``: on the same
+    device, the rows, notes and descriptions of the sections not run now are kept (with a note of
+    the run they come from); on another device the earlier files are moved aside
+    (``results-<date>.json`` / ``.md`` / ``attention-<date>.png``), so nothing is lost. A stale
+    ``attention.png`` goes when the attention section runs again (it is redrawn at its end).
+    Returns the sections kept."""
+    if not report.out_dir:
+        return []
+    path = os.path.join(report.out_dir, "results.json")
+    png = os.path.join(report.out_dir, "attention.png")
+    kept: List[str] = []
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            data = None
+        old_env = (data or {}).get("environment", {})
+        def rerun(section: str) -> bool:  # a section's own tables (e.g. pretrain_breakdown) go with it
+            return section == "peaks" or any(section == s or section.startswith(s + "_") for s in running)
+
+        if data is not None and old_env.get("device") == report.env.get("device"):
+            rows = [r for r in results_from_json(data) if not rerun(r.section)]
+            kept = sorted({r.section for r in rows} | {s for s in data.get("notes", {}) if not rerun(s)})
+            origin = (f"kept from an earlier run in this folder (commit {old_env.get('commit')}, "
+                      f"{old_env.get('date')}, torch {old_env.get('torch')}"
+                      + (f"; its measured peaks: {', '.join(f'{k} {_fmt(v)}' for k, v in data['peaks'].items())}"
+                         if data.get("peaks") else "") + ")")
+            report.results.extend(rows)
+            for section in kept:
+                report.notes[section] = [origin] + [n for n in data.get("notes", {}).get(section, []) if n != origin]
+                meta = data.get("sections", {}).get(section)
+                if meta:
+                    report.section_meta[section] = meta
+                    if meta.get("description"):
+                        report.section_notes[section] = meta["description"]
+        else:
+            stamp = str(old_env.get("date") or "earlier").replace(" ", "-").replace(":", "")
+            for name in ("results.json", "results.md", "attention.png"):
+                src = os.path.join(report.out_dir, name)
+                if os.path.isfile(src):
+                    stem, ext = os.path.splitext(name)
+                    os.replace(src, os.path.join(report.out_dir, f"{stem}-{stamp}{ext}"))
+            print(f"{path}: from another device ({old_env.get('device')}); moved aside as results-{stamp}.json",
+                  flush=True)
+    if "attention" in running and "attention" not in kept and os.path.isfile(png):
+        os.remove(png)
+    return kept
+
+
 def results_from_json(data: Dict[str, Any]) -> List[Result]:
     """The rows of a ``results.json`` (for re-plotting a run without repeating it)."""
     rows = []

@@ -7,7 +7,8 @@
     python benchmarks/run.py --device cpu --out /tmp/bench
 
 Sections: ``attention``, ``fbank``, ``step_ops``, ``pretrain``. Results are written after every
-measurement, so a run that is stopped keeps what it measured. ``--time-budget`` caps the whole run:
+measurement, so a run that is stopped keeps what it measured; the results of sections not run now
+that an earlier run on the same device left in the folder are kept. ``--time-budget`` caps the whole run:
 each section gets a share of what is left and stops measuring when its share is used up (what it
 skipped is noted in the results).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -30,6 +32,8 @@ import torch  # noqa: E402
 from benchmarks import harness  # noqa: E402
 
 SECTIONS = ("attention", "fbank", "step_ops", "pretrain")
+ATTENTION_DTYPES = ("fp32", "bf16", "fp16")  # benchmarks.attention.DTYPES
+PRETRAIN_COLUMNS = ("eager", "fused", "compile")
 SHARES = {"attention": 0.35, "fbank": 0.1, "step_ops": 0.1, "pretrain": 0.45}
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -73,6 +77,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="run the Triton attention (and the fused MLP, when the file has its rows) with the "
                         "fastest tiling per direction of this tune.json "
                         "(python -m benchmarks.tune --out DIR) instead of the defaults; the report records it")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import this module (a dotted name on the path, or a .py file) before the run, e.g. "
+                        "one that registers attention variants with @variant; repeatable")
     p.add_argument("--list-variants", action="store_true", help="print the attention variants and exit")
     p.add_argument("--replot", metavar="DIR", default=None,
                    help="redraw DIR/attention.png from DIR/results.json (no measuring) and exit")
@@ -82,6 +89,33 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     args.sections = only or list(SECTIONS)
+    if args.time_budget is not None and not args.time_budget > 0:
+        p.error(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
+    try:
+        args.attention_batches_list = _csv(args.attention_batches, int)
+    except ValueError:
+        p.error(f"--attention-batches {args.attention_batches}: expected comma-separated whole numbers")
+    if args.attention_batches_list and min(args.attention_batches_list) < 1:
+        p.error(f"--attention-batches {args.attention_batches}: batch sizes must be at least 1")
+    dtypes = _csv(args.attention_dtypes) or ()
+    bad = [d for d in dtypes if d not in ATTENTION_DTYPES]
+    if bad:
+        p.error(f"--attention-dtypes: unknown {', '.join(bad)}; choose from {', '.join(ATTENTION_DTYPES)}")
+    if args.batch not in (None, "", "auto", "default"):
+        try:
+            ok = int(args.batch) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--batch {args.batch}: expected a whole number of at least 1, or auto")
+    columns = _csv(args.pretrain_columns) or ()
+    bad = [c for c in columns if c not in PRETRAIN_COLUMNS]
+    if bad:
+        p.error(f"--pretrain-columns: unknown {', '.join(bad)}; choose from {', '.join(PRETRAIN_COLUMNS)}")
+    for flag in ("fbank_batch", "step_batch"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
     if args.compile_options is not None:
         if args.compile_mode:
             p.error("--compile-mode and --compile-options exclude each other (torch.compile takes one of them)")
@@ -159,19 +193,38 @@ def inductor_options(text: str) -> dict:
     return out
 
 
+def _tune_rows(path: str) -> list:
+    """The rows of a ``tune.json``; SystemExit naming the file when it cannot be read."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"--tuning {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--tuning {path}: not JSON ({e})") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SystemExit(f"--tuning {path}: expected the JSON object of python -m benchmarks.tune, with a list of "
+                         "rows")
+    return rows
+
+
 def best_attention_tiling(path: str) -> dict:
     """``{"fwd": {...}, "bwd": {...}}``: per direction, the tiling of the fastest attention row of a
     ``tune.json`` (rows that failed or were not timed are skipped), in the form of
     ``audiomae.kernels.window_attention.TUNING``."""
-    with open(path) as f:
-        rows = json.load(f).get("rows", [])
+    rows = _tune_rows(path)
     keys = ("block_m", "num_warps", "heads_fast", "groups_per_program")
     out = {}
     for direction in ("fwd", "bwd"):
         timed = [r for r in rows if r.get("kernel") == "attention" and r.get("direction") == direction and "ms" in r]
         if timed:
             best = min(timed, key=lambda r: r["ms"])
-            out[direction] = {k: best[k] for k in keys if k in best}
+            tiling = {k: best[k] for k in keys if k in best}
+            if not tiling:
+                raise SystemExit(f"--tuning {path}: its fastest {direction} attention row names no tiling "
+                                 f"({', '.join(keys)})")
+            out[direction] = tiling
     if not out:
         raise SystemExit(f"--tuning: {path} has no timed attention rows")
     return out
@@ -182,8 +235,7 @@ def best_mlp_tiling(path: str) -> dict:
     ``method="triton"`` row of a ``tune.json``, or ``"torch"`` where the ``method="torch"`` row
     (cuBLAS and PyTorch's GELU) was faster than every tiling; in the form of
     ``audiomae.kernels.gelu_mlp.TUNING`` (empty when the file has no timed MLP rows)."""
-    with open(path) as f:
-        rows = json.load(f).get("rows", [])
+    rows = _tune_rows(path)
     keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
     out = {}
     for direction in ("fwd", "bwd"):
@@ -191,6 +243,9 @@ def best_mlp_tiling(path: str) -> dict:
         fused = [r for r in timed if r.get("method") == "triton"]
         if fused:
             best = min(fused, key=lambda r: r["ms"])
+            missing = [k for k in keys if k not in best]
+            if missing:
+                raise SystemExit(f"--tuning {path}: its fastest {direction} MLP row lacks {', '.join(missing)}")
             out[direction] = tuple(int(best[k]) for k in keys)
             extra = (int(best.get("prefetch_h") or 0), int(best.get("persistent") or 0))
             if any(extra):  # the optional 7th and 8th values (PREFETCH_H, PERSISTENT)
@@ -205,8 +260,41 @@ def _csv(text, cast=str):
     return tuple(cast(x.strip()) for x in text.split(",") if x.strip()) if text else None
 
 
+def _import(spec: str) -> None:
+    """``--import``: a module by dotted name, or a ``.py`` file by path."""
+    try:
+        if spec.endswith(".py"):
+            path = os.path.abspath(spec)
+            name = os.path.splitext(os.path.basename(path))[0]
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            if loader_spec is None or not os.path.isfile(path):
+                raise SystemExit(f"--import {spec}: no such file")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+    except ImportError as e:
+        raise SystemExit(f"--import {spec}: {e}") from None
+
+
+def _writable(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    # variants registered out of the tree (a module with @benchmarks.attention.variant functions)
+    from benchmarks import attention  # noqa: F401  (the registry, before the user's modules use it)
+    for spec in args.imports:
+        _import(spec)
     if args.list_variants:
         from benchmarks import attention
         for v in attention.VARIANTS.values():
@@ -215,8 +303,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.replot:
         from benchmarks import attention
-        with open(os.path.join(args.replot, "results.json")) as f:
-            data = json.load(f)
+        path = os.path.join(args.replot, "results.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--replot {args.replot}: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
         path = attention.plot(harness.results_from_json(data), args.replot, data.get("environment", {}).get("device"))
         print(f"wrote {path}" if path else "no attention rows to plot")
         return 0
@@ -254,11 +346,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"MLP tiling from {args.tuning}: {config['MLP tiling']}", flush=True)
     if args.op_backends:
         config["op backends (fused columns)"] = ", ".join(f"{k}={v}" for k, v in args.op_backends.items())
+    _writable(out)
     report = harness.Report(out, env, config)
+    kept = harness.keep_earlier_sections(report, args.sections)
+    if kept:
+        print(f"kept the earlier results of {', '.join(kept)} in {out} (not run now)", flush=True)
     budget = harness.Budget(args.time_budget if args.time_budget else 1e9)
     options = dict(batch=args.batch, model=args.model, no_compile=args.no_compile, plot_dir=out,
                    compile_mode=args.compile_mode, compile_options=args.compile_options,
-                   attention_batches=_csv(args.attention_batches, int), attention_dtypes=_csv(args.attention_dtypes),
+                   attention_batches=args.attention_batches_list, attention_dtypes=_csv(args.attention_dtypes),
                    attention_variants=_csv(args.variants), fbank_batch=args.fbank_batch, step_batch=args.step_batch,
                    pretrain_columns=_csv(args.pretrain_columns), profile=args.profile,
                    op_backends=args.op_backends)

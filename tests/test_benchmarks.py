@@ -495,3 +495,99 @@ def test_environ_sets_unsets_and_restores(monkeypatch):
             assert "AUDIOMAE_TEST_A" not in os.environ and os.environ["AUDIOMAE_TEST_B"] == "inside"
             raise RuntimeError
     assert os.environ["AUDIOMAE_TEST_A"] == "before" and "AUDIOMAE_TEST_B" not in os.environ
+
+
+def test_a_variant_of_the_wrong_dtype_or_without_gradients_is_not_timed():
+    def float32_out(qkv, tau, bias, grid, window, shift, num_heads):
+        return window_attention_reference(qkv.float(), tau.float(), bias.float(), grid, window, shift, num_heads)
+
+    ok, msg = attention.check_variant(attention.Variant("f32", float32_out, lambda d: None), 1, torch.bfloat16, (2, 0),
+                                      CPU, backward=False)
+    assert not ok and "out is torch.float32, not torch.bfloat16" in msg
+
+    def no_bias(qkv, tau, bias, grid, window, shift, num_heads):
+        return window_attention_reference(qkv, tau, bias.detach(), grid, window, shift, num_heads)
+
+    ok, msg = attention.check_variant(attention.Variant("nb", no_bias, lambda d: None), 1, torch.float32, (0, 0), CPU,
+                                      backward=True)
+    assert not ok and msg.startswith("no gradients of its output") and "raised" not in msg
+
+
+VARIANT_MODULE = '''
+from audiomae.reference import window_attention_reference
+from benchmarks.attention import variant
+
+
+@variant("plugin right")
+def right(qkv, tau, bias, grid, window, shift, num_heads):
+    return window_attention_reference(qkv, tau, bias, grid, window, shift, num_heads)
+
+
+@variant("plugin batchdep")
+def batchdep(qkv, tau, bias, grid, window, shift, num_heads):
+    out = window_attention_reference(qkv, tau, bias, grid, window, shift, num_heads)
+    return out * 0 if qkv.shape[0] > 1 else out
+'''
+
+
+def test_out_of_tree_variants_with_import_and_results_kept_across_runs(tmp_path, capsys):
+    mod = tmp_path / "myvariants.py"
+    mod.write_text(VARIANT_MODULE)
+    out = tmp_path / "out"
+    try:
+        assert run.main(["--import", str(mod), "--list-variants"]) == 0
+        assert "plugin right" in capsys.readouterr().out
+        rc = run.main(["--import", str(mod), "--only", "attention", "--quick", "--device", "cpu", "--variants",
+                       "plugin,nosuch", "--attention-batches", "1,2", "--attention-dtypes", "fp32", "--out", str(out)])
+        assert rc == 0
+        data = json.loads((out / "results.json").read_text())
+        names = {r["name"] for r in data["results"]}
+        assert "plugin right" in names and "plugin batchdep" not in names  # wrong at batch 2: not timed
+        notes = " ".join(data["notes"]["attention"])
+        assert "plugin batchdep" in notes and "batch 2: not timed" in notes and "--variants nosuch" in notes
+        assert (out / "attention.png").exists()
+    finally:
+        for name in ("plugin right", "plugin batchdep"):
+            attention.VARIANTS.pop(name, None)
+        sys.modules.pop("myvariants", None)
+    # a second run of another section keeps the attention rows
+    assert run.main(["--only", "fbank", "--quick", "--device", "cpu", "--fbank-batch", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    sections = {r["section"] for r in data["results"]}
+    assert sections == {"attention", "fbank"} and (out / "attention.png").exists()
+    assert any("kept from an earlier run" in n for n in data["notes"]["attention"])
+    # results of another device are moved aside, not lost
+    data["environment"]["device"] = "some GPU"
+    (out / "results.json").write_text(json.dumps(data))
+    assert run.main(["--only", "fbank", "--quick", "--device", "cpu", "--fbank-batch", "1", "--out", str(out)]) == 0
+    assert any(p.name.startswith("results-") for p in out.iterdir())
+    assert {r["section"] for r in json.loads((out / "results.json").read_text())["results"]} == {"fbank"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attention-batches", "2,x"], "expected comma-separated whole numbers"),
+    (["--attention-dtypes", "fp64"], "unknown fp64"),
+    (["--batch", "-1"], "expected a whole number of at least 1"),
+    (["--pretrain-columns", "nosuch"], "unknown nosuch"),
+    (["--time-budget", "0"], "must be a positive number"),
+])
+def test_cli_rejects_bad_values(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.main(argv + ["--device", "cpu"])
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "tune.json"
+    for text, message in [(None, "No such file"), ("{", "not JSON"), ("[1, 2]", "expected the JSON object")]:
+        if text is not None:
+            bad.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            run.main(["--only", "fbank", "--device", "cpu", "--tuning", str(bad), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="cannot read"):
+        run.main(["--replot", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match="--import nosuchmodule"):
+        run.main(["--import", "nosuchmodule", "--list-variants"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write there"):
+        run.main(["--only", "fbank", "--device", "cpu", "--out", str(tmp_path / "file" / "sub")])
