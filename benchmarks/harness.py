@@ -491,54 +491,94 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+KEPT_NOTE = "kept from an earlier run in this folder"
+
+
+def _origin(data: Dict[str, Any]) -> Dict[str, Any]:
+    """Where the rows of an earlier ``results.json`` were measured: its run's commit, date, versions,
+    settings and measured peaks."""
+    env = data.get("environment") or {}
+    return {"commit": env.get("commit"), "date": env.get("date"), "torch": env.get("torch"),
+            "triton": env.get("triton"), "config": data.get("config") or {}, "peaks": data.get("peaks") or {}}
+
+
+def _origin_note(origin: Dict[str, Any]) -> str:
+    parts = [f"commit {origin.get('commit')}", str(origin.get("date")), f"torch {origin.get('torch')}"]
+    config = {k: v for k, v in (origin.get("config") or {}).items() if k != "sections"}
+    if config:
+        parts.append("run: " + ", ".join(f"{k}={_fmt(v)}" for k, v in config.items()))
+    if origin.get("peaks"):
+        parts.append("its measured peaks: " + ", ".join(f"{k} {_fmt(v)}" for k, v in origin["peaks"].items()))
+    return f"{KEPT_NOTE} ({'; '.join(parts)})"
+
+
+def _aside(out_dir: str, stem_tag: str) -> str:
+    """A free name ``results-<tag>[-N]`` for moving earlier files aside."""
+    tag, n = stem_tag, 1
+    while any(os.path.exists(os.path.join(out_dir, f"{stem}-{tag}{ext}"))
+              for stem, ext in (("results", ".json"), ("results", ".md"), ("attention", ".png"), ("profile", ".txt"))):
+        n += 1
+        tag = f"{stem_tag}-{n}"
+    return tag
+
+
 def keep_earlier_sections(report: Report, running: Sequence[str]) -> List[str]:
     """Before a run writes into a folder that holds an earlier run's ``results.json``: on the same
-    device, the rows, notes and descriptions of the sections not run now are kept (with a note of
-    the run they come from); on another device the earlier files are moved aside
-    (``results-<date>.json`` / ``.md`` / ``attention-<date>.png``), so nothing is lost. A stale
-    ``attention.png`` goes when the attention section runs again (it is redrawn at its end).
-    Returns the sections kept."""
+    device, the rows, notes and descriptions of the sections not run now are kept, each section with
+    a note of the run that measured it (commit, date, settings, peaks; carried over when a folder is
+    merged again); on another device, or when the file cannot be read, the earlier files are moved
+    aside (``results-<date>.json`` / ``.md``, ``attention-<date>.png``, ``profile-<date>.txt``), so
+    nothing is lost. A stale ``attention.png`` (``profile.txt``) goes when the attention (pretraining)
+    section runs again; it is written anew by that section. Returns the sections kept."""
     if not report.out_dir:
         return []
-    path = os.path.join(report.out_dir, "results.json")
-    png = os.path.join(report.out_dir, "attention.png")
+    out = report.out_dir
+    path = os.path.join(out, "results.json")
     kept: List[str] = []
+
+    def rerun(section: str) -> bool:  # a section's own tables (e.g. pretrain_breakdown) go with it
+        return section == "peaks" or any(section == s or section.startswith(s + "_") for s in running)
+
     if os.path.isfile(path):
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            data = None
-        old_env = (data or {}).get("environment", {})
-        def rerun(section: str) -> bool:  # a section's own tables (e.g. pretrain_breakdown) go with it
-            return section == "peaks" or any(section == s or section.startswith(s + "_") for s in running)
-
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            old_env = data.get("environment") or {}
+            rows = results_from_json(data)
+            problem = None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            data, old_env, rows, problem = None, {}, [], f"cannot be read ({type(e).__name__}: {e})"
         if data is not None and old_env.get("device") == report.env.get("device"):
-            rows = [r for r in results_from_json(data) if not rerun(r.section)]
-            kept = sorted({r.section for r in rows} | {s for s in data.get("notes", {}) if not rerun(s)})
-            origin = (f"kept from an earlier run in this folder (commit {old_env.get('commit')}, "
-                      f"{old_env.get('date')}, torch {old_env.get('torch')}"
-                      + (f"; its measured peaks: {', '.join(f'{k} {_fmt(v)}' for k, v in data['peaks'].items())}"
-                         if data.get("peaks") else "") + ")")
+            rows = [r for r in rows if not rerun(r.section)]
+            notes = data.get("notes") or {}
+            metas = data.get("sections") or {}
+            kept = sorted({r.section for r in rows} | {s for s in notes if not rerun(s)})
             report.results.extend(rows)
             for section in kept:
-                report.notes[section] = [origin] + [n for n in data.get("notes", {}).get(section, []) if n != origin]
-                meta = data.get("sections", {}).get(section)
-                if meta:
-                    report.section_meta[section] = meta
-                    if meta.get("description"):
-                        report.section_notes[section] = meta["description"]
+                meta = dict(metas.get(section) or {})
+                origin = meta.get("measured_in") or _origin(data)  # kept before: its own origin stays
+                meta["measured_in"] = origin
+                report.section_meta[section] = meta
+                if meta.get("description"):
+                    report.section_notes[section] = meta["description"]
+                report.notes[section] = [_origin_note(origin)] + [
+                    n for n in notes.get(section, []) if not str(n).startswith(KEPT_NOTE)]
         else:
-            stamp = str(old_env.get("date") or "earlier").replace(" ", "-").replace(":", "")
-            for name in ("results.json", "results.md", "attention.png"):
-                src = os.path.join(report.out_dir, name)
+            stamp = "unreadable" if problem else str(old_env.get("date") or "earlier")
+            tag = _aside(out, stamp.replace(" ", "-").replace(":", ""))
+            for name in ("results.json", "results.md", "attention.png", "profile.txt"):
+                src = os.path.join(out, name)
                 if os.path.isfile(src):
                     stem, ext = os.path.splitext(name)
-                    os.replace(src, os.path.join(report.out_dir, f"{stem}-{stamp}{ext}"))
-            print(f"{path}: from another device ({old_env.get('device')}); moved aside as results-{stamp}.json",
-                  flush=True)
-    if "attention" in running and "attention" not in kept and os.path.isfile(png):
-        os.remove(png)
+                    os.replace(src, os.path.join(out, f"{stem}-{tag}{ext}"))
+            why = problem or f"from another device ({old_env.get('device')})"
+            print(f"{path}: {why}; moved aside as results-{tag}.json", flush=True)
+    for section, name in (("attention", "attention.png"), ("pretrain", "profile.txt")):
+        stale = os.path.join(out, name)
+        if section in running and section not in kept and os.path.isfile(stale):
+            os.remove(stale)
     return kept
 
 

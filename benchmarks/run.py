@@ -265,7 +265,8 @@ def _import(spec: str) -> None:
     try:
         if spec.endswith(".py"):
             path = os.path.abspath(spec)
-            name = os.path.splitext(os.path.basename(path))[0]
+            # a name of its own, so that a file called e.g. json.py does not stand in for a real module
+            name = "benchmarks_import_" + os.path.splitext(os.path.basename(path))[0]
             loader_spec = importlib.util.spec_from_file_location(name, path)
             if loader_spec is None or not os.path.isfile(path):
                 raise SystemExit(f"--import {spec}: no such file")

@@ -591,3 +591,32 @@ def test_cli_bad_files_are_one_line_errors(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="cannot write there"):
         run.main(["--only", "fbank", "--device", "cpu", "--out", str(tmp_path / "file" / "sub")])
+
+
+def test_kept_sections_name_the_run_that_measured_them(tmp_path):
+    """Merged twice, kept rows still name their own run (commit, settings, peaks), once."""
+    def report(commit, sections, rows):
+        env = {"device": "CPU test", "commit": commit, "date": f"day {commit}", "torch": "2.x"}
+        r = Report(str(tmp_path), env, {"sections": ",".join(sections), "quick": commit == "AAA"})
+        r.peaks = {"bw": commit}
+        kept = harness.keep_earlier_sections(r, sections)
+        for section in rows:
+            r.add(Result(section, "x (ref)", {"batch": 1}, Timing(1.0, 1.0, 1.0, 1.0, 3), reference=True))
+        return r, kept
+
+    report("AAA", ["fbank"], ["fbank"])
+    _, kept = report("BBB", ["step_ops"], ["step_ops"])
+    assert kept == ["fbank"]
+    r, kept = report("CCC", ["step_ops"], ["step_ops"])
+    assert kept == ["fbank"]
+    notes = r.notes["fbank"]
+    assert len([n for n in notes if n.startswith(harness.KEPT_NOTE)]) == 1
+    assert "commit AAA" in notes[0] and "quick=yes" in notes[0] and "bw AAA" in notes[0] and "BBB" not in notes[0]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["sections"]["fbank"]["measured_in"]["commit"] == "AAA"
+    # an unreadable file is moved aside under a name of its own each time
+    for _ in range(2):
+        (tmp_path / "results.json").write_text("{ truncated")
+        report("DDD", ["fbank"], ["fbank"])
+    assert sorted(p.name for p in tmp_path.glob("results-unreadable*.json")) == ["results-unreadable-2.json",
+                                                                                  "results-unreadable.json"]

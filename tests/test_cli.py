@@ -424,6 +424,12 @@ def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path, capsys):
     assert torch.load(ckpt, weights_only=True)["step"] == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2]  # one record of the new run: the old run's log went with its checkpoint
+    # a run that crashed before its first checkpoint left a log: --overwrite clears it too
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "metrics.jsonl").write_text('{"phase": "train", "step": 1, "loss": 1.0}\n')
+    assert main(["pretrain", "-o", str(crashed), *TINY_RUN, "--overwrite"]) == 0
+    assert [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()] == [2]
 
 
 def test_resume_from_an_unfitting_checkpoint_is_one_line_error(tmp_path, capsys):

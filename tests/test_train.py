@@ -247,6 +247,12 @@ def test_resume_of_a_run_that_left_accumulation_leftovers_out(tmp_path):
     first.run()
     path = os.path.join(tmp_path, "checkpoint-last.pt")
     state = torch.load(path, weights_only=True)
+    assert state["schedule"]["leftover_steps"] is True
+    new = dict(state, schedule=dict(state["schedule"], steps_per_epoch=1))
+    torch.save(new, path)  # a checkpoint of this version with another geometry: refused
+    with pytest.raises(TrainingError, match="steps per epoch"):
+        _trainer(tmp_path, step_fn, epochs=2, accum_iter=3).resume(path)
+    state["schedule"].pop("leftover_steps")  # as earlier versions wrote it
     state["schedule"].update(steps_per_epoch=1, total_steps=2)
     state.update(step=1, epoch=1, epoch_step=0)
     torch.save(state, path)

@@ -221,8 +221,11 @@ class Trainer:
 
     @property
     def schedule(self) -> Dict[str, Any]:
+        # "leftover_steps": epochs end with a step over the batches left from whole accumulation
+        # groups (checkpoints without the key come from versions that left them out)
         return {"lr": self.lr, "min_lr": self.opts.get("min_lr", 0.0), "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "leftover_steps": self.steps_per_epoch == math.ceil(self.batches_per_epoch / self.accum)}
 
     def current_lr(self) -> float:
         return lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.opts.get("min_lr", 0.0))
@@ -244,7 +247,8 @@ class Trainer:
     def resume(self, path: str) -> None:
         state = load_training_state(path)
         saved = state["schedule"].get("steps_per_epoch")
-        if saved != self.steps_per_epoch and saved == max(1, self.batches_per_epoch // self.accum):
+        if saved != self.steps_per_epoch and "leftover_steps" not in state["schedule"] \
+                and saved == max(1, self.batches_per_epoch // self.accum):
             # written by an earlier version, whose epochs left the batches past whole accumulation
             # groups out: the run goes on with its own schedule
             self._set_steps_per_epoch(saved)
@@ -395,7 +399,7 @@ class Trainer:
 def _refuse_to_overwrite(opts: Dict[str, Any]) -> None:
     """A new training run must not replace the checkpoint of another one in its folder unasked."""
     last = os.path.join(opts["output_dir"], LAST)
-    if opts.get("resume") or not os.path.isfile(last):
+    if opts.get("resume"):
         return
     if opts.get("overwrite"):  # afresh: the old run's checkpoints, logs and reports go
         if int(os.environ.get("RANK", "0")) == 0:
@@ -406,6 +410,8 @@ def _refuse_to_overwrite(opts: Dict[str, Any]) -> None:
                 if os.path.isfile(p):
                     os.remove(p)
             shutil.rmtree(os.path.join(opts["output_dir"], "tensorboard"), ignore_errors=True)
+        return
+    if not os.path.isfile(last):
         return
     raise TrainingError(f"{opts['output_dir']} holds a run ({LAST}): continue it with --resume auto, start "
                         "afresh there with --overwrite, or choose another --output-dir")
