@@ -549,7 +549,7 @@ def test_out_of_tree_variants_with_import_and_results_kept_across_runs(tmp_path,
     finally:
         for name in ("plugin right", "plugin batchdep"):
             attention.VARIANTS.pop(name, None)
-        sys.modules.pop("myvariants", None)
+        sys.modules.pop("benchmarks_import_myvariants", None)
     # a second run of another section keeps the attention rows
     assert run.main(["--only", "fbank", "--quick", "--device", "cpu", "--fbank-batch", "1", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
