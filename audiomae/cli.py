@@ -319,7 +319,7 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         bounded(k, 0)
     for k in ("blr", "lr"):
         bounded(k, 0, lo_open=True)
-    if opts.get("model") is not None and "model" in opts:
+    if opts.get("model") is not None:
         from .config import PRESET_ALIASES, PRESETS
         if str(opts["model"]).lower() not in PRESETS and str(opts["model"]).lower() not in PRESET_ALIASES:
             sub.error(f"{name('model')} {opts['model']}: no such preset; choose one of {', '.join(MODEL_PRESETS)} "

@@ -7,7 +7,6 @@ this dataclass without translation.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -82,13 +81,13 @@ class AudioMAEConfig:
                 problems.append(f"{name}={dim} is not divisible by its number of heads ({heads_name}={heads})")
             if dim % 4:
                 problems.append(f"{name}={dim} must be a multiple of 4 for the 2D sin-cos position table")
-        problems += self._masking_problems(grid_known=not problems)
+        problems += self._masking_problems()
         if any(w <= 0 for w in self.window_size) or any(s < 0 for s in self.shift_size):
             problems.append(f"window_size={self.window_size} must be positive and shift_size={self.shift_size} >= 0")
         if problems:
             raise ValueError("invalid AudioMAEConfig: " + "; ".join(problems))
 
-    def _masking_problems(self, grid_known: bool) -> list:
+    def _masking_problems(self) -> list:
         """The masking fields in range: ``mask_ratio`` in [0, 1) (a classifier's config never masks
         with it, and older files hold 0), the probabilities in [0, 1]. Whether a pretraining masking
         removes at least one patch is checked by the forward call, which uses it."""
@@ -159,24 +158,6 @@ def _pair(v: Any, name: str) -> Tuple[int, int]:
     if not all(_is_int(x) or (isinstance(x, float) and x.is_integer()) for x in (a, b)):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return (int(a), int(b))
-
-
-def masking_removes_nothing(grid: Tuple[int, int], mode: str, mask_ratio: float, t_ratio: float,
-                            f_ratio: float) -> list:
-    """[] if the pretraining masking ``mode`` on ``grid`` removes at least one patch per sample, else
-    the problem, naming the ratios that decide it."""
-    from .masking import num_masked
-
-    if num_masked(grid, mode, mask_ratio, t_ratio, f_ratio):
-        return []
-    T, F = grid
-    if mode == "time_frequency":
-        return [f"mask_t_prob={t_ratio} and mask_f_prob={f_ratio} mask no patch with time_frequency masking; "
-                "the pretraining loss is the mean over the masked patches and needs at least one per sample"]
-    hint = ("use a larger mask_ratio, in (0, 1)" if num_masked(grid, mode, math.nextafter(1.0, 0.0), t_ratio, f_ratio)
-            else f"no mask_ratio does on this grid (one {mode} line is always kept): use another mask_mode")
-    return [f"mask_ratio={mask_ratio} masks no patch of the {T} x {F} patch grid with {mode} masking; the "
-            f"pretraining loss is the mean over the masked patches and needs at least one per sample: {hint}"]
 
 
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=16, decoder_num_heads=16, decoder_mode="local")

@@ -45,7 +45,7 @@ def check_ratio(value, name: str = "mask_ratio", interval: str = "[0, 1)", why: 
     return value
 
 
-# the forward call's and the config's rule for the pretraining mask_ratio
+# the forward call's rule for the pretraining mask_ratio (a config may hold 0: classifiers never mask with it)
 PRETRAIN_RATIO = "(0, 1)"
 PRETRAIN_RATIO_WHY = "the loss is the mean over the masked patches, the encoder sees the kept ones"
 
@@ -153,3 +153,19 @@ def mask_tokens(x: torch.Tensor, grid: Tuple[int, int], mode: str, mask_ratio: f
     f = mask_ratio if mode == "frequency" or f_ratio is None else f_ratio
     keep = structured_keep(x.shape[0], grid, mode, t, f, noise=noise, device=x.device)
     return masking_from_keep(x, keep)
+
+
+def masking_removes_nothing(grid: Tuple[int, int], mode: str, mask_ratio: float, t_ratio: float,
+                            f_ratio: float) -> list:
+    """[] if the pretraining masking ``mode`` on ``grid`` removes at least one patch per sample, else
+    the problem, naming the ratios that decide it."""
+    if num_masked(grid, mode, mask_ratio, t_ratio, f_ratio):
+        return []
+    T, F = grid
+    if mode == "time_frequency":
+        return [f"mask_t_prob={t_ratio} and mask_f_prob={f_ratio} mask no patch with time_frequency masking; "
+                "the pretraining loss is the mean over the masked patches and needs at least one per sample"]
+    hint = ("use a larger mask_ratio, in (0, 1)" if num_masked(grid, mode, math.nextafter(1.0, 0.0), t_ratio, f_ratio)
+            else f"no mask_ratio does on this grid (one {mode} line is always kept): use another mask_mode")
+    return [f"mask_ratio={mask_ratio} masks no patch of the {T} x {F} patch grid with {mode} masking; the "
+            f"pretraining loss is the mean over the masked patches and needs at least one per sample: {hint}"]

@@ -13,10 +13,10 @@ from typing import Iterator, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .config import MASK_MODES, AudioMAEConfig, masking_removes_nothing
+from .config import MASK_MODES, AudioMAEConfig
 from .layers import Block, PatchEmbed, SwinBlock
 from .masking import (PRETRAIN_RATIO, PRETRAIN_RATIO_WHY, Masking, check_ratio, mask_tokens, masking_from_keep,
-                      structured_keep)
+                      masking_removes_nothing, structured_keep)
 from .ops_step import decoder_unshuffle, masked_norm_pix_loss, masked_patch_embed, random_masking_ids
 from .pos_embed import sincos_2d
 

@@ -32,7 +32,6 @@ import torch  # noqa: E402
 from benchmarks import harness  # noqa: E402
 
 SECTIONS = ("attention", "fbank", "step_ops", "pretrain")
-ATTENTION_DTYPES = ("fp32", "bf16", "fp16")  # benchmarks.attention.DTYPES
 PRETRAIN_COLUMNS = ("eager", "fused", "compile")
 SHARES = {"attention": 0.35, "fbank": 0.1, "step_ops": 0.1, "pretrain": 0.45}
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,10 +96,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--attention-batches {args.attention_batches}: expected comma-separated whole numbers")
     if args.attention_batches_list and min(args.attention_batches_list) < 1:
         p.error(f"--attention-batches {args.attention_batches}: batch sizes must be at least 1")
+    from benchmarks.attention import DTYPES
+
     dtypes = _csv(args.attention_dtypes) or ()
-    bad = [d for d in dtypes if d not in ATTENTION_DTYPES]
+    bad = [d for d in dtypes if d not in DTYPES]
     if bad:
-        p.error(f"--attention-dtypes: unknown {', '.join(bad)}; choose from {', '.join(ATTENTION_DTYPES)}")
+        p.error(f"--attention-dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
     if args.batch not in (None, "", "auto", "default"):
         try:
             ok = int(args.batch) >= 1
@@ -293,17 +294,15 @@ def _writable(out: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     # variants registered out of the tree (a module with @benchmarks.attention.variant functions)
-    from benchmarks import attention  # noqa: F401  (the registry, before the user's modules use it)
+    from benchmarks import attention  # the registry, before the user's modules use it
     for spec in args.imports:
         _import(spec)
     if args.list_variants:
-        from benchmarks import attention
         for v in attention.VARIANTS.values():
             doc = " ".join((v.fn.__doc__ or "").strip().split("\n\n")[0].split())
             print(f"{v.name}{' (reference)' if v.reference else ''}: {doc}")
         return 0
     if args.replot:
-        from benchmarks import attention
         path = os.path.join(args.replot, "results.json")
         try:
             with open(path) as f:

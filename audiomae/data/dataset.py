@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ..audio import SAMPLE_RATE, AudioLoadError, num_frames, pad_beyond, waveform_to_input
+from ..audio import SAMPLE_RATE, AudioLoadError, num_frames, waveform_to_input
 
 logger = logging.getLogger("audiomae.data")
 

@@ -396,13 +396,13 @@ class Trainer:
                 "best": self.best, "trained_steps": self.step - start_step}
 
 
-def _refuse_to_overwrite(opts: Dict[str, Any]) -> None:
-    """A new training run must not replace the checkpoint of another one in its folder unasked."""
-    last = os.path.join(opts["output_dir"], LAST)
+def _refuse_to_overwrite(opts: Dict[str, Any], info: D.DistInfo) -> None:
+    """A new training run must not replace the checkpoint of another one in its folder unasked.
+    Every process decides alike; with ``--overwrite`` the main one clears the folder."""
     if opts.get("resume"):
         return
     if opts.get("overwrite"):  # afresh: the old run's checkpoints, logs and reports go
-        if int(os.environ.get("RANK", "0")) == 0:
+        if info.is_main:
             import shutil
 
             for name in (LAST, BEST, "model.pt", "metrics.jsonl", "best_report.csv"):
@@ -411,17 +411,17 @@ def _refuse_to_overwrite(opts: Dict[str, Any]) -> None:
                     os.remove(p)
             shutil.rmtree(os.path.join(opts["output_dir"], "tensorboard"), ignore_errors=True)
         return
-    if not os.path.isfile(last):
+    if not os.path.isfile(os.path.join(opts["output_dir"], LAST)):
         return
     raise TrainingError(f"{opts['output_dir']} holds a run ({LAST}): continue it with --resume auto, start "
                         "afresh there with --overwrite, or choose another --output-dir")
 
 
 def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, D.DistInfo]:
-    if training:
-        _refuse_to_overwrite(opts)
     device = D.pick_device(opts.get("device", "auto"))
-    info = D.init(device)
+    info = D.init(device)  # the rank is known from here (torchrun's or SLURM's variables)
+    if training:
+        _refuse_to_overwrite(opts, info)
     if device.type == "cuda" and info.enabled:
         device = D.pick_device("cuda", info.local_rank)
     torch.manual_seed(int(opts.get("seed", 0)) + info.rank)
