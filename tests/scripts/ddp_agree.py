@@ -47,4 +47,5 @@ want = torch.stack([ds.target(i) for i in range(5)])
 assert scores.shape[0] == 5 and sorted(map(tuple, targets.tolist())) == sorted(map(tuple, want.tolist()))
 if rank == 0:
     print("resume and evaluation per rank ok")
+dist.barrier()  # neither process tears the group down while the other still uses it
 dist.destroy_process_group()
