@@ -31,6 +31,7 @@ __all__ = [
     "FLOAT32_EPS",
     "AudioLoadError",
     "load_audio",
+    "DOWNMIX_MODES",
     "resample",
     "fbank",
     "mel_filterbank",
@@ -66,17 +67,32 @@ class AudioLoadError(RuntimeError):
         super().__init__(f"cannot load audio file {self.path!r}: {cause}")
 
 
-def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True) -> torch.Tensor:
+DOWNMIX_MODES = ("first", "mean")
+
+
+def check_downmix(downmix) -> str:
+    """``downmix`` checked to be one of :data:`DOWNMIX_MODES` (a ``ValueError`` otherwise)."""
+    if downmix not in DOWNMIX_MODES:
+        raise ValueError(f"downmix must be one of {', '.join(map(repr, DOWNMIX_MODES))}, got {downmix!r}")
+    return downmix
+
+
+def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True,
+               downmix: str = "first") -> torch.Tensor:
     """Read an audio file (WAV, FLAC, OGG, ... whatever libsndfile reads) as float32.
 
-    Integer formats are scaled to [-1, 1]; with ``mono`` the channels are averaged. The signal is
-    resampled to ``sample_rate`` (``None`` keeps the file's rate) with a polyphase filter.
+    Integer formats are scaled to [-1, 1]. With ``mono`` a multi-channel file becomes one channel:
+    ``downmix="first"`` keeps the first channel, as the released code's front end does (Kaldi
+    fbank reads channel 0), so released checkpoints see what they were trained and evaluated on;
+    ``"mean"`` averages the channels. The signal is resampled to ``sample_rate`` (``None`` keeps the
+    file's rate) with a polyphase filter.
 
     Returns ``[N]`` when ``mono``, else ``[C, N]``. Raises :class:`AudioLoadError`, naming the path
     and the cause, for a missing, unreadable, corrupt or empty file.
     """
     import soundfile as sf
 
+    check_downmix(downmix)
     try:
         fspath = os.fspath(path)
     except TypeError as e:
@@ -97,7 +113,7 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
         raise AudioLoadError(fspath, "the file contains non-finite samples (NaN or inf)")
     data = np.ascontiguousarray(data.T)  # [C, N]
     if mono:
-        data = data.mean(axis=0, dtype=np.float32)
+        data = data[0] if downmix == "first" else data.mean(axis=0, dtype=np.float32)
     wave = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
     if sample_rate is not None and int(file_sr) != int(sample_rate):
         wave = resample(wave, int(file_sr), int(sample_rate))
@@ -527,9 +543,11 @@ def waveform_to_input(
     return feats.unsqueeze(-3)
 
 
-def load_input(path, target_length: Optional[int] = 1024, stats="audioset") -> torch.Tensor:
-    """Read a file and make the model input ``[1, T, F]`` (:func:`load_audio` + :func:`waveform_to_input`)."""
-    return waveform_to_input(load_audio(path, SAMPLE_RATE, mono=True), SAMPLE_RATE, target_length, stats)
+def load_input(path, target_length: Optional[int] = 1024, stats="audioset", downmix: str = "first") -> torch.Tensor:
+    """Read a file and make the model input ``[1, T, F]`` (:func:`load_audio` + :func:`waveform_to_input`;
+    ``downmix`` as in :func:`load_audio`)."""
+    return waveform_to_input(load_audio(path, SAMPLE_RATE, mono=True, downmix=downmix), SAMPLE_RATE,
+                             target_length, stats)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ evaluation, embeddings and reconstructions. With no --data, the training command
 synthetic dataset (10 procedurally generated sound classes, nothing to download)."""
 
 STATS_HELP = "normalisation statistics: audioset, esc50, speechcommands, none, or MEAN,STD"
+DOWNMIX_CHOICES = ("first", "mean")  # audiomae.audio.DOWNMIX_MODES, without importing the audio module
+DOWNMIX_HELP = ("how a multi-channel file becomes mono: first (its first channel, as the released code "
+                "reads files) or mean (the average of its channels)")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -83,6 +86,7 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
         g.add_argument("--target-length", type=int, help="model input frames (default: from the clip length; "
                                                          "1024 for 10 s AudioSet clips)")
     g.add_argument("--stats", default="audioset", help=STATS_HELP)
+    g.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
     if command in ("pretrain", "finetune"):
         g.add_argument("--num-clips", type=int, default=2000, help="clips of the synthetic training set")
     elif command == "embed":
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
     p.add_argument("--stats", default="audioset", help=STATS_HELP + " (as the model was trained with)")
+    p.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
 
     p = add("demo", "the main job on the embedded data: pretrain, reconstruct, linear probe",

@@ -39,12 +39,13 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def read_clip(path: str) -> torch.Tensor:
-    """A file's 16 kHz mono waveform, checked to be long enough for one fbank frame. Raises
-    AudioLoadError (unreadable file) or InputError (too short), each naming the file."""
+def read_clip(path: str, downmix: str = "first") -> torch.Tensor:
+    """A file's 16 kHz mono waveform (``downmix`` as in :func:`audiomae.audio.load_audio`), checked to be
+    long enough for one fbank frame. Raises AudioLoadError (unreadable file) or InputError (too short),
+    each naming the file."""
     from .audio import SAMPLE_RATE, AudioLoadError, load_audio
     try:
-        wave = load_audio(path, SAMPLE_RATE, mono=True)
+        wave = load_audio(path, SAMPLE_RATE, mono=True, downmix=downmix)
     except AudioLoadError:
         if os.path.isdir(path):
             raise AudioLoadError(path, "a folder, not an audio file (use --data for a folder of class "
@@ -56,14 +57,14 @@ def read_clip(path: str) -> torch.Tensor:
     return wave
 
 
-def check_audio_files(files: Sequence[str]) -> List[int]:
+def check_audio_files(files: Sequence[str], downmix: str = "first") -> List[int]:
     """Read every file once before any model work; returns each file's number of fbank frames.
     Raises AudioLoadError / InputError for one unusable file, InputError listing them for several."""
     from .audio import AudioLoadError
     frames, problems = [], []
     for f in files:
         try:
-            frames.append(frames_for(read_clip(f).shape[-1]))
+            frames.append(frames_for(read_clip(f, downmix).shape[-1]))
         except (AudioLoadError, InputError) as e:
             problems.append(e)
     if len(problems) == 1:
@@ -128,7 +129,8 @@ def embed(opts: Dict[str, Any]) -> str:
     if not files and not opts.get("data"):
         raise InputError("nothing to embed: give audio files or --data")
     _output_folder(path, "--out")
-    frames = check_audio_files(files) if files else []
+    downmix = opts.get("downmix") or "first"
+    frames = check_audio_files(files, downmix) if files else []
 
     device = _device(opts.get("device", "auto"))
     model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
@@ -143,7 +145,7 @@ def embed(opts: Dict[str, Any]) -> str:
         pooled, patches = [], []
         bs = int(opts.get("batch_size", 32))
         for i in tqdm(range(0, len(files), bs), desc="embedding", unit="batch", disable=opts.get("quiet")):
-            x = torch.stack([waveform_to_input(read_clip(f), SAMPLE_RATE, T, stats)
+            x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats)
                              for f in files[i:i + bs]]).to(device)
             pooled.append(model.embed(x).float().cpu())
             if opts.get("per_patch"):
@@ -182,7 +184,7 @@ def embed(opts: Dict[str, Any]) -> str:
     return path
 
 
-def _clip_input(src: str, T: int, stats) -> torch.Tensor:
+def _clip_input(src: str, T: int, stats, downmix: str = "first") -> torch.Tensor:
     from .audio import SAMPLE_RATE, waveform_to_input
     if src.startswith("synthetic:"):
         from .data import SyntheticAudioDataset
@@ -194,7 +196,7 @@ def _clip_input(src: str, T: int, stats) -> torch.Tensor:
             raise InputError(f"{src}: expected synthetic:N with N a clip number (0, 1, 2, ...)")
         ds = SyntheticAudioDataset(num_clips=idx + 1, split="val")
         return waveform_to_input(ds[idx]["waveform"], target_length=T, stats=stats)
-    wave = read_clip(src)
+    wave = read_clip(src, downmix)
     n = frames_for(wave.shape[-1])
     if n > T:
         _warn(f"{src} is {wave.shape[-1] / SAMPLE_RATE:.2f} s long; only its first {_seconds(T)} (the model input, "
@@ -240,7 +242,7 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     device = _device(opts.get("device", "auto"))
     model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
     T = model.config.img_size[0]
-    x = _clip_input(opts["audio"], T, opts.get("stats", "audioset")).unsqueeze(0).to(device)
+    x = _clip_input(opts["audio"], T, opts.get("stats", "audioset"), opts.get("downmix") or "first").unsqueeze(0).to(device)
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))
     noise = torch.rand(1, model.config.num_patches, generator=g).to(device)
     with torch.no_grad():

@@ -270,11 +270,19 @@ def test_load_audio_wav_pcm16_stereo(tmp_path):
     data = np.stack([left, 0.5 * left], axis=1)
     path = tmp_path / "stereo.wav"
     sf.write(path, data, 16000, subtype="PCM_16")
-    wave = A.load_audio(path)
+    wave = A.load_audio(path)  # the first channel, as the released front end reads files
     assert wave.shape == (16000,) and wave.dtype == torch.float32
-    np.testing.assert_allclose(wave.numpy(), 0.75 * left, atol=2 / 32768)
+    np.testing.assert_allclose(wave.numpy(), left, atol=1 / 32768)
+    mean = A.load_audio(path, downmix="mean")
+    np.testing.assert_allclose(mean.numpy(), 0.75 * left, atol=2 / 32768)
     both = A.load_audio(str(path), mono=False)
     assert both.shape == (2, 16000)
+    np.testing.assert_array_equal(both[0].numpy(), wave.numpy())
+    with pytest.raises(ValueError, match="downmix must be one of 'first', 'mean'"):
+        A.load_audio(path, downmix="left")
+    x = A.load_input(path, target_length=128, downmix="mean")
+    assert not torch.equal(x, A.load_input(path, target_length=128))
+    torch.testing.assert_close(x, A.waveform_to_input(mean, 16000, 128))
     # integer scaling: full scale -> [-1, 1)
     pcm = np.array([0, 16384, -32768, 32767] * 200, dtype=np.int16)
     sf.write(tmp_path / "pcm.wav", pcm, 16000, subtype="PCM_16")

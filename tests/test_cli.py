@@ -197,6 +197,33 @@ def test_embed_files_warns_about_cropping_and_honours_target_length(tmp_path, ti
     assert_one_error_line(capsys.readouterr().err, "--target-length 272 does not fit")
 
 
+def test_embed_downmix(tmp_path, tiny_ckpt):
+    """A stereo file is embedded from its first channel by default (as the release reads files), from
+    the channel mean with --downmix mean."""
+    import numpy as np
+    import soundfile as sf
+    rng = np.random.default_rng(1)
+    left, right = (0.1 * rng.standard_normal((2, SR))).astype("float32")
+    sf.write(str(tmp_path / "st.wav"), np.stack([left, right], 1), SR, subtype="FLOAT")
+    sf.write(str(tmp_path / "l.wav"), left, SR, subtype="FLOAT")
+    sf.write(str(tmp_path / "m.wav"), (left + right) / 2, SR, subtype="FLOAT")
+    z = {}
+    for name, extra in [("st", []), ("st_mean", ["--downmix", "mean"]), ("l", []), ("m", [])]:
+        out = tmp_path / f"{name}.pt"
+        assert main(["embed", "--checkpoint", tiny_ckpt, str(tmp_path / (name.split("_")[0] + ".wav")), *extra,
+                     "--out", str(out), "--quiet"]) == 0
+        z[name] = torch.load(out, weights_only=False)["embeddings"]
+    torch.testing.assert_close(z["st"], z["l"])
+    torch.testing.assert_close(z["st_mean"], z["m"])
+    assert not torch.allclose(z["st"], z["st_mean"])
+
+
+def test_downmix_choices_are_the_audio_modules():
+    from audiomae.audio import DOWNMIX_MODES
+    from audiomae.cli import DOWNMIX_CHOICES
+    assert DOWNMIX_CHOICES == DOWNMIX_MODES
+
+
 def test_embed_synthetic_only_when_asked(tmp_path, tiny_ckpt, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:

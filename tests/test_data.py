@@ -308,6 +308,28 @@ def test_folder_dataset(tmp_path):
     assert all(ds[i]["waveform"].abs().max() > 0.1 for i in range(4))
 
 
+def test_datasets_downmix_stereo_files(tmp_path):
+    """Stereo files give their first channel (the release's front end), or the channel mean when asked,
+    in folders, manifests and the training loop's dataset builder."""
+    from audiomae.train.loop import build_dataset
+    left = _tone(0.25, 500.0)
+    path = str(tmp_path / "root" / "cls" / "s.wav")
+    os.makedirs(os.path.dirname(path))
+    sf.write(path, np.stack([left, -0.5 * left], 1), SR, subtype="PCM_16")
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": path, "labels": ""}]}))
+    want_first = torch.from_numpy(left.astype(np.float32))
+    for make in (lambda **kw: FolderDataset(tmp_path / "root", clip_seconds=0.25, **kw),
+                 lambda **kw: ManifestDataset(tmp_path / "m.json", clip_seconds=0.25, **kw),
+                 lambda **kw: build_dataset({"data": str(tmp_path / "root"), "clip_seconds": 0.25,
+                                             **kw}, "train")):
+        first = make()[0]["waveform"]
+        torch.testing.assert_close(first, want_first, atol=1 / 32768, rtol=0)
+        mean = make(downmix="mean")[0]["waveform"]
+        torch.testing.assert_close(mean, 0.25 * want_first, atol=1 / 32768, rtol=0)
+    with pytest.raises(ValueError, match="downmix must be one of"):
+        FolderDataset(tmp_path / "root", clip_seconds=0.25, downmix="average")
+
+
 def test_folder_dataset_symlink_loop(tmp_path):
     """A link back up the tree (dog/again -> dog) does not list the same files over and over."""
     _wav(str(tmp_path / "dog" / "a.wav"), 0.1)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ..audio import SAMPLE_RATE, AudioLoadError, num_frames, waveform_to_input
+from ..audio import SAMPLE_RATE, AudioLoadError, check_downmix, num_frames, waveform_to_input
 
 logger = logging.getLogger("audiomae.data")
 
@@ -178,6 +178,8 @@ class ClipDataset(Dataset):
         cutting), e.g. :func:`audiomae.data.roll_and_magnitude`.
       max_bad_fraction, min_attempts: the bad-file threshold (see :class:`BadFileTracker`).
       max_substitutions: how many following clips to try before giving up on an item.
+      downmix: how a file's channels become one (``"first"``, the release's, or ``"mean"``; see
+        :func:`audiomae.audio.load_audio`).
     """
 
     class_names: List[str] = []
@@ -196,6 +198,7 @@ class ClipDataset(Dataset):
         max_bad_fraction: float = 0.01,
         min_attempts: int = 100,
         max_substitutions: int = 100,
+        downmix: str = "first",
     ) -> None:
         if clip_seconds <= 0:
             raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
@@ -208,6 +211,7 @@ class ClipDataset(Dataset):
         self.num_mel_bins = int(num_mel_bins)
         self.transform = transform
         self.max_substitutions = int(max_substitutions)
+        self.downmix = check_downmix(downmix)
         self.bad_tracker = BadFileTracker(max_bad_fraction, min_attempts)
         self._known_bad: Dict[int, str] = {}  # per process: index -> reason, never re-read
 

@@ -89,4 +89,4 @@ class FolderDataset(ClipDataset):
         return self.paths[index]
 
     def _read(self, index: int):
-        return load_audio(self.paths[index], sample_rate=self.sample_rate, mono=True)
+        return load_audio(self.paths[index], sample_rate=self.sample_rate, mono=True, downmix=self.downmix)

@@ -302,7 +302,7 @@ class ManifestDataset(ClipDataset):
         return self.paths[index]
 
     def _read(self, index: int):
-        return load_audio(self.paths[index], sample_rate=self.sample_rate, mono=True)
+        return load_audio(self.paths[index], sample_rate=self.sample_rate, mono=True, downmix=self.downmix)
 
 
 def write_manifest(path: PathLike, entries: Sequence[Dict[str, str]]) -> None:

@@ -116,7 +116,7 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
     from .. import data as data_mod
 
     src = opts.get("data", "synthetic")
-    common = dict(max_bad_fraction=opts.get("max_bad_fraction", 0.01))
+    common = dict(max_bad_fraction=opts.get("max_bad_fraction", 0.01), downmix=opts.get("downmix") or "first")
     if split != "train" and opts.get("eval_data"):
         src = opts["eval_data"]
     if src == "synthetic":
