@@ -233,11 +233,20 @@ def test_other_mel_counts(kaldi, mels):
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("tiling", [(32, 32, 64, 4), (64, 16, 128, 8)], ids=["sm80", "sm90"])
 def test_gpu_tiling(kaldi, monkeypatch, method, precision, tiling):
-    """The GPU tilings of the DFT kernel (older GPUs' and Hopper's). 32-frame tiles: a full tile, a
+    """The GPU tilings of the DFT kernel (older GPUs' and Hopper's; for the fft method its two kernels'
+    GPU tiles). 32-frame tiles: a full tile, a
     tile that ends inside the clip, and a tile of padding only; 64-frame tiles: one that ends inside
     the clip and one of padding only; with each float32-accurate product precision."""
     triton_only(method)
     monkeypatch.setattr(kernel_module(), "_blocks", lambda device: (*tiling, precision))
+    if method == "fft":
+        # the fft method's GPU tiles (not the interpreter's one big tile): frame tiles that end inside
+        # the clip, and several chunks of DFT bins per mel tile
+        monkeypatch.setattr(kernel_module(), "_interpreting", lambda: False)
+        frames_tile, mel_tile, bins = (8, 32, 64) if tiling[0] == 32 else (16, 64, 128)
+        for key, value in dict(block_t_frames=frames_tile, block_t=mel_tile, block_k=bins, num_warps=tiling[3],
+                               precision=precision).items():
+            monkeypatch.setitem(kernel_module().TUNING, key, value)
     waves = clips(kaldi, n=1, length=8000)  # 48 frames
     for target in (80, 40):
         out = kernel(waves, target, "audioset")

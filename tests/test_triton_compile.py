@@ -44,8 +44,9 @@ TUNED = {"fwd": {"block_m": 16, "num_warps": 1, "groups_per_program": 4},
          "bwd": {"block_m": 32, "num_warps": 2, "groups_per_program": 2}}
 
 
-@pytest.mark.parametrize("dtype,tuning", [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, TUNED)],
-                         ids=["fp32", "bf16", "bf16-tuned"])
+@pytest.mark.parametrize("dtype,tuning", [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, TUNED),
+                                          (torch.float16, {})],
+                         ids=["fp32", "bf16", "bf16-tuned", "fp16"])
 def test_window_attention_kernels_compile(aot, monkeypatch, dtype, tuning):
     from audiomae.kernels import window_attention as wa
 
@@ -58,7 +59,7 @@ def test_window_attention_kernels_compile(aot, monkeypatch, dtype, tuning):
     compile_all(aot, launches)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_step_kernels_compile(aot, monkeypatch, dtype):
     from audiomae.kernels import masked_loss, patch_embed, unshuffle
 
@@ -174,7 +175,7 @@ def test_a_captured_launch_replays_alone(monkeypatch):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_gelu_mlp_kernels_compile(aot, monkeypatch, dtype):
     from audiomae.kernels import gelu_mlp
 
