@@ -338,6 +338,9 @@ def test_end_to_end(tmp_path):
     assert cfg["epochs"] == 1 and cfg["batch_size"] == 8
     rec = [json.loads(l) for l in (pre / "metrics.jsonl").read_text().splitlines()]
     assert rec[-1]["step"] == 4 and all(math_ok(r["loss"]) for r in rec)
+    # AdamW's betas as in the release: (0.9, 0.95) for pretraining, PyTorch's default for fine-tuning
+    state = torch.load(pre / "checkpoint-last.pt", weights_only=False)
+    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.9, 0.95)}
 
     png, wav = tmp_path / "r.png", tmp_path / "r.wav"
     run_cli("reconstruct", "synthetic:1", "--checkpoint", str(pre / "model.pt"), "--out", str(png), "--wav", str(wav))
@@ -353,6 +356,8 @@ def test_end_to_end(tmp_path):
     ft = tmp_path / "ft"
     run_cli("finetune", "--pretrained", str(pre / "model.pt"), "--epochs", "1", "-o", str(ft), "--mask-2d", *SMALL)
     assert (ft / "checkpoint-best.pt").exists() and (ft / "best_report.csv").exists()
+    state = torch.load(ft / "checkpoint-last.pt", weights_only=False)
+    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.9, 0.999)}
 
     ev = tmp_path / "ev"
     out = run_cli("evaluate", str(ft / "checkpoint-best.pt"), "-o", str(ev), *SMALL_EVAL).stdout

@@ -162,12 +162,17 @@ def _infinite_steps(epochs: int, steps_per_epoch: int) -> int:
 
 
 # --- the shared optimisation loop ---------------------------------------------------------------
+# AdamW's betas: the release pretrains with (0.9, 0.95) and fine-tunes with PyTorch's default (0.9, 0.999)
+PRETRAIN_BETAS = (0.9, 0.95)
+FINETUNE_BETAS = (0.9, 0.999)
+
+
 class Trainer:
     """One optimisation loop for both models: accumulation, autocast, clipping, NaN skipping,
     per-step lr, progress, metrics, atomic checkpoints and exact resume."""
 
     def __init__(self, model: nn.Module, opts: Dict[str, Any], dataset, device: torch.device, info: D.DistInfo,
-                 step_fn, layer_decay: Optional[float] = None, on_epoch_end=None):
+                 step_fn, layer_decay: Optional[float] = None, on_epoch_end=None, betas=PRETRAIN_BETAS):
         self.opts = opts
         self.model = model.to(device)
         self.device = device
@@ -184,7 +189,7 @@ class Trainer:
         self.eff_batch = batch * accum * info.world_size
         self.lr = opts.get("lr") or effective_lr(opts["blr"], self.eff_batch)
         # the model is on its device already: on CUDA this is the single-kernel AdamW
-        self.optimizer = adamw(param_groups(self.model, opts["weight_decay"], layer_decay), self.lr, (0.9, 0.95))
+        self.optimizer = adamw(param_groups(self.model, opts["weight_decay"], layer_decay), self.lr, tuple(betas))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         weights = None
         if opts.get("weighted_sampling"):
@@ -643,7 +648,7 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
     # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
     opts = dict(opts, class_names=list(train_set.class_names))
     trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS)
     path = resolve_resume(opts.get("resume"), opts["output_dir"])
     if path:
         trainer.resume(path)
