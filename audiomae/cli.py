@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Pretrain an Audio-MAE: mask 80 % of the spectrogram patches and reconstruct them.")
     p.add_argument("--model", default="tiny", help="size preset: " + ", ".join(MODEL_PRESETS) + " (base: ViT-B)")
     p.add_argument("--decoder-mode", choices=["local", "global", "hybrid"],
-                   help="decoder attention (default: the preset's, local for all but huge)")
+                   help="decoder attention (default: the preset's, local for all but huge): local is the "
+                        "release's 16 shifted-window blocks, global its 8 ViT blocks, hybrid local then global")
     p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"],
                    help="which patches are removed: random patches, whole time columns, whole frequency rows, "

@@ -136,11 +136,19 @@ class AudioMAEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "AudioMAEConfig":
-        """A named preset: ``tiny``, ``small``, ``base`` (the released ViT-B), ``large``, ``huge``."""
+        """A named preset: ``tiny``, ``small``, ``base`` (the released ViT-B), ``large``, ``huge``.
+
+        ``decoder_mode="global"`` on ``small``, ``base`` or ``large`` also gives the release's global
+        decoder depth (8 blocks, where the local decoder has 16) unless ``decoder_depth`` is given."""
         key = PRESET_ALIASES.get(name.lower(), name.lower())
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[key], **overrides})
+        fields = {**PRESETS[key], **overrides}
+        if (fields.get("decoder_mode") == "global" and "decoder_depth" not in overrides
+                and PRESETS[key].get("decoder_depth") == _DECODER["decoder_depth"]):
+            # the release's decoders: 16 Swin blocks when local, 8 ViT blocks when global
+            fields["decoder_depth"] = GLOBAL_DECODER_DEPTH
+        return cls(**fields)
 
 
 def _is_int(v: Any) -> bool:
@@ -161,6 +169,7 @@ def _pair(v: Any, name: str) -> Tuple[int, int]:
 
 
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=16, decoder_num_heads=16, decoder_mode="local")
+GLOBAL_DECODER_DEPTH = 8  # the release's global decoder; preset(..., decoder_mode="global") takes it
 PRESETS: Dict[str, Dict[str, Any]] = {
     # The demo / test size (also the fixtures' size): 256 frames x 128 mel bins, 16 x 8 patches.
     "tiny": dict(img_size=(256, 128), embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64,

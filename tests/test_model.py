@@ -177,6 +177,12 @@ def test_presets():
         AudioMAEConfig.preset("gigantic")
     with pytest.raises(ValueError, match="decoder_mode"):
         AudioMAEConfig(decoder_mode="windowed")
+    # the release's decoders: 16 local (Swin) blocks, or 8 global (ViT) blocks
+    assert AudioMAEConfig.preset("base").decoder_depth == 16
+    assert AudioMAEConfig.preset("base", decoder_mode="global").decoder_depth == 8
+    assert AudioMAEConfig.preset("large", decoder_mode="global").num_local_blocks == 0
+    assert AudioMAEConfig.preset("base", decoder_mode="global", decoder_depth=12).decoder_depth == 12
+    assert AudioMAEConfig.preset("huge").decoder_depth == 8
 
 
 def test_public_api():
