@@ -64,7 +64,8 @@ class Mlp(nn.Module):
             # one op, so a fused backend can keep the GELU inside its matmuls (the reference is this
             # same computation)
             return ops.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        return self.fc2(self.drop(self.act(self.fc1(x))))
+        # dropout after the activation and after fc2, as timm's Mlp (the release's meta-MLP: 0.1 at both)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Attention(nn.Module):

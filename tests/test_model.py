@@ -276,3 +276,15 @@ def test_float64_input_advice_works():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(x.float()).loss)
     assert model.double()(x).loss.dtype == torch.float64
+
+
+def test_meta_mlp_drops_after_both_layers_in_training():
+    """The release's meta-MLP is timm's Mlp with drop=0.1: dropout after the ReLU and after fc2, so in
+    training some position-bias entries are exactly 0; in eval mode none are."""
+    from audiomae.layers import WindowAttention
+    attn = WindowAttention(32, 4, (4, 4))
+    torch.manual_seed(0)
+    bias = attn.train().position_bias()
+    zeros = (bias == 0).float().mean().item()
+    assert 0.05 < zeros < 0.15  # p = 0.1 over 4 x 16 x 16 outputs
+    assert (attn.eval().position_bias() != 0).all()
