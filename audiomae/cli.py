@@ -173,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="size preset when training from scratch: " + ", ".join(MODEL_PRESETS))
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay per block from the top")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    p.add_argument("--mixup", type=float, default=0.5, help="mixup alpha (0: off)")
+    p.add_argument("--mixup", type=float, default=0.5,
+                   help="mixup strength (0: off): the Beta(a, a) parameter in batch mode, the probability that a "
+                        "clip is mixed in waveform mode")
+    p.add_argument("--mixup-mode", choices=["batch", "waveform"], default="batch",
+                   help="batch: the model inputs mixed with the reversed batch, one Beta(a, a) weight per batch "
+                        "(timm's batch mode, the paper's recipe); waveform: the released code's data loader, each "
+                        "clip mixed with another clip before the fbank with probability --mixup, Beta(10, 10) "
+                        "weights per clip")
     p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false", help="no SpecAugment masking")
     p.add_argument("--freq-mask", type=int, default=48, help="SpecAugment frequency mask width bound")
     p.add_argument("--time-mask", type=int, default=192, help="SpecAugment time mask width bound")
@@ -331,6 +338,8 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
             sub.error(f"{name('model')} {opts['model']}: no such preset; choose one of {', '.join(MODEL_PRESETS)} "
                       "(or a release name such as vit_base_patch16)")
     bounded("max_bad_fraction", 0, 1)
+    if opts.get("mixup_mode") == "waveform":
+        bounded("mixup", 0, 1, why=" (a probability with --mixup-mode waveform)")
     bounded("layer_decay", 0, 1, lo_open=True)
     bounded("drop_path", 0, 1, hi_open=True)
     for k in ("mask_t_prob", "mask_f_prob"):

@@ -57,6 +57,8 @@ def test_help_lists_commands(capsys):
     (["pretrain", "--clip-seconds", "0.01"], "--clip-seconds must be at least 0.025 (one 25 ms frame)"),
     (["finetune", "--mask-t-prob", "1.0"], "--mask-t-prob must be in [0, 1)"),
     (["finetune", "--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
+    (["finetune", "--mixup-mode", "waveform", "--mixup", "2"],
+     "--mixup must be in [0, 1] (a probability with --mixup-mode waveform)"),
     (["evaluate", "x.pt", "--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1]"),
     (["finetune", "--eval-data", "/no/such/eval.json"], "--eval-data /no/such/eval.json: no such file"),
     (["finetune", "--data-root", "/no/such/root"], "--data-root /no/such/root: no such folder"),
@@ -579,3 +581,24 @@ def test_evaluate_refuses_data_with_other_classes_than_the_checkpoints(tmp_path,
         assert code == 1 and "classes differ" in err and "only in training: c" in err, ckpt
     assert main(["evaluate", str(tmp_path / "ft" / "model.pt"), "--data", str(tmp_path / "tr"), "--clip-seconds",
                  "0.64", "-o", str(tmp_path / "ev"), "--num-workers", "0", "--quiet"]) == 0
+
+
+def test_finetune_waveform_mixup_mode(tmp_path, monkeypatch):
+    """--mixup-mode waveform mixes the clips (with their lengths) before the fbank, not the batch after."""
+    import audiomae.data as data_mod
+    calls = {"waveform": [], "batch": 0}
+    real = data_mod.waveform_mixup
+
+    def spy(w, y, prob, lengths=None, **kw):
+        calls["waveform"].append((w.dim(), prob, lengths is not None))
+        return real(w, y, prob=prob, lengths=lengths, **kw)
+
+    def no_batch_mixup(*a, **k):
+        calls["batch"] += 1
+        raise AssertionError("batch mixup in waveform mode")
+
+    monkeypatch.setattr(data_mod, "waveform_mixup", spy)
+    monkeypatch.setattr(data_mod, "mixup", no_batch_mixup)
+    assert main(["finetune", "--mixup-mode", "waveform", "--mixup", "0.5", "-o", str(tmp_path / "ft"), *TINY_RUN]) == 0
+    assert calls["waveform"] and all(c == (2, 0.5, True) for c in calls["waveform"]) and calls["batch"] == 0
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["mixup_mode"] == "waveform"

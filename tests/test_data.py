@@ -707,6 +707,43 @@ def test_mixup():
     assert torch.equal(x, torch.randn(4, 1, 8, 6, generator=torch.Generator().manual_seed(0)))  # not in place
 
 
+def test_waveform_mixup():
+    """The release's loader mixup: per clip with probability prob, another clip of the batch, its own
+    Beta(10, 10) weight, the partner cut to the clip's length; targets mixed with the same weight."""
+    from audiomae.data import waveform_mixup
+    g = torch.Generator().manual_seed(0)
+    B, N = 6, 50
+    w = torch.randn(B, N, generator=g)
+    lengths = torch.tensor([50, 30, 50, 10, 40, 50])
+    w = w * (torch.arange(N) < lengths[:, None])  # zero padding past each clip's length
+    t = torch.eye(B)
+    lams, mixed_frac = [], []
+    for _ in range(200):
+        out, tt, lam = waveform_mixup(w, t, prob=0.5, lengths=lengths, generator=g)
+        assert lam.shape == (B,) and ((lam > 0) & (lam <= 1)).all()
+        kept = lam == 1
+        assert torch.equal(out[kept], w[kept]) and torch.equal(tt[kept], t[kept])
+        mixed_frac.append((~kept).float().mean().item())
+        for i in torch.nonzero(~kept).flatten().tolist():
+            # exactly one partner j != i; the clip's length is kept (nothing past it)
+            j = [k for k in range(B) if k != i and tt[i, k] > 0][0]
+            assert tt[i, i] == pytest.approx(lam[i].item()) and tt[i, j] == pytest.approx(1 - lam[i].item())
+            assert tt[i].sum() == pytest.approx(1.0)
+            want = lam[i] * w[i] + (1 - lam[i]) * w[j] * (torch.arange(N) < lengths[i])
+            torch.testing.assert_close(out[i], want)
+            assert out[i, lengths[i]:].abs().max() == 0 if lengths[i] < N else True
+            lams.append(lam[i].item())
+    assert 0.4 < sum(mixed_frac) / len(mixed_frac) < 0.6
+    lams = torch.tensor(lams)
+    assert 0.45 < lams.mean() < 0.55 and 0.09 < lams.std() < 0.13  # Beta(10, 10): 0.5 and 0.109
+    assert torch.equal(waveform_mixup(w, t, prob=0.0)[0], w)
+    assert (waveform_mixup(w[:1], t[:1], prob=1.0)[2] == 1).all()  # one clip: nothing to mix with
+    with pytest.raises(ValueError, match="prob must be in"):
+        waveform_mixup(w, t, prob=1.5)
+    with pytest.raises(ValueError, match="target must be float"):
+        waveform_mixup(w, torch.arange(B), prob=0.5)
+
+
 def _bands(mask_1d):
     """Start and width of the single run of True in a 1-D bool tensor (width 0 -> (None, 0))."""
     idx = torch.nonzero(mask_1d).flatten()

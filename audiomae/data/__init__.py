@@ -5,12 +5,12 @@
 * :class:`FolderDataset` - one sub-folder per class.
 * :func:`make_loader`, :class:`FeatureExtractor`, :func:`label_weights`,
   :class:`DistributedWeightedSampler` - loading, features on the training device, weighted sampling.
-* :func:`mixup`, :func:`spec_augment`, :func:`roll_and_magnitude` - the recipes' augmentations.
+* :func:`mixup`, :func:`waveform_mixup`, :func:`spec_augment`, :func:`roll_and_magnitude` - the recipes' augmentations.
 
 All datasets return ``{"waveform" | "input", "target", "index", "bad"}`` items and share the
 handling of unreadable files described in :mod:`audiomae.data.dataset`.
 """
-from .augment import mixup, roll_and_magnitude, spec_augment
+from .augment import mixup, roll_and_magnitude, spec_augment, waveform_mixup
 from .dataset import (
     BadFileTracker,
     ClipDataset,
@@ -57,6 +57,7 @@ __all__ = [
     "label_weights",
     "make_loader",
     "mixup",
+    "waveform_mixup",
     "read_label_csv",
     "read_manifest",
     "roll_and_magnitude",

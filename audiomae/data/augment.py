@@ -2,6 +2,8 @@
 
 * :func:`mixup` - batch-mode mixup of the fine-tuning recipe (timm's ``Mixup`` with
   ``mixup_alpha=0.5, cutmix_alpha=0, mode="batch"``).
+* :func:`waveform_mixup` - the released fine-tuning's mixup: a clip mixed with another clip, per
+  clip with a probability, with Beta(10, 10) weights, before the fbank.
 * :func:`spec_augment` - one frequency mask and one time mask per example (torchaudio's
   ``FrequencyMasking``/``TimeMasking`` with ``iid_masks``).
 * :func:`roll_and_magnitude` - the pretraining waveform augmentation.
@@ -66,6 +68,51 @@ def mixup(
     mixed_x = x * lam + x.flip(0) * (1.0 - lam)
     mixed_t = target * lam + target.flip(0) * (1.0 - lam)
     return mixed_x, mixed_t, lam
+
+
+def waveform_mixup(
+    waveforms: torch.Tensor,
+    target: torch.Tensor,
+    prob: float = 0.5,
+    lengths: Optional[torch.Tensor] = None,
+    generator: Generator = None,
+    alpha: float = 10.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released fine-tuning's mixup (its data loader's), on a batch of waveforms ``[B, N]``.
+
+    Each clip, with probability ``prob``, is mixed with another clip of the batch drawn uniformly:
+    ``lam * w_i + (1 - lam) * w_j`` with its own ``lam ~ Beta(alpha, alpha)`` (the release: 10), the
+    partner cut or zero-padded to the clip's length (``lengths`` [B], its real samples; default N);
+    targets ``[B, C]`` become ``lam * y_i + (1 - lam) * y_j``. The release draws the partner from the
+    whole dataset; another clip of a shuffled batch is such a draw. The mixture goes to the fbank
+    like any clip (the clip mean the release subtracts again does not change the fbank, whose frames
+    each lose their own mean). Returns ``(waveforms, targets, lam)``, ``lam`` [B] float32 on the
+    waveforms' device, 1 for the clips left as they were; the inputs are not modified.
+    """
+    if waveforms.dim() != 2:
+        raise ValueError(f"waveforms must be [B, N], got shape {tuple(waveforms.shape)}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    if target.dim() != 2 or not target.is_floating_point() or target.shape[0] != waveforms.shape[0]:
+        raise ValueError(f"target must be float [B, C] for the {waveforms.shape[0]} waveforms, got "
+                         f"{target.dtype} {tuple(target.shape)}")
+    B, N = waveforms.shape
+    dev = waveforms.device
+    mixed = _uniform((B,), generator) < prob
+    offset = (_uniform((B,), generator) * max(B - 1, 1)).long().clamp(max=max(B - 2, 0))
+    partner = (torch.arange(B) + 1 + offset) % B
+    lam = torch.from_numpy(_numpy_rng(generator).beta(alpha, alpha, size=B).astype(np.float32))
+    if B < 2:
+        mixed[:] = False  # no other clip to mix with
+    lam = torch.where(mixed, lam, torch.ones(()))
+    lam, partner = lam.to(dev), partner.to(dev)
+    other = waveforms[partner]
+    if lengths is not None:
+        other = other * (torch.arange(N, device=dev) < torch.as_tensor(lengths, device=dev)[:, None])
+    w = lam[:, None].to(waveforms.dtype)
+    out = w * waveforms + (1 - w) * other
+    t = lam[:, None].to(target.dtype)
+    return out, t * target + (1 - t) * target[partner.to(target.device)], lam
 
 
 def _band_mask(lead: Tuple[int, ...], size: int, mask_param: int, generator: Generator, device) -> torch.Tensor:

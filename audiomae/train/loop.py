@@ -598,7 +598,7 @@ def write_report(metrics: Dict[str, Any], path: str) -> None:
 
 def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Fine-tune a classifier from a pretrained checkpoint (see ``audiomae finetune --help``)."""
-    from ..data import mixup, spec_augment
+    from ..data import mixup, spec_augment, waveform_mixup
 
     device, info = _setup(opts, training=True)
     train_set = build_dataset(opts, "train")
@@ -620,11 +620,22 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
     st = get_stats(opts.get("stats", "audioset"))
     mask_value = 0.0 if st is None else -st.mean / (2 * st.std)
 
+    mix = float(opts.get("mixup", 0) or 0)
+    mix_mode = opts.get("mixup_mode") or "batch"
+
     def step_fn(m, batch):
-        x = feats(batch)
         y = batch["target"].to(device).float()
-        if opts.get("mixup", 0) > 0:
-            x, y, _ = mixup(x, y, alpha=opts["mixup"])
+        if mix > 0 and mix_mode == "waveform":
+            # the release's: clips mixed with other clips before the fbank, each with probability `mix`
+            if "waveform" not in batch:
+                raise TrainingError("--mixup-mode waveform needs waveform batches, not precomputed features")
+            lengths = batch.get("length")
+            w, y, _ = waveform_mixup(batch["waveform"].to(device, non_blocking=True), y, prob=mix,
+                                     lengths=None if lengths is None else lengths.to(device))
+            batch = dict(batch, waveform=w)
+        x = feats(batch)
+        if mix > 0 and mix_mode == "batch":
+            x, y, _ = mixup(x, y, alpha=mix)
         if opts.get("spec_augment", True):
             # the release masks the log-mel before normalisation with 0: that value, normalised
             x = spec_augment(x, freq_mask=opts.get("freq_mask", 48), time_mask=opts.get("time_mask", 192),
