@@ -280,6 +280,17 @@ def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
 
 def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
     opts = {k: v for k, v in vars(args).items() if k != "command"}
+    actions = sub._option_string_actions
+    explicit = set()
+    for a in argv:  # the options typed, also as the abbreviations argparse accepts
+        key = a.split("=", 1)[0]
+        if not key.startswith("-"):
+            continue
+        if key in actions:
+            explicit.add(actions[key].dest)
+        elif key.startswith("--"):
+            explicit.update(act.dest for o, act in actions.items() if o.startswith(key))
+    explicit.discard("config")
     cfg_path = opts.pop("config", None)
     if cfg_path:
         try:
@@ -289,19 +300,12 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
             sub.error(f"{_typed(sub, 'config', argv)} {cfg_path}: {e}")
         if not isinstance(saved, dict):
             sub.error(f"{_typed(sub, 'config', argv)} {cfg_path}: expected a JSON object of options")
-        actions = sub._option_string_actions
-        explicit = set()
-        for a in argv:  # the options typed, also as the abbreviations argparse accepts
-            key = a.split("=", 1)[0]
-            if not key.startswith("-"):
-                continue
-            if key in actions:
-                explicit.add(actions[key].dest)
-            elif key.startswith("--"):
-                explicit.update(act.dest for o, act in actions.items() if o.startswith(key))
         for k, v in saved.items():
             if k in opts and k not in explicit:
                 opts[k] = v
+                explicit.add(k)  # chosen in the repeated run
+    # the options given (typed or from --config), so that a checkpoint's own settings can fill the rest
+    opts["explicit_options"] = sorted(explicit)
     return opts
 
 

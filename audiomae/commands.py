@@ -109,6 +109,16 @@ def _load_for_length(checkpoint: str, target_length: Optional[int]):
     return model
 
 
+def _checkpoint_options(opts: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
+    """``opts`` with the input options of ``names`` not given taken from the checkpoint's run
+    (:func:`audiomae.train.loop.inherit_run_options`), with a note naming those that differ."""
+    from .train.loop import _note_inherited, inherit_run_options
+    _, _, args = read_checkpoint(opts["checkpoint"])
+    opts, changed = inherit_run_options(opts, args, None, names)
+    _note_inherited(changed, opts["checkpoint"])
+    return opts
+
+
 def _seconds(frames: int) -> str:
     return f"{frames * FRAME_SHIFT_S:.2f} s"
 
@@ -129,6 +139,7 @@ def embed(opts: Dict[str, Any]) -> str:
     if not files and not opts.get("data"):
         raise InputError("nothing to embed: give audio files or --data")
     _output_folder(path, "--out")
+    opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
     downmix = opts.get("downmix") or "first"
     frames = check_audio_files(files, downmix) if files else []
 
@@ -239,6 +250,7 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     _check_picture_path(opts["out"])
     if opts.get("wav"):
         _check_audio_path(opts["wav"])
+    opts = _checkpoint_options(opts, ("stats", "downmix"))
     device = _device(opts.get("device", "auto"))
     model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
     T = model.config.img_size[0]

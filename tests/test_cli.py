@@ -602,3 +602,57 @@ def test_finetune_waveform_mixup_mode(tmp_path, monkeypatch):
     assert main(["finetune", "--mixup-mode", "waveform", "--mixup", "0.5", "-o", str(tmp_path / "ft"), *TINY_RUN]) == 0
     assert calls["waveform"] and all(c == (2, 0.5, True) for c in calls["waveform"]) and calls["batch"] == 0
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["mixup_mode"] == "waveform"
+
+
+def test_evaluate_embed_and_reconstruct_take_the_checkpoints_input_options(tmp_path, capsys):
+    """A model trained with other statistics, clip length and downmix is scored, embedded and
+    reconstructed with those unless told otherwise (before, the defaults silently changed the inputs)."""
+    _class_folders(str(tmp_path / "tr"), ["a", "b", "c"])
+    trained = ["--stats", "0,0.2", "--clip-seconds", "0.64", "--downmix", "mean"]
+    assert main(["finetune", "--data", str(tmp_path / "tr"), *trained, "-o", str(tmp_path / "ft"), *TINY_RUN]) == 0
+    ckpt = str(tmp_path / "ft" / "checkpoint-best.pt")
+    capsys.readouterr()
+    scores = {}
+    for name, extra in [("same", trained), ("inherited", [])]:
+        out = tmp_path / f"ev-{name}"
+        assert main(["evaluate", ckpt, "--data", str(tmp_path / "tr"), *extra, "-o", str(out), "--quiet",
+                     "--num-workers", "0"]) == 0
+        scores[name] = json.loads((out / "metrics.json").read_text())
+        text = capsys.readouterr().out
+        if name == "inherited":
+            assert "was trained with --stats 0,0.2, --clip-seconds 0.64, --downmix mean; using the same" in text
+    assert scores["same"] == scores["inherited"]  # (a one-epoch model: the embeddings below tell them apart)
+    # an explicit option still wins, and changes the inputs
+    assert main(["evaluate", ckpt, "--data", str(tmp_path / "tr"), "--stats", "audioset", "-o", str(tmp_path / "ev3"),
+                 "--quiet", "--num-workers", "0"]) == 0
+    assert "was trained with --clip-seconds 0.64, --downmix mean; using the same" in capsys.readouterr().out
+    # embed: the same embeddings with and without the options
+    emb = {}
+    for name, extra in [("same", trained), ("inherited", []), ("other", ["--stats", "audioset"])]:
+        out = tmp_path / f"{name}.pt"
+        assert main(["embed", "--checkpoint", ckpt, "--data", str(tmp_path / "tr"), *extra, "--out", str(out),
+                     "--quiet", "--num-workers", "0"]) == 0
+        emb[name] = torch.load(out, weights_only=False)["embeddings"]
+    torch.testing.assert_close(emb["same"], emb["inherited"], rtol=0, atol=0)
+    assert not torch.allclose(emb["same"], emb["other"])
+
+
+def test_inherit_run_options():
+    from audiomae.train.loop import inherit_run_options
+    args = {"stats": [0.0, 0.2], "clip_seconds": 0.64, "downmix": "mean", "single_label": True, "target_length": None}
+    cfg = {"img_size": [64, 128]}
+    # from the CLI: only the typed options count as given
+    opts = {"stats": "audioset", "clip_seconds": None, "downmix": "first", "single_label": False,
+            "target_length": None, "explicit_options": ["downmix"]}
+    got, changed = inherit_run_options(opts, args, cfg)
+    assert got["stats"] == (0.0, 0.2) and got["clip_seconds"] == 0.64 and got["downmix"] == "first"
+    assert got["single_label"] is True and got["target_length"] == 64
+    assert set(changed) == {"stats", "clip_seconds", "single_label"}
+    # from Python: what is not None is given
+    got, _ = inherit_run_options({"stats": "esc50", "clip_seconds": None}, args, cfg)
+    assert got["stats"] == "esc50" and got["clip_seconds"] == 0.64
+    # the release's argparse.Namespace: its dataset names the statistics
+    import argparse
+    got, changed = inherit_run_options({"explicit_options": []}, argparse.Namespace(dataset="esc50", blr=1e-3), None)
+    assert got["stats"] == "esc50" and changed == {"stats": "esc50"}
+    assert inherit_run_options({"stats": "audioset", "explicit_options": []}, None, None)[0]["stats"] == "audioset"

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -672,12 +672,63 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
     return summary
 
 
+# the input options a checkpoint's run recorded, which later commands on it take unless given
+INHERITED_OPTIONS = ("stats", "clip_seconds", "target_length", "downmix", "single_label")
+
+
+def inherit_run_options(opts: Dict[str, Any], args: Any, cfg: Optional[dict] = None,
+                        names: Sequence[str] = INHERITED_OPTIONS) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``opts`` with the options of ``names`` that the caller did not give taken from the checkpoint:
+    its run's recorded options (``args``: ours a dict, the release's an ``argparse.Namespace``, whose
+    ``dataset`` names the statistics), and the model's input length from its ``cfg``. Given options
+    are ``opts["explicit_options"]`` (the CLI records them), else the ones that are not None.
+    Returns ``(options, the inherited ones that differ from opts)``."""
+    given = opts.get("explicit_options")
+    given = set(given) if given is not None else {k for k, v in opts.items() if v is not None}
+    saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    if "stats" not in saved and isinstance(saved.get("dataset"), str):
+        from ..audio import DATASET_STATS
+        if saved["dataset"] in DATASET_STATS:
+            saved = dict(saved, stats=saved["dataset"])
+    out, changed = dict(opts), {}
+    for k in names:
+        if k in given or saved.get(k) is None:
+            continue
+        v = tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
+        if out.get(k) != v and not (k == "single_label" and not v and not out.get(k)):
+            changed[k] = v
+        out[k] = v
+    if "target_length" in names and "target_length" not in given and not out.get("target_length") \
+            and isinstance(cfg, dict) and cfg.get("img_size"):
+        out["target_length"] = int(cfg["img_size"][0])  # the model's input length
+    return out, changed
+
+
+def _flag(key: str, value: Any) -> str:
+    name = "--" + key.replace("_", "-")
+    if value is True:
+        return name
+    if value is False:
+        return f"no {name}"
+    if isinstance(value, tuple):
+        return f"{name} {','.join(f'{x:g}' for x in value)}"
+    return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+
+
+def _note_inherited(changed: Dict[str, Any], path: str) -> None:
+    """One line naming the options taken from a checkpoint that differ from the defaults."""
+    if changed and os.environ.get("RANK", "0") == "0":
+        shown = ", ".join(_flag(k, v) for k, v in changed.items())
+        print(f"note: {path} was trained with {shown}; using the same (give an option to override it)")
+
+
 def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
-    """Evaluate a classifier checkpoint; writes metrics.json and a per-class CSV report."""
+    """Evaluate a classifier checkpoint; writes metrics.json and a per-class CSV report. Input options
+    not given (statistics, clip and input length, downmix, single-label) are the checkpoint's run's."""
     from ..checkpoint import read_checkpoint
     sd, cfg, args = read_checkpoint(opts["checkpoint"])
-    if isinstance(args, dict) and args.get("single_label") and not opts.get("single_label"):
-        opts = dict(opts, single_label=True)  # scored as the model was trained
+    opts, changed = inherit_run_options(opts, args, cfg)
+    _note_inherited(changed, opts["checkpoint"])
     device, info = _setup(opts)
     dataset = build_dataset(opts, "val")
     T = _target_length(opts, dataset)
