@@ -656,3 +656,21 @@ def test_inherit_run_options():
     got, changed = inherit_run_options({"explicit_options": []}, argparse.Namespace(dataset="esc50", blr=1e-3), None)
     assert got["stats"] == "esc50" and changed == {"stats": "esc50"}
     assert inherit_run_options({"stats": "audioset", "explicit_options": []}, None, None)[0]["stats"] == "audioset"
+
+
+def test_classifier_commands_need_the_manifests_labels(tmp_path, capsys):
+    """A manifest without --labels has no classes: finetune and evaluate say so (before, finetune
+    trained a 0-class head, printed 'mAP nan' and exited 0)."""
+    entries = []
+    for i in range(4):
+        _wav16(str(tmp_path / "audio" / f"{i}.wav"), freq=300.0 + 50 * i)
+        entries.append({"wav": f"audio/{i}.wav", "labels": "/m/a"})
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    data = ["--data", str(tmp_path / "m.json"), "--clip-seconds", "0.64"]
+    assert main(["finetune", *data, "-o", str(tmp_path / "ft"), *TINY_RUN]) == 1
+    assert_one_error_line(capsys.readouterr().err, "its clips have no classes; a manifest needs its class-label CSV")
+    assert not (tmp_path / "ft" / "checkpoint-best.pt").exists()
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=1).save_pretrained(tmp_path / "c.pt")
+    assert main(["evaluate", str(tmp_path / "c.pt"), *data, "-o", str(tmp_path / "ev"), "--quiet"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "its clips have no classes")

@@ -144,6 +144,15 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
 _NOTED: set = set()  # manifests the single-label note was printed for
 
 
+def _need_classes(dataset, opts: Dict[str, Any], what: str) -> None:
+    """A classifier needs classes: a manifest without a label file has none."""
+    if not getattr(dataset, "num_classes", 0):
+        source = (opts.get("eval_data") if what == "evaluate" else None) or opts.get("data")
+        raise TrainingError(f"cannot {what} on {source}: its clips have no classes; a manifest needs its "
+                            "class-label CSV (--labels class_labels_indices.csv, with index,mid,display_name "
+                            "columns)")
+
+
 def _target_length(opts: Dict[str, Any], dataset) -> int:
     if opts.get("target_length"):
         return int(opts["target_length"])
@@ -602,6 +611,7 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
 
     device, info = _setup(opts, training=True)
     train_set = build_dataset(opts, "train")
+    _need_classes(train_set, opts, "fine-tune")
     eval_set = build_dataset(opts, "val")
     T = _target_length(opts, train_set)
     overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
@@ -731,6 +741,7 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     _note_inherited(changed, opts["checkpoint"])
     device, info = _setup(opts)
     dataset = build_dataset(opts, "val")
+    _need_classes(dataset, opts, "evaluate")
     T = _target_length(opts, dataset)
     if "head.weight" not in sd:
         kind = "a pretraining checkpoint" if any(k.startswith("decoder_") for k in sd) else "an encoder"
