@@ -440,9 +440,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except known as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        resumable = args.command in ("pretrain", "finetune")
-        print("interrupted" + ("; resume with --resume auto" if resumable else ""), file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if getattr(e, "path", None):  # the loop finished its step and wrote a checkpoint
+            print(f"interrupted after step {e.step}, checkpoint written ({e.path}); resume with --resume auto",
+                  file=sys.stderr)
+        elif args.command in ("pretrain", "finetune"):
+            print("interrupted; --resume auto continues from the run's last checkpoint, if it has written one "
+                  "(--save-every-steps N writes one every N steps)", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
     return 0
 

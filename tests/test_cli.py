@@ -408,6 +408,45 @@ def test_kill_9_then_resume_auto_matches_straight_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path):
+    """SIGINT to the whole process group (as Ctrl-C in a terminal, loader workers included) in the
+    first epoch of a run without --save-every-steps: the step ends, a checkpoint of it is written, and
+    --resume auto ends with the weights of a run never interrupted. Before, the work since the last
+    epoch end was lost, and with no checkpoint --resume auto started afresh without a word."""
+    args = ["pretrain", "--epochs", "2", "--num-clips", "192", "--batch-size", "8", "--num-workers", "1", "--quiet",
+            "--log-every", "1"]
+    straight = tmp_path / "straight"
+    run_cli(*args, "-o", str(straight))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "audiomae", *args, "-o", str(run)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    state = torch.load(run / "checkpoint-last.pt", weights_only=False)
+    assert 3 <= state["step"] < 24 and state["epoch"] == 0  # mid-epoch 1 (24 steps per epoch)
+    assert f"interrupted after step {state['step']}, checkpoint written" in err and "Traceback" not in err
+    assert not (run / "model.pt").exists()
+    out = run_cli(*args, "-o", str(run), "--resume", "auto").stdout
+    assert f"step {state['step']}" in out
+    a = torch.load(straight / "model.pt", weights_only=True)["model"]
+    b = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
+    out = run_cli("pretrain", "--epochs", "1", *SMALL, "-o", str(tmp_path / "r"), "--resume", "auto").stdout
+    assert "no checkpoint in" in out and "starting from the beginning" in out
+
+
 def test_ddp_two_cpu_processes_agree(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_agree.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

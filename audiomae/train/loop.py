@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -171,6 +172,44 @@ def _infinite_steps(epochs: int, steps_per_epoch: int) -> int:
 
 
 # --- the shared optimisation loop ---------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after writing a checkpoint of its last finished step."""
+
+    def __init__(self, step: int, path: str):
+        super().__init__(f"interrupted after step {step}; checkpoint {path}")
+        self.step, self.path = step, path
+
+
+class GracefulInterrupt:
+    """While active (in the main thread of a one-process run), the first SIGINT only sets
+    ``requested``, so the loop can finish its step and checkpoint; a second one interrupts at once."""
+
+    def __init__(self, enabled: bool = True):
+        import threading
+        self.enabled = bool(enabled) and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        import signal
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\ninterrupt: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)\n")
+
+    def __enter__(self) -> "GracefulInterrupt":
+        if self.enabled:
+            import signal
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            import signal
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+
 # AdamW's betas: the release pretrains with (0.9, 0.95) and fine-tunes with PyTorch's default (0.9, 0.999)
 PRETRAIN_BETAS = (0.9, 0.95)
 FINETUNE_BETAS = (0.9, 0.999)
@@ -343,6 +382,17 @@ class Trainer:
             print(f"weights identical on all {self.info.world_size} processes (ranks agree)")
 
     def run(self) -> Dict[str, Any]:
+        # one process: Ctrl-C finishes the step in progress and writes a checkpoint before stopping
+        with GracefulInterrupt(self.info.world_size == 1) as stop:
+            return self._run(stop)
+
+    def _stop_here(self) -> None:
+        """The run was asked to stop between steps: checkpoint this point, then stop."""
+        self.save()
+        self.runlog.close()
+        raise Interrupted(self.step, os.path.join(self.out_dir, LAST))
+
+    def _run(self, stop: "GracefulInterrupt") -> Dict[str, Any]:
         opts = self.opts
         max_nan = int(opts.get("max_nan_steps", 20))
         save_every = int(opts.get("save_every_steps") or 0)
@@ -366,6 +416,11 @@ class Trainer:
                         batches.append(next(it))
                     except StopIteration:
                         break
+                    except Exception:
+                        if stop.requested:  # the interrupt also stopped the loader's workers
+                            bar.close()
+                            self._stop_here()
+                        raise
                 if not batches:
                     break
                 lr = self.current_lr()  # the step's lr (train_step sets it)
@@ -396,12 +451,18 @@ class Trainer:
                                        "lr": lr, "samples_per_s": rate, "skipped_steps": self.skipped})
                 if save_every and self.step % save_every == 0:
                     self.save()
+                if stop.requested and self.epoch_step < self.steps_per_epoch:
+                    bar.close()
+                    self._stop_here()
             bar.close()
             self.epoch += 1
             self.epoch_step = 0
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self)
             self.save()
+            if stop.requested and self.epoch < epochs:
+                self.runlog.close()
+                raise Interrupted(self.step, os.path.join(self.out_dir, LAST))
         self.runlog.close()
         self._check_replicas()
         if self.info.enabled and self.step > start_step:

@@ -89,5 +89,9 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
         return None
     if resume == "auto":
         path = os.path.join(out_dir, LAST)
-        return path if os.path.isfile(path) else None
+        if os.path.isfile(path):
+            return path
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: --resume auto: no checkpoint in {out_dir} yet ({LAST}); starting from the beginning")
+        return None
     return resume
