@@ -293,6 +293,7 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
             "mask_token) are missing, so it cannot be loaded into the pretraining AudioMAE. Load it with "
             "AudioMAEClassifier.from_pretrained (which also gives embeddings).")
 
+    heads_guessed = config is None and not file_cfg and "num_heads" not in overrides
     if config is None:
         fields = dict(file_cfg) if file_cfg else infer_config(sd, args)
         if file_cfg is None and not has_decoder and not is_pretrain_model:
@@ -363,6 +364,11 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
             f"{where} does not fit {cls.__name__} with embed_dim={config.embed_dim}, depth={config.depth}, "
             f"img_size={config.img_size}, decoder_mode={config.decoder_mode}: " + " | ".join(parts))
     model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=strict)
+    if heads_guessed and config.embed_dim not in _DEFAULT_HEADS:  # a preset's width: its head count
+        notes.append(f"the file records no configuration and the weights do not hold the head count: assumed "
+                     f"num_heads={config.num_heads} for width {config.embed_dim} (pass num_heads= if the model "
+                     "had another)")
+    model.eval()  # loaded for use; training loops switch to train()
     if notes:
         warnings.warn(f"loading {where} into {cls.__name__}: " + "; ".join(notes), CheckpointAdaptedWarning,
                       stacklevel=3)

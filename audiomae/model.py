@@ -282,7 +282,8 @@ class AudioMAE(_Encoder):
         """Load a released checkpoint, a bare state dict, a safetensors file or a file this package wrote.
 
         With ``config=None`` the configuration is read from the file (or inferred from its shapes).
-        A checkpoint for another input length is adapted (the position tables are rebuilt).
+        A checkpoint for another input length is adapted (the position tables are rebuilt). The model
+        comes back in eval mode (no dropout or drop-path); call ``.train()`` to train it.
         """
         from .checkpoint import load_model
         return load_model(cls, path_or_state_dict, config, map_location=map_location, **overrides)
@@ -352,7 +353,8 @@ class AudioMAEClassifier(_Encoder):
     @classmethod
     def from_pretrained(cls, path_or_state_dict, config: Optional[AudioMAEConfig] = None,
                         num_classes: Optional[int] = None, map_location="cpu", **overrides) -> "AudioMAEClassifier":
-        """Load a fine-tuned classifier, or the encoder of a pretraining checkpoint (new head)."""
+        """Load a fine-tuned classifier, or the encoder of a pretraining checkpoint (new head), in eval
+        mode (see :meth:`AudioMAE.from_pretrained`)."""
         from .checkpoint import load_model
         if num_classes is not None:
             overrides["num_classes"] = num_classes

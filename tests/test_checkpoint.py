@@ -357,3 +357,26 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o644
+
+
+def test_loaded_models_are_in_eval_mode_and_guessed_heads_are_named(tmp_path):
+    """from_pretrained gives a model ready for use (drop-path off, so embed is deterministic), and a
+    bare state dict of a width no preset has says which head count it assumed."""
+    import warnings as _w
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    from audiomae.checkpoint import CheckpointAdaptedWarning
+    cfg = AudioMAEConfig.preset("tiny").replace(num_heads=2)
+    clf = AudioMAEClassifier(cfg, num_classes=3, drop_path_rate=0.5)
+    clf.save_pretrained(tmp_path / "c.pt")
+    loaded = AudioMAEClassifier.from_pretrained(tmp_path / "c.pt")
+    assert not loaded.training and loaded.config.num_heads == 2
+    x = torch.randn(2, 1, 256, 128)
+    torch.testing.assert_close(loaded.embed(x), loaded.embed(x), rtol=0, atol=0)
+    # a width no preset has (96): the head count is a guess, and the warning says which
+    odd = AudioMAEClassifier(cfg.replace(embed_dim=96, num_heads=3), num_classes=3)
+    torch.save(odd.state_dict(), tmp_path / "bare.pt")
+    with pytest.warns(CheckpointAdaptedWarning, match="assumed num_heads=1 for width 96"):
+        AudioMAEClassifier.from_pretrained(tmp_path / "bare.pt")
+    with _w.catch_warnings():
+        _w.simplefilter("error", CheckpointAdaptedWarning)
+        assert AudioMAEClassifier.from_pretrained(tmp_path / "bare.pt", num_heads=3).config.num_heads == 3
