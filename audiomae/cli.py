@@ -377,6 +377,10 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
     for k in ("data", "eval_data"):
         if opts.get(k) not in (None, "synthetic") and not os.path.exists(opts[k]):
             sub.error(f"{name(k)} {opts[k]}: no such file or folder (use 'synthetic', a manifest or a folder)")
+    if opts.get("output_dir"):
+        problem = _unwritable(opts["output_dir"])
+        if problem:
+            sub.error(f"{name('output_dir')} {opts['output_dir']}: {problem}")
     if opts.get("data_root") and not os.path.isdir(opts["data_root"]):
         sub.error(f"{name('data_root')} {opts['data_root']}: no such folder")
     if command == "embed":
@@ -388,6 +392,20 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         out = str(opts.get("out") or "")
         if not out.lower().endswith(EMBED_FORMATS):
             sub.error(f"{name('out')} {out}: the embeddings file must end in .pt (torch) or .npz (numpy)")
+
+
+def _unwritable(folder: str) -> Optional[str]:
+    """Why files cannot be written in ``folder`` (created if missing), or None when they can."""
+    import tempfile
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "exists and is not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -411,6 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .audio import AudioLoadError
     from .checkpoint import CheckpointError
     from .commands import InputError
+    from .dispatch import BackendUnavailableError
     from .train import TrainingError
     known = (CheckpointError, TrainingError, AudioLoadError, InputError)
     try:
@@ -438,6 +457,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import demo
             demo(opts)
     except known as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BackendUnavailableError as e:
+        if e.backend and opts.get("backend") == e.backend:
+            print(f"error: --backend {e.backend}: the {e.op} op cannot run with it here ({'; '.join(e.reasons)}); "
+                  "--backend auto (the default) runs each op where it can", file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the machine's side: a full disk, a folder made read-only meanwhile, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

@@ -34,7 +34,13 @@ ENV_VAR = "AUDIOMAE_BACKEND"
 
 
 class BackendUnavailableError(RuntimeError):
-    """A backend was asked for and cannot run these inputs; the message lists why."""
+    """A backend was asked for and cannot run these inputs; the message lists why (also as ``op``,
+    ``backend`` and ``reasons``)."""
+
+    def __init__(self, message: str, op: Optional[str] = None, backend: Optional[str] = None,
+                 reasons: Sequence[str] = ()):
+        super().__init__(message)
+        self.op, self.backend, self.reasons = op, backend, list(reasons)
 
 
 @dataclass
@@ -216,7 +222,7 @@ def _choose(op: str, args, kwargs, prepare: bool) -> Tuple[str, Callable]:
         why = [f"no {forced} implementation of {op}"] if impl is None else impl.why_not(*args, **kwargs)
         if why:
             raise BackendUnavailableError(f"{op}: backend '{forced}' was asked for but cannot run: " + "; ".join(why)
-                                          + ". " + _undo_advice(op, source))
+                                          + ". " + _undo_advice(op, source), op=op, backend=forced, reasons=why)
         return forced, impl.fn
     for b in preference(op):
         impl = impls.get(b)

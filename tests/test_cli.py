@@ -713,3 +713,24 @@ def test_classifier_commands_need_the_manifests_labels(tmp_path, capsys):
     AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=1).save_pretrained(tmp_path / "c.pt")
     assert main(["evaluate", str(tmp_path / "c.pt"), *data, "-o", str(tmp_path / "ev"), "--quiet"]) == 1
     assert_one_error_line(capsys.readouterr().err, "its clips have no classes")
+
+
+def test_unusable_run_folder_and_backend_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for cmd in (["pretrain"], ["finetune"], ["demo"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "-o", str(tmp_path / "afile" / "sub")])
+        assert e.value.code == 2
+        assert "cannot write there (Not a directory)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "-o", str(tmp_path / "afile")])
+    assert "exists and is not a folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        from audiomae import dispatch
+        with dispatch.use_backend(None):  # main() forces the backend process-wide; undone here
+            code = main(["pretrain", "--backend", "cuda", "-o", str(tmp_path / "r"), *SMALL, "--epochs", "1"])
+        assert dispatch.forced_backend("window_attention") in (None, "auto") or os.environ.get("AUDIOMAE_BACKEND")
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err
+        assert_one_error_line(err, "--backend cuda: the ")
+        assert "--backend auto (the default) runs each op where it can" in err
