@@ -1,4 +1,5 @@
 """Training loop pieces: schedule, parameter groups, layer decay, metrics, NaN handling, resume."""
+import json
 import math
 import os
 
@@ -308,3 +309,22 @@ def test_evaluate_needs_a_classifier_with_the_data_classes(tmp_path):
     AudioMAEClassifier(TINY, num_classes=3).save_pretrained(tmp_path / "three.pt")
     with pytest.raises(TrainingError, match="predicts 3 classes, the data has 10"):
         evaluate(dict(opts, checkpoint=str(tmp_path / "three.pt")))
+
+
+def test_metrics_files_are_strict_json(tmp_path):
+    """NaN and Infinity are not JSON: a skipped step's NaN loss and the infinite d-prime of an AUC of 1
+    are written as null, so strict parsers read the files."""
+    from audiomae.train.loop import RunLog, _strict_json
+
+    def strict(text):
+        def refuse(name):
+            raise ValueError(f"not JSON: {name}")
+        return json.loads(text, parse_constant=refuse)
+
+    assert _strict_json({"d_prime": float("inf"), "x": [1.0, float("nan")], "n": 3}) == {"d_prime": None,
+                                                                                          "x": [1.0, None], "n": 3}
+    log = RunLog(str(tmp_path), enabled=True, tensorboard=False)
+    log.write({"phase": "train", "step": 1, "loss": float("nan"), "lr": 1e-3})
+    log.close()
+    rec = strict((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["loss"] is None and rec["lr"] == 1e-3

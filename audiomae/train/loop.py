@@ -56,7 +56,7 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
         if self.tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
@@ -90,6 +90,18 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _strict_json(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None (JSON's null): NaN and Infinity are not JSON, and strict
+    parsers refuse them (a d-prime of an AUC of 1 is infinite, a skipped step's loss NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
 
 
 def _json_safe(opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -823,7 +835,8 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     if info.is_main:
         write_report(metrics, os.path.join(opts["output_dir"], "report.csv"))
         with open(os.path.join(opts["output_dir"], "metrics.json"), "w") as f:
-            json.dump({k: v for k, v in metrics.items() if k != "per_class"}, f, indent=2)
+            json.dump(_strict_json({k: v for k, v in metrics.items() if k != "per_class"}), f, indent=2,
+                      allow_nan=False)
         name, value = headline(metrics)
         extra = f", AUC {metrics['AUC']:.4f}, d' {metrics['d_prime']:.3f}" if "AUC" in metrics else ""
         skipped = getattr(dataset, "bad_count", 0)
