@@ -734,3 +734,20 @@ def test_unusable_run_folder_and_backend_are_one_line_errors(tmp_path, capsys):
         assert code == 1 and "Traceback" not in err
         assert_one_error_line(err, "--backend cuda: the ")
         assert "--backend auto (the default) runs each op where it can" in err
+
+
+def test_pretrain_init_applies_the_objective_options_and_refuses_another_architecture(tmp_path, capsys):
+    """--init keeps the file's architecture; the mask ratio, mask mode and loss options given apply
+    (before, all of them were silently dropped)."""
+    first = tmp_path / "a"
+    assert main(["pretrain", "-o", str(first), *TINY_RUN]) == 0
+    second = tmp_path / "b"
+    assert main(["pretrain", "--init", str(first / "model.pt"), "--mask-ratio", "0.5", "--no-norm-pix-loss",
+                 "--mask-mode", "time", "-o", str(second), *TINY_RUN]) == 0
+    cfg = torch.load(second / "model.pt", weights_only=False)["config"]
+    assert cfg["mask_ratio"] == 0.5 and cfg["norm_pix_loss"] is False and cfg["mask_mode"] == "time"
+    capsys.readouterr()
+    code = main(["pretrain", "--init", str(first / "model.pt"), "--model", "base", "--decoder-mode", "global",
+                 "-o", str(tmp_path / "c"), *TINY_RUN])
+    assert code == 1
+    assert_one_error_line(capsys.readouterr().err, "--model base and --decoder-mode global cannot apply to it")

@@ -565,6 +565,37 @@ def _model_config(opts: Dict[str, Any], target_length: int) -> AudioMAEConfig:
 
 
 # --- pretraining --------------------------------------------------------------------------------
+def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """``--init``: the objective options given (mask ratio and mode, norm-pix loss) apply to the loaded
+    model; the architecture is the file's, so a --model or --decoder-mode that differs is an error."""
+    given = opts.get("explicit_options")
+    given = set(given) if given is not None else {k for k, v in opts.items() if v is not None}
+    from ..checkpoint import read_checkpoint
+    _, file_cfg, _ = read_checkpoint(opts["init"])
+    saved = AudioMAEConfig.from_dict(file_cfg) if file_cfg else None
+    if saved is not None:
+        wrong = []
+        if "model" in given:
+            want = AudioMAEConfig.preset(opts["model"])
+            if (want.embed_dim, want.depth, want.decoder_embed_dim) != (saved.embed_dim, saved.depth,
+                                                                         saved.decoder_embed_dim):
+                wrong.append(f"--model {opts['model']}")
+        if "decoder_mode" in given and opts.get("decoder_mode") and opts["decoder_mode"] != saved.decoder_mode:
+            wrong.append(f"--decoder-mode {opts['decoder_mode']}")
+        if wrong:
+            raise TrainingError(f"--init {opts['init']} holds a model of width {saved.embed_dim}, depth {saved.depth}, "
+                                f"{saved.decoder_mode} decoder: {' and '.join(wrong)} cannot apply to it (the "
+                                "architecture is the file's; leave those options out, or start without --init)")
+    out: Dict[str, Any] = {}
+    if "mask_ratio" in given and opts.get("mask_ratio") is not None:
+        out["mask_ratio"] = float(opts["mask_ratio"])
+    if "mask_mode" in given and opts.get("mask_mode"):
+        out["mask_mode"] = opts["mask_mode"]
+    if "no_norm_pix_loss" in given:
+        out["norm_pix_loss"] = not opts.get("no_norm_pix_loss", False)
+    return out
+
+
 def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
     from ..data import roll_and_magnitude
@@ -574,7 +605,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     T = _target_length(opts, dataset)
     with _model_input(T):
         if opts.get("init"):
-            model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128))
+            model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
         else:
             model = AudioMAE(_model_config(opts, T))
     feats = _features(opts, dataset, device)
