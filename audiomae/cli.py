@@ -71,8 +71,12 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
         g.add_argument("--single-label", action="store_true",
                        help="a manifest's clips have one class each (ESC-50, Speech Commands): cross-entropy "
                             "and accuracy instead of BCE and mAP; class folders always are single-label")
-    if command in ("pretrain", "finetune"):
+    if command == "finetune":
         g.add_argument("--eval-data", help="manifest or folder for evaluation (default: --data)")
+    elif command == "pretrain":
+        g.add_argument("--eval-data", help="manifest, folder or 'synthetic' (--num-eval-clips of the embedded "
+                                           "held-out split) whose masked-patch loss is logged after each epoch, "
+                                           "the same masks each time (default: none)")
     g.add_argument("--clip-seconds", type=float,
                    help="dataset clips are cut or zero-padded to this length in seconds "
                         "(default: 2.56 for synthetic, 10 for files)")

@@ -618,7 +618,17 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
             wave = roll_and_magnitude(wave, lengths=lengths)
         return m(feats(wave, lengths), mask_ratio=ratio).loss
 
-    trainer = Trainer(model, opts, dataset, device, info, step_fn)
+    on_epoch_end = None
+    if opts.get("eval_data"):
+        eval_set = build_dataset(opts, "val")
+
+        def on_epoch_end(tr: Trainer):
+            loss = held_out_loss(tr.model, eval_set, opts, device, feats, info, ratio)
+            tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch, "loss": loss})
+            if info.is_main:
+                tqdm.write(f"epoch {tr.epoch}: held-out masked-patch loss {loss:.4f} ({len(eval_set)} clips)")
+
+    trainer = Trainer(model, opts, dataset, device, info, step_fn, on_epoch_end=on_epoch_end)
     path = resolve_resume(opts.get("resume"), opts["output_dir"])
     if path:
         trainer.resume(path)
@@ -677,6 +687,44 @@ def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info
     # gathered at equal sizes from every rank, then the stand-ins for unreadable clips dropped
     k = D.all_gather_cat(k.to(torch.uint8)).cpu().bool()
     return D.all_gather_cat(s).cpu()[k], D.all_gather_cat(t).cpu()[k]
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info=D.DistInfo(),
+                  mask_ratio: float = 0.8, seed: int = 0) -> float:
+    """Mean masked-patch loss of a pretraining model over a dataset (each readable clip once, over
+    every rank), with masks drawn from ``seed``: the same masks after every epoch, and the training
+    random state left as it was."""
+    n, world = len(dataset), info.world_size
+    sampler = ResumableSampler(n, shuffle=False, rank=info.rank, world_size=world, num_samples=-(-n // world) * world)
+    loader = _loader(dataset, opts, sampler, int(opts.get("eval_batch_size") or opts.get("batch_size", 32)))
+    was_training = model.training
+    model.eval()
+    precision = _resolve_precision(opts.get("precision", "auto"), device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-clip losses, clips
+    done = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + info.rank)
+        for batch in tqdm(loader, desc="held-out loss", disable=not info.is_main or opts.get("quiet"), unit="batch",
+                          dynamic_ncols=True, leave=False):
+            b = len(batch["target"])
+            position = info.rank + world * torch.arange(done, done + b)
+            done += b
+            keep = _readable(batch) & (position < n)
+            if not keep.any():
+                continue
+            x = feats({k: batch[k][keep] for k in ("input", "waveform", "length") if k in batch})
+            with _autocast(device, precision):
+                loss = model(x, mask_ratio=mask_ratio).loss.float()
+            # every clip has the same number of masked patches: the batch's loss is its clips' mean
+            total += torch.stack([loss.double() * int(keep.sum()), torch.tensor(float(keep.sum()), device=device,
+                                                                                dtype=torch.float64)])
+    model.train(was_training)
+    if info.enabled:
+        total = D.all_reduce_mean(total)
+    if total[1] == 0:
+        raise TrainingError(f"no readable clip in the held-out set ({n} clips)")
+    return float(total[0] / total[1])
 
 
 def _readable(batch: Dict[str, Any]) -> torch.Tensor:
