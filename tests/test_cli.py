@@ -570,6 +570,16 @@ def _class_folders(root, classes, per_class=4):
             _wav16(os.path.join(root, c, f"{i}.wav"), freq=200.0 * (k + 1) + 10 * i)
 
 
+def test_finetune_without_eval_data_warns_that_it_scores_the_training_set(tmp_path, capsys):
+    _class_folders(str(tmp_path / "tr"), ["a", "b"])
+    assert main(["finetune", "--data", str(tmp_path / "tr"), "--clip-seconds", "0.64", "-o", str(tmp_path / "ft"),
+                 *TINY_RUN]) == 0
+    assert "measured on the training data" in capsys.readouterr().err
+    assert main(["finetune", "--data", str(tmp_path / "tr"), "--eval-data", str(tmp_path / "tr"), "--clip-seconds",
+                 "0.64", "-o", str(tmp_path / "ft2"), *TINY_RUN]) == 0
+    assert "measured on the training data" not in capsys.readouterr().err
+
+
 def test_finetune_refuses_evaluation_classes_that_differ(tmp_path, capsys):
     _class_folders(str(tmp_path / "tr"), ["a", "b", "c"])
     _class_folders(str(tmp_path / "ev"), ["a", "c", "z"])

@@ -765,6 +765,10 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
     train_set = build_dataset(opts, "train")
     _need_classes(train_set, opts, "fine-tune")
     eval_set = build_dataset(opts, "val")
+    if opts.get("data", "synthetic") != "synthetic" and not opts.get("eval_data") and info.is_main:
+        print(f"warning: no --eval-data: the scores after each epoch, the best checkpoint and its report are "
+              f"measured on the training data ({opts['data']}); give a held-out set for a fair score",
+              file=sys.stderr)
     T = _target_length(opts, train_set)
     overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
                      finetune_mask_2d=bool(opts.get("mask_2d", False)),
