@@ -282,6 +282,10 @@ def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
     return "--" + dest.replace("_", "-")
 
 
+# what a run records in its config.json besides its options
+_RECORDED_KEYS = ("explicit_options", "class_names")
+
+
 def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
     opts = {k: v for k, v in vars(args).items() if k != "command"}
     actions = sub._option_string_actions
@@ -304,6 +308,10 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
             sub.error(f"{_typed(sub, 'config', argv)} {cfg_path}: {e}")
         if not isinstance(saved, dict):
             sub.error(f"{_typed(sub, 'config', argv)} {cfg_path}: expected a JSON object of options")
+        unknown = sorted(k for k in saved if k not in opts and k not in _RECORDED_KEYS)
+        if unknown:
+            print(f"note: --config {cfg_path}: {len(unknown)} option{'s' if len(unknown) != 1 else ''} that "
+                  f"'{sub.prog.split()[-1]}' does not take left out: {', '.join(unknown)}", file=sys.stderr)
         for k, v in saved.items():
             if k in opts and k not in explicit:
                 opts[k] = v

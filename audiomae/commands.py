@@ -138,6 +138,9 @@ def embed(opts: Dict[str, Any]) -> str:
     files = list(opts.get("inputs") or [])
     if not files and not opts.get("data"):
         raise InputError("nothing to embed: give audio files or --data")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("embed runs in one process (under torchrun every process would embed everything and "
+                         "write the same file); run it without torchrun")
     _output_folder(path, "--out")
     opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
     downmix = opts.get("downmix") or "first"
@@ -171,8 +174,8 @@ def embed(opts: Dict[str, Any]) -> str:
         dataset = build_dataset(opts, "val" if opts.get("eval_data") else "train")
         clip = getattr(dataset, "clip_samples", None)
         if clip and frames_for(int(clip)) > T:
-            _warn(f"the dataset's clips are {clip / SAMPLE_RATE:.2f} s ({frames_for(int(clip))} frames), longer than "
-                  f"the model input of {_seconds(T)} ({T} frames); only their first {_seconds(T)} are embedded "
+            _warn(f"the dataset's clips are read up to {clip / SAMPLE_RATE:.2f} s (--clip-seconds), more than the model "
+                  f"input of {_seconds(T)} ({T} frames): of longer files only the first {_seconds(T)} are embedded "
                   "(--clip-seconds and --target-length set the lengths)")
         feats = FeatureExtractor(target_length=T, stats=stats, device=device)
         indices: List[int] = []
@@ -212,6 +215,9 @@ def _clip_input(src: str, T: int, stats, downmix: str = "first") -> torch.Tensor
     if n > T:
         _warn(f"{src} is {wave.shape[-1] / SAMPLE_RATE:.2f} s long; only its first {_seconds(T)} (the model input, "
               f"{T} frames) are reconstructed")
+    elif n < T // 2:
+        _warn(f"{src} is {wave.shape[-1] / SAMPLE_RATE:.2f} s long, less than half the model input of {_seconds(T)}: "
+              "the rest is padding, which the picture and the loss include (padding is easy to predict)")
     return waveform_to_input(wave, SAMPLE_RATE, T, stats)
 
 

@@ -778,3 +778,17 @@ def test_pretrain_eval_data_logs_a_held_out_loss_and_leaves_training_alone(tmp_p
     a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "ev" / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_options_the_command_does_not_take_are_named(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"epochs": 1, "bogus_opt": 3, "explicit_options": [], "pretrained": "x.pt"}))
+    assert main(["pretrain", "--config", str(cfg), "-o", str(tmp_path / "r"), *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "2 options that 'pretrain' does not take left out: bogus_opt, pretrained" in err
+
+
+def test_embed_refuses_several_processes(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["embed", "--checkpoint", tiny_ckpt, *SMALL_EMBED, "--out", str(tmp_path / "e.pt")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "embed runs in one process")
