@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false", help="no SpecAugment masking")
     p.add_argument("--freq-mask", type=int, default=48, help="SpecAugment frequency mask width bound")
     p.add_argument("--time-mask", type=int, default=192, help="SpecAugment time mask width bound")
+    p.add_argument("--cv-folds", type=int, metavar="K",
+                   help="K-fold cross-validation (ESC-50's recipe: 5): one fine-tuning per fold, on --data and "
+                        "evaluated on --eval-data with {fold} in both paths replaced by 1..K (the recipes' "
+                        "per-fold manifests, e.g. esc_train_data_{fold}.json), each in OUTPUT_DIR/fold-N; "
+                        "reports the mean and spread of the folds' best scores in OUTPUT_DIR/cv.json")
     p.add_argument("--mask-2d", action="store_true", help="structured time/frequency token masking in training")
     p.add_argument("--mask-t-prob", type=float, default=0.2, help="with --mask-2d: fraction of time columns removed")
     p.add_argument("--mask-f-prob", type=float, default=0.2,
@@ -386,8 +391,19 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         if opts.get(k) and not os.path.isfile(opts[k]):
             what = "no such file" if not os.path.exists(opts[k]) else "not a file"
             sub.error(f"{name(k)} {opts[k]}: {what}")
+    if opts.get("cv_folds") is not None:
+        bounded("cv_folds", 2)
+        for k in ("data", "eval_data"):
+            if "{fold}" not in str(opts.get(k) or ""):
+                sub.error(f"{name('cv_folds')} needs {{fold}} in {name(k)} (the manifest of each fold, e.g. "
+                          f"esc_{'train' if k == 'data' else 'eval'}_data_{{fold}}.json), got {opts.get(k)!r}")
+        from .train.loop import fold_paths
+        for fold in range(1, int(opts["cv_folds"]) + 1):
+            for k, p in zip(("data", "eval_data"), fold_paths(opts, fold)):
+                if not os.path.exists(p):
+                    sub.error(f"{name(k)} of fold {fold}: {p}: no such file or folder")
     for k in ("data", "eval_data"):
-        if opts.get(k) not in (None, "synthetic") and not os.path.exists(opts[k]):
+        if opts.get("cv_folds") is None and opts.get(k) not in (None, "synthetic") and not os.path.exists(opts[k]):
             sub.error(f"{name(k)} {opts[k]}: no such file or folder (use 'synthetic', a manifest or a folder)")
     if opts.get("output_dir"):
         problem = _unwritable(opts["output_dir"])

@@ -792,3 +792,46 @@ def test_embed_refuses_several_processes(tmp_path, tiny_ckpt, monkeypatch, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["embed", "--checkpoint", tiny_ckpt, *SMALL_EMBED, "--out", str(tmp_path / "e.pt")]) == 1
     assert_one_error_line(capsys.readouterr().err, "embed runs in one process")
+
+
+def test_finetune_cross_validation_over_fold_manifests(tmp_path, capsys):
+    """--cv-folds K: one fine-tuning per fold on the recipes' per-fold manifests, the mean and spread
+    of the folds' best scores in cv.json; --resume auto goes over finished folds at once."""
+    lines = ["index,mid,display_name"] + [f"{k},/m/{c},{c}" for k, c in enumerate("ab")]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    clips = {}
+    for fold in (1, 2):
+        clips[fold] = []
+        for k, c in enumerate("ab"):
+            for i in range(3):
+                p = f"audio/{fold}{c}{i}.wav"
+                _wav16(str(tmp_path / p), freq=250.0 * (k + 1) + 20 * i + 5 * fold)
+                clips[fold].append({"wav": p, "labels": f"/m/{c}"})
+    for fold in (1, 2):
+        other = 2 if fold == 1 else 1
+        (tmp_path / f"train_{fold}.json").write_text(json.dumps({"data": clips[other]}))
+        (tmp_path / f"eval_{fold}.json").write_text(json.dumps({"data": clips[fold]}))
+    args = ["finetune", "--cv-folds", "2", "--data", str(tmp_path / "train_{fold}.json"), "--eval-data",
+            str(tmp_path / "eval_{fold}.json"), "--labels", str(tmp_path / "labels.csv"), "--single-label",
+            "--clip-seconds", "0.64", "-o", str(tmp_path / "cv"), *TINY_RUN]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert cv["k"] == 2 and cv["metric"] == "accuracy" and [r["fold"] for r in cv["folds"]] == [1, 2]
+    for r in cv["folds"]:
+        assert (tmp_path / "cv" / f"fold-{r['fold']}" / "checkpoint-best.pt").exists()
+        cfg = json.loads((tmp_path / "cv" / f"fold-{r['fold']}" / "config.json").read_text())
+        assert cfg["data"].endswith(f"train_{r['fold']}.json") and cfg["eval_data"].endswith(f"eval_{r['fold']}.json")
+    scores = [r["best"] for r in cv["folds"]]
+    assert cv["mean"] == pytest.approx(sum(scores) / 2)
+    assert "cross-validation: accuracy" in out and "over 2 folds" in out
+    assert main(args + ["--resume", "auto"]) == 0  # both folds done: nothing retrained, the same scores
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["folds"] == cv["folds"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["finetune", "--cv-folds", "2", "--data", str(tmp_path / "train_1.json"), "--eval-data",
+              str(tmp_path / "eval_{fold}.json")])
+    assert "--cv-folds needs {fold} in --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--cv-folds", "3", *args[3:7]])
+    assert "--data of fold 3:" in capsys.readouterr().err

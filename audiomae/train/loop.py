@@ -757,8 +757,12 @@ def write_report(metrics: Dict[str, Any], path: str) -> None:
         w.writerows(rows)
 
 
-def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
-    """Fine-tune a classifier from a pretrained checkpoint (see ``audiomae finetune --help``)."""
+def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
+    """Fine-tune a classifier from a pretrained checkpoint (see ``audiomae finetune --help``); with
+    ``opts["cv_folds"]``, a cross-validation (:func:`cross_validate`). ``leave_group=False`` keeps a
+    multi-process group joined for a following run."""
+    if opts.get("cv_folds"):
+        return cross_validate(opts)
     from ..data import mixup, spec_augment, waveform_mixup
 
     device, info = _setup(opts, training=True)
@@ -834,8 +838,48 @@ def finetune(opts: Dict[str, Any]) -> Dict[str, Any]:
         model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"), args=_json_safe(opts))
         name = "mAP" if train_set.multi_label else "accuracy"
         print(f"done: best {name} {summary['best']:.4f}; best checkpoint in {os.path.join(opts['output_dir'], BEST)}")
-    D.cleanup()
+    summary["metric"] = "mAP" if train_set.multi_label else "accuracy"
+    if leave_group:
+        D.cleanup()
     return summary
+
+
+FOLD = "{fold}"  # the place of the fold number in cross-validation manifest paths
+
+
+def fold_paths(opts: Dict[str, Any], fold: int) -> Tuple[str, str]:
+    """The training and evaluation manifests of ``fold`` (``{fold}`` in ``--data`` and ``--eval-data``)."""
+    return opts["data"].replace(FOLD, str(fold)), opts["eval_data"].replace(FOLD, str(fold))
+
+
+def cross_validate(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """K-fold cross-validation, as the recipes score ESC-50 (5 folds, accuracy): one fine-tuning per
+    fold, on ``--data`` and evaluated on ``--eval-data`` with ``{fold}`` replaced by 1..K, each in
+    ``OUTPUT_DIR/fold-K`` (``--resume auto`` resumes every fold, finished ones at once). The score of
+    a fold is its best evaluation; writes ``cv.json`` with the folds' scores, their mean and spread."""
+    k = int(opts["cv_folds"])
+    out = opts["output_dir"]
+    folds = []
+    for f in range(1, k + 1):
+        data, eval_data = fold_paths(opts, f)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fold {f}/{k}: training on {data}, evaluating on {eval_data}")
+        summary = finetune(dict(opts, cv_folds=None, data=data, eval_data=eval_data,
+                                output_dir=os.path.join(out, f"fold-{f}")), leave_group=False)
+        folds.append({"fold": f, "best": summary["best"], "metric": summary["metric"],
+                      "output_dir": os.path.join(out, f"fold-{f}")})
+    scores = torch.tensor([float(r["best"]) for r in folds], dtype=torch.float64)
+    result = {"metric": folds[0]["metric"], "folds": folds, "mean": float(scores.mean()),
+              "std": float(scores.std(unbiased=False)), "k": k}
+    if os.environ.get("RANK", "0") == "0":
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "cv.json"), "w") as f:
+            json.dump(_strict_json(result), f, indent=2, allow_nan=False)
+        shown = ", ".join(f"{r['best']:.4f}" for r in folds)
+        print(f"cross-validation: {result['metric']} {result['mean']:.4f} +- {result['std']:.4f} over {k} folds "
+              f"({shown}); {os.path.join(out, 'cv.json')}")
+    D.cleanup()
+    return result
 
 
 # the input options a checkpoint's run recorded, which later commands on it take unless given
