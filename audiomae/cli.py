@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(timm's batch mode, the paper's recipe); waveform: the released code's data loader, each "
                         "clip mixed with another clip before the fbank with probability --mixup, Beta(10, 10) "
                         "weights per clip")
+    p.add_argument("--roll-mag", choices=["off", "gain", "both"], default="off",
+                   help="the pretraining waveform augmentation in fine-tuning, as the release's fine-tuning scripts "
+                        "turn it on: gain (a random gain, Beta(10, 10) + 0.5: what the release's does, its roll "
+                        "never moving), or both (a random circular shift too)")
     p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false", help="no SpecAugment masking")
     p.add_argument("--freq-mask", type=int, default=48, help="SpecAugment frequency mask width bound")
     p.add_argument("--time-mask", type=int, default=192, help="SpecAugment time mask width bound")

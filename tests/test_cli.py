@@ -646,10 +646,21 @@ def test_finetune_waveform_mixup_mode(tmp_path, monkeypatch):
         calls["batch"] += 1
         raise AssertionError("batch mixup in waveform mode")
 
+    gains = []
+    real_rm = data_mod.roll_and_magnitude
+
+    def rm_spy(w, *a, roll=True, lengths=None, **kw):
+        gains.append((roll, lengths is not None))
+        return real_rm(w, *a, roll=roll, lengths=lengths, **kw)
+
     monkeypatch.setattr(data_mod, "waveform_mixup", spy)
     monkeypatch.setattr(data_mod, "mixup", no_batch_mixup)
+    monkeypatch.setattr(data_mod, "roll_and_magnitude", rm_spy)
     assert main(["finetune", "--mixup-mode", "waveform", "--mixup", "0.5", "-o", str(tmp_path / "ft"), *TINY_RUN]) == 0
     assert calls["waveform"] and all(c == (2, 0.5, True) for c in calls["waveform"]) and calls["batch"] == 0
+    assert gains == []  # --roll-mag off by default
+    assert main(["finetune", "--roll-mag", "gain", "--mixup", "0", "-o", str(tmp_path / "ft2"), *TINY_RUN]) == 0
+    assert gains and all(g == (False, True) for g in gains)  # the release's: gain only, within each clip
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["mixup_mode"] == "waveform"
 
 

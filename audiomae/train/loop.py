@@ -763,7 +763,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     multi-process group joined for a following run."""
     if opts.get("cv_folds"):
         return cross_validate(opts)
-    from ..data import mixup, spec_augment, waveform_mixup
+    from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
 
     device, info = _setup(opts, training=True)
     train_set = build_dataset(opts, "train")
@@ -793,8 +793,16 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     mix = float(opts.get("mixup", 0) or 0)
     mix_mode = opts.get("mixup_mode") or "batch"
 
+    roll_mag = opts.get("roll_mag") or "off"
+
     def step_fn(m, batch):
         y = batch["target"].to(device).float()
+        if roll_mag != "off":
+            if "waveform" not in batch:
+                raise TrainingError("--roll-mag needs waveform batches, not precomputed features")
+            w = roll_and_magnitude(batch["waveform"].to(device, non_blocking=True), roll=roll_mag == "both",
+                                   lengths=batch.get("length"))
+            batch = dict(batch, waveform=w)
         if mix > 0 and mix_mode == "waveform":
             # the release's: clips mixed with other clips before the fbank, each with probability `mix`
             if "waveform" not in batch:
