@@ -87,8 +87,9 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
                             "model can take: a multiple of 16 frames, of 64 with a 4 x 4-window decoder (default: the checkpoint's input length, e.g. 256 = 2.56 s for tiny, "
                             "1024 = 10.24 s for base)")
     else:
-        g.add_argument("--target-length", type=int, help="model input frames (default: from the clip length; "
-                                                         "1024 for 10 s AudioSet clips)")
+        g.add_argument("--target-length", type=int,
+                       help="model input frames (default: the checkpoint's input length)" if command == "evaluate" else
+                       "model input frames (default: from the clip length; 1024 for 10 s AudioSet clips)")
     g.add_argument("--stats", default="audioset", help=STATS_HELP)
     g.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
     if command in ("pretrain", "finetune"):
@@ -300,13 +301,19 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
     actions = sub._option_string_actions
     explicit = set()
     for a in argv:  # the options typed, also as the abbreviations argparse accepts
+        if a == "--":  # the rest are positional arguments
+            break
         key = a.split("=", 1)[0]
-        if not key.startswith("-"):
+        if not key.startswith("-") or key == "-":
             continue
+        if not key.startswith("--"):
+            key = key[:2]  # a short option, its value maybe attached (-oDIR)
         if key in actions:
             explicit.add(actions[key].dest)
         elif key.startswith("--"):
             explicit.update(act.dest for o, act in actions.items() if o.startswith(key))
+    # positional arguments are always the user's
+    explicit.update(a.dest for a in sub._actions if not a.option_strings and opts.get(a.dest) not in (None, []))
     explicit.discard("config")
     cfg_path = opts.pop("config", None)
     if cfg_path:
@@ -321,10 +328,19 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
         if unknown:
             print(f"note: --config {cfg_path}: {len(unknown)} option{'s' if len(unknown) != 1 else ''} that "
                   f"'{sub.prog.split()[-1]}' does not take left out: {', '.join(unknown)}", file=sys.stderr)
+        if "downmix" in opts and "downmix" not in saved and "downmix" not in explicit:
+            opts["downmix"] = "mean"  # a run from before --downmix averaged the channels
+            print(f"note: --config {cfg_path}: a run from before --downmix, which averaged the channels: "
+                  "--downmix mean", file=sys.stderr)
+            explicit.add("downmix")
+        # the repeated run's own choices count as given; its defaults stay defaults
+        chosen = saved.get("explicit_options")
+        chosen = set(chosen) if isinstance(chosen, list) else set(saved)
         for k, v in saved.items():
             if k in opts and k not in explicit:
                 opts[k] = v
-                explicit.add(k)  # chosen in the repeated run
+                if k in chosen:
+                    explicit.add(k)
     # the options given (typed or from --config), so that a checkpoint's own settings can fill the rest
     opts["explicit_options"] = sorted(explicit)
     return opts
@@ -409,10 +425,6 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
     for k in ("data", "eval_data"):
         if opts.get("cv_folds") is None and opts.get(k) not in (None, "synthetic") and not os.path.exists(opts[k]):
             sub.error(f"{name(k)} {opts[k]}: no such file or folder (use 'synthetic', a manifest or a folder)")
-    if opts.get("output_dir"):
-        problem = _unwritable(opts["output_dir"])
-        if problem:
-            sub.error(f"{name('output_dir')} {opts['output_dir']}: {problem}")
     if opts.get("data_root") and not os.path.isdir(opts["data_root"]):
         sub.error(f"{name('data_root')} {opts['data_root']}: no such folder")
     if command == "embed":
@@ -424,6 +436,10 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         out = str(opts.get("out") or "")
         if not out.lower().endswith(EMBED_FORMATS):
             sub.error(f"{name('out')} {out}: the embeddings file must end in .pt (torch) or .npz (numpy)")
+    if opts.get("output_dir"):  # last: it creates the folder, which a usage error must not leave behind
+        problem = _unwritable(opts["output_dir"])
+        if problem:
+            sub.error(f"{name('output_dir')} {opts['output_dir']}: {problem}")
 
 
 def _unwritable(folder: str) -> Optional[str]:

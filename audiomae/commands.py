@@ -138,9 +138,9 @@ def embed(opts: Dict[str, Any]) -> str:
     files = list(opts.get("inputs") or [])
     if not files and not opts.get("data"):
         raise InputError("nothing to embed: give audio files or --data")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError("embed runs in one process (under torchrun every process would embed everything and "
-                         "write the same file); run it without torchrun")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        raise InputError("embed runs in one process (under torchrun or srun every process would embed everything "
+                         "and write the same file); run it as one process")
     _output_folder(path, "--out")
     opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
     downmix = opts.get("downmix") or "first"

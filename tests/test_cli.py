@@ -746,6 +746,9 @@ def test_unusable_run_folder_and_backend_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "-o", str(tmp_path / "afile")])
     assert "exists and is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a usage error leaves no run folder behind
+        main(["finetune", "--data-root", str(tmp_path / "nowhere"), "-o", str(tmp_path / "new" / "run")])
+    assert "no such folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
     if not torch.cuda.is_available():
         from audiomae import dispatch
         with dispatch.use_backend(None):  # main() forces the backend process-wide; undone here
@@ -846,3 +849,42 @@ def test_finetune_cross_validation_over_fold_manifests(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--cv-folds", "3", *args[3:7]])
     assert "--data of fold 3:" in capsys.readouterr().err
+
+
+def test_repeating_and_resuming_runs_keep_their_own_choices(tmp_path, monkeypatch, capsys):
+    """--config repeats a run's choices, not its defaults (a repeated --init run is not refused for the
+    default --model); a resumed run keeps its model even when the presets changed since; a typed
+    positional or attached short option beats --config."""
+    from audiomae import AudioMAE, AudioMAEConfig
+    from audiomae import config as config_mod
+    a = tmp_path / "a"
+    assert main(["pretrain", "-o", str(a), *TINY_RUN]) == 0
+    AudioMAE(AudioMAEConfig.preset("tiny", depth=1)).save_pretrained(tmp_path / "shallow.pt")  # not a preset
+    b = tmp_path / "b"
+    assert main(["pretrain", "--init", str(tmp_path / "shallow.pt"), "--mask-ratio", "0.6", "-o", str(b),
+                 *TINY_RUN]) == 0
+    c = tmp_path / "c"
+    assert main(["pretrain", "--config", str(b / "config.json"), "-o", str(c), *TINY_RUN]) == 0
+    assert torch.load(c / "model.pt", weights_only=False)["config"]["mask_ratio"] == 0.6
+    # the preset's decoder depth changes after the run began: resume keeps the run's 4 blocks
+    monkeypatch.setitem(config_mod.PRESETS["tiny"], "decoder_depth", 3)
+    assert main(["pretrain", "-o", str(a), *TINY_RUN[:-3], "--epochs", "2", "--quiet", "--resume", "auto"]) == 0
+    assert torch.load(a / "model.pt", weights_only=False)["config"]["decoder_depth"] == 4
+    # positional and -oDIR beat the config's values
+    capsys.readouterr()
+    ev_cfg = tmp_path / "ev.json"
+    ev_cfg.write_text(json.dumps({"checkpoint": "/no/such.pt", "output_dir": "/no/such/dir"}))
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path / "missing.pt"), f"-o{tmp_path / 'ev'}", "--config", str(ev_cfg)])
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing.pt") in err and "/no/such.pt" not in err
+
+
+def test_checkpoints_from_before_downmix_are_read_with_the_channel_mean():
+    from audiomae.train.loop import inherit_run_options
+    got, changed = inherit_run_options({"downmix": "first", "explicit_options": []}, {"stats": "audioset"},
+                                       names=("downmix",))
+    assert got["downmix"] == "mean" and changed == {"downmix": "mean"}
+    got, changed = inherit_run_options({"downmix": "first", "explicit_options": []}, {"downmix": "first"},
+                                       names=("downmix",))
+    assert got["downmix"] == "first" and changed == {}

@@ -28,8 +28,8 @@ from audiomae.reference.step import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Max error against the float64 reference, relative to max(1, max |reference|). float32 has a fixed
-# bound; for bfloat16/float16 the bound is HALF_FACTOR times the error of PyTorch's own computation
+# Max error against the float64 reference, relative to max |reference| (the size of the values, small
+# gradients included). float32 has a fixed bound; for bfloat16/float16 the bound is HALF_FACTOR times the error of PyTorch's own computation
 # in that dtype plus a floor of about one unit in the last place (Triton's interpreter truncates
 # when it rounds float32 to bfloat16, PyTorch rounds to nearest).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}

@@ -328,3 +328,25 @@ def test_metrics_files_are_strict_json(tmp_path):
     log.close()
     rec = strict((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["loss"] is None and rec["lr"] == 1e-3
+
+
+def test_graceful_interrupt_flags_the_first_sigint_and_restores_the_handler():
+    import signal
+    import time
+
+    from audiomae.train.loop import GracefulInterrupt
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
+        assert not GracefulInterrupt(True).enabled
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with GracefulInterrupt(True) as g:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert g.requested  # the first one only asks to stop
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

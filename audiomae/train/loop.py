@@ -76,7 +76,7 @@ class RunLog:
                     except json.JSONDecodeError:
                         continue  # a line cut off by the crash
                     if not isinstance(rec, dict) or int(rec.get("step", 0)) <= step:
-                        kept.append(json.dumps(rec) + "\n")
+                        kept.append(json.dumps(_strict_json(rec), allow_nan=False) + "\n")
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
@@ -197,18 +197,28 @@ class GracefulInterrupt:
     ``requested``, so the loop can finish its step and checkpoint; a second one interrupts at once."""
 
     def __init__(self, enabled: bool = True):
+        import signal
         import threading
-        self.enabled = bool(enabled) and threading.current_thread() is threading.main_thread()
+        # not where SIGINT is ignored (a background job): the run must not stop on it either
+        self.enabled = (bool(enabled) and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
         self.requested = False
         self._previous = None
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame):
         import signal
+        if os.getpid() != self._pid:  # a loader worker forked with this handler: its own business
+            raise KeyboardInterrupt
         if self.requested:
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            signal.signal(signal.SIGINT, self._restore())
             raise KeyboardInterrupt
         self.requested = True
         sys.stderr.write("\ninterrupt: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)\n")
+
+    def _restore(self):
+        import signal
+        return self._previous if self._previous is not None else signal.default_int_handler
 
     def __enter__(self) -> "GracefulInterrupt":
         if self.enabled:
@@ -219,7 +229,7 @@ class GracefulInterrupt:
     def __exit__(self, *exc) -> None:
         if self.enabled:
             import signal
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            signal.signal(signal.SIGINT, self._restore())
 
 
 # AdamW's betas: the release pretrains with (0.9, 0.95) and fine-tunes with PyTorch's default (0.9, 0.999)
@@ -565,23 +575,31 @@ def _model_config(opts: Dict[str, Any], target_length: int) -> AudioMAEConfig:
 
 
 # --- pretraining --------------------------------------------------------------------------------
+def _architecture_conflicts(opts: Dict[str, Any], cfg: AudioMAEConfig, given) -> List[str]:
+    """The given --model / --decoder-mode options that describe another model than ``cfg``."""
+    wrong = []
+    if "model" in given and opts.get("model"):
+        want = AudioMAEConfig.preset(opts["model"])
+        if (want.embed_dim, want.depth, want.decoder_embed_dim) != (cfg.embed_dim, cfg.depth, cfg.decoder_embed_dim):
+            wrong.append(f"--model {opts['model']}")
+    if "decoder_mode" in given and opts.get("decoder_mode") and opts["decoder_mode"] != cfg.decoder_mode:
+        wrong.append(f"--decoder-mode {opts['decoder_mode']}")
+    return wrong
+
+
 def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
     """``--init``: the objective options given (mask ratio and mode, norm-pix loss) apply to the loaded
     model; the architecture is the file's, so a --model or --decoder-mode that differs is an error."""
-    given = opts.get("explicit_options")
-    given = set(given) if given is not None else {k for k, v in opts.items() if v is not None}
-    from ..checkpoint import read_checkpoint
-    _, file_cfg, _ = read_checkpoint(opts["init"])
-    saved = AudioMAEConfig.from_dict(file_cfg) if file_cfg else None
-    if saved is not None:
-        wrong = []
-        if "model" in given:
-            want = AudioMAEConfig.preset(opts["model"])
-            if (want.embed_dim, want.depth, want.decoder_embed_dim) != (saved.embed_dim, saved.depth,
-                                                                         saved.decoder_embed_dim):
-                wrong.append(f"--model {opts['model']}")
-        if "decoder_mode" in given and opts.get("decoder_mode") and opts["decoder_mode"] != saved.decoder_mode:
-            wrong.append(f"--decoder-mode {opts['decoder_mode']}")
+    typed = opts.get("explicit_options")
+    given = set(typed) if typed is not None else {k for k, v in opts.items() if v is not None}
+    from ..checkpoint import infer_config, read_checkpoint
+    sd, file_cfg, file_args = read_checkpoint(opts["init"])
+    try:
+        saved = AudioMAEConfig.from_dict(dict(file_cfg) if file_cfg else infer_config(sd, file_args))
+    except (ValueError, TypeError):
+        saved = None  # loading the file says what is wrong with it
+    if saved is not None and typed is not None:  # only options the user gave can contradict the file
+        wrong = _architecture_conflicts(opts, saved, given)
         if wrong:
             raise TrainingError(f"--init {opts['init']} holds a model of width {saved.embed_dim}, depth {saved.depth}, "
                                 f"{saved.decoder_mode} decoder: {' and '.join(wrong)} cannot apply to it (the "
@@ -596,15 +614,46 @@ def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[dict]]:
+    """A resumed run reads its files as it began (a run from before ``--downmix`` averaged the
+    channels) and keeps its model: returns the options and the checkpoint's model config (None when
+    not resuming)."""
+    resume = opts.get("resume")
+    path = os.path.join(opts["output_dir"], LAST) if resume == "auto" else resume
+    if not path or not os.path.isfile(path):
+        return opts, None
+    from ..checkpoint import read_checkpoint
+    _, cfg, args = read_checkpoint(path)
+    opts, changed = inherit_run_options(opts, args, None, names=("downmix",))
+    _note_inherited(changed, path)
+    return opts, cfg
+
+
 def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
     from ..data import roll_and_magnitude
+
+    opts, resumed_cfg = _resumed_run_inputs(opts)
 
     device, info = _setup(opts, training=True)
     dataset = build_dataset(opts, "train")
     T = _target_length(opts, dataset)
     with _model_input(T):
-        if opts.get("init"):
+        if resumed_cfg:
+            # the run's own model (e.g. a decoder depth that presets no longer give)
+            run_cfg = AudioMAEConfig.from_dict(resumed_cfg)
+            typed = opts.get("explicit_options")
+            wrong = _architecture_conflicts(opts, run_cfg, set(typed)) if typed is not None else []
+            if wrong:
+                raise TrainingError(f"cannot resume: {' and '.join(wrong)} does not fit this run's model (width "
+                                    f"{run_cfg.embed_dim}, depth {run_cfg.depth}, {run_cfg.decoder_mode} decoder); "
+                                    "resume with the options the run was started with (its config.json)")
+            if run_cfg.img_size[0] != T:
+                raise TrainingError(f"cannot resume: the run's model takes {run_cfg.img_size[0]} frames, these "
+                                    f"options give {T} (resume with the options the run was started with, its "
+                                    "config.json: --clip-seconds, --target-length)")
+            model = AudioMAE(run_cfg)
+        elif opts.get("init"):
             model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
         else:
             model = AudioMAE(_model_config(opts, T))
@@ -763,6 +812,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     multi-process group joined for a following run."""
     if opts.get("cv_folds"):
         return cross_validate(opts)
+    opts, _ = _resumed_run_inputs(opts)
     from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
 
     device, info = _setup(opts, training=True)
@@ -904,6 +954,8 @@ def inherit_run_options(opts: Dict[str, Any], args: Any, cfg: Optional[dict] = N
     given = opts.get("explicit_options")
     given = set(given) if given is not None else {k for k, v in opts.items() if v is not None}
     saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    if isinstance(args, dict) and "downmix" not in saved:
+        saved = dict(saved, downmix="mean")  # this package's runs before the option averaged the channels
     if "stats" not in saved and isinstance(saved.get("dataset"), str):
         from ..audio import DATASET_STATS
         if saved["dataset"] in DATASET_STATS:
@@ -935,7 +987,7 @@ def _flag(key: str, value: Any) -> str:
 
 def _note_inherited(changed: Dict[str, Any], path: str) -> None:
     """One line naming the options taken from a checkpoint that differ from the defaults."""
-    if changed and os.environ.get("RANK", "0") == "0":
+    if changed and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         shown = ", ".join(_flag(k, v) for k, v in changed.items())
         print(f"note: {path} was trained with {shown}; using the same (give an option to override it)")
 
