@@ -443,16 +443,22 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
 
 
 def _unwritable(folder: str) -> Optional[str]:
-    """Why files cannot be written in ``folder`` (created if missing), or None when they can."""
+    """Why files cannot be written in ``folder``, or None when they can (a missing folder: whether it
+    can be made in its nearest existing parent). Creates nothing that stays."""
     import tempfile
     if os.path.exists(folder) and not os.path.isdir(folder):
         return "exists and is not a folder"
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"cannot make it: {probe} is a file, not a folder"
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-check-"):
             pass
     except OSError as e:
-        return f"cannot write there ({e.strerror or e})"
+        return f"cannot write there ({e.strerror or e})" if probe == os.path.abspath(folder) else \
+            f"cannot make it in {probe} ({e.strerror or e})"
     return None
 
 

@@ -742,7 +742,7 @@ def test_unusable_run_folder_and_backend_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main([*cmd, "-o", str(tmp_path / "afile" / "sub")])
         assert e.value.code == 2
-        assert "cannot write there (Not a directory)" in capsys.readouterr().err
+        assert f"cannot make it: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["pretrain", "-o", str(tmp_path / "afile")])
     assert "exists and is not a folder" in capsys.readouterr().err
