@@ -575,6 +575,13 @@ def _model_config(opts: Dict[str, Any], target_length: int) -> AudioMAEConfig:
 
 
 # --- pretraining --------------------------------------------------------------------------------
+def _given(opts: Dict[str, Any]) -> set:
+    """The options the caller chose: those the CLI recorded as typed, else (from Python) every one
+    that is set."""
+    typed = opts.get("explicit_options")
+    return set(typed) if typed is not None else {k for k, v in opts.items() if v is not None}
+
+
 def _architecture_conflicts(opts: Dict[str, Any], cfg: AudioMAEConfig, given) -> List[str]:
     """The given --model / --decoder-mode options that describe another model than ``cfg``."""
     wrong = []
@@ -591,7 +598,7 @@ def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
     """``--init``: the objective options given (mask ratio and mode, norm-pix loss) apply to the loaded
     model; the architecture is the file's, so a --model or --decoder-mode that differs is an error."""
     typed = opts.get("explicit_options")
-    given = set(typed) if typed is not None else {k for k, v in opts.items() if v is not None}
+    given = _given(opts)
     from ..checkpoint import infer_config, read_checkpoint
     sd, file_cfg, file_args = read_checkpoint(opts["init"])
     try:
@@ -951,8 +958,7 @@ def inherit_run_options(opts: Dict[str, Any], args: Any, cfg: Optional[dict] = N
     ``dataset`` names the statistics), and the model's input length from its ``cfg``. Given options
     are ``opts["explicit_options"]`` (the CLI records them), else the ones that are not None.
     Returns ``(options, the inherited ones that differ from opts)``."""
-    given = opts.get("explicit_options")
-    given = set(given) if given is not None else {k for k, v in opts.items() if v is not None}
+    given = _given(opts)
     saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
     if isinstance(args, dict) and "downmix" not in saved:
         saved = dict(saved, downmix="mean")  # this package's runs before the option averaged the channels
