@@ -430,6 +430,8 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
         pytest.skip("the run finished before it could be interrupted")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0 and (run / "model.pt").exists():
+        pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130, err
     state = torch.load(run / "checkpoint-last.pt", weights_only=False)
     # mostly mid-epoch 1 (24 steps per epoch); on a busy machine the signal may land later, not at the end
