@@ -161,9 +161,12 @@ def embed(opts: Dict[str, Any]) -> str:
         for i in tqdm(range(0, len(files), bs), desc="embedding", unit="batch", disable=opts.get("quiet")):
             x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats)
                              for f in files[i:i + bs]]).to(device)
-            pooled.append(model.embed(x).float().cpu())
             if opts.get("per_patch"):
-                patches.append(model.embed(x, per_patch=True).float().cpu())
+                e, per = model.embed_both(x)
+                patches.append(per.float().cpu())
+            else:
+                e = model.embed(x)
+            pooled.append(e.float().cpu())
         out["embeddings"] = torch.cat(pooled)
         out["paths"] = [os.path.abspath(f) for f in files]
         if patches:
@@ -179,9 +182,11 @@ def embed(opts: Dict[str, Any]) -> str:
                   "(--clip-seconds and --target-length set the lengths)")
         feats = FeatureExtractor(target_length=T, stats=stats, device=device)
         indices: List[int] = []
-        out["embeddings"], out["targets"] = embed_dataset(model, dataset, opts, device, feats, indices=indices)
-        if opts.get("per_patch"):
-            out["patch_embeddings"], _ = embed_dataset(model, dataset, opts, device, feats, per_patch=True)
+        per: Optional[List[torch.Tensor]] = [] if opts.get("per_patch") else None
+        out["embeddings"], out["targets"] = embed_dataset(model, dataset, opts, device, feats, indices=indices,
+                                                          patches=per)
+        if per:
+            out["patch_embeddings"] = per[0]
         out["class_names"] = list(getattr(dataset, "class_names", []) or [])
         # the clip of each row (an unreadable file has none)
         out["indices"] = torch.tensor(indices, dtype=torch.long)

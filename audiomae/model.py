@@ -262,6 +262,12 @@ class AudioMAE(_Encoder):
         x = self.norm(self.encode_tokens(self.tokens(spec)))[:, 1:, :]
         return x if per_patch else x.mean(dim=1)
 
+    @torch.no_grad()
+    def embed_both(self, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(embed(spec), embed(spec, per_patch=True))`` from one pass of the encoder."""
+        x = self.norm(self.encode_tokens(self.tokens(spec)))[:, 1:, :]
+        return x.mean(dim=1), x
+
     def reconstruct(self, spec: torch.Tensor, mask_ratio: Optional[float] = None,
                     noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction as a spectrogram ``[B, 1, T, F]`` (patch statistics restored when the model
@@ -349,6 +355,13 @@ class AudioMAEClassifier(_Encoder):
         if per_patch:
             return self.encode_tokens(self.tokens(spec))[:, 1:, :]
         return self.forward_features(spec, mask_2d=False)
+
+    @torch.no_grad()
+    def embed_both(self, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(embed(spec), embed(spec, per_patch=True))`` from one pass of the encoder."""
+        x = self.encode_tokens(self.tokens(spec))
+        pooled = self.fc_norm(x[:, 1:, :].mean(dim=1)) if self.config.global_pool else self.norm(x)[:, 0]
+        return pooled, x[:, 1:, :]
 
     @classmethod
     def from_pretrained(cls, path_or_state_dict, config: Optional[AudioMAEConfig] = None,

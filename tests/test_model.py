@@ -288,3 +288,14 @@ def test_meta_mlp_drops_after_both_layers_in_training():
     zeros = (bias == 0).float().mean().item()
     assert 0.05 < zeros < 0.15  # p = 0.1 over 4 x 16 x 16 outputs
     assert (attn.eval().position_bias() != 0).all()
+
+
+def test_embed_both_is_embed_and_per_patch_in_one_pass():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 256, 128)
+    for model in (AudioMAE(AudioMAEConfig.preset("tiny")).eval(),
+                  AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=3).eval(),
+                  AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=3, global_pool=False).eval()):
+        pooled, per = model.embed_both(x)
+        torch.testing.assert_close(pooled, model.embed(x), rtol=0, atol=0)
+        torch.testing.assert_close(per, model.embed(x, per_patch=True), rtol=0, atol=0)

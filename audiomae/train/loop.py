@@ -1043,25 +1043,34 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
 # --- embeddings and the linear probe ------------------------------------------------------------
 @torch.no_grad()
 def embed_dataset(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, per_patch: bool = False,
-                  desc: str = "embedding", indices: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  desc: str = "embedding", indices: Optional[List[int]] = None,
+                  patches: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Embeddings ``[N, D]`` (or ``[N, L, D]``) and targets of the readable clips of a dataset, in
     dataset order (an unreadable file has no row); ``indices``, when given, receives the dataset
-    index of each row."""
+    index of each row; ``patches``, when given (a list), receives the per-patch embeddings ``[N, L, D]``
+    of the same pass (as its one element)."""
     sampler = ResumableSampler(len(dataset), shuffle=False)
     loader = _loader(dataset, opts, sampler, int(opts.get("batch_size", 32)))
     model.eval()
-    out, targets = [], []
+    out, targets, rows = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", disable=opts.get("quiet"), dynamic_ncols=True, leave=False):
         keep = _readable(batch)
         if not keep.any():
             continue
         x = feats({k: batch[k][keep] for k in ("input", "waveform", "length") if k in batch})
-        out.append(model.embed(x, per_patch=per_patch).float().cpu())
+        if patches is not None:
+            pooled, per = model.embed_both(x)
+            out.append(pooled.float().cpu())
+            rows.append(per.float().cpu())
+        else:
+            out.append(model.embed(x, per_patch=per_patch).float().cpu())
         targets.append(batch["target"][keep].float())
         if indices is not None:
             indices.extend(int(i) for i in torch.as_tensor(batch["index"])[keep])
     if not out:
         raise TrainingError(f"no readable clip in the dataset ({len(dataset)} clips)")
+    if patches is not None:
+        patches.append(torch.cat(rows))
     return torch.cat(out), torch.cat(targets)
 
 
