@@ -26,6 +26,18 @@ def test_pretraining_fixture(name):
     assert loss is out.loss and pred is out.pred and mask is out.mask
 
 
+@pytest.mark.parametrize("name", ["model_tiny_local", "model_tiny_global"])
+def test_built_position_tables_are_the_fixtures(name):
+    """The tables the pretraining model builds itself (before any weights are loaded) are the released
+    code's: the fixtures' pos_embed and decoder_pos_embed, to float32 rounding. (The released classifier
+    starts from zeros and takes its table from the checkpoint, so only loading matters there.)"""
+    d = load_fixture(name)
+    built = AudioMAE(AudioMAEConfig(**d["config"])).state_dict()
+    for key in ("pos_embed", "decoder_pos_embed"):
+        torch.testing.assert_close(built[key], d["state_dict"][key], rtol=0, atol=1e-6)
+        assert d["state_dict"][key].abs().max() > 0.5  # a real table, not zeros
+
+
 def test_local_fixture_needs_time_only_shift():
     """The released weights were trained with shift (2, 0); (2, 2) must give a different answer."""
     d = load_fixture("model_tiny_local")
