@@ -760,7 +760,11 @@ def held_out_loss(model: nn.Module, dataset, opts: Dict[str, Any], device, feats
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-clip losses, clips
     done = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + info.rank)
+        # only the generators that fork_rng restores: the CPU's and the run's GPU
+        torch.random.default_generator.manual_seed(seed + info.rank)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed + info.rank)
         for batch in tqdm(loader, desc="held-out loss", disable=not info.is_main or opts.get("quiet"), unit="batch",
                           dynamic_ncols=True, leave=False):
             b = len(batch["target"])
