@@ -436,7 +436,7 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         out = str(opts.get("out") or "")
         if not out.lower().endswith(EMBED_FORMATS):
             sub.error(f"{name('out')} {out}: the embeddings file must end in .pt (torch) or .npz (numpy)")
-    if opts.get("output_dir"):  # last: it creates the folder, which a usage error must not leave behind
+    if opts.get("output_dir"):
         problem = _unwritable(opts["output_dir"])
         if problem:
             sub.error(f"{name('output_dir')} {opts['output_dir']}: {problem}")

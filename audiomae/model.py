@@ -259,8 +259,8 @@ class AudioMAE(_Encoder):
     def embed(self, spec: torch.Tensor, per_patch: bool = False) -> torch.Tensor:
         """Encoder embeddings of unmasked input: pooled ``[B, D]`` (mean of the normed patch tokens), or
         per patch ``[B, L, D]`` (time-major) with ``per_patch=True``."""
-        x = self.norm(self.encode_tokens(self.tokens(spec)))[:, 1:, :]
-        return x if per_patch else x.mean(dim=1)
+        pooled, patches = self.embed_both(spec)
+        return patches if per_patch else pooled
 
     @torch.no_grad()
     def embed_both(self, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -352,9 +352,8 @@ class AudioMAEClassifier(_Encoder):
     @torch.no_grad()
     def embed(self, spec: torch.Tensor, per_patch: bool = False) -> torch.Tensor:
         """Pooled features ``[B, D]`` or per-patch encoder tokens ``[B, L, D]``."""
-        if per_patch:
-            return self.encode_tokens(self.tokens(spec))[:, 1:, :]
-        return self.forward_features(spec, mask_2d=False)
+        pooled, patches = self.embed_both(spec)
+        return patches if per_patch else pooled
 
     @torch.no_grad()
     def embed_both(self, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -311,3 +311,13 @@ def test_embed_both_is_embed_and_per_patch_in_one_pass():
         pooled, per = model.embed_both(x)
         torch.testing.assert_close(pooled, model.embed(x), rtol=0, atol=0)
         torch.testing.assert_close(per, model.embed(x, per_patch=True), rtol=0, atol=0)
+        # and the model's own computation of each, step by step
+        with torch.no_grad():
+            tokens = model.encode_tokens(model.tokens(x))
+            if isinstance(model, AudioMAE):
+                want_per = model.norm(tokens)[:, 1:]
+                want_pooled = want_per.mean(dim=1)
+            else:
+                want_per, want_pooled = tokens[:, 1:], model.forward_features(x, mask_2d=False)
+        torch.testing.assert_close(per, want_per, rtol=0, atol=0)
+        torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=0)
