@@ -716,29 +716,36 @@ def _loss_fn(multi_label: bool):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info=D.DistInfo(),
-            desc="evaluating") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scores (sigmoid or softmax) and targets of a whole dataset, gathered from every rank."""
-    # every rank gets the same number of clips: the last ones wrap around to the first, and those
-    # repeats are dropped after the gather (clip r + i * world_size is rank r's i-th)
+def _rank_batches(dataset, opts: Dict[str, Any], info, desc: str):
+    """This rank's share of a dataset in order, as ``(batch, keep)``: ``keep`` [B] marks the readable
+    clips that are not repeats. Every rank gets the same number of clips (for gathers at equal sizes):
+    the last ones wrap around to the first, and ``keep`` leaves those repeats out (clip
+    ``r + i * world_size`` is rank r's i-th)."""
     n, world = len(dataset), info.world_size
     sampler = ResumableSampler(n, shuffle=False, rank=info.rank, world_size=world, num_samples=-(-n // world) * world)
     loader = _loader(dataset, opts, sampler, int(opts.get("eval_batch_size") or opts.get("batch_size", 32)))
-    model.eval()
-    precision = _resolve_precision(opts.get("precision", "auto"), device)
-    scores, targets, kept = [], [], []
     done = 0
     for batch in tqdm(loader, desc=desc, disable=not info.is_main or opts.get("quiet"), unit="batch",
                       dynamic_ncols=True, leave=False):
+        b = len(batch["target"])
+        position = info.rank + world * torch.arange(done, done + b)
+        done += b
+        yield batch, _readable(batch) & (position < n)
+
+
+def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info=D.DistInfo(),
+            desc="evaluating") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores (sigmoid or softmax) and targets of a whole dataset, gathered from every rank."""
+    model.eval()
+    precision = _resolve_precision(opts.get("precision", "auto"), device)
+    scores, targets, kept = [], [], []
+    for batch, keep in _rank_batches(dataset, opts, info, desc):
         x = feats(batch)
         with _autocast(device, precision):
             logits = model(x).float()
         scores.append(torch.sigmoid(logits) if dataset.multi_label else torch.softmax(logits, -1))
         targets.append(batch["target"].to(device).float())
-        b = len(batch["target"])
-        position = info.rank + world * torch.arange(done, done + b)
-        done += b
-        kept.append((_readable(batch) & (position < n)).to(device))
+        kept.append(keep.to(device))
     s, t, k = torch.cat(scores), torch.cat(targets), torch.cat(kept)
     # gathered at equal sizes from every rank, then the stand-ins for unreadable clips dropped
     k = D.all_gather_cat(k.to(torch.uint8)).cpu().bool()
@@ -751,39 +758,30 @@ def held_out_loss(model: nn.Module, dataset, opts: Dict[str, Any], device, feats
     """Mean masked-patch loss of a pretraining model over a dataset (each readable clip once, over
     every rank), with masks drawn from ``seed``: the same masks after every epoch, and the training
     random state left as it was."""
-    n, world = len(dataset), info.world_size
-    sampler = ResumableSampler(n, shuffle=False, rank=info.rank, world_size=world, num_samples=-(-n // world) * world)
-    loader = _loader(dataset, opts, sampler, int(opts.get("eval_batch_size") or opts.get("batch_size", 32)))
     was_training = model.training
     model.eval()
     precision = _resolve_precision(opts.get("precision", "auto"), device)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-clip losses, clips
-    done = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # only the generators that fork_rng restores: the CPU's and the run's GPU
         torch.random.default_generator.manual_seed(seed + info.rank)
         if device.type == "cuda":
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed + info.rank)
-        for batch in tqdm(loader, desc="held-out loss", disable=not info.is_main or opts.get("quiet"), unit="batch",
-                          dynamic_ncols=True, leave=False):
-            b = len(batch["target"])
-            position = info.rank + world * torch.arange(done, done + b)
-            done += b
-            keep = _readable(batch) & (position < n)
-            if not keep.any():
+        for batch, keep in _rank_batches(dataset, opts, info, "held-out loss"):
+            clips = int(keep.sum())
+            if not clips:
                 continue
             x = feats({k: batch[k][keep] for k in ("input", "waveform", "length") if k in batch})
             with _autocast(device, precision):
-                loss = model(x, mask_ratio=mask_ratio).loss.float()
+                loss = model(x, mask_ratio=mask_ratio).loss.double()
             # every clip has the same number of masked patches: the batch's loss is its clips' mean
-            total += torch.stack([loss.double() * int(keep.sum()), torch.tensor(float(keep.sum()), device=device,
-                                                                                dtype=torch.float64)])
+            total += torch.stack([loss * clips, loss.new_tensor(float(clips))])
     model.train(was_training)
     if info.enabled:
         total = D.all_reduce_mean(total)
     if total[1] == 0:
-        raise TrainingError(f"no readable clip in the held-out set ({n} clips)")
+        raise TrainingError(f"no readable clip in the held-out set ({len(dataset)} clips)")
     return float(total[0] / total[1])
 
 
