@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -197,7 +198,6 @@ class GracefulInterrupt:
     ``requested``, so the loop can finish its step and checkpoint; a second one interrupts at once."""
 
     def __init__(self, enabled: bool = True):
-        import signal
         import threading
         # not where SIGINT is ignored (a background job): the run must not stop on it either
         self.enabled = (bool(enabled) and threading.current_thread() is threading.main_thread()
@@ -207,7 +207,6 @@ class GracefulInterrupt:
         self._pid = os.getpid()
 
     def _handle(self, signum, frame):
-        import signal
         if os.getpid() != self._pid:  # a loader worker forked with this handler: its own business
             raise KeyboardInterrupt
         if self.requested:
@@ -217,18 +216,15 @@ class GracefulInterrupt:
         sys.stderr.write("\ninterrupt: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)\n")
 
     def _restore(self):
-        import signal
         return self._previous if self._previous is not None else signal.default_int_handler
 
     def __enter__(self) -> "GracefulInterrupt":
         if self.enabled:
-            import signal
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
-            import signal
             signal.signal(signal.SIGINT, self._restore())
 
 
@@ -408,9 +404,10 @@ class Trainer:
         with GracefulInterrupt(self.info.world_size == 1) as stop:
             return self._run(stop)
 
-    def _stop_here(self) -> None:
-        """The run was asked to stop between steps: checkpoint this point, then stop."""
-        self.save()
+    def _stop_here(self, save: bool = True) -> None:
+        """The run was asked to stop between steps: checkpoint this point (unless just done), then stop."""
+        if save:
+            self.save()
         self.runlog.close()
         raise Interrupted(self.step, os.path.join(self.out_dir, LAST))
 
@@ -483,8 +480,7 @@ class Trainer:
                 self.on_epoch_end(self)
             self.save()
             if stop.requested and self.epoch < epochs:
-                self.runlog.close()
-                raise Interrupted(self.step, os.path.join(self.out_dir, LAST))
+                self._stop_here(save=False)
         self.runlog.close()
         self._check_replicas()
         if self.info.enabled and self.step > start_step:
