@@ -119,16 +119,18 @@ def _add_run(p: argparse.ArgumentParser, out_default: Optional[str], seed_help: 
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, warmup: float, wd: float) -> None:
+def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, warmup: float, wd: float,
+               min_lr: float) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training set")
     g.add_argument("--batch-size", type=int, default=batch, help="clips per step and process")
     g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimizer step")
     g.add_argument("--blr", type=float, default=blr, help="base lr; lr = blr * effective batch / 256")
     g.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine lr schedule")
+    g.add_argument("--min-lr", type=float, default=min_lr, help="floor of the cosine lr schedule")
     g.add_argument("--warmup-epochs", type=float, default=warmup, help="epochs of per-step linear lr warmup")
-    g.add_argument("--weight-decay", type=float, default=wd, help="AdamW decay, not on norms/biases/tokens")
+    g.add_argument("--weight-decay", type=float, default=wd,
+                   help="AdamW decay, not on norms and biases (nor, in fine-tuning, on the cls token)")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default, or 0: no clipping)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no roll-and-magnitude augmentation")
     p.add_argument("--init", help="start from these weights (a pretraining checkpoint)")
     _add_data(p, "pretrain")
-    _add_train(p, epochs=32, blr=2e-4, batch=32, warmup=3, wd=1e-4)
+    _add_train(p, epochs=32, blr=2e-4, batch=32, warmup=3, wd=1e-4, min_lr=0.0)
     _add_run(p, "runs/pretrain", "seed of the weights, the masks, the sampling and the synthetic dataset")
 
     p = add("finetune", "fine-tune a classifier from a pretrained checkpoint",
@@ -203,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-f-prob", type=float, default=0.2,
                    help="with --mask-2d: fraction of frequency rows removed")
     _add_data(p, "finetune")
-    _add_train(p, epochs=60, blr=1e-3, batch=32, warmup=4, wd=1e-4)
+    # the release's fine-tuning defaults (its scripts keep them): weight decay 5e-4, lr floor 1e-6
+    _add_train(p, epochs=60, blr=1e-3, batch=32, warmup=4, wd=5e-4, min_lr=1e-6)
     _add_run(p, "runs/finetune", "seed of the head, the augmentation, the sampling and the synthetic dataset")
 
     p = add("evaluate", "mAP / AUC / d-prime or accuracy of a classifier, with a per-class report",

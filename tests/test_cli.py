@@ -891,3 +891,31 @@ def test_checkpoints_from_before_downmix_are_read_with_the_channel_mean():
     got, changed = inherit_run_options({"downmix": "first", "explicit_options": []}, {"downmix": "first"},
                                        names=("downmix",))
     assert got["downmix"] == "first" and changed == {}
+
+
+def test_finetune_defaults_are_the_releases_and_a_resumed_run_keeps_its_own(tmp_path, capsys):
+    """Fine-tuning decays weights by 5e-4 down to an lr of 1e-6 (the release's defaults); a run begun
+    with other values (an earlier version's 1e-4 and 0) goes on with them when resumed."""
+    from audiomae.cli import build_parser
+    ft = build_parser().parse_args(["finetune"])
+    pre = build_parser().parse_args(["pretrain"])
+    assert (ft.weight_decay, ft.min_lr) == (5e-4, 1e-6) and (pre.weight_decay, pre.min_lr) == (1e-4, 0.0)
+    _class_folders(str(tmp_path / "tr"), ["a", "b"])
+    out = tmp_path / "ft"
+    run = ["finetune", "--data", str(tmp_path / "tr"), "--eval-data", str(tmp_path / "tr"), "--clip-seconds", "0.64",
+           "-o", str(out), *TINY_RUN]
+    assert main(run) == 0
+    ckpt = out / "checkpoint-last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["args"]["weight_decay"] == 5e-4 and state["schedule"]["min_lr"] == 1e-6
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 5e-4}
+    state["args"].update(weight_decay=1e-4, min_lr=0.0)  # as a run of an earlier version recorded them
+    for g in state["optimizer"]["param_groups"]:
+        g["weight_decay"] = 1e-4 if g["weight_decay"] else 0.0
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    assert main([*run[:-3], "--epochs", "2", "--quiet", "--resume", "auto"]) == 0
+    assert "was trained with --weight-decay 0.0001, --min-lr 0; using the same" in capsys.readouterr().out
+    state = torch.load(ckpt, weights_only=True)
+    assert state["args"]["weight_decay"] == 1e-4 and state["schedule"]["min_lr"] == 0.0
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 1e-4}

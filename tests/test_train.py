@@ -11,7 +11,7 @@ from audiomae.train import TrainingError
 from audiomae.train.loop import Trainer
 from audiomae.train.distributed import DistInfo
 from audiomae.train.metrics import average_precision, d_prime, multilabel_metrics, roc_auc, singlelabel_metrics
-from audiomae.train.optim import adamw, layer_id, lr_at, param_groups
+from audiomae.train.optim import FINETUNE_NO_DECAY, LEGACY_NO_DECAY, adamw, layer_id, lr_at, param_groups
 from audiomae.train.sampler import ResumableSampler
 
 TINY = AudioMAEConfig.preset("tiny")
@@ -28,17 +28,79 @@ def test_lr_schedule():
 
 
 def test_param_groups_no_decay_rules():
+    """The release's rules: pretraining (timm's add_weight_decay, no names) decays the tokens,
+    fine-tuning (param_groups_lrd with the ViT's no_weight_decay list) leaves the cls token out."""
     model = AudioMAE(TINY)
     groups = param_groups(model, 0.05)
     by_name = {n: g["weight_decay"] for g in groups for n in g["names"]}
-    for name in ["cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
-                 "decoder_blocks.0.attn.tau", "patch_embed.proj.bias"]:
+    for name in ["blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "decoder_blocks.0.attn.tau",
+                 "patch_embed.proj.bias", "decoder_blocks.0.attn.meta_mlp.fc1.bias"]:
         assert by_name[name] == 0.0, name
-    for name in ["blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"]:
+    for name in ["cls_token", "mask_token", "blocks.0.attn.qkv.weight", "patch_embed.proj.weight",
+                 "decoder_pred.weight", "decoder_blocks.0.attn.meta_mlp.fc1.weight"]:
         assert by_name[name] == 0.05, name
     assert "pos_embed" not in by_name and "decoder_pos_embed" not in by_name  # frozen
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
+    legacy = {n: g["weight_decay"] for g in param_groups(model, 0.05, skip=LEGACY_NO_DECAY) for n in g["names"]}
+    assert legacy["cls_token"] == legacy["mask_token"] == 0.0 and legacy["decoder_pred.weight"] == 0.05
+
+    clf = AudioMAEClassifier(TINY, num_classes=3)
+    ft = {n: g["weight_decay"] for g in param_groups(clf, 5e-4, 0.75, skip=FINETUNE_NO_DECAY) for n in g["names"]}
+    assert ft["cls_token"] == 0.0 and ft["fc_norm.weight"] == 0.0 and ft["head.bias"] == 0.0
+    assert ft["head.weight"] == ft["patch_embed.proj.weight"] == ft["blocks.1.mlp.fc2.weight"] == 5e-4
+
+
+class _WithToken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls_token = torch.nn.Parameter(torch.full((1, 1, 4), 0.5))
+        self.proj = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.proj(x + self.cls_token[0])
+
+
+def _token_decay(trainer):
+    return next(g["weight_decay"] for g in trainer.optimizer.param_groups
+                if any(p is trainer.model.cls_token for p in g["params"]))
+
+
+def test_a_resumed_run_keeps_its_weight_decay_rule(tmp_path):
+    def step_fn(m, batch):
+        return (m(batch["waveform"]) ** 2).mean()
+
+    torch.manual_seed(0)
+    first = _trainer(tmp_path, step_fn, model=_WithToken(), epochs=2, weight_decay=0.1, save_every_steps=1)
+    assert first.no_decay == () and _token_decay(first) == 0.1
+    first.run()
+    path = os.path.join(tmp_path, "checkpoint-last.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["schedule"]["no_decay"] == []
+    assert [len(g["params"]) for g in state["optimizer"]["param_groups"]] == [2, 1]  # token, weight | bias
+    again = _trainer(tmp_path, step_fn, model=_WithToken(), epochs=2, weight_decay=0.1)
+    again.resume(path)
+    assert again.no_decay == () and _token_decay(again) == 0.1
+
+    # a run of a version that never decayed the tokens: its optimizer has other groups
+    torch.manual_seed(0)
+    old = _trainer(tmp_path / "old", step_fn, model=_WithToken(), epochs=2, weight_decay=0.1, save_every_steps=1)
+    old._build_optimizer(LEGACY_NO_DECAY)
+    _crash_at(old, 4)
+    path = os.path.join(tmp_path / "old", "checkpoint-last.pt")
+    state = torch.load(path, weights_only=True)
+    state["schedule"].pop("no_decay")  # as earlier versions wrote it
+    torch.save(state, path)
+    resumed = _trainer(tmp_path / "old", step_fn, model=_WithToken(), epochs=2, weight_decay=0.1)
+    resumed.resume(path)
+    assert resumed.no_decay == LEGACY_NO_DECAY
+    assert _token_decay(resumed) == 0.0
+    resumed.run()
+    torch.manual_seed(0)
+    straight = _trainer(tmp_path / "straight", step_fn, model=_WithToken(), epochs=2, weight_decay=0.1)
+    straight._build_optimizer(LEGACY_NO_DECAY)
+    straight.run()
+    assert torch.equal(resumed.model.cls_token, straight.model.cls_token)
 
 
 def test_layer_decay():

@@ -25,7 +25,8 @@ from ..config import AudioMAEConfig
 from ..model import AudioMAE, AudioMAEClassifier
 from . import distributed as D
 from .metrics import multilabel_metrics, singlelabel_metrics
-from .optim import adamw, effective_lr, lr_at, param_groups, set_lr
+from .optim import (FINETUNE_NO_DECAY, LEGACY_NO_DECAY, PRETRAIN_NO_DECAY, adamw, effective_lr, lr_at, param_groups,
+                    set_lr)
 from .sampler import ResumableSampler
 from .state import BEST, LAST, load_training_state, resolve_resume, rng_state, save_training_state, set_rng_state
 
@@ -238,7 +239,8 @@ class Trainer:
     per-step lr, progress, metrics, atomic checkpoints and exact resume."""
 
     def __init__(self, model: nn.Module, opts: Dict[str, Any], dataset, device: torch.device, info: D.DistInfo,
-                 step_fn, layer_decay: Optional[float] = None, on_epoch_end=None, betas=PRETRAIN_BETAS):
+                 step_fn, layer_decay: Optional[float] = None, on_epoch_end=None, betas=PRETRAIN_BETAS,
+                 no_decay: Sequence[str] = PRETRAIN_NO_DECAY):
         self.opts = opts
         self.model = model.to(device)
         self.device = device
@@ -255,7 +257,8 @@ class Trainer:
         self.eff_batch = batch * accum * info.world_size
         self.lr = opts.get("lr") or effective_lr(opts["blr"], self.eff_batch)
         # the model is on its device already: on CUDA this is the single-kernel AdamW
-        self.optimizer = adamw(param_groups(self.model, opts["weight_decay"], layer_decay), self.lr, tuple(betas))
+        self.layer_decay, self.betas = layer_decay, tuple(betas)
+        self._build_optimizer(no_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         weights = None
         if opts.get("weighted_sampling"):
@@ -285,6 +288,11 @@ class Trainer:
             ops_cuda.prepare_for_compile()  # a cuda backend the model would choose must be loaded to be traced
             self.forward_model = torch.compile(self.forward_model, mode=None if mode in (None, "default") else mode)
 
+    def _build_optimizer(self, no_decay: Sequence[str]) -> None:
+        self.no_decay = tuple(no_decay)
+        groups = param_groups(self.model, self.opts["weight_decay"], self.layer_decay, self.no_decay)
+        self.optimizer = adamw(groups, self.lr, self.betas)
+
     def _set_steps_per_epoch(self, n: int) -> None:
         self.steps_per_epoch = n
         self.total_steps = int(self.opts["epochs"]) * n
@@ -296,7 +304,8 @@ class Trainer:
         # groups (checkpoints without the key come from versions that left them out)
         return {"lr": self.lr, "min_lr": self.opts.get("min_lr", 0.0), "warmup_steps": self.warmup_steps,
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "leftover_steps": self.steps_per_epoch == math.ceil(self.batches_per_epoch / self.accum)}
+                "leftover_steps": self.steps_per_epoch == math.ceil(self.batches_per_epoch / self.accum),
+                "no_decay": list(self.no_decay)}
 
     def current_lr(self) -> float:
         return lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.opts.get("min_lr", 0.0))
@@ -334,6 +343,11 @@ class Trainer:
         if kind and kind != type(self.model).__name__:
             raise TrainingError(f"cannot resume from {path}: it is a checkpoint of {kind}, this run trains "
                                 f"{type(self.model).__name__} (use it with --init / --pretrained instead)")
+        # a run keeps the weight-decay rule it began with (checkpoints without the key come from
+        # versions that never decayed the tokens; for a classifier that is the fine-tuning rule)
+        rule = tuple(state["schedule"].get("no_decay", LEGACY_NO_DECAY))
+        if rule != self.no_decay:
+            self._build_optimizer(rule)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -619,7 +633,7 @@ def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[dict]]:
     """A resumed run reads its files as it began (a run from before ``--downmix`` averaged the
-    channels) and keeps its model: returns the options and the checkpoint's model config (None when
+    channels), keeps its weight decay and lr floor unless given, and keeps its model: returns the options and the checkpoint's model config (None when
     not resuming)."""
     resume = opts.get("resume")
     path = os.path.join(opts["output_dir"], LAST) if resume == "auto" else resume
@@ -627,7 +641,8 @@ def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[
         return opts, None
     from ..checkpoint import read_checkpoint
     _, cfg, args = read_checkpoint(path)
-    opts, changed = inherit_run_options(opts, args, None, names=("downmix",))
+    # the optimisation options whose defaults have changed since: a run goes on with its own
+    opts, changed = inherit_run_options(opts, args, None, names=("downmix", "weight_decay", "min_lr"))
     _note_inherited(changed, path)
     return opts, cfg
 
@@ -892,7 +907,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
     opts = dict(opts, class_names=list(train_set.class_names))
     trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
-                      on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS)
+                      on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS, no_decay=FINETUNE_NO_DECAY)
     path = resolve_resume(opts.get("resume"), opts["output_dir"])
     if path:
         trainer.resume(path)

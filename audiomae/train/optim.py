@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-# never decayed: norms, biases, tokens, position tables, temperatures (the release's rule: 1-D
-# parameters and the named tokens)
-_NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "tau")
+# Weight decay follows the release: never on 1-D parameters (norms, temperatures) or biases, and
+# never on the parameters a recipe names. Its pretraining (timm's ``add_weight_decay``, no names)
+# decays the cls and mask tokens; its fine-tuning (BEiT's ``param_groups_lrd`` with the ViT's
+# ``no_weight_decay()``) leaves out the position table and the cls token.
+PRETRAIN_NO_DECAY: tuple = ()
+FINETUNE_NO_DECAY = ("pos_embed", "cls_token", "dist_token")
+#: what this package's pretraining runs left undecayed before it followed the release (their resumes)
+LEGACY_NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
-def no_weight_decay(name: str, param) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES
+def no_weight_decay(name: str, param, skip: Sequence[str] = PRETRAIN_NO_DECAY) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or name in skip
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -29,8 +34,10 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[Dict]:
-    """AdamW parameter groups: no decay on 1-D parameters, biases, tokens and position tables; with
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None,
+                 skip: Sequence[str] = PRETRAIN_NO_DECAY) -> List[Dict]:
+    """AdamW parameter groups: no decay on 1-D parameters, biases and the parameters named in ``skip``
+    (the pretraining rule by default, :data:`FINETUNE_NO_DECAY` for the classifier); with
     ``layer_decay`` each group carries ``lr_scale = layer_decay ** (num_layers + 1 - layer)``.
     Frozen parameters (the fixed position tables) are left out."""
     num_layers = len(getattr(model, "blocks", []))
@@ -38,7 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = 0.0 if no_weight_decay(name, p) else weight_decay
+        decay = 0.0 if no_weight_decay(name, p, skip) else weight_decay
         lid = layer_id(name, num_layers) if layer_decay is not None else 0
         key = (decay, lid)
         if key not in groups:
