@@ -325,6 +325,49 @@ def test_resume_of_a_run_that_left_accumulation_leftovers_out(tmp_path):
     assert again.run()["steps"] == 2
 
 
+def test_an_evaluation_that_fails_loses_no_training(tmp_path):
+    """The checkpoint of an epoch is written before its evaluation: when that fails (a disk full, bad
+    evaluation files), a resume evaluates the epoch and goes on exactly."""
+    def step_fn(m, batch):
+        x = batch["waveform"] + 0.1 * torch.randn(batch["waveform"].shape)
+        return (m(x) ** 2).mean()
+
+    evaluated = []
+
+    def evaluate(tr):
+        evaluated.append((tr.epoch, tr.step))
+        torch.rand(3)  # an evaluation may draw random numbers (the held-out loss's masks)
+
+    torch.manual_seed(0)
+    straight = _trainer(tmp_path / "a", step_fn, epochs=3)
+    straight.on_epoch_end = evaluate
+    straight.run()
+    assert evaluated == [(1, 4), (2, 8), (3, 12)]
+
+    def failing(tr):
+        if tr.epoch == 2:
+            raise OSError("No space left on device")
+        evaluate(tr)
+
+    evaluated.clear()
+    torch.manual_seed(0)
+    first = _trainer(tmp_path / "b", step_fn, epochs=3)
+    first.on_epoch_end = failing
+    with pytest.raises(OSError):
+        first.run()
+    path = os.path.join(tmp_path / "b", "checkpoint-last.pt")
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"], state["step"], state["eval_pending"]) == (2, 8, True)
+    torch.manual_seed(123)
+    second = _trainer(tmp_path / "b", step_fn, epochs=3)
+    second.on_epoch_end = evaluate
+    second.resume(path)
+    second.run()
+    assert evaluated == [(1, 4), (2, 8), (3, 12)]
+    assert torch.equal(second.model.weight, straight.model.weight)
+    assert torch.load(path, weights_only=True)["eval_pending"] is False
+
+
 def test_resume_refuses_other_geometry(tmp_path):
     tr = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), epochs=1)
     tr.run()

@@ -275,6 +275,7 @@ class Trainer:
         self.epoch = 0
         self.epoch_step = 0
         self.best: Optional[float] = None
+        self.eval_pending = False  # the epoch just finished is not evaluated yet
         self.nan_streak = 0
         self.skipped = 0
         self.runlog = RunLog(self.out_dir, info.is_main, opts.get("tensorboard", True))
@@ -321,7 +322,7 @@ class Trainer:
             save_training_state(os.path.join(self.out_dir, name), model=self.model, optimizer=self.optimizer,
                                 scaler=self.scaler, step=self.step, epoch=self.epoch, epoch_step=self.epoch_step,
                                 args=_json_safe(self.opts), schedule=self.schedule, best=self.best,
-                                extra={"rng_ranks": ranks} if ranks else None)
+                                extra={"rng_ranks": ranks, "eval_pending": self.eval_pending and name == LAST})
         D.barrier()
 
     def resume(self, path: str) -> None:
@@ -360,6 +361,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best = state.get("best")
+        self.eval_pending = bool(state.get("eval_pending"))
         self.runlog.truncate_after(self.step)
         ranks = state.get("rng_ranks")
         if ranks and len(ranks) == self.info.world_size:
@@ -418,6 +420,10 @@ class Trainer:
         with GracefulInterrupt(self.info.world_size == 1) as stop:
             return self._run(stop)
 
+    def _end_epoch(self) -> None:
+        self.on_epoch_end(self)
+        self.eval_pending = False
+
     def _stop_here(self, save: bool = True) -> None:
         """The run was asked to stop between steps: checkpoint this point (unless just done), then stop."""
         if save:
@@ -432,6 +438,11 @@ class Trainer:
         epochs = int(opts["epochs"])
         last_loss = float("nan")
         start_step = self.step
+        if self.eval_pending and self.on_epoch_end is not None:
+            if self.info.is_main:
+                tqdm.write(f"evaluating epoch {self.epoch} (the checkpoint was written before its evaluation ended)")
+            self._end_epoch()
+            self.save()
         while self.epoch < epochs:
             self.model.train()
             self.loader.set_epoch(self.epoch)
@@ -491,7 +502,9 @@ class Trainer:
             self.epoch += 1
             self.epoch_step = 0
             if self.on_epoch_end is not None:
-                self.on_epoch_end(self)
+                self.eval_pending = True
+                self.save()  # the epoch's training is kept should its evaluation fail (a resume runs it)
+                self._end_epoch()
             self.save()
             if stop.requested and self.epoch < epochs:
                 self._stop_here(save=False)
