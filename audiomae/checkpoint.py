@@ -8,6 +8,7 @@ checkpoint into the classifier) happens here, in one place, and says what it did
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -41,6 +42,40 @@ class CheckpointAdaptedWarning(UserWarning):
 
 
 # --- reading -------------------------------------------------------------------------------------
+_READ_ONCE: Optional[Dict[tuple, Any]] = None  # the files read inside reading_once(), by path and version
+
+
+@contextlib.contextmanager
+def reading_once():
+    """Inside this context each checkpoint file is read from disk once: a command that looks into a
+    checkpoint several times (its run's options, its kind, then the model) reads a large file once.
+    What was read is dropped when the context ends."""
+    global _READ_ONCE
+    outer = _READ_ONCE
+    if outer is None:
+        _READ_ONCE = {}
+    try:
+        yield
+    finally:
+        _READ_ONCE = outer
+
+
+def torch_load(path: str, map_location="cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` allowing ``argparse.Namespace`` (the release's
+    ``args``); inside :func:`reading_once` a file unchanged since it was read is not read again."""
+    key = None
+    if _READ_ONCE is not None:
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, str(map_location))
+        if key in _READ_ONCE:
+            return _READ_ONCE[key]
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    if key is not None and _READ_ONCE is not None:
+        _READ_ONCE[key] = obj
+    return obj
+
+
 def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], Optional[dict], Any]:
     """Return ``(state_dict, config_dict or None, released args or None)`` from a path or a dict."""
     if isinstance(src, (str, os.PathLike)):
@@ -58,8 +93,7 @@ def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], O
             raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; "
                                   f"this file starts with {head!r})")
         try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch_load(path, map_location)
         except pickle.UnpicklingError as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")

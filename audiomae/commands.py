@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointAdaptedWarning, CheckpointError, read_checkpoint
+from .checkpoint import CheckpointAdaptedWarning, CheckpointError, read_checkpoint, reading_once
 from .data.dataset import frames_for
 from .model import AudioMAE, AudioMAEClassifier
 
@@ -142,12 +142,12 @@ def embed(opts: Dict[str, Any]) -> str:
         raise InputError("embed runs in one process (under torchrun or srun every process would embed everything "
                          "and write the same file); run it as one process")
     _output_folder(path, "--out")
-    opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
-    downmix = opts.get("downmix") or "first"
-    frames = check_audio_files(files, downmix) if files else []
-
-    device = _device(opts.get("device", "auto"))
-    model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
+    with reading_once():  # the run's options, the checkpoint's kind, the model: one read of the file
+        opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
+        downmix = opts.get("downmix") or "first"
+        frames = check_audio_files(files, downmix) if files else []
+        device = _device(opts.get("device", "auto"))
+        model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
     T = model.config.img_size[0]
     stats = opts.get("stats", "audioset")
     out: Dict[str, Any] = {"checkpoint": os.path.abspath(opts["checkpoint"])}
@@ -261,9 +261,10 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     _check_picture_path(opts["out"])
     if opts.get("wav"):
         _check_audio_path(opts["wav"])
-    opts = _checkpoint_options(opts, ("stats", "downmix"))
-    device = _device(opts.get("device", "auto"))
-    model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
+    with reading_once():
+        opts = _checkpoint_options(opts, ("stats", "downmix"))
+        device = _device(opts.get("device", "auto"))
+        model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
     T = model.config.img_size[0]
     x = _clip_input(opts["audio"], T, opts.get("stats", "audioset"), opts.get("downmix") or "first").unsqueeze(0).to(device)
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))

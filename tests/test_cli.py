@@ -919,3 +919,32 @@ def test_finetune_defaults_are_the_releases_and_a_resumed_run_keeps_its_own(tmp_
     state = torch.load(ckpt, weights_only=True)
     assert state["args"]["weight_decay"] == 1e-4 and state["schedule"]["min_lr"] == 0.0
     assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 1e-4}
+
+
+def test_embed_and_reconstruct_read_the_checkpoint_once(tmp_path, tiny_ckpt, monkeypatch):
+    """The run's options, the checkpoint's kind and the model come from one read of the file."""
+    import audiomae.checkpoint as ck
+    reads = []
+    real = torch.load
+
+    def counting(path, *a, **k):
+        reads.append(os.fspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(torch, "load", counting)
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+    assert main(["embed", "--checkpoint", tiny_ckpt, ok, "--out", str(tmp_path / "e.pt"), "--quiet"]) == 0
+    assert reads.count(tiny_ckpt) == 1
+    reads.clear()
+    assert main(["reconstruct", "--checkpoint", tiny_ckpt, ok, "--out", str(tmp_path / "r.png")]) == 0
+    assert reads.count(tiny_ckpt) == 1
+    assert ck._READ_ONCE is None  # nothing is kept after the command
+    reads.clear()
+    ck.read_checkpoint(tiny_ckpt)
+    ck.read_checkpoint(tiny_ckpt)
+    assert reads.count(tiny_ckpt) == 2  # outside the context every call reads the file
+    with ck.reading_once():
+        ck.read_checkpoint(tiny_ckpt)
+        os.utime(tiny_ckpt, ns=(0, 0))  # a file changed since: read again
+        ck.read_checkpoint(tiny_ckpt)
+    assert reads.count(tiny_ckpt) == 4

@@ -1028,7 +1028,7 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Evaluate a classifier checkpoint; writes metrics.json and a per-class CSV report. Input options
     not given (statistics, clip and input length, downmix, single-label) are the checkpoint's run's."""
     from ..checkpoint import read_checkpoint
-    sd, cfg, args = read_checkpoint(opts["checkpoint"])
+    sd, cfg, args = read_checkpoint(opts["checkpoint"])  # read once: the model is built from these
     opts, changed = inherit_run_options(opts, args, cfg)
     _note_inherited(changed, opts["checkpoint"])
     device, info = _setup(opts)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_save
+from ..checkpoint import CheckpointError, atomic_save, torch_load
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
@@ -67,7 +67,7 @@ def load_training_state(path: str, map_location="cpu") -> Dict[str, Any]:
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: a zip archive or a pickle
         raise CheckpointError(f"cannot resume from {path}: not a PyTorch checkpoint (it starts with {head!r})")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch_load(path, map_location)
     except Exception as e:
         # torch's message spans many lines and suggests weights_only=False, which would run code from
         # the file: only the line that says what is wrong
