@@ -138,6 +138,9 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
                         "max-autotune-no-cudagraphs also searches matmul tilings and can fuse pointwise "
                         "epilogues into them; it compiles for much longer")
     g.add_argument("--weighted-sampling", action="store_true", help="sample clips by inverse label frequency (AudioSet)")
+    g.add_argument("--no-replacement", action="store_true",
+                   help="with --weighted-sampling: each clip at most once an epoch (the release's AS-2M fine-tuning: "
+                        "--weighted-sampling --no-replacement --epoch-size 200000); default: with replacement")
     g.add_argument("--epoch-size", type=int, help="clips per epoch (default: the dataset's size)")
     g.add_argument("--resume", help="a training checkpoint, or 'auto' for the run folder's last one")
     g.add_argument("--overwrite", action="store_true",
@@ -382,6 +385,9 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
             sub.error(f"{name('model')} {opts['model']}: no such preset; choose one of {', '.join(MODEL_PRESETS)} "
                       "(or a release name such as vit_base_patch16)")
     bounded("max_bad_fraction", 0, 1)
+    if opts.get("no_replacement") and not opts.get("weighted_sampling"):
+        sub.error(f"{name('no_replacement')} applies to --weighted-sampling (uniform sampling already takes each "
+                  "clip once an epoch)")
     if opts.get("mixup_mode") == "waveform":
         bounded("mixup", 0, 1, why=" (a probability with --mixup-mode waveform)")
     bounded("layer_decay", 0, 1, lo_open=True)

@@ -57,6 +57,7 @@ def test_help_lists_commands(capsys):
     (["pretrain", "--clip-seconds", "0.01"], "--clip-seconds must be at least 0.025 (one 25 ms frame)"),
     (["finetune", "--mask-t-prob", "1.0"], "--mask-t-prob must be in [0, 1)"),
     (["finetune", "--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
+    (["finetune", "--no-replacement"], "--no-replacement applies to --weighted-sampling"),
     (["finetune", "--mixup-mode", "waveform", "--mixup", "2"],
      "--mixup must be in [0, 1] (a probability with --mixup-mode waveform)"),
     (["evaluate", "x.pt", "--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1]"),
@@ -948,3 +949,15 @@ def test_embed_and_reconstruct_read_the_checkpoint_once(tmp_path, tiny_ckpt, mon
         os.utime(tiny_ckpt, ns=(0, 0))  # a file changed since: read again
         ck.read_checkpoint(tiny_ckpt)
     assert reads.count(tiny_ckpt) == 4
+
+
+def test_weighted_sampling_without_replacement_needs_enough_clips(tmp_path, capsys):
+    _class_folders(str(tmp_path / "tr"), ["a", "b"])  # 8 clips
+    run = ["finetune", "--data", str(tmp_path / "tr"), "--eval-data", str(tmp_path / "tr"), "--clip-seconds", "0.64",
+           "--weighted-sampling", "--no-replacement", *TINY_RUN]
+    assert main([*run, "-o", str(tmp_path / "a"), "--epoch-size", "9"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--epoch-size", "9 clips per epoch cannot be drawn without "
+                          "replacement from the 8 clips of non-zero weight")
+    assert main([*run, "-o", str(tmp_path / "b"), "--epoch-size", "6"]) == 0
+    state = torch.load(tmp_path / "b" / "checkpoint-last.pt", weights_only=True)
+    assert state["args"]["no_replacement"] is True and state["step"] == 1  # 6 clips, batch 8: one step

@@ -185,6 +185,29 @@ def test_resumable_sampler_epoch_longer_than_the_dataset():
     assert len(two[0]) == len(two[1]) == 12
 
 
+def test_weighted_sampling_without_replacement():
+    """The release's AS-2M fine-tuning draws each epoch's clips by weight, each at most once."""
+    w = [0.0, 1.0, 1.0, 50.0, 1.0, 0.0, 1.0, 1.0]
+    s = ResumableSampler(8, weights=w, num_samples=4, replacement=False, seed=3)
+    seen = set()
+    for epoch in range(40):
+        s.set_epoch(epoch)
+        order = list(s)
+        assert len(order) == 4 and len(set(order)) == 4 and not {0, 5} & set(order)
+        assert 3 in order  # the heavy clip comes every epoch, once
+        seen |= set(order)
+    assert seen == {1, 2, 3, 4, 6, 7}
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 39)
+    assert order == torch.multinomial(torch.tensor(w, dtype=torch.double), 4, False, generator=g).tolist()
+    with_repl = ResumableSampler(8, weights=w, num_samples=6, seed=3)
+    assert len(set(with_repl)) < 6  # the heavy clip repeats
+    halves = [list(ResumableSampler(8, weights=w, num_samples=6, replacement=False, rank=r, world_size=2))
+              for r in range(2)]
+    assert len(set(halves[0] + halves[1])) == 6  # the ranks share one draw
+    with pytest.raises(ValueError, match="7 clips per epoch cannot be drawn without replacement from the 6 clips"):
+        ResumableSampler(8, weights=w, num_samples=7, replacement=False)
+
+
 class _Toy(torch.utils.data.Dataset):
     multi_label = False
     num_classes = 2

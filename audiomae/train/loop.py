@@ -265,8 +265,13 @@ class Trainer:
             from ..data import label_weights
             weights = label_weights(dataset)
         n_samples = opts.get("epoch_size") or len(dataset)
-        self.sampler = ResumableSampler(len(dataset), shuffle=True, seed=opts.get("seed", 0), rank=info.rank,
-                                        world_size=info.world_size, weights=weights, num_samples=n_samples)
+        try:
+            self.sampler = ResumableSampler(len(dataset), shuffle=True, seed=opts.get("seed", 0), rank=info.rank,
+                                            world_size=info.world_size, weights=weights, num_samples=n_samples,
+                                            replacement=not opts.get("no_replacement"))
+        except ValueError as e:
+            raise TrainingError(f"--epoch-size: {e} (--no-replacement)" if "replacement" in str(e) else str(e)) \
+                from None
         self.loader = _loader(dataset, opts, self.sampler, batch)
         self.batches_per_epoch = math.ceil(self.sampler.per_rank / batch)
         # the last step of an epoch takes the batches left over from whole accumulation groups
