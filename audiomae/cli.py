@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"],
                    help="which patches are removed: random patches, whole time columns, whole frequency rows, "
                         "or both")
+    p.add_argument("--mask-t-prob", type=float, default=0.7,
+                   help="with --mask-mode time_frequency: fraction of the time columns removed (the release's "
+                        "pretraining script's 0.7)")
+    p.add_argument("--mask-f-prob", type=float, default=0.3,
+                   help="with --mask-mode time_frequency: fraction of the frequency rows removed (the release's 0.3)")
     p.add_argument("--no-norm-pix-loss", action="store_true", help="plain pixel targets (default: per-patch "
                                                                   "normalised targets)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no roll-and-magnitude augmentation")
@@ -394,6 +399,12 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
     bounded("drop_path", 0, 1, hi_open=True)
     for k in ("mask_t_prob", "mask_f_prob"):
         bounded(k, 0, 1, hi_open=True, why=" (a fraction of the rows removed; some must stay)")
+    typed = set(opts.get("explicit_options") or ())
+    if command == "pretrain" and not opts.get("init") and opts.get("mask_mode") != "time_frequency":
+        for k in ("mask_t_prob", "mask_f_prob"):
+            if k in typed:
+                sub.error(f"{name(k)} applies to --mask-mode time_frequency (this run masks "
+                          f"{opts.get('mask_mode')}: --mask-ratio sets how much)")
     if "mask_ratio" in opts:
         r = opts["mask_ratio"]
         if command == "reconstruct" and not 0.0 < r < 1.0:

@@ -774,6 +774,11 @@ def test_pretrain_init_applies_the_objective_options_and_refuses_another_archite
                  "--mask-mode", "time", "-o", str(second), *TINY_RUN]) == 0
     cfg = torch.load(second / "model.pt", weights_only=False)["config"]
     assert cfg["mask_ratio"] == 0.5 and cfg["norm_pix_loss"] is False and cfg["mask_mode"] == "time"
+    third = tmp_path / "t"
+    assert main(["pretrain", "--init", str(first / "model.pt"), "--mask-mode", "time_frequency", "--mask-t-prob", "0.5",
+                 "-o", str(third), *TINY_RUN]) == 0
+    cfg = torch.load(third / "model.pt", weights_only=False)["config"]
+    assert cfg["mask_mode"] == "time_frequency" and cfg["mask_t_prob"] == 0.5 and cfg["mask_f_prob"] == 0.3  # the file's
     capsys.readouterr()
     code = main(["pretrain", "--init", str(first / "model.pt"), "--model", "base", "--decoder-mode", "global",
                  "-o", str(tmp_path / "c"), *TINY_RUN])
@@ -961,3 +966,21 @@ def test_weighted_sampling_without_replacement_needs_enough_clips(tmp_path, caps
     assert main([*run, "-o", str(tmp_path / "b"), "--epoch-size", "6"]) == 0
     state = torch.load(tmp_path / "b" / "checkpoint-last.pt", weights_only=True)
     assert state["args"]["no_replacement"] is True and state["step"] == 1  # 6 clips, batch 8: one step
+
+
+def test_pretrain_two_d_masking_takes_the_release_scripts_fractions(tmp_path, capsys):
+    """--mask-mode time_frequency removes 0.7 of the time columns and 0.3 of the frequency rows, as
+    the release's pretraining script passes them (its model's defaults, 0.6 and 0.5, are the config's)."""
+    from audiomae import AudioMAEConfig
+    assert (AudioMAEConfig().mask_t_prob, AudioMAEConfig().mask_f_prob) == (0.6, 0.5)
+    out = tmp_path / "tf"
+    assert main(["pretrain", "--mask-mode", "time_frequency", "-o", str(out), *TINY_RUN]) == 0
+    cfg = torch.load(out / "model.pt", weights_only=False)["config"]
+    assert (cfg["mask_t_prob"], cfg["mask_f_prob"]) == (0.7, 0.3)
+    assert main(["pretrain", "--mask-mode", "time_frequency", "--mask-f-prob", "0.25", "-o", str(tmp_path / "b"),
+                 *TINY_RUN]) == 0
+    assert torch.load(tmp_path / "b" / "model.pt", weights_only=False)["config"]["mask_f_prob"] == 0.25
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--mask-t-prob", "0.5", "-o", str(tmp_path / "c"), *TINY_RUN])
+    assert e.value.code == 2
+    assert "--mask-t-prob applies to --mask-mode time_frequency" in capsys.readouterr().err

@@ -599,7 +599,14 @@ def _model_config(opts: Dict[str, Any], target_length: int) -> AudioMAEConfig:
     return AudioMAEConfig.preset(opts.get("model", "tiny"), img_size=(target_length, 128),
                                  decoder_mode=opts.get("decoder_mode") or AudioMAEConfig.preset(opts.get("model", "tiny")).decoder_mode,
                                  mask_ratio=opts.get("mask_ratio", 0.8), mask_mode=opts.get("mask_mode", "unstructured"),
+                                 mask_t_prob=opts.get("mask_t_prob", PRETRAIN_MASK_T_PROB),
+                                 mask_f_prob=opts.get("mask_f_prob", PRETRAIN_MASK_F_PROB),
                                  norm_pix_loss=not opts.get("no_norm_pix_loss", False))
+
+
+# the release's pretraining script (main_pretrain.py) masks 0.7 of the time columns and 0.3 of the
+# frequency rows in its 2D mode (its model's own defaults are 0.6 and 0.5, AudioMAEConfig's)
+PRETRAIN_MASK_T_PROB, PRETRAIN_MASK_F_PROB = 0.7, 0.3
 
 
 # --- pretraining --------------------------------------------------------------------------------
@@ -623,7 +630,7 @@ def _architecture_conflicts(opts: Dict[str, Any], cfg: AudioMAEConfig, given) ->
 
 
 def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
-    """``--init``: the objective options given (mask ratio and mode, norm-pix loss) apply to the loaded
+    """``--init``: the objective options given (mask ratio, mode and 2D fractions, norm-pix loss) apply to the loaded
     model; the architecture is the file's, so a --model or --decoder-mode that differs is an error."""
     typed = opts.get("explicit_options")
     given = _given(opts)
@@ -644,6 +651,9 @@ def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
         out["mask_ratio"] = float(opts["mask_ratio"])
     if "mask_mode" in given and opts.get("mask_mode"):
         out["mask_mode"] = opts["mask_mode"]
+    for k in ("mask_t_prob", "mask_f_prob"):
+        if k in given and opts.get(k) is not None:
+            out[k] = float(opts[k])
     if "no_norm_pix_loss" in given:
         out["norm_pix_loss"] = not opts.get("no_norm_pix_loss", False)
     return out
@@ -690,7 +700,9 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
                                     "config.json: --clip-seconds, --target-length)")
             model = AudioMAE(run_cfg)
         elif opts.get("init"):
-            model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
+            from ..checkpoint import reading_once
+            with reading_once():
+                model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
         else:
             model = AudioMAE(_model_config(opts, T))
     feats = _features(opts, dataset, device)
