@@ -282,7 +282,9 @@ def fbank(
 
     The waveform's mean is *not* removed here (the Audio-MAE preprocessing removes the clip mean
     first; see :func:`waveform_to_input`). Integer samples are converted to float32 without
-    rescaling, like torchaudio.
+    rescaling, like torchaudio (int16 PCM gives values 32768 times those of the same audio as floats
+    in [-1, 1]: pass floats, or use :func:`waveform_to_input`, which scales PCM); non-finite samples
+    give NaN frames, as there (:func:`waveform_to_input` refuses them).
 
     Args:
         waveform: ``[N]`` or ``[..., N]`` (e.g. ``[B, N]`` equal-length clips), tensor or array,
@@ -300,10 +302,17 @@ def fbank(
     win, shift, n_fft = _frame_params(sample_rate, float(frame_length), float(frame_shift))
     n = x.shape[-1]
     if n < win:
+        hint = ""
+        if x.dim() == 2 and x.shape[0] >= win and n <= 8:
+            hint = (f" (a waveform of shape {tuple(x.shape)}: the samples are the last axis; for soundfile's "
+                    "[samples, channels] layout pass one channel, x[:, 0], or the transpose)")
         raise ValueError(
             f"waveform too short for fbank: {n} samples, but one frame of {frame_length} ms at "
-            f"{sample_rate:g} Hz needs {win} samples"
+            f"{sample_rate:g} Hz needs {win} samples{hint}"
         )
+    if int(num_mel_bins) != num_mel_bins or int(num_mel_bins) < 1:
+        raise ValueError(f"num_mel_bins must be a positive whole number, got {num_mel_bins}")
+    num_mel_bins = int(num_mel_bins)
     low, high = _nyquist_edges(sample_rate, float(low_freq), float(high_freq))
     floor = FLOAT32_EPS if energy_floor is None else float(energy_floor)
     if not floor > 0.0:
@@ -312,6 +321,8 @@ def fbank(
                                      low, high)
 
     frames = x.unfold(-1, win, shift)  # [..., T, win] (a view)
+    if frames.numel() == 0:  # an empty batch: no frames to compute
+        return torch.zeros(frames.shape[:-1] + (mel_t.shape[1],), dtype=mel_t.dtype, device=x.device)
     if x.device.type != "cpu" or frames[..., 0].numel() <= _CPU_FRAMES_PER_PASS:
         return _log_mel(frames, window, mel_t, float(preemphasis), n_fft, floor)
     # On CPUs, a few clips at a time: each pass then stays in the cache (8 clips of 10 s in one pass
@@ -505,6 +516,7 @@ def waveform_to_input(
     stats="audioset",
     num_mel_bins: int = 128,
     lengths=None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """The paper's preprocessing: waveform -> model input.
 
@@ -516,16 +528,29 @@ def waveform_to_input(
     to [-1, 1] by its full scale, as a file reader would, since the statistics assume that range.
     ``lengths`` (``[B]``, with ``[B, N]`` clips zero-padded to a common length): each clip's real
     number of samples at ``sample_rate``; the rows of the frames that reach into the padding then
-    hold the padding value, as for a clip computed alone (:func:`pad_beyond`).
+    hold the padding value, as for a clip computed alone (:func:`pad_beyond`). Non-finite samples
+    are refused (ValueError); ``check_finite=False`` skips that pass (NaN frames then, as in the
+    fused front ends, which do not look).
     """
     x = waveform if isinstance(waveform, torch.Tensor) else torch.as_tensor(np.asarray(waveform))
     if x.dtype in _INT_FULL_SCALE:
         x = x.to(torch.float32) / _INT_FULL_SCALE[x.dtype]
     elif x.dtype == torch.uint8:
         x = (x.to(torch.float32) - 128.0) / 128.0
+    elif not (x.dtype.is_floating_point or x.is_complex()):
+        # int64 (numpy's default integer), unsigned 16/32-bit, bool: no full scale to divide by
+        raise TypeError(f"waveform samples of type {str(x.dtype).replace('torch.', '')} have no known full scale: "
+                        "pass float samples in [-1, 1] (e.g. x / 32768 for 16-bit PCM held in a wider type) or "
+                        "int8, int16, int32 or uint8 PCM")
     x = _as_float_tensor(x)
     if x.dim() not in (1, 2):
         raise ValueError(f"waveform must be [N] or [B, N], got shape {tuple(x.shape)}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        bad = ~torch.isfinite(x)
+        where = bad.nonzero()[0].tolist()
+        count = int(bad.sum())
+        raise ValueError(f"waveform holds {count} non-finite sample{'s' if count != 1 else ''} (NaN or inf; the first at index "
+                         f"{where[-1] if x.dim() == 1 else tuple(where)}): every frame of the clip would be NaN")
     x = x - x.mean(dim=-1, keepdim=True)
     sample_rate = _as_rate(sample_rate, "sample_rate")
     if lengths is not None:

@@ -122,6 +122,34 @@ def test_fbank_too_short():
         A.fbank(torch.tensor(1.0))
 
 
+def test_fbank_layout_hint_empty_batch_and_bins():
+    with pytest.raises(ValueError, match=r"shape \(16000, 2\): the samples are the last axis"):
+        A.fbank(np.zeros((16000, 2), dtype=np.float32))  # soundfile's [samples, channels]
+    empty = A.fbank(torch.zeros(0, 16000))
+    assert empty.shape == (0, 98, 128) and empty.dtype == torch.float32
+    assert A.fbank(torch.zeros(3, 0, 1600)).shape == (3, 0, 8, 128)
+    with pytest.raises(ValueError, match="num_mel_bins must be a positive whole number, got 64.5"):
+        A.fbank(torch.zeros(16000), num_mel_bins=64.5)
+    assert A.fbank(torch.zeros(16000), num_mel_bins=64.0).shape == (98, 64)
+
+
+def test_waveform_to_input_refuses_samples_it_cannot_scale_and_non_finite_ones():
+    pcm = (np.sin(np.arange(16000) / 10) * 0.5 * 32767).astype(np.int16)
+    for wide in (pcm.astype(np.int64), pcm.astype(np.uint16), np.ones(16000, dtype=bool)):
+        with pytest.raises(TypeError, match="have no known full scale"):
+            A.waveform_to_input(wide)
+    ok = A.waveform_to_input(pcm.astype(np.float32) / 32768, target_length=128)
+    torch.testing.assert_close(A.waveform_to_input(pcm, target_length=128), ok)
+    bad = torch.randn(2, 16000) * 0.1
+    bad[1, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"1 non-finite sample \(NaN or inf; the first at index \(1, 7\)\)"):
+        A.waveform_to_input(bad)
+    bad[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="2 non-finite samples"):
+        A.waveform_to_input(bad)
+    assert A.waveform_to_input(bad, check_finite=False)[1].isnan().any()  # the kernels' behaviour, asked for
+
+
 def test_fbank_long_clip_consistent(kaldi):
     chirp = kaldi["chirp_10s"][0]
     gen = torch.Generator().manual_seed(0)

@@ -121,4 +121,6 @@ def fbank_features_reference(waveforms: torch.Tensor, target_length: Optional[in
     ``mode`` is accepted for symmetry with the kernel; the reference is always exact."""
     from ..audio import SAMPLE_RATE, waveform_to_input
 
-    return waveform_to_input(waveforms, SAMPLE_RATE, target_length, stats, num_mel_bins).to(out_dtype)
+    # like the kernels it is the reference of, it does not look for non-finite samples (no device sync)
+    return waveform_to_input(waveforms, SAMPLE_RATE, target_length, stats, num_mel_bins,
+                             check_finite=False).to(out_dtype)
