@@ -312,6 +312,8 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
                **overrides):
     """Build ``cls`` (AudioMAE or AudioMAEClassifier) and load ``src`` into it; see ``from_pretrained``."""
 
+    if config is not None:
+        config = AudioMAEConfig.of(config)  # a preset name or a dict of fields also do
     sd, file_cfg, args = read_checkpoint(src, map_location)
     if "patch_embed.proj.weight" not in sd or "cls_token" not in sd:
         raise CheckpointError("not an Audio-MAE state dict: patch_embed.proj.weight and cls_token are missing "

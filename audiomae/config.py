@@ -82,10 +82,40 @@ class AudioMAEConfig:
             if dim % 4:
                 problems.append(f"{name}={dim} must be a multiple of 4 for the 2D sin-cos position table")
         problems += self._masking_problems()
+        problems += self._other_problems(bad)
         if any(w <= 0 for w in self.window_size) or any(s < 0 for s in self.shift_size):
             problems.append(f"window_size={self.window_size} must be positive and shift_size={self.shift_size} >= 0")
         if problems:
             raise ValueError("invalid AudioMAEConfig: " + "; ".join(problems))
+
+    def _other_problems(self, bad_sizes) -> list:
+        """Depths, widths, rates and switches: the values a model can be built from, named when not."""
+        problems = []
+        for name, least in (("depth", 0), ("decoder_depth", 0), ("in_chans", 1), ("meta_hidden_dim", 1),
+                            ("num_classes", 1)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < least:
+                problems.append(f"{name}={v!r} must be {'a positive' if least else 'a non-negative'} integer")
+        if not _is_real(self.mlp_ratio) or not self.mlp_ratio > 0:
+            problems.append(f"mlp_ratio={self.mlp_ratio!r} must be a positive number")
+        elif "embed_dim" not in bad_sizes and int(self.embed_dim * self.mlp_ratio) < 1:
+            problems.append(f"mlp_ratio={self.mlp_ratio!r} leaves the MLP of width {self.embed_dim} no hidden unit")
+        for name in ("drop_path_rate", "meta_dropout"):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0.0 <= v < 1.0:
+                problems.append(f"{name}={v!r} must be a rate in [0, 1)")
+        if not _is_real(self.layer_norm_eps) or not self.layer_norm_eps > 0:
+            problems.append(f"layer_norm_eps={self.layer_norm_eps!r} must be a positive number")
+        h = self.hybrid_local_depth
+        if h is not None and (not _is_int(h) or (_is_int(self.decoder_depth) and not 0 <= h <= self.decoder_depth)):
+            problems.append(f"hybrid_local_depth={h!r} must be an integer in [0, decoder_depth={self.decoder_depth}]")
+        for name in ("global_pool", "norm_pix_loss", "finetune_mask_2d"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or (_is_int(v) and v in (0, 1)):
+                setattr(self, name, bool(v))
+            else:
+                problems.append(f"{name}={v!r} must be True or False")
+        return problems
 
     def _masking_problems(self) -> list:
         """The masking fields in range: ``mask_ratio`` in [0, 1) (a classifier's config never masks
@@ -121,6 +151,7 @@ class AudioMAEConfig:
         return self.decoder_depth // 2 if self.hybrid_local_depth is None else self.hybrid_local_depth
 
     def replace(self, **changes: Any) -> "AudioMAEConfig":
+        _check_names(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -128,11 +159,23 @@ class AudioMAEConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "AudioMAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown AudioMAEConfig field(s): {', '.join(unknown)}")
+        _check_names(d)
         return cls(**d)
+
+    @classmethod
+    def of(cls, config: Any) -> "AudioMAEConfig":
+        """``config`` as an AudioMAEConfig: one already, None (the defaults), a preset name, or a dict
+        of fields (``to_dict()``'s)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, str):
+            return cls.preset(config)
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        raise TypeError(f"expected an AudioMAEConfig, a preset name or a dict of its fields, got "
+                        f"{type(config).__name__}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "AudioMAEConfig":
@@ -153,6 +196,17 @@ class AudioMAEConfig:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
+
+
+def _check_names(fields: Dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(AudioMAEConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown AudioMAEConfig field(s): {', '.join(unknown)}")
 
 
 def _pair(v: Any, name: str) -> Tuple[int, int]:

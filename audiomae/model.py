@@ -23,7 +23,8 @@ from .pos_embed import sincos_2d
 
 @dataclass
 class MAEOutput:
-    """Result of :class:`AudioMAE`'s forward pass; unpacks as ``loss, pred, mask``."""
+    """Result of :class:`AudioMAE`'s forward pass; unpacks and indexes as ``(loss, pred, mask)``, so
+    code written for the release's tuple (``model(x)[0]`` is the loss) keeps working."""
 
     loss: torch.Tensor  # scalar
     pred: torch.Tensor  # [B, L, p*p] predicted patches (time-major), normalised if norm_pix_loss
@@ -32,6 +33,12 @@ class MAEOutput:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.loss, self.pred, self.mask))
+
+    def __getitem__(self, index):
+        return (self.loss, self.pred, self.mask)[index]
+
+    def __len__(self) -> int:
+        return 3
 
 
 def patchify(spec: torch.Tensor, p: int) -> torch.Tensor:
@@ -163,7 +170,8 @@ class AudioMAE(_Encoder):
 
     def __init__(self, config: Optional[AudioMAEConfig] = None, **overrides):
         super().__init__()
-        cfg = (config or AudioMAEConfig()).replace(**overrides) if overrides else (config or AudioMAEConfig())
+        cfg = AudioMAEConfig.of(config)
+        cfg = cfg.replace(**overrides) if overrides else cfg
         self._build_encoder(cfg)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         D = cfg.decoder_embed_dim
@@ -308,7 +316,7 @@ class AudioMAEClassifier(_Encoder):
     def __init__(self, config: Optional[AudioMAEConfig] = None, num_classes: Optional[int] = None,
                  global_pool: Optional[bool] = None, **overrides):
         super().__init__()
-        cfg = config or AudioMAEConfig()
+        cfg = AudioMAEConfig.of(config)
         if num_classes is not None:
             overrides["num_classes"] = num_classes
         if global_pool is not None:

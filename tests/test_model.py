@@ -22,8 +22,9 @@ def test_pretraining_fixture(name):
     torch.testing.assert_close(out.mask, d["mask"], rtol=0, atol=0)
     torch.testing.assert_close(out.pred, d["pred"], rtol=0, atol=PRED_ATOL)
     torch.testing.assert_close(out.loss, d["loss"], rtol=LOSS_RTOL, atol=1e-7)
-    loss, pred, mask = out  # unpacks like the release's tuple
+    loss, pred, mask = out  # unpacks and indexes like the release's tuple
     assert loss is out.loss and pred is out.pred and mask is out.mask
+    assert out[0] is out.loss and out[-1] is out.mask and out[1:] == (out.pred, out.mask) and len(out) == 3
 
 
 @pytest.mark.parametrize("name", ["model_tiny_local", "model_tiny_global"])
@@ -258,6 +259,44 @@ def test_config_rejects_bad_heads_and_non_integer_sizes():
         with pytest.raises(ValueError, match=message):
             AudioMAEConfig.preset("tiny", **kw)
     assert AudioMAEConfig.preset("tiny", img_size=(256.0, 128)).img_size == (256, 128)  # whole floats are taken
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(depth=-1), "depth=-1 must be a non-negative integer"),
+    (dict(decoder_depth=2.5), "decoder_depth=2.5 must be a non-negative integer"),
+    (dict(num_classes=0), "num_classes=0 must be a positive integer"),
+    (dict(num_classes="5"), "num_classes='5' must be a positive integer"),
+    (dict(mlp_ratio=0), "mlp_ratio=0 must be a positive number"),
+    (dict(mlp_ratio=0.001), "mlp_ratio=0.001 leaves the MLP of width 64 no hidden unit"),
+    (dict(drop_path_rate=2.0), r"drop_path_rate=2.0 must be a rate in \[0, 1\)"),
+    (dict(meta_dropout=-0.1), r"meta_dropout=-0.1 must be a rate in \[0, 1\)"),
+    (dict(layer_norm_eps=-1.0), "layer_norm_eps=-1.0 must be a positive number"),
+    (dict(layer_norm_eps=float("nan")), "layer_norm_eps=nan must be a positive number"),
+    (dict(decoder_mode="hybrid", hybrid_local_depth=10), r"hybrid_local_depth=10 must be an integer in \[0, decoder_depth=4\]"),
+    (dict(global_pool="False"), "global_pool='False' must be True or False"),
+    (dict(norm_pix_loss="no"), "norm_pix_loss='no' must be True or False"),
+    (dict(in_chans=0), "in_chans=0 must be a positive integer"),
+])
+def test_config_names_every_value_a_model_cannot_be_built_from(kw, message):
+    with pytest.raises(ValueError, match="invalid AudioMAEConfig: " + message):
+        AudioMAEConfig.preset("tiny", **kw)
+    with pytest.raises(ValueError, match=message):
+        AudioMAEConfig.preset("tiny").replace(**kw)
+
+
+def test_models_take_a_config_a_preset_name_or_a_dict(tmp_path):
+    tiny = AudioMAEConfig.preset("tiny")
+    assert AudioMAE("tiny").config == tiny and AudioMAE(tiny.to_dict()).config == tiny
+    assert AudioMAEClassifier("tiny", num_classes=3).config.num_classes == 3
+    with pytest.raises(TypeError, match="expected an AudioMAEConfig, a preset name or a dict of its fields, got int"):
+        AudioMAE(5)
+    with pytest.raises(ValueError, match="unknown AudioMAEConfig field\\(s\\): foo"):
+        tiny.replace(foo=1)
+    AudioMAE(tiny).save_pretrained(tmp_path / "m.pt")
+    assert AudioMAE.from_pretrained(tmp_path / "m.pt", config=tiny.to_dict()).config == tiny
+    with pytest.raises(ValueError, match="unknown AudioMAEConfig field"):
+        AudioMAE.from_pretrained(tmp_path / "m.pt", foo=1)
+    assert tiny.replace(global_pool=1).global_pool is True
 
 
 def test_noise_of_the_wrong_kind_or_device_is_refused():
