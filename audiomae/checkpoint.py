@@ -79,7 +79,7 @@ def torch_load(path: str, map_location="cpu") -> Any:
 def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], Optional[dict], Any]:
     """Return ``(state_dict, config_dict or None, released args or None)`` from a path or a dict."""
     if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
+        path = os.path.expanduser(os.fspath(src))
         if os.path.isdir(path):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if not os.path.isfile(path):
@@ -125,7 +125,8 @@ def _read_safetensors(path: str, map_location) -> Tuple[Dict[str, torch.Tensor],
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     cfg = json.loads(meta["config"]) if "config" in meta else None
-    return _strip(sd), cfg, None
+    extra = json.loads(meta["extra"]) if "extra" in meta else {}
+    return _strip(sd), cfg, extra.get("args") if isinstance(extra, dict) else None
 
 
 def _unwrap(obj: Any, path: str):
@@ -414,7 +415,10 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
 # --- writing -------------------------------------------------------------------------------------
 def atomic_save(obj: Any, path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename into place."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(path):
+        raise CheckpointError(f"cannot write {path}: it is a folder; give a file name (e.g. "
+                              f"{os.path.join(path, 'model.pt')})")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
@@ -434,19 +438,53 @@ def atomic_save(obj: Any, path) -> None:
         raise
 
 
+def _check_loadable(value: Any, where: str) -> None:
+    """Extra entries of a saved model must be what a safe load (``weights_only=True``) reads back:
+    tensors, numbers, strings, None, and lists, tuples and dicts of them."""
+    # exact types: numpy's float64 is a float, but pickles as a numpy scalar that a safe load refuses
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+        return
+    if type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    if type(value) is dict:
+        for k, v in value.items():
+            if type(k) not in (str, int, float, bool) and k is not None:
+                raise TypeError(f"save_pretrained: the key {k!r} in {where} is a {type(k).__name__}; a safe load "
+                                "reads back only str and number keys")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"save_pretrained: {where} is a {type(value).__module__}.{type(value).__name__}, which a safe "
+                    "load (weights_only=True) would refuse, making the file unreadable: convert it to a str, number, "
+                    "list, dict or tensor")
+
+
 def save_model(model, path, **extra) -> None:
     """Write ``{'model': state_dict (released key names), 'config': dict, 'format': 'audiomae', ...}``,
     or a safetensors file (config in its metadata) when ``path`` ends with ``.safetensors``."""
     from . import __version__
 
+    for key, value in extra.items():
+        _check_loadable(value, key)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = model.config.to_dict()
-    if os.fspath(path).endswith(".safetensors"):
+    path = os.path.expanduser(os.fspath(path))
+    if path.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file
         except ImportError:
             raise CheckpointError("writing .safetensors needs the safetensors package (pip install safetensors)") from None
-        save_file(sd, os.fspath(path), metadata={"config": json.dumps(cfg), "format": FORMAT})
+        meta = {"config": json.dumps(cfg), "format": FORMAT}
+        if extra:
+            try:  # safetensors metadata is text: the extras go in as JSON
+                meta["extra"] = json.dumps(extra, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"save_pretrained to {path}: the extra entries go into the safetensors metadata as "
+                                f"JSON, which cannot hold them ({e}); save to a .pt file for tensors") from None
+        if os.path.isdir(path):
+            raise CheckpointError(f"cannot write {path}: it is a folder; give a file name")
+        save_file(sd, path, metadata=meta)
         return
     atomic_save({"model": sd, "config": cfg, "format": FORMAT, "version": __version__,
                  "kind": type(model).__name__, **extra}, path)

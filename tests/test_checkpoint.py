@@ -380,3 +380,37 @@ def test_loaded_models_are_in_eval_mode_and_guessed_heads_are_named(tmp_path):
     with _w.catch_warnings():
         _w.simplefilter("error", CheckpointAdaptedWarning)
         assert AudioMAEClassifier.from_pretrained(tmp_path / "bare.pt", num_heads=3).config.num_heads == 3
+
+
+def test_save_pretrained_refuses_extras_a_safe_load_could_not_read(tmp_path):
+    import pathlib
+    import numpy as np
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    for extra, where in [(dict(data_root=pathlib.Path("/tmp")), "data_root is a pathlib"),
+                         (dict(stats=np.float64(1.0)), "stats is a numpy.float64"),
+                         (dict(args={"runs": [1, object()]}), r"args\['runs'\]\[1\] is a builtins.object")]:
+        with pytest.raises(TypeError, match=where + ".*a safe load"):
+            model.save_pretrained(tmp_path / "x.pt", **extra)
+    assert not (tmp_path / "x.pt").exists()
+    model.save_pretrained(tmp_path / "ok.pt", args={"a": [1, 2.5, None, "x", (True,)]}, table=torch.ones(2))
+    assert AudioMAE.from_pretrained(tmp_path / "ok.pt").config == model.config
+    with pytest.raises(CheckpointError, match="it is a folder; give a file name"):
+        model.save_pretrained(tmp_path)
+
+
+def test_safetensors_keep_json_extras_and_refuse_others(tmp_path):
+    pytest.importorskip("safetensors")
+    from audiomae.checkpoint import read_checkpoint
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    model.save_pretrained(tmp_path / "m.safetensors", args={"stats": "esc50", "clip_seconds": 5.0})
+    assert read_checkpoint(tmp_path / "m.safetensors")[2] == {"stats": "esc50", "clip_seconds": 5.0}
+    with pytest.raises(TypeError, match="safetensors metadata as JSON"):
+        model.save_pretrained(tmp_path / "t.safetensors", table=torch.ones(1))
+
+
+def test_checkpoint_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    model.save_pretrained("~/m.pt")
+    assert (tmp_path / "m.pt").is_file()
+    assert AudioMAE.from_pretrained("~/m.pt").config == model.config
