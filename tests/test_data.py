@@ -330,6 +330,31 @@ def test_datasets_downmix_stereo_files(tmp_path):
         FolderDataset(tmp_path / "root", clip_seconds=0.25, downmix="average")
 
 
+def test_dataset_arguments_are_checked_when_the_dataset_is_made(tmp_path):
+    _wav(str(tmp_path / "root" / "dog" / "a.wav"), 0.2)
+    _wav(str(tmp_path / "root" / "dog" / "b.flac"), 0.2)
+    assert len(FolderDataset(tmp_path / "root", clip_seconds=0.25, extensions=".wav")) == 1  # not '.', 'w', ...
+    with pytest.raises(ValueError, match="unknown"):
+        FolderDataset(tmp_path / "root", clip_seconds=0.25, stats="foo")
+    with pytest.raises(ValueError, match="target_length must be a positive number of frames"):
+        SyntheticAudioDataset(num_clips=2, target_length=0)
+    bad = SyntheticAudioDataset(num_clips=2, transform=lambda w: w.numpy())
+    with pytest.raises(TypeError, match="transform must return a 1-D float tensor .*got a ndarray"):
+        bad[0]
+    with pytest.raises(ValueError, match="holds 'waveform'.*this one has 'foo'"):
+        FeatureExtractor()({"foo": 1})
+
+
+def test_items_at_another_rate_get_the_16khz_input_length():
+    """The model input is the 16 kHz fbank: 1 s clips at 8 kHz are 98 frames, padded to 128."""
+    eight = SyntheticAudioDataset(num_clips=2, clip_seconds=1.0, sample_rate=8000, features=True)
+    sixteen = SyntheticAudioDataset(num_clips=2, clip_seconds=1.0, features=True)
+    assert eight.target_length == sixteen.target_length == 128
+    x = eight[0]["input"][0]
+    assert x.shape == (128, 128)
+    assert (x[98:] == x[-1]).all() and not (x[97] == x[-1]).all()  # 98 real frames, then the padding value
+
+
 def test_folder_dataset_symlink_loop(tmp_path):
     """A link back up the tree (dog/again -> dog) does not list the same files over and over."""
     _wav(str(tmp_path / "dog" / "a.wav"), 0.1)

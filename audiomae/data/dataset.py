@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ..audio import SAMPLE_RATE, AudioLoadError, check_downmix, num_frames, waveform_to_input
+from ..audio import SAMPLE_RATE, AudioLoadError, check_downmix, get_stats, num_frames, waveform_to_input
 
 logger = logging.getLogger("audiomae.data")
 
@@ -171,6 +171,9 @@ class ClipDataset(Dataset):
 
     Arguments shared by all datasets:
       clip_seconds: every waveform is cut or zero-padded to ``round(clip_seconds * sample_rate)``.
+      sample_rate: the rate of the items' waveforms (files are resampled to it; default 16000). The
+        model input is the 16 kHz fbank, so features of items at another rate are resampled to
+        16 kHz, and a lower rate loses the bands above its Nyquist frequency.
       features: return ``"input"`` ([1, T, num_mel_bins], normalised) instead of ``"waveform"``.
       target_length, stats, num_mel_bins: passed to ``waveform_to_input`` in features mode;
         ``target_length`` defaults to :func:`default_target_length`.
@@ -206,7 +209,13 @@ class ClipDataset(Dataset):
         self.sample_rate = int(sample_rate)
         self.clip_samples = int(round(clip_seconds * sample_rate))
         self.features = bool(features)
-        self.target_length = int(target_length) if target_length else default_target_length(self.clip_samples)
+        if target_length is not None and (not isinstance(target_length, int) or target_length < 1):
+            raise ValueError(f"target_length must be a positive number of frames (or None for the default), got "
+                             f"{target_length!r}")
+        # frames are 16 kHz fbank frames whatever the rate of the items (the model input is resampled)
+        self.target_length = int(target_length) if target_length else \
+            default_target_length(int(round(clip_seconds * SAMPLE_RATE)))
+        get_stats(stats)  # a name, a pair or NormStats: a wrong one is named now, not at the first item
         self.stats = stats
         self.num_mel_bins = int(num_mel_bins)
         self.transform = transform
@@ -295,6 +304,10 @@ class ClipDataset(Dataset):
         item: Dict[str, Any] = {"target": self.target(used), "index": used, "bad": bad}
         if self.transform is not None:
             waveform = self.transform(waveform)
+            if not isinstance(waveform, torch.Tensor) or waveform.dim() != 1 or not waveform.is_floating_point():
+                got = f"a tensor of shape {tuple(waveform.shape)} ({waveform.dtype})" \
+                    if isinstance(waveform, torch.Tensor) else f"a {type(waveform).__name__}"
+                raise TypeError(f"the dataset's transform must return a 1-D float tensor (the waveform), got {got}")
         item["length"] = min(int(waveform.shape[-1]), self.clip_samples)
         waveform = fix_length(waveform, self.clip_samples)
         if self.features:

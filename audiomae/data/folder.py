@@ -45,6 +45,8 @@ class FolderDataset(ClipDataset):
     ) -> None:
         super().__init__(clip_seconds, **kwargs)
         self.root = os.fspath(root)
+        if isinstance(extensions, str):
+            extensions = (extensions,)  # one extension, not its characters
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         if not os.path.isdir(self.root):
             raise DataError(f"{self.root}: not a folder")

@@ -328,6 +328,9 @@ class FeatureExtractor(nn.Module):
                 return x.to(self.device, non_blocking=True) if self.device is not None else x
             if lengths is None:
                 lengths = batch.get("length")
+            if "waveform" not in batch:
+                raise ValueError(f"a batch for the feature extractor holds 'waveform' (and 'length') or 'input'; this "
+                                 f"one has {', '.join(map(repr, batch)) or 'no keys'}")
             batch = batch["waveform"]
         w = batch.to(self.device, non_blocking=True) if self.device is not None else batch
         if self.sample_rate == SAMPLE_RATE and w.is_floating_point() and w.ndim == 2:

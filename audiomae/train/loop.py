@@ -171,6 +171,8 @@ def _need_classes(dataset, opts: Dict[str, Any], what: str) -> None:
 def _target_length(opts: Dict[str, Any], dataset) -> int:
     if opts.get("target_length"):
         return int(opts["target_length"])
+    if getattr(dataset, "target_length", None):
+        return int(dataset.target_length)  # in 16 kHz frames, whatever the items' rate
     from ..data.dataset import default_target_length
     return default_target_length(dataset.clip_samples)
 
