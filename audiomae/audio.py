@@ -557,6 +557,12 @@ def waveform_to_input(
         if x.dim() != 2:
             raise ValueError("lengths go with a batch of waveforms [B, N]; cut a single clip to its length instead")
         lengths = torch.as_tensor(lengths)
+        if lengths.shape != (x.shape[0],) or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"lengths must be {x.shape[0]} whole numbers of samples (one per clip), got "
+                             f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+        if bool(((lengths < 0) | (lengths > x.shape[-1])).any()):
+            raise ValueError(f"lengths must be in [0, {x.shape[-1]}] (the clips' samples), got "
+                             f"{lengths.min().item()}..{lengths.max().item()}")
         if sample_rate != SAMPLE_RATE:  # the samples that only real samples reach
             lengths = torch.div(lengths.long() * SAMPLE_RATE, sample_rate, rounding_mode="floor")
     if sample_rate != SAMPLE_RATE:

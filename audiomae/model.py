@@ -114,9 +114,16 @@ class _Encoder(nn.Module):
             raise ValueError(f"expected input [B, 1, T, F], got {list(spec.shape)}; add the channel axis with "
                              f"spec.unsqueeze(1)")
         if spec.ndim != 4 or spec.shape[1] != cfg.in_chans or tuple(spec.shape[2:]) != cfg.img_size:
+            if spec.ndim == 4 and spec.shape[1] == cfg.in_chans and spec.shape[3] == cfg.img_size[1]:
+                fix = "pad or cut the time axis with audiomae.audio.pad_or_cut, or build the model for this length"
+            elif spec.ndim == 4 and spec.shape[1] == cfg.in_chans and spec.shape[2] == cfg.img_size[0]:
+                fix = f"the model takes {cfg.img_size[1]} mel bins (fbank(..., num_mel_bins={cfg.img_size[1]}))"
+            else:
+                fix = "[batch, channel, time frames, mel bins]"
             raise ValueError(f"expected input [B, {cfg.in_chans}, {cfg.img_size[0]}, {cfg.img_size[1]}] "
-                             f"(time frames, mel bins), got {list(spec.shape)}; pad or cut the time axis with "
-                             f"audiomae.audio.pad_or_cut, or build the model for this size")
+                             f"(time frames, mel bins), got {list(spec.shape)}; {fix}")
+        if spec.shape[0] == 0:
+            raise ValueError(f"expected a batch of at least one clip, got {list(spec.shape)}")
 
     @staticmethod
     def _check_noise(noise: Optional[torch.Tensor], spec: torch.Tensor) -> None:
@@ -347,6 +354,9 @@ class AudioMAEClassifier(_Encoder):
             keep = structured_keep(x.shape[0], cfg.grid_size, "time_frequency", cfg.finetune_mask_t_prob,
                                    cfg.finetune_mask_f_prob, noise=noise, device=x.device)
             x = masking_from_keep(x, keep).x
+        elif noise is not None:
+            raise ValueError("noise fixes the 2D token masking, which is off here (eval mode, or mask_2d=False, "
+                             "or a config without finetune_mask_2d): pass mask_2d=True to mask, or no noise")
         x = self.encode_tokens(x)
         if cfg.global_pool:
             return self.fc_norm(x[:, 1:, :].mean(dim=1))

@@ -148,6 +148,11 @@ def test_waveform_to_input_refuses_samples_it_cannot_scale_and_non_finite_ones()
     with pytest.raises(ValueError, match="2 non-finite samples"):
         A.waveform_to_input(bad)
     assert A.waveform_to_input(bad, check_finite=False)[1].isnan().any()  # the kernels' behaviour, asked for
+    clips = torch.randn(2, 16000) * 0.1
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, 16000\] \(the clips' samples\), got -5..10000000"):
+        A.waveform_to_input(clips, lengths=[-5, 10**7])
+    with pytest.raises(ValueError, match="lengths must be 2 whole numbers of samples"):
+        A.waveform_to_input(clips, lengths=[1.5, 2.0])
 
 
 def test_fbank_long_clip_consistent(kaldi):

@@ -299,6 +299,20 @@ def test_models_take_a_config_a_preset_name_or_a_dict(tmp_path):
     assert tiny.replace(global_pool=1).global_pool is True
 
 
+def test_inputs_that_cannot_be_meant_are_named():
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="expected a batch of at least one clip, got \\[0, 1, 256, 128\\]"):
+        model(torch.randn(0, 1, 256, 128))
+    with pytest.raises(ValueError, match="pad or cut the time axis"):
+        model(torch.randn(1, 1, 200, 128))
+    with pytest.raises(ValueError, match="the model takes 128 mel bins"):
+        model(torch.randn(1, 1, 256, 64))
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=3).eval()
+    with pytest.raises(ValueError, match="noise fixes the 2D token masking, which is off here"):
+        clf(torch.randn(2, 1, 256, 128), noise=torch.rand(2, 24))
+    assert clf(torch.randn(2, 1, 256, 128), mask_2d=True, noise=torch.rand(2, 24)).shape == (2, 3)
+
+
 def test_noise_of_the_wrong_kind_or_device_is_refused():
     model = AudioMAE(AudioMAEConfig.preset("tiny"))
     x = torch.randn(2, 1, 256, 128)
