@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pretraining waveform augmentation in fine-tuning, as the release's fine-tuning scripts "
                         "turn it on: gain (a random gain, Beta(10, 10) + 0.5: what the release's does, its roll "
                         "never moving), or both (a random circular shift too)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="single-label data: the share of each target spread evenly over the classes (the release's "
+                        "ESC-50 script: 0.1)")
     p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false", help="no SpecAugment masking")
     p.add_argument("--freq-mask", type=int, default=48, help="SpecAugment frequency mask width bound")
     p.add_argument("--time-mask", type=int, default=192, help="SpecAugment time mask width bound")
@@ -396,6 +399,7 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
     if opts.get("mixup_mode") == "waveform":
         bounded("mixup", 0, 1, why=" (a probability with --mixup-mode waveform)")
     bounded("layer_decay", 0, 1, lo_open=True)
+    bounded("label_smoothing", 0, 1, hi_open=True)
     bounded("drop_path", 0, 1, hi_open=True)
     for k in ("mask_t_prob", "mask_f_prob"):
         bounded(k, 0, 1, hi_open=True, why=" (a fraction of the rows removed; some must stay)")

@@ -612,6 +612,11 @@ def test_single_label_manifest(tmp_path, capsys):
     assert main(["finetune", *data, "--single-label", "-o", str(tmp_path / "sl"), *TINY_RUN]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "--single-label" not in out
+    assert main(["finetune", *data, "--label-smoothing", "0.1", "-o", str(tmp_path / "ls"), *TINY_RUN]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--label-smoothing applies to single-label data")
+    assert main(["finetune", *data, "--single-label", "--label-smoothing", "0.1", "-o", str(tmp_path / "ls"),
+                 *TINY_RUN]) == 0
+    capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "sl" / "checkpoint-best.pt"), *data, "--single-label", "-o",
                  str(tmp_path / "ev"), "--num-workers", "0", "--quiet"]) == 0
     assert "accuracy" in json.loads((tmp_path / "ev" / "metrics.json").read_text())

@@ -185,6 +185,21 @@ def test_resumable_sampler_epoch_longer_than_the_dataset():
     assert len(two[0]) == len(two[1]) == 12
 
 
+def test_label_smoothing_is_timms_label_smoothing_cross_entropy():
+    from audiomae.train.loop import _loss_fn
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=g)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    target = torch.eye(4)[labels]
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(1, labels[:, None])[:, 0]
+    timm = (0.9 * nll + 0.1 * -logp.mean(-1)).mean()  # LabelSmoothingCrossEntropy(smoothing=0.1)
+    torch.testing.assert_close(_loss_fn(False, 0.1)(logits, target), timm)
+    torch.testing.assert_close(_loss_fn(False)(logits, target), nll.mean())
+    bce = _loss_fn(True, 0.1)(logits, target)  # multi-label BCE is never smoothed (refused by finetune)
+    torch.testing.assert_close(bce, torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
+
+
 def test_weighted_sampling_without_replacement():
     """The release's AS-2M fine-tuning draws each epoch's clips by weight, each at most once."""
     w = [0.0, 1.0, 1.0, 50.0, 1.0, 0.0, 1.0, 1.0]

@@ -117,7 +117,8 @@ def waveform_mixup(
 
 def _band_mask(lead: Tuple[int, ...], size: int, mask_param: int, generator: Generator, device) -> torch.Tensor:
     """Boolean [*lead, size]: one band per example of width floor(U * mask_param) at
-    floor(U * (size - width)), as torchaudio's ``mask_along_axis_iid`` draws it."""
+    floor(U * (size - width)), as torchaudio's ``mask_along_axis_iid`` draws it, with the bound at
+    most the axis (torchaudio 0.10, the release's, left it unbounded: see the README)."""
     mask_param = min(int(mask_param), size)
     width = _uniform(lead, generator) * mask_param
     start = _uniform(lead, generator) * (size - width)

@@ -752,10 +752,18 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # --- fine-tuning and evaluation -----------------------------------------------------------------
-def _loss_fn(multi_label: bool):
+def _loss_fn(multi_label: bool, smoothing: float = 0.0):
+    """BCE with logits (multi-label), or cross-entropy with (soft) targets; ``smoothing`` moves that
+    much of each single-label target evenly onto all classes (timm's LabelSmoothingCrossEntropy,
+    which the release's ESC-50 script uses with 0.1)."""
     if multi_label:
         return lambda logits, target: F.binary_cross_entropy_with_logits(logits, target)
-    return lambda logits, target: torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+    def cross_entropy(logits, target):
+        if smoothing:
+            target = target * (1.0 - smoothing) + smoothing / target.shape[-1]
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return cross_entropy
 
 
 @torch.no_grad()
@@ -887,7 +895,11 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         else:
             model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
     feats = _features(opts, train_set, device)
-    loss_of = _loss_fn(train_set.multi_label)
+    smoothing = float(opts.get("label_smoothing") or 0.0)
+    if smoothing and train_set.multi_label:
+        raise TrainingError("--label-smoothing applies to single-label data (cross-entropy, --single-label); these "
+                            "clips are multi-label (BCE)")
+    loss_of = _loss_fn(train_set.multi_label, smoothing)
     from ..audio import get_stats
     st = get_stats(opts.get("stats", "audioset"))
     mask_value = 0.0 if st is None else -st.mean / (2 * st.std)
