@@ -46,6 +46,8 @@ def patchify(spec: torch.Tensor, p: int) -> torch.Tensor:
 
     A remainder that does not fill a whole patch is cropped, as the strided convolution does.
     """
+    if spec.dim() != 4:
+        raise ValueError(f"patchify expects [B, C, T, F], got shape {tuple(spec.shape)}")
     B, C, T, Fq = spec.shape
     h, w = T // p, Fq // p
     x = spec[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p)
@@ -53,9 +55,12 @@ def patchify(spec: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def unpatchify(x: torch.Tensor, p: int, grid: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``[B, L, p*p]`` -> ``[B, 1, T, F]``."""
-    B = x.shape[0]
+    """Inverse of :func:`patchify`: ``[B, L, p*p]`` -> ``[B, 1, grid_t * p, grid_f * p]``."""
     h, w = grid
+    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] != p * p:
+        raise ValueError(f"unpatchify of a {h} x {w} grid of {p} x {p} patches expects [B, {h * w}, {p * p}], got "
+                         f"shape {tuple(x.shape)}")
+    B = x.shape[0]
     x = x.reshape(B, h, w, p, p, 1)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(B, 1, h * p, w * p)
 
@@ -285,8 +290,10 @@ class AudioMAE(_Encoder):
 
     def reconstruct(self, spec: torch.Tensor, mask_ratio: Optional[float] = None,
                     noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction as a spectrogram ``[B, 1, T, F]`` (patch statistics restored when the model
-        predicts normalised patches) and the mask ``[B, 1, T, F]`` (1 = removed)."""
+        """Reconstruction as a spectrogram (patch statistics restored when the model predicts
+        normalised patches) and the mask (1 = removed), both ``[B, 1, grid_t * p, grid_f * p]``: the
+        input ``[B, 1, T, F]`` where the patches tile it, else its patch-covered part (patch 14 on
+        256 x 128 covers 252 x 126)."""
         out = self(spec, mask_ratio, noise)
         p = self.config.patch_size
         pred = out.pred

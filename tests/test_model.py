@@ -311,6 +311,11 @@ def test_inputs_that_cannot_be_meant_are_named():
     with pytest.raises(ValueError, match="noise fixes the 2D token masking, which is off here"):
         clf(torch.randn(2, 1, 256, 128), noise=torch.rand(2, 24))
     assert clf(torch.randn(2, 1, 256, 128), mask_2d=True, noise=torch.rand(2, 24)).shape == (2, 3)
+    from audiomae.model import patchify, unpatchify
+    with pytest.raises(ValueError, match=r"patchify expects \[B, C, T, F\], got shape \(2, 256, 128\)"):
+        patchify(torch.randn(2, 256, 128), 16)
+    with pytest.raises(ValueError, match=r"expects \[B, 128, 256\], got shape \(2, 10, 256\)"):
+        unpatchify(torch.randn(2, 10, 256), 16, (16, 8))
 
 
 def test_noise_of_the_wrong_kind_or_device_is_refused():
