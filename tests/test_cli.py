@@ -989,3 +989,20 @@ def test_pretrain_two_d_masking_takes_the_release_scripts_fractions(tmp_path, ca
         main(["pretrain", "--mask-t-prob", "0.5", "-o", str(tmp_path / "c"), *TINY_RUN])
     assert e.value.code == 2
     assert "--mask-t-prob applies to --mask-mode time_frequency" in capsys.readouterr().err
+
+
+def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0
+    reads = []
+    real = torch.load
+
+    def counting(path, *a, **k):
+        reads.append(os.path.basename(os.fspath(path)))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(torch, "load", counting)
+    assert main(["pretrain", "-o", str(out), *TINY_RUN[:-3], "--epochs", "2", "--quiet", "--resume", "auto"]) == 0
+    assert reads.count("checkpoint-last.pt") == 1
+    import audiomae.checkpoint as ck
+    assert ck._READ_ONCE is None

@@ -681,58 +681,58 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
     from ..data import roll_and_magnitude
 
-    opts, resumed_cfg = _resumed_run_inputs(opts)
+    from ..checkpoint import reading_once
+    with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
+        opts, resumed_cfg = _resumed_run_inputs(opts)
 
-    device, info = _setup(opts, training=True)
-    dataset = build_dataset(opts, "train")
-    T = _target_length(opts, dataset)
-    with _model_input(T):
-        if resumed_cfg:
-            # the run's own model (e.g. a decoder depth that presets no longer give)
-            run_cfg = AudioMAEConfig.from_dict(resumed_cfg)
-            typed = opts.get("explicit_options")
-            wrong = _architecture_conflicts(opts, run_cfg, set(typed)) if typed is not None else []
-            if wrong:
-                raise TrainingError(f"cannot resume: {' and '.join(wrong)} does not fit this run's model (width "
-                                    f"{run_cfg.embed_dim}, depth {run_cfg.depth}, {run_cfg.decoder_mode} decoder); "
-                                    "resume with the options the run was started with (its config.json)")
-            if run_cfg.img_size[0] != T:
-                raise TrainingError(f"cannot resume: the run's model takes {run_cfg.img_size[0]} frames, these "
-                                    f"options give {T} (resume with the options the run was started with, its "
-                                    "config.json: --clip-seconds, --target-length)")
-            model = AudioMAE(run_cfg)
-        elif opts.get("init"):
-            from ..checkpoint import reading_once
-            with reading_once():
+        device, info = _setup(opts, training=True)
+        dataset = build_dataset(opts, "train")
+        T = _target_length(opts, dataset)
+        with _model_input(T):
+            if resumed_cfg:
+                # the run's own model (e.g. a decoder depth that presets no longer give)
+                run_cfg = AudioMAEConfig.from_dict(resumed_cfg)
+                typed = opts.get("explicit_options")
+                wrong = _architecture_conflicts(opts, run_cfg, set(typed)) if typed is not None else []
+                if wrong:
+                    raise TrainingError(f"cannot resume: {' and '.join(wrong)} does not fit this run's model (width "
+                                        f"{run_cfg.embed_dim}, depth {run_cfg.depth}, {run_cfg.decoder_mode} decoder); "
+                                        "resume with the options the run was started with (its config.json)")
+                if run_cfg.img_size[0] != T:
+                    raise TrainingError(f"cannot resume: the run's model takes {run_cfg.img_size[0]} frames, these "
+                                        f"options give {T} (resume with the options the run was started with, its "
+                                        "config.json: --clip-seconds, --target-length)")
+                model = AudioMAE(run_cfg)
+            elif opts.get("init"):
                 model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
-        else:
-            model = AudioMAE(_model_config(opts, T))
-    feats = _features(opts, dataset, device)
-    ratio = model.config.mask_ratio
+            else:
+                model = AudioMAE(_model_config(opts, T))
+        feats = _features(opts, dataset, device)
+        ratio = model.config.mask_ratio
 
-    def step_fn(m, batch):
-        wave = batch["waveform"].to(device, non_blocking=True)
-        lengths = batch.get("length")  # clips padded to the clip length: roll and features follow them
-        if opts.get("augment", True):
-            wave = roll_and_magnitude(wave, lengths=lengths)
-        return m(feats(wave, lengths), mask_ratio=ratio).loss
+        def step_fn(m, batch):
+            wave = batch["waveform"].to(device, non_blocking=True)
+            lengths = batch.get("length")  # clips padded to the clip length: roll and features follow them
+            if opts.get("augment", True):
+                wave = roll_and_magnitude(wave, lengths=lengths)
+            return m(feats(wave, lengths), mask_ratio=ratio).loss
 
-    on_epoch_end = None
-    if opts.get("eval_data"):
-        eval_set = build_dataset(opts, "val")
+        on_epoch_end = None
+        if opts.get("eval_data"):
+            eval_set = build_dataset(opts, "val")
 
-        def on_epoch_end(tr: Trainer):
-            loss = held_out_loss(tr.model, eval_set, opts, device, feats, info, ratio)
-            tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch, "loss": loss})
-            if info.is_main:
-                tqdm.write(f"epoch {tr.epoch}: held-out masked-patch loss {loss:.4f} ({len(eval_set)} clips)")
+            def on_epoch_end(tr: Trainer):
+                loss = held_out_loss(tr.model, eval_set, opts, device, feats, info, ratio)
+                tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch, "loss": loss})
+                if info.is_main:
+                    tqdm.write(f"epoch {tr.epoch}: held-out masked-patch loss {loss:.4f} ({len(eval_set)} clips)")
 
-    trainer = Trainer(model, opts, dataset, device, info, step_fn, on_epoch_end=on_epoch_end)
-    path = resolve_resume(opts.get("resume"), opts["output_dir"])
-    if path:
-        trainer.resume(path)
-    elif opts.get("resume") and opts["resume"] != "auto":
-        raise SystemExit(f"error: --resume {opts['resume']}: no such checkpoint")
+        trainer = Trainer(model, opts, dataset, device, info, step_fn, on_epoch_end=on_epoch_end)
+        path = resolve_resume(opts.get("resume"), opts["output_dir"])
+        if path:
+            trainer.resume(path)
+        elif opts.get("resume") and opts["resume"] != "auto":
+            raise SystemExit(f"error: --resume {opts['resume']}: no such checkpoint")
     if info.is_main:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"pretraining {n / 1e6:.2f}M parameters on {device} ({trainer.precision}), {len(dataset)} clips, "
@@ -872,89 +872,91 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     multi-process group joined for a following run."""
     if opts.get("cv_folds"):
         return cross_validate(opts)
-    opts, _ = _resumed_run_inputs(opts)
-    from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
+    from ..checkpoint import reading_once
+    with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
+        opts, _ = _resumed_run_inputs(opts)
+        from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
 
-    device, info = _setup(opts, training=True)
-    train_set = build_dataset(opts, "train")
-    _need_classes(train_set, opts, "fine-tune")
-    eval_set = build_dataset(opts, "val")
-    if opts.get("data", "synthetic") != "synthetic" and not opts.get("eval_data") and info.is_main:
-        print(f"warning: no --eval-data: the scores after each epoch, the best checkpoint and its report are "
-              f"measured on the training data ({opts['data']}); give a held-out set for a fair score",
-              file=sys.stderr)
-    T = _target_length(opts, train_set)
-    overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
-                     finetune_mask_2d=bool(opts.get("mask_2d", False)),
-                     finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
-    if eval_set.class_names != train_set.class_names:
-        raise TrainingError(_class_mismatch(train_set.class_names, eval_set.class_names))
-    with _model_input(T):
-        if opts.get("pretrained"):
-            model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
-        else:
-            model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
-    feats = _features(opts, train_set, device)
-    smoothing = float(opts.get("label_smoothing") or 0.0)
-    if smoothing and train_set.multi_label:
-        raise TrainingError("--label-smoothing applies to single-label data (cross-entropy, --single-label); these "
-                            "clips are multi-label (BCE)")
-    loss_of = _loss_fn(train_set.multi_label, smoothing)
-    from ..audio import get_stats
-    st = get_stats(opts.get("stats", "audioset"))
-    mask_value = 0.0 if st is None else -st.mean / (2 * st.std)
+        device, info = _setup(opts, training=True)
+        train_set = build_dataset(opts, "train")
+        _need_classes(train_set, opts, "fine-tune")
+        eval_set = build_dataset(opts, "val")
+        if opts.get("data", "synthetic") != "synthetic" and not opts.get("eval_data") and info.is_main:
+            print(f"warning: no --eval-data: the scores after each epoch, the best checkpoint and its report are "
+                  f"measured on the training data ({opts['data']}); give a held-out set for a fair score",
+                  file=sys.stderr)
+        T = _target_length(opts, train_set)
+        overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
+                         finetune_mask_2d=bool(opts.get("mask_2d", False)),
+                         finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
+        if eval_set.class_names != train_set.class_names:
+            raise TrainingError(_class_mismatch(train_set.class_names, eval_set.class_names))
+        with _model_input(T):
+            if opts.get("pretrained"):
+                model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
+            else:
+                model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
+        feats = _features(opts, train_set, device)
+        smoothing = float(opts.get("label_smoothing") or 0.0)
+        if smoothing and train_set.multi_label:
+            raise TrainingError("--label-smoothing applies to single-label data (cross-entropy, --single-label); these "
+                                "clips are multi-label (BCE)")
+        loss_of = _loss_fn(train_set.multi_label, smoothing)
+        from ..audio import get_stats
+        st = get_stats(opts.get("stats", "audioset"))
+        mask_value = 0.0 if st is None else -st.mean / (2 * st.std)
 
-    mix = float(opts.get("mixup", 0) or 0)
-    mix_mode = opts.get("mixup_mode") or "batch"
+        mix = float(opts.get("mixup", 0) or 0)
+        mix_mode = opts.get("mixup_mode") or "batch"
 
-    roll_mag = opts.get("roll_mag") or "off"
+        roll_mag = opts.get("roll_mag") or "off"
 
-    def step_fn(m, batch):
-        y = batch["target"].to(device).float()
-        if roll_mag != "off":
-            if "waveform" not in batch:
-                raise TrainingError("--roll-mag needs waveform batches, not precomputed features")
-            w = roll_and_magnitude(batch["waveform"].to(device, non_blocking=True), roll=roll_mag == "both",
-                                   lengths=batch.get("length"))
-            batch = dict(batch, waveform=w)
-        if mix > 0 and mix_mode == "waveform":
-            # the release's: clips mixed with other clips before the fbank, each with probability `mix`
-            if "waveform" not in batch:
-                raise TrainingError("--mixup-mode waveform needs waveform batches, not precomputed features")
-            lengths = batch.get("length")
-            w, y, _ = waveform_mixup(batch["waveform"].to(device, non_blocking=True), y, prob=mix,
-                                     lengths=None if lengths is None else lengths.to(device))
-            batch = dict(batch, waveform=w)
-        x = feats(batch)
-        if mix > 0 and mix_mode == "batch":
-            x, y, _ = mixup(x, y, alpha=mix)
-        if opts.get("spec_augment", True):
-            # the release masks the log-mel before normalisation with 0: that value, normalised
-            x = spec_augment(x, freq_mask=opts.get("freq_mask", 48), time_mask=opts.get("time_mask", 192),
-                             mask_value=mask_value)
-        return loss_of(m(x), y)
+        def step_fn(m, batch):
+            y = batch["target"].to(device).float()
+            if roll_mag != "off":
+                if "waveform" not in batch:
+                    raise TrainingError("--roll-mag needs waveform batches, not precomputed features")
+                w = roll_and_magnitude(batch["waveform"].to(device, non_blocking=True), roll=roll_mag == "both",
+                                       lengths=batch.get("length"))
+                batch = dict(batch, waveform=w)
+            if mix > 0 and mix_mode == "waveform":
+                # the release's: clips mixed with other clips before the fbank, each with probability `mix`
+                if "waveform" not in batch:
+                    raise TrainingError("--mixup-mode waveform needs waveform batches, not precomputed features")
+                lengths = batch.get("length")
+                w, y, _ = waveform_mixup(batch["waveform"].to(device, non_blocking=True), y, prob=mix,
+                                         lengths=None if lengths is None else lengths.to(device))
+                batch = dict(batch, waveform=w)
+            x = feats(batch)
+            if mix > 0 and mix_mode == "batch":
+                x, y, _ = mixup(x, y, alpha=mix)
+            if opts.get("spec_augment", True):
+                # the release masks the log-mel before normalisation with 0: that value, normalised
+                x = spec_augment(x, freq_mask=opts.get("freq_mask", 48), time_mask=opts.get("time_mask", 192),
+                                 mask_value=mask_value)
+            return loss_of(m(x), y)
 
-    def on_epoch_end(tr: Trainer):
-        scores, targets = predict(tr.model, eval_set, opts, device, feats, info)
-        metrics = compute_metrics(scores, targets, eval_set)
-        name, value = headline(metrics)
-        tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch,
-                         **{k: v for k, v in metrics.items() if k != "per_class"}})
-        if info.is_main:
-            tqdm.write(f"epoch {tr.epoch}: {name} {value:.4f}")
-        if tr.best is None or value > tr.best:
-            tr.best = value
-            tr.save(BEST)
+        def on_epoch_end(tr: Trainer):
+            scores, targets = predict(tr.model, eval_set, opts, device, feats, info)
+            metrics = compute_metrics(scores, targets, eval_set)
+            name, value = headline(metrics)
+            tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch,
+                             **{k: v for k, v in metrics.items() if k != "per_class"}})
             if info.is_main:
-                write_report(metrics, os.path.join(opts["output_dir"], "best_report.csv"))
+                tqdm.write(f"epoch {tr.epoch}: {name} {value:.4f}")
+            if tr.best is None or value > tr.best:
+                tr.best = value
+                tr.save(BEST)
+                if info.is_main:
+                    write_report(metrics, os.path.join(opts["output_dir"], "best_report.csv"))
 
-    # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
-    opts = dict(opts, class_names=list(train_set.class_names))
-    trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
-                      on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS, no_decay=FINETUNE_NO_DECAY)
-    path = resolve_resume(opts.get("resume"), opts["output_dir"])
-    if path:
-        trainer.resume(path)
+        # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
+        opts = dict(opts, class_names=list(train_set.class_names))
+        trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
+                          on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS, no_decay=FINETUNE_NO_DECAY)
+        path = resolve_resume(opts.get("resume"), opts["output_dir"])
+        if path:
+            trainer.resume(path)
     summary = trainer.run()
     if info.is_main:
         model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"), args=_json_safe(opts))
