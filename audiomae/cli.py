@@ -78,8 +78,9 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
                                            "held-out split) whose masked-patch loss is logged after each epoch, "
                                            "the same masks each time (default: none)")
     g.add_argument("--clip-seconds", type=float,
-                   help="dataset clips are cut or zero-padded to this length in seconds "
-                        "(default: 2.56 for synthetic, 10 for files)")
+                   help="dataset clips are cut or zero-padded to this length in seconds (default: 2.56 for "
+                        "synthetic; for files what the model input holds, as the release reads them: 10.255 s for "
+                        "1024 frames)")
     if command == "embed":
         g.add_argument("--target-length", type=int,
                        help="model input length in frames of 10 ms: each file or clip is cut or zero-padded to "

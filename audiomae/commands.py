@@ -174,7 +174,8 @@ def embed(opts: Dict[str, Any]) -> str:
     else:
         from .data import FeatureExtractor
         from .train.loop import build_dataset, embed_dataset
-        dataset = build_dataset(opts, "val" if opts.get("eval_data") else "train")
+        # the clips give what the model input holds unless --clip-seconds says otherwise
+        dataset = build_dataset(dict(opts, target_length=T), "val" if opts.get("eval_data") else "train")
         clip = getattr(dataset, "clip_samples", None)
         if clip and frames_for(int(clip)) > T:
             _warn(f"the dataset's clips are read up to {clip / SAMPLE_RATE:.2f} s (--clip-seconds), more than the model "

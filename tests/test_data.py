@@ -355,6 +355,28 @@ def test_items_at_another_rate_get_the_16khz_input_length():
     assert (x[98:] == x[-1]).all() and not (x[97] == x[-1]).all()  # 98 real frames, then the padding value
 
 
+def test_long_files_fill_the_model_input_as_the_release_reads_them(tmp_path):
+    """The release cuts the fbank of the whole file at the input length: a 12 s file gives 1024 real
+    frames (10.255 s), not 10 s and padding; --clip-seconds still cuts where it says."""
+    from audiomae.train.loop import build_dataset
+    _wav(str(tmp_path / "root" / "c" / "long.wav"), 12.0)
+    ds = FolderDataset(tmp_path / "root")
+    assert (ds.clip_samples, ds.target_length) == (164080, 1024) and ds[0]["length"] == 164080
+    assert FolderDataset(tmp_path / "root", target_length=512).clip_samples == 82160
+    ten = FolderDataset(tmp_path / "root", clip_seconds=10.0)
+    assert (ten.clip_samples, ten.target_length) == (160000, 1024)
+    whole = waveform_to_input(torch.from_numpy(sf.read(str(tmp_path / "root" / "c" / "long.wav"),
+                                                       dtype="float32")[0]), target_length=1024)
+    feats = FeatureExtractor(target_length=1024)
+    item = ds[0]
+    x = feats({"waveform": item["waveform"][None], "length": torch.tensor([item["length"]])})[0]
+    torch.testing.assert_close(x, whole, atol=2e-4, rtol=0)  # the release's input of the whole file
+    opts = {"data": str(tmp_path / "root")}
+    assert build_dataset(opts, "train").clip_samples == 164080
+    assert build_dataset(dict(opts, target_length=256), "train").clip_samples == 41200
+    assert build_dataset(dict(opts, clip_seconds=2.0), "train").clip_samples == 32000
+
+
 def test_folder_dataset_symlink_loop(tmp_path):
     """A link back up the tree (dog/again -> dog) does not list the same files over and over."""
     _wav(str(tmp_path / "dog" / "a.wav"), 0.1)

@@ -17,7 +17,8 @@ its model input is what the release computes: the fbank of its real samples, pad
 log (rows of the padding value, +0.467 after AudioSet normalisation, not the log-floor of
 silence). The features of a batch follow ``"length"`` for that
 (:class:`audiomae.data.FeatureExtractor`, :func:`audiomae.audio.pad_beyond`). A longer clip is cut
-to the clip length: raise ``clip_seconds`` to keep more of it (10.255 s fills 1024 frames).
+to the clip length, by default what the model input holds (10.255 s fill 1024 frames), as the
+release cuts the fbank of the whole file at the input length.
 
 Bad data. A file that cannot be read (corrupt, empty, missing, an unreadable sample rate, or
 non-finite samples) does not end an epoch: the dataset substitutes the next readable clip
@@ -141,6 +142,15 @@ def frames_for(num_samples: int) -> int:
     return num_frames(num_samples)
 
 
+#: the model input length of the release's AudioSet recipes, in frames
+RELEASE_TARGET_LENGTH = 1024
+
+
+def frames_span(frames: int) -> int:
+    """Samples (16 kHz) that ``frames`` fbank frames cover: 25 ms, then 10 ms per further frame."""
+    return (int(frames) - 1) * 160 + 400
+
+
 def default_target_length(clip_samples: int) -> int:
     """Frames the model input is padded to: the next power of two of the clip's frame count.
 
@@ -170,7 +180,9 @@ class ClipDataset(Dataset):
     messages) and ``labels_of(index)`` (class indices of a clip).
 
     Arguments shared by all datasets:
-      clip_seconds: every waveform is cut or zero-padded to ``round(clip_seconds * sample_rate)``.
+      clip_seconds: every waveform is cut or zero-padded to ``round(clip_seconds * sample_rate)``;
+        None: to what the model input holds (``target_length`` frames, 1024 by default: 10.255 s), so
+        that a longer clip gives the release's input, which cuts the fbank at ``target_length``.
       sample_rate: the rate of the items' waveforms (files are resampled to it; default 16000). The
         model input is the 16 kHz fbank, so features of items at another rate are resampled to
         16 kHz, and a lower rate loses the bands above its Nyquist frequency.
@@ -190,7 +202,7 @@ class ClipDataset(Dataset):
 
     def __init__(
         self,
-        clip_seconds: float,
+        clip_seconds: Optional[float],
         *,
         sample_rate: int = SAMPLE_RATE,
         features: bool = False,
@@ -203,18 +215,23 @@ class ClipDataset(Dataset):
         max_substitutions: int = 100,
         downmix: str = "first",
     ) -> None:
-        if clip_seconds <= 0:
-            raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
-        self.clip_seconds = float(clip_seconds)
-        self.sample_rate = int(sample_rate)
-        self.clip_samples = int(round(clip_seconds * sample_rate))
-        self.features = bool(features)
         if target_length is not None and (not isinstance(target_length, int) or target_length < 1):
             raise ValueError(f"target_length must be a positive number of frames (or None for the default), got "
                              f"{target_length!r}")
-        # frames are 16 kHz fbank frames whatever the rate of the items (the model input is resampled)
-        self.target_length = int(target_length) if target_length else \
-            default_target_length(int(round(clip_seconds * SAMPLE_RATE)))
+        self.sample_rate = int(sample_rate)
+        self.features = bool(features)
+        if clip_seconds is None:
+            # as the release: a clip gives up to the frames of the model input (1024 by default: 10.255 s)
+            self.target_length = int(target_length) if target_length else RELEASE_TARGET_LENGTH
+            clip_seconds = frames_span(self.target_length) / SAMPLE_RATE
+        elif not clip_seconds > 0:
+            raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
+        else:
+            # frames are 16 kHz fbank frames whatever the rate of the items (the model input is resampled)
+            self.target_length = int(target_length) if target_length else \
+                default_target_length(int(round(clip_seconds * SAMPLE_RATE)))
+        self.clip_seconds = float(clip_seconds)
+        self.clip_samples = int(round(clip_seconds * sample_rate))
         get_stats(stats)  # a name, a pair or NormStats: a wrong one is named now, not at the first item
         self.stats = stats
         self.num_mel_bins = int(num_mel_bins)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..audio import load_audio
 from .dataset import ClipDataset, DataError
@@ -25,7 +25,7 @@ AUDIO_EXTENSIONS: Tuple[str, ...] = (".wav", ".flac", ".ogg")
 
 
 class FolderDataset(ClipDataset):
-    """``FolderDataset(root, clip_seconds=10.0, extensions=(".wav", ".flac", ".ogg"), ...)``
+    """``FolderDataset(root, clip_seconds=None, extensions=(".wav", ".flac", ".ogg"), ...)``
 
     Raises :class:`~audiomae.data.DataError` when ``root`` is missing, has no class sub-folders, or
     holds no audio files. A class folder without audio files keeps its class index (so indices do
@@ -38,7 +38,7 @@ class FolderDataset(ClipDataset):
     def __init__(
         self,
         root: PathLike,
-        clip_seconds: float = 10.0,
+        clip_seconds: Optional[float] = None,
         *,
         extensions: Sequence[str] = AUDIO_EXTENSIONS,
         **kwargs: Any,

@@ -214,7 +214,7 @@ def _read_table_manifest(f: Any, path: str, delimiter: str) -> List[Tuple[str, A
 class ManifestDataset(ClipDataset):
     """Clips listed in an AudioSet/AST manifest, with multi-hot targets from a label CSV.
 
-    ``ManifestDataset(manifest, label_csv, clip_seconds=10.0, root=None, multi_label=True, ...)``
+    ``ManifestDataset(manifest, label_csv, clip_seconds=None, root=None, multi_label=True, ...)``
 
     manifest: JSON (``{"data": [{"wav", "labels"}]}``), or CSV/TSV with ``wav`` and ``labels`` columns.
     label_csv: the class list (``index,mid,display_name``). ``None`` for unlabelled data (e.g.
@@ -232,7 +232,7 @@ class ManifestDataset(ClipDataset):
         self,
         manifest: PathLike,
         label_csv: Optional[PathLike] = None,
-        clip_seconds: float = 10.0,
+        clip_seconds: Optional[float] = None,
         *,
         root: Optional[PathLike] = None,
         multi_label: bool = True,

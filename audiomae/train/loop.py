@@ -142,7 +142,9 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
     if not os.path.exists(path):
         flag = "--data" if split == "train" or not opts.get("eval_data") else "--eval-data"
         raise TrainingError(f"{flag} {path}: no such file or folder (use 'synthetic', a manifest or a folder)")
-    clip = opts.get("clip_seconds") or 10.0
+    # by default a file gives what the model input holds (the release cuts its fbank at the input length)
+    clip = opts.get("clip_seconds") or None
+    common["target_length"] = opts.get("target_length") or None
     if os.path.isdir(path):
         return data_mod.FolderDataset(path, clip_seconds=clip, **common)
     single = bool(opts.get("single_label"))
