@@ -15,6 +15,7 @@ import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -60,6 +61,19 @@ def reading_once():
         _READ_ONCE = outer
 
 
+def _check_crc(path: str) -> None:
+    """torch.load does not compare a zip archive's stored checksums with its data, so a damaged file
+    (a partial copy, a flipped bit) would load with wrong weights: compare them first (a fast pass)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
+        return  # not a readable archive (a legacy pickle, a cut file): torch.load says what is wrong
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: the data of {bad} does not match its stored checksum (a partial "
+                              "download or copy, or a disk error); fetch or copy the file again")
+
+
 def torch_load(path: str, map_location="cpu") -> Any:
     """``torch.load(path, weights_only=True)`` allowing ``argparse.Namespace`` (the release's
     ``args``); inside :func:`reading_once` a file unchanged since it was read is not read again."""
@@ -69,6 +83,7 @@ def torch_load(path: str, map_location="cpu") -> Any:
         key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, str(map_location))
         if key in _READ_ONCE:
             return _READ_ONCE[key]
+    _check_crc(path)
     with torch.serialization.safe_globals([argparse.Namespace]):
         obj = torch.load(path, map_location=map_location, weights_only=True)
     if key is not None and _READ_ONCE is not None:
@@ -94,6 +109,8 @@ def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], O
                                   f"this file starts with {head!r})")
         try:
             obj = torch_load(path, map_location)
+        except CheckpointError:
+            raise
         except pickle.UnpicklingError as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")

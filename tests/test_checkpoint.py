@@ -414,3 +414,19 @@ def test_checkpoint_paths_expand_the_home_folder(tmp_path, monkeypatch):
     model.save_pretrained("~/m.pt")
     assert (tmp_path / "m.pt").is_file()
     assert AudioMAE.from_pretrained("~/m.pt").config == model.config
+
+
+def test_a_damaged_file_is_refused_not_loaded_with_wrong_weights(tmp_path):
+    """torch.load does not check the archive's checksums: a flipped byte in a tensor would load."""
+    from audiomae.train.state import load_training_state
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    model.save_pretrained(tmp_path / "ok.pt")
+    data = bytearray((tmp_path / "ok.pt").read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="bad.pt is damaged: the data of .* does not match its stored checksum"):
+        AudioMAE.from_pretrained(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="cannot resume: .*bad.pt is damaged"):
+        load_training_state(str(tmp_path / "bad.pt"))
+    assert AudioMAE.from_pretrained(tmp_path / "ok.pt").config == model.config

@@ -68,6 +68,8 @@ def load_training_state(path: str, map_location="cpu") -> Dict[str, Any]:
         raise CheckpointError(f"cannot resume from {path}: not a PyTorch checkpoint (it starts with {head!r})")
     try:
         state = torch_load(path, map_location)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}") from None
     except Exception as e:
         # torch's message spans many lines and suggests weights_only=False, which would run code from
         # the file: only the line that says what is wrong
