@@ -8,6 +8,7 @@ checkpoint into the classifier) happens here, in one place, and says what it did
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -94,7 +95,7 @@ def torch_load(path: str, map_location="cpu") -> Any:
 def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], Optional[dict], Any]:
     """Return ``(state_dict, config_dict or None, released args or None)`` from a path or a dict."""
     if isinstance(src, (str, os.PathLike)):
-        path = os.path.expanduser(os.fspath(src))
+        path = os.fspath(src)
         if os.path.isdir(path):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if not os.path.isfile(path):
@@ -432,7 +433,7 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
 # --- writing -------------------------------------------------------------------------------------
 def atomic_save(obj: Any, path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename into place."""
-    path = os.path.expanduser(os.fspath(path))
+    path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(f"cannot write {path}: it is a folder; give a file name (e.g. "
                               f"{os.path.join(path, 'model.pt')})")
@@ -455,22 +456,30 @@ def atomic_save(obj: Any, path) -> None:
         raise
 
 
+_SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
 def _check_loadable(value: Any, where: str) -> None:
-    """Extra entries of a saved model must be what a safe load (``weights_only=True``) reads back:
-    tensors, numbers, strings, None, and lists, tuples and dicts of them."""
+    """Extra entries of a saved model must be what a safe load (``weights_only=True`` with
+    ``argparse.Namespace``, as :func:`torch_load` reads) gives back: tensors, numbers, strings,
+    dtypes, devices, sizes, None, ``argparse.Namespace`` (the release's ``args``), and lists, tuples
+    and dicts (also ordered ones, as ``state_dict()`` returns) of them."""
     # exact types: numpy's float64 is a float, but pickles as a numpy scalar that a safe load refuses
-    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+    if type(value) in _SAFE_LEAVES or isinstance(value, torch.Tensor):
         return
-    if type(value) in (list, tuple):
+    if type(value) in (list, tuple, set):
         for i, v in enumerate(value):
             _check_loadable(v, f"{where}[{i}]")
         return
-    if type(value) is dict:
+    if type(value) in (dict, collections.OrderedDict):
         for k, v in value.items():
-            if type(k) not in (str, int, float, bool) and k is not None:
+            if type(k) not in _SAFE_LEAVES:
                 raise TypeError(f"save_pretrained: the key {k!r} in {where} is a {type(k).__name__}; a safe load "
                                 "reads back only str and number keys")
             _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if type(value) is argparse.Namespace:
+        _check_loadable(dict(vars(value)), where)
         return
     raise TypeError(f"save_pretrained: {where} is a {type(value).__module__}.{type(value).__name__}, which a safe "
                     "load (weights_only=True) would refuse, making the file unreadable: convert it to a str, number, "
@@ -486,7 +495,7 @@ def save_model(model, path, **extra) -> None:
         _check_loadable(value, key)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = model.config.to_dict()
-    path = os.path.expanduser(os.fspath(path))
+    path = os.fspath(path)
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file

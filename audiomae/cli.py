@@ -311,8 +311,20 @@ def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
 _RECORDED_KEYS = ("explicit_options", "class_names")
 
 
+# options that name files or folders: a ~ in them is the home folder, also where the shell leaves it
+# (--output-dir=~/run), so that every file of a run goes to one place
+_PATH_OPTIONS = ("output_dir", "checkpoint", "pretrained", "init", "data", "eval_data", "labels", "data_root", "out",
+                 "wav", "config", "resume", "audio", "inputs")
+
+
 def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
     opts = {k: v for k, v in vars(args).items() if k != "command"}
+    for k in _PATH_OPTIONS:
+        v = opts.get(k)
+        if isinstance(v, str):
+            opts[k] = os.path.expanduser(v)
+        elif isinstance(v, list):
+            opts[k] = [os.path.expanduser(x) if isinstance(x, str) else x for x in v]
     actions = sub._option_string_actions
     explicit = set()
     for a in argv:  # the options typed, also as the abbreviations argparse accepts
@@ -348,6 +360,11 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
             print(f"note: --config {cfg_path}: a run from before --downmix, which averaged the channels: "
                   "--downmix mean", file=sys.stderr)
             explicit.add("downmix")
+        if saved.get("mask_mode") == "time_frequency" and "mask_t_prob" in opts:
+            # a run from before --mask-t-prob/--mask-f-prob masked the config's 0.6 and 0.5
+            for k, v in (("mask_t_prob", 0.6), ("mask_f_prob", 0.5)):
+                if k not in saved and k not in explicit:
+                    saved = dict(saved, **{k: v})
         # the repeated run's own choices count as given; its defaults stay defaults
         chosen = saved.get("explicit_options")
         chosen = set(chosen) if isinstance(chosen, list) else set(saved)

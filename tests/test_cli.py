@@ -921,8 +921,6 @@ def test_finetune_defaults_are_the_releases_and_a_resumed_run_keeps_its_own(tmp_
     assert state["args"]["weight_decay"] == 5e-4 and state["schedule"]["min_lr"] == 1e-6
     assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 5e-4}
     state["args"].update(weight_decay=1e-4, min_lr=0.0)  # as a run of an earlier version recorded them
-    for g in state["optimizer"]["param_groups"]:
-        g["weight_decay"] = 1e-4 if g["weight_decay"] else 0.0
     torch.save(state, ckpt)
     capsys.readouterr()
     assert main([*run[:-3], "--epochs", "2", "--quiet", "--resume", "auto"]) == 0
@@ -930,6 +928,10 @@ def test_finetune_defaults_are_the_releases_and_a_resumed_run_keeps_its_own(tmp_
     state = torch.load(ckpt, weights_only=True)
     assert state["args"]["weight_decay"] == 1e-4 and state["schedule"]["min_lr"] == 0.0
     assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 1e-4}
+    # a weight decay given on the resume applies from there on
+    assert main([*run[:-3], "--epochs", "3", "--quiet", "--resume", "auto", "--weight-decay", "0.002"]) == 0
+    state = torch.load(ckpt, weights_only=True)
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 0.002}
 
 
 def test_embed_and_reconstruct_read_the_checkpoint_once(tmp_path, tiny_ckpt, monkeypatch):
@@ -989,6 +991,13 @@ def test_pretrain_two_d_masking_takes_the_release_scripts_fractions(tmp_path, ca
         main(["pretrain", "--mask-t-prob", "0.5", "-o", str(tmp_path / "c"), *TINY_RUN])
     assert e.value.code == 2
     assert "--mask-t-prob applies to --mask-mode time_frequency" in capsys.readouterr().err
+    # a run from before the options masked the config's 0.6 and 0.5: repeating it keeps them
+    old = json.loads((out / "config.json").read_text())
+    old.pop("mask_t_prob"), old.pop("mask_f_prob")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["pretrain", "--config", str(tmp_path / "old.json"), "-o", str(tmp_path / "d"), *TINY_RUN]) == 0
+    cfg = torch.load(tmp_path / "d" / "model.pt", weights_only=False)["config"]
+    assert (cfg["mask_t_prob"], cfg["mask_f_prob"]) == (0.6, 0.5)
 
 
 def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
@@ -1006,3 +1015,17 @@ def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
     assert reads.count("checkpoint-last.pt") == 1
     import audiomae.checkpoint as ck
     assert ck._READ_ONCE is None
+
+
+def test_a_tilde_in_path_options_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """--output-dir=~/run (where the shell leaves the ~): every file of the run goes to one folder,
+    and a second run there is refused as for any folder that holds a run."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--output-dir=~/run", *TINY_RUN]) == 0
+    run = tmp_path / "home" / "run"
+    assert {"config.json", "metrics.jsonl", "checkpoint-last.pt", "model.pt"} <= {p.name for p in run.iterdir()}
+    assert not (tmp_path / "~").exists()
+    assert main(["pretrain", "--output-dir=~/run", *TINY_RUN]) == 1
+    assert "holds a run" in capsys.readouterr().err
+    assert main(["finetune", "--pretrained=~/run/model.pt", "-o", str(tmp_path / "ft"), *TINY_RUN]) == 0

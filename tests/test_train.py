@@ -61,6 +61,10 @@ class _WithToken(torch.nn.Module):
         return self.proj(x + self.cls_token[0])
 
 
+def test_lr_floor_above_the_lr_is_the_lr():
+    assert [lr_at(s, 10, 2, 1e-7, 1e-6) for s in (0, 1, 2, 6, 10)] == [0.0, 5e-8, 1e-7, 1e-7, 1e-7]
+
+
 def _token_decay(trainer):
     return next(g["weight_decay"] for g in trainer.optimizer.param_groups
                 if any(p is trainer.model.cls_token for p in g["params"]))
@@ -375,6 +379,7 @@ def test_an_evaluation_that_fails_loses_no_training(tmp_path):
     def evaluate(tr):
         evaluated.append((tr.epoch, tr.step))
         torch.rand(3)  # an evaluation may draw random numbers (the held-out loss's masks)
+        tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch})
 
     torch.manual_seed(0)
     straight = _trainer(tmp_path / "a", step_fn, epochs=3)
@@ -383,9 +388,10 @@ def test_an_evaluation_that_fails_loses_no_training(tmp_path):
     assert evaluated == [(1, 4), (2, 8), (3, 12)]
 
     def failing(tr):
-        if tr.epoch == 2:
-            raise OSError("No space left on device")
         evaluate(tr)
+        if tr.epoch == 2:  # after its row was logged, as when the best checkpoint cannot be written
+            evaluated.pop()
+            raise OSError("No space left on device")
 
     evaluated.clear()
     torch.manual_seed(0)
@@ -404,6 +410,19 @@ def test_an_evaluation_that_fails_loses_no_training(tmp_path):
     assert evaluated == [(1, 4), (2, 8), (3, 12)]
     assert torch.equal(second.model.weight, straight.model.weight)
     assert torch.load(path, weights_only=True)["eval_pending"] is False
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path / "b", "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["phase"] == "eval"] == [4, 8, 12]  # the epoch-2 row once
+
+    # a pending evaluation resumed by a run without one: no later checkpoint claims it pending
+    failed = _trainer(tmp_path / "c", step_fn, epochs=3)
+    failed.on_epoch_end = failing
+    with pytest.raises(OSError):
+        failed.run()
+    plain = _trainer(tmp_path / "c", step_fn, epochs=3, save_every_steps=1)
+    plain.resume(os.path.join(tmp_path / "c", "checkpoint-last.pt"))
+    assert plain.eval_pending is False
+    _crash_at(plain, 10)
+    assert torch.load(os.path.join(tmp_path / "c", "checkpoint-last.pt"), weights_only=True)["eval_pending"] is False
 
 
 def test_resume_refuses_other_geometry(tmp_path):

@@ -64,9 +64,10 @@ class RunLog:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(f"{record.get('phase', 'train')}/{k}", v, record["step"])
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, evaluation_too: bool = False) -> None:
         """On resume: drop the records of steps after ``step`` (they are trained again), in the JSON
-        lines and in TensorBoard (purge_step), so each step is logged once."""
+        lines and in TensorBoard (purge_step), so each step is logged once; ``evaluation_too`` also
+        drops the evaluation records of ``step`` itself (an evaluation that is run again)."""
         if not self.enabled:
             return
         if os.path.isfile(self.path):
@@ -77,6 +78,9 @@ class RunLog:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut off by the crash
+                    if isinstance(rec, dict) and evaluation_too and rec.get("phase") == "eval" \
+                            and int(rec.get("step", 0)) == step:
+                        continue
                     if not isinstance(rec, dict) or int(rec.get("step", 0)) <= step:
                         kept.append(json.dumps(_strict_json(rec), allow_nan=False) + "\n")
             tmp = self.path + ".tmp"
@@ -106,9 +110,18 @@ def _strict_json(obj: Any) -> Any:
     return obj
 
 
+def _plain(v: Any) -> Any:
+    """numpy scalars as Python numbers, tuples as lists (recursively): what JSON and a safe load keep."""
+    if type(v).__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
 def _json_safe(opts: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()
-            if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+    out = {k: _plain(v) for k, v in opts.items()}
+    return {k: v for k, v in out.items() if type(v) in (str, int, float, bool, list, type(None))}
 
 
 def _autocast(device: torch.device, precision: str):
@@ -236,6 +249,8 @@ class GracefulInterrupt:
 # AdamW's betas: the release pretrains with (0.9, 0.95) and fine-tunes with PyTorch's default (0.9, 0.999)
 PRETRAIN_BETAS = (0.9, 0.95)
 FINETUNE_BETAS = (0.9, 0.999)
+# the release's fine-tuning defaults (main_finetune_as.py; the CLI's defaults too)
+FINETUNE_WEIGHT_DECAY, FINETUNE_MIN_LR = 5e-4, 1e-6
 
 
 class Trainer:
@@ -358,6 +373,7 @@ class Trainer:
         rule = tuple(state["schedule"].get("no_decay", LEGACY_NO_DECAY))
         if rule != self.no_decay:
             self._build_optimizer(rule)
+        decays = [g["weight_decay"] for g in self.optimizer.param_groups]
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -366,12 +382,17 @@ class Trainer:
             raise TrainingError(f"cannot resume from {path}: its model or optimizer does not fit this run's "
                                 f"({first[0] if first else type(e).__name__}{' ...' if len(first) > 1 else ''}); "
                                 "resume with the options the run was started with (its config.json)") from None
+        # the checkpoint's groups carry the decay they were saved with; the run's options say what applies
+        # (the resumed run's own by default, see _resumed_run_inputs; a given --weight-decay changes it)
+        for g, decay in zip(self.optimizer.param_groups, decays):
+            g["weight_decay"] = decay
         if state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best = state.get("best")
-        self.eval_pending = bool(state.get("eval_pending"))
-        self.runlog.truncate_after(self.step)
+        # an evaluation left pending is run again when the run evaluates (its rows, if any, go)
+        self.eval_pending = bool(state.get("eval_pending")) and self.epoch_step == 0 and self.on_epoch_end is not None
+        self.runlog.truncate_after(self.step, evaluation_too=self.eval_pending)
         ranks = state.get("rng_ranks")
         if ranks and len(ranks) == self.info.world_size:
             set_rng_state(ranks[self.info.rank])
@@ -874,6 +895,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     multi-process group joined for a following run."""
     if opts.get("cv_folds"):
         return cross_validate(opts)
+    opts = {"weight_decay": FINETUNE_WEIGHT_DECAY, "min_lr": FINETUNE_MIN_LR, **opts}  # for Python callers
     from ..checkpoint import reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
         opts, _ = _resumed_run_inputs(opts)

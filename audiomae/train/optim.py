@@ -69,7 +69,9 @@ def adamw(groups: List[Dict], lr: float, betas=(0.9, 0.95), fused: Optional[bool
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0) -> float:
-    """Per-step linear warmup to ``lr``, then half-cosine decay to ``min_lr`` at ``total_steps``."""
+    """Per-step linear warmup to ``lr``, then half-cosine decay to ``min_lr`` at ``total_steps`` (a floor
+    above ``lr`` is taken as ``lr``: the schedule never climbs after the warmup)."""
+    min_lr = min(min_lr, lr)
     if warmup_steps > 0 and step < warmup_steps:
         return lr * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
