@@ -1031,3 +1031,26 @@ def test_a_tilde_in_path_options_is_the_home_folder(tmp_path, monkeypatch, capsy
     from audiomae import CheckpointAdaptedWarning
     with pytest.warns(CheckpointAdaptedWarning, match="took the encoder of a pretraining checkpoint"):
         assert main(["finetune", "--pretrained=~/run/model.pt", "-o", str(tmp_path / "ft"), *TINY_RUN]) == 0
+
+
+def test_pretrainings_model_file_carries_the_runs_input_options(tmp_path, capsys):
+    """The file a pretraining run names at its end (model.pt) records the run's options, so embed and
+    reconstruct read their inputs as the run did (as they do from its checkpoints)."""
+    _class_folders(str(tmp_path / "tr"), ["a", "b"])
+    assert main(["pretrain", "--data", str(tmp_path / "tr"), "--stats", "0,0.2", "--clip-seconds", "0.64",
+                 "-o", str(tmp_path / "pt"), *TINY_RUN]) == 0
+    args = torch.load(tmp_path / "pt" / "model.pt", weights_only=True)["args"]
+    assert args["stats"] == [0.0, 0.2] and args["clip_seconds"] == 0.64
+    capsys.readouterr()
+    assert main(["embed", "--checkpoint", str(tmp_path / "pt" / "model.pt"), "--data", str(tmp_path / "tr"),
+                 "--out", str(tmp_path / "e.pt"), "--quiet", "--num-workers", "0"]) == 0
+    assert "was trained with --stats 0,0.2, --clip-seconds 0.64; using the same" in capsys.readouterr().out
+
+
+def test_weighted_sampling_of_clips_without_labels_is_one_line_error(tmp_path, capsys):
+    _class_folders(str(tmp_path / "tr"), ["a"])
+    entries = [{"wav": str(p), "labels": ""} for p in sorted((tmp_path / "tr" / "a").iterdir())]
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    assert main(["pretrain", "--data", str(tmp_path / "m.json"), "--weighted-sampling", "--clip-seconds", "0.64",
+                 "-o", str(tmp_path / "pt"), *TINY_RUN]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--weighted-sampling weighs the clips by their labels")

@@ -283,6 +283,10 @@ class Trainer:
         if opts.get("weighted_sampling"):
             from ..data import label_weights
             weights = label_weights(dataset)
+            if not bool((weights > 0).any()):
+                raise TrainingError("--weighted-sampling weighs the clips by their labels, and these clips have "
+                                    "none (a manifest needs its class-label CSV, --labels; class folders label "
+                                    "their clips)")
         n_samples = opts.get("epoch_size") or len(dataset)
         try:
             self.sampler = ResumableSampler(len(dataset), shuffle=True, seed=opts.get("seed", 0), rank=info.rank,
@@ -762,7 +766,8 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
               f"input {T}x128, effective batch {trainer.eff_batch}, lr {trainer.lr:.3g}, {trainer.total_steps} steps")
     summary = trainer.run()
     if info.is_main:
-        model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"))
+        # the run's options go with it: embed and reconstruct read its inputs as it did
+        model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"), args=_json_safe(opts))
         where = os.path.join(opts["output_dir"], "model.pt")
         if summary["trained_steps"]:
             print(f"done: final loss {summary['loss']:.4f}; model in {where}")
