@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import textwrap
 from typing import Any, Dict, List, Optional
@@ -25,7 +26,7 @@ DESCRIPTION = """Audio-MAE: masked-autoencoder pretraining on log-mel spectrogra
 evaluation, embeddings and reconstructions. With no --data, the training commands use the embedded
 synthetic dataset (10 procedurally generated sound classes, nothing to download)."""
 
-STATS_HELP = "normalisation statistics: audioset, esc50, speechcommands, none, or MEAN,STD"
+STATS_HELP = "normalisation statistics: audioset, esc50, speechcommands, none, or MEAN,STD (e.g. -4.27,4.57)"
 DOWNMIX_CHOICES = ("first", "mean")  # audiomae.audio.DOWNMIX_MODES, without importing the audio module
 DOWNMIX_HELP = ("how a multi-channel file becomes mono: first (its first channel, as the released code "
                 "reads files) or mean (the average of its channels)")
@@ -504,8 +505,26 @@ def _unwritable(folder: str) -> Optional[str]:
     return None
 
 
+def _negative_values(argv: List[str]) -> List[str]:
+    """``--stats -4.27,4.57`` as ``--stats=-4.27,4.57``: argparse would take a value that starts with a
+    minus (and is not a plain number) for an option, and log-mel means are negative."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        if len(a) > 4 and "--stats".startswith(a) and i + 1 < len(argv) and re.match(r"^-\.?\d", argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1054,3 +1054,9 @@ def test_weighted_sampling_of_clips_without_labels_is_one_line_error(tmp_path, c
     assert main(["pretrain", "--data", str(tmp_path / "m.json"), "--weighted-sampling", "--clip-seconds", "0.64",
                  "-o", str(tmp_path / "pt"), *TINY_RUN]) == 1
     assert_one_error_line(capsys.readouterr().err, "--weighted-sampling weighs the clips by their labels")
+
+
+def test_negative_statistics_are_taken_as_the_value_of_stats(tmp_path):
+    """Log-mel means are negative: --stats -4.27,4.57 is a value, not an option."""
+    assert main(["pretrain", "--stats", "-4.27,4.57", "-o", str(tmp_path / "a"), *TINY_RUN]) == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["stats"] == [-4.27, 4.57]
