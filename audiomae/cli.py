@@ -313,19 +313,27 @@ _RECORDED_KEYS = ("explicit_options", "class_names")
 
 
 # options that name files or folders: a ~ in them is the home folder, also where the shell leaves it
-# (--output-dir=~/run), so that every file of a run goes to one place
+# (--output-dir=~/run), so that every file of a run goes to one place; those a run records are made
+# absolute, so that --config repeats it (and evaluate finds its label file) from any folder
 _PATH_OPTIONS = ("output_dir", "checkpoint", "pretrained", "init", "data", "eval_data", "labels", "data_root", "out",
                  "wav", "config", "resume", "audio", "inputs")
+_RUN_PATHS = ("output_dir", "pretrained", "init", "data", "eval_data", "labels", "data_root", "resume")
+
+
+def _path(v: str) -> str:
+    if v in ("synthetic", "auto", "") or v.startswith("synthetic:"):
+        return v  # the embedded dataset, the run folder's last checkpoint
+    return os.path.abspath(os.path.expanduser(v))
 
 
 def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
     opts = {k: v for k, v in vars(args).items() if k != "command"}
     for k in _PATH_OPTIONS:
-        v = opts.get(k)
+        v, fix = opts.get(k), (_path if k in _RUN_PATHS else os.path.expanduser)
         if isinstance(v, str):
-            opts[k] = os.path.expanduser(v)
+            opts[k] = fix(v)
         elif isinstance(v, list):
-            opts[k] = [os.path.expanduser(x) if isinstance(x, str) else x for x in v]
+            opts[k] = [fix(x) if isinstance(x, str) else x for x in v]
     actions = sub._option_string_actions
     explicit = set()
     for a in argv:  # the options typed, also as the abbreviations argparse accepts

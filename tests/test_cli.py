@@ -1060,3 +1060,30 @@ def test_negative_statistics_are_taken_as_the_value_of_stats(tmp_path):
     """Log-mel means are negative: --stats -4.27,4.57 is a value, not an option."""
     assert main(["pretrain", "--stats", "-4.27,4.57", "-o", str(tmp_path / "a"), *TINY_RUN]) == 0
     assert json.loads((tmp_path / "a" / "config.json").read_text())["stats"] == [-4.27, 4.57]
+
+
+def test_runs_record_absolute_paths_and_evaluate_takes_the_runs_label_file(tmp_path, monkeypatch, capsys):
+    """config.json names the data, labels and run folder absolutely, so --config repeats the run from
+    another folder; evaluate finds the class-label CSV the run trained with."""
+    lines = ["index,mid,display_name"] + [f"{k},/m/{c},{c}" for k, c in enumerate("ab")]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    entries = []
+    for k, c in enumerate("ab"):
+        for i in range(4):
+            _wav16(str(tmp_path / "audio" / f"{c}{i}.wav"), freq=300.0 * (k + 1) + 10 * i)
+            entries.append({"wav": f"audio/{c}{i}.wav", "labels": f"/m/{c}"})
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--data", "m.json", "--labels", "labels.csv", "--clip-seconds", "0.64", "-o", "ft",
+                 *TINY_RUN]) == 0
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["data"] == str(tmp_path / "m.json") and cfg["labels"] == str(tmp_path / "labels.csv")
+    assert cfg["output_dir"] == str(tmp_path / "ft")
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["finetune", "--config", str(tmp_path / "ft" / "config.json"), "-o", "again", *TINY_RUN]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "ft" / "model.pt"), "--data", str(tmp_path / "m.json"), "-o", "ev",
+                 "--quiet", "--num-workers", "0"]) == 0
+    assert f"--labels {tmp_path / 'labels.csv'}" in capsys.readouterr().out
+    assert "mAP" in json.loads((tmp_path / "elsewhere" / "ev" / "metrics.json").read_text())

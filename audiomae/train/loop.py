@@ -1091,7 +1091,10 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     not given (statistics, clip and input length, downmix, single-label) are the checkpoint's run's."""
     from ..checkpoint import read_checkpoint
     sd, cfg, args = read_checkpoint(opts["checkpoint"])  # read once: the model is built from these
-    opts, changed = inherit_run_options(opts, args, cfg)
+    # the class-label CSV of the run too, while it is where the run read it
+    saved_labels = args.get("labels") if isinstance(args, dict) else None
+    names = INHERITED_OPTIONS + (("labels",) if isinstance(saved_labels, str) and os.path.isfile(saved_labels) else ())
+    opts, changed = inherit_run_options(opts, args, cfg, names=names)
     _note_inherited(changed, opts["checkpoint"])
     device, info = _setup(opts)
     dataset = build_dataset(opts, "val")
