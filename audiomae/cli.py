@@ -309,7 +309,7 @@ def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
 
 
 # what a run records in its config.json besides its options
-_RECORDED_KEYS = ("explicit_options", "class_names")
+_RECORDED_KEYS = ("explicit_options", "class_names", "command")
 
 
 # options that name files or folders: a ~ in them is the home folder, also where the shell leaves it
@@ -377,6 +377,15 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
         # the repeated run's own choices count as given; its defaults stay defaults
         chosen = saved.get("explicit_options")
         chosen = set(chosen) if isinstance(chosen, list) else set(saved)
+        command = sub.prog.split()[-1]
+        other = saved.get("command")
+        if other not in (None, command):
+            # another command's run: only what it was told, not its defaults (fine-tuning's lr and decay
+            # are not pretraining's)
+            saved = {k: v for k, v in saved.items() if k in chosen}
+            taken = ", ".join(sorted(k for k in saved if k in opts and k not in explicit)) or "none"
+            print(f"note: --config {cfg_path} is a '{other}' run: '{command}' takes only the options it was "
+                  f"given ({taken})", file=sys.stderr)
         for k, v in saved.items():
             if k in opts and k not in explicit:
                 opts[k] = v
@@ -436,6 +445,13 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
             if k in typed:
                 sub.error(f"{name(k)} applies to --mask-mode time_frequency (this run masks "
                           f"{opts.get('mask_mode')}: --mask-ratio sets how much)")
+    if command == "pretrain" and opts.get("mask_mode") == "time_frequency" and "mask_ratio" in typed:
+        sub.error(f"{name('mask_ratio')} does not apply to --mask-mode time_frequency (--mask-t-prob and "
+                  "--mask-f-prob set how much of each axis is removed)")
+    if command == "finetune" and not opts.get("mask_2d"):
+        for k in ("mask_t_prob", "mask_f_prob"):
+            if k in typed:
+                sub.error(f"{name(k)} applies to --mask-2d (the structured token masking of fine-tuning)")
     if "mask_ratio" in opts:
         r = opts["mask_ratio"]
         if command == "reconstruct" and not 0.0 < r < 1.0:
@@ -545,6 +561,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     sub = _command_parser(parser, args.command)
     opts = _options(args, sub, argv)
+    opts["command"] = args.command  # recorded in the run's config.json (see --config)
     _check(opts, sub, args.command, argv)
     if opts.get("backend") not in (None, "auto"):
         from . import dispatch

@@ -58,6 +58,9 @@ def test_help_lists_commands(capsys):
     (["finetune", "--mask-t-prob", "1.0"], "--mask-t-prob must be in [0, 1)"),
     (["finetune", "--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
     (["finetune", "--no-replacement"], "--no-replacement applies to --weighted-sampling"),
+    (["finetune", "--mask-t-prob", "0.3"], "--mask-t-prob applies to --mask-2d"),
+    (["pretrain", "--mask-mode", "time_frequency", "--mask-ratio", "0.5"],
+     "--mask-ratio does not apply to --mask-mode time_frequency"),
     (["finetune", "--mixup-mode", "waveform", "--mixup", "2"],
      "--mixup must be in [0, 1] (a probability with --mixup-mode waveform)"),
     (["evaluate", "x.pt", "--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1]"),
@@ -855,6 +858,9 @@ def test_finetune_cross_validation_over_fold_manifests(tmp_path, capsys):
     assert "cross-validation: accuracy" in out and "over 2 folds" in out
     assert main(args + ["--resume", "auto"]) == 0  # both folds done: nothing retrained, the same scores
     assert json.loads((tmp_path / "cv" / "cv.json").read_text())["folds"] == cv["folds"]
+    # the whole cross-validation is repeatable with --config
+    saved = json.loads((tmp_path / "cv" / "config.json").read_text())
+    assert saved["cv_folds"] == 2 and "{fold}" in saved["data"] and "{fold}" in saved["eval_data"]
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["finetune", "--cv-folds", "2", "--data", str(tmp_path / "train_1.json"), "--eval-data",
@@ -1087,3 +1093,19 @@ def test_runs_record_absolute_paths_and_evaluate_takes_the_runs_label_file(tmp_p
                  "--quiet", "--num-workers", "0"]) == 0
     assert f"--labels {tmp_path / 'labels.csv'}" in capsys.readouterr().out
     assert "mAP" in json.loads((tmp_path / "elsewhere" / "ev" / "metrics.json").read_text())
+
+
+def test_config_of_another_commands_run_gives_only_its_chosen_options(tmp_path, capsys):
+    """pretrain --config of a fine-tuning run takes what that run was told (here its clip length), not
+    fine-tuning's defaults (lr, weight decay, warmup)."""
+    _class_folders(str(tmp_path / "tr"), ["a", "b"])
+    assert main(["finetune", "--data", str(tmp_path / "tr"), "--clip-seconds", "0.64", "-o", str(tmp_path / "ft"),
+                 *TINY_RUN]) == 0
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["command"] == "finetune"
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(tmp_path / "ft" / "config.json"), "-o", str(tmp_path / "pt"),
+                 *TINY_RUN]) == 0
+    assert "is a 'finetune' run: 'pretrain' takes only the options it was given" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "pt" / "config.json").read_text())
+    assert (cfg["blr"], cfg["weight_decay"], cfg["min_lr"], cfg["warmup_epochs"]) == (2e-4, 1e-4, 0.0, 3)
+    assert cfg["clip_seconds"] == 0.64 and cfg["data"] == str(tmp_path / "tr") and cfg["command"] == "pretrain"

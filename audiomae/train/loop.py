@@ -1012,6 +1012,10 @@ def cross_validate(opts: Dict[str, Any]) -> Dict[str, Any]:
     a fold is its best evaluation; writes ``cv.json`` with the folds' scores, their mean and spread."""
     k = int(opts["cv_folds"])
     out = opts["output_dir"]
+    if os.environ.get("RANK", "0") == "0":  # the whole cross-validation, for --config (each fold has its own)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(_json_safe(opts), f, indent=2, sort_keys=True)
     folds = []
     for f in range(1, k + 1):
         data, eval_data = fold_paths(opts, f)
