@@ -1109,3 +1109,16 @@ def test_config_of_another_commands_run_gives_only_its_chosen_options(tmp_path, 
     cfg = json.loads((tmp_path / "pt" / "config.json").read_text())
     assert (cfg["blr"], cfg["weight_decay"], cfg["min_lr"], cfg["warmup_epochs"]) == (2e-4, 1e-4, 0.0, 3)
     assert cfg["clip_seconds"] == 0.64 and cfg["data"] == str(tmp_path / "tr") and cfg["command"] == "pretrain"
+
+
+def test_a_manifest_of_missing_files_is_refused_before_training(tmp_path, capsys):
+    """Evaluation files that are all missing (a wrong root) stop the run at once, not after an epoch."""
+    _class_folders(str(tmp_path / "tr"), ["a", "b"])
+    lines = ["index,mid,display_name", "0,/m/a,a", "1,/m/b,b"]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ev.json").write_text(json.dumps({"data": [{"wav": "/moved/x.wav", "labels": "/m/a"}]}))
+    code = main(["finetune", "--data", str(tmp_path / "tr"), "--eval-data", str(tmp_path / "ev.json"), "--labels",
+                 str(tmp_path / "labels.csv"), "--clip-seconds", "0.64", "-o", str(tmp_path / "ft"), *TINY_RUN])
+    err = capsys.readouterr().err
+    assert code == 1 and "none of its first 1 clips is a file (the first: /moved/x.wav)" in err
+    assert not (tmp_path / "ft" / "checkpoint-last.pt").exists()

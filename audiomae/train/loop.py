@@ -174,6 +174,18 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
 _NOTED: set = set()  # manifests the single-label note was printed for
 
 
+def _check_files_exist(dataset, flag: str, source: str, first: int = 32) -> None:
+    """A manifest whose first clips are none of them files (a wrong root, a moved folder) is an error
+    now, not after an epoch of training (bad files are otherwise skipped as they are met)."""
+    paths = getattr(dataset, "paths", None)
+    if not paths or type(dataset).__name__ != "ManifestDataset":
+        return
+    head = paths[:first]
+    if not any(os.path.isfile(p) for p in head):
+        raise TrainingError(f"{flag} {source}: none of its first {len(head)} clips is a file (the first: {head[0]}); "
+                            "check the manifest's paths, or give the folder they start from with --data-root")
+
+
 def _need_classes(dataset, opts: Dict[str, Any], what: str) -> None:
     """A classifier needs classes: a manifest without a label file has none."""
     if not getattr(dataset, "num_classes", 0):
@@ -714,6 +726,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
 
         device, info = _setup(opts, training=True)
         dataset = build_dataset(opts, "train")
+        _check_files_exist(dataset, "--data", opts.get("data"))
         T = _target_length(opts, dataset)
         with _model_input(T):
             if resumed_cfg:
@@ -747,6 +760,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
         on_epoch_end = None
         if opts.get("eval_data"):
             eval_set = build_dataset(opts, "val")
+            _check_files_exist(eval_set, "--eval-data", opts["eval_data"])
 
             def on_epoch_end(tr: Trainer):
                 loss = held_out_loss(tr.model, eval_set, opts, device, feats, info, ratio)
@@ -910,6 +924,9 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         train_set = build_dataset(opts, "train")
         _need_classes(train_set, opts, "fine-tune")
         eval_set = build_dataset(opts, "val")
+        _check_files_exist(train_set, "--data", opts.get("data"))
+        _check_files_exist(eval_set, "--eval-data" if opts.get("eval_data") else "--data",
+                           opts.get("eval_data") or opts.get("data"))
         if opts.get("data", "synthetic") != "synthetic" and not opts.get("eval_data") and info.is_main:
             print(f"warning: no --eval-data: the scores after each epoch, the best checkpoint and its report are "
                   f"measured on the training data ({opts['data']}); give a held-out set for a fair score",
