@@ -395,7 +395,7 @@ def get_stats(stats) -> Optional[NormStats]:
             choices = ", ".join(sorted(DATASET_STATS)) + ", none (aliases: " + ", ".join(
                 f"{a}={b}" for a, b in sorted(_STATS_ALIASES.items())) + ")"
             raise ValueError(f"unknown normalisation statistics {stats!r}; choose one of {choices}, "
-                             "or pass (mean, std)")
+                             "or give a mean and a std (MEAN,STD on the command line, a (mean, std) pair in Python)")
         return DATASET_STATS[key]
     elif isinstance(stats, (tuple, list)) and len(stats) == 2:
         out = NormStats(float(stats[0]), float(stats[1]))

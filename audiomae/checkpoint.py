@@ -43,6 +43,24 @@ class CheckpointAdaptedWarning(UserWarning):
     """A checkpoint was loaded with an adaptation (dropped parts, new head, rebuilt position tables)."""
 
 
+@contextlib.contextmanager
+def adaptations_as_notes():
+    """For the command line: inside, each :class:`CheckpointAdaptedWarning` is printed as one
+    ``note:`` line on stderr (not a warning with a source line); other warnings pass on."""
+    import sys
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointAdaptedWarning)
+        try:
+            yield
+        finally:
+            pending = list(caught)
+    for w in pending:
+        if issubclass(w.category, CheckpointAdaptedWarning):
+            print(f"note: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 # --- reading -------------------------------------------------------------------------------------
 _READ_ONCE: Optional[Dict[tuple, Any]] = None  # the files read inside reading_once(), by path and version
 

@@ -610,7 +610,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        if getattr(e, "path", None):  # the loop finished its step and wrote a checkpoint
+        if getattr(e, "path", None) and args.command == "demo":
+            print(f"interrupted after step {e.step}; the demo starts afresh when run again", file=sys.stderr)
+        elif getattr(e, "path", None):  # the loop finished its step and wrote a checkpoint
             print(f"interrupted after step {e.step}, checkpoint written ({e.path}); resume with --resume auto",
                   file=sys.stderr)
         elif args.command in ("pretrain", "finetune"):

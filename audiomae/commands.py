@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointAdaptedWarning, CheckpointError, read_checkpoint, reading_once
+from .checkpoint import CheckpointError, adaptations_as_notes, read_checkpoint, reading_once
 from .data.dataset import frames_for
 from .model import AudioMAE, AudioMAEClassifier
 
@@ -90,23 +89,17 @@ def _output_folder(path: str, option: str) -> None:
 
 def _load_for_length(checkpoint: str, target_length: Optional[int]):
     """The checkpoint's model; with ``target_length``, rebuilt for inputs of that many frames (its
-    position tables adapted), or InputError when that length does not fit the model."""
-    if not target_length:
-        return load_any(checkpoint)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CheckpointAdaptedWarning)
+    position tables adapted), or InputError when that length does not fit the model. What loading
+    adapts is a note."""
+    with adaptations_as_notes():
+        if not target_length:
+            return load_any(checkpoint)
         try:
-            model = load_any(checkpoint, img_size=(int(target_length), NUM_MEL_BINS))
+            return load_any(checkpoint, img_size=(int(target_length), NUM_MEL_BINS))
         except CheckpointError:
             raise
         except ValueError as e:
             raise InputError(f"--target-length {target_length} does not fit {checkpoint}: {e}") from None
-    for w in caught:
-        if issubclass(w.category, CheckpointAdaptedWarning):
-            print(f"note: {w.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return model
 
 
 def _checkpoint_options(opts: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
@@ -265,7 +258,8 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     with reading_once():
         opts = _checkpoint_options(opts, ("stats", "downmix"))
         device = _device(opts.get("device", "auto"))
-        model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
+        with adaptations_as_notes():
+            model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
     T = model.config.img_size[0]
     x = _clip_input(opts["audio"], T, opts.get("stats", "audioset"), opts.get("downmix") or "first").unsqueeze(0).to(device)
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))

@@ -497,18 +497,24 @@ def test_graceful_interrupt_flags_the_first_sigint_and_restores_the_handler():
     import time
 
     from audiomae.train.loop import GracefulInterrupt
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: SIGINT stays ignored
-        assert not GracefulInterrupt(True).enabled
+        with GracefulInterrupt(True):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # a preemption still checkpoints
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        with GracefulInterrupt(True) as g:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            assert g.requested  # the first one only asks to stop
-            with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with GracefulInterrupt(True) as g:
+                os.kill(os.getpid(), sig)
                 time.sleep(0.05)
+                assert g.requested  # the first one only asks to stop
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), sig)
+                    time.sleep(0.05)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is before[1]
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])

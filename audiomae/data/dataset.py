@@ -123,7 +123,8 @@ class BadFileTracker:
     def summary(self, max_paths: int = 10) -> str:
         lines = [
             f"{self.bad_count} audio files could not be decoded, {self.bad_fraction:.2%} of the "
-            f"{self.attempts} clips read, more than max_bad_fraction={self.max_bad_fraction:g}; first bad files:"
+            f"{self.attempts} clips read, more than the {self.max_bad_fraction:.2%} allowed (--max-bad-fraction, "
+            f"max_bad_fraction={self.max_bad_fraction:g}); first bad files:"
         ]
         for path, reason in list(self.bad_files.items())[:max_paths]:
             lines.append(f"  {path}: {reason}")

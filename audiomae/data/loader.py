@@ -142,11 +142,20 @@ class DistributedWeightedSampler(Sampler):
 # ----------------------------------------------------------------------------------------------
 # the loader
 # ----------------------------------------------------------------------------------------------
+#: set while a training loop turns SIGTERM into "checkpoint after this step" (see
+#: audiomae.train.loop.GracefulInterrupt): its worker processes then leave SIGTERM to it, instead of
+#: dying mid-step (which would end the step with a loader error); they exit with the loader.
+WORKERS_IGNORE_SIGTERM = False
+
+
 def seed_worker(worker_id: int) -> None:
     """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed."""
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
+    if WORKERS_IGNORE_SIGTERM:
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

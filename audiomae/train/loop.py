@@ -163,7 +163,8 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
     single = bool(opts.get("single_label"))
     ds = data_mod.ManifestDataset(path, opts.get("labels"), clip_seconds=clip, multi_label=not single,
                                   root=opts.get("data_root"), **common)
-    if not single and "single_label" in opts and path not in _NOTED and os.environ.get("RANK", "0") == "0" \
+    scored = opts.get("command", "finetune") in ("finetune", "evaluate")  # embedding has no loss or score
+    if not single and scored and "single_label" in opts and path not in _NOTED and os.environ.get("RANK", "0") == "0" \
             and len(ds) > 1 and all(len(c) == 1 for c in ds.labels_per_clip()):
         _NOTED.add(path)
         print(f"note: every clip of {path} has one label; pass --single-label for cross-entropy and accuracy "
@@ -224,38 +225,54 @@ class Interrupted(KeyboardInterrupt):
 
 
 class GracefulInterrupt:
-    """While active (in the main thread of a one-process run), the first SIGINT only sets
-    ``requested``, so the loop can finish its step and checkpoint; a second one interrupts at once."""
+    """While active (in the main thread of a one-process run), the first SIGINT (Ctrl-C) or SIGTERM (a
+    scheduler's preemption, ``kill``) only sets ``requested``, so the loop can finish its step and
+    checkpoint; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool = True):
         import threading
-        # not where SIGINT is ignored (a background job): the run must not stop on it either
-        self.enabled = (bool(enabled) and threading.current_thread() is threading.main_thread()
-                        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+        self.enabled = bool(enabled) and threading.current_thread() is threading.main_thread()
         self.requested = False
-        self._previous = None
+        self._previous: Dict[int, Any] = {}
+        self._workers_before = False
         self._pid = os.getpid()
 
     def _handle(self, signum, frame):
         if os.getpid() != self._pid:  # a loader worker forked with this handler: its own business
             raise KeyboardInterrupt
         if self.requested:
-            signal.signal(signal.SIGINT, self._restore())
+            signal.signal(signum, self._restore(signum))
             raise KeyboardInterrupt
         self.requested = True
-        sys.stderr.write("\ninterrupt: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)\n")
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint ({again} "
+                         "again to stop at once)\n")
 
-    def _restore(self):
-        return self._previous if self._previous is not None else signal.default_int_handler
+    def _restore(self, signum):
+        previous = self._previous.get(signum)
+        if previous is None:
+            return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        return previous
 
     def __enter__(self) -> "GracefulInterrupt":
         if self.enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                # not where a signal is ignored (SIGINT in a background job): the run must not stop on it
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        from ..data import loader
+        self._workers_before = loader.WORKERS_IGNORE_SIGTERM
+        loader.WORKERS_IGNORE_SIGTERM = signal.SIGTERM in self._previous  # workers started from now on
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._restore())
+        for sig in list(self._previous):
+            signal.signal(sig, self._restore(sig))
+        self._previous.clear()
+        from ..data import loader
+        loader.WORKERS_IGNORE_SIGTERM = self._workers_before
 
 
 # AdamW's betas: the release pretrains with (0.9, 0.95) and fine-tunes with PyTorch's default (0.9, 0.999)
@@ -305,8 +322,8 @@ class Trainer:
                                             world_size=info.world_size, weights=weights, num_samples=n_samples,
                                             replacement=not opts.get("no_replacement"))
         except ValueError as e:
-            raise TrainingError(f"--epoch-size: {e} (--no-replacement)" if "replacement" in str(e) else str(e)) \
-                from None
+            raise TrainingError(f"--epoch-size {n_samples}: {e} (leave out --no-replacement)" if "replacement" in str(e)
+                                else str(e)) from None
         self.loader = _loader(dataset, opts, self.sampler, batch)
         self.batches_per_epoch = math.ceil(self.sampler.per_rank / batch)
         # the last step of an epoch takes the batches left over from whole accumulation groups
@@ -720,7 +737,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
     from ..data import roll_and_magnitude
 
-    from ..checkpoint import reading_once
+    from ..checkpoint import adaptations_as_notes, reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
         opts, resumed_cfg = _resumed_run_inputs(opts)
 
@@ -744,7 +761,8 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
                                         "config.json: --clip-seconds, --target-length)")
                 model = AudioMAE(run_cfg)
             elif opts.get("init"):
-                model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
+                with adaptations_as_notes():
+                    model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
             else:
                 model = AudioMAE(_model_config(opts, T))
         feats = _features(opts, dataset, device)
@@ -915,7 +933,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     if opts.get("cv_folds"):
         return cross_validate(opts)
     opts = {"weight_decay": FINETUNE_WEIGHT_DECAY, "min_lr": FINETUNE_MIN_LR, **opts}  # for Python callers
-    from ..checkpoint import reading_once
+    from ..checkpoint import adaptations_as_notes, reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
         opts, _ = _resumed_run_inputs(opts)
         from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
@@ -939,7 +957,8 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
             raise TrainingError(_class_mismatch(train_set.class_names, eval_set.class_names))
         with _model_input(T):
             if opts.get("pretrained"):
-                model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
+                with adaptations_as_notes():
+                    model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
             else:
                 model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
         feats = _features(opts, train_set, device)

@@ -36,7 +36,7 @@ class ResumableSampler(Sampler[int]):
             drawable = int((self.weights > 0).sum())
             if self.num_samples > drawable:
                 raise ValueError(f"{self.num_samples} clips per epoch cannot be drawn without replacement from the "
-                                 f"{drawable} clips of non-zero weight; lower the epoch size or draw with "
+                                 f"{drawable} clips of non-zero weight; lower the epoch size, or draw with "
                                  "replacement")
         self.per_rank = self.num_samples // world_size
         if self.per_rank == 0:
