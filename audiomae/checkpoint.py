@@ -83,9 +83,19 @@ def reading_once():
 def _check_crc(path: str) -> None:
     """torch.load does not compare a zip archive's stored checksums with its data, so a damaged file
     (a partial copy, a flipped bit) would load with wrong weights: compare them first (a fast pass)."""
+    bad = None
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue  # written without checksums (torch.serialization.set_crc32_options(False))
+                try:
+                    with z.open(info) as f:
+                        while f.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:  # reading to the end compares the checksum
+                    bad = info.filename
+                    break
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
         return  # not a readable archive (a legacy pickle, a cut file): torch.load says what is wrong
     if bad is not None:
@@ -113,7 +123,7 @@ def torch_load(path: str, map_location="cpu") -> Any:
 def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], Optional[dict], Any]:
     """Return ``(state_dict, config_dict or None, released args or None)`` from a path or a dict."""
     if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
+        path = os.path.expanduser(os.fspath(src))  # never a folder named ~
         if os.path.isdir(path):
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if not os.path.isfile(path):
@@ -450,8 +460,9 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
 
 # --- writing -------------------------------------------------------------------------------------
 def atomic_save(obj: Any, path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename into place."""
-    path = os.fspath(path)
+    """``torch.save`` to a temporary file in the same folder, then rename into place (``~`` is the home
+    folder)."""
+    path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         raise CheckpointError(f"cannot write {path}: it is a folder; give a file name (e.g. "
                               f"{os.path.join(path, 'model.pt')})")
@@ -513,7 +524,7 @@ def save_model(model, path, **extra) -> None:
         _check_loadable(value, key)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = model.config.to_dict()
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file

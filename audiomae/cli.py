@@ -328,12 +328,8 @@ def _path(v: str) -> str:
 
 def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[str]) -> Dict[str, Any]:
     opts = {k: v for k, v in vars(args).items() if k != "command"}
-    for k in _PATH_OPTIONS:
-        v, fix = opts.get(k), (_path if k in _RUN_PATHS else os.path.expanduser)
-        if isinstance(v, str):
-            opts[k] = fix(v)
-        elif isinstance(v, list):
-            opts[k] = [fix(x) if isinstance(x, str) else x for x in v]
+    if isinstance(opts.get("config"), str):
+        opts["config"] = os.path.expanduser(opts["config"])
     actions = sub._option_string_actions
     explicit = set()
     for a in argv:  # the options typed, also as the abbreviations argparse accepts
@@ -369,7 +365,9 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
             print(f"note: --config {cfg_path}: a run from before --downmix, which averaged the channels: "
                   "--downmix mean", file=sys.stderr)
             explicit.add("downmix")
-        if saved.get("mask_mode") == "time_frequency" and "mask_t_prob" in opts:
+        command = sub.prog.split()[-1]
+        other = saved.get("command")
+        if command == "pretrain" and other in (None, "pretrain") and saved.get("mask_mode") == "time_frequency":
             # a run from before --mask-t-prob/--mask-f-prob masked the config's 0.6 and 0.5
             for k, v in (("mask_t_prob", 0.6), ("mask_f_prob", 0.5)):
                 if k not in saved and k not in explicit:
@@ -377,23 +375,50 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
         # the repeated run's own choices count as given; its defaults stay defaults
         chosen = saved.get("explicit_options")
         chosen = set(chosen) if isinstance(chosen, list) else set(saved)
-        command = sub.prog.split()[-1]
-        other = saved.get("command")
         if other not in (None, command):
-            # another command's run: only what it was told, not its defaults (fine-tuning's lr and decay
-            # are not pretraining's)
-            saved = {k: v for k, v in saved.items() if k in chosen}
+            # another command's run: only the inputs it was told (its data, statistics, lengths, device),
+            # not its defaults (fine-tuning's lr and decay are not pretraining's), its folder or options
+            # that mean another thing here
+            saved = {k: v for k, v in saved.items() if k in chosen and k in _SHARED_OPTIONS}
             taken = ", ".join(sorted(k for k in saved if k in opts and k not in explicit)) or "none"
-            print(f"note: --config {cfg_path} is a '{other}' run: '{command}' takes only the options it was "
+            print(f"note: --config {cfg_path} is a '{other}' run: '{command}' takes only the inputs it was "
                   f"given ({taken})", file=sys.stderr)
+        typed = set(explicit)
         for k, v in saved.items():
             if k in opts and k not in explicit:
                 opts[k] = v
                 if k in chosen:
                     explicit.add(k)
+        # options an earlier version recorded where they did not apply: taken, but not as choices to check
+        for k in _inapplicable(opts, command) - typed:
+            explicit.discard(k)
+    for k in _PATH_OPTIONS:  # typed or from the config
+        v, fix = opts.get(k), (_path if k in _RUN_PATHS else os.path.expanduser)
+        if isinstance(v, str):
+            opts[k] = fix(v)
+        elif isinstance(v, list):
+            opts[k] = [fix(x) if isinstance(x, str) else x for x in v]
     # the options given (typed or from --config), so that a checkpoint's own settings can fill the rest
     opts["explicit_options"] = sorted(explicit)
     return opts
+
+
+# what a run of one command tells another through --config: its inputs, not its recipe or folder
+_SHARED_OPTIONS = ("data", "eval_data", "labels", "data_root", "clip_seconds", "target_length", "stats", "downmix",
+                   "single_label", "num_clips", "num_eval_clips", "num_workers", "max_bad_fraction", "device",
+                   "precision", "seed", "backend", "quiet")
+
+
+def _inapplicable(opts: Dict[str, Any], command: str) -> set:
+    """The options that do not apply with the others (refused when typed, see _check)."""
+    out = set()
+    if command == "pretrain" and not opts.get("init") and opts.get("mask_mode") != "time_frequency":
+        out |= {"mask_t_prob", "mask_f_prob"}
+    if command == "pretrain" and opts.get("mask_mode") == "time_frequency":
+        out.add("mask_ratio")
+    if command == "finetune" and not opts.get("mask_2d"):
+        out |= {"mask_t_prob", "mask_f_prob"}
+    return out
 
 
 def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, argv: List[str]) -> None:
@@ -440,18 +465,15 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
     for k in ("mask_t_prob", "mask_f_prob"):
         bounded(k, 0, 1, hi_open=True, why=" (a fraction of the rows removed; some must stay)")
     typed = set(opts.get("explicit_options") or ())
-    if command == "pretrain" and not opts.get("init") and opts.get("mask_mode") != "time_frequency":
-        for k in ("mask_t_prob", "mask_f_prob"):
-            if k in typed:
-                sub.error(f"{name(k)} applies to --mask-mode time_frequency (this run masks "
-                          f"{opts.get('mask_mode')}: --mask-ratio sets how much)")
-    if command == "pretrain" and opts.get("mask_mode") == "time_frequency" and "mask_ratio" in typed:
-        sub.error(f"{name('mask_ratio')} does not apply to --mask-mode time_frequency (--mask-t-prob and "
-                  "--mask-f-prob set how much of each axis is removed)")
-    if command == "finetune" and not opts.get("mask_2d"):
-        for k in ("mask_t_prob", "mask_f_prob"):
-            if k in typed:
-                sub.error(f"{name(k)} applies to --mask-2d (the structured token masking of fine-tuning)")
+    for k in sorted(_inapplicable(opts, command) & typed):
+        if k == "mask_ratio":
+            sub.error(f"{name(k)} does not apply to --mask-mode time_frequency (--mask-t-prob and --mask-f-prob set "
+                      "how much of each axis is removed)")
+        elif command == "pretrain":
+            sub.error(f"{name(k)} applies to --mask-mode time_frequency (this run masks {opts.get('mask_mode')}: "
+                      "--mask-ratio sets how much)")
+        else:
+            sub.error(f"{name(k)} applies to --mask-2d (the structured token masking of fine-tuning)")
     if "mask_ratio" in opts:
         r = opts["mask_ratio"]
         if command == "reconstruct" and not 0.0 < r < 1.0:

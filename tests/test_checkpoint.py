@@ -414,3 +414,36 @@ def test_safetensors_keep_json_extras_and_refuse_others(tmp_path):
     assert read_checkpoint(tmp_path / "m.safetensors")[2] == {"stats": "esc50", "clip_seconds": 5.0}
     with pytest.raises(TypeError, match="safetensors metadata as JSON"):
         model.save_pretrained(tmp_path / "t.safetensors", table=torch.ones(1))
+
+
+def test_a_tilde_in_a_checkpoint_path_is_the_home_folder(tmp_path, monkeypatch):
+    """Never a folder named ~ in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    model.save_pretrained("~/m.pt")
+    assert (tmp_path / "home" / "m.pt").is_file() and not (tmp_path / "~").exists()
+    assert AudioMAE.from_pretrained("~/m.pt").config == model.config
+
+
+def test_a_damaged_file_is_refused_not_loaded_with_wrong_weights(tmp_path):
+    """torch.load does not check the archive's checksums: a flipped byte in a tensor would load. A file
+    written without checksums (set_crc32_options(False)) still loads."""
+    from audiomae.train.state import load_training_state
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    model.save_pretrained(tmp_path / "ok.pt")
+    data = bytearray((tmp_path / "ok.pt").read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="bad.pt is damaged: the data of .* does not match its stored checksum"):
+        AudioMAE.from_pretrained(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="cannot resume: .*bad.pt is damaged"):
+        load_training_state(str(tmp_path / "bad.pt"))
+    assert AudioMAE.from_pretrained(tmp_path / "ok.pt").config == model.config
+    torch.serialization.set_crc32_options(False)
+    try:
+        model.save_pretrained(tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert AudioMAE.from_pretrained(tmp_path / "nocrc.pt").config == model.config

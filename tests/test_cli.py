@@ -863,6 +863,10 @@ def test_finetune_cross_validation_over_fold_manifests(tmp_path, capsys):
     # the whole cross-validation is repeatable with --config
     saved = json.loads((tmp_path / "cv" / "config.json").read_text())
     assert saved["cv_folds"] == 2 and "{fold}" in saved["data"] and "{fold}" in saved["eval_data"]
+    # a new cross-validation in that folder is refused before it replaces the config
+    assert main([*args, "--seed", "5"]) == 1
+    assert "holds a run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cv" / "config.json").read_text()) == saved
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["finetune", "--cv-folds", "2", "--data", str(tmp_path / "train_1.json"), "--eval-data",
@@ -1099,7 +1103,7 @@ def test_runs_record_absolute_paths_and_evaluate_takes_the_runs_label_file(tmp_p
     assert "mAP" in json.loads((tmp_path / "elsewhere" / "ev" / "metrics.json").read_text())
 
 
-def test_config_of_another_commands_run_gives_only_its_chosen_options(tmp_path, capsys):
+def test_config_of_another_commands_run_gives_only_its_chosen_options(tmp_path, capsys, monkeypatch):
     """pretrain --config of a fine-tuning run takes what that run was told (here its clip length), not
     fine-tuning's defaults (lr, weight decay, warmup)."""
     _class_folders(str(tmp_path / "tr"), ["a", "b"])
@@ -1109,10 +1113,29 @@ def test_config_of_another_commands_run_gives_only_its_chosen_options(tmp_path, 
     capsys.readouterr()
     assert main(["pretrain", "--config", str(tmp_path / "ft" / "config.json"), "-o", str(tmp_path / "pt"),
                  *TINY_RUN]) == 0
-    assert "is a 'finetune' run: 'pretrain' takes only the options it was given" in capsys.readouterr().err
+    assert "is a 'finetune' run: 'pretrain' takes only the inputs it was given" in capsys.readouterr().err
     cfg = json.loads((tmp_path / "pt" / "config.json").read_text())
     assert (cfg["blr"], cfg["weight_decay"], cfg["min_lr"], cfg["warmup_epochs"]) == (2e-4, 1e-4, 0.0, 3)
     assert cfg["clip_seconds"] == 0.64 and cfg["data"] == str(tmp_path / "tr") and cfg["command"] == "pretrain"
+    # nor its folder, or options that mean another thing here (pretraining's 2D fractions)
+    assert main(["pretrain", "--data", str(tmp_path / "tr"), "--clip-seconds", "0.64", "--mask-mode",
+                 "time_frequency", "--mask-t-prob", "0.5", "-o", str(tmp_path / "pt2"), *TINY_RUN]) == 0
+    capsys.readouterr()
+    cfg_path = tmp_path / "pt2" / "config.json"
+    assert main(["finetune", "--config", str(cfg_path), "--pretrained", str(tmp_path / "pt2" / "model.pt"),
+                 "-o", str(tmp_path / "ft2"), *TINY_RUN]) == 0
+    cfg = json.loads((tmp_path / "ft2" / "config.json").read_text())
+    assert cfg["mask_t_prob"] == 0.2 and cfg["output_dir"] == str(tmp_path / "ft2")
+    assert (tmp_path / "pt2" / "model.pt").exists()
+    # an earlier version's config with options that did not apply is repeated, not refused; a ~ in its
+    # paths is the home folder
+    old = json.loads(cfg_path.read_text())
+    old.update(mask_ratio=0.5, output_dir="~/again", explicit_options=old["explicit_options"] + ["mask_ratio"])
+    old.pop("command")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["pretrain", "--config", str(tmp_path / "old.json"), *TINY_RUN]) == 0
+    assert (tmp_path / "home" / "again" / "model.pt").exists()
 
 
 def test_a_manifest_of_missing_files_is_refused_before_training(tmp_path, capsys):

@@ -143,9 +143,14 @@ class DistributedWeightedSampler(Sampler):
 # the loader
 # ----------------------------------------------------------------------------------------------
 #: set while a training loop turns SIGTERM into "checkpoint after this step" (see
-#: audiomae.train.loop.GracefulInterrupt): its worker processes then leave SIGTERM to it, instead of
-#: dying mid-step (which would end the step with a loader error); they exit with the loader.
-WORKERS_IGNORE_SIGTERM = False
+#: audiomae.train.loop.GracefulInterrupt; read by workers forked from it): a worker then ends on
+#: SIGTERM as on Ctrl-C, quietly, instead of being killed by it, which would end the main process's
+#: step at once with a loader error
+WORKERS_QUIET_ON_SIGTERM = False
+
+
+def _worker_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the worker loop ends on it without an error, as on Ctrl-C
 
 
 def seed_worker(worker_id: int) -> None:
@@ -153,9 +158,9 @@ def seed_worker(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
-    if WORKERS_IGNORE_SIGTERM:
+    if WORKERS_QUIET_ON_SIGTERM:
         import signal
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _worker_sigterm)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -263,8 +263,8 @@ class GracefulInterrupt:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self._previous[sig] = signal.signal(sig, self._handle)
         from ..data import loader
-        self._workers_before = loader.WORKERS_IGNORE_SIGTERM
-        loader.WORKERS_IGNORE_SIGTERM = signal.SIGTERM in self._previous  # workers started from now on
+        self._workers_before = loader.WORKERS_QUIET_ON_SIGTERM
+        loader.WORKERS_QUIET_ON_SIGTERM = signal.SIGTERM in self._previous  # workers started from now on
         return self
 
     def __exit__(self, *exc) -> None:
@@ -272,7 +272,7 @@ class GracefulInterrupt:
             signal.signal(sig, self._restore(sig))
         self._previous.clear()
         from ..data import loader
-        loader.WORKERS_IGNORE_SIGTERM = self._workers_before
+        loader.WORKERS_QUIET_ON_SIGTERM = self._workers_before
 
 
 # AdamW's betas: the release pretrains with (0.9, 0.95) and fine-tunes with PyTorch's default (0.9, 0.999)
@@ -600,6 +600,15 @@ def _refuse_to_overwrite(opts: Dict[str, Any], info: D.DistInfo) -> None:
                         "afresh there with --overwrite, or choose another --output-dir")
 
 
+# the options that name files or folders: from Python a ~ in them is the home folder too (the CLI
+# makes them absolute already), so that all of a run's files go to one folder
+_PATH_KEYS = ("output_dir", "checkpoint", "pretrained", "init", "data", "eval_data", "labels", "data_root", "resume")
+
+
+def _expand_paths(opts: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (os.path.expanduser(v) if k in _PATH_KEYS and isinstance(v, str) else v) for k, v in opts.items()}
+
+
 def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, D.DistInfo]:
     device = D.pick_device(opts.get("device", "auto"))
     info = D.init(device)  # the rank is known from here (torchrun's or SLURM's variables)
@@ -736,6 +745,7 @@ def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[
 def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
     from ..data import roll_and_magnitude
+    opts = _expand_paths(opts)
 
     from ..checkpoint import adaptations_as_notes, reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
@@ -930,6 +940,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     """Fine-tune a classifier from a pretrained checkpoint (see ``audiomae finetune --help``); with
     ``opts["cv_folds"]``, a cross-validation (:func:`cross_validate`). ``leave_group=False`` keeps a
     multi-process group joined for a following run."""
+    opts = _expand_paths(opts)
     if opts.get("cv_folds"):
         return cross_validate(opts)
     opts = {"weight_decay": FINETUNE_WEIGHT_DECAY, "min_lr": FINETUNE_MIN_LR, **opts}  # for Python callers
@@ -1048,6 +1059,8 @@ def cross_validate(opts: Dict[str, Any]) -> Dict[str, Any]:
     a fold is its best evaluation; writes ``cv.json`` with the folds' scores, their mean and spread."""
     k = int(opts["cv_folds"])
     out = opts["output_dir"]
+    if not opts.get("overwrite"):  # a folder of another cross-validation: refused before anything is written
+        _refuse_to_overwrite(dict(opts, output_dir=os.path.join(out, "fold-1")), D.DistInfo())
     if os.environ.get("RANK", "0") == "0":  # the whole cross-validation, for --config (each fold has its own)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -1130,6 +1143,7 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Evaluate a classifier checkpoint; writes metrics.json and a per-class CSV report. Input options
     not given (statistics, clip and input length, downmix, single-label) are the checkpoint's run's."""
     from ..checkpoint import read_checkpoint
+    opts = _expand_paths(opts)
     sd, cfg, args = read_checkpoint(opts["checkpoint"])  # read once: the model is built from these
     # the class-label CSV of the run too, while it is where the run read it
     saved_labels = args.get("labels") if isinstance(args, dict) else None
