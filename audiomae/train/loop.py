@@ -178,9 +178,10 @@ _NOTED: set = set()  # manifests the single-label note was printed for
 def _check_files_exist(dataset, flag: str, source: str, first: int = 32) -> None:
     """A manifest whose first clips are none of them files (a wrong root, a moved folder) is an error
     now, not after an epoch of training (bad files are otherwise skipped as they are met)."""
-    paths = getattr(dataset, "paths", None)
-    if not paths or type(dataset).__name__ != "ManifestDataset":
+    from ..data import ManifestDataset  # class folders list files that exist; synthetic clips have none
+    if not isinstance(dataset, ManifestDataset) or not dataset.paths:
         return
+    paths = dataset.paths
     head = paths[:first]
     if not any(os.path.isfile(p) for p in head):
         raise TrainingError(f"{flag} {source}: none of its first {len(head)} clips is a file (the first: {head[0]}); "
@@ -728,8 +729,8 @@ def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[dict]]:
     """A resumed run reads its files as it began (a run from before ``--downmix`` averaged the
-    channels), keeps its weight decay and lr floor unless given, and keeps its model: returns the options and the checkpoint's model config (None when
-    not resuming)."""
+    channels), keeps its weight decay and lr floor unless given, and keeps its model: returns the
+    options and the checkpoint's model config (None when not resuming)."""
     resume = opts.get("resume")
     path = os.path.join(opts["output_dir"], LAST) if resume == "auto" else resume
     if not path or not os.path.isfile(path):
