@@ -366,7 +366,7 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
                   "--downmix mean", file=sys.stderr)
             explicit.add("downmix")
         command = sub.prog.split()[-1]
-        other = saved.get("command")
+        other = saved.get("command") or _command_of(saved)
         if command == "pretrain" and other in (None, "pretrain") and saved.get("mask_mode") == "time_frequency":
             # a run from before --mask-t-prob/--mask-f-prob masked the config's 0.6 and 0.5
             for k, v in (("mask_t_prob", 0.6), ("mask_f_prob", 0.5)):
@@ -407,6 +407,15 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
 _SHARED_OPTIONS = ("data", "eval_data", "labels", "data_root", "clip_seconds", "target_length", "stats", "downmix",
                    "single_label", "num_clips", "num_eval_clips", "num_workers", "max_bad_fraction", "device",
                    "precision", "seed", "backend", "quiet")
+
+
+def _command_of(saved: Dict[str, Any]) -> Optional[str]:
+    """The command of a config.json written before runs recorded it, from the options only it has."""
+    if "layer_decay" in saved or "pretrained" in saved:
+        return "finetune"
+    if "mask_mode" in saved or "init" in saved:
+        return "pretrain"
+    return None
 
 
 def _inapplicable(opts: Dict[str, Any], command: str) -> set:

@@ -522,9 +522,14 @@ def test_resume_from_an_unfitting_checkpoint_is_one_line_error(tmp_path, capsys)
     assert main(["finetune", "-o", str(tmp_path / "ft"), *TINY_RUN, "--resume", ckpt]) == 1
     err = capsys.readouterr().err
     assert "checkpoint of AudioMAE" in err and "AudioMAEClassifier" in err and "Traceback" not in err
+    before = (tmp_path / "run" / "config.json").read_text()
     assert main(["pretrain", "-o", out, *TINY_RUN, "--resume", "auto", "--model", "small"]) == 1
     err = capsys.readouterr().err
     assert "does not fit this run" in err and "config.json" in err and "Traceback" not in err
+    assert (tmp_path / "run" / "config.json").read_text() == before  # a refused start leaves the run's config
+    assert main(["pretrain", "-o", out, *TINY_RUN[2:], "--num-clips", "24", "--resume", "auto"]) == 1
+    assert "steps per epoch" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").read_text() == before
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
     assert main(["pretrain", "-o", str(tmp_path / "j"), *TINY_RUN, "--resume", str(junk)]) == 1
@@ -867,6 +872,16 @@ def test_finetune_cross_validation_over_fold_manifests(tmp_path, capsys):
     assert main([*args, "--seed", "5"]) == 1
     assert "holds a run" in capsys.readouterr().err
     assert json.loads((tmp_path / "cv" / "config.json").read_text()) == saved
+    assert "resume" not in saved and "overwrite" not in saved  # what was done to the folder, not the run
+    # a plain run and a cross-validation do not share a folder
+    plain = [a for a in args if a not in ("--cv-folds", "2")]
+    plain[plain.index("--data") + 1] = str(tmp_path / "train_1.json")
+    plain[plain.index("--eval-data") + 1] = str(tmp_path / "eval_1.json")
+    assert main(plain) == 1
+    assert "holds a cross-validation" in capsys.readouterr().err
+    assert main([*plain[:plain.index("-o")], "-o", str(tmp_path / "one"), *plain[plain.index("-o") + 2:]]) == 0
+    assert main([*args[:args.index("-o")], "-o", str(tmp_path / "one"), *args[args.index("-o") + 2:]]) == 1
+    assert "holds a run that is not a cross-validation" in capsys.readouterr().err
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["finetune", "--cv-folds", "2", "--data", str(tmp_path / "train_1.json"), "--eval-data",
@@ -1117,6 +1132,13 @@ def test_config_of_another_commands_run_gives_only_its_chosen_options(tmp_path, 
     cfg = json.loads((tmp_path / "pt" / "config.json").read_text())
     assert (cfg["blr"], cfg["weight_decay"], cfg["min_lr"], cfg["warmup_epochs"]) == (2e-4, 1e-4, 0.0, 3)
     assert cfg["clip_seconds"] == 0.64 and cfg["data"] == str(tmp_path / "tr") and cfg["command"] == "pretrain"
+    # a config from before runs recorded their command: its options tell
+    older = json.loads((tmp_path / "ft" / "config.json").read_text())
+    older.pop("command")
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert main(["pretrain", "--config", str(tmp_path / "older.json"), "-o", str(tmp_path / "pt0"), *TINY_RUN]) == 0
+    assert "is a 'finetune' run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "pt0" / "config.json").read_text())["blr"] == 2e-4
     # nor its folder, or options that mean another thing here (pretraining's 2D fractions)
     assert main(["pretrain", "--data", str(tmp_path / "tr"), "--clip-seconds", "0.64", "--mask-mode",
                  "time_frequency", "--mask-t-prob", "0.5", "-o", str(tmp_path / "pt2"), *TINY_RUN]) == 0

@@ -425,6 +425,34 @@ def test_an_evaluation_that_fails_loses_no_training(tmp_path):
     assert torch.load(os.path.join(tmp_path / "c", "checkpoint-last.pt"), weights_only=True)["eval_pending"] is False
 
 
+def test_an_interrupt_that_stops_the_evaluation_ends_as_an_interrupt(tmp_path):
+    """SIGTERM or Ctrl-C reach the evaluation's loader workers too, which then end: the run stops as
+    interrupted (the checkpoint before the evaluation stands), not with the loader's error."""
+    import signal
+    import time
+
+    from audiomae.train.loop import Interrupted
+
+    def step_fn(m, batch):
+        return (m(batch["waveform"]) ** 2).mean()
+
+    def evaluation_cut_short(tr):
+        os.kill(os.getpid(), signal.SIGTERM)  # the signal of the process group ...
+        time.sleep(0.05)
+        raise RuntimeError("DataLoader worker (pid 123) exited unexpectedly")  # ... ended the workers
+
+    tr = _trainer(tmp_path, step_fn, epochs=2)
+    tr.on_epoch_end = evaluation_cut_short
+    with pytest.raises(Interrupted):
+        tr.run()
+    state = torch.load(os.path.join(tmp_path, "checkpoint-last.pt"), weights_only=True)
+    assert (state["epoch"], state["eval_pending"]) == (1, True)
+    tr = _trainer(tmp_path, step_fn, epochs=2)
+    tr.on_epoch_end = lambda t: (_ for _ in ()).throw(RuntimeError("a real failure"))
+    with pytest.raises(RuntimeError, match="a real failure"):  # without an interrupt the error is the error
+        tr.run()
+
+
 def test_resume_refuses_other_geometry(tmp_path):
     tr = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), epochs=1)
     tr.run()

@@ -484,8 +484,16 @@ class Trainer:
         with GracefulInterrupt(self.info.world_size == 1) as stop:
             return self._run(stop)
 
-    def _end_epoch(self) -> None:
-        self.on_epoch_end(self)
+    def _end_epoch(self, stop: "GracefulInterrupt") -> None:
+        try:
+            self.on_epoch_end(self)
+        except Exception:
+            if not stop.requested:
+                raise
+            # the interrupt also stopped the evaluation's loader workers: the checkpoint written before
+            # the evaluation stands, and a resume evaluates the epoch
+            self.runlog.close()
+            raise Interrupted(self.step, os.path.join(self.out_dir, LAST)) from None
         self.eval_pending = False
 
     def _stop_here(self, save: bool = True) -> None:
@@ -505,7 +513,7 @@ class Trainer:
         if self.eval_pending and self.on_epoch_end is not None:
             if self.info.is_main:
                 tqdm.write(f"evaluating epoch {self.epoch} (the checkpoint was written before its evaluation ended)")
-            self._end_epoch()
+            self._end_epoch(stop)
             self.save()
         while self.epoch < epochs:
             self.model.train()
@@ -568,7 +576,7 @@ class Trainer:
             if self.on_epoch_end is not None:
                 self.eval_pending = True
                 self.save()  # the epoch's training is kept should its evaluation fail (a resume runs it)
-                self._end_epoch()
+                self._end_epoch(stop)
             self.save()
             if stop.requested and self.epoch < epochs:
                 self._stop_here(save=False)
@@ -595,9 +603,13 @@ def _refuse_to_overwrite(opts: Dict[str, Any], info: D.DistInfo) -> None:
                     os.remove(p)
             shutil.rmtree(os.path.join(opts["output_dir"], "tensorboard"), ignore_errors=True)
         return
-    if not os.path.isfile(os.path.join(opts["output_dir"], LAST)):
+    out = opts["output_dir"]
+    if not opts.get("cv_folds") and os.path.isfile(os.path.join(out, "fold-1", LAST)):
+        raise TrainingError(f"{out} holds a cross-validation (fold-1/{LAST}): continue it with --cv-folds and "
+                            "--resume auto, or choose another --output-dir")
+    if not os.path.isfile(os.path.join(out, LAST)):
         return
-    raise TrainingError(f"{opts['output_dir']} holds a run ({LAST}): continue it with --resume auto, start "
+    raise TrainingError(f"{out} holds a run ({LAST}): continue it with --resume auto, start "
                         "afresh there with --overwrite, or choose another --output-dir")
 
 
@@ -611,6 +623,9 @@ def _expand_paths(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, D.DistInfo]:
+    """Device, process group and seed; a training run's folder is checked (see _refuse_to_overwrite)
+    and made; an evaluation's config is written (a training run writes its own once it has started,
+    :func:`write_config`, so that a refused start leaves the folder's)."""
     device = D.pick_device(opts.get("device", "auto"))
     info = D.init(device)  # the rank is known from here (torchrun's or SLURM's variables)
     if training:
@@ -618,13 +633,21 @@ def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, 
     if device.type == "cuda" and info.enabled:
         device = D.pick_device("cuda", info.local_rank)
     torch.manual_seed(int(opts.get("seed", 0)) + info.rank)
-    out = opts["output_dir"]
     if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(_json_safe(opts), f, indent=2, sort_keys=True)
+        os.makedirs(opts["output_dir"], exist_ok=True)
+    if not training:
+        write_config(opts, info)
     D.barrier()
     return device, info
+
+
+def write_config(opts: Dict[str, Any], info: D.DistInfo) -> None:
+    """The run's options as ``config.json`` (what ``--config`` repeats); ``resume`` and ``overwrite``
+    are what was done to the folder, not how the run goes, and are left out."""
+    if info.is_main:
+        kept = {k: v for k, v in _json_safe(opts).items() if k not in ("resume", "overwrite")}
+        with open(os.path.join(opts["output_dir"], "config.json"), "w") as f:
+            json.dump(kept, f, indent=2, sort_keys=True)
 
 
 @contextlib.contextmanager
@@ -803,6 +826,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
             trainer.resume(path)
         elif opts.get("resume") and opts["resume"] != "auto":
             raise SystemExit(f"error: --resume {opts['resume']}: no such checkpoint")
+        write_config(opts, info)
     if info.is_main:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"pretraining {n / 1e6:.2f}M parameters on {device} ({trainer.precision}), {len(dataset)} clips, "
@@ -1034,6 +1058,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         path = resolve_resume(opts.get("resume"), opts["output_dir"])
         if path:
             trainer.resume(path)
+        write_config(opts, info)
     summary = trainer.run()
     if info.is_main:
         model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"), args=_json_safe(opts))
@@ -1060,12 +1085,15 @@ def cross_validate(opts: Dict[str, Any]) -> Dict[str, Any]:
     a fold is its best evaluation; writes ``cv.json`` with the folds' scores, their mean and spread."""
     k = int(opts["cv_folds"])
     out = opts["output_dir"]
-    if not opts.get("overwrite"):  # a folder of another cross-validation: refused before anything is written
+    if not opts.get("overwrite") and not opts.get("resume"):
+        # a folder of another run or cross-validation: refused before anything is written
+        if os.path.isfile(os.path.join(out, LAST)):
+            raise TrainingError(f"{out} holds a run that is not a cross-validation ({LAST}); choose another "
+                                "--output-dir")
         _refuse_to_overwrite(dict(opts, output_dir=os.path.join(out, "fold-1")), D.DistInfo())
     if os.environ.get("RANK", "0") == "0":  # the whole cross-validation, for --config (each fold has its own)
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(_json_safe(opts), f, indent=2, sort_keys=True)
+        write_config(opts, D.DistInfo())
     folds = []
     for f in range(1, k + 1):
         data, eval_data = fold_paths(opts, f)
