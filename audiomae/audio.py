@@ -433,6 +433,14 @@ def pad_or_cut(features: torch.Tensor, target_length: int) -> torch.Tensor:
     return torch.nn.functional.pad(features, (0, 0, 0, target_length - t))
 
 
+def frames_span(frames: int, sample_rate: float = SAMPLE_RATE, frame_length: float = 25.0,
+                frame_shift: float = 10.0) -> int:
+    """Samples that ``frames`` fbank frames cover (the inverse of :func:`num_frames`): one frame
+    length, then one shift per further frame (``(T - 1) * 160 + 400`` at 16 kHz)."""
+    win, shift, _ = _frame_params(float(sample_rate), float(frame_length), float(frame_shift))
+    return (int(frames) - 1) * shift + win
+
+
 def num_frames(num_samples, sample_rate: float = SAMPLE_RATE, frame_length: float = 25.0,
                frame_shift: float = 10.0):
     """Frames :func:`fbank` makes of ``num_samples`` samples (snip edges: ``1 + (N - 400) // 160`` at

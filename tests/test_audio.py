@@ -380,3 +380,9 @@ def test_batched_fbank_equals_clip_by_clip_on_the_cpu(monkeypatch):
             torch.testing.assert_close(batched[i, j], A.fbank(x[i, j]), rtol=0, atol=0)
     monkeypatch.setattr(A, "_CPU_FRAMES_PER_PASS", 10 ** 9)  # one pass over everything
     torch.testing.assert_close(A.fbank(x), batched, rtol=1e-6, atol=1e-5)
+
+
+def test_frames_span_is_the_inverse_of_num_frames():
+    assert A.frames_span(1024) == 164080 and A.frames_span(1) == 400
+    assert all(A.num_frames(A.frames_span(t)) == t and A.num_frames(A.frames_span(t) - 1) == t - 1
+               for t in range(1, 1100))

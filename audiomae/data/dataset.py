@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ..audio import SAMPLE_RATE, AudioLoadError, check_downmix, get_stats, num_frames, waveform_to_input
+from ..audio import SAMPLE_RATE, AudioLoadError, check_downmix, frames_span, get_stats, num_frames, waveform_to_input
 
 logger = logging.getLogger("audiomae.data")
 
@@ -145,11 +145,6 @@ def frames_for(num_samples: int) -> int:
 
 #: the model input length of the release's AudioSet recipes, in frames
 RELEASE_TARGET_LENGTH = 1024
-
-
-def frames_span(frames: int) -> int:
-    """Samples (16 kHz) that ``frames`` fbank frames cover: 25 ms, then 10 ms per further frame."""
-    return (int(frames) - 1) * 160 + 400
 
 
 def default_target_length(clip_samples: int) -> int:
