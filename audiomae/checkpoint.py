@@ -356,8 +356,11 @@ def _adapt_pos_table(name: str, old: torch.Tensor, new: torch.Tensor, old_grid: 
 
 
 def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="cpu", strict: bool = True,
-               **overrides):
-    """Build ``cls`` (AudioMAE or AudioMAEClassifier) and load ``src`` into it; see ``from_pretrained``."""
+               encoder_only: bool = False, **overrides):
+    """Build ``cls`` (AudioMAE or AudioMAEClassifier) and load ``src`` into it; see ``from_pretrained``.
+
+    ``encoder_only`` (AudioMAE) leaves the decoder's blocks out: the model embeds at input sizes whose
+    patch grid the decoder's windows do not tile, and refuses to reconstruct."""
 
     if config is not None:
         config = AudioMAEConfig.of(config)  # a preset name or a dict of fields also do
@@ -385,6 +388,10 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
             config = AudioMAEConfig.from_dict(fields)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: its configuration is not usable: {e}") from None
+    if encoder_only:
+        if not is_pretrain_model:
+            raise TypeError("encoder_only is for AudioMAE.from_pretrained (a classifier has no decoder)")
+        overrides["decoder_depth"] = 0
     if overrides:
         config = config.replace(**overrides)
     model = cls(config)
@@ -392,6 +399,9 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
     notes: List[str] = []
 
     sd = dict(sd)
+    if encoder_only:
+        sd = {k: v for k, v in sd.items() if not k.startswith("decoder_blocks.")}
+        model.encoder_only = True
     if not is_pretrain_model:
         dropped = sorted({k.split(".")[0] for k in sd
                           if k.startswith(("decoder_", "mask_token")) or (k.startswith("norm.") and "norm.weight" not in target)})
@@ -520,6 +530,10 @@ def save_model(model, path, **extra) -> None:
     or a safetensors file (config in its metadata) when ``path`` ends with ``.safetensors``."""
     from . import __version__
 
+    if getattr(model, "encoder_only", False):
+        raise CheckpointError(f"cannot write {os.fspath(path)}: this AudioMAE was loaded with encoder_only=True, "
+                              "without its decoder blocks; the file would load as a model with no decoder blocks "
+                              "(save the full model, or the encoder's embeddings)")
     for key, value in extra.items():
         _check_loadable(value, key)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

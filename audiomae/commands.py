@@ -89,13 +89,22 @@ def _output_folder(path: str, option: str) -> None:
 
 def _load_for_length(checkpoint: str, target_length: Optional[int]):
     """The checkpoint's model; with ``target_length``, rebuilt for inputs of that many frames (its
-    position tables adapted), or InputError when that length does not fit the model. What loading
+    position tables adapted; a pretraining model's encoder only where its decoder windows do not tile
+    that length), or InputError when that length does not fit the model. What loading
     adapts is a note."""
     with adaptations_as_notes():
         if not target_length:
             return load_any(checkpoint)
+        size = (int(target_length), NUM_MEL_BINS)
         try:
-            return load_any(checkpoint, img_size=(int(target_length), NUM_MEL_BINS))
+            try:
+                return load_any(checkpoint, img_size=size)
+            except ValueError as e:
+                if "does not tile" not in str(e):
+                    raise
+            # a pretraining checkpoint whose decoder windows do not tile this length: embedding needs
+            # only the encoder
+            return AudioMAE.from_pretrained(checkpoint, img_size=size, encoder_only=True)
         except CheckpointError:
             raise
         except ValueError as e:

@@ -180,6 +180,8 @@ class AudioMAE(_Encoder):
     >>> loss, pred, mask = model(torch.randn(2, 1, 256, 128))
     """
 
+    encoder_only = False  # set by from_pretrained(..., encoder_only=True)
+
     def __init__(self, config: Optional[AudioMAEConfig] = None, **overrides):
         super().__init__()
         cfg = AudioMAEConfig.of(config)
@@ -239,6 +241,9 @@ class AudioMAE(_Encoder):
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Encoder output ``[B, 1 + K, D]`` -> predicted patches ``[B, L, p*p]``."""
+        if self.encoder_only:
+            raise RuntimeError("this AudioMAE was loaded with encoder_only=True (its decoder blocks left out): it "
+                               "embeds, but cannot reconstruct or train; load it without encoder_only for that")
         n_local = self.config.num_local_blocks
         # mask tokens appended, original order restored, positions added; local (and hybrid)
         # decoding drops the cls token: windows cover patch tokens only
@@ -312,6 +317,10 @@ class AudioMAE(_Encoder):
         With ``config=None`` the configuration is read from the file (or inferred from its shapes).
         A checkpoint for another input length is adapted (the position tables are rebuilt). The model
         comes back in eval mode (no dropout or drop-path); call ``.train()`` to train it.
+
+        ``encoder_only=True`` leaves the decoder's blocks out, for embeddings at an input length whose
+        patch grid the decoder's windows do not tile (``img_size=(1000, 128)``: 62 x 8 patches); that
+        model embeds, and refuses to reconstruct or train.
         """
         from .checkpoint import load_model
         return load_model(cls, path_or_state_dict, config, map_location=map_location, **overrides)

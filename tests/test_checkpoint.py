@@ -188,6 +188,38 @@ def test_other_input_length_rebuilds_fixed_tables(tmp_path, frames):
     assert torch.isfinite(mae(torch.randn(1, 1, frames, 128)).loss)
 
 
+def test_encoder_only_embeds_where_the_decoder_windows_do_not_tile(tmp_path):
+    """A pretraining checkpoint embeds at any length with encoder_only=True: the same embeddings as the
+    whole model where both load, and at 272 frames (17 x 8 patches, not tiled by 4 x 4 windows)."""
+    torch.manual_seed(0)
+    src = AudioMAE(TINY)
+    path = _released_file(tmp_path, src.state_dict())
+    x = torch.randn(2, 1, 256, 128)
+    enc = AudioMAE.from_pretrained(path, encoder_only=True)
+    assert enc.config.decoder_depth == 0 and not any(k.startswith("decoder_blocks.") for k in enc.state_dict())
+    torch.testing.assert_close(enc.embed(x), src.eval().embed(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not tile the 17 x 8 patch grid"):
+        AudioMAE.from_pretrained(path, img_size=(272, 128))
+    with pytest.warns(CheckpointAdaptedWarning, match="rebuilt for the 17x8 grid"):
+        enc = AudioMAE.from_pretrained(path, img_size=(272, 128), encoder_only=True)
+    torch.testing.assert_close(enc.pos_embed.data, sincos_2d(64, (17, 8)))
+    for k, v in src.state_dict().items():
+        if not k.startswith("decoder") and k != "pos_embed":
+            torch.testing.assert_close(enc.state_dict()[k], v, rtol=0, atol=0)
+    pooled, patches = enc.embed_both(torch.randn(2, 1, 272, 128))
+    assert pooled.shape == (2, 64) and patches.shape == (2, 17 * 8, 64) and torch.isfinite(patches).all()
+    # it does not pass for the pretraining model it is not
+    with pytest.raises(RuntimeError, match="encoder_only=True"):
+        enc(torch.randn(2, 1, 272, 128))
+    with pytest.raises(RuntimeError, match="encoder_only=True"):
+        enc.reconstruct(torch.randn(2, 1, 272, 128))
+    with pytest.raises(CheckpointError, match="encoder_only=True"):
+        enc.save_pretrained(tmp_path / "enc.pt")
+    assert not (tmp_path / "enc.pt").exists()
+    with pytest.raises(TypeError, match="encoder_only is for AudioMAE"):
+        AudioMAEClassifier.from_pretrained(path, encoder_only=True)
+
+
 def test_trained_table_is_interpolated(tmp_path):
     src = AudioMAEClassifier(TINY, num_classes=4)
     sd = src.state_dict()

@@ -199,8 +199,15 @@ def test_embed_files_warns_about_cropping_and_honours_target_length(tmp_path, ti
     z = np.load(out2)
     assert z["embeddings"].shape == (2, 64) and z["patch_embeddings"].shape == (2, 32 * 8, 64)
 
-    assert main(["embed", "--checkpoint", tiny_ckpt, *files, "--out", str(out2), "--target-length", "272"]) == 1
-    assert_one_error_line(capsys.readouterr().err, "--target-length 272 does not fit")
+    # 17 patches, which the decoder's 4 x 4 windows do not tile: embedding needs only the encoder
+    assert main(["embed", "--checkpoint", tiny_ckpt, *files, "--out", str(out2), "--quiet", "--per-patch",
+                 "--target-length", "272"]) == 0
+    z = np.load(out2)
+    assert z["embeddings"].shape == (2, 64) and z["patch_embeddings"].shape == (2, 17 * 8, 64)
+    assert np.isfinite(z["embeddings"]).all()
+
+    assert main(["embed", "--checkpoint", tiny_ckpt, *files, "--out", str(out2), "--target-length", "8"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--target-length 8 does not fit")
 
 
 def test_embed_downmix(tmp_path, tiny_ckpt):
