@@ -442,4 +442,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package's copy of this module: what it builds and loads is what the package then uses
+    from audiomae import cuda_ext as _package_module
+    sys.exit(_package_module.main())

@@ -45,8 +45,22 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import cuda_ext, dispatch
+from . import dispatch
 from .reference.step import random_masking_ids as _release_random_masking_ids
+
+
+
+def _ext():
+    """:mod:`audiomae.cuda_ext`, imported when first needed: importing the package leaves it out, so
+    ``python -m audiomae.cuda_ext`` runs it as a fresh module."""
+    from . import cuda_ext
+    return cuda_ext
+
+
+def load_extension():
+    """Build or load the extension (``audiomae.cuda_ext.load``): the backends' preparation step."""
+    return _ext().load()
+
 
 WINDOW_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WINDOW_AREA = 64  # AM_WA_MAX_AREA in csrc/audiomae_cuda.h
@@ -158,7 +172,7 @@ def _geometry_problems(qkv, tau, bias, grid, window, shift, num_heads) -> List[s
 
 
 def _window_attention_cuda_why_not(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:
-    out = list(cuda_ext.why_not())
+    out = list(_ext().why_not())
     if qkv.device.type != "cuda":
         out.append(f"tensors are on {qkv.device.type} (the CUDA kernels need CUDA tensors)")
     elif tau.device != qkv.device or bias.device != qkv.device:
@@ -221,7 +235,7 @@ def _define_ops():
     @custom_op("audiomae::window_attention_cuda_fwd", mutates_args=())
     def wa_fwd(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[int], window: List[int],
                shift: List[int], num_heads: int) -> torch.Tensor:
-        ext = cuda_ext.load()
+        ext = _ext().load()
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         tau_c = tau.clamp(min=0.01).float().contiguous()  # the clamp in tau's dtype, as the reference does
         return ext.window_attention_fwd(qkv, tau_c, bias.float().contiguous(), grid, window, shift, num_heads,
@@ -234,7 +248,7 @@ def _define_ops():
     @custom_op("audiomae::window_attention_cuda_bwd", mutates_args=())
     def wa_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[int],
                window: List[int], shift: List[int], num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ext = cuda_ext.load()
+        ext = _ext().load()
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         grad_out = grad_out.to(qkv.dtype)
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -268,7 +282,7 @@ def _define_ops():
     @custom_op("audiomae::random_masking_ids_cuda", mutates_args=())
     def masking(batch: int, length: int, len_keep: int, device: torch.device, noise: Optional[torch.Tensor],
                 seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ext = cuda_ext.load()
+        ext = _ext().load()
         return ext.random_masking_ids(batch, length, len_keep, noise, device, seed % 2 ** 64, offset % 2 ** 64,
                                       _stream(device), POISON_OUTPUTS)
 
@@ -294,14 +308,14 @@ def prepare_for_compile() -> bool:
     :func:`audiomae.cuda_ext.why_not`). Call before compiling a model; returns whether it is loaded."""
     wanted = any(dispatch.forced_backend(op) == "cuda" or dispatch.preference(op)[:1] == ("cuda",)
                  for op in dispatch.registered_ops())
-    if wanted and not cuda_ext.is_loaded() and not cuda_ext.why_not():
+    if wanted and not _ext().is_loaded() and not _ext().why_not():
         try:
-            cuda_ext.load()
+            _ext().load()
         except RuntimeError as e:  # a failed build: the other backends run, as in eager mode
             warnings.warn(f"audiomae: the CUDA extension is not used: {e}", RuntimeWarning, stacklevel=2)
-    if cuda_ext.is_loaded() and torch.cuda.is_available():
+    if _ext().is_loaded() and torch.cuda.is_available():
         _device_info(torch.device("cuda"))  # the choice needs it, and tracing cannot query it
-    return cuda_ext.is_loaded()
+    return _ext().is_loaded()
 
 
 def window_attention_cuda(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: Sequence[int],
@@ -345,7 +359,7 @@ def _window_attention_cuda_passed_over(qkv, tau, bias, grid, window, shift, num_
 
 
 dispatch.register("window_attention", "cuda", window_attention_cuda, _window_attention_cuda_why_not,
-                  _window_attention_cuda_passed_over, prepare=cuda_ext.load)
+                  _window_attention_cuda_passed_over, prepare=load_extension)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +441,7 @@ def _masking_device(device, noise) -> torch.device:
 
 def _random_masking_ids_cuda_why_not(batch, length, len_keep, device=None, noise=None, seed=None,
                                      offset=0) -> List[str]:
-    out = list(cuda_ext.why_not())
+    out = list(_ext().why_not())
     dev = _masking_device(device, noise)
     if dev.type != "cuda":
         out.append(f"device is {dev.type} (the CUDA kernel needs a CUDA device)")
@@ -488,7 +502,7 @@ def random_masking_ids(batch: int, length: int, len_keep: int, device=None, nois
 
 dispatch.register("random_masking_ids", "torch", random_masking_ids_reference)
 dispatch.register("random_masking_ids", "cuda", _random_masking_ids_cuda, _random_masking_ids_cuda_why_not,
-                  prepare=cuda_ext.load)
+                  prepare=load_extension)
 # cuda first: on an H100 (torch 2.11) the one-launch kernel took 0.0115 ms for batch 64 x 512 patches
 # at mask ratio 0.8, against 0.0803 ms for the release's torch.rand + two argsorts. Unseeded calls
 # then draw Philox noise from a seed of torch's CPU generator (reproducible under torch.manual_seed,
@@ -541,7 +555,7 @@ def fbank_tables(device: torch.device, num_mel_bins: int):
 def fbank_cuda_reasons(waveforms: torch.Tensor) -> List[str]:
     """Why the CUDA kernel cannot run here, beyond the inputs' dtype and shape (which
     :mod:`audiomae.ops_step` checks for every fused front end): the extension, the device, the knobs."""
-    out = list(cuda_ext.why_not())
+    out = list(_ext().why_not())
     if waveforms.device.type != "cuda":
         out.append(f"waveforms are on {waveforms.device.type} (the CUDA kernel needs CUDA tensors)")
     warps, frames = os.environ.get(FBANK_WARPS_ENV, ""), os.environ.get(FBANK_FRAMES_PER_WARP_ENV, "")
@@ -564,7 +578,7 @@ def _fbank_op(waveforms: torch.Tensor, target_length: int, normalize: bool, norm
         out.fill_(float("nan"))
     if B == 0:
         return out
-    ext = cuda_ext.load()
+    ext = _ext().load()
     x = waveforms.to(torch.float32)
     clip_mean = x.mean(dim=-1)  # the reference's per-clip mean, subtracted as samples are read
     window, twiddle, mel_lo, mel_off, mel_w = fbank_tables(x.device, num_mel_bins)

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from . import cuda_ext, dispatch, ops_cuda  # ops_cuda registers random_masking_ids' cuda backend
+from . import dispatch, ops_cuda  # ops_cuda registers random_masking_ids' cuda backend
 from .reference.step import (
     decoder_unshuffle_reference,
     fbank_features_reference,
@@ -216,7 +216,7 @@ def fbank_features(waveforms: torch.Tensor, target_length: Optional[int] = 1024,
 dispatch.register("fbank_features", "torch", fbank_features_reference)
 dispatch.register("fbank_features", "triton", _triton_fbank_features, _fbank_why_not)
 dispatch.register("fbank_features", "cuda", ops_cuda.fbank_features_cuda, _fbank_cuda_why_not,
-                  ops_cuda._fbank_cuda_passed_over, prepare=cuda_ext.load)
+                  ops_cuda._fbank_cuda_passed_over, prepare=ops_cuda.load_extension)
 # The CUDA kernel first where it applies (GPUs with fast float64: see ops_cuda.FAST_FLOAT64_CAPABILITIES),
 # else the batched reference (cuFFT). On an H100 (torch 2.11, 64 clips of 10 s): CUDA 0.204 ms, the
 # batched reference 1.27 ms, the Triton kernel 1.63 ms (benchmarks/results/); the Triton kernel stays

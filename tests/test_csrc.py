@@ -217,6 +217,19 @@ def test_cli_lists_the_reasons(capsys):
         assert "can be used here" in out
 
 
+def test_module_command_runs_cleanly():
+    """``python -m audiomae.cuda_ext`` (the README's command): importing the package does not import the
+    module first, which makes runpy warn of "unpredictable behaviour"."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "audiomae.cuda_ext"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "sys.modules" not in r.stderr and "can" in r.stdout and "used here" in r.stdout
+    code = "import sys, audiomae, audiomae.ops, audiomae.ops_step, audiomae.info; print('audiomae.cuda_ext' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_sources_are_found():
     src = cuda_ext.source_dir()
     assert src is not None
