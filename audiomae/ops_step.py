@@ -55,15 +55,28 @@ def _needs_grad(t: torch.Tensor) -> bool:
 # masked patch embedding
 # ----------------------------------------------------------------------------------------------
 def _patch_embed_why_not(spec, weight, bias, pos, ids_keep) -> List[str]:
-    out = dispatch.triton_reasons(spec, weight, bias, pos, ids_keep)
+    tensors = [t for t in (spec, weight, bias, pos, ids_keep) if t is not None]
+    out = dispatch.triton_reasons(*tensors)
+    shapes_ok = True
     if spec.dim() != 4 or spec.shape[1] != 1:
         out.append(f"spec must be [B, 1, T, F], got {list(spec.shape)}")
+        shapes_ok = False
     if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
         out.append(f"weight must be [D, 1, p, p], got {list(weight.shape)}")
+        shapes_ok = False
+    if shapes_ok:  # the shapes the kernel indexes by, which the reference checks as it goes
+        B, D, p = spec.shape[0], weight.shape[0], weight.shape[-1]
+        L = (spec.shape[2] // p) * (spec.shape[3] // p)
+        if bias is not None and tuple(bias.shape) != (D,):
+            out.append(f"bias must be [{D}], got {list(bias.shape)}")
+        if tuple(pos.shape) != (1, 1 + L, D):
+            out.append(f"pos must be [1, 1 + L, D] = [1, {1 + L}, {D}], got {list(pos.shape)}")
+        if ids_keep.dim() != 2 or ids_keep.shape[0] != B:
+            out.append(f"ids_keep must be [B, K] with B = {B}, got {list(ids_keep.shape)}")
     out += _dtype_reasons("spec/pos", spec, pos)
     if ids_keep.dtype not in (torch.int64, torch.int32):
         out.append(f"ids_keep dtype {ids_keep.dtype} (need int64 or int32)")
-    return out + _device_reasons(spec, weight, bias, pos, ids_keep)
+    return out + _device_reasons(*tensors)
 
 
 def _triton_masked_patch_embed(spec, weight, bias, pos, ids_keep):
@@ -75,11 +88,13 @@ def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                        ids_keep: torch.Tensor) -> torch.Tensor:
     """Patch embedding of the kept patches only, plus their positions.
 
-    ``spec`` [B, 1, T, F], ``weight`` [D, 1, p, p] (cast to ``spec.dtype``), ``bias`` [D],
-    ``pos`` [1, 1 + L, D], ``ids_keep`` [B, K] (time-major patch indices) -> ``[B, K, D]`` in
+    ``spec`` [B, 1, T, F], ``weight`` [D, 1, p, p] (cast to ``spec.dtype``), ``bias`` [D] or None,
+    ``pos`` [1, 1 + L, D], ``ids_keep`` [B, K] (time-major patch indices in ``[0, L)``; repeats are
+    allowed) -> ``[B, K, D]`` in
     ``promote_types(spec.dtype, pos.dtype)``; equals ``gather(conv(spec) + pos[:, 1:], ids_keep)``.
     """
-    weight, bias = weight.to(spec.dtype), bias.to(spec.dtype)
+    weight = weight.to(spec.dtype)
+    bias = None if bias is None else bias.to(spec.dtype)
     return dispatch.call("masked_patch_embed", spec, weight, bias, pos, ids_keep)
 
 

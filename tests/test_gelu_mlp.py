@@ -259,6 +259,27 @@ def test_non_contiguous_input():
     check([x] + leaves[1:], dy, torch.float32)
 
 
+def test_strided_and_expanded_bias_and_transposed_weights():
+    """b1 as a strided view or an expanded scalar (the kernel reads a dense vector: the op copies it),
+    and weights stored transposed; values and the gradients of the tensors the views come from."""
+    leaves, dy = inputs((21,), 24, 40, 12)
+    x, w1, _, w2, b2 = [t.float().to(DEVICE) for t in leaves]
+    dy = dy.float().to(DEVICE)
+    w1 = w1.t().contiguous().t()  # column-major views
+    w2 = w2.t().contiguous().t()
+    for base, view in ((torch.randn(80, device=DEVICE), lambda t: t[::2]),
+                       (torch.tensor(0.7, device=DEVICE), lambda t: t.expand(40))):
+        got = {}
+        for backend in ("torch", "triton"):
+            b = base.clone().requires_grad_(True)
+            xw = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
+            with dispatch.use_backend(backend, op="gelu_mlp"):
+                y = ops.gelu_mlp(xw[0], xw[1], view(b), xw[2], b2)
+            got[backend] = [y.detach()] + list(torch.autograd.grad(y, [b] + xw, dy))
+        for name, g, r in zip(("y", "b1", "x", "w1", "w2"), got["triton"], got["torch"]):
+            assert rel_err(g, r) <= TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("M,D,H,E", [(0, 16, 32, 16), (3, 0, 8, 4), (3, 4, 8, 0), (3, 4, 0, 4)],
                          ids=["no-rows", "no-inputs", "no-outputs", "no-hidden"])
 def test_empty_dimensions_match_the_reference(M, D, H, E):

@@ -175,6 +175,50 @@ def test_masked_patch_embed_gpu_tiling(monkeypatch):
     check_patch_embed(leaves, ids, torch.float32)
 
 
+def test_masked_patch_embed_repeated_ids_and_strided_bias():
+    """A row that repeats a patch index gets the sum of its gradients (spec and pos), as the
+    reference's gather does; a strided or expanded bias is read by its strides; no bias is zero."""
+    leaves, ids = patch_embed_inputs(2, 64, 48, 16, 40, 5, spec_grad=True, pos_grad=True)
+    ids[:, 1] = ids[:, 0]
+    ids[1, 4] = ids[1, 0]  # three times in the second row
+    check_patch_embed(leaves, ids, torch.float32)
+    spec, weight, bias, pos = [t.detach().float() for t in leaves]
+    fn = kernel_module("patch_embed").masked_patch_embed
+    for b in (torch.randn(80, device=DEVICE)[::2], torch.tensor(0.7, device=DEVICE).expand(40)):
+        torch.testing.assert_close(fn(spec, weight, b, pos, ids), masked_patch_embed_reference(spec, weight, b, pos, ids),
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fn(spec, weight, None, pos, ids),
+                               masked_patch_embed_reference(spec, weight, None, pos, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_patch_embed_shapes_the_kernel_cannot_take_go_to_the_reference():
+    """Shapes the kernel would index out of its buffers (or read only part of) are its reasons not to
+    run: the automatic choice leaves them to the reference, which computes or refuses them."""
+    leaves, ids = patch_embed_inputs(2, 64, 48, 16, 40, 5)
+    spec, weight, bias, pos = [t.detach().float() for t in leaves]
+    L = pos.shape[1] - 1
+    bad = {
+        "ids_keep must be [B, K] with B = 2": (spec, weight, bias, pos, ids[:1]),
+        "pos must be [1, 1 + L, D]": (spec, weight, bias, pos[:, 1:], ids),
+        "pos must be [1, 1 + L, D] = [1, 13, 40], got [2, 13, 40]": (spec, weight, bias, pos.expand(2, -1, -1), ids),
+        "bias must be [40]": (spec, weight, bias[:20], pos, ids),
+    }
+    assert L == 12
+    for why, args in bad.items():
+        reasons = dispatch.reasons("masked_patch_embed", *args)["triton"]
+        assert any(why in r for r in reasons), (why, reasons)
+        assert dispatch.choose("masked_patch_embed", *args)[0] == "torch"
+    # a position table per sample is the reference's (broadcast) computation
+    per_sample = torch.randn(2, 1 + L, 40)
+    torch.testing.assert_close(ops_step.masked_patch_embed(spec, weight, bias, per_sample, ids),
+                               masked_patch_embed_reference(spec, weight, bias, per_sample, ids))
+    with pytest.raises(RuntimeError):
+        ops_step.masked_patch_embed(spec, weight, bias, pos[:, 1:], ids)
+    with dispatch.use_backend("triton", op="masked_patch_embed"):
+        with pytest.raises(dispatch.BackendUnavailableError, match="ids_keep must be"):
+            ops_step.masked_patch_embed(spec, weight, bias, pos, ids[:1])
+
+
 @pytest.mark.parametrize("split", [2, 3, 7])
 def test_masked_patch_embed_weight_grad_split_over_rows(monkeypatch, split):
     """The weight gradient summed over row slices (uneven, more slices than row blocks)."""

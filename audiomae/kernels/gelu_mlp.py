@@ -399,4 +399,6 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: 
     """
     # under no_grad nothing is saved and h is not written, although the parameters require grad
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    # the kernel reads b1 as a dense vector: a strided or expanded bias is copied first
+    b1 = b1.contiguous() if b1 is not None else None
     return GeluMlpFunction.apply(x, w1, b1, w2, b2, train)

@@ -18,7 +18,7 @@ tokens are cut into slices (about two programs per multiprocessor in all, see
 :func:`_weight_grad_split`); one program owns a ``[BLOCK_N, BLOCK_J]`` tile of one slice and loops
 over its tokens in a fixed order, and the float32 slice sums are added in a fixed order too
 (deterministic, no atomics). The spectrogram gradient (only when ``spec`` requires
-grad) scatters ``grad @ W`` back to the kept patches; removed patches get zeros. ``pos`` gets a
+grad) computes ``grad @ W`` per kept token and adds it into its patch; removed patches get zeros. ``pos`` gets a
 gradient only if it requires one (it is a frozen table in the model).
 
 Layers: Triton kernels -> launchers (``torch.library`` custom ops, traceable by ``torch.compile``)
@@ -141,16 +141,16 @@ def _patch_embed_bwd_weight_kernel(
 
 @triton.jit
 def _patch_embed_bwd_spec_kernel(
-    g_ptr, w_ptr, ids_ptr, dspec_ptr,
-    K, D, FG,
+    g_ptr, w_ptr, dspec_ptr,
+    K, D,
     s_gb, s_gk, s_gd,
     s_wd, s_wj,
-    s_ib, s_ik,
-    s_db, s_dt, s_df,
+    s_db, s_dk, s_dj,
     P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dpatch[b, k, j] = sum_n g[b, k, n] * W[n, j], written into the kept patches of dspec."""
+    """dpatch[b, k, j] = sum_n g[b, k, n] * W[n, j], one float32 row per kept token (the launcher
+    adds the rows into the patches they came from)."""
     pid_m = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -158,7 +158,6 @@ def _patch_embed_bwd_spec_kernel(
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_m = offs_m < K
     mask_j = offs_j < P * P
-    l = tl.load(ids_ptr + b * s_ib + offs_m * s_ik, mask=mask_m, other=0).to(tl.int64)
     acc = tl.full((BLOCK_M, BLOCK_J), 0.0, tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -170,9 +169,8 @@ def _patch_embed_bwd_spec_kernel(
         if UPCAST:
             g, w = g.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision=PREC)
-    ptrs = (dspec_ptr + b * s_db + ((l // FG) * P)[:, None] * s_dt + ((l % FG) * P)[:, None] * s_df
-            + (offs_j // P)[None, :] * s_dt + (offs_j % P)[None, :] * s_df)
-    tl.store(ptrs, acc.to(dspec_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_j[None, :])
+    ptrs = dspec_ptr + b * s_db + offs_m[:, None].to(tl.int64) * s_dk + offs_j[None, :] * s_dj
+    tl.store(ptrs, acc, mask=mask_m[:, None] & mask_j[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,17 +272,24 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
         db = db_out.sum(0).to(weight.dtype)
     if need_spec_grad and B * K > 0:
         w = weight.reshape(D, pp)
+        dpatch = _alloc((B, K, pp), torch.float32, spec.device)
         grid = (triton.cdiv(K, bm), triton.cdiv(pp, bj), B)
         _launcher(_patch_embed_bwd_spec_kernel)[grid](
-            grad, w, ids_keep, dspec,
-            K, D, fg,
+            grad, w, dpatch,
+            K, D,
             grad.stride(0), grad.stride(1), grad.stride(2),
             w.stride(0), w.stride(1),
-            ids_keep.stride(0), ids_keep.stride(1),
-            dspec.stride(0), dspec.stride(2), dspec.stride(3),
+            dpatch.stride(0), dpatch.stride(1), dpatch.stride(2),
             P=p, BLOCK_M=bm, BLOCK_D=bn, BLOCK_J=bj, PREC=prec, UPCAST=dot_upcast(spec.dtype, _interpreting()),
             num_warps=warps,
         )
+        # each token's gradient added into its patch (a repeated index gets the sum), the patch grid
+        # folded back to [T, F]; removed patches and a cropped remainder stay zero
+        tg = T // p
+        grid_grad = dpatch.new_zeros(B, tg * fg, pp).scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, pp),
+                                                                   dpatch)
+        folded = grid_grad.view(B, tg, fg, p, p).permute(0, 1, 3, 2, 4).reshape(B, tg * p, fg * p)
+        dspec[:, 0, :tg * p, :fg * p] = folded.to(spec.dtype)
     return dspec, dw, db
 
 
@@ -321,10 +326,10 @@ class MaskedPatchEmbedFunction(torch.autograd.Function):
         if need_spec or need_w or need_b:
             dspec, dw, db = masked_patch_embed_bwd(grad, spec, weight, ids_keep, bool(need_spec))
         if need_pos:
-            # kept ids are distinct within a sample: scatter per sample, then sum over the batch
+            # added per sample (a repeated index gets the sum), then summed over the batch
             B, K, D = grad.shape
             per_sample = grad.new_zeros(B, ctx.pos_shape[1], D)
-            per_sample[:, 1:].scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), grad)
+            per_sample[:, 1:].scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, D), grad)
             dpos = per_sample.sum(0, keepdim=True).to(ctx.pos_dtype)
         return (dspec if need_spec else None, dw if need_w else None, db if need_b else None, dpos, None)
 
@@ -337,9 +342,10 @@ def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         spec: ``[B, 1, T, F]`` float32 / bfloat16 / float16 spectrogram (any strides); a remainder
             that does not fill a whole patch is ignored, as by the strided convolution.
         weight: ``[D, 1, p, p]`` patch-embedding kernel (``patch_embed.proj.weight``), cast to
-            ``spec.dtype``; ``bias``: ``[D]``, likewise.
+            ``spec.dtype``; ``bias``: ``[D]`` or None, likewise.
         pos: ``[1, 1 + L, D]`` position table, row 0 the cls token's (unused here); ``L = (T // p) * (F // p)``.
-        ids_keep: ``[B, K]`` int64 time-major patch indices (``t * (F // p) + f``) to embed.
+        ids_keep: ``[B, K]`` int64 time-major patch indices (``t * (F // p) + f``) to embed, in
+            ``[0, L)``; a row may repeat an index (its gradients add up).
 
     Returns:
         ``[B, K, D]`` in ``promote_types(spec.dtype, pos.dtype)``: ``gather(conv(spec) + pos[:, 1:], ids_keep)``.
@@ -351,5 +357,6 @@ def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                                model.pos_embed, ids_keep)            # [B, K, D]
     """
     weight = weight.to(spec.dtype)
-    bias = bias.to(spec.dtype)
+    # the kernel reads the bias as a dense vector: a strided or expanded one is copied first
+    bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.to(spec.dtype).contiguous()
     return MaskedPatchEmbedFunction.apply(spec, weight, bias, pos, ids_keep)
