@@ -546,3 +546,29 @@ def test_graceful_interrupt_flags_the_first_sigint_and_restores_the_handler():
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_predict_keeps_no_autograd_graph():
+    """Evaluation scores carry no graph: memory stays flat over the evaluation set (with one, every
+    batch's activations would live until the scores are joined)."""
+    from audiomae.data import FeatureExtractor, SyntheticAudioDataset
+    from audiomae.train.loop import embed_dataset, predict
+
+    torch.manual_seed(0)
+    model = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=10)
+    data = SyntheticAudioDataset(num_clips=6, clip_seconds=2.56, split="val")
+    feats = FeatureExtractor(target_length=256)
+    opts = {"batch_size": 4, "num_workers": 0, "quiet": True}
+    scores, targets = predict(model, data, opts, torch.device("cpu"), feats)
+    assert scores.shape == (6, 10) and not scores.requires_grad and scores.grad_fn is None
+    emb, _ = embed_dataset(model, data, opts, torch.device("cpu"), feats)
+    assert not emb.requires_grad
+
+
+def test_a_nan_evaluation_does_not_keep_the_best_checkpoint_forever():
+    from audiomae.train.loop import improves
+
+    nan = float("nan")
+    assert improves(0.3, None) and improves(nan, None)
+    assert improves(0.4, 0.3) and not improves(0.3, 0.3) and not improves(0.2, 0.3)
+    assert improves(0.1, nan) and not improves(nan, nan) and not improves(nan, 0.3)

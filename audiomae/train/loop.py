@@ -879,6 +879,7 @@ def _rank_batches(dataset, opts: Dict[str, Any], info, desc: str):
         yield batch, _readable(batch) & (position < n)
 
 
+@torch.no_grad()  # (the decorator of the generator above covers only its own steps)
 def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info=D.DistInfo(),
             desc="evaluating") -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores (sigmoid or softmax) and targets of a whole dataset, gathered from every rank."""
@@ -948,6 +949,13 @@ def compute_metrics(scores, targets, dataset) -> Dict[str, Any]:
 
 def headline(metrics: Dict[str, Any]) -> Tuple[str, float]:
     return ("mAP", metrics["mAP"]) if "mAP" in metrics else ("accuracy", metrics["accuracy"])
+
+
+def improves(value: float, best: Optional[float]) -> bool:
+    """Whether an evaluation's headline ``value`` replaces the ``best`` so far: the first one does, a
+    higher one does (ties keep the earlier), and any number replaces a NaN (an evaluation whose
+    classes had no positive clip), which nothing could otherwise beat."""
+    return best is None or value > best or (math.isnan(best) and not math.isnan(value))
 
 
 def write_report(metrics: Dict[str, Any], path: str) -> None:
@@ -1045,7 +1053,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
                              **{k: v for k, v in metrics.items() if k != "per_class"}})
             if info.is_main:
                 tqdm.write(f"epoch {tr.epoch}: {name} {value:.4f}")
-            if tr.best is None or value > tr.best:
+            if improves(value, tr.best):
                 tr.best = value
                 tr.save(BEST)
                 if info.is_main:
