@@ -158,6 +158,15 @@ def test_metrics():
     m = multilabel_metrics(torch.stack([s, 1 - s], 1), torch.stack([y, 1 - y], 1))
     assert m["mAP"] == pytest.approx((average_precision(s, y) + average_precision(1 - s, 1 - y)) / 2)
     assert math.isnan(average_precision(s, torch.zeros(4)))
+    assert (m["classes"], m["ap_classes"], m["auc_classes"]) == (2, 2, 2)
+    from audiomae.train.metrics import coverage_note
+    assert coverage_note(m) == ""
+    # a class without positives is left out of the mAP, one without negatives out of the AUC: counted and said
+    m = multilabel_metrics(torch.stack([s, 1 - s, s * 0.5], 1), torch.stack([y, torch.zeros(4), torch.ones(4)], 1))
+    assert m["mAP"] == pytest.approx((average_precision(s, y) + 1.0) / 2) and m["AUC"] == pytest.approx(0.75)
+    assert (m["classes"], m["ap_classes"], m["auc_classes"]) == (3, 2, 1)
+    assert coverage_note(m) == (" (mAP over 2 of 3 classes: 1 has no positive clip here; AUC over 1: 1 has no "
+                                "negative clip)")
     acc = singlelabel_metrics(torch.eye(3)[[0, 1, 1]], torch.eye(3)[[0, 1, 2]])
     assert acc["accuracy"] == pytest.approx(2 / 3)
 

@@ -24,7 +24,7 @@ from .. import ops_cuda
 from ..config import AudioMAEConfig
 from ..model import AudioMAE, AudioMAEClassifier
 from . import distributed as D
-from .metrics import multilabel_metrics, singlelabel_metrics
+from .metrics import coverage_note, multilabel_metrics, singlelabel_metrics
 from .optim import (FINETUNE_NO_DECAY, LEGACY_NO_DECAY, PRETRAIN_NO_DECAY, adamw, effective_lr, lr_at, param_groups,
                     set_lr)
 from .sampler import ResumableSampler
@@ -1052,7 +1052,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
             tr.runlog.write({"phase": "eval", "step": tr.step, "epoch": tr.epoch,
                              **{k: v for k, v in metrics.items() if k != "per_class"}})
             if info.is_main:
-                tqdm.write(f"epoch {tr.epoch}: {name} {value:.4f}")
+                tqdm.write(f"epoch {tr.epoch}: {name} {value:.4f}{coverage_note(metrics)}")
             if improves(value, tr.best):
                 tr.best = value
                 tr.save(BEST)
@@ -1216,7 +1216,7 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
         extra = f", AUC {metrics['AUC']:.4f}, d' {metrics['d_prime']:.3f}" if "AUC" in metrics else ""
         skipped = getattr(dataset, "bad_count", 0)
         skipped = f" ({skipped} unreadable file{'s' if skipped != 1 else ''} left out)" if skipped else ""
-        print(f"{name} {value:.4f}{extra} on {len(targets)} clips{skipped}; per-class report in "
+        print(f"{name} {value:.4f}{extra} on {len(targets)} clips{skipped}{coverage_note(metrics)}; per-class report in "
               f"{os.path.join(opts['output_dir'], 'report.csv')}")
     D.cleanup()
     return metrics

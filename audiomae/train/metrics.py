@@ -66,7 +66,10 @@ def _nanmean(values: List[float]) -> float:
 def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, class_names: Optional[List[str]] = None) -> Dict:
     """``scores``/``targets`` [N, C] -> mAP, mean AUC, d-prime and a per-class table.
 
-    Classes without positives in ``targets`` are left out of the means (their AP is undefined)."""
+    Classes without positives in ``targets`` are left out of the means (their AP is undefined), as
+    are classes without negatives from the AUC's; ``ap_classes`` and ``auc_classes`` count the
+    classes each mean is over (the release averages over all classes, which fails or counts such
+    classes as 0 where an evaluation set lacks some)."""
     targets = (targets > 0.5).double()
     aps = [average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]
     aucs = [roc_auc(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]
@@ -74,7 +77,22 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, class_names:
     names = class_names or [str(c) for c in range(scores.shape[1])]
     per_class = [{"class": i, "name": names[i], "ap": aps[i], "auc": aucs[i], "positives": int(targets[:, i].sum())}
                  for i in range(scores.shape[1])]
-    return {"mAP": _nanmean(aps), "AUC": mauc, "d_prime": d_prime(mauc), "per_class": per_class}
+    return {"mAP": _nanmean(aps), "AUC": mauc, "d_prime": d_prime(mauc), "classes": len(aps),
+            "ap_classes": sum(not math.isnan(a) for a in aps), "auc_classes": sum(not math.isnan(a) for a in aucs),
+            "per_class": per_class}
+
+
+def coverage_note(metrics: Dict) -> str:
+    """``" (mAP over 2 of 3 classes: 1 has no positive clip here)"``, or "" when every class counts."""
+    if "ap_classes" not in metrics:
+        return ""
+    C, ap, auc = metrics["classes"], metrics["ap_classes"], metrics["auc_classes"]
+    parts = []
+    if ap < C:
+        parts.append(f"mAP over {ap} of {C} classes: {C - ap} {'has' if C - ap == 1 else 'have'} no positive clip here")
+    if auc < ap:
+        parts.append(f"AUC over {auc}: {ap - auc} {'has' if ap - auc == 1 else 'have'} no negative clip")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def singlelabel_metrics(scores: torch.Tensor, targets: torch.Tensor, class_names: Optional[List[str]] = None) -> Dict:
