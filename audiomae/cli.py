@@ -103,7 +103,8 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1) - 1 if (os.cpu_count() or 1) > 1 else 0,
                    help="audio decoding worker processes")
     g.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="stop when more than this fraction of the clips read so far cannot be decoded")
+                   help="stop when more than this fraction of the clips read so far cannot be decoded (judged after "
+                        "100 clips, or all of a smaller dataset)")
 
 
 def _add_run(p: argparse.ArgumentParser, out_default: Optional[str], seed_help: str) -> None:

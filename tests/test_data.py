@@ -438,9 +438,9 @@ def test_bad_files_substituted_counted_reported_once(tmp_path, caplog):
     assert "empty" in reasons["empty.wav"] and "no such file" in reasons["missing.wav"]
     warned = _warned_paths(caplog)
     assert sorted(os.path.basename(p) for p in warned) == sorted(BAD_NAMES)  # once each
-    # each bad file counts once (missing.wav is tried for items 3 and 4, in both epochs), every good
-    # read counts
-    assert ds.bad_tracker.bad_attempts == 3 and ds.bad_tracker.attempts == 2 * 10 + 3
+    # each clip counts once (missing.wav is tried for items 3 and 4, in both epochs; clip 5 is read
+    # for items 3, 4 and 5): the 7 readable clips and the 3 bad files
+    assert ds.bad_tracker.bad_attempts == 3 and ds.bad_tracker.attempts == 7 + 3
 
 
 def test_bad_fraction_threshold(tmp_path):
@@ -451,11 +451,13 @@ def test_bad_fraction_threshold(tmp_path):
             ds[i]
     msg = str(info.value)
     assert "corrupt.wav" in msg and "empty.wav" in msg
-    # the default leaves a few bad reads at the start alone (min_attempts=100)
+    # by default the threshold waits for 100 clips, or all of a smaller dataset: here the 10th
     ds = ManifestDataset(manifest, labels, clip_seconds=0.1)
-    for i in range(len(ds)):
+    for i in range(len(ds) - 1):
         ds[i]
-    assert ds.bad_count == 3
+    assert ds.bad_count == 3 and ds.bad_tracker.judged_after == 10
+    with pytest.raises(TooManyBadFilesError, match=r"3 audio files could not be decoded, 30.00% of the 10 clips"):
+        ds[len(ds) - 1]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -555,7 +557,28 @@ def test_loader_aggregates_bad_files(tmp_path, caplog, num_workers):
     assert ds.bad_count == 3 and loader.bad_count == 3
     assert {os.path.basename(p) for p in loader.bad_files} == BAD_NAMES
     assert sorted(os.path.basename(p) for p in _warned_paths(caplog)) == sorted(BAD_NAMES)
-    assert ds.bad_tracker.bad_attempts == 3 and ds.bad_tracker.attempts == 2 * 10 + 3
+    # each clip once over both epochs: the 7 readable ones and the 3 bad files
+    assert ds.bad_tracker.bad_attempts == 3 and ds.bad_tracker.attempts == 7 + 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_small_dataset_is_judged_in_its_first_pass(tmp_path, num_workers):
+    """Fewer clips than min_attempts: the threshold applies once every clip was read (in the first
+    epoch, not in whichever later one brings the reads to 100), and a rank's share counts as all."""
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    good = _wav(str(tmp_path / "g.wav"), 0.03)
+    entries = [{"wav": good if i in (0, 7) else f"missing-{i}.wav", "labels": "/m/a"} for i in range(12)]
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
+    loader = make_loader(ds, batch_size=4, shuffle=True, num_workers=num_workers, seed=0)
+    assert ds.bad_tracker.judged_after == 12
+    with pytest.raises(TooManyBadFilesError, match=r"10 audio files could not be decoded, 83.33% of the 12 clips"):
+        for _ in loader:
+            pass
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
+    from audiomae.train.sampler import ResumableSampler
+    make_loader(ds, batch_size=4, sampler=ResumableSampler(12, rank=1, world_size=4))
+    assert ds.bad_tracker.judged_after == 3
 
 
 def test_loader_threshold_with_workers(tmp_path):

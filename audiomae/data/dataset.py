@@ -30,8 +30,8 @@ dataset is indexed there (directly, or by a loader without worker processes), an
 loader (:func:`audiomae.data.make_loader`), which feeds the ``"bad"`` lists of each batch into the
 dataset's :class:`BadFileTracker` in the main process. The tracker reports each bad path once
 (logger ``audiomae.data``), counts them (``dataset.bad_count``, ``dataset.bad_files``), and raises
-:class:`TooManyBadFilesError` once the bad files exceed ``max_bad_fraction`` of the reads after
-at least ``min_attempts`` reads (each bad file counts once).
+:class:`TooManyBadFilesError` once the bad files exceed ``max_bad_fraction`` of the clips read,
+judged after ``min_attempts`` clips or all of a smaller dataset (each clip counts once).
 """
 from __future__ import annotations
 
@@ -65,13 +65,15 @@ class TooManyBadFilesError(RuntimeError):
 class BadFileTracker:
     """Counts reads and bad files, reports each bad path once, and applies the threshold.
 
-    A bad file counts once, however often it is tried again (as a substitute, in a later epoch or
-    in another worker process): ``attempts`` are the good reads plus the distinct bad files, and
-    ``bad_attempts`` the distinct bad files.
+    A clip counts once, however often it is read again (as a substitute, in a later epoch or in
+    another worker process): ``attempts`` are the distinct clips read well plus the distinct bad
+    files, and ``bad_attempts`` the distinct bad files, so the fraction is that of the data, not of
+    how long a run has been reading it. (Good reads passed without their indices count each time.)
     ``max_bad_fraction``: the largest tolerated fraction ``bad_attempts / attempts``.
-    ``min_attempts``: no judgement before this many reads, so that a single early failure of an
-    otherwise healthy dataset does not trip a 1 % threshold. Set ``max_bad_fraction=1.0`` to never
-    raise.
+    ``min_attempts``: no judgement before this many clips, so that a single early failure of an
+    otherwise healthy dataset does not trip a 1 % threshold; a smaller dataset (or a process's share
+    of one, see :meth:`expect`) is judged once all its clips have been read. Set
+    ``max_bad_fraction=1.0`` to never raise.
     """
 
     def __init__(self, max_bad_fraction: float = 0.01, min_attempts: int = 100) -> None:
@@ -84,6 +86,25 @@ class BadFileTracker:
         self.attempts = 0
         self.bad_attempts = 0
         self.bad_files: Dict[str, str] = {}  # path -> reason, in the order first seen
+        self._seen: Optional[bytearray] = None  # one byte per clip: read well already
+        self._reachable: Optional[int] = None  # the most distinct clips this process can read
+
+    def expect(self, size: int, reachable: Optional[int] = None) -> None:
+        """The dataset has ``size`` clips, of which this process reads at most ``reachable`` (its
+        sampler's share): judged after ``min(min_attempts, reachable)`` distinct clips."""
+        size = int(size)
+        if self._seen is None or len(self._seen) != size:
+            self._seen = bytearray(size)
+            self.attempts = self.bad_attempts
+        reachable = size if reachable is None else min(size, int(reachable))
+        self._reachable = reachable if self._reachable is None else max(self._reachable, reachable)
+
+    @property
+    def judged_after(self) -> int:
+        """The number of distinct clips read before the threshold applies."""
+        if self._reachable is None:
+            return self.min_attempts
+        return max(1, min(self.min_attempts, self._reachable))
 
     @property
     def bad_count(self) -> int:
@@ -94,9 +115,16 @@ class BadFileTracker:
     def bad_fraction(self) -> float:
         return self.bad_attempts / self.attempts if self.attempts else 0.0
 
-    def update(self, bad: Iterable[Sequence[str]], good: int) -> None:
-        """Record ``good`` successful reads and the failed reads ``bad`` ((path, reason) pairs),
-        report new bad paths, then apply the threshold."""
+    def update(self, bad: Iterable[Sequence[str]], good: int, indices: Optional[Iterable[int]] = None) -> None:
+        """Record ``good`` successful reads (of the clips ``indices``, when given: those not read
+        before count) and the failed reads ``bad`` ((path, reason) pairs), report new bad paths,
+        then apply the threshold."""
+        if indices is not None and self._seen is not None:
+            good = 0
+            for i in indices:
+                if not self._seen[i]:
+                    self._seen[i] = 1
+                    good += 1
         n_bad = 0
         for path, reason in bad:
             path = str(path)
@@ -114,16 +142,17 @@ class BadFileTracker:
     def update_from_batch(self, batch: Dict[str, Any]) -> None:
         """Account for a collated batch (see :func:`audiomae.data.collate_items`)."""
         bad = batch.get("bad", [])
-        self.update(bad, good=len(batch["index"]))
+        index = batch["index"]
+        self.update(bad, good=len(index), indices=index.tolist() if torch.is_tensor(index) else list(index))
 
     def check(self) -> None:
-        if self.attempts >= self.min_attempts and self.bad_fraction > self.max_bad_fraction:
+        if self.attempts >= self.judged_after and self.bad_fraction > self.max_bad_fraction:
             raise TooManyBadFilesError(self.summary())
 
     def summary(self, max_paths: int = 10) -> str:
         lines = [
-            f"{self.bad_count} audio files could not be decoded, {self.bad_fraction:.2%} of the "
-            f"{self.attempts} clips read, more than the {self.max_bad_fraction:.2%} allowed (--max-bad-fraction, "
+            f"{self.bad_count} audio file{'s' if self.bad_count != 1 else ''} could not be decoded, "
+            f"{self.bad_fraction:.2%} of the {self.attempts} clips read, more than the {self.max_bad_fraction:.2%} allowed (--max-bad-fraction, "
             f"max_bad_fraction={self.max_bad_fraction:g}); first bad files:"
         ]
         for path, reason in list(self.bad_files.items())[:max_paths]:
@@ -136,6 +165,8 @@ class BadFileTracker:
         self.attempts = 0
         self.bad_attempts = 0
         self.bad_files.clear()
+        if self._seen is not None:
+            self._seen = bytearray(len(self._seen))
 
 
 def frames_for(num_samples: int) -> int:
@@ -305,6 +336,8 @@ class ClipDataset(Dataset):
                 break
             bad.append((self._path(used), reason))
         in_main = get_worker_info() is None
+        if in_main and self.bad_tracker._seen is None:
+            self.bad_tracker.expect(n)
         if waveform is None:
             if in_main:
                 self.bad_tracker.update(bad, good=0)  # may raise with the full summary
@@ -313,7 +346,7 @@ class ClipDataset(Dataset):
                 f"no readable clip among the {tries} clips from index {index} on:\n{shown}"
             )
         if in_main:
-            self.bad_tracker.update(bad, good=1)
+            self.bad_tracker.update(bad, good=1, indices=(used,))
         item: Dict[str, Any] = {"target": self.target(used), "index": used, "bad": bad}
         if self.transform is not None:
             waveform = self.transform(waveform)

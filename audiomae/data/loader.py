@@ -301,6 +301,11 @@ def make_loader(
     tracker = getattr(base, "bad_tracker", None)
     if tracker is None:
         tracker = BadFileTracker()
+    try:  # judged after min_attempts clips, or all those this process's sampler reaches
+        reachable = len(sampler) if sampler is not None else len(base)
+        tracker.expect(len(base), reachable)
+    except TypeError:  # a dataset or sampler without a length
+        pass
     # Without workers the dataset accounts for its reads itself, in this process.
     return ClipLoader(loader, tracker, account=num_workers > 0, seed=seed, generator=generator)
 
