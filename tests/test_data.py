@@ -276,6 +276,26 @@ def test_missing_manifest_or_labels(tmp_path):
         ManifestDataset(tmp_path / "m.json", tmp_path / "nope.csv")
 
 
+def test_files_that_are_not_utf8_text(tmp_path):
+    """A Latin-1 label file or manifest, a compressed manifest, an audio file given as the manifest:
+    a DataError naming the file and what to do, not a UnicodeDecodeError."""
+    import gzip
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    (tmp_path / "m.json").write_text('{"data": [{"wav": "a.wav", "labels": "/m/a"}]}')
+    (tmp_path / "latin1.csv").write_bytes("index,mid,display_name\n0,/m/a,Caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv: the label file is not UTF-8 text .*Save it as UTF-8"):
+        ManifestDataset(tmp_path / "m.json", tmp_path / "latin1.csv")
+    (tmp_path / "m1.csv").write_bytes("wav,labels\ncaf\u00e9.wav,/m/a\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"m1.csv: the manifest is not UTF-8 text"):
+        ManifestDataset(tmp_path / "m1.csv", tmp_path / "labels.csv")
+    (tmp_path / "m.json.gz").write_bytes(gzip.compress((tmp_path / "m.json").read_bytes()))
+    with pytest.raises(DataError, match=r"m.json.gz: the manifest is not UTF-8 text .*decompress it first"):
+        ManifestDataset(tmp_path / "m.json.gz", tmp_path / "labels.csv")
+    wav = _wav(str(tmp_path / "clip.wav"), 0.1)
+    with pytest.raises(DataError, match=r"clip.wav: an audio file, not a manifest: --data takes"):
+        ManifestDataset(wav, tmp_path / "labels.csv")
+
+
 def test_malformed_csv_manifest(tmp_path):
     (tmp_path / "labels.csv").write_text(LABEL_CSV)
     (tmp_path / "m.csv").write_text("wav,labels\na.wav,/m/a\nb.wav,/m/a,extra\n")

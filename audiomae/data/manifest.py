@@ -51,6 +51,22 @@ class LabelSet:
         return {m: i for i, m in enumerate(self.mids)}
 
 
+_AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus", ".m4a")
+
+
+def _not_text(path: str, what: str, e: UnicodeDecodeError) -> DataError:
+    """The error for a file that is not UTF-8 text, with what it most likely is instead."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _AUDIO_EXTENSIONS:
+        hint = (" It is an audio file: --data takes a manifest (.json, .csv, .tsv) or a folder of class "
+                "sub-folders (audio files to embed are given as arguments of audiomae embed).")
+    elif ext in (".gz", ".bz2", ".xz", ".zip", ".zst"):
+        hint = " It is compressed: decompress it first."
+    else:
+        hint = " Save it as UTF-8."
+    return DataError(f"{path}: the {what} is not UTF-8 text (byte {e.start}: {e.reason}).{hint}")
+
+
 def read_label_csv(path: PathLike) -> LabelSet:
     """Read a class-labels CSV (``index,mid,display_name``).
 
@@ -62,57 +78,65 @@ def read_label_csv(path: PathLike) -> LabelSet:
         f = open(path, newline="", encoding="utf-8-sig")
     except OSError as e:
         raise DataError(f"{path}: cannot open the label file: {e.strerror or e}") from e
-    with f:
-        reader = csv.reader(f)
+    try:
+        return _read_label_rows(f, path)
+    except UnicodeDecodeError as e:
+        raise _not_text(path, "label file", e) from None
+    finally:
+        f.close()
+
+
+def _read_label_rows(f: Any, path: str) -> LabelSet:
+    reader = csv.reader(f)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
+    if header is None:
+        raise DataError(f"{path}: the label file is empty (expected a header 'index,mid,display_name')")
+    cols = [h.strip().lower() for h in header]
+    for need in ("index", "mid"):
+        if need not in cols:
+            raise DataError(
+                f"{path}, line 1: the header {header!r} has no '{need}' column "
+                "(expected 'index,mid,display_name')"
+            )
+    i_idx, i_mid = cols.index("index"), cols.index("mid")
+    i_name = cols.index("display_name") if "display_name" in cols else None
+    by_index: Dict[int, Tuple[str, str]] = {}
+    line_of_index: Dict[int, int] = {}
+    line_of_mid: Dict[str, int] = {}
+    while True:
         try:
-            header = next(reader, None)
+            row = next(reader)
+        except StopIteration:
+            break
         except csv.Error as e:
             raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
-        if header is None:
-            raise DataError(f"{path}: the label file is empty (expected a header 'index,mid,display_name')")
-        cols = [h.strip().lower() for h in header]
-        for need in ("index", "mid"):
-            if need not in cols:
-                raise DataError(
-                    f"{path}, line 1: the header {header!r} has no '{need}' column "
-                    "(expected 'index,mid,display_name')"
-                )
-        i_idx, i_mid = cols.index("index"), cols.index("mid")
-        i_name = cols.index("display_name") if "display_name" in cols else None
-        by_index: Dict[int, Tuple[str, str]] = {}
-        line_of_index: Dict[int, int] = {}
-        line_of_mid: Dict[str, int] = {}
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) <= max(i_idx, i_mid):
-                raise DataError(f"{path}, line {line}: expected at least {max(i_idx, i_mid) + 1} fields, got {len(row)}: {row!r}")
-            raw_index, mid = row[i_idx].strip(), row[i_mid].strip()
-            try:
-                index = int(raw_index)
-            except ValueError:
-                raise DataError(f"{path}, line {line}: index {raw_index!r} is not an integer") from None
-            if index < 0:
-                raise DataError(f"{path}, line {line}: negative index {index}")
-            if not mid:
-                raise DataError(f"{path}, line {line}: empty mid")
-            if index in by_index:
-                raise DataError(
-                    f"{path}, line {line}: duplicate index {index} (first on line {line_of_index[index]})"
-                )
-            if mid in line_of_mid:
-                raise DataError(f"{path}, line {line}: duplicate mid {mid!r} (first on line {line_of_mid[mid]})")
-            name = row[i_name].strip() if i_name is not None and i_name < len(row) else ""
-            by_index[index] = (mid, name or mid)
-            line_of_index[index] = line
-            line_of_mid[mid] = line
+        line = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= max(i_idx, i_mid):
+            raise DataError(f"{path}, line {line}: expected at least {max(i_idx, i_mid) + 1} fields, got {len(row)}: {row!r}")
+        raw_index, mid = row[i_idx].strip(), row[i_mid].strip()
+        try:
+            index = int(raw_index)
+        except ValueError:
+            raise DataError(f"{path}, line {line}: index {raw_index!r} is not an integer") from None
+        if index < 0:
+            raise DataError(f"{path}, line {line}: negative index {index}")
+        if not mid:
+            raise DataError(f"{path}, line {line}: empty mid")
+        if index in by_index:
+            raise DataError(
+                f"{path}, line {line}: duplicate index {index} (first on line {line_of_index[index]})"
+            )
+        if mid in line_of_mid:
+            raise DataError(f"{path}, line {line}: duplicate mid {mid!r} (first on line {line_of_mid[mid]})")
+        name = row[i_name].strip() if i_name is not None and i_name < len(row) else ""
+        by_index[index] = (mid, name or mid)
+        line_of_index[index] = line
+        line_of_mid[mid] = line
     if not by_index:
         raise DataError(f"{path}: the label file has a header but no classes")
     missing = sorted(set(range(len(by_index))) - set(by_index))
@@ -150,6 +174,9 @@ def read_manifest(path: PathLike) -> List[Tuple[str, Any, str]]:
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
+    if ext in _AUDIO_EXTENSIONS and os.path.isfile(path):
+        raise DataError(f"{path}: an audio file, not a manifest: --data takes a manifest (.json, .csv, .tsv) or a "
+                        "folder of class sub-folders (audio files to embed are given as arguments of audiomae embed)")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             if ext in (".csv", ".tsv"):
@@ -157,6 +184,8 @@ def read_manifest(path: PathLike) -> List[Tuple[str, Any, str]]:
             text = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot open the manifest: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise _not_text(path, "manifest", e) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
