@@ -666,7 +666,25 @@ def _release_input(w, target_length, stats="audioset"):
     return ((f + 4.2677393) / (2 * 4.5689974)).float()[None]
 
 
-@pytest.mark.parametrize("seconds", [0.25, 0.5, 0.8, 0.02, 1.0])
+def test_a_clip_shorter_than_one_frame_is_unreadable(tmp_path):
+    """Under 25 ms (400 samples at 16 kHz) a clip has no fbank frame: its input would be padding
+    only, so it is skipped and counted as a bad file (as embed and load_input refuse it), and so is
+    what a transform shortens below a frame."""
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    short, good = _wav(str(tmp_path / "short.wav"), 0.02), _wav(str(tmp_path / "good.wav"), 0.1)
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": short, "labels": "/m/a"},
+                                                          {"wav": good, "labels": "/m/b"}]}))
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.1, max_bad_fraction=1.0)
+    item = ds[0]
+    assert item["index"] == 1 and item["bad"][0][0] == short
+    assert "320 samples (20 ms at 16000 Hz) is shorter than one 25 ms analysis frame" in item["bad"][0][1]
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.1,
+                         transform=lambda w: w[:100])
+    with pytest.raises(ValueError, match="transform returned 100 samples for clip 1, fewer than one 25 ms"):
+        ds[1]
+
+
+@pytest.mark.parametrize("seconds", [0.25, 0.5, 0.8, 0.03, 1.0])
 def test_short_clips_get_the_release_padding(tmp_path, seconds):
     """A clip shorter than the clip length: fbank of its real samples, padded after the log
     (+0.467 rows), alike in features mode, in a batch through the feature extractor, and as

@@ -354,6 +354,9 @@ class ClipDataset(Dataset):
                 got = f"a tensor of shape {tuple(waveform.shape)} ({waveform.dtype})" \
                     if isinstance(waveform, torch.Tensor) else f"a {type(waveform).__name__}"
                 raise TypeError(f"the dataset's transform must return a 1-D float tensor (the waveform), got {got}")
+            if num_frames(waveform.shape[-1], self.sample_rate) == 0:
+                raise ValueError(f"the dataset's transform returned {waveform.shape[-1]} samples for clip {used}, fewer "
+                                 "than one 25 ms analysis frame")
         item["length"] = min(int(waveform.shape[-1]), self.clip_samples)
         waveform = fix_length(waveform, self.clip_samples)
         if self.features:
@@ -381,6 +384,9 @@ class ClipDataset(Dataset):
             raise ValueError(f"expected a mono waveform, got shape {a.shape}")
         if a.size == 0:
             raise ValueError("no samples")
+        if num_frames(a.size, self.sample_rate) == 0:  # its input would be all padding
+            raise ValueError(f"{a.size} samples ({a.size * 1000 // self.sample_rate} ms at {self.sample_rate} Hz) is "
+                             "shorter than one 25 ms analysis frame")
         if not np.isfinite(a).all():
             raise ValueError("non-finite samples")
         return torch.from_numpy(a)
