@@ -406,6 +406,28 @@ def test_folder_dataset_symlink_loop(tmp_path):
     assert [os.path.basename(p) for p in ds.paths] == ["b.wav", "a.wav"]
 
 
+def test_folder_dataset_system_folders_and_what_it_leaves_out(tmp_path, caplog):
+    """__MACOSX / @eaDir are no class (they used to take index 0 and shift every label); audio files
+    in the root, of another format, or reached by two classes through a link are named in warnings."""
+    _wav(str(tmp_path / "dog" / "a.wav"), 0.1)
+    _wav(str(tmp_path / "cat" / "b.wav"), 0.1)
+    _wav(str(tmp_path / "__MACOSX" / "dog" / "._a.wav"), 0.1)
+    _wav(str(tmp_path / "dog" / "@eaDir" / "a.wav"), 0.1)
+    _wav(str(tmp_path / "loose.wav"), 0.1)
+    (tmp_path / "dog" / "song.mp3").write_bytes(b"ID3")
+    os.symlink(tmp_path / "cat", tmp_path / "dog" / "linkcat")
+    caplog.set_level(logging.WARNING, logger="audiomae.data")
+    ds = FolderDataset(tmp_path, clip_seconds=0.1)
+    assert ds.class_names == ["cat", "dog"]
+    assert [os.path.relpath(p, tmp_path) for p in ds.paths] == [
+        os.path.join("cat", "b.wav"), os.path.join("dog", "a.wav"), os.path.join("dog", "linkcat", "b.wav")]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "1 audio file directly in" in text and "is in no class folder" in text
+    assert "left out 1 .mp3 file under" in text
+    assert "1 audio file is in two class folders (through a link), with both labels: " in text
+    assert os.path.join("dog", "linkcat", "b.wav") + " (also in cat)" in text
+
+
 def test_folder_dataset_errors(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         FolderDataset(tmp_path / "missing")
