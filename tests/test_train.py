@@ -581,3 +581,16 @@ def test_a_nan_evaluation_does_not_keep_the_best_checkpoint_forever():
     assert improves(0.3, None) and improves(nan, None)
     assert improves(0.4, 0.3) and not improves(0.3, 0.3) and not improves(0.2, 0.3)
     assert improves(0.1, nan) and not improves(nan, nan) and not improves(nan, 0.3)
+
+
+def test_labels_with_a_folder_dataset_are_noted_as_unused(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+    from audiomae.train.loop import build_dataset
+
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / c)
+        sf.write(str(tmp_path / c / "a.wav"), np.zeros(1600, dtype=np.float32), 16000)
+    ds = build_dataset({"data": str(tmp_path), "labels": "classes.csv"}, "train")
+    assert ds.class_names == ["cat", "dog"]
+    assert "--labels classes.csv is not used: the classes of the folder" in capsys.readouterr().err

@@ -159,6 +159,10 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
     clip = opts.get("clip_seconds") or None
     common["target_length"] = opts.get("target_length") or None
     if os.path.isdir(path):
+        if opts.get("labels") and (path, "labels") not in _NOTED and os.environ.get("RANK", "0") == "0":
+            _NOTED.add((path, "labels"))
+            print(f"note: --labels {opts['labels']} is not used: the classes of the folder {path} are its "
+                  "sub-folders, by name", file=sys.stderr)
         return data_mod.FolderDataset(path, clip_seconds=clip, **common)
     single = bool(opts.get("single_label"))
     ds = data_mod.ManifestDataset(path, opts.get("labels"), clip_seconds=clip, multi_label=not single,
