@@ -212,6 +212,15 @@ def choose(op: str, *args, **kwargs) -> Tuple[str, Callable]:
     return _choose(op, args, kwargs, prepare=True)
 
 
+def _why_not(impl, args, kwargs) -> List[str]:
+    """A backend's reasons not to run; a check that fails on odd inputs is a reason too (the next
+    backend, the reference last, then meets the inputs and says what is wrong with them)."""
+    try:
+        return list(impl.why_not(*args, **kwargs))
+    except Exception as e:
+        return [f"support check failed: {type(e).__name__}: {e}"]
+
+
 def _choose(op: str, args, kwargs, prepare: bool) -> Tuple[str, Callable]:
     impls = _REGISTRY.get(op)
     if not impls:
@@ -219,7 +228,7 @@ def _choose(op: str, args, kwargs, prepare: bool) -> Tuple[str, Callable]:
     forced, source = _forced(op)
     if forced is not None:
         impl = impls.get(forced)
-        why = [f"no {forced} implementation of {op}"] if impl is None else impl.why_not(*args, **kwargs)
+        why = [f"no {forced} implementation of {op}"] if impl is None else _why_not(impl, args, kwargs)
         if why:
             raise BackendUnavailableError(f"{op}: backend '{forced}' was asked for but cannot run: " + "; ".join(why)
                                           + ". " + _undo_advice(op, source), op=op, backend=forced, reasons=why)
@@ -228,7 +237,7 @@ def _choose(op: str, args, kwargs, prepare: bool) -> Tuple[str, Callable]:
         impl = impls.get(b)
         if impl is None:
             continue
-        why = impl.why_not(*args, **kwargs) or impl.passed_over(*args, **kwargs)
+        why = _why_not(impl, args, kwargs) or impl.passed_over(*args, **kwargs)
         if not why and prepare and impl.prepare is not None and not _compiling():
             try:
                 impl.prepare()
@@ -271,7 +280,8 @@ def triton_reasons(*tensors) -> List[str]:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
         return [f"triton is not importable ({type(e).__name__}: {e})"]
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    # as Triton reads it (1, true, yes, on, y), without touching triton.knobs (torch.compile skips it)
+    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
     for t in tensors:
         if t is None:
             continue

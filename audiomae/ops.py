@@ -66,6 +66,10 @@ def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, g
     windows, the fused Triton kernels (:mod:`audiomae.kernels.window_attention`) otherwise; CPU
     tensors the reference. ``AUDIOMAE_BACKEND`` or :func:`audiomae.dispatch.set_backend` overrides.
     """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or \
+            qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"window_attention: qkv must be [B, T*F, 3C] with C divisible by num_heads >= 1; got qkv "
+                         f"{list(qkv.shape)}, num_heads={num_heads!r}")
     return dispatch.call("window_attention", qkv, tau, bias, grid, window, shift, num_heads)
 
 

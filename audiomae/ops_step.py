@@ -111,6 +111,13 @@ def _unshuffle_why_not(x, mask_token, ids_restore, pos, keep_cls) -> List[str]:
     if x.dim() != 3 or ids_restore.dim() != 2 or pos.dim() != 3:
         out.append(f"shapes x {list(x.shape)}, ids_restore {list(ids_restore.shape)}, pos {list(pos.shape)}: "
                    "need [B, 1 + K, D], [B, L], [1, 1 + L, D]")
+    else:  # the shapes the kernel indexes by, which the reference checks as it goes
+        (B, K1, D), L = x.shape, ids_restore.shape[1]
+        if ids_restore.shape[0] != B or not 1 <= K1 <= 1 + L or tuple(pos.shape) != (1, 1 + L, D) \
+                or tuple(mask_token.shape) != (1, 1, D):
+            out.append(f"shapes x {list(x.shape)}, mask_token {list(mask_token.shape)}, ids_restore "
+                       f"{list(ids_restore.shape)}, pos {list(pos.shape)} do not match [B, 1 + K, D], [1, 1, D], "
+                       "[B, L], [1, 1 + L, D] with K <= L")
     out += _dtype_reasons("x/mask_token/pos", x, mask_token, pos)
     if ids_restore.dtype not in (torch.int64, torch.int32):
         out.append(f"ids_restore dtype {ids_restore.dtype} (need int64 or int32)")

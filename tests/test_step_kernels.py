@@ -455,6 +455,44 @@ def test_dispatch_reasons_and_fallback(monkeypatch):
     assert set(dispatch.registered_ops()) >= {"masked_patch_embed", "decoder_unshuffle", "masked_norm_pix_loss"}
 
 
+def test_unshuffle_shapes_the_kernel_cannot_take_go_to_the_reference():
+    leaves, ids_restore = unshuffle_inputs(2, 30, 4, 8)
+    x, mt, pos = [t.detach().float() for t in leaves]
+    bad = {"ids batch": (x, mt, ids_restore[:1], pos, False), "K > L": (torch.randn(2, 40, 8), mt, ids_restore, pos, False),
+           "pos rows": (x, mt, ids_restore, pos[:, 1:], False), "mask token": (x, mt[..., :4], ids_restore, pos, False)}
+    for name, args in bad.items():
+        assert any("do not match" in r for r in dispatch.reasons("decoder_unshuffle", *args)["triton"]), name
+        assert dispatch.choose("decoder_unshuffle", *args)[0] == "torch", name
+        with pytest.raises(RuntimeError):
+            ops_step.decoder_unshuffle(*args)
+
+
+def test_a_failing_support_check_is_a_reason_and_triton_interpret_spellings(monkeypatch):
+    """A backend whose check raises on odd inputs is passed over (the reference then meets them);
+    TRITON_INTERPRET=true counts as Triton counts it."""
+    monkeypatch.setattr(dispatch, "_REGISTRY", dict(dispatch._REGISTRY))  # the test op is gone afterwards
+    monkeypatch.setattr(dispatch, "_PREFERENCE", dict(dispatch._PREFERENCE))
+    calls = []
+
+    def check(x):
+        calls.append(x)
+        raise ZeroDivisionError("division by zero")
+
+    dispatch.register("test_op_failing_check", "triton", lambda x: "triton", check)
+    dispatch.register("test_op_failing_check", "torch", lambda x: "torch")
+    dispatch.set_preference("test_op_failing_check", ("triton", "torch"))
+    assert dispatch.call("test_op_failing_check", 1) == "torch" and calls == [1]
+    with dispatch.use_backend("triton", op="test_op_failing_check"):
+        with pytest.raises(dispatch.BackendUnavailableError, match="support check failed: ZeroDivisionError"):
+            dispatch.call("test_op_failing_check", 1)
+    if DEVICE == "cpu":
+        for value in ("true", "On", "y"):
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+            assert dispatch.triton_reasons(torch.zeros(1)) == []
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert dispatch.triton_reasons(torch.zeros(1))
+
+
 def test_public_ops_agree_across_backends():
     leaves, ids = patch_embed_inputs(2, 48, 32, 16, 24, 3)
     spec, weight, bias, pos = [t.detach().float() for t in leaves]

@@ -443,3 +443,11 @@ def test_compile_tiny_model_on_cuda(no_tf32):
     params = dict(model.named_parameters())
     for name, g in eager_grads.items():
         torch.testing.assert_close(params[name].grad, g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("heads", [0, 5, 2.0, True], ids=["zero", "not-dividing", "float", "bool"])
+def test_a_head_count_that_cannot_split_the_channels_is_a_clear_error(heads):
+    from audiomae import ops
+    qkv, tau, bias = torch.randn(1, 16, 24), torch.ones(2, 1, 1), torch.zeros(2, 16, 16)
+    with pytest.raises(ValueError, match=r"C divisible by num_heads >= 1; got qkv \[1, 16, 24\]"):
+        ops.window_attention(qkv, tau, bias, (4, 4), (4, 4), (0, 0), heads)
