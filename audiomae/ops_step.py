@@ -90,7 +90,7 @@ def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     ``spec`` [B, 1, T, F], ``weight`` [D, 1, p, p] (cast to ``spec.dtype``), ``bias`` [D] or None,
     ``pos`` [1, 1 + L, D], ``ids_keep`` [B, K] (time-major patch indices in ``[0, L)``; repeats are
-    allowed) -> ``[B, K, D]`` in
+    allowed; the reference refuses one outside, the kernel gives its row NaN) -> ``[B, K, D]`` in
     ``promote_types(spec.dtype, pos.dtype)``; equals ``gather(conv(spec) + pos[:, 1:], ids_keep)``.
     """
     weight = weight.to(spec.dtype)

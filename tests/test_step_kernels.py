@@ -191,6 +191,29 @@ def test_masked_patch_embed_repeated_ids_and_strided_bias():
                                masked_patch_embed_reference(spec, weight, None, pos, ids), rtol=1e-5, atol=1e-5)
 
 
+def test_masked_patch_embed_ids_outside_the_grid_are_nan_rows():
+    """An id outside [0, L) is read from nowhere: its row is NaN (the loss shows it), the other rows
+    are right, and the weight gradient reads no pixel for it."""
+    leaves, ids = patch_embed_inputs(2, 64, 48, 16, 40, 5)
+    spec, weight, bias, pos = [t.detach().float() for t in leaves]
+    L = pos.shape[1] - 1
+    bad = ids.clone()
+    bad[0, 1], bad[1, 3] = L + 3, -1
+    fn = kernel_module("patch_embed").masked_patch_embed
+    weight.requires_grad_(True)
+    out = fn(spec, weight, bias, pos, bad)
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(out[1, 3]).all()
+    ref = masked_patch_embed_reference(spec, weight.detach(), bias, pos, ids)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 1] = keep[1, 3] = False
+    torch.testing.assert_close(out.detach()[keep], ref[keep], rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    g[~keep] = 0
+    (dw,) = torch.autograd.grad(out, weight, g)
+    (dw_ref,) = torch.autograd.grad(masked_patch_embed_reference(spec, weight, bias, pos, ids), weight, g)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_masked_patch_embed_shapes_the_kernel_cannot_take_go_to_the_reference():
     """Shapes the kernel would index out of its buffers (or read only part of) are its reasons not to
     run: the automatic choice leaves them to the reference, which computes or refuses them."""

@@ -52,7 +52,7 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 @triton.jit
 def _patch_embed_fwd_kernel(
     spec_ptr, w_ptr, bias_ptr, pos_ptr, ids_ptr, out_ptr,
-    K, D, FG,
+    K, D, FG, L,
     s_sb, s_st, s_sf,
     s_wd, s_wj,
     s_pl, s_pd,
@@ -69,6 +69,9 @@ def _patch_embed_fwd_kernel(
     mask_m = offs_m < K
     mask_n = offs_n < D
     l = tl.load(ids_ptr + b * s_ib + offs_m * s_ik, mask=mask_m, other=0).to(tl.int64)
+    # an id outside [0, L) reads nothing and gives a NaN row (no read outside the buffers)
+    valid = mask_m & (l >= 0) & (l < L)
+    l = tl.where(valid, l, 0)
     # top-left pixel of each kept patch
     base = spec_ptr + b * s_sb + ((l // FG) * P)[:, None] * s_st + ((l % FG) * P)[:, None] * s_sf
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -76,7 +79,7 @@ def _patch_embed_fwd_kernel(
         j = j0 + tl.arange(0, BLOCK_J)
         mask_j = j < P * P
         a = tl.load(base + (j // P)[None, :] * s_st + (j % P)[None, :] * s_sf,
-                    mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                    mask=valid[:, None] & mask_j[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[None, :] * s_wd + j[:, None] * s_wj,
                     mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
@@ -86,8 +89,9 @@ def _patch_embed_fwd_kernel(
     # the convolution's output is in the input dtype
     acc = (acc + bias[None, :]).to(spec_ptr.dtype.element_ty).to(tl.float32)
     mask_mn = mask_m[:, None] & mask_n[None, :]
-    pos = tl.load(pos_ptr + (1 + l)[:, None] * s_pl + offs_n[None, :] * s_pd, mask=mask_mn, other=0.0)
-    out = acc + pos.to(tl.float32)
+    pos = tl.load(pos_ptr + (1 + l)[:, None] * s_pl + offs_n[None, :] * s_pd, mask=valid[:, None] & mask_n[None, :],
+                  other=0.0)
+    out = tl.where(valid[:, None], acc + pos.to(tl.float32), float("nan"))
     tl.store(out_ptr + b * s_ob + offs_m[:, None] * s_ok + offs_n[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
@@ -95,7 +99,7 @@ def _patch_embed_fwd_kernel(
 @triton.jit
 def _patch_embed_bwd_weight_kernel(
     g_ptr, spec_ptr, ids_ptr, dw_ptr, db_ptr,
-    K, R, D, FG, CHUNK,
+    K, R, D, FG, L, CHUNK,
     s_gb, s_gk, s_gd,
     s_sb, s_st, s_sf,
     s_ib, s_ik,
@@ -123,12 +127,14 @@ def _patch_embed_bwd_weight_kernel(
         b = (r // K).to(tl.int64)
         k = r % K
         l = tl.load(ids_ptr + b * s_ib + k * s_ik, mask=mask_r, other=0).to(tl.int64)
+        valid = mask_r & (l >= 0) & (l < L)  # (an id outside [0, L) made a NaN row: nothing to read)
+        l = tl.where(valid, l, 0)
         # the gradient reaching the convolution is in its output dtype (the input dtype)
         g = tl.load(g_ptr + b[:, None] * s_gb + k[:, None] * s_gk + offs_n[None, :] * s_gd,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(spec_ptr.dtype.element_ty)
         a = tl.load(spec_ptr + b[:, None] * s_sb + ((l // FG) * P)[:, None] * s_st + ((l % FG) * P)[:, None] * s_sf
                     + (offs_j // P)[None, :] * s_st + (offs_j % P)[None, :] * s_sf,
-                    mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+                    mask=valid[:, None] & mask_j[None, :], other=0.0)
         acc_b += tl.reduce(g.to(tl.float32), 0, tl.standard._sum_combine)
         if UPCAST:
             g, a = g.to(tl.float32), a.to(tl.float32)
@@ -217,7 +223,7 @@ def masked_patch_embed_fwd(spec: torch.Tensor, weight: torch.Tensor, bias: torch
     grid = (triton.cdiv(K, bm), triton.cdiv(D, bn), B)
     _launcher(_patch_embed_fwd_kernel)[grid](
         spec, w, bias, pos, ids_keep, out,
-        K, D, Fq // p,
+        K, D, Fq // p, (T // p) * (Fq // p),
         spec.stride(0), spec.stride(2), spec.stride(3),
         w.stride(0), w.stride(1),
         pos.stride(1), pos.stride(2),
@@ -259,7 +265,7 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
     grid = (triton.cdiv(D, bn), triton.cdiv(pp, bj), split)
     _launcher(_patch_embed_bwd_weight_kernel)[grid](
         grad, spec, ids_keep, dw_out, db_out,
-        max(K, 1), B * K, D, fg, chunk,
+        max(K, 1), B * K, D, fg, (T // p) * fg, chunk,
         grad.stride(0), grad.stride(1), grad.stride(2),
         spec.stride(0), spec.stride(2), spec.stride(3),
         ids_keep.stride(0), ids_keep.stride(1),
@@ -345,7 +351,8 @@ def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             ``spec.dtype``; ``bias``: ``[D]`` or None, likewise.
         pos: ``[1, 1 + L, D]`` position table, row 0 the cls token's (unused here); ``L = (T // p) * (F // p)``.
         ids_keep: ``[B, K]`` int64 time-major patch indices (``t * (F // p) + f``) to embed, in
-            ``[0, L)``; a row may repeat an index (its gradients add up).
+            ``[0, L)`` (an index outside gives a row of NaN, read from nowhere); a row may repeat an
+            index (its gradients add up).
 
     Returns:
         ``[B, K, D]`` in ``promote_types(spec.dtype, pos.dtype)``: ``gather(conv(spec) + pos[:, 1:], ids_keep)``.
