@@ -490,6 +490,26 @@ def test_unshuffle_shapes_the_kernel_cannot_take_go_to_the_reference():
             ops_step.decoder_unshuffle(*args)
 
 
+def test_unshuffle_negative_ids_are_nan_rows():
+    leaves, ids_restore = unshuffle_inputs(2, 30, 4, 8)
+    x, mt, pos = [t.detach().float().requires_grad_(True) for t in leaves]
+    bad = ids_restore.clone()
+    bad[0, 5], bad[1, 7] = -3, -40
+    fn = kernel_module("unshuffle").decoder_unshuffle
+    out = fn(x, mt, bad, pos, False)
+    keep = torch.ones(2, 30, dtype=torch.bool)
+    keep[0, 5] = keep[1, 7] = False
+    assert torch.isnan(out[~keep]).all()
+    ref = decoder_unshuffle_reference(x, mt, ids_restore, pos, False)
+    torch.testing.assert_close(out[keep], ref[keep])
+    # the mask token's gradient leaves the NaN rows out
+    g = torch.randn_like(out)
+    g[~keep] = 0
+    (got,) = torch.autograd.grad(out, mt, g)
+    (want,) = torch.autograd.grad(ref, mt, g)
+    torch.testing.assert_close(got, want)
+
+
 def test_a_failing_support_check_is_a_reason_and_triton_interpret_spellings(monkeypatch):
     """A backend whose check raises on odd inputs is passed over (the reference then meets them);
     TRITON_INTERPRET=true counts as Triton counts it."""

@@ -72,7 +72,8 @@ def _unshuffle_fwd_kernel(
     l = o - KEEP_CLS  # patch position; -1 is the cls row
     is_cls = l < 0
     r = tl.load(ids_ptr + b * s_ib + l * s_il, mask=mask_o & (l >= 0), other=0).to(tl.int64)
-    from_x = is_cls | (r < K)
+    bad = (l >= 0) & (r < 0)  # not from a permutation: a NaN row, read from nowhere
+    from_x = is_cls | ((r >= 0) & (r < K))
     src = tl.where(is_cls, 0, 1 + r)
     m2 = mask_o[:, None] & mask_d[None, :]
     xv = tl.load(x_ptr + b * s_xb + src[:, None] * s_xk + offs_d[None, :] * s_xd,
@@ -80,7 +81,7 @@ def _unshuffle_fwd_kernel(
     mt = tl.load(mt_ptr + offs_d * s_md, mask=mask_d, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     v = tl.where(from_x[:, None], xv, mt[None, :])
     pos = tl.load(pos_ptr + (l + 1)[:, None] * s_pl + offs_d[None, :] * s_pd, mask=m2, other=0.0)
-    out = v + pos.to(tl.float32)
+    out = tl.where(bad[:, None], float("nan"), v + pos.to(tl.float32))
     tl.store(out_ptr + b * s_ob + o[:, None] * s_ol + offs_d[None, :] * s_od, out.to(out_ptr.dtype.element_ty),
              mask=m2)
 
@@ -104,7 +105,8 @@ def _unshuffle_bwd_kernel(
     l = o - KEEP_CLS
     is_cls = l < 0
     r = tl.load(ids_ptr + b * s_ib + l * s_il, mask=mask_o & (l >= 0), other=0).to(tl.int64)
-    from_x = is_cls | (r < K)
+    bad = (l >= 0) & (r < 0)  # (a NaN row in the forward: its gradient goes nowhere)
+    from_x = is_cls | ((r >= 0) & (r < K))
     m2 = mask_o[:, None] & mask_d[None, :]
     g = tl.load(g_ptr + b * s_gb + o[:, None] * s_gl + offs_d[None, :] * s_gd, mask=m2, other=0.0).to(tl.float32)
     # kept rows (and the cls row) go back to where they came from
@@ -116,7 +118,7 @@ def _unshuffle_bwd_kernel(
             zero = tl.full((BLOCK_D,), 0.0, tl.float32)
             tl.store(dx_ptr + b * s_xb + offs_d * s_xd, zero.to(dx_ptr.dtype.element_ty), mask=mask_d)
     # removed rows: this program's share of the mask token's gradient
-    part = tl.reduce(tl.where(from_x[:, None], 0.0, g), 0, tl.standard._sum_combine)
+    part = tl.reduce(tl.where((from_x | bad)[:, None], 0.0, g), 0, tl.standard._sum_combine)
     tl.store(part_ptr + (b * NUM_L_BLOCKS + pid_l) * D + offs_d, part, mask=mask_d)
 
 
@@ -225,7 +227,10 @@ def decoder_unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
         x: ``[B, 1 + K, D]`` ``decoder_embed`` output, cls token first, then the kept tokens in kept
             order (float32 / bfloat16 / float16).
         mask_token: ``[1, 1, D]`` learned mask token (cast to ``x.dtype`` before use).
-        ids_restore: ``[B, L]`` int64 permutation from the masking (``r < K``: kept token ``r``).
+        ids_restore: ``[B, L]`` int64 permutation from the masking (``r < K``: kept token ``r``); a
+            negative entry gives a row of NaN (read from nowhere). The backward needs the permutation:
+            it writes each row of ``x``'s gradient once, where the permutation sends it (the
+            reference, :func:`audiomae.reference.step.decoder_unshuffle_reference`, takes any ids).
         pos: ``[1, 1 + L, D]`` decoder position table, row 0 for the cls token.
         keep_cls: keep the cls token in front (global decoders) or drop it (local decoders).
 
