@@ -150,7 +150,7 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
                    help="start afresh in a run folder that holds a run's checkpoint, replacing it (without this, "
                         "such a folder needs --resume)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: only per epoch)")
-    g.add_argument("--max-nan-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
+    g.add_argument("--max-nan-steps", type=int, default=20, help="stop after this many steps in a row skipped for a non-finite loss or gradient")
     g.add_argument("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
 
 

@@ -289,9 +289,25 @@ def test_nan_steps_are_skipped_then_stop(tmp_path):
 
     tr = _trainer(tmp_path / "b", always_nan)
     w0 = tr.model.weight.detach().clone()
-    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
         tr.run()
     assert torch.equal(tr.model.weight, w0)  # skipped steps never touch the weights
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_skipped(tmp_path):
+    """sqrt at 0: the loss is 0, its gradient inf; the step is skipped like a NaN loss's and the
+    weights stay finite."""
+    calls = {"n": 0}
+
+    def step_fn(m, batch):
+        calls["n"] += 1
+        out = m(batch["waveform"]).mean()
+        return (out * 0).abs().sqrt() if calls["n"] == 2 else out
+
+    tr = _trainer(tmp_path, step_fn)
+    summary = tr.run()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 8
+    assert torch.isfinite(tr.model.weight).all() and torch.isfinite(tr.model.bias).all()
 
 
 def test_resume_continues_exactly(tmp_path):

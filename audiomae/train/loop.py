@@ -448,6 +448,15 @@ class Trainer:
             torch.distributed.all_reduce(flag)
         return bool(flag.item() == 0)
 
+    def _grads_finite(self) -> bool:
+        """Whether every gradient is finite: a finite loss can still give an inf or NaN gradient
+        (a square root at 0, an overflow in bfloat16), which one step would write into the weights.
+        The gradients are the same on every process after DDP's reduction."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all())
+
     def train_step(self, batches: List[Dict[str, Any]]) -> Optional[float]:
         set_lr(self.optimizer, self.current_lr())
         self.optimizer.zero_grad(set_to_none=True)
@@ -463,6 +472,10 @@ class Trainer:
                     return None
                 self.scaler.scale(loss / len(batches)).backward()
             total += float(loss.detach()) / len(batches)
+        if not self.scaler.is_enabled() and not self._grads_finite():
+            # (fp16's scaler skips such a step itself and lowers its scale)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         clip = self.opts.get("clip_grad")
         if clip:
             self.scaler.unscale_(self.optimizer)
@@ -550,9 +563,10 @@ class Trainer:
                     self.nan_streak += 1
                     self.skipped += 1
                     if self.info.is_main:
-                        tqdm.write(f"step {self.step}: non-finite loss, step skipped ({self.nan_streak} in a row)")
+                        tqdm.write(f"step {self.step}: non-finite loss or gradients, step skipped "
+                                   f"({self.nan_streak} in a row)")
                     if self.nan_streak > max_nan:
-                        raise TrainingError(f"{self.nan_streak} non-finite losses in a row (limit --max-nan-steps "
+                        raise TrainingError(f"{self.nan_streak} non-finite steps in a row (limit --max-nan-steps "
                                             f"{max_nan}): the run diverged; lower the learning rate or check the data")
                 else:
                     self.nan_streak = 0
