@@ -610,3 +610,24 @@ def test_labels_with_a_folder_dataset_are_noted_as_unused(tmp_path, capsys):
     ds = build_dataset({"data": str(tmp_path), "labels": "classes.csv"}, "train")
     assert ds.class_names == ["cat", "dog"]
     assert "--labels classes.csv is not used: the classes of the folder" in capsys.readouterr().err
+
+
+def test_held_out_loss_masks_each_clip_by_its_index():
+    """The held-out loss draws each clip's mask from the seed and the clip's index: the same loss in
+    any order and batch size (and so with any number of processes, each reading its share)."""
+    from audiomae.data import FeatureExtractor, SyntheticAudioDataset
+    from audiomae.train.loop import held_out_loss
+
+    torch.manual_seed(0)
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    data = SyntheticAudioDataset(num_clips=5, clip_seconds=2.56, split="val")
+    feats = FeatureExtractor(target_length=256)
+    cpu = torch.device("cpu")
+    opts = {"num_workers": 0, "quiet": True}
+    a = held_out_loss(model, data, dict(opts, batch_size=2), cpu, feats)
+    reordered = torch.utils.data.Subset(data, [3, 1, 4, 0, 2])
+    b = held_out_loss(model, reordered, dict(opts, batch_size=3), cpu, feats)
+    assert a == pytest.approx(b, rel=1e-6, abs=0)
+    rng = torch.get_rng_state()
+    c = held_out_loss(model, data, dict(opts, batch_size=5), cpu, feats, seed=1)
+    assert c != pytest.approx(a, rel=1e-6) and torch.equal(torch.get_rng_state(), rng)

@@ -921,12 +921,14 @@ def predict(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info
 def held_out_loss(model: nn.Module, dataset, opts: Dict[str, Any], device, feats, info=D.DistInfo(),
                   mask_ratio: float = 0.8, seed: int = 0) -> float:
     """Mean masked-patch loss of a pretraining model over a dataset (each readable clip once, over
-    every rank), with masks drawn from ``seed``: the same masks after every epoch, and the training
-    random state left as it was."""
+    every rank), each clip masked by noise drawn from ``seed`` and its index: the same masks after
+    every epoch, with any number of processes or batch size, and in every run (``--seed`` does not
+    move them, so runs compare); the training random state is left as it was."""
     was_training = model.training
     model.eval()
     precision = _resolve_precision(opts.get("precision", "auto"), device)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-clip losses, clips
+    width = _noise_width(getattr(model, "module", model).config)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # only the generators that fork_rng restores: the CPU's and the run's GPU
         torch.random.default_generator.manual_seed(seed + info.rank)
@@ -938,8 +940,9 @@ def held_out_loss(model: nn.Module, dataset, opts: Dict[str, Any], device, feats
             if not clips:
                 continue
             x = feats({k: batch[k][keep] for k in ("input", "waveform", "length") if k in batch})
+            noise = _clip_noise(batch["index"][keep].tolist(), width, seed).to(device)
             with _autocast(device, precision):
-                loss = model(x, mask_ratio=mask_ratio).loss.double()
+                loss = model(x, mask_ratio=mask_ratio, noise=noise).loss.double()
             # every clip has the same number of masked patches: the batch's loss is its clips' mean
             total += torch.stack([loss * clips, loss.new_tensor(float(clips))])
     model.train(was_training)
@@ -948,6 +951,18 @@ def held_out_loss(model: nn.Module, dataset, opts: Dict[str, Any], device, feats
     if total[1] == 0:
         raise TrainingError(f"no readable clip in the held-out set ({len(dataset)} clips)")
     return float(total[0] / total[1])
+
+
+def _noise_width(cfg: AudioMAEConfig) -> int:
+    """The number of noise values per clip that fix the pretraining masking of ``cfg``'s mode."""
+    T, F = cfg.grid_size
+    return {"unstructured": T * F, "time": T, "frequency": F, "time_frequency": T + F}[cfg.mask_mode]
+
+
+def _clip_noise(indices: Sequence[int], width: int, seed: int) -> torch.Tensor:
+    """``[len(indices), width]`` masking noise, each row drawn from ``seed`` and its clip's index."""
+    rows = [torch.rand(width, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in indices]
+    return torch.stack(rows) if rows else torch.zeros(0, width)
 
 
 def _readable(batch: Dict[str, Any]) -> torch.Tensor:
