@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple, Union
@@ -156,7 +157,14 @@ def _as_float_tensor(waveform: ArrayLike) -> torch.Tensor:
 
     Integer samples keep their scale (no division by full scale), as torchaudio's fbank does.
     """
-    x = waveform if isinstance(waveform, torch.Tensor) else torch.as_tensor(np.asarray(waveform))
+    if isinstance(waveform, torch.Tensor):
+        x = waveform
+    else:
+        a = np.asarray(waveform)
+        if a.dtype.byteorder not in ("=", "|") or any(s < 0 for s in a.strides):
+            # big-endian samples (soundfile's '>f4'), reversed views: what torch cannot view
+            a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+        x = torch.as_tensor(a)
     if x.dtype not in (torch.float32, torch.float64):
         if x.is_complex():
             raise TypeError("a waveform must be real-valued")
@@ -231,6 +239,9 @@ def mel_filterbank(
 
 
 def _frame_params(sample_rate: float, frame_length: float, frame_shift: float) -> Tuple[int, int, int]:
+    if not all(math.isfinite(v) and v > 0 for v in (sample_rate, frame_length, frame_shift)):
+        raise ValueError(f"sample_rate={sample_rate}, frame_length={frame_length} ms and frame_shift={frame_shift} ms "
+                         "must be positive numbers")
     # same integer truncation as torchaudio / Kaldi
     win = int(sample_rate * frame_length * 0.001)
     shift = int(sample_rate * frame_shift * 0.001)
@@ -422,9 +433,9 @@ def pad_or_cut(features: torch.Tensor, target_length: int) -> torch.Tensor:
     """
     if features.dim() < 2:
         raise ValueError(f"features must be [..., T, F], got shape {tuple(features.shape)}")
+    if isinstance(target_length, bool) or not isinstance(target_length, numbers.Integral) or target_length < 1:
+        raise ValueError(f"target_length must be a positive whole number of frames, got {target_length!r}")
     target_length = int(target_length)
-    if target_length < 1:
-        raise ValueError(f"target_length must be positive, got {target_length}")
     t = features.shape[-2]
     if t == target_length:
         return features
@@ -540,7 +551,14 @@ def waveform_to_input(
     are refused (ValueError); ``check_finite=False`` skips that pass (NaN frames then, as in the
     fused front ends, which do not look).
     """
-    x = waveform if isinstance(waveform, torch.Tensor) else torch.as_tensor(np.asarray(waveform))
+    if isinstance(waveform, torch.Tensor):
+        x = waveform
+    else:
+        a = np.asarray(waveform)
+        if a.dtype.byteorder not in ("=", "|") or any(s < 0 for s in a.strides):
+            # big-endian samples (soundfile's '>f4'), reversed views: what torch cannot view
+            a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+        x = torch.as_tensor(a)
     if x.dtype in _INT_FULL_SCALE:
         x = x.to(torch.float32) / _INT_FULL_SCALE[x.dtype]
     elif x.dtype == torch.uint8:

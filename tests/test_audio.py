@@ -133,6 +133,23 @@ def test_fbank_layout_hint_empty_batch_and_bins():
     assert A.fbank(torch.zeros(16000), num_mel_bins=64.0).shape == (98, 64)
 
 
+def test_big_endian_and_reversed_arrays_odd_rates_and_frame_counts():
+    """numpy arrays torch cannot view (big-endian samples, negative strides) are read as their values;
+    a rate that is not a positive number and a fractional target length are named."""
+    y = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    torch.testing.assert_close(A.fbank(y.astype(">f4")), A.fbank(y), rtol=0, atol=0)
+    torch.testing.assert_close(A.fbank(y[::-1]), A.fbank(y[::-1].copy()), rtol=0, atol=0)
+    pcm = (y * 3000).astype(np.int16)
+    torch.testing.assert_close(A.waveform_to_input(pcm.astype(">i2")), A.waveform_to_input(pcm), rtol=0, atol=0)
+    for rate in (float("nan"), 0, -16000.0):
+        with pytest.raises(ValueError, match="must be positive numbers"):
+            A.fbank(y, sample_rate=rate)
+    for t in (2.5, 0, True):
+        with pytest.raises(ValueError, match="target_length must be a positive whole number of frames"):
+            A.waveform_to_input(y, target_length=t)
+    assert A.waveform_to_input(y, target_length=np.int64(100)).shape == (1, 100, 128)
+
+
 def test_waveform_to_input_refuses_samples_it_cannot_scale_and_non_finite_ones():
     pcm = (np.sin(np.arange(16000) / 10) * 0.5 * 32767).astype(np.int16)
     for wide in (pcm.astype(np.int64), pcm.astype(np.uint16), np.ones(16000, dtype=bool)):

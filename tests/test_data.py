@@ -363,6 +363,15 @@ def test_dataset_arguments_are_checked_when_the_dataset_is_made(tmp_path):
         bad[0]
     with pytest.raises(ValueError, match="holds 'waveform'.*this one has 'foo'"):
         FeatureExtractor()({"foo": 1})
+    # rates, clip lengths and frame counts: usage errors now, not every file "unreadable" later
+    for kw, match in ((dict(sample_rate=0), "sample_rate must be a positive whole number of Hz, got 0"),
+                      (dict(sample_rate=22050.5), "got 22050.5"),
+                      (dict(clip_seconds=float("inf")), "clip_seconds must be a positive number of seconds"),
+                      (dict(clip_seconds="1"), "got '1'"),
+                      (dict(clip_seconds=1e-5), "clip_seconds=1e-05 is shorter than one 25 ms analysis frame")):
+        with pytest.raises(ValueError, match=match):
+            SyntheticAudioDataset(num_clips=2, **kw)
+    assert SyntheticAudioDataset(num_clips=2, clip_seconds=1.0, target_length=np.int64(100)).target_length == 100
 
 
 def test_items_at_another_rate_get_the_16khz_input_length():

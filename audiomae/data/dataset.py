@@ -36,6 +36,8 @@ judged after ``min_attempts`` clips or all of a smaller dataset (each clip count
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -242,9 +244,17 @@ class ClipDataset(Dataset):
         max_substitutions: int = 100,
         downmix: str = "first",
     ) -> None:
-        if target_length is not None and (not isinstance(target_length, int) or target_length < 1):
+        if target_length is not None and (isinstance(target_length, bool) or
+                                          not isinstance(target_length, numbers.Integral) or target_length < 1):
             raise ValueError(f"target_length must be a positive number of frames (or None for the default), got "
                              f"{target_length!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not sample_rate > 0 \
+                or sample_rate != int(sample_rate):
+            raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
+        if clip_seconds is not None and (isinstance(clip_seconds, bool) or not isinstance(clip_seconds, numbers.Real)
+                                         or not math.isfinite(clip_seconds)):
+            raise ValueError(f"clip_seconds must be a positive number of seconds (or None for the model input's span), "
+                             f"got {clip_seconds!r}")
         self.sample_rate = int(sample_rate)
         self.features = bool(features)
         if clip_seconds is None:
@@ -259,6 +269,8 @@ class ClipDataset(Dataset):
                 default_target_length(int(round(clip_seconds * SAMPLE_RATE)))
         self.clip_seconds = float(clip_seconds)
         self.clip_samples = int(round(clip_seconds * sample_rate))
+        if num_frames(self.clip_samples, self.sample_rate) == 0:
+            raise ValueError(f"clip_seconds={clip_seconds:g} is shorter than one 25 ms analysis frame")
         get_stats(stats)  # a name, a pair or NormStats: a wrong one is named now, not at the first item
         self.stats = stats
         self.num_mel_bins = int(num_mel_bins)
