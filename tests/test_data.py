@@ -276,6 +276,19 @@ def test_missing_manifest_or_labels(tmp_path):
         ManifestDataset(tmp_path / "m.json", tmp_path / "nope.csv")
 
 
+def test_a_file_listed_twice_is_named(tmp_path, caplog):
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    entries = [{"wav": "a.wav", "labels": "/m/a"}, {"wav": "b.wav", "labels": "/m/a"},
+               {"wav": "./a.wav", "labels": "/m/b"}, {"wav": "b.wav", "labels": "/m/a"}]
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    caplog.set_level(logging.WARNING, logger="audiomae.data")
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv")
+    assert len(ds) == 4
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "2 entries repeat a file listed before (each is a clip of its own; 1 with other labels)" in text
+    assert "data[2] repeats " in text and "data[0]" in text
+
+
 def test_files_that_are_not_utf8_text(tmp_path):
     """A Latin-1 label file or manifest, a compressed manifest, an audio file given as the manifest:
     a DataError naming the file and what to do, not a UnicodeDecodeError."""

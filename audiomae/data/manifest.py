@@ -305,6 +305,24 @@ class ManifestDataset(ClipDataset):
             if not self.multi_label and len(idx) != 1:
                 raise DataError(f"{where}: {len(idx)} labels {mids!r} in a single-label dataset")
             self._labels.append(tuple(idx))
+        self._warn_repeats(entries)
+
+    def _warn_repeats(self, entries) -> None:
+        """A file listed twice is two clips (counted twice in evaluation): said, with the first ones,
+        and whether their labels disagree."""
+        if len(set(self.paths)) == len(self.paths):
+            return
+        first: dict = {}
+        repeats, disagree = [], 0
+        for i, p in enumerate(self.paths):
+            j = first.setdefault(p, i)
+            if j != i:
+                repeats.append((j, i))
+                disagree += self._labels[j] != self._labels[i]
+        shown = "; ".join(f"{entries[i][2]} repeats {entries[j][2]}" for j, i in repeats[:3])
+        logger.warning("%s: %d entr%s repeat a file listed before (each is a clip of its own%s): %s%s",
+                       self.manifest_path, len(repeats), "ies" if len(repeats) != 1 else "y",
+                       f"; {disagree} with other labels" if disagree else "", shown, " ..." if len(repeats) > 3 else "")
 
     def _relative_base(self, entries, probe: int = 20) -> str:
         """The folder relative paths are taken from: the manifest's, or the working directory when only
