@@ -474,6 +474,15 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert state["step"] == 8  # 2 epochs of 32 clips / (2 ranks x batch 4), the second after a resume
 
 
+def test_ddp_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_interrupt.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29534", script, str(tmp_path)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "interrupted together at step 3, resumed exactly" in proc.stdout
+
+
 def test_embed_dataset_leaves_unreadable_files_out(tmp_path, tiny_ckpt, capsys):
     from audiomae.cli import main
 

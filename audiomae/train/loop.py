@@ -230,9 +230,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 class GracefulInterrupt:
-    """While active (in the main thread of a one-process run), the first SIGINT (Ctrl-C) or SIGTERM (a
-    scheduler's preemption, ``kill``) only sets ``requested``, so the loop can finish its step and
-    checkpoint; a second one stops at once."""
+    """While active (in the main thread), the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's
+    preemption, ``kill``, torchrun passing either on) only sets ``requested``, so the loop can finish
+    its step and checkpoint; a second one stops at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -497,9 +497,19 @@ class Trainer:
             print(f"weights identical on all {self.info.world_size} processes (ranks agree)")
 
     def run(self) -> Dict[str, Any]:
-        # one process: Ctrl-C finishes the step in progress and writes a checkpoint before stopping
-        with GracefulInterrupt(self.info.world_size == 1) as stop:
+        # Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint before stopping;
+        # with several processes, all of them stop after the same step (see _agreed)
+        with GracefulInterrupt() as stop:
             return self._run(stop)
+
+    def _agreed(self, stop: "GracefulInterrupt") -> bool:
+        """Whether to stop now: asked in this process, or (with several) in any of them, so that all
+        stop after the same step and write its checkpoint together. One small all-reduce per step."""
+        if not self.info.enabled:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def _end_epoch(self, stop: "GracefulInterrupt") -> None:
         try:
@@ -585,7 +595,7 @@ class Trainer:
                                        "lr": lr, "samples_per_s": rate, "skipped_steps": self.skipped})
                 if save_every and self.step % save_every == 0:
                     self.save()
-                if stop.requested and self.epoch_step < self.steps_per_epoch:
+                if self.epoch_step < self.steps_per_epoch and self._agreed(stop):
                     bar.close()
                     self._stop_here()
             bar.close()
@@ -596,7 +606,7 @@ class Trainer:
                 self.save()  # the epoch's training is kept should its evaluation fail (a resume runs it)
                 self._end_epoch(stop)
             self.save()
-            if stop.requested and self.epoch < epochs:
+            if self.epoch < epochs and self._agreed(stop):
                 self._stop_here(save=False)
         self.runlog.close()
         self._check_replicas()
