@@ -650,6 +650,19 @@ def test_single_label_manifest(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "sl" / "model.pt"), *data, "-o", str(tmp_path / "ev2"),
                  "--num-workers", "0", "--quiet"]) == 0
     assert "accuracy" in json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    # classes are told by their mids: reworded display names are the same classes, the same names
+    # on other mids are not (they used to be scored against the wrong classes)
+    (tmp_path / "renamed.csv").write_text("index,mid,display_name\n0,/m/a,A (renamed)\n1,/m/b,B\n2,/m/c,C\n")
+    (tmp_path / "swapped.csv").write_text("index,mid,display_name\n0,/m/b,a\n1,/m/a,b\n2,/m/c,c\n")
+    capsys.readouterr()
+    for csv_name, ok in (("renamed.csv", True), ("swapped.csv", False)):
+        code = main(["evaluate", str(tmp_path / "sl" / "model.pt"), "--data", str(tmp_path / "m.json"), "--labels",
+                     str(tmp_path / csv_name), "--clip-seconds", "0.64", "-o", str(tmp_path / "ev3"),
+                     "--num-workers", "0", "--quiet"])
+        err = capsys.readouterr().err
+        assert (code == 0) == ok, err
+        if not ok:
+            assert "the training classes in another order" in err
 
 
 def test_evaluate_refuses_data_with_other_classes_than_the_checkpoints(tmp_path, capsys):

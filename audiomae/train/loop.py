@@ -693,6 +693,12 @@ def _model_input(T: int):
                             f"--clip-seconds) with these options: {e}") from None
 
 
+def class_ids(dataset) -> List[str]:
+    """What identifies a dataset's classes: the label CSV's mids where it has them, else the names
+    (class folders). Display names can repeat or be reworded; mids cannot."""
+    return list(getattr(dataset, "class_mids", None) or getattr(dataset, "class_names", None) or [])
+
+
 def _class_mismatch(train: List[str], other: List[str]) -> str:
     only_train = [c for c in train if c not in other]
     only_other = [c for c in other if c not in train]
@@ -1040,8 +1046,8 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
                          finetune_mask_2d=bool(opts.get("mask_2d", False)),
                          finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
-        if eval_set.class_names != train_set.class_names:
-            raise TrainingError(_class_mismatch(train_set.class_names, eval_set.class_names))
+        if class_ids(eval_set) != class_ids(train_set):
+            raise TrainingError(_class_mismatch(class_ids(train_set), class_ids(eval_set)))
         with _model_input(T):
             if opts.get("pretrained"):
                 with adaptations_as_notes():
@@ -1103,7 +1109,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
                     write_report(metrics, os.path.join(opts["output_dir"], "best_report.csv"))
 
         # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
-        opts = dict(opts, class_names=list(train_set.class_names))
+        opts = dict(opts, class_names=list(train_set.class_names), class_ids=class_ids(train_set))
         trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
                           on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS, no_decay=FINETUNE_NO_DECAY)
         path = resolve_resume(opts.get("resume"), opts["output_dir"])
@@ -1242,9 +1248,13 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     if sd["head.weight"].shape[0] != dataset.num_classes:
         raise TrainingError(f"{opts['checkpoint']} predicts {sd['head.weight'].shape[0]} classes, the data has "
                             f"{dataset.num_classes}")
-    trained = args.get("class_names") if isinstance(args, dict) else None
-    if isinstance(trained, list) and trained != list(dataset.class_names):
-        raise TrainingError(f"{opts['checkpoint']}: " + _class_mismatch(trained, list(dataset.class_names)))
+    # the classes the run trained on: their mids (older checkpoints recorded the names only)
+    trained, here = (args.get("class_ids"), class_ids(dataset)) if isinstance(args, dict) else (None, None)
+    if not isinstance(trained, list):
+        trained = args.get("class_names") if isinstance(args, dict) else None
+        here = list(dataset.class_names)
+    if isinstance(trained, list) and trained != here:
+        raise TrainingError(f"{opts['checkpoint']}: " + _class_mismatch(trained, here))
     model = AudioMAEClassifier.from_pretrained({"model": sd, "config": cfg, "args": args},
                                                img_size=(T, 128)).to(device)
     feats = _features(opts, dataset, device)
