@@ -333,6 +333,21 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(second.model.bias, straight.model.bias)
 
 
+def test_resume_with_another_lr_says_so(tmp_path, capsys):
+    def step_fn(m, batch):
+        return (m(batch["waveform"]) ** 2).mean()
+
+    first = _trainer(tmp_path, step_fn, epochs=3, save_every_steps=1)
+    _crash_at(first, 2)
+    same = _trainer(tmp_path, step_fn, epochs=3)
+    same.resume(os.path.join(tmp_path, "checkpoint-last.pt"))
+    assert "peak lr" not in capsys.readouterr().out
+    other = _trainer(tmp_path, step_fn, epochs=3, blr=2e-3)
+    other.resume(os.path.join(tmp_path, "checkpoint-last.pt"))
+    out = capsys.readouterr().out
+    assert "note: the peak lr is 3.125e-05 (from this run's options), the run began with 1.563e-05" in out
+
+
 def test_resume_logs_each_step_once_and_lr_is_the_steps(tmp_path):
     def step_fn(m, batch):
         return (m(batch["waveform"]) ** 2).mean()

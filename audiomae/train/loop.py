@@ -440,6 +440,10 @@ class Trainer:
         # that processes do not all draw rank 0's numbers
         if self.info.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.step} (lr {self.current_lr():.3g})")
+            was = state["schedule"].get("lr")
+            if isinstance(was, float) and not math.isclose(was, self.lr, rel_tol=1e-9):
+                print(f"note: the peak lr is {self.lr:.4g} (from this run's options), the run began with {was:.4g}: "
+                      "the schedule goes on with the new one")
 
     # -- one optimiser step over `accum` batches --
     def _finite(self, loss: torch.Tensor) -> bool:
