@@ -104,7 +104,7 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
                    help="audio decoding worker processes")
     g.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="stop when more than this fraction of the clips read so far cannot be decoded (judged after "
-                        "100 clips, or all of a smaller dataset)")
+                        "100 clips, or all of a smaller dataset that one process reads whole)")
 
 
 def _add_run(p: argparse.ArgumentParser, out_default: Optional[str], seed_help: str) -> None:

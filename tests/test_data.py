@@ -639,10 +639,30 @@ def test_a_small_dataset_is_judged_in_its_first_pass(tmp_path, num_workers):
     with pytest.raises(TooManyBadFilesError, match=r"10 audio files could not be decoded, 83.33% of the 12 clips"):
         for _ in loader:
             pass
-    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
+    # a process reading a share of it waits for min_attempts clips: a small share is not judged alone
     from audiomae.train.sampler import ResumableSampler
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
     make_loader(ds, batch_size=4, sampler=ResumableSampler(12, rank=1, world_size=4))
-    assert ds.bad_tracker.judged_after == 3
+    assert ds.bad_tracker.judged_after == 100
+
+
+def test_weighted_draws_with_replacement_are_judged_after_min_attempts_reads(tmp_path):
+    """A weighted sampler with replacement may never reach every clip (zero weights): the threshold
+    applies after min_attempts reads, over the distinct clips read."""
+    from audiomae.train.sampler import ResumableSampler
+    (tmp_path / "labels.csv").write_text(LABEL_CSV)
+    good = _wav(str(tmp_path / "g.wav"), 0.03)
+    entries = [{"wav": f"missing-{i}.wav" if i % 4 == 0 else good, "labels": "/m/a"} for i in range(40)]
+    (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
+    ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
+    weights = [0.0] + [1.0] * 39  # clip 0 is never drawn: the 40 clips are never all read
+    loader = make_loader(ds, batch_size=5, sampler=ResumableSampler(40, weights=weights, num_samples=40))
+    assert ds.bad_tracker.judged_after == 100
+    with pytest.raises(TooManyBadFilesError, match="could not be decoded"):
+        for _ in range(4):
+            for _ in loader:
+                pass
+    assert 100 <= ds.bad_tracker.reads < 110  # at the 100th read, in the third epoch
 
 
 def test_loader_threshold_with_workers(tmp_path):

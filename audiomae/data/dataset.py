@@ -73,9 +73,11 @@ class BadFileTracker:
     how long a run has been reading it. (Good reads passed without their indices count each time.)
     ``max_bad_fraction``: the largest tolerated fraction ``bad_attempts / attempts``.
     ``min_attempts``: no judgement before this many clips, so that a single early failure of an
-    otherwise healthy dataset does not trip a 1 % threshold; a smaller dataset (or a process's share
-    of one, see :meth:`expect`) is judged once all its clips have been read. Set
-    ``max_bad_fraction=1.0`` to never raise.
+    otherwise healthy dataset does not trip a 1 % threshold; a smaller dataset read whole by this
+    process is judged once all its clips have been read, and under a sampler that draws with
+    replacement (which may never reach every clip) after ``min_attempts`` reads. A process reading
+    a share of the dataset (see :meth:`expect`) waits for ``min_attempts`` clips of it, so a small
+    share is not judged on its own. Set ``max_bad_fraction=1.0`` to never raise.
     """
 
     def __init__(self, max_bad_fraction: float = 0.01, min_attempts: int = 100) -> None:
@@ -89,24 +91,30 @@ class BadFileTracker:
         self.bad_attempts = 0
         self.bad_files: Dict[str, str] = {}  # path -> reason, in the order first seen
         self._seen: Optional[bytearray] = None  # one byte per clip: read well already
-        self._reachable: Optional[int] = None  # the most distinct clips this process can read
+        self._whole = False  # some sampler of this process reads the whole dataset
+        self._replacement = False  # some sampler draws with replacement
+        self.reads = 0  # every read, repeats included
 
-    def expect(self, size: int, reachable: Optional[int] = None) -> None:
-        """The dataset has ``size`` clips, of which this process reads at most ``reachable`` (its
-        sampler's share): judged after ``min(min_attempts, reachable)`` distinct clips."""
+    def expect(self, size: int, reachable: Optional[int] = None, replacement: bool = False) -> None:
+        """The dataset has ``size`` clips, of which this process's sampler reads ``reachable`` per
+        epoch (its share; draws with ``replacement``): see :attr:`judged_after`."""
         size = int(size)
         if self._seen is None or len(self._seen) != size:
             self._seen = bytearray(size)
             self.attempts = self.bad_attempts
-        reachable = size if reachable is None else min(size, int(reachable))
-        self._reachable = reachable if self._reachable is None else max(self._reachable, reachable)
+        self._replacement |= bool(replacement)
+        self._whole |= not replacement and (reachable is None or int(reachable) >= size)
 
     @property
     def judged_after(self) -> int:
-        """The number of distinct clips read before the threshold applies."""
-        if self._reachable is None:
-            return self.min_attempts
-        return max(1, min(self.min_attempts, self._reachable))
+        """The number of distinct clips read before the threshold applies: ``min_attempts``, or all
+        clips of a smaller dataset that this process reads whole."""
+        if self._seen is not None and self._whole:
+            return max(1, min(self.min_attempts, len(self._seen)))
+        return self.min_attempts
+
+    def _judged(self) -> bool:
+        return self.attempts >= self.judged_after or (self._replacement and self.reads >= self.min_attempts)
 
     @property
     def bad_count(self) -> int:
@@ -121,6 +129,8 @@ class BadFileTracker:
         """Record ``good`` successful reads (of the clips ``indices``, when given: those not read
         before count) and the failed reads ``bad`` ((path, reason) pairs), report new bad paths,
         then apply the threshold."""
+        bad = list(bad)
+        self.reads += int(good) + len(bad)
         if indices is not None and self._seen is not None:
             good = 0
             for i in indices:
@@ -148,7 +158,7 @@ class BadFileTracker:
         self.update(bad, good=len(index), indices=index.tolist() if torch.is_tensor(index) else list(index))
 
     def check(self) -> None:
-        if self.attempts >= self.judged_after and self.bad_fraction > self.max_bad_fraction:
+        if self._judged() and self.bad_fraction > self.max_bad_fraction:
             raise TooManyBadFilesError(self.summary())
 
     def summary(self, max_paths: int = 10) -> str:
@@ -167,6 +177,7 @@ class BadFileTracker:
         self.attempts = 0
         self.bad_attempts = 0
         self.bad_files.clear()
+        self.reads = 0
         if self._seen is not None:
             self._seen = bytearray(len(self._seen))
 
