@@ -391,7 +391,7 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
     if encoder_only:
         if not is_pretrain_model:
             raise TypeError("encoder_only is for AudioMAE.from_pretrained (a classifier has no decoder)")
-        overrides["decoder_depth"] = 0
+        overrides.update(decoder_depth=0, hybrid_local_depth=None)
     if overrides:
         config = config.replace(**overrides)
     model = cls(config)

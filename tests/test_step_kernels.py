@@ -207,11 +207,15 @@ def test_masked_patch_embed_ids_outside_the_grid_are_nan_rows():
     keep = torch.ones(2, 5, dtype=torch.bool)
     keep[0, 1] = keep[1, 3] = False
     torch.testing.assert_close(out.detach()[keep], ref[keep], rtol=1e-5, atol=1e-5)
+    # every gradient leaves the NaN rows out (whatever gradient reaches them) and reads nothing for them
+    spec, bias, pos = (t.clone().requires_grad_(True) for t in (spec, bias, pos))
+    out = fn(spec, weight, bias, pos, bad)
     g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (spec, weight, bias, pos), g)
     g[~keep] = 0
-    (dw,) = torch.autograd.grad(out, weight, g)
-    (dw_ref,) = torch.autograd.grad(masked_patch_embed_reference(spec, weight, bias, pos, ids), weight, g)
-    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad(masked_patch_embed_reference(spec, weight, bias, pos, ids), (spec, weight, bias, pos), g)
+    for name, a, b in zip(("spec", "weight", "bias", "pos"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_masked_patch_embed_shapes_the_kernel_cannot_take_go_to_the_reference():

@@ -131,7 +131,7 @@ def _patch_embed_bwd_weight_kernel(
         l = tl.where(valid, l, 0)
         # the gradient reaching the convolution is in its output dtype (the input dtype)
         g = tl.load(g_ptr + b[:, None] * s_gb + k[:, None] * s_gk + offs_n[None, :] * s_gd,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(spec_ptr.dtype.element_ty)
+                    mask=valid[:, None] & mask_n[None, :], other=0.0).to(spec_ptr.dtype.element_ty)
         a = tl.load(spec_ptr + b[:, None] * s_sb + ((l // FG) * P)[:, None] * s_st + ((l % FG) * P)[:, None] * s_sf
                     + (offs_j // P)[None, :] * s_st + (offs_j % P)[None, :] * s_sf,
                     mask=valid[:, None] & mask_j[None, :], other=0.0)
@@ -182,6 +182,13 @@ def _patch_embed_bwd_spec_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers (custom ops)
 # ----------------------------------------------------------------------------------------------
+def _valid_ids(ids_keep: torch.Tensor, L: int):
+    """(ids clamped into [0, L), which of them were there): an id outside made a NaN row, whose
+    gradient goes nowhere."""
+    ids = ids_keep.long()
+    valid = (ids >= 0) & (ids < L)
+    return ids.clamp(0, max(L - 1, 0)), valid
+
 def _blocks(K: int, D: int, pp: int):
     """(BLOCK_M tokens, BLOCK_N channels, BLOCK_J pixels, num_warps)."""
     if _interpreting():  # few, large tiles: the interpreter pays per operation, not per element
@@ -292,8 +299,9 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
         # each token's gradient added into its patch (a repeated index gets the sum), the patch grid
         # folded back to [T, F]; removed patches and a cropped remainder stay zero
         tg = T // p
-        grid_grad = dpatch.new_zeros(B, tg * fg, pp).scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, pp),
-                                                                   dpatch)
+        ids, valid = _valid_ids(ids_keep, tg * fg)
+        grid_grad = dpatch.new_zeros(B, tg * fg, pp).scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, pp),
+                                                                   dpatch * valid.unsqueeze(-1))
         folded = grid_grad.view(B, tg, fg, p, p).permute(0, 1, 3, 2, 4).reshape(B, tg * p, fg * p)
         dspec[:, 0, :tg * p, :fg * p] = folded.to(spec.dtype)
     return dspec, dw, db
@@ -334,8 +342,9 @@ class MaskedPatchEmbedFunction(torch.autograd.Function):
         if need_pos:
             # added per sample (a repeated index gets the sum), then summed over the batch
             B, K, D = grad.shape
+            ids, valid = _valid_ids(ids_keep, ctx.pos_shape[1] - 1)
             per_sample = grad.new_zeros(B, ctx.pos_shape[1], D)
-            per_sample[:, 1:].scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(-1, -1, D), grad)
+            per_sample[:, 1:].scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, D), grad * valid.unsqueeze(-1))
             dpos = per_sample.sum(0, keepdim=True).to(ctx.pos_dtype)
         return (dspec if need_spec else None, dw if need_w else None, db if need_b else None, dpos, None)
 
