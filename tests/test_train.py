@@ -304,10 +304,12 @@ def test_a_finite_loss_with_non_finite_gradients_is_skipped(tmp_path):
         out = m(batch["waveform"]).mean()
         return (out * 0).abs().sqrt() if calls["n"] == 2 else out
 
-    tr = _trainer(tmp_path, step_fn)
-    summary = tr.run()
-    assert summary["skipped_steps"] == 1 and summary["steps"] == 8
-    assert torch.isfinite(tr.model.weight).all() and torch.isfinite(tr.model.bias).all()
+    for clip in (None, 1.0):  # with clipping, the norm it computes tells
+        calls["n"] = 0
+        tr = _trainer(tmp_path / str(clip), step_fn, clip_grad=clip)
+        summary = tr.run()
+        assert summary["skipped_steps"] == 1 and summary["steps"] == 8
+        assert torch.isfinite(tr.model.weight).all() and torch.isfinite(tr.model.bias).all()
 
 
 def test_resume_continues_exactly(tmp_path):

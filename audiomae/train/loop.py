@@ -340,6 +340,8 @@ class Trainer:
         self.eval_pending = False  # the epoch just finished is not evaluated yet
         self.nan_streak = 0
         self.skipped = 0
+        self._stop: Optional[GracefulInterrupt] = None  # while run() runs
+        self._stop_seen = False  # some process was asked to stop (learnt through _finite's all-reduce)
         self.runlog = RunLog(self.out_dir, info.is_main, opts.get("tensorboard", True))
         self.ddp = None
         if info.enabled:
@@ -447,10 +449,16 @@ class Trainer:
 
     # -- one optimiser step over `accum` batches --
     def _finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
+        """Whether the loss is finite on every process; the same all-reduce carries whether any
+        process was asked to stop (:meth:`_agreed`), so stopping together costs no extra one."""
+        flag = torch.stack([(~torch.isfinite(loss).all()).float(),
+                            loss.new_tensor(1.0 if self._stop is not None and self._stop.requested else 0.0,
+                                            dtype=torch.float32)]).to(self.device)
         if self.info.enabled:
             torch.distributed.all_reduce(flag)
-        return bool(flag.item() == 0)
+        nonfinite, stop = flag.tolist()
+        self._stop_seen = self._stop_seen or stop > 0
+        return nonfinite == 0
 
     def _grads_finite(self) -> bool:
         """Whether every gradient is finite: a finite loss can still give an inf or NaN gradient
@@ -476,14 +484,19 @@ class Trainer:
                     return None
                 self.scaler.scale(loss / len(batches)).backward()
             total += float(loss.detach()) / len(batches)
-        if not self.scaler.is_enabled() and not self._grads_finite():
-            # (fp16's scaler skips such a step itself and lowers its scale)
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
+        # a non-finite gradient skips the step (fp16's scaler does that itself and lowers its scale);
+        # with clipping, the norm that clipping computes tells
         clip = self.opts.get("clip_grad")
+        finite = True
         if clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            finite = self.scaler.is_enabled() or bool(torch.isfinite(norm))
+        elif not self.scaler.is_enabled():
+            finite = self._grads_finite()
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return total
@@ -504,16 +517,24 @@ class Trainer:
         # Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint before stopping;
         # with several processes, all of them stop after the same step (see _agreed)
         with GracefulInterrupt() as stop:
-            return self._run(stop)
+            self._stop, self._stop_seen = stop, False
+            try:
+                return self._run(stop)
+            finally:
+                self._stop = None
 
-    def _agreed(self, stop: "GracefulInterrupt") -> bool:
+    def _agreed(self, stop: "GracefulInterrupt", collective: bool = False) -> bool:
         """Whether to stop now: asked in this process, or (with several) in any of them, so that all
-        stop after the same step and write its checkpoint together. One small all-reduce per step."""
+        stop after the same step and write its checkpoint together. Within an epoch the processes
+        learn it from the loss check's all-reduce (a signal during a step's backward stops them
+        after the next step); ``collective`` asks all of them now (at an epoch's end)."""
         if not self.info.enabled:
             return stop.requested
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        if collective:
+            flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self._stop_seen = self._stop_seen or bool(flag.item() > 0)
+        return self._stop_seen
 
     def _end_epoch(self, stop: "GracefulInterrupt") -> None:
         try:
@@ -610,7 +631,7 @@ class Trainer:
                 self.save()  # the epoch's training is kept should its evaluation fail (a resume runs it)
                 self._end_epoch(stop)
             self.save()
-            if self.epoch < epochs and self._agreed(stop):
+            if self.epoch < epochs and self._agreed(stop, collective=True):
                 self._stop_here(save=False)
         self.runlog.close()
         self._check_replicas()
