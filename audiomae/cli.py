@@ -310,7 +310,7 @@ def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
 
 
 # what a run records in its config.json besides its options
-_RECORDED_KEYS = ("explicit_options", "class_names", "class_ids", "command")
+_RECORDED_KEYS = ("explicit_options", "class_names", "class_mids", "command")
 
 
 # options that name files or folders: a ~ in them is the home folder, also where the shell leaves it

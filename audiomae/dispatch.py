@@ -281,7 +281,7 @@ def triton_reasons(*tensors) -> List[str]:
     except Exception as e:  # ImportError, or a broken install
         return [f"triton is not importable ({type(e).__name__}: {e})"]
     # as Triton reads it (1, true, yes, on, y), without touching triton.knobs (torch.compile skips it)
-    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
     for t in tensors:
         if t is None:
             continue

@@ -678,6 +678,13 @@ def test_evaluate_refuses_data_with_other_classes_than_the_checkpoints(tmp_path,
         assert code == 1 and "classes differ" in err and "only in training: c" in err, ckpt
     assert main(["evaluate", str(tmp_path / "ft" / "model.pt"), "--data", str(tmp_path / "tr"), "--clip-seconds",
                  "0.64", "-o", str(tmp_path / "ev"), "--num-workers", "0", "--quiet"]) == 0
+    # class folders have names only: a manifest whose label CSV names the same classes is their data
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/x,a\n1,/m/y,b\n2,/m/z,c\n")
+    entries = [{"wav": os.path.join(str(tmp_path / "tr"), c, "0.wav"), "labels": m} for c, m in zip("abc", "xyz")]
+    (tmp_path / "m.json").write_text(json.dumps({"data": [dict(e, labels="/m/" + e["labels"]) for e in entries]}))
+    assert main(["evaluate", str(tmp_path / "ft" / "model.pt"), "--data", str(tmp_path / "m.json"), "--labels",
+                 str(tmp_path / "labels.csv"), "--single-label", "--clip-seconds", "0.64", "-o", str(tmp_path / "ev4"),
+                 "--num-workers", "0", "--quiet"]) == 0, capsys.readouterr().err
 
 
 def test_finetune_waveform_mixup_mode(tmp_path, monkeypatch):

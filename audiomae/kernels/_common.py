@@ -34,7 +34,7 @@ def interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)  # triton >= 3.3
     if knobs is not None:
         return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
 _VARIANTS = {}

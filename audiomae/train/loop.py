@@ -718,10 +718,19 @@ def _model_input(T: int):
                             f"--clip-seconds) with these options: {e}") from None
 
 
-def class_ids(dataset) -> List[str]:
-    """What identifies a dataset's classes: the label CSV's mids where it has them, else the names
-    (class folders). Display names can repeat or be reworded; mids cannot."""
-    return list(getattr(dataset, "class_mids", None) or getattr(dataset, "class_names", None) or [])
+def _class_mids(dataset) -> Optional[List[str]]:
+    """A dataset's label CSV mids, or None (class folders, synthetic data: only names)."""
+    mids = getattr(dataset, "class_mids", None)
+    return list(mids) if mids else None
+
+
+def compared_classes(names: List[str], mids: Optional[List[str]], other_names: List[str],
+                     other_mids: Optional[List[str]]) -> Tuple[List[str], List[str]]:
+    """What tells two class lists apart: the mids where both have them (display names can repeat
+    or be reworded; mids cannot), else the names (class folders are their names)."""
+    if mids and other_mids:
+        return list(mids), list(other_mids)
+    return list(names), list(other_names)
 
 
 def _class_mismatch(train: List[str], other: List[str]) -> str:
@@ -1071,8 +1080,10 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
                          finetune_mask_2d=bool(opts.get("mask_2d", False)),
                          finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
-        if class_ids(eval_set) != class_ids(train_set):
-            raise TrainingError(_class_mismatch(class_ids(train_set), class_ids(eval_set)))
+        trained, evaluated = compared_classes(train_set.class_names, _class_mids(train_set), eval_set.class_names,
+                                              _class_mids(eval_set))
+        if trained != evaluated:
+            raise TrainingError(_class_mismatch(trained, evaluated))
         with _model_input(T):
             if opts.get("pretrained"):
                 with adaptations_as_notes():
@@ -1134,7 +1145,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
                     write_report(metrics, os.path.join(opts["output_dir"], "best_report.csv"))
 
         # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
-        opts = dict(opts, class_names=list(train_set.class_names), class_ids=class_ids(train_set))
+        opts = dict(opts, class_names=list(train_set.class_names), class_mids=_class_mids(train_set))
         trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
                           on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS, no_decay=FINETUNE_NO_DECAY)
         path = resolve_resume(opts.get("resume"), opts["output_dir"])
@@ -1273,13 +1284,15 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     if sd["head.weight"].shape[0] != dataset.num_classes:
         raise TrainingError(f"{opts['checkpoint']} predicts {sd['head.weight'].shape[0]} classes, the data has "
                             f"{dataset.num_classes}")
-    # the classes the run trained on: their mids (older checkpoints recorded the names only)
-    trained, here = (args.get("class_ids"), class_ids(dataset)) if isinstance(args, dict) else (None, None)
-    if not isinstance(trained, list):
-        trained = args.get("class_names") if isinstance(args, dict) else None
-        here = list(dataset.class_names)
-    if isinstance(trained, list) and trained != here:
-        raise TrainingError(f"{opts['checkpoint']}: " + _class_mismatch(trained, here))
+    # the classes the run trained on (by their mids where both have them; older checkpoints
+    # recorded the names only)
+    names = args.get("class_names") if isinstance(args, dict) else None
+    if isinstance(names, list):
+        mids = args.get("class_mids")
+        trained, here = compared_classes(names, mids if isinstance(mids, list) else None,
+                                         list(dataset.class_names), _class_mids(dataset))
+        if trained != here:
+            raise TrainingError(f"{opts['checkpoint']}: " + _class_mismatch(trained, here))
     model = AudioMAEClassifier.from_pretrained({"model": sd, "config": cfg, "args": args},
                                                img_size=(T, 128)).to(device)
     feats = _features(opts, dataset, device)
