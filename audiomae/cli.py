@@ -629,7 +629,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import demo
             demo(opts)
     except known as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_error_prefix()}{e}", file=sys.stderr)
         return 1
     except BackendUnavailableError as e:
         if e.backend and opts.get("backend") == e.backend:
@@ -639,9 +639,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # the machine's side: a full disk, a folder made read-only meanwhile, ...
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_error_prefix()}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
+        if getattr(e, "path", None) and _rank() > 0:
+            return 130  # every process stopped after the same step: the first one says so
         if getattr(e, "path", None) and args.command == "demo":
             print(f"interrupted after step {e.step}; the demo starts afresh when run again", file=sys.stderr)
         elif getattr(e, "path", None):  # the loop finished its step and wrote a checkpoint
@@ -654,6 +656,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun or srun (0 when alone)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        try:
+            return int(os.environ[var])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def _error_prefix() -> str:
+    """``error: ``, naming the process when there are several (each says what went wrong with it)."""
+    return f"error (rank {_rank()}): " if _rank() > 0 else "error: "
 
 
 if __name__ == "__main__":

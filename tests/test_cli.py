@@ -1207,3 +1207,13 @@ def test_a_manifest_of_missing_files_is_refused_before_training(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 1 and "none of its first 1 clips is a file (the first: /moved/x.wav)" in err
     assert not (tmp_path / "ft" / "checkpoint-last.pt").exists()
+
+
+def test_errors_of_other_processes_name_their_rank(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    from audiomae.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    wav = _wav(tmp_path / "clip.wav", 0.5)
+    assert main(["embed", "--checkpoint", tiny_ckpt, "--data", wav, "--out", str(tmp_path / "e.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error (rank 1): ") and "an audio file, not a manifest" in err
