@@ -153,14 +153,34 @@ def _worker_sigterm(signum, frame):
     raise KeyboardInterrupt  # the worker loop ends on it without an error, as on Ctrl-C
 
 
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed."""
+def seed_worker(worker_id: int, quiet_on_sigterm: Optional[bool] = None) -> None:
+    """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed; end quietly on
+    SIGTERM when ``quiet_on_sigterm`` (default: ``WORKERS_QUIET_ON_SIGTERM`` as this process sees it)."""
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
-    if WORKERS_QUIET_ON_SIGTERM:
+    if WORKERS_QUIET_ON_SIGTERM if quiet_on_sigterm is None else quiet_on_sigterm:
         import signal
         signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+class _WorkerInit:
+    """:func:`seed_worker` as the loaders' default ``worker_init_fn``, carrying
+    ``WORKERS_QUIET_ON_SIGTERM`` to workers that a ``spawn`` or ``forkserver`` start method makes
+    (they import this module afresh, where a forked one inherits the flag): the flag is read when
+    the loader starts its workers, which is when this object is pickled for them."""
+
+    def __init__(self) -> None:
+        self.quiet: Optional[bool] = None  # in the main process (and forked workers): the flag itself
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"quiet": WORKERS_QUIET_ON_SIGTERM}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.quiet = state["quiet"]
+
+    def __call__(self, worker_id: int) -> None:
+        seed_worker(worker_id, self.quiet)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -281,6 +301,8 @@ def make_loader(
         else:
             sampler = SequentialSampler(dataset)
     kwargs: Dict[str, Any] = {}
+    if worker_init_fn is seed_worker:
+        worker_init_fn = _WorkerInit()
     if num_workers > 0:
         kwargs.update(persistent_workers=persistent_workers, worker_init_fn=worker_init_fn,
                       multiprocessing_context=multiprocessing_context)
