@@ -263,11 +263,12 @@ MLP_TILINGS = {  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, P
 MLP_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "prefetch_h", "persistent")
 
 
-def mlp(batch: int, tokens: int = 512, width: int = 512) -> List[Dict]:
+def mlp(batch: int, tokens: int = 512, width: int = 512, on_row=None) -> List[Dict]:
     """The fused MLP's two GEMM kernels at the decoder's shape (``batch * tokens`` rows, width ->
     4 x width), bfloat16, over MLP_TILINGS, each checked against PyTorch (cuBLAS + its GELU
     kernels) first; the rows with ``method="torch"`` time that PyTorch computation of the same
-    outputs, the baseline a tiling has to beat."""
+    outputs, the baseline a tiling has to beat. ``on_row(rows)`` after each row (a sweep cut short
+    keeps what it measured)."""
     import torch.nn.functional as F
 
     from audiomae.kernels import gelu_mlp as km
@@ -303,6 +304,8 @@ def mlp(batch: int, tokens: int = 512, width: int = 512) -> List[Dict]:
         rows.append(dict(kernel="mlp", direction=direction, method="torch", batch=batch, ms=ms,
                          tflops=flops / ms / 1e9))
         print(json.dumps(rows[-1]), flush=True)
+        if on_row:
+            on_row(rows)
         for tiling in MLP_TILINGS[direction]:
             km.TUNING.clear()
             km.TUNING[direction] = tiling
@@ -322,6 +325,8 @@ def mlp(batch: int, tokens: int = 512, width: int = 512) -> List[Dict]:
                 row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if on_row:
+                on_row(rows)
     km.TUNING.clear()
     return rows
 
@@ -359,8 +364,10 @@ def main(argv=None) -> int:
     def save():  # after each sweep, so that a run cut short by a time limit keeps what it measured
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "tune.json"), "w") as f:
+            path = os.path.join(args.out, "tune.json")
+            with open(path + ".tmp", "w") as f:  # replaced whole: a run killed mid-write leaves the last one
                 json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+            os.replace(path + ".tmp", path)
 
     if "attention" in only:
         att = attention(args.batch, torch.bfloat16, full=args.full)
@@ -375,8 +382,14 @@ def main(argv=None) -> int:
         rows += fb
         save()
     if "mlp" in only:
-        ml = mlp(args.mlp_batch)
-        rows += ml
+        before = list(rows)
+
+        def so_far(ml_rows):  # tune.json after every tiling: a sweep stopped by a time limit keeps its rows
+            rows[:] = before + ml_rows
+            save()
+
+        ml = mlp(args.mlp_batch, on_row=so_far)
+        rows[:] = before + ml
         save()
     if "attention" in only:
         for d in ("fwd", "bwd"):
