@@ -151,7 +151,7 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
                         "such a folder needs --resume)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: only per epoch)")
     g.add_argument("--max-nan-steps", type=int, default=20, help="stop after this many steps in a row skipped for a non-finite loss or gradient")
-    g.add_argument("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
+    g.add_argument("--log-every", type=int, default=10, help="write a row of metrics.jsonl every N steps (the mean loss of those steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:

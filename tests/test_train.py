@@ -648,3 +648,19 @@ def test_held_out_loss_masks_each_clip_by_its_index():
     rng = torch.get_rng_state()
     c = held_out_loss(model, data, dict(opts, batch_size=5), cpu, feats, seed=1)
     assert c != pytest.approx(a, rel=1e-6) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_logged_loss_is_the_mean_of_the_steps_since_the_last_row(tmp_path):
+    seen = []
+
+    def step_fn(m, batch):
+        loss = (m(batch["waveform"]) ** 2).mean() + len(seen)  # a different loss every step
+        seen.append(float(loss.detach()))
+        return loss
+
+    tr = _trainer(tmp_path, step_fn, epochs=2, log_every=3)
+    tr.run()
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl")) if '"train"' in line]
+    assert [r["step"] for r in rows] == [3, 4, 6, 8]  # every 3 steps and at each epoch's end (4 steps each)
+    want = [sum(seen[0:3]) / 3, seen[3], sum(seen[4:6]) / 2, sum(seen[6:8]) / 2]
+    assert [r["loss"] for r in rows] == pytest.approx(want, rel=1e-6)

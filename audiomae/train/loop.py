@@ -561,6 +561,7 @@ class Trainer:
         save_every = int(opts.get("save_every_steps") or 0)
         epochs = int(opts["epochs"])
         last_loss = float("nan")
+        window = [0.0, 0]  # finite losses since the last log row: sum, count
         start_step = self.step
         if self.eval_pending and self.on_epoch_end is not None:
             if self.info.is_main:
@@ -606,6 +607,8 @@ class Trainer:
                 else:
                     self.nan_streak = 0
                     last_loss = loss
+                    window[0] += loss
+                    window[1] += 1
                 self.step += 1
                 self.epoch_step += 1
                 seen += n
@@ -613,9 +616,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 bar.update(1)
                 if self.step % max(1, int(opts.get("log_every", 10))) == 0 or self.epoch_step == self.steps_per_epoch:
-                    # the mean over the processes (every process logs at the same steps)
-                    logged = float(D.all_reduce_mean(torch.tensor([last_loss], device=self.device)).item()) \
-                        if self.info.enabled else last_loss
+                    # the mean loss of the steps since the last row, over the processes (every
+                    # process logs at the same steps)
+                    mean = window[0] / window[1] if window[1] else float("nan")
+                    window = [0.0, 0]
+                    logged = float(D.all_reduce_mean(torch.tensor([mean], device=self.device)).item()) \
+                        if self.info.enabled else mean
                     self.runlog.write({"phase": "train", "step": self.step, "epoch": self.epoch, "loss": logged,
                                        "lr": lr, "samples_per_s": rate, "skipped_steps": self.skipped})
                 if save_every and self.step % save_every == 0:
