@@ -664,3 +664,21 @@ def test_logged_loss_is_the_mean_of_the_steps_since_the_last_row(tmp_path):
     assert [r["step"] for r in rows] == [3, 4, 6, 8]  # every 3 steps and at each epoch's end (4 steps each)
     want = [sum(seen[0:3]) / 3, seen[3], sum(seen[4:6]) / 2, sum(seen[6:8]) / 2]
     assert [r["loss"] for r in rows] == pytest.approx(want, rel=1e-6)
+
+
+def test_python_callers_runs_record_the_default_downmix(tmp_path):
+    """A run started from Python without ``downmix`` records "first": later commands on its
+    checkpoints read files as it did (a checkpoint without the option reads as a run from before
+    it, which averaged the channels)."""
+    from audiomae.checkpoint import read_checkpoint
+    from audiomae.train import loop
+
+    opts = dict(output_dir=str(tmp_path), data="synthetic", num_clips=8, batch_size=4, epochs=1, blr=1e-3,
+                weight_decay=0.05, warmup_epochs=0, num_workers=0, quiet=True, seed=0, model="tiny", device="cpu",
+                tensorboard=False)
+    loop.pretrain(opts)
+    for name in ("model.pt", "checkpoint-last.pt"):
+        _, _, args = read_checkpoint(str(tmp_path / name))
+        assert args["downmix"] == "first", name
+        got, changed = loop.inherit_run_options({}, args)
+        assert got["downmix"] == changed["downmix"] == "first"

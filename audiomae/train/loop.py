@@ -840,6 +840,13 @@ def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[
     return opts, cfg
 
 
+def _recorded_inputs(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """The input options a run's checkpoints record with their values also when a Python caller
+    left them out (a checkpoint without ``downmix`` reads as a run from before the option, which
+    averaged the channels; later commands would then average them for this run too)."""
+    return dict(opts, downmix=opts.get("downmix") or "first")
+
+
 def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Masked-autoencoder pretraining with the paper's recipe (see ``audiomae pretrain --help``)."""
     from ..data import roll_and_magnitude
@@ -848,6 +855,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
     from ..checkpoint import adaptations_as_notes, reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
         opts, resumed_cfg = _resumed_run_inputs(opts)
+        opts = _recorded_inputs(opts)
 
         device, info = _setup(opts, training=True)
         dataset = build_dataset(opts, "train")
@@ -1069,6 +1077,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     from ..checkpoint import adaptations_as_notes, reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
         opts, _ = _resumed_run_inputs(opts)
+        opts = _recorded_inputs(opts)
         from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
 
         device, info = _setup(opts, training=True)
