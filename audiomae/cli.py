@@ -85,13 +85,15 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
     if command == "embed":
         g.add_argument("--target-length", type=int,
                        help="model input length in frames of 10 ms: each file or clip is cut or zero-padded to "
-                            "it, and the checkpoint's position tables are adapted to it. It must give a patch grid the "
-                            "model can take: a multiple of 16 frames, of 64 with a 4 x 4-window decoder (default: the checkpoint's input length, e.g. 256 = 2.56 s for tiny, "
-                            "1024 = 10.24 s for base)")
+                            "it, and the checkpoint's position tables are adapted to it. Frames past the last whole "
+                            "16-frame patch are left out, as by the patch convolution; a pretraining checkpoint whose "
+                            "decoder windows do not tile that length gives its encoder's embeddings (default: the "
+                            "checkpoint's input length, e.g. 256 = 2.56 s for tiny, 1024 = 10.24 s for base)")
     else:
         g.add_argument("--target-length", type=int,
                        help="model input frames (default: the checkpoint's input length)" if command == "evaluate" else
-                       "model input frames (default: from the clip length; 1024 for 10 s AudioSet clips)")
+                       "model input frames (default: the frames of --clip-seconds when given, else 1024 = 10.24 s "
+                       "as the release's AudioSet recipes; its ESC-50 and Speech Commands recipes use 512 and 128)")
     g.add_argument("--stats", default="audioset", help=STATS_HELP)
     g.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
     if command in ("pretrain", "finetune"):
@@ -117,7 +119,8 @@ def _add_run(p: argparse.ArgumentParser, out_default: Optional[str], seed_help: 
                        help="autocast precision on GPU (auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--seed", type=int, default=0, help=seed_help)
     g.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto",
-                   help="fused-op backend (auto: Triton kernels on GPU, PyTorch references on CPU)")
+                   help="fused-op backend (auto: on GPUs each op's measured-fastest kernel, CUDA or Triton, where "
+                        "it can run; PyTorch references on CPU)")
     g.add_argument("--config", help="a run's saved config.json to repeat (explicit options win)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -150,7 +153,8 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
                    help="start afresh in a run folder that holds a run's checkpoint, replacing it (without this, "
                         "such a folder needs --resume)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: only per epoch)")
-    g.add_argument("--max-nan-steps", type=int, default=20, help="stop after this many steps in a row skipped for a non-finite loss or gradient")
+    g.add_argument("--max-nan-steps", type=int, default=20, help="stop when more than this many steps in a row are skipped for a non-finite loss or "
+                   "gradient")
     g.add_argument("--log-every", type=int, default=10, help="write a row of metrics.jsonl every N steps (the mean loss of those steps)")
 
 
@@ -167,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="size preset: " + ", ".join(MODEL_PRESETS) + " (base: ViT-B)")
     p.add_argument("--decoder-mode", choices=["local", "global", "hybrid"],
                    help="decoder attention (default: the preset's, local for all but huge): local is the "
-                        "release's 16 shifted-window blocks, global its 8 ViT blocks, hybrid local then global")
+                        "release's 16 shifted-window blocks, global its 8 ViT blocks (as many as the local "
+                        "decoder's on presets whose decoder is not the release's 16 blocks, such as tiny), hybrid "
+                        "local then global")
     p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"],
                    help="which patches are removed: random patches, whole time columns, whole frequency rows, "
