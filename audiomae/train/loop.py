@@ -345,8 +345,10 @@ class Trainer:
         self.runlog = RunLog(self.out_dir, info.is_main, opts.get("tensorboard", True))
         self.ddp = None
         if info.enabled:
+            # the buffers are constants the model computes alike everywhere (the decoder's relative
+            # coordinates): no broadcast of them before every forward
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         self.forward_model = self.ddp or self.model
         if opts.get("compile") or opts.get("compile_mode"):
             mode = opts.get("compile_mode")
@@ -448,17 +450,22 @@ class Trainer:
                       "the schedule goes on with the new one")
 
     # -- one optimiser step over `accum` batches --
+    def _flags(self, nonfinite: torch.Tensor) -> float:
+        """All-reduce ``[nonfinite, asked to stop]`` over the processes (every agreement of the loop
+        is this one collective, so processes at different agreement points still match); records
+        whether any process was asked to stop, and returns the summed ``nonfinite``."""
+        asked = self._stop is not None and self._stop.requested
+        flag = torch.stack([nonfinite, torch.full_like(nonfinite, 1.0 if asked else 0.0)]).to(self.device)
+        if self.info.enabled:
+            torch.distributed.all_reduce(flag)
+        bad, stop = flag.tolist()
+        self._stop_seen = self._stop_seen or stop > 0
+        return bad
+
     def _finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every process; the same all-reduce carries whether any
         process was asked to stop (:meth:`_agreed`), so stopping together costs no extra one."""
-        flag = torch.stack([(~torch.isfinite(loss).all()).float(),
-                            loss.new_tensor(1.0 if self._stop is not None and self._stop.requested else 0.0,
-                                            dtype=torch.float32)]).to(self.device)
-        if self.info.enabled:
-            torch.distributed.all_reduce(flag)
-        nonfinite, stop = flag.tolist()
-        self._stop_seen = self._stop_seen or stop > 0
-        return nonfinite == 0
+        return self._flags((~torch.isfinite(loss.detach()).all()).float()) == 0
 
     def _grads_finite(self) -> bool:
         """Whether every gradient is finite: a finite loss can still give an inf or NaN gradient
@@ -525,15 +532,13 @@ class Trainer:
 
     def _agreed(self, stop: "GracefulInterrupt", collective: bool = False) -> bool:
         """Whether to stop now: asked in this process, or (with several) in any of them, so that all
-        stop after the same step and write its checkpoint together. Within an epoch the processes
-        learn it from the loss check's all-reduce (a signal during a step's backward stops them
-        after the next step); ``collective`` asks all of them now (at an epoch's end)."""
+        stop after the same step and write its checkpoint together. ``collective`` asks all of them
+        now (before each step, at an epoch's end, and where a process's loader stopped on the
+        signal); otherwise what the last loss check's all-reduce carried."""
         if not self.info.enabled:
             return stop.requested
         if collective:
-            flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self._stop_seen = self._stop_seen or bool(flag.item() > 0)
+            self._flags(torch.zeros((), device=self.device))
         return self._stop_seen
 
     def _end_epoch(self, stop: "GracefulInterrupt") -> None:
@@ -588,10 +593,18 @@ class Trainer:
                     except Exception:
                         if stop.requested:  # the interrupt also stopped the loader's workers
                             bar.close()
+                            if self.info.enabled:  # the others are at this step's agreement: meet them there
+                                self._agreed(stop, collective=True)
                             self._stop_here()
                         raise
                 if not batches:
                     break
+                # with several processes, whether any was asked to stop is agreed before each step
+                # (where a process whose loader the signal stopped meets the others), so that all
+                # stop after the same step: one small all-reduce per step
+                if self.info.enabled and self._agreed(stop, collective=True):
+                    bar.close()
+                    self._stop_here()
                 lr = self.current_lr()  # the step's lr (train_step sets it)
                 loss = self.train_step(batches)
                 n = sum(len(b["target"]) for b in batches) * self.info.world_size
