@@ -642,7 +642,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: --backend {e.backend}: the {e.op} op cannot run with it here ({'; '.join(e.reasons)}); "
                   "--backend auto (the default) runs each op where it can", file=sys.stderr)
         else:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"{_error_prefix()}{e}", file=sys.stderr)
         return 1
     except OSError as e:  # the machine's side: a full disk, a folder made read-only meanwhile, ...
         print(f"{_error_prefix()}{e}", file=sys.stderr)
@@ -665,10 +665,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _rank() -> int:
-    """This process's rank under torchrun or srun (0 when alone)."""
-    for var in ("RANK", "SLURM_PROCID"):
+    """This process's rank under torchrun or srun with several processes (0 when alone)."""
+    for var, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
         try:
-            return int(os.environ[var])
+            if int(os.environ.get(size, "1")) > 1:
+                return int(os.environ[var])
         except (KeyError, ValueError):
             continue
     return 0

@@ -43,15 +43,24 @@ echo "gpu suite: results in $RES"
 ship() {
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT"
-    tar czf "$OUT/results.tgz.part" -C "$RES" . 2>/dev/null && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+    # a log appended to while it is read makes tar exit 1 ("file changed"): the archive still holds it
+    local part="$OUT/.results.$$.$BASHPID.part"
+    tar czf "$part" --warning=no-file-changed -C "$RES" . 2>/dev/null
+    if [ "$?" -le 1 ]; then mv -f "$part" "$OUT/results.tgz"; else rm -f "$part"; fi
     for f in results.md tests.log tune.log bench.log; do
         if [ -f "$RES/$f" ]; then cp "$RES/$f" "$OUT/$f"; fi
     done
 }
 
 # the CUDA extension, built once before anything uses it (a test stopped by its time limit while
-# building would leave torch's build lock behind, and the benchmarks would wait on it)
-timeout 180 "$PY" -m audiomae.cuda_ext --build 2>&1 | tail -3
+# building would leave torch's build lock behind, and the benchmarks would wait on it); a build
+# that overruns its own limit has its lock removed for the same reason
+if ! timeout 180 "$PY" -m audiomae.cuda_ext --build > "$RES/build.log" 2>&1; then
+    tail -3 "$RES/build.log"
+    ext_dir=$("$PY" -c "from audiomae.cuda_ext import build_dir; print(build_dir())" 2>/dev/null) || ext_dir=
+    if [ -n "$ext_dir" ]; then rm -f "$ext_dir/lock"; fi
+fi
+tests_start=$(date +%s)
 
 # 1. tests: everything marked gpu or slow, then the kernel test files, which run on CUDA tensors
 #    when a GPU is present (under the interpreter otherwise). With pytest-xdist the tests run in
@@ -65,7 +74,7 @@ if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${SUITE_WORKERS:-8}"); f
     echo "== python -m pytest -q -m 'gpu or slow' --runslow ${XDIST[*]} tests"
     timeout "$TEST_SECONDS" "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" -m "gpu or slow" --runslow tests
     rc1=$?
-    left=$(( TEST_SECONDS - $(elapsed) ))
+    left=$(( TEST_SECONDS - ($(date +%s) - tests_start) ))
     rc2=0
     if [ -n "$kernel_tests" ]; then
         echo "== python -m pytest -q -m 'not gpu and not slow' $kernel_tests (CUDA tensors)"
@@ -105,14 +114,19 @@ if [ "${SUITE_APPLY_TUNING:-0}" = 1 ]; then
     if [ -f "$RES/tune.json" ]; then TUNING_ARGS=(--tuning "$RES/tune.json")
     else echo "gpu suite: SUITE_APPLY_TUNING=1 but no $RES/tune.json: the default tilings are used" | tee -a "$RES/bench.log"; fi
 fi
-# what the benchmarks have written so far goes out every minute, should the call be stopped
-( while sleep 60; do ship; done ) &
+# what the benchmarks have written so far goes out every minute, should the call be stopped; the
+# shipper ends at a flag (not a kill, which could leave its tar writing)
+rm -f "$RES/.shipped"
+( while [ ! -f "$RES/.shipped" ]; do
+      for _ in 1 2 3 4 5 6 7 8 9 10 11 12; do [ -f "$RES/.shipped" ] && exit 0; sleep 5; done
+      ship
+  done ) &
 shipper=$!
 # shellcheck disable=SC2086
 timeout $(( budget + 60 )) "$PY" -m benchmarks.run --quick --out "$RES" --time-budget "$budget" \
     "${TUNING_ARGS[@]}" ${SUITE_BENCH_ARGS:-} 2>&1 | tee -a "$RES/bench.log"
 bench_rc=${PIPESTATUS[0]}
-kill "$shipper" 2>/dev/null; wait "$shipper" 2>/dev/null
+touch "$RES/.shipped"; wait "$shipper" 2>/dev/null; rm -f "$RES/.shipped"
 echo "gpu suite: benchmarks exit code $bench_rc after $(elapsed) s" | tee -a "$RES/bench.log"
 fi
 

@@ -480,7 +480,7 @@ def test_ddp_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
                            "--master_port", "29534", script, str(tmp_path)], capture_output=True, text=True,
                           env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "interrupted together at step 3, resumed exactly" in proc.stdout
+    assert "interrupted together at step 3 twice, resumed exactly" in proc.stdout
 
 
 def test_embed_dataset_leaves_unreadable_files_out(tmp_path, tiny_ckpt, capsys):
@@ -1210,10 +1210,19 @@ def test_a_manifest_of_missing_files_is_refused_before_training(tmp_path, capsys
 
 
 def test_errors_of_other_processes_name_their_rank(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    from audiomae import cli
     from audiomae.cli import main
 
-    monkeypatch.setenv("RANK", "1")
+    for env, want in (({"RANK": "1", "WORLD_SIZE": "2"}, "error (rank 1): "),
+                      ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}, "error (rank 3): "),
+                      ({"RANK": "1", "WORLD_SIZE": "1"}, "error: "), ({}, "error: ")):
+        for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert cli._error_prefix() == want, env
+    # a RANK left over in one process's environment names nothing
     wav = _wav(tmp_path / "clip.wav", 0.5)
     assert main(["embed", "--checkpoint", tiny_ckpt, "--data", wav, "--out", str(tmp_path / "e.pt")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error (rank 1): ") and "an audio file, not a manifest" in err
+    assert err.startswith("error: ") and "an audio file, not a manifest" in err

@@ -639,11 +639,23 @@ def test_a_small_dataset_is_judged_in_its_first_pass(tmp_path, num_workers):
     with pytest.raises(TooManyBadFilesError, match=r"10 audio files could not be decoded, 83.33% of the 12 clips"):
         for _ in loader:
             pass
-    # a process reading a share of it waits for min_attempts clips: a small share is not judged alone
+    # a process reading a share of it is judged on the dataset's size: once shuffling has brought it
+    # every clip (a fixed share of 3 alone is not judged)
     from audiomae.train.sampler import ResumableSampler
     ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
-    make_loader(ds, batch_size=4, sampler=ResumableSampler(12, rank=1, world_size=4))
-    assert ds.bad_tracker.judged_after == 100
+    loader = make_loader(ds, batch_size=3, sampler=ResumableSampler(12, rank=1, world_size=4, seed=1))
+    assert ds.bad_tracker.judged_after == 12
+    with pytest.raises(TooManyBadFilesError, match="of the 12 clips"):
+        for epoch in range(50):
+            loader.set_epoch(epoch)
+            for _ in loader:
+                pass
+    fixed = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
+    share = make_loader(fixed, batch_size=3, sampler=ResumableSampler(12, shuffle=False, rank=1, world_size=4))
+    for _ in range(3):
+        for _ in share:
+            pass
+    assert fixed.bad_tracker.attempts < 12  # an evaluation's fixed share: never judged alone
 
 
 def test_weighted_draws_with_replacement_are_judged_after_min_attempts_reads(tmp_path):
@@ -657,7 +669,7 @@ def test_weighted_draws_with_replacement_are_judged_after_min_attempts_reads(tmp
     ds = ManifestDataset(tmp_path / "m.json", tmp_path / "labels.csv", clip_seconds=0.03)
     weights = [0.0] + [1.0] * 39  # clip 0 is never drawn: the 40 clips are never all read
     loader = make_loader(ds, batch_size=5, sampler=ResumableSampler(40, weights=weights, num_samples=40))
-    assert ds.bad_tracker.judged_after == 100
+    assert ds.bad_tracker.judged_after == 40
     with pytest.raises(TooManyBadFilesError, match="could not be decoded"):
         for _ in range(4):
             for _ in loader:

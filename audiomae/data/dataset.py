@@ -73,11 +73,10 @@ class BadFileTracker:
     how long a run has been reading it. (Good reads passed without their indices count each time.)
     ``max_bad_fraction``: the largest tolerated fraction ``bad_attempts / attempts``.
     ``min_attempts``: no judgement before this many clips, so that a single early failure of an
-    otherwise healthy dataset does not trip a 1 % threshold; a smaller dataset read whole by this
-    process is judged once all its clips have been read, and under a sampler that draws with
-    replacement (which may never reach every clip) after ``min_attempts`` reads. A process reading
-    a share of the dataset (see :meth:`expect`) waits for ``min_attempts`` clips of it, so a small
-    share is not judged on its own. Set ``max_bad_fraction=1.0`` to never raise.
+    otherwise healthy dataset does not trip a 1 % threshold; a smaller dataset is judged once all
+    its clips have been read (by this process: a fixed share of a small dataset is not judged on its
+    own), and under a sampler that draws with replacement (which may never reach every clip) after
+    ``min_attempts`` reads. Set ``max_bad_fraction=1.0`` to never raise.
     """
 
     def __init__(self, max_bad_fraction: float = 0.01, min_attempts: int = 100) -> None:
@@ -91,7 +90,6 @@ class BadFileTracker:
         self.bad_attempts = 0
         self.bad_files: Dict[str, str] = {}  # path -> reason, in the order first seen
         self._seen: Optional[bytearray] = None  # one byte per clip: read well already
-        self._whole = False  # some sampler of this process reads the whole dataset
         self._replacement = False  # some sampler draws with replacement
         self.reads = 0  # every read, repeats included
 
@@ -103,13 +101,13 @@ class BadFileTracker:
             self._seen = bytearray(size)
             self.attempts = self.bad_attempts
         self._replacement |= bool(replacement)
-        self._whole |= not replacement and (reachable is None or int(reachable) >= size)
 
     @property
     def judged_after(self) -> int:
         """The number of distinct clips read before the threshold applies: ``min_attempts``, or all
-        clips of a smaller dataset that this process reads whole."""
-        if self._seen is not None and self._whole:
+        clips of a smaller dataset (a process reading a share of one is judged once shuffling has
+        brought it every clip, which a fixed share never does)."""
+        if self._seen is not None:
             return max(1, min(self.min_attempts, len(self._seen)))
         return self.min_attempts
 

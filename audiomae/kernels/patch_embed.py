@@ -301,7 +301,7 @@ def masked_patch_embed_bwd(grad: torch.Tensor, spec: torch.Tensor, weight: torch
         tg = T // p
         ids, valid = _valid_ids(ids_keep, tg * fg)
         grid_grad = dpatch.new_zeros(B, tg * fg, pp).scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, pp),
-                                                                   dpatch * valid.unsqueeze(-1))
+                                                                   torch.where(valid.unsqueeze(-1), dpatch, 0.0))
         folded = grid_grad.view(B, tg, fg, p, p).permute(0, 1, 3, 2, 4).reshape(B, tg * p, fg * p)
         dspec[:, 0, :tg * p, :fg * p] = folded.to(spec.dtype)
     return dspec, dw, db
@@ -344,7 +344,8 @@ class MaskedPatchEmbedFunction(torch.autograd.Function):
             B, K, D = grad.shape
             ids, valid = _valid_ids(ids_keep, ctx.pos_shape[1] - 1)
             per_sample = grad.new_zeros(B, ctx.pos_shape[1], D)
-            per_sample[:, 1:].scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, D), grad * valid.unsqueeze(-1))
+            per_sample[:, 1:].scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, D),
+                                           torch.where(valid.unsqueeze(-1), grad, 0.0))
             dpos = per_sample.sum(0, keepdim=True).to(ctx.pos_dtype)
         return (dspec if need_spec else None, dw if need_w else None, db if need_b else None, dpos, None)
 
