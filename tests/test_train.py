@@ -682,3 +682,13 @@ def test_python_callers_runs_record_the_default_downmix(tmp_path):
         assert args["downmix"] == "first", name
         got, changed = loop.inherit_run_options({}, args)
         assert got["downmix"] == changed["downmix"] == "first"
+
+
+def test_inherited_defaults_need_no_note(capsys):
+    from audiomae.train.loop import _note_inherited
+
+    _note_inherited({"downmix": "first", "stats": "audioset"}, "ck.pt")
+    assert capsys.readouterr().out == ""
+    _note_inherited({"downmix": "mean", "stats": "audioset", "clip_seconds": 5.0}, "ck.pt")
+    out = capsys.readouterr().out
+    assert "--downmix mean" in out and "--clip-seconds 5" in out and "audioset" not in out

@@ -1282,8 +1282,13 @@ def _flag(key: str, value: Any) -> str:
     return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
 
 
+# the defaults of the inherited input options (those a checkpoint's run recorded at them need no note)
+_INPUT_DEFAULTS = {"stats": "audioset", "downmix": "first", "single_label": False}
+
+
 def _note_inherited(changed: Dict[str, Any], path: str) -> None:
     """One line naming the options taken from a checkpoint that differ from the defaults."""
+    changed = {k: v for k, v in changed.items() if k not in _INPUT_DEFAULTS or v != _INPUT_DEFAULTS[k]}
     if changed and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         shown = ", ".join(_flag(k, v) for k, v in changed.items())
         print(f"note: {path} was trained with {shown}; using the same (give an option to override it)")
