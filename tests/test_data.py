@@ -1060,23 +1060,26 @@ def test_a_bad_file_is_reported_once_per_process(tmp_path, caplog):
     assert sorted(os.path.basename(p) for p in _warned_paths(caplog)) == sorted(BAD_NAMES)
 
 
-def test_workers_of_any_start_method_learn_to_end_quietly_on_sigterm(monkeypatch):
-    """The default worker_init_fn carries the SIGTERM flag in its pickle: a spawn or forkserver
-    worker imports the module afresh (flag off there) and still ends quietly on SIGTERM."""
+def test_workers_of_any_start_method_ignore_stop_signals_during_training(monkeypatch):
+    """The default worker_init_fn carries the training loop's flag in its pickle: a spawn or
+    forkserver worker imports the module afresh (flag off there) and still ignores SIGINT and
+    SIGTERM, serving batches until the loop stops."""
     import pickle
     import signal
     from audiomae.data import loader as L
 
     init = make_loader(SyntheticAudioDataset(num_clips=4), batch_size=2, num_workers=1).loader.worker_init_fn
-    monkeypatch.setattr(L, "WORKERS_QUIET_ON_SIGTERM", True)  # as a training loop sets it
+    monkeypatch.setattr(L, "WORKERS_IGNORE_STOP_SIGNALS", True)  # as a training loop sets it
     shipped = pickle.dumps(init)  # when the loader starts its workers
-    monkeypatch.setattr(L, "WORKERS_QUIET_ON_SIGTERM", False)  # what a freshly imported module holds
-    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(L, "WORKERS_IGNORE_STOP_SIGNALS", False)  # what a freshly imported module holds
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         pickle.loads(shipped)(0)
-        assert signal.getsignal(signal.SIGTERM) is L._worker_sigterm
-        signal.signal(signal.SIGTERM, before)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)
+        for s, h in before.items():
+            signal.signal(s, h)
         init(0)  # in the main process (or a fork): the flag as it is now, off
-        assert signal.getsignal(signal.SIGTERM) is before
+        assert all(signal.getsignal(s) is h for s, h in before.items())
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, h in before.items():
+            signal.signal(s, h)

@@ -692,3 +692,48 @@ def test_inherited_defaults_need_no_note(capsys):
     _note_inherited({"downmix": "mean", "stats": "audioset", "clip_seconds": 5.0}, "ck.pt")
     out = capsys.readouterr().out
     assert "--downmix mean" in out and "--clip-seconds 5" in out and "audioset" not in out
+
+
+def test_a_stop_right_after_a_periodic_checkpoint_does_not_write_it_again(tmp_path):
+    def step_fn(m, batch):
+        return (m(batch["waveform"]) ** 2).mean()
+
+    tr = _trainer(tmp_path, step_fn, epochs=2, save_every_steps=2)
+    saves, orig_save, orig_step = [], tr.save, tr.train_step
+
+    def save(name="checkpoint-last.pt"):
+        saves.append((tr.step, name))
+        orig_save(name)
+
+    def step(batches):
+        if tr.step == 1:
+            tr._stop.requested = True  # as the signal handler does, during step 2
+        return orig_step(batches)
+
+    tr.save, tr.train_step = save, step
+    with pytest.raises(KeyboardInterrupt) as info:
+        tr.run()
+    assert info.value.step == 2 and saves == [(2, "checkpoint-last.pt")]
+
+
+def test_a_second_sigterm_is_the_same_preemption_a_second_ctrl_c_stops_at_once():
+    import signal
+    import time
+    from audiomae.train.loop import GracefulInterrupt
+
+    def deliver(sig):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.05)  # the handler runs in this thread at the next bytecode
+
+    with GracefulInterrupt() as stop:
+        deliver(signal.SIGTERM)
+        deliver(signal.SIGTERM)  # a scheduler's and torchrun's: one preemption
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)
+    with GracefulInterrupt(hard_second=True) as stop:
+        deliver(signal.SIGINT)
+        # with several processes a second Ctrl-C ends the process from the operating system
+        assert stop.requested and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

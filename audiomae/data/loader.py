@@ -142,31 +142,31 @@ class DistributedWeightedSampler(Sampler):
 # ----------------------------------------------------------------------------------------------
 # the loader
 # ----------------------------------------------------------------------------------------------
-#: set while a training loop turns SIGTERM into "checkpoint after this step" (see
-#: audiomae.train.loop.GracefulInterrupt; read by workers forked from it): a worker then ends on
-#: SIGTERM as on Ctrl-C, quietly, instead of being killed by it, which would end the main process's
-#: step at once with a loader error
-WORKERS_QUIET_ON_SIGTERM = False
+#: set while a training loop turns Ctrl-C and SIGTERM into "checkpoint after this step" (see
+#: audiomae.train.loop.GracefulInterrupt; workers forked from it read it, others get it through
+#: their worker_init_fn): a worker then ignores both signals, which a scheduler or a terminal also
+#: sends it, and goes on serving batches until the loop stops (a worker ends when the main process
+#: is gone). Were it to end, the step, or an epoch's evaluation whose collectives the other
+#: processes wait in, would fail with a loader error instead.
+WORKERS_IGNORE_STOP_SIGNALS = False
 
 
-def _worker_sigterm(signum, frame):
-    raise KeyboardInterrupt  # the worker loop ends on it without an error, as on Ctrl-C
-
-
-def seed_worker(worker_id: int, quiet_on_sigterm: Optional[bool] = None) -> None:
-    """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed; end quietly on
-    SIGTERM when ``quiet_on_sigterm`` (default: ``WORKERS_QUIET_ON_SIGTERM`` as this process sees it)."""
+def seed_worker(worker_id: int, ignore_stop_signals: Optional[bool] = None) -> None:
+    """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed; ignore SIGINT and
+    SIGTERM when ``ignore_stop_signals`` (default: ``WORKERS_IGNORE_STOP_SIGNALS`` as this process
+    sees it)."""
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
-    if WORKERS_QUIET_ON_SIGTERM if quiet_on_sigterm is None else quiet_on_sigterm:
+    if WORKERS_IGNORE_STOP_SIGNALS if ignore_stop_signals is None else ignore_stop_signals:
         import signal
-        signal.signal(signal.SIGTERM, _worker_sigterm)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class _WorkerInit:
     """:func:`seed_worker` as the loaders' default ``worker_init_fn``, carrying
-    ``WORKERS_QUIET_ON_SIGTERM`` to workers that a ``spawn`` or ``forkserver`` start method makes
+    ``WORKERS_IGNORE_STOP_SIGNALS`` to workers that a ``spawn`` or ``forkserver`` start method makes
     (they import this module afresh, where a forked one inherits the flag): the flag is read when
     the loader starts its workers, which is when this object is pickled for them."""
 
@@ -174,7 +174,7 @@ class _WorkerInit:
         self.quiet: Optional[bool] = None  # in the main process (and forked workers): the flag itself
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"quiet": WORKERS_QUIET_ON_SIGTERM}
+        return {"quiet": WORKERS_IGNORE_STOP_SIGNALS}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.quiet = state["quiet"]

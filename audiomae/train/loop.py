@@ -232,27 +232,35 @@ class Interrupted(KeyboardInterrupt):
 class GracefulInterrupt:
     """While active (in the main thread), the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's
     preemption, ``kill``, torchrun passing either on) only sets ``requested``, so the loop can finish
-    its step and checkpoint; a second one stops at once."""
+    its step and checkpoint. A second Ctrl-C stops at once; a second SIGTERM does not, because one
+    preemption often comes twice (a scheduler signals every process of a job, and torchrun passes
+    its own on to its workers): a scheduler ends the job itself once its grace period is over."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, hard_second: bool = False):
         import threading
         self.enabled = bool(enabled) and threading.current_thread() is threading.main_thread()
+        self.hard_second = bool(hard_second)
         self.requested = False
         self._previous: Dict[int, Any] = {}
         self._workers_before = False
         self._pid = os.getpid()
 
     def _handle(self, signum, frame):
-        if os.getpid() != self._pid:  # a loader worker forked with this handler: its own business
-            raise KeyboardInterrupt
+        if os.getpid() != self._pid:  # a loader worker forked with this handler: it goes on serving
+            return
         if self.requested:
+            if signum == signal.SIGTERM:
+                return  # the same preemption again (see the class docstring)
             signal.signal(signum, self._restore(signum))
             raise KeyboardInterrupt
         self.requested = True
-        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint ({again} "
+        if self.hard_second and signal.SIGINT in self._previous:
+            # a process waiting in a collective runs no Python handler until the wait ends (a peer
+            # that hangs: never): the next Ctrl-C ends it at once, from the operating system
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C "
                          "again to stop at once)\n")
 
     def _restore(self, signum):
@@ -268,8 +276,8 @@ class GracefulInterrupt:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self._previous[sig] = signal.signal(sig, self._handle)
         from ..data import loader
-        self._workers_before = loader.WORKERS_QUIET_ON_SIGTERM
-        loader.WORKERS_QUIET_ON_SIGTERM = signal.SIGTERM in self._previous  # workers started from now on
+        self._workers_before = loader.WORKERS_IGNORE_STOP_SIGNALS
+        loader.WORKERS_IGNORE_STOP_SIGNALS = bool(self._previous)  # workers started from now on
         return self
 
     def __exit__(self, *exc) -> None:
@@ -277,7 +285,7 @@ class GracefulInterrupt:
             signal.signal(sig, self._restore(sig))
         self._previous.clear()
         from ..data import loader
-        loader.WORKERS_QUIET_ON_SIGTERM = self._workers_before
+        loader.WORKERS_IGNORE_STOP_SIGNALS = self._workers_before
 
 
 # AdamW's betas: the release pretrains with (0.9, 0.95) and fine-tunes with PyTorch's default (0.9, 0.999)
@@ -342,13 +350,18 @@ class Trainer:
         self.skipped = 0
         self._stop: Optional[GracefulInterrupt] = None  # while run() runs
         self._stop_seen = False  # some process was asked to stop (learnt through _finite's all-reduce)
+        self._last_save: Optional[Tuple[int, str]] = None  # (step, name) of the last checkpoint written
         self.runlog = RunLog(self.out_dir, info.is_main, opts.get("tensorboard", True))
         self.ddp = None
         if info.enabled:
             # the buffers are constants the model computes alike everywhere (the decoder's relative
             # coordinates): no broadcast of them before every forward
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            import inspect
+            ddp = nn.parallel.DistributedDataParallel
+            # (torch >= 2.13 names it forward_sync_buffers; the buffers agree at the start anyway)
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+                else {"broadcast_buffers": False}
+            self.ddp = ddp(self.model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
         self.forward_model = self.ddp or self.model
         if opts.get("compile") or opts.get("compile_mode"):
             mode = opts.get("compile_mode")
@@ -390,6 +403,7 @@ class Trainer:
                                 args=_json_safe(self.opts), schedule=self.schedule, best=self.best,
                                 extra={"rng_ranks": ranks, "eval_pending": self.eval_pending and name == LAST})
         D.barrier()
+        self._last_save = (self.step, name)
 
     def resume(self, path: str) -> None:
         state = load_training_state(path)
@@ -523,7 +537,7 @@ class Trainer:
     def run(self) -> Dict[str, Any]:
         # Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint before stopping;
         # with several processes, all of them stop after the same step (see _agreed)
-        with GracefulInterrupt() as stop:
+        with GracefulInterrupt(hard_second=self.info.enabled) as stop:
             self._stop, self._stop_seen = stop, False
             try:
                 return self._run(stop)
@@ -555,7 +569,7 @@ class Trainer:
 
     def _stop_here(self, save: bool = True) -> None:
         """The run was asked to stop between steps: checkpoint this point (unless just done), then stop."""
-        if save:
+        if save and self._last_save != (self.step, LAST):  # (--save-every-steps may have just written it)
             self.save()
         self.runlog.close()
         raise Interrupted(self.step, os.path.join(self.out_dir, LAST))
