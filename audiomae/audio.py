@@ -152,19 +152,23 @@ def resample(waveform: ArrayLike, orig_sr: int, new_sr: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out)).to(device=x.device, dtype=x.dtype)
 
 
+def _as_tensor(waveform: ArrayLike) -> torch.Tensor:
+    """``waveform`` as a tensor, its dtype kept: numpy arrays that torch cannot view (big-endian
+    samples, soundfile's '>f4'; reversed views) are copied to native order first."""
+    if isinstance(waveform, torch.Tensor):
+        return waveform
+    a = np.asarray(waveform)
+    if a.dtype.byteorder not in ("=", "|") or any(s < 0 for s in a.strides):
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+    return torch.as_tensor(a)
+
+
 def _as_float_tensor(waveform: ArrayLike) -> torch.Tensor:
     """Tensor view of ``waveform``: float32/float64 kept, other types converted to float32.
 
     Integer samples keep their scale (no division by full scale), as torchaudio's fbank does.
     """
-    if isinstance(waveform, torch.Tensor):
-        x = waveform
-    else:
-        a = np.asarray(waveform)
-        if a.dtype.byteorder not in ("=", "|") or any(s < 0 for s in a.strides):
-            # big-endian samples (soundfile's '>f4'), reversed views: what torch cannot view
-            a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
-        x = torch.as_tensor(a)
+    x = _as_tensor(waveform)
     if x.dtype not in (torch.float32, torch.float64):
         if x.is_complex():
             raise TypeError("a waveform must be real-valued")
@@ -551,14 +555,7 @@ def waveform_to_input(
     are refused (ValueError); ``check_finite=False`` skips that pass (NaN frames then, as in the
     fused front ends, which do not look).
     """
-    if isinstance(waveform, torch.Tensor):
-        x = waveform
-    else:
-        a = np.asarray(waveform)
-        if a.dtype.byteorder not in ("=", "|") or any(s < 0 for s in a.strides):
-            # big-endian samples (soundfile's '>f4'), reversed views: what torch cannot view
-            a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
-        x = torch.as_tensor(a)
+    x = _as_tensor(waveform)
     if x.dtype in _INT_FULL_SCALE:
         x = x.to(torch.float32) / _INT_FULL_SCALE[x.dtype]
     elif x.dtype == torch.uint8:
