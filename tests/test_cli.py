@@ -463,23 +463,25 @@ def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
     assert "no checkpoint in" in out and "starting from the beginning" in out
 
 
-def test_ddp_two_cpu_processes_agree(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_agree.py")
+def _torchrun(script: str, port: int, out) -> subprocess.CompletedProcess:
+    """``script`` (in tests/scripts) launched by torchrun as 2 CPU processes, with ``out`` as its folder."""
+    path = os.path.join(os.path.dirname(__file__), "scripts", script)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", script, str(tmp_path)], capture_output=True, text=True,
+                           "--master_port", str(port), path, str(out)], capture_output=True, text=True,
                           env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    proc = _torchrun("ddp_agree.py", 29533, tmp_path)
     assert "ranks agree" in proc.stdout and "resume and evaluation per rank ok" in proc.stdout
     state = torch.load(tmp_path / "checkpoint-last.pt", weights_only=True)
     assert state["step"] == 8  # 2 epochs of 32 clips / (2 ranks x batch 4), the second after a resume
 
 
 def test_ddp_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "scripts", "ddp_interrupt.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29534", script, str(tmp_path)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _torchrun("ddp_interrupt.py", 29534, tmp_path)
     assert "interrupted together at step 3 twice, resumed exactly" in proc.stdout
 
 
