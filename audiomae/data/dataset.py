@@ -93,9 +93,9 @@ class BadFileTracker:
         self._replacement = False  # some sampler draws with replacement
         self.reads = 0  # every read, repeats included
 
-    def expect(self, size: int, reachable: Optional[int] = None, replacement: bool = False) -> None:
-        """The dataset has ``size`` clips, of which this process's sampler reads ``reachable`` per
-        epoch (its share; draws with ``replacement``): see :attr:`judged_after`."""
+    def expect(self, size: int, replacement: bool = False) -> None:
+        """The dataset has ``size`` clips, which a sampler reads (drawing with ``replacement``): see
+        :attr:`judged_after`."""
         size = int(size)
         if self._seen is None or len(self._seen) != size:
             self._seen = bytearray(size)

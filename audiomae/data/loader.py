@@ -323,9 +323,9 @@ def make_loader(
     tracker = getattr(base, "bad_tracker", None)
     if tracker is None:
         tracker = BadFileTracker()
-    try:  # judged after min_attempts clips, or all of a smaller dataset this process reads whole
+    try:  # judged after min_attempts clips or all of a smaller dataset, or min_attempts weighted draws
         weighted = getattr(sampler, "weights", None) is not None  # (an unweighted shuffle draws no repeats)
-        tracker.expect(len(base), len(sampler), replacement=weighted and bool(getattr(sampler, "replacement", False)))
+        tracker.expect(len(base), replacement=weighted and bool(getattr(sampler, "replacement", False)))
     except TypeError:  # a dataset or sampler without a length
         pass
     # Without workers the dataset accounts for its reads itself, in this process.
