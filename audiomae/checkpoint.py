@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .config import POS_EMBED_KINDS, PRESETS, AudioMAEConfig
+from .config import POS_EMBED_KINDS, PRESETS, AudioMAEConfig, patch_grid
 from .pos_embed import sincos_2d
 
 FORMAT = "audiomae"
@@ -33,6 +33,8 @@ _DEFAULT_HEADS = {p["embed_dim"]: p["num_heads"] for p in PRESETS.values()}
 # the release's inputs: 128 mel bins, and 1024 (AudioSet), 512 (ESC-50) or 128 (Speech Commands) frames
 _RELEASE_MELS = 128
 _RELEASE_FRAMES = (1024, 512, 128)
+# the release's overlapping ("custom") patches step 10 frames and bins (use_custom_patch in its args)
+RELEASE_OVERLAP_STRIDE = 10
 
 
 class CheckpointError(ValueError):
@@ -226,16 +228,22 @@ def infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any
         cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
     table = sd.get("pos_embed", sd.get("decoder_pos_embed"))
     if table is not None and table.dim() == 3:
+        custom = isinstance(args, argparse.Namespace) and getattr(args, "use_custom_patch", None) is True
         try:
-            grid, kind = _checkpoint_grid("pos_embed" if "pos_embed" in sd else "decoder_pos_embed", table, p)
+            grid, kind, stride = _checkpoint_grid("pos_embed" if "pos_embed" in sd else "decoder_pos_embed", table, p,
+                                                  stride=RELEASE_OVERLAP_STRIDE if custom else None)
         except CheckpointError:
-            grid, kind = None, None  # loading says so if the table has to be adapted
+            grid, kind, stride = None, None, None  # loading says so if the table has to be adapted
         if grid is not None:
-            cfg["img_size"] = _input_size(grid, p)
+            if stride is not None and stride != p:
+                cfg["patch_stride"] = stride
+            cfg["img_size"] = _input_size(grid, p, stride)
             if kind is None and "decoder_pos_embed" in sd and "pos_embed" in sd:
-                kind = _fixed_kind(sd["decoder_pos_embed"], grid)
+                kind = _fixed_kind(sd["decoder_pos_embed"], grid, stride is not None and stride != p)
             if kind is not None:
                 cfg["pos_embed_kind"] = kind
+    if custom and RELEASE_OVERLAP_STRIDE < p:
+        cfg.setdefault("patch_stride", RELEASE_OVERLAP_STRIDE)
     if "decoder_embed.weight" in sd:
         Dd = sd["decoder_embed.weight"].shape[0]
         depth = _count(sd, "decoder_blocks.")
@@ -285,35 +293,43 @@ def _fields_from_args(a: Dict[str, Any], classifier: bool) -> Dict[str, Any]:
     return out
 
 
-def _input_size(grid: Tuple[int, int], patch: int) -> Tuple[int, int]:
+def _input_size(grid: Tuple[int, int], patch: int, stride: Optional[int] = None) -> Tuple[int, int]:
     """The input (frames, mel bins) for a patch grid: the release's input where its grid is this one
-    (1024 frames at patch 14 give 73 time patches, the remainder dropped), else whole patches."""
+    (1024 frames at patch 14 give 73 time patches, the remainder dropped), else the least input with
+    that grid (whole patches, or ``(n - 1) * stride + patch`` for patches every ``stride``)."""
     t, f = grid
-    frames = next((n for n in _RELEASE_FRAMES if n // patch == t), t * patch)
-    return frames, (_RELEASE_MELS if _RELEASE_MELS // patch == f else f * patch)
+    s = patch if stride is None else stride
+    frames = next((n for n in _RELEASE_FRAMES if patch_grid((n, n), patch, s)[0] == t), (t - 1) * s + patch)
+    mels = _RELEASE_MELS if patch_grid((_RELEASE_MELS,) * 2, patch, s)[0] == f else (f - 1) * s + patch
+    return frames, mels
 
 
-def _fixed_kind(table: torch.Tensor, grid: Tuple[int, int]) -> Optional[str]:
-    """Which fixed sin-cos table (``'released'`` or ``'grid'``) ``table`` is for ``grid``; None when it
-    is neither (a trained table). On a one-row or one-column grid the two kinds coincide: 'released'."""
+def _fixed_kind(table: torch.Tensor, grid: Tuple[int, int], overlapping: bool = False) -> Optional[str]:
+    """Which fixed sin-cos table (``'released'`` or ``'grid'``) ``table`` is for ``grid`` (of
+    overlapping patches or not: the release's table differs); None when it is neither (a trained
+    table). On a one-row or one-column grid the two kinds coincide: 'released'."""
     if table.dim() != 3 or table.shape[1] - 1 != grid[0] * grid[1] or table.shape[-1] % 4:
         return None
     D = table.shape[-1]
     t = table.detach().float().cpu()
     # a table stored in half precision carries its rounding
     atol = max(1e-5, torch.finfo(table.dtype).eps) if table.is_floating_point() else 1e-5
-    return next((k for k in POS_EMBED_KINDS if torch.allclose(t, sincos_2d(D, grid, k), atol=atol)), None)
+    return next((k for k in POS_EMBED_KINDS if torch.allclose(t, sincos_2d(D, grid, k, overlapping=overlapping),
+                                                              atol=atol)), None)
 
 
-def _checkpoint_grid(name: str, table: torch.Tensor, patch: int,
-                     file_grid: Optional[Tuple[int, int]] = None) -> Tuple[Tuple[int, int], Optional[str]]:
-    """The patch grid (time, frequency) a checkpoint's position table ``name`` was made for, and its
-    fixed kind (``'released'`` / ``'grid'``), or None for a trained table.
+def _checkpoint_grid(name: str, table: torch.Tensor, patch: int, file_grid: Optional[Tuple[int, int]] = None,
+                     stride: Optional[int] = None) -> Tuple[Tuple[int, int], Optional[str], Optional[int]]:
+    """The patch grid (time, frequency) a checkpoint's position table ``name`` was made for, its fixed
+    kind (``'released'`` / ``'grid'``, or None for a trained table), and the patches' stride where
+    known (None: not told, taken as non-overlapping).
 
-    The grid is ``file_grid`` (from the file's config) when given. Otherwise it is the release's:
-    ``128 // patch`` frequency patches (128 mel bins), unless the table is the fixed sin-cos code of
-    another grid, which then names its grid. A trained table of another number of mel bins cannot be
-    told from its shape: save such models with ``save_pretrained``, which records the config."""
+    The grid is ``file_grid`` (from the file's config, patches every ``stride``) when given.
+    Otherwise it is the release's: ``128 // patch`` frequency patches (128 mel bins) or, for the
+    release's table of overlapping patches (every 10, or every ``stride`` when the file's arguments
+    say so), their 12; else the fixed sin-cos code of another grid names its grid. A trained table of
+    another number of mel bins cannot be told from its shape: save such models with
+    ``save_pretrained``, which records the config."""
     L = table.shape[1] - 1
     if file_grid is not None:
         if file_grid[0] * file_grid[1] != L:
@@ -321,16 +337,27 @@ def _checkpoint_grid(name: str, table: torch.Tensor, patch: int,
                 f"{name}: the checkpoint's table has {L} positions, but the {file_grid[0]}x{file_grid[1]} "
                 f"patch grid of its own config has {file_grid[0] * file_grid[1]}: the file's config does not "
                 "describe its weights. Re-save the weights with the config they were trained with.")
-        return tuple(file_grid), _fixed_kind(table, file_grid)
+        overlapping = stride is not None and stride < patch
+        return tuple(file_grid), _fixed_kind(table, file_grid, overlapping), stride
     f = max(1, _RELEASE_MELS // patch)
     hint = (L // f, f) if L > 0 and L % f == 0 else None
+    s = RELEASE_OVERLAP_STRIDE if stride is None else stride
+    fo = patch_grid((_RELEASE_MELS,) * 2, patch, s)[0] if s < patch else 0
+    # the release's overlapping patches: its table then codes frequency first (pos_embed.sincos_2d)
+    overlap = (L // fo, fo) if fo and L > 0 and L % fo == 0 else None
+    if overlap is not None and _fixed_kind(table, overlap, True) == "released":
+        return overlap, "released", s
+    if stride is not None and stride < patch:  # the file says its patches overlap: a trained or grid table
+        if overlap is not None:
+            return overlap, _fixed_kind(table, overlap, True), s
+        hint = None
     grids = ([hint] if hint else []) + [(t, L // t) for t in range(1, L + 1) if L % t == 0 and (t, L // t) != hint]
     for grid in grids:
         kind = _fixed_kind(table, grid)
         if kind is not None:
-            return grid, kind
+            return grid, kind, None
     if hint is not None:
-        return hint, None  # a trained table, read at the release's frequency count
+        return hint, None, None  # a trained table, read at the release's frequency count
     raise CheckpointError(
         f"{name}: the checkpoint's {L} positions fit no patch grid: the table is not the fixed sin-cos code "
         f"of any grid, and {L} is not a multiple of the {f} frequency patches of {_RELEASE_MELS} mel bins at "
@@ -340,14 +367,16 @@ def _checkpoint_grid(name: str, table: torch.Tensor, patch: int,
 
 # --- loading into a model ------------------------------------------------------------------------
 def _adapt_pos_table(name: str, old: torch.Tensor, new: torch.Tensor, old_grid: Tuple[int, int],
-                     kind: Optional[str], new_grid: Tuple[int, int]) -> Tuple[torch.Tensor, str]:
+                     kind: Optional[str], new_grid: Tuple[int, int], overlapping: bool = False
+                     ) -> Tuple[torch.Tensor, str]:
     """The model's table ``new`` for a checkpoint table ``old`` of another grid: the fixed sin-cos code
     of the checkpoint's ``kind`` rebuilt for the new grid, or, for a trained table (``kind`` None),
     ``old`` interpolated (bicubic over the patch grid)."""
     D = old.shape[-1]
     if kind is not None:
-        return (sincos_2d(D, new_grid, kind).to(new.dtype),
-                f"{name}: fixed sin-cos table rebuilt for the {new_grid[0]}x{new_grid[1]} grid "
+        what = "grid of overlapping patches" if overlapping else "grid"
+        return (sincos_2d(D, new_grid, kind, overlapping=overlapping).to(new.dtype),
+                f"{name}: fixed sin-cos table rebuilt for the {new_grid[0]}x{new_grid[1]} {what} "
                 f"({kind!r} kind, as the checkpoint's {old_grid[0]}x{old_grid[1]} table)")
     body = old[:, 1:].reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2).float()
     body = F.interpolate(body, size=new_grid, mode="bicubic", align_corners=False)
@@ -424,14 +453,19 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
         if name in sd and name in target and sd[name].shape != target[name].shape and \
                 sd[name].dim() == 3 and sd[name].shape[-1] == target[name].shape[-1]:
             # the checkpoint's grid: its own config's, else what infer_config reads from the shapes
-            file_grid = None
+            file_grid, file_stride = None, None
             if file_cfg:
                 try:
-                    file_grid = AudioMAEConfig.from_dict(file_cfg).grid_size
+                    saved = AudioMAEConfig.from_dict(file_cfg)
                 except (TypeError, ValueError) as e:
                     raise CheckpointError(f"{where}: its configuration is not usable: {e}") from None
-            old_grid, kind = _checkpoint_grid(name, sd[name], sd["patch_embed.proj.weight"].shape[-1], file_grid)
-            sd[name], msg = _adapt_pos_table(name, sd[name], target[name], old_grid, kind, config.grid_size)
+                file_grid, file_stride = saved.grid_size, saved.stride
+            elif isinstance(args, argparse.Namespace) and getattr(args, "use_custom_patch", None) is True:
+                file_stride = RELEASE_OVERLAP_STRIDE
+            old_grid, kind, _ = _checkpoint_grid(name, sd[name], sd["patch_embed.proj.weight"].shape[-1], file_grid,
+                                                 file_stride)
+            sd[name], msg = _adapt_pos_table(name, sd[name], target[name], old_grid, kind, config.grid_size,
+                                             config.overlapping)
             notes.append(msg)
             if kind is not None:
                 kinds.add(kind)

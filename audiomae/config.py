@@ -22,10 +22,13 @@ class AudioMAEConfig:
 
     ``img_size`` is (time frames, mel bins) of the model input ``[B, 1, T, F]``. The patch grid is
     ``(T // patch_size, F // patch_size)`` and tokens are ordered time-major (``t * grid_f + f``).
+    With ``patch_stride`` below ``patch_size`` the patches overlap (the release's custom patches:
+    16 x 16 every 10) and the grid is ``((T - p) // s + 1, (F - p) // s + 1)``: 101 x 12 on 1024 x 128.
     """
 
     img_size: Tuple[int, int] = (1024, 128)
     patch_size: int = 16
+    patch_stride: Optional[int] = None  # None: patch_size (non-overlapping patches, the released models')
     in_chans: int = 1
     embed_dim: int = 768
     depth: int = 12
@@ -73,6 +76,12 @@ class AudioMAEConfig:
         problems += [f"{n}={getattr(self, n)!r} must be a positive integer" for n in bad]
         if "patch_size" not in bad and any(s < self.patch_size for s in self.img_size):
             problems.append(f"img_size={self.img_size} must be at least one patch ({self.patch_size}) per axis")
+        s = self.patch_stride
+        if s is not None and not (_is_int(s) and s > 0 and ("patch_size" in bad or s <= self.patch_size)):
+            problems.append(f"patch_stride={s!r} must be a positive integer no larger than patch_size "
+                            f"({self.patch_size}), or None for non-overlapping patches")
+        elif s is not None and "patch_size" not in bad and s == self.patch_size:
+            self.patch_stride = None  # one meaning, one spelling: configs compare and record alike
         for name, heads_name in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             if name in bad or heads_name in bad:
                 continue
@@ -133,9 +142,19 @@ class AudioMAEConfig:
 
     # --- derived quantities -------------------------------------------------------------------
     @property
+    def stride(self) -> int:
+        """The step between patches: ``patch_stride``, or ``patch_size`` when patches do not overlap."""
+        return self.patch_size if self.patch_stride is None else self.patch_stride
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether neighbouring patches share input (``patch_stride < patch_size``)."""
+        return self.stride < self.patch_size
+
+    @property
     def grid_size(self) -> Tuple[int, int]:
-        """Patch grid (time, frequency)."""
-        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        """Patch grid (time, frequency): whole patches, each ``stride`` after the previous one."""
+        return patch_grid(self.img_size, self.patch_size, self.stride)
 
     @property
     def num_patches(self) -> int:
@@ -192,6 +211,13 @@ class AudioMAEConfig:
             # the release's decoders: 16 Swin blocks when local, 8 ViT blocks when global
             fields["decoder_depth"] = GLOBAL_DECODER_DEPTH
         return cls(**fields)
+
+
+def patch_grid(img_size: Tuple[int, int], patch: int, stride: Optional[int] = None) -> Tuple[int, int]:
+    """The (time, frequency) grid of ``patch`` x ``patch`` patches every ``stride`` (default: ``patch``)
+    on an input of ``img_size``; a remainder no patch covers is left out, as the convolution does."""
+    s = patch if stride is None else stride
+    return tuple((n - patch) // s + 1 if n >= patch else 0 for n in img_size)
 
 
 def _is_int(v: Any) -> bool:

@@ -31,12 +31,14 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d(1, D, p, stride p): ``[B, 1, T, F]`` -> ``[B, (T/p)*(F/p), D]`` time-major."""
+    """Conv2d(1, D, p, stride s): ``[B, 1, T, F]`` -> ``[B, grid_t * grid_f, D]`` time-major; ``s`` is
+    ``p`` (non-overlapping patches) unless given."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stride: int = None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stride = patch_size if stride is None else stride
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)

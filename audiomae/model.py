@@ -41,26 +41,37 @@ class MAEOutput:
         return 3
 
 
-def patchify(spec: torch.Tensor, p: int) -> torch.Tensor:
-    """``[B, 1, T, F]`` -> ``[B, (T/p)*(F/p), p*p]``: time-major patches, each row-major (p time rows of p bins).
+def patchify(spec: torch.Tensor, p: int, stride: Optional[int] = None) -> torch.Tensor:
+    """``[B, 1, T, F]`` -> ``[B, grid_t * grid_f, p*p]``: time-major patches, each row-major (p time rows
+    of p bins), one every ``stride`` (default ``p``: the patches tile the input).
 
     A remainder that does not fill a whole patch is cropped, as the strided convolution does.
     """
     if spec.dim() != 4:
         raise ValueError(f"patchify expects [B, C, T, F], got shape {tuple(spec.shape)}")
     B, C, T, Fq = spec.shape
+    if stride is not None and stride != p:  # overlapping patches: the release's unfold
+        x = spec.unfold(2, p, stride).unfold(3, p, stride)  # [B, C, h, w, p, p]
+        return x.permute(0, 2, 3, 4, 5, 1).reshape(B, x.shape[2] * x.shape[3], p * p * C)
     h, w = T // p, Fq // p
     x = spec[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
 
 
-def unpatchify(x: torch.Tensor, p: int, grid: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``[B, L, p*p]`` -> ``[B, 1, grid_t * p, grid_f * p]``."""
+def unpatchify(x: torch.Tensor, p: int, grid: Tuple[int, int], stride: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, L, p*p]`` -> ``[B, 1, (grid_t - 1) * s + p, (grid_f - 1) * s + p]``;
+    where patches overlap (``stride`` below ``p``) each value is the mean of the patches covering it."""
     h, w = grid
     if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] != p * p:
         raise ValueError(f"unpatchify of a {h} x {w} grid of {p} x {p} patches expects [B, {h * w}, {p * p}], got "
                          f"shape {tuple(x.shape)}")
     B = x.shape[0]
+    if stride is not None and stride != p:
+        size = ((h - 1) * stride + p, (w - 1) * stride + p)
+        cols = x.transpose(1, 2)  # [B, p*p, L]: fold's layout (one column per patch)
+        total = torch.nn.functional.fold(cols, size, p, stride=stride)
+        count = torch.nn.functional.fold(torch.ones_like(cols[:1]), size, p, stride=stride)
+        return total / count
     x = x.reshape(B, h, w, p, p, 1)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(B, 1, h * p, w * p)
 
@@ -78,6 +89,17 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (loss * mask).sum() / mask.sum()
 
 
+def local_grid(cfg: AudioMAEConfig) -> Tuple[int, int]:
+    """The token grid the local decoder blocks attend over: the patch grid, and with overlapping
+    patches the time axis grown to a multiple of the window by repeating its last row, as the release
+    does (101 x 12 patches become 102 x 12 for its 6 x 6 windows)."""
+    T, Fq = cfg.grid_size
+    if not cfg.overlapping:
+        return T, Fq
+    w = min(cfg.window_size[0], T)
+    return T + (-T) % w, Fq
+
+
 class _Encoder(nn.Module):
     """Shared ViT encoder pieces; attribute names are the released top-level keys."""
 
@@ -85,9 +107,10 @@ class _Encoder(nn.Module):
 
     def _build_encoder(self, cfg: AudioMAEConfig, drop_path: float = 0.0) -> None:
         self.config = cfg
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(sincos_2d(cfg.embed_dim, cfg.grid_size, cfg.pos_embed_kind), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d(cfg.embed_dim, cfg.grid_size, cfg.pos_embed_kind,
+                                                overlapping=cfg.overlapping), requires_grad=False)
         rates = torch.linspace(0, drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=r, eps=cfg.layer_norm_eps) for r in rates)
@@ -191,12 +214,13 @@ class AudioMAE(_Encoder):
         D = cfg.decoder_embed_dim
         self.decoder_embed = nn.Linear(cfg.embed_dim, D)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.decoder_pos_embed = nn.Parameter(sincos_2d(D, cfg.grid_size, cfg.pos_embed_kind), requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(D, cfg.grid_size, cfg.pos_embed_kind,
+                                                        overlapping=cfg.overlapping), requires_grad=False)
         blocks = []
         for i in range(cfg.decoder_depth):
             if i < cfg.num_local_blocks:
                 shift = (0, 0) if i % 2 == 0 else cfg.shift_size
-                blocks.append(SwinBlock(D, cfg.decoder_num_heads, cfg.grid_size, cfg.window_size, shift,
+                blocks.append(SwinBlock(D, cfg.decoder_num_heads, local_grid(cfg), cfg.window_size, shift,
                                         cfg.mlp_ratio, cfg.layer_norm_eps, cfg.meta_hidden_dim, cfg.meta_dropout))
             else:
                 blocks.append(Block(D, cfg.decoder_num_heads, cfg.mlp_ratio, eps=cfg.layer_norm_eps))
@@ -227,7 +251,7 @@ class AudioMAE(_Encoder):
         mask_ratio = check_ratio(mask_ratio)
         self._check_input(spec)
         self._check_noise(noise, spec)
-        if mode == "unstructured":
+        if mode == "unstructured" and not cfg.overlapping:
             # embed only the kept patches: the same values as embedding all of them, then gathering
             B, L = spec.shape[0], cfg.num_patches
             ids_keep, ids_restore, mask = random_masking_ids(B, L, int(L * (1 - mask_ratio)), spec.device, noise)
@@ -244,19 +268,30 @@ class AudioMAE(_Encoder):
         if self.encoder_only:
             raise RuntimeError("this AudioMAE was loaded with encoder_only=True (its decoder blocks left out): it "
                                "embeds, but cannot reconstruct or train; load it without encoder_only for that")
-        n_local = self.config.num_local_blocks
+        cfg = self.config
+        n_local = cfg.num_local_blocks
         # mask tokens appended, original order restored, positions added; local (and hybrid)
         # decoding drops the cls token: windows cover patch tokens only
         x = decoder_unshuffle(self.decoder_embed(latent), self.mask_token, ids_restore, self.decoder_pos_embed,
                               keep_cls=not n_local)
-        for blk in self.decoder_blocks:
+        (T, Fq), (padded, _) = cfg.grid_size, local_grid(cfg)
+        for i, blk in enumerate(self.decoder_blocks):
+            if i == 0 and n_local and padded > T:  # the release's overlap rule: repeat the last time row
+                x = x.unflatten(1, (T, Fq))
+                x = torch.cat([x, x[:, -1:].expand(-1, padded - T, -1, -1)], dim=1).flatten(1, 2)
             x = blk(x)
+            if i == n_local - 1 and padded > T:
+                x = x[:, : T * Fq]
         pred = self.decoder_pred(self.decoder_norm(x))
         return pred if n_local else pred[:, 1:, :]
 
     def forward_loss(self, spec: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-patch MSE against the (norm-pix) target patches, averaged over the removed patches."""
-        return masked_norm_pix_loss(pred, spec, mask, self.config.patch_size, self.config.norm_pix_loss)
+        cfg = self.config
+        if cfg.overlapping:  # the fused loss cuts non-overlapping patches; overlapping ones are unfolded
+            target = patchify(spec, cfg.patch_size, cfg.stride)
+            return masked_mse(pred, norm_pix_target(target) if cfg.norm_pix_loss else target, mask)
+        return masked_norm_pix_loss(pred, spec, mask, cfg.patch_size, cfg.norm_pix_loss)
 
     def forward(self, spec: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None,
                 mask_mode: Optional[str] = None) -> MAEOutput:
@@ -296,18 +331,20 @@ class AudioMAE(_Encoder):
     def reconstruct(self, spec: torch.Tensor, mask_ratio: Optional[float] = None,
                     noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction as a spectrogram (patch statistics restored when the model predicts
-        normalised patches) and the mask (1 = removed), both ``[B, 1, grid_t * p, grid_f * p]``: the
-        input ``[B, 1, T, F]`` where the patches tile it, else its patch-covered part (patch 14 on
-        256 x 128 covers 252 x 126)."""
+        normalised patches) and the mask (1 = removed), both the patch-covered part of the input
+        ``[B, 1, T, F]``: all of it where the patches tile it (patch 14 on 256 x 128 covers 252 x 126).
+        Where patches overlap, each value is the mean of the patches covering it, and the mask the
+        fraction of those patches that were removed (16 x 16 patches every 10 cover 1016 x 126 of
+        1024 x 128)."""
         out = self(spec, mask_ratio, noise)
-        p = self.config.patch_size
+        p, s = self.config.patch_size, self.config.stride
         pred = out.pred
         if self.config.norm_pix_loss:
-            target = patchify(spec, p)
+            target = patchify(spec, p, s)
             pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
         grid = self.config.grid_size
-        mask = unpatchify(out.mask.unsqueeze(-1).expand(-1, -1, p * p).to(pred.dtype), p, grid)
-        return unpatchify(pred, p, grid), mask
+        mask = unpatchify(out.mask.unsqueeze(-1).expand(-1, -1, p * p).to(pred.dtype), p, grid, s)
+        return unpatchify(pred, p, grid, s), mask
 
     @classmethod
     def from_pretrained(cls, path_or_state_dict, config: Optional[AudioMAEConfig] = None,

@@ -5,6 +5,9 @@ time-major, so token ``i`` gets the 1D code of ``i mod T`` in the first half of 
 ``i div T`` in the second half: a scrambled but unique code per position. ``kind="released"``
 reproduces that table (the released weights were trained with it); ``kind="grid"`` gives each token
 the code of its true (time, frequency) position instead.
+
+With overlapping patches the release reports the grid as (T, F), so its table codes ``i mod F`` (the
+frequency index) first and ``i div F`` (the time index) second: ``released`` is that table there.
 """
 from __future__ import annotations
 
@@ -24,11 +27,15 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d(dim: int, grid: Tuple[int, int], kind: str = "released", cls_token: bool = True) -> torch.Tensor:
-    """Position table ``[1, cls + T * F, dim]`` (float32) for a (time, frequency) patch grid."""
+def sincos_2d(dim: int, grid: Tuple[int, int], kind: str = "released", cls_token: bool = True,
+              overlapping: bool = False) -> torch.Tensor:
+    """Position table ``[1, cls + T * F, dim]`` (float32) for a (time, frequency) patch grid; the
+    ``released`` kind depends on whether the patches overlap (``overlapping``), as in the release."""
     t, f = grid
     idx = np.arange(t * f)
-    if kind == "released":
+    if kind == "released" and overlapping:
+        first, second = idx % f, idx // f
+    elif kind == "released":
         first, second = idx % t, idx // t
     elif kind == "grid":
         first, second = idx // f, idx % f  # (time, frequency) of each time-major token

@@ -569,9 +569,10 @@ def model_loss_and_grads(model, spec, noise, backend):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode", ["local", "global"])
-def test_tiny_model_same_loss_and_grads(mode):
-    cfg = AudioMAEConfig.preset("tiny", decoder_mode=mode, decoder_depth=2)
+@pytest.mark.parametrize("mode,stride", [("local", None), ("global", None), ("local", 10)],
+                         ids=["local", "global", "overlapping"])
+def test_tiny_model_same_loss_and_grads(mode, stride):
+    cfg = AudioMAEConfig.preset("tiny", decoder_mode=mode, decoder_depth=2, patch_stride=stride)
     model = AudioMAE(cfg).to(DEVICE)
     spec = torch.randn(2, 1, *cfg.img_size, device=DEVICE)
     noise = torch.rand(2, cfg.num_patches, device=DEVICE)
