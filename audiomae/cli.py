@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "release's 16 shifted-window blocks, global its 8 ViT blocks (as many as the local "
                         "decoder's on presets whose decoder is not the release's 16 blocks, such as tiny), hybrid "
                         "local then global")
+    p.add_argument("--patch-stride", type=int, metavar="S",
+                   help="overlapping patches: 16 x 16 patches every S frames and bins (the release's custom patches: "
+                        "10, a 101 x 12 grid on 1024 x 128, with its 6 x 6 decoder windows) (default: 16, no overlap)")
     p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"],
                    help="which patches are removed: random patches, whole time columns, whole frequency rows, "
@@ -195,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune a classifier with layer-wise lr decay, mixup, SpecAugment and optional 2D masking.")
     p.add_argument("--pretrained", help="pretrained checkpoint (released or ours) (default: train from scratch)")
     p.add_argument("--model", default="tiny", help="size preset when training from scratch: " + ", ".join(MODEL_PRESETS))
+    p.add_argument("--patch-stride", type=int, metavar="S",
+                   help="overlapping patches: 16 x 16 patches every S frames and bins (the release's custom patches: "
+                        "10); a --pretrained model of another stride keeps its weights, its position table is "
+                        "rebuilt for the new grid (default: the pretrained model's, else 16, no overlap)")
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay per block from the top")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--mixup", type=float, default=0.5,
@@ -469,6 +476,17 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         if str(opts["model"]).lower() not in PRESETS and str(opts["model"]).lower() not in PRESET_ALIASES:
             sub.error(f"{name('model')} {opts['model']}: no such preset; choose one of {', '.join(MODEL_PRESETS)} "
                       "(or a release name such as vit_base_patch16)")
+    if opts.get("patch_stride") is not None:
+        from .config import AudioMAEConfig
+        try:  # the patch size is the preset's (16, huge's 14), or the pretrained model's
+            patch = AudioMAEConfig.preset(opts.get("model") or "tiny").patch_size
+        except ValueError:
+            patch = 16
+        if not 1 <= opts["patch_stride"] <= patch and not opts.get("pretrained"):
+            sub.error(f"{name('patch_stride')} must be in [1, {patch}] (the patches are {patch} x {patch}; {patch}: "
+                      f"no overlap), got {opts['patch_stride']}")
+        if opts["patch_stride"] < 1:
+            sub.error(f"{name('patch_stride')} must be a positive number of frames and bins, got {opts['patch_stride']}")
     bounded("max_bad_fraction", 0, 1)
     if opts.get("no_replacement") and not opts.get("weighted_sampling"):
         sub.error(f"{name('no_replacement')} applies to --weighted-sampling (uniform sampling already takes each "

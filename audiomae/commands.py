@@ -274,8 +274,12 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))
     noise = torch.rand(1, model.config.num_patches, generator=g).to(device)
     with torch.no_grad():
-        recon, mask = model.reconstruct(x, ratio, noise=noise)
+        covered, covered_mask = model.reconstruct(x, ratio, noise=noise)
         loss = model(x, ratio, noise=noise).loss
+    # frames and bins no patch covers (patch 14 on 128 bins, or overlapping patches) stay the input's
+    h, w = covered.shape[-2:]
+    recon, mask = x.clone(), torch.zeros_like(x)
+    recon[..., :h, :w], mask[..., :h, :w] = covered, covered_mask
     reconstruction_figure(x[0, 0], recon[0, 0], mask[0, 0], opts["out"],
                           title=f"{os.path.basename(opts['audio'])}: masked-patch loss {float(loss):.3f}")
     print(f"wrote {opts['out']} (loss on the removed patches {float(loss):.4f})")

@@ -304,6 +304,33 @@ def test_reconstruct_outputs_and_mask_ratio(tmp_path, tiny_ckpt, capsys):
     assert_one_error_line(capsys.readouterr().err, "--out", "cannot create the folder")
 
 
+@pytest.mark.parametrize("fields", [dict(patch_size=14, decoder_mode="global"), dict(patch_stride=10)],
+                         ids=["patch14", "overlapping"])
+def test_reconstruct_where_patches_leave_a_border(fields, tmp_path, capsys, monkeypatch):
+    """Patch 14 on 128 bins (and patches every 10) cover less than the input: the picture and the
+    audio show the input there, unmasked, instead of failing on the shapes."""
+    from audiomae import AudioMAE, AudioMAEConfig
+    import audiomae.reconstruct as rec
+
+    ckpt = tmp_path / "m.pt"
+    model = AudioMAE(AudioMAEConfig.preset("tiny", **fields))
+    model.save_pretrained(ckpt)
+    seen = {}
+    monkeypatch.setattr(rec, "reconstruction_figure", lambda spec, recon, mask, path, title=None: seen.update(
+        spec=spec, recon=recon, mask=mask))
+    wav = tmp_path / "r.wav"
+    assert main(["reconstruct", "--checkpoint", str(ckpt), _wav(tmp_path / "ok.wav", 2.56), "--out",
+                 str(tmp_path / "r.png"), "--wav", str(wav)]) == 0
+    assert "wrote" in capsys.readouterr().out and wav.stat().st_size > 1000
+    spec, recon, mask = seen["spec"], seen["recon"], seen["mask"]
+    assert spec.shape == recon.shape == mask.shape == (256, 128)
+    h, w = model.reconstruct(spec[None, None], noise=torch.rand(1, model.config.num_patches))[0].shape[-2:]
+    assert (h, w) == ((252, 126) if "patch_size" in fields else (256, 126))
+    assert torch.equal(recon[:, w:], spec[:, w:]) and torch.equal(recon[h:], spec[h:])
+    assert float(mask[:, w:].abs().sum()) == 0 and float(mask[h:].abs().sum()) == 0
+    assert 0.5 < float(mask[:h, :w].mean()) < 1.0  # 80 % of the patches removed
+
+
 COMMANDS = ["pretrain", "finetune", "evaluate", "embed", "reconstruct", "demo", "info"]
 
 
@@ -1228,3 +1255,31 @@ def test_errors_of_other_processes_name_their_rank(tmp_path, tiny_ckpt, monkeypa
     assert main(["embed", "--checkpoint", tiny_ckpt, "--data", wav, "--out", str(tmp_path / "e.pt")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "an audio file, not a manifest" in err
+
+def test_patch_stride_through_pretraining_and_finetuning(tmp_path, capsys):
+    """--patch-stride 10: the release's custom patches and their 6 x 6 decoder windows; fine-tuning a
+    non-overlapping model with it rebuilds the position table; --init and a bad stride are errors."""
+    from audiomae import AudioMAE, AudioMAEClassifier
+
+    pre = str(tmp_path / "pre")
+    assert main(["pretrain", "-o", pre, *TINY_RUN, "--patch-stride", "10"]) == 0
+    model = AudioMAE.from_pretrained(os.path.join(pre, "model.pt"))
+    assert model.config.patch_stride == 10 and model.config.window_size == (6, 6)
+    assert model.config.grid_size == (25, 12) and json.load(open(os.path.join(pre, "config.json")))["patch_stride"] == 10
+    # the stride is the file's: another one with --init is an error naming it
+    assert main(["pretrain", "-o", str(tmp_path / "again"), *TINY_RUN, "--init", os.path.join(pre, "model.pt"),
+                 "--patch-stride", "16"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--patch-stride 16", "cannot apply")
+    plain = str(tmp_path / "plain")
+    assert main(["pretrain", "-o", plain, *TINY_RUN]) == 0
+    ft = str(tmp_path / "ft")
+    assert main(["finetune", "-o", ft, *TINY_RUN, "--pretrained", os.path.join(plain, "model.pt"),
+                 "--patch-stride", "10"]) == 0
+    assert "rebuilt for the 25x12 grid of overlapping patches" in capsys.readouterr().err
+    clf = AudioMAEClassifier.from_pretrained(os.path.join(ft, "checkpoint-best.pt"))
+    assert clf.config.patch_stride == 10
+    for bad, message in ((["--patch-stride", "0"], "--patch-stride must be in [1, 16]"),
+                         (["--patch-stride", "15", "--model", "huge"], "--patch-stride must be in [1, 14]")):
+        with pytest.raises(SystemExit) as e:
+            main(["pretrain", "-o", str(tmp_path / "bad"), *TINY_RUN, *bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -788,12 +788,22 @@ def _features(opts, dataset, device):
 
 
 def _model_config(opts: Dict[str, Any], target_length: int) -> AudioMAEConfig:
-    return AudioMAEConfig.preset(opts.get("model", "tiny"), img_size=(target_length, 128),
+    return AudioMAEConfig.preset(opts.get("model", "tiny"), img_size=(target_length, 128), **_stride_fields(opts),
                                  decoder_mode=opts.get("decoder_mode") or AudioMAEConfig.preset(opts.get("model", "tiny")).decoder_mode,
                                  mask_ratio=opts.get("mask_ratio", 0.8), mask_mode=opts.get("mask_mode", "unstructured"),
                                  mask_t_prob=opts.get("mask_t_prob", PRETRAIN_MASK_T_PROB),
                                  mask_f_prob=opts.get("mask_f_prob", PRETRAIN_MASK_F_PROB),
                                  norm_pix_loss=not opts.get("no_norm_pix_loss", False))
+
+
+def _stride_fields(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """``--patch-stride``'s config fields: the stride, and with overlapping patches the release's 6 x 6
+    decoder windows (its models_mae takes them with its custom patches)."""
+    stride = opts.get("patch_stride")
+    if stride is None:
+        return {}
+    overlapping = stride < AudioMAEConfig.preset(opts.get("model", "tiny")).patch_size
+    return dict(patch_stride=stride, window_size=(6, 6)) if overlapping else dict(patch_stride=stride)
 
 
 # the release's pretraining script (main_pretrain.py) masks 0.7 of the time columns and 0.3 of the
@@ -818,7 +828,14 @@ def _architecture_conflicts(opts: Dict[str, Any], cfg: AudioMAEConfig, given) ->
             wrong.append(f"--model {opts['model']}")
     if "decoder_mode" in given and opts.get("decoder_mode") and opts["decoder_mode"] != cfg.decoder_mode:
         wrong.append(f"--decoder-mode {opts['decoder_mode']}")
+    if "patch_stride" in given and opts.get("patch_stride") is not None and opts["patch_stride"] != cfg.stride:
+        wrong.append(f"--patch-stride {opts['patch_stride']}")
     return wrong
+
+
+def _patches(cfg: AudioMAEConfig) -> str:
+    """How ``cfg``'s patches are cut, where they overlap (for messages about its architecture)."""
+    return f", patches every {cfg.stride}" if cfg.overlapping else ""
 
 
 def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -836,7 +853,7 @@ def _init_overrides(opts: Dict[str, Any]) -> Dict[str, Any]:
         wrong = _architecture_conflicts(opts, saved, given)
         if wrong:
             raise TrainingError(f"--init {opts['init']} holds a model of width {saved.embed_dim}, depth {saved.depth}, "
-                                f"{saved.decoder_mode} decoder: {' and '.join(wrong)} cannot apply to it (the "
+                                f"{saved.decoder_mode} decoder{_patches(saved)}: {' and '.join(wrong)} cannot apply to it (the "
                                 "architecture is the file's; leave those options out, or start without --init)")
     out: Dict[str, Any] = {}
     if "mask_ratio" in given and opts.get("mask_ratio") is not None:
@@ -896,7 +913,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
                 wrong = _architecture_conflicts(opts, run_cfg, set(typed)) if typed is not None else []
                 if wrong:
                     raise TrainingError(f"cannot resume: {' and '.join(wrong)} does not fit this run's model (width "
-                                        f"{run_cfg.embed_dim}, depth {run_cfg.depth}, {run_cfg.decoder_mode} decoder); "
+                                        f"{run_cfg.embed_dim}, depth {run_cfg.depth}, {run_cfg.decoder_mode} decoder{_patches(run_cfg)}); "
                                         "resume with the options the run was started with (its config.json)")
                 if run_cfg.img_size[0] != T:
                     raise TrainingError(f"cannot resume: the run's model takes {run_cfg.img_size[0]} frames, these "
@@ -1122,6 +1139,8 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
                          finetune_mask_2d=bool(opts.get("mask_2d", False)),
                          finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
+        if opts.get("patch_stride") is not None:
+            overrides["patch_stride"] = opts["patch_stride"]
         trained, evaluated = compared_classes(train_set.class_names, _class_mids(train_set), eval_set.class_names,
                                               _class_mids(eval_set))
         if trained != evaluated:
