@@ -288,9 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    add("info", "versions, devices and which fused-op backends can run here",
-        "Print the versions (Python, torch, Triton, CUDA), the backend overrides in force and, for every fused "
-        "op on each device, which backend the automatic choice takes and why the others cannot run.")
+    p = add("info", "versions, devices and which fused-op backends can run here; or what a checkpoint holds",
+            "Print the versions (Python, torch, Triton, CUDA), the backend overrides in force and, for every fused "
+            "op on each device, which backend the automatic choice takes and why the others cannot run. With a "
+            "checkpoint: who wrote it, the model (from its config, or inferred from its shapes), its parameter "
+            "count, a training checkpoint's progress, and the input options its run recorded.")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file (released, a bare state dict, or this "
+                                                  "package's) to describe instead")
     return parser
 
 
@@ -613,7 +617,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "info":
         from .info import main as info_main
-        info_main()
+        if args.checkpoint is None:
+            info_main()
+            return 0
+        from .checkpoint import CheckpointError
+        try:
+            info_main([args.checkpoint])
+        except (CheckpointError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     sub = _command_parser(parser, args.command)
     opts = _options(args, sub, argv)

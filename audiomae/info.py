@@ -159,8 +159,98 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2 ** 20:.1f} MiB" if n_bytes >= 2 ** 20 else f"{n_bytes / 1024:.1f} KiB"
+
+
+def describe_checkpoint(path: str) -> str:
+    """What a checkpoint file holds, as text: who wrote it, the model (read from the file's config, or
+    inferred from its shapes and the release's ``args``), its parameter count, the training progress
+    of a training checkpoint, and the input options its run recorded."""
+    from .checkpoint import CheckpointError, infer_config, read_checkpoint, reading_once, torch_load
+    from .config import AudioMAEConfig
+
+    path = os.path.expanduser(os.fspath(path))
+    with reading_once():
+        sd, file_cfg, args = read_checkpoint(path)
+        raw = {} if path.endswith(".safetensors") else torch_load(path)
+    raw = raw if isinstance(raw, dict) else {}
+    lines = [f"checkpoint {path} ({_size(os.path.getsize(path))})"]
+    if raw.get("format") == "audiomae" or file_cfg is not None:
+        training = "optimizer" in raw
+        what = "training checkpoint" if training else "model file"
+        lines.append(f"written by audiomae {raw.get('version', '(version not recorded)')}: {what}")
+    elif "model" in raw and args is not None:
+        lines.append("written by the released code (a dict with 'model' and its run's 'args')")
+    else:
+        lines.append("a bare state dict (no configuration recorded: the model is inferred from its shapes)")
+    if "patch_embed.proj.weight" not in sd or "cls_token" not in sd:
+        raise CheckpointError(f"{path}: not an Audio-MAE checkpoint: patch_embed.proj.weight and cls_token are "
+                              f"missing (first keys: {', '.join(list(sd)[:6])})")
+    pretraining = any(k.startswith("decoder_") for k in sd)
+    try:
+        cfg = AudioMAEConfig.from_dict(dict(file_cfg) if file_cfg else infer_config(sd, args))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its configuration is not usable: {e}") from None
+    if pretraining:
+        lines.append("model: pretraining Audio-MAE (encoder and decoder); embeds, reconstructs, fine-tunes")
+    elif "head.weight" in sd:
+        pool = "mean of the patch tokens" if cfg.global_pool else "cls token"
+        lines.append(f"model: classifier, {cfg.num_classes} classes ({pool})")
+    else:
+        lines.append("model: encoder only (no decoder, no head)")
+    guessed = "" if file_cfg else " (not in the weights: the preset's for this width)"
+    lines.append(f"encoder: width {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads{guessed}, MLP "
+                 f"{int(cfg.embed_dim * cfg.mlp_ratio)}")
+    T, F = cfg.img_size
+    t, f = cfg.grid_size
+    every = f" every {cfg.stride} (overlapping)" if cfg.overlapping else ""
+    lines.append(f"input: {T} frames x {F} mel bins ({T * 0.01:.2f} s); patches {cfg.patch_size} x "
+                 f"{cfg.patch_size}{every}, a {t} x {f} grid of {t * f}; position table {cfg.pos_embed_kind!r}")
+    if pretraining:
+        dec = f"decoder: {cfg.decoder_mode}, {cfg.decoder_depth} blocks, width {cfg.decoder_embed_dim}, " \
+              f"{cfg.decoder_num_heads} heads"
+        if cfg.num_local_blocks:
+            dec += (f" ({cfg.num_local_blocks} local: {cfg.window_size[0]} x {cfg.window_size[1]} windows, "
+                    f"shift {cfg.shift_size})" if cfg.decoder_mode == "hybrid" else
+                    f", {cfg.window_size[0]} x {cfg.window_size[1]} windows, shift {cfg.shift_size}")
+        lines.append(dec)
+        ratio = (f"{cfg.mask_t_prob:g} of the time rows and {cfg.mask_f_prob:g} of the frequency columns"
+                 if cfg.mask_mode == "time_frequency" else f"ratio {cfg.mask_ratio:g}")
+        lines.append(f"masking: {cfg.mask_mode}, {ratio}; {'norm-pix' if cfg.norm_pix_loss else 'plain'} loss")
+    fixed_names = ("pos_embed", "decoder_pos_embed")  # the models' only parameters without gradients
+    trainable = sum(v.numel() for k, v in sd.items() if k not in fixed_names)
+    fixed = sum(v.numel() for k, v in sd.items() if k in fixed_names)
+    lines.append(f"parameters: {trainable:,} trainable, {fixed:,} fixed (the sin-cos position tables)")
+    if isinstance(raw.get("step"), int) and isinstance(raw.get("epoch"), int):
+        # "epoch" is the epoch in progress (0-based), "epoch_step" the steps taken in it
+        sched = raw.get("schedule") if isinstance(raw.get("schedule"), dict) else {}
+        total = sched.get("total_steps")
+        done = raw["epoch"]
+        progress = [f"{done} epoch{'' if done == 1 else 's'} done"
+                    + (f" and {raw['epoch_step']} steps of the next" if raw.get("epoch_step") else ""),
+                    f"step {raw['step']}" + (f" of {total}" if isinstance(total, int) else "")]
+        if isinstance(sched.get("lr"), float):
+            progress.append(f"peak lr {sched['lr']:.3g}")
+        if isinstance(raw.get("best"), (int, float)):
+            progress.append(f"best score {raw['best']:.4f}")
+        lines.append("training: " + ", ".join(progress) + " (--resume continues it)")
+    elif isinstance(raw.get("epoch"), int) and args is not None and not isinstance(args, dict):
+        lines.append(f"training: the release's run, saved after {raw['epoch'] + 1} epochs")
+    recorded = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    inputs = [f"{k} {recorded[k]}" for k in ("command", "stats", "dataset", "clip_seconds", "target_length",
+                                              "downmix", "single_label") if recorded.get(k) not in (None, "")]
+    if recorded.get("class_names"):
+        inputs.append(f"{len(recorded['class_names'])} class names")
+    if inputs:
+        lines.append("run: " + ", ".join(inputs))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    print(report())
+    """``audiomae info`` (the report) or ``audiomae info CHECKPOINT`` (what the file holds)."""
+    checkpoint = (argv or [None])[0]
+    print(describe_checkpoint(checkpoint) if checkpoint else report())
     return 0
 
 

@@ -1283,3 +1283,44 @@ def test_patch_stride_through_pretraining_and_finetuning(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["pretrain", "-o", str(tmp_path / "bad"), *TINY_RUN, *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_info_describes_a_checkpoint(tmp_path, capsys):
+    import argparse
+    from audiomae import AudioMAE, AudioMAEClassifier, AudioMAEConfig
+
+    run = str(tmp_path / "run")
+    assert main(["pretrain", "-o", run, *TINY_RUN, "--patch-stride", "10"]) == 0
+    capsys.readouterr()
+    assert main(["info", os.path.join(run, "checkpoint-last.pt")]) == 0
+    out = capsys.readouterr().out
+    model = AudioMAE.from_pretrained(os.path.join(run, "model.pt"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert "written by audiomae" in out and "training checkpoint" in out and "pretraining Audio-MAE" in out
+    assert "every 10 (overlapping), a 25 x 12 grid of 300" in out and "6 x 6 windows" in out
+    assert f"parameters: {trainable:,} trainable" in out
+    assert "1 epoch done, step 2 of 2" in out and "run: command pretrain, stats audioset" in out
+
+    # the release's file: 'model' and its run's argparse args; a classifier of 7 classes
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=7)
+    released = tmp_path / "released.pth"
+    torch.save({"model": clf.state_dict(), "epoch": 3, "args": argparse.Namespace(dataset="esc50", mask_2d=True)},
+               released)
+    assert main(["info", str(released)]) == 0
+    out = capsys.readouterr().out
+    trainable = sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    assert "written by the released code" in out and "classifier, 7 classes" in out
+    assert f"parameters: {trainable:,} trainable" in out and "saved after 4 epochs" in out and "dataset esc50" in out
+    assert "(not in the weights: the preset's for this width)" in out and "16 x 8 grid of 128" in out
+
+    bare = tmp_path / "bare.pt"
+    torch.save(clf.state_dict(), bare)
+    assert main(["info", str(bare)]) == 0
+    assert "a bare state dict" in capsys.readouterr().out
+
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(3)}, junk)
+    for path, message in ((junk, "not an Audio-MAE checkpoint"), (tmp_path / "none.pt", "not found"),
+                          (_wav(tmp_path / "a.wav", 1.0), "not a PyTorch checkpoint")):
+        assert main(["info", str(path)]) == 1
+        assert_one_error_line(capsys.readouterr().err, message)
