@@ -345,12 +345,18 @@ def _checkpoint_grid(name: str, table: torch.Tensor, patch: int, file_grid: Opti
     fo = patch_grid((_RELEASE_MELS,) * 2, patch, s)[0] if s < patch else 0
     # the release's overlapping patches: its table then codes frequency first (pos_embed.sincos_2d)
     overlap = (L // fo, fo) if fo and L > 0 and L % fo == 0 else None
-    if overlap is not None and _fixed_kind(table, overlap, True) == "released":
-        return overlap, "released", s
-    if stride is not None and stride < patch:  # the file says its patches overlap: a trained or grid table
+    if stride is not None and stride < patch:  # the file says its patches overlap
         if overlap is not None:
             return overlap, _fixed_kind(table, overlap, True), s
         hint = None
+    else:
+        # The readings at 128 mel bins, non-overlapping first: the release's table of a 12-row grid is
+        # that of a 12-column grid of overlapping patches, and most files are non-overlapping.
+        kind = _fixed_kind(table, hint) if hint is not None else None
+        if kind is not None:
+            return hint, kind, None
+        if overlap is not None and _fixed_kind(table, overlap, True) == "released":
+            return overlap, "released", s
     grids = ([hint] if hint else []) + [(t, L // t) for t in range(1, L + 1) if L % t == 0 and (t, L // t) != hint]
     for grid in grids:
         kind = _fixed_kind(table, grid)
@@ -361,7 +367,8 @@ def _checkpoint_grid(name: str, table: torch.Tensor, patch: int, file_grid: Opti
     raise CheckpointError(
         f"{name}: the checkpoint's {L} positions fit no patch grid: the table is not the fixed sin-cos code "
         f"of any grid, and {L} is not a multiple of the {f} frequency patches of {_RELEASE_MELS} mel bins at "
-        f"patch size {patch}. Load it at the size it was trained with (config= or img_size=), then save it "
+        f"patch size {patch}. Load it at the size it was trained with (config= or img_size=, and patch_stride= "
+        "for overlapping patches), then save it "
         "with save_pretrained, which records that size, before loading it at another.")
 
 

@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder's on presets whose decoder is not the release's 16 blocks, such as tiny), hybrid "
                         "local then global")
     p.add_argument("--patch-stride", type=int, metavar="S",
-                   help="overlapping patches: 16 x 16 patches every S frames and bins (the release's custom patches: "
-                        "10, a 101 x 12 grid on 1024 x 128, with its 6 x 6 decoder windows) (default: 16, no overlap)")
+                   help="overlapping patches: the preset's patches (16 x 16; huge: 14 x 14) every S frames and bins "
+                        "(the release's custom patches: 10, a 101 x 12 grid on 1024 x 128, with its 6 x 6 decoder "
+                        "windows; the local decoder needs a stride whose frequency patches those windows tile) "
+                        "(default: the patch size, no overlap)")
     p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--mask-mode", default="unstructured", choices=["unstructured", "time", "frequency", "time_frequency"],
                    help="which patches are removed: random patches, whole time columns, whole frequency rows, "
@@ -491,6 +493,16 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
                       f"no overlap), got {opts['patch_stride']}")
         if opts["patch_stride"] < 1:
             sub.error(f"{name('patch_stride')} must be a positive number of frames and bins, got {opts['patch_stride']}")
+        if command == "pretrain" and opts["patch_stride"] < patch:
+            try:
+                mode = opts.get("decoder_mode") or AudioMAEConfig.preset(opts.get("model") or "tiny").decoder_mode
+            except ValueError:
+                mode = "local"
+            f = (128 - patch) // opts["patch_stride"] + 1  # frequency patches on 128 mel bins
+            if mode != "global" and f % min(6, f):
+                sub.error(f"{name('patch_stride')} {opts['patch_stride']} gives {f} frequency patches on 128 mel bins, "
+                          f"which the {mode} decoder's 6 x 6 windows do not tile: use --patch-stride 10 (the release's, "
+                          "12 patches) or --decoder-mode global")
     bounded("max_bad_fraction", 0, 1)
     if opts.get("no_replacement") and not opts.get("weighted_sampling"):
         sub.error(f"{name('no_replacement')} applies to --weighted-sampling (uniform sampling already takes each "

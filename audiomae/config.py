@@ -40,7 +40,8 @@ class AudioMAEConfig:
     decoder_num_heads: int = 16
     decoder_mode: str = "local"  # local (Swin-V2 windows, the paper's) | global (ViT) | hybrid
     hybrid_local_depth: Optional[int] = None  # hybrid: this many local blocks, then global; default half
-    window_size: Tuple[int, int] = (4, 4)  # (time, frequency) in patches
+    # (time, frequency) in patches; None: the release's, 4 x 4, or 6 x 6 with overlapping patches
+    window_size: Optional[Tuple[int, int]] = None
     shift_size: Tuple[int, int] = (2, 0)  # the release shifts time only; the paper's text implies (2, 2)
     meta_hidden_dim: int = 384  # hidden width of the continuous position-bias MLP
     meta_dropout: float = 0.1
@@ -62,7 +63,8 @@ class AudioMAEConfig:
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size, "img_size")
-        self.window_size = _pair(self.window_size, "window_size")
+        if self.window_size is not None:
+            self.window_size = _pair(self.window_size, "window_size")
         self.shift_size = _pair(self.shift_size, "shift_size")
         problems = []
         if self.decoder_mode not in DECODER_MODES:
@@ -92,7 +94,7 @@ class AudioMAEConfig:
                 problems.append(f"{name}={dim} must be a multiple of 4 for the 2D sin-cos position table")
         problems += self._masking_problems()
         problems += self._other_problems(bad)
-        if any(w <= 0 for w in self.window_size) or any(s < 0 for s in self.shift_size):
+        if any(w <= 0 for w in (self.window_size or (1, 1))) or any(s < 0 for s in self.shift_size):
             problems.append(f"window_size={self.window_size} must be positive and shift_size={self.shift_size} >= 0")
         if problems:
             raise ValueError("invalid AudioMAEConfig: " + "; ".join(problems))
@@ -145,6 +147,14 @@ class AudioMAEConfig:
     def stride(self) -> int:
         """The step between patches: ``patch_stride``, or ``patch_size`` when patches do not overlap."""
         return self.patch_size if self.patch_stride is None else self.patch_stride
+
+    @property
+    def window(self) -> Tuple[int, int]:
+        """The local decoder's window (time, frequency): ``window_size``, else the release's, 4 x 4 on
+        non-overlapping patches and 6 x 6 on overlapping ones (its models_mae fixes both)."""
+        if self.window_size is not None:
+            return self.window_size
+        return (6, 6) if self.overlapping else (4, 4)
 
     @property
     def overlapping(self) -> bool:

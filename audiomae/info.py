@@ -211,9 +211,9 @@ def describe_checkpoint(path: str) -> str:
         dec = f"decoder: {cfg.decoder_mode}, {cfg.decoder_depth} blocks, width {cfg.decoder_embed_dim}, " \
               f"{cfg.decoder_num_heads} heads"
         if cfg.num_local_blocks:
-            dec += (f" ({cfg.num_local_blocks} local: {cfg.window_size[0]} x {cfg.window_size[1]} windows, "
+            dec += (f" ({cfg.num_local_blocks} local: {cfg.window[0]} x {cfg.window[1]} windows, "
                     f"shift {cfg.shift_size})" if cfg.decoder_mode == "hybrid" else
-                    f", {cfg.window_size[0]} x {cfg.window_size[1]} windows, shift {cfg.shift_size}")
+                    f", {cfg.window[0]} x {cfg.window[1]} windows, shift {cfg.shift_size}")
         lines.append(dec)
         ratio = (f"{cfg.mask_t_prob:g} of the time rows and {cfg.mask_f_prob:g} of the frequency columns"
                  if cfg.mask_mode == "time_frequency" else f"ratio {cfg.mask_ratio:g}")

@@ -96,8 +96,23 @@ def local_grid(cfg: AudioMAEConfig) -> Tuple[int, int]:
     T, Fq = cfg.grid_size
     if not cfg.overlapping:
         return T, Fq
-    w = min(cfg.window_size[0], T)
+    w = min(cfg.window[0], T)
     return T + (-T) % w, Fq
+
+
+def _check_local_windows(cfg: AudioMAEConfig) -> None:
+    """Overlapping patches: the local decoder's windows must tile the frequency axis, which (as in the
+    release) is never padded. Said here, before the blocks report the padded grid."""
+    if not (cfg.num_local_blocks and cfg.overlapping):
+        return
+    T, Fq = cfg.grid_size
+    w = min(cfg.window[1], Fq)
+    if Fq % w:
+        raise ValueError(
+            f"a {cfg.window[0]} x {cfg.window[1]} decoder window does not tile the {Fq} frequency patches of the "
+            f"{T} x {Fq} grid of patches every {cfg.stride}: the local decoder repeats time rows to tile the time "
+            "axis, never frequency columns; use patch_stride=10 (the release's: 12 frequency patches on 128 mel "
+            "bins), another window_size, or decoder_mode='global'")
 
 
 class _Encoder(nn.Module):
@@ -209,6 +224,7 @@ class AudioMAE(_Encoder):
         super().__init__()
         cfg = AudioMAEConfig.of(config)
         cfg = cfg.replace(**overrides) if overrides else cfg
+        _check_local_windows(cfg)
         self._build_encoder(cfg)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         D = cfg.decoder_embed_dim
@@ -220,7 +236,7 @@ class AudioMAE(_Encoder):
         for i in range(cfg.decoder_depth):
             if i < cfg.num_local_blocks:
                 shift = (0, 0) if i % 2 == 0 else cfg.shift_size
-                blocks.append(SwinBlock(D, cfg.decoder_num_heads, local_grid(cfg), cfg.window_size, shift,
+                blocks.append(SwinBlock(D, cfg.decoder_num_heads, local_grid(cfg), cfg.window, shift,
                                         cfg.mlp_ratio, cfg.layer_norm_eps, cfg.meta_hidden_dim, cfg.meta_dropout))
             else:
                 blocks.append(Block(D, cfg.decoder_num_heads, cfg.mlp_ratio, eps=cfg.layer_norm_eps))
@@ -332,8 +348,8 @@ class AudioMAE(_Encoder):
                     noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction as a spectrogram (patch statistics restored when the model predicts
         normalised patches) and the mask (1 = removed), both the patch-covered part of the input
-        ``[B, 1, T, F]``: all of it where the patches tile it (patch 14 on 256 x 128 covers 252 x 126).
-        Where patches overlap, each value is the mean of the patches covering it, and the mask the
+        ``[B, 1, T, F]``: all of it where the patches tile it, else less (patch 14 on 256 x 128 covers
+        252 x 126). Where patches overlap, each value is the mean of the patches covering it, and the mask the
         fraction of those patches that were removed (16 x 16 patches every 10 cover 1016 x 126 of
         1024 x 128)."""
         out = self(spec, mask_ratio, noise)

@@ -46,7 +46,9 @@ def reconstruction_figure(spec: torch.Tensor, recon: torch.Tensor, mask: torch.T
                           title: Optional[str] = None) -> None:
     """Save a PNG with input, masked input, reconstruction and reconstruction + visible patches.
 
-    All three tensors are one clip ``[T, F]`` (time first); ``mask`` is 1 on removed patches."""
+    All three tensors are one clip ``[T, F]`` (time first); ``mask`` is 1 on removed patches (with
+    overlapping patches, the fraction of the patches covering a value that were removed: the masked
+    panel hides the values in no kept patch, the pasted one blends by the fraction)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -54,9 +56,11 @@ def reconstruction_figure(spec: torch.Tensor, recon: torch.Tensor, mask: torch.T
     except ImportError:
         raise SystemExit("error: drawing the reconstruction needs matplotlib (pip install matplotlib)") from None
     spec, recon, mask = spec.float().cpu(), recon.float().cpu(), mask.float().cpu()
-    masked = spec.masked_fill(mask.bool(), float("nan"))
+    # hidden: in no kept patch (overlapping patches give fractions: removed from some patches only)
+    hidden = mask >= 1
+    masked = spec.masked_fill(hidden, float("nan"))
     pasted = spec * (1 - mask) + recon * mask
-    panels = [("input", spec), (f"masked input ({mask.mean() * 100:.0f} % removed)", masked),
+    panels = [("input", spec), (f"masked input ({hidden.float().mean() * 100:.0f} % removed)", masked),
               ("reconstruction", recon), ("reconstruction + visible", pasted)]
     vmin, vmax = float(spec.min()), float(spec.max())
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels)), sharex=True)

@@ -1264,7 +1264,7 @@ def test_patch_stride_through_pretraining_and_finetuning(tmp_path, capsys):
     pre = str(tmp_path / "pre")
     assert main(["pretrain", "-o", pre, *TINY_RUN, "--patch-stride", "10"]) == 0
     model = AudioMAE.from_pretrained(os.path.join(pre, "model.pt"))
-    assert model.config.patch_stride == 10 and model.config.window_size == (6, 6)
+    assert model.config.patch_stride == 10 and model.config.window == (6, 6)
     assert model.config.grid_size == (25, 12) and json.load(open(os.path.join(pre, "config.json")))["patch_stride"] == 10
     # the stride is the file's: another one with --init is an error naming it
     assert main(["pretrain", "-o", str(tmp_path / "again"), *TINY_RUN, "--init", os.path.join(pre, "model.pt"),
@@ -1278,11 +1278,46 @@ def test_patch_stride_through_pretraining_and_finetuning(tmp_path, capsys):
     assert "rebuilt for the 25x12 grid of overlapping patches" in capsys.readouterr().err
     clf = AudioMAEClassifier.from_pretrained(os.path.join(ft, "checkpoint-best.pt"))
     assert clf.config.patch_stride == 10
+    # the run's stride is resumed without the option
+    assert main(["finetune", "-o", ft, *TINY_RUN, "--pretrained", os.path.join(plain, "model.pt"), "--epochs", "2",
+                 "--resume", "auto"]) == 0
+    assert AudioMAEClassifier.from_pretrained(os.path.join(ft, "checkpoint-last.pt")).config.patch_stride == 10
+    # a stride that does not fit the pretrained model's patches names the option
+    assert main(["finetune", "-o", str(tmp_path / "ft20"), *TINY_RUN, "--pretrained", os.path.join(plain, "model.pt"),
+                 "--patch-stride", "20"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--patch-stride does not fit the model", "patch_stride=20")
+    # the global decoder takes any stride; the local one one whose frequency patches its windows tile
+    assert main(["pretrain", "-o", str(tmp_path / "g8"), *TINY_RUN, "--patch-stride", "8", "--decoder-mode",
+                 "global"]) == 0
     for bad, message in ((["--patch-stride", "0"], "--patch-stride must be in [1, 16]"),
-                         (["--patch-stride", "15", "--model", "huge"], "--patch-stride must be in [1, 14]")):
+                         (["--patch-stride", "15", "--model", "huge"], "--patch-stride must be in [1, 14]"),
+                         (["--patch-stride", "8"], "gives 15 frequency patches on 128 mel bins, which the local "
+                                                   "decoder's 6 x 6 windows do not tile"),
+                         (["--patch-stride", "12", "--decoder-mode", "hybrid"], "the hybrid decoder's")):
         with pytest.raises(SystemExit) as e:
             main(["pretrain", "-o", str(tmp_path / "bad"), *TINY_RUN, *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reconstruction_figure_hides_what_no_kept_patch_covers(tmp_path, monkeypatch):
+    """Overlapping patches give a fractional mask: the masked panel hides only the values in no kept
+    patch, and its title counts those."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    from audiomae.reconstruct import reconstruction_figure
+
+    shown, titles = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda self, img, **kw: shown.append(img))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: titles.append(t))
+    spec = torch.randn(40, 20)
+    mask = torch.zeros(40, 20)
+    mask[:10] = 1.0  # a quarter hidden
+    mask[10:20] = 0.5  # seen through a kept patch
+    reconstruction_figure(spec, torch.zeros(40, 20), mask, str(tmp_path / "f.png"))
+    masked = torch.from_numpy(shown[1]).T
+    assert bool(masked[:10].isnan().all()) and not bool(masked[10:].isnan().any())
+    assert titles[1] == "masked input (25 % removed)"
+    torch.testing.assert_close(torch.from_numpy(shown[3]).T[10:20], spec[10:20] * 0.5)
 
 
 def test_info_describes_a_checkpoint(tmp_path, capsys):

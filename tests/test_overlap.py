@@ -85,7 +85,9 @@ def test_position_tables_follow_the_release():
 
 
 def test_local_decoder_repeats_the_last_time_row_as_the_release():
-    cfg = AudioMAEConfig.preset("tiny", patch_stride=10, img_size=(1024, 128), window_size=(6, 6), decoder_depth=2)
+    cfg = AudioMAEConfig.preset("tiny", patch_stride=10, img_size=(1024, 128), decoder_depth=2)
+    assert cfg.window == (6, 6) and cfg.window_size is None  # the release's windows for its custom patches
+    assert AudioMAEConfig.preset("tiny").window == (4, 4)
     assert local_grid(cfg) == (102, 12)
     assert local_grid(cfg.replace(window_size=(4, 4))) == (104, 12)
     assert local_grid(AudioMAEConfig.preset("tiny")) == (16, 8)  # no overlap: the grid itself
@@ -172,3 +174,34 @@ def test_finetuning_a_non_overlapping_checkpoint_with_overlapping_patches(tmp_pa
     assert again.config == clf.config
     x = torch.randn(1, 1, 1024, 128)
     torch.testing.assert_close(again(x), clf(x))
+
+
+def test_a_released_custom_patch_file_loads_with_the_releases_windows(tmp_path):
+    """The release's pretraining file of custom patches: 6 x 6 windows on 102 x 12 tokens."""
+    model = AudioMAE(AudioMAEConfig.preset("tiny", patch_stride=10, img_size=(1024, 128)))
+    path = tmp_path / "release.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3, "args": argparse.Namespace(use_custom_patch=True)}, path)
+    loaded = AudioMAE.from_pretrained(path)
+    assert loaded.config.window == (6, 6) and loaded.decoder_blocks[0].grid == (102, 12)
+    assert loaded.decoder_blocks[0].attn.window == (6, 6)
+    spec, noise = torch.randn(1, 1, 1024, 128), torch.rand(1, 1212)
+    with torch.no_grad():
+        assert torch.equal(loaded(spec, noise=noise).pred, model.eval()(spec, noise=noise).pred)
+
+
+def test_a_twelve_row_table_is_read_as_non_overlapping_first():
+    """The release's table of a 12 x 8 grid (192 x 128, non-overlapping) is also that of an 8 x 12
+    grid of overlapping patches: files of 128 mel bins are read as non-overlapping first."""
+    sd = AudioMAEClassifier(AudioMAEConfig.preset("tiny", img_size=(192, 128)), num_classes=2).state_dict()
+    fields = infer_config(sd)
+    assert fields["img_size"] == (192, 128) and "patch_stride" not in fields
+    assert AudioMAEClassifier.from_pretrained(sd).config.grid_size == (12, 8)
+
+
+@pytest.mark.parametrize("stride", [8, 12])
+def test_strides_whose_frequency_patches_the_windows_do_not_tile(stride):
+    cfg = AudioMAEConfig.preset("tiny", patch_stride=stride)
+    with pytest.raises(ValueError, match=r"does not tile the \d+ frequency patches.*patch_stride=10.*global"):
+        AudioMAE(cfg)
+    AudioMAE(cfg.replace(decoder_mode="global"))  # no windows
+    AudioMAEClassifier(cfg, num_classes=2)  # no decoder

@@ -747,6 +747,8 @@ def _model_input(T: int):
     except CheckpointError:
         raise
     except ValueError as e:
+        if "patch_stride=" in str(e) and "img_size" not in str(e):
+            raise TrainingError(f"--patch-stride does not fit the model: {e}") from None
         raise TrainingError(f"cannot build the model for an input of {T} frames (--target-length, or from "
                             f"--clip-seconds) with these options: {e}") from None
 
@@ -797,13 +799,9 @@ def _model_config(opts: Dict[str, Any], target_length: int) -> AudioMAEConfig:
 
 
 def _stride_fields(opts: Dict[str, Any]) -> Dict[str, Any]:
-    """``--patch-stride``'s config fields: the stride, and with overlapping patches the release's 6 x 6
-    decoder windows (its models_mae takes them with its custom patches)."""
-    stride = opts.get("patch_stride")
-    if stride is None:
-        return {}
-    overlapping = stride < AudioMAEConfig.preset(opts.get("model", "tiny")).patch_size
-    return dict(patch_stride=stride, window_size=(6, 6)) if overlapping else dict(patch_stride=stride)
+    """``--patch-stride``'s config field (overlapping patches take the release's 6 x 6 decoder windows:
+    ``AudioMAEConfig.window``)."""
+    return {} if opts.get("patch_stride") is None else dict(patch_stride=opts["patch_stride"])
 
 
 # the release's pretraining script (main_pretrain.py) masks 0.7 of the time columns and 0.3 of the
@@ -1120,7 +1118,10 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     opts = {"weight_decay": FINETUNE_WEIGHT_DECAY, "min_lr": FINETUNE_MIN_LR, **opts}  # for Python callers
     from ..checkpoint import adaptations_as_notes, reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
-        opts, _ = _resumed_run_inputs(opts)
+        opts, resumed_cfg = _resumed_run_inputs(opts)
+        if resumed_cfg and "patch_stride" not in _given(opts):
+            # the run's patches, whatever --pretrained has (its model is the checkpoint's)
+            opts["patch_stride"] = AudioMAEConfig.from_dict(resumed_cfg).stride
         opts = _recorded_inputs(opts)
         from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
 
