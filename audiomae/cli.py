@@ -1,6 +1,6 @@
 """The ``audiomae`` command (also ``python -m audiomae``).
 
-Sub-commands: pretrain, finetune, evaluate, embed, reconstruct, demo, info. Training options have
+Sub-commands: pretrain, finetune, evaluate, embed, classify, reconstruct, demo, info. Training options have
 defaults from the paper's recipe and, for the data, the embedded synthetic dataset, so pretrain,
 finetune and demo run as they are; ``--config run/config.json`` repeats a saved run (explicit
 options still win). ``embed`` needs audio files or ``--data``.
@@ -263,6 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, "embed")
     _add_run(p, None, "seed of the synthetic dataset")
 
+    p = add("classify", "audio files -> their top classes with a classifier checkpoint",
+            "Score audio files with a fine-tuned classifier (the release's AS-2M one, or one from finetune) and "
+            "print each file's top classes: sigmoid scores for a multi-label model (AudioSet: each class on its "
+            "own), softmax probabilities for a single-label one (the run's --single-label, recorded in the "
+            "checkpoint). Class names come from --labels, else from the checkpoint's run. Every file is read "
+            "and checked before the model runs; each is cut or zero-padded to the model input length.")
+    p.add_argument("inputs", nargs="+", metavar="AUDIO", help="audio files (WAV, FLAC, OGG, ...)")
+    p.add_argument("--checkpoint", required=True, help="classifier checkpoint (released fine-tuned, or from finetune)")
+    p.add_argument("--labels", help="class-labels CSV (index,mid,display_name; AudioSet's class_labels_indices.csv) "
+                                    "(default: the class names the checkpoint's run recorded)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per file")
+    p.add_argument("--out", help="also write the results to this .csv (path, rank, index, mid, name, score) or "
+                                 ".json file")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
+    p.add_argument("--target-length", type=int, help="model input frames (default: the checkpoint's input length)")
+    p.add_argument("--single-label", action="store_true",
+                   help="softmax probabilities over the classes (default: the checkpoint run's choice; sigmoid "
+                        "scores for the release's multi-label AudioSet model)")
+    p.add_argument("--stats", default="audioset", help=STATS_HELP + " (as the model was trained with)")
+    p.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = add("reconstruct", "one clip -> PNG of input / masked / reconstruction (+ WAV)",
             "Mask one clip, reconstruct it with a pretraining checkpoint and draw input, masked input, "
             "reconstruction and reconstruction pasted around the visible patches; prints the loss on the "
@@ -329,7 +352,7 @@ def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
 
 
 # what a run records in its config.json besides its options
-_RECORDED_KEYS = ("explicit_options", "class_names", "class_mids", "command")
+_RECORDED_KEYS = ("explicit_options", "class_names", "class_mids", "multi_label", "command")
 
 
 # options that name files or folders: a ~ in them is the home folder, also where the shell leaves it
@@ -467,7 +490,7 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
                 rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
             sub.error(f"{name(dest)} must be {rule}{why}, got {v:g}")
 
-    for k in ("epochs", "batch_size", "accum_iter", "num_clips", "num_eval_clips"):
+    for k in ("epochs", "batch_size", "accum_iter", "num_clips", "num_eval_clips", "top_k"):
         bounded(k, 1)
     bounded("target_length", 1)
     bounded("clip_seconds", 0.025, why=" (one 25 ms frame)")
@@ -670,6 +693,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "embed":
             from .commands import embed
             embed(opts)
+        elif args.command == "classify":
+            from .commands import classify
+            classify(opts)
         elif args.command == "reconstruct":
             from .commands import reconstruct
             reconstruct(opts)

@@ -206,6 +206,134 @@ def embed(opts: Dict[str, Any]) -> str:
     return path
 
 
+def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
+    """``(mids, names, where)`` of a classifier's classes: ``--labels``, else the class names its run
+    recorded, else the label CSV its run read (this package's ``labels``, the release's ``label_csv``)
+    while it is where the run read it; ``(None, None, None)`` when none is known."""
+    from .data.manifest import read_label_csv
+    saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    if opts.get("labels"):
+        labels, where = read_label_csv(opts["labels"]), f"--labels {opts['labels']}"
+    elif isinstance(saved.get("class_names"), list):
+        mids = saved.get("class_mids")
+        names = [str(n) for n in saved["class_names"]]
+        mids = [str(m) for m in mids] if isinstance(mids, list) and len(mids) == len(names) else [""] * len(names)
+        if len(names) != num_classes:
+            raise InputError(f"{opts['checkpoint']}: its run recorded {len(names)} class names for {num_classes} "
+                             "outputs; give the classes with --labels")
+        return mids, names, "the checkpoint's run"
+    else:
+        path = next((saved[k] for k in ("labels", "label_csv") if isinstance(saved.get(k), str)
+                     and os.path.isfile(saved[k])), None)
+        if path is None:
+            return None, None, None
+        labels, where = read_label_csv(path), f"the run's label file {path}"
+    if len(labels) != num_classes:
+        raise InputError(f"{where} has {len(labels)} classes, the checkpoint predicts {num_classes}: give the "
+                         "class-labels CSV the model was trained with")
+    return list(labels.mids), list(labels.names), where
+
+
+def _single_label(opts: Dict[str, Any], args: Any) -> bool:
+    """Whether a classifier's scores are a softmax over its classes: ``--single-label`` when given, else
+    how its run trained it (this package's runs record it; the release's AudioSet and Speech Commands
+    runs are multi-label, its ESC-50 script single-label), else multi-label."""
+    from .train.loop import _given
+    if "single_label" in _given(opts) and opts.get("single_label"):
+        return True
+    saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    if isinstance(saved.get("multi_label"), bool):
+        return not saved["multi_label"]
+    data = saved.get("data")
+    if isinstance(args, dict) and (data == "synthetic" or (isinstance(data, str) and os.path.isdir(data))):
+        return True  # runs from before multi_label was recorded: class folders are single-label
+    if isinstance(saved.get("single_label"), bool):
+        return saved["single_label"]
+    return saved.get("dataset") == "esc50"
+
+
+def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Audio files -> each file's top classes with their scores (sigmoid for a multi-label model, the
+    release's AudioSet one among them; softmax for a single-label one), printed and, with ``--out``,
+    written as CSV or JSON. Every file is read and checked before the model runs."""
+    from .audio import SAMPLE_RATE, waveform_to_input
+    from .data import DataError
+    from tqdm.auto import tqdm
+
+    files = list(opts.get("inputs") or [])
+    out_path = opts.get("out")
+    if out_path and not out_path.lower().endswith((".csv", ".json")):
+        raise InputError(f"--out {out_path}: the results file must end in .csv or .json")
+    if out_path:
+        _output_folder(out_path, "--out")
+    top_k = 5 if opts.get("top_k") is None else int(opts["top_k"])
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    with reading_once():
+        sd, _, args = read_checkpoint(opts["checkpoint"])
+        if "head.weight" not in sd:
+            kind = "a pretraining checkpoint" if any(k.startswith("decoder_") for k in sd) else "an encoder"
+            raise InputError(f"{opts['checkpoint']} is {kind} without a classification head: fine-tune it first "
+                             f"(audiomae finetune --pretrained {opts['checkpoint']} ...), or use audiomae embed for "
+                             "its embeddings")
+        single = _single_label(opts, args)
+        opts = _checkpoint_options(opts, ("stats", "downmix"))
+        try:
+            mids, names, where = _class_labels(opts, args, int(sd["head.weight"].shape[0]))
+        except DataError as e:
+            raise InputError(str(e)) from None
+        downmix = opts.get("downmix") or "first"
+        frames = check_audio_files(files, downmix)
+        device = _device(opts.get("device", "auto"))
+        model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
+    C = model.num_classes
+    if names is None:
+        _warn(f"{opts['checkpoint']} records no class names: classes are shown by index (give the class-labels "
+              "CSV the model was trained with, --labels class_labels_indices.csv for AudioSet)")
+        mids, names = [""] * C, [f"class {i}" for i in range(C)]
+    top_k = min(top_k, C)
+    T = model.config.img_size[0]
+    longer = sum(n > T for n in frames)
+    if longer:
+        _warn(f"{longer} of {len(files)} {'file is' if len(files) == 1 else 'files are'} longer than the model input "
+              f"of {_seconds(T)} ({T} frames); only their first {_seconds(T)} are classified")
+    stats = opts.get("stats", "audioset")
+    bs = int(opts.get("batch_size", 32))
+    results: List[Dict[str, Any]] = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(files), bs), desc="classifying", unit="batch", disable=opts.get("quiet")):
+            batch = files[i:i + bs]
+            x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats) for f in batch])
+            logits = model(x.to(device)).float().cpu()
+            scores = logits.softmax(-1) if single else logits.sigmoid()
+            values, index = scores.topk(top_k, dim=-1)
+            for f, v, ix in zip(batch, values.tolist(), index.tolist()):
+                results.append({"path": os.path.abspath(f), "top": [
+                    {"rank": r + 1, "index": j, "mid": mids[j], "name": names[j], "score": p}
+                    for r, (p, j) in enumerate(zip(v, ix))]})
+    what = "probabilities (softmax: one class per clip)" if single else "scores (sigmoid: each class on its own)"
+    print(f"top {top_k} of {C} classes, {what}" + (f"; names from {where}" if where else ""))
+    for r in results:
+        print(r["path"])
+        for t in r["top"]:
+            print(f"  {t['score']:.3f}  {t['name']}" + (f" ({t['mid']})" if t["mid"] else ""))
+    if out_path:
+        if out_path.lower().endswith(".json"):
+            import json
+            with open(out_path, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+        else:
+            import csv
+            with open(out_path, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "rank", "index", "mid", "name", "score"])
+                for r in results:
+                    for t in r["top"]:
+                        w.writerow([r["path"], t["rank"], t["index"], t["mid"], t["name"], f"{t['score']:.6f}"])
+        print(f"wrote {out_path}")
+    return results
+
+
 def _clip_input(src: str, T: int, stats, downmix: str = "first") -> torch.Tensor:
     from .audio import SAMPLE_RATE, waveform_to_input
     if src.startswith("synthetic:"):

@@ -30,7 +30,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ["pretrain", "finetune", "evaluate", "embed", "reconstruct", "demo", "info"]:
+    for cmd in ["pretrain", "finetune", "evaluate", "embed", "classify", "reconstruct", "demo", "info"]:
         assert cmd in out
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
@@ -331,7 +331,7 @@ def test_reconstruct_where_patches_leave_a_border(fields, tmp_path, capsys, monk
     assert 0.5 < float(mask[:h, :w].mean()) < 1.0  # 80 % of the patches removed
 
 
-COMMANDS = ["pretrain", "finetune", "evaluate", "embed", "reconstruct", "demo", "info"]
+COMMANDS = ["pretrain", "finetune", "evaluate", "embed", "classify", "reconstruct", "demo", "info"]
 
 
 def test_every_option_has_help_and_shows_its_default():
@@ -1359,3 +1359,71 @@ def test_info_describes_a_checkpoint(tmp_path, capsys):
                           (_wav(tmp_path / "a.wav", 1.0), "not a PyTorch checkpoint")):
         assert main(["info", str(path)]) == 1
         assert_one_error_line(capsys.readouterr().err, message)
+
+
+def test_classify_prints_and_writes_the_top_classes(tmp_path, capsys):
+    import argparse
+    import csv
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    from audiomae.audio import load_input
+
+    files = [_wav(tmp_path / f"c{i}.wav", 1.0 + i) for i in range(3)]
+    # a run of this package: single-label classes of the synthetic set, names recorded
+    ft = str(tmp_path / "ft")
+    assert main(["finetune", "-o", ft, *TINY_RUN]) == 0
+    ckpt = os.path.join(ft, "checkpoint-best.pt")
+    capsys.readouterr()
+    assert main(["classify", *files, "--checkpoint", ckpt, "--top-k", "10", "--out", str(tmp_path / "r.json"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "top 10 of 10 classes, probabilities (softmax" in out and "names from the checkpoint's run" in out
+    rows = json.load(open(tmp_path / "r.json"))
+    model = AudioMAEClassifier.from_pretrained(ckpt)
+    with torch.no_grad():
+        want = model(torch.stack([load_input(f, target_length=256) for f in files])).softmax(-1)
+    names = torch.load(ckpt, weights_only=False)["args"]["class_names"]
+    for r, f, w in zip(rows, files, want):
+        assert r["path"] == os.path.abspath(f) and [t["rank"] for t in r["top"]] == list(range(1, 11))
+        assert [t["name"] for t in r["top"]] == [names[t["index"]] for t in r["top"]]
+        got = torch.tensor([t["score"] for t in r["top"]])
+        torch.testing.assert_close(got, w[[t["index"] for t in r["top"]]], rtol=1e-5, atol=1e-6)
+        assert bool((got[:-1] >= got[1:]).all()) and abs(float(got.sum()) - 1) < 1e-5
+        assert f"  {r['top'][0]['score']:.3f}  {r['top'][0]['name']}" in out
+
+    # the release's file: multi-label (sigmoid), no names; --labels names the classes
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=4)
+    released = tmp_path / "released.pth"
+    torch.save({"model": clf.state_dict(), "args": argparse.Namespace(dataset="audioset")}, released)
+    assert main(["classify", files[0], "--checkpoint", str(released), "--top-k", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "records no class names" in captured.err and "scores (sigmoid" in captured.out and "class " in captured.out
+    labels = tmp_path / "labels.csv"
+    labels.write_text("index,mid,display_name\n" + "".join(f"{i},/m/{i}x,Sound {i}\n" for i in range(4)))
+    assert main(["classify", files[0], "--checkpoint", str(released), "--labels", str(labels), "--top-k", "2",
+                 "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
+    table = list(csv.DictReader(open(tmp_path / "r.csv")))
+    with torch.no_grad():
+        want = clf.eval()(load_input(files[0], target_length=256)[None]).sigmoid()[0]
+    assert [r["rank"] for r in table] == ["1", "2"] and table[0]["mid"] == f"/m/{table[0]['index']}x"
+    assert table[0]["name"] == f"Sound {table[0]['index']}"
+    assert abs(float(table[0]["score"]) - float(want.max())) < 1e-5
+    assert "(/m/" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("index,mid,display_name\n0,/m/a,A\n")
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not audio")
+    pre = tmp_path / "pre.pt"
+    from audiomae import AudioMAE
+    AudioMAE(AudioMAEConfig.preset("tiny")).save_pretrained(pre)
+    for argv, message in (
+            (["--checkpoint", str(released), "--labels", str(bad)], "has 1 classes, the checkpoint predicts 4"),
+            (["--checkpoint", str(pre)], "without a classification head"),
+            (["--checkpoint", str(released), "--out", str(tmp_path / "r.txt")], "must end in .csv or .json")):
+        assert main(["classify", files[0], *argv, "--quiet"]) == 1
+        assert_one_error_line(capsys.readouterr().err, message)
+    with pytest.raises(SystemExit) as e:
+        main(["classify", files[0], "--checkpoint", str(released), "--top-k", "0"])
+    assert e.value.code == 2 and "--top-k must be" in capsys.readouterr().err
+    assert main(["classify", files[0], str(junk), "--checkpoint", str(released), "--quiet"]) == 1
+    assert "junk.wav" in capsys.readouterr().err

@@ -1207,7 +1207,8 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
                     write_report(metrics, os.path.join(opts["output_dir"], "best_report.csv"))
 
         # the classes go into the checkpoints (their args), so evaluate can check a dataset against them
-        opts = dict(opts, class_names=list(train_set.class_names), class_mids=_class_mids(train_set))
+        opts = dict(opts, class_names=list(train_set.class_names), class_mids=_class_mids(train_set),
+                    multi_label=bool(train_set.multi_label))
         trainer = Trainer(model, opts, train_set, device, info, step_fn, layer_decay=opts.get("layer_decay", 0.75),
                           on_epoch_end=on_epoch_end, betas=FINETUNE_BETAS, no_decay=FINETUNE_NO_DECAY)
         path = resolve_resume(opts.get("resume"), opts["output_dir"])
