@@ -172,8 +172,14 @@ def _read_safetensors(path: str, map_location) -> Tuple[Dict[str, torch.Tensor],
             meta = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    cfg = json.loads(meta["config"]) if "config" in meta else None
-    extra = json.loads(meta["extra"]) if "extra" in meta else {}
+    try:
+        cfg = json.loads(meta["config"]) if "config" in meta else None
+        extra = json.loads(meta["extra"]) if "extra" in meta else {}
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its metadata is not the JSON this package writes ({e})") from None
+    if cfg is not None and not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: its metadata's config is a JSON {type(cfg).__name__}, not an object of "
+                              "AudioMAEConfig fields")
     return _strip(sd), cfg, extra.get("args") if isinstance(extra, dict) else None
 
 
@@ -221,14 +227,18 @@ def infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any
         raise CheckpointError("not an Audio-MAE state dict: patch_embed.proj.weight and cls_token are missing "
                               f"(first keys: {', '.join(list(sd)[:6])})")
     w = sd["patch_embed.proj.weight"]
+    if w.dim() != 4 or sd["cls_token"].dim() != 3:
+        raise CheckpointError(f"not an Audio-MAE state dict: patch_embed.proj.weight is {tuple(w.shape)} (a "
+                              f"[D, 1, p, p] convolution kernel) and cls_token {tuple(sd['cls_token'].shape)} (a "
+                              "[1, 1, D] token)")
     D, in_chans, p = w.shape[0], w.shape[1], w.shape[-1]
     cfg: Dict[str, Any] = dict(embed_dim=D, in_chans=in_chans, patch_size=p, depth=_count(sd, "blocks."),
                                num_heads=_DEFAULT_HEADS.get(D, max(1, D // 64)))
     if "blocks.0.mlp.fc1.weight" in sd:
         cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
     table = sd.get("pos_embed", sd.get("decoder_pos_embed"))
+    custom = isinstance(args, argparse.Namespace) and getattr(args, "use_custom_patch", None) is True
     if table is not None and table.dim() == 3:
-        custom = isinstance(args, argparse.Namespace) and getattr(args, "use_custom_patch", None) is True
         try:
             grid, kind, stride = _checkpoint_grid("pos_embed" if "pos_embed" in sd else "decoder_pos_embed", table, p,
                                                   stride=RELEASE_OVERLAP_STRIDE if custom else None)
@@ -585,7 +595,7 @@ def save_model(model, path, **extra) -> None:
             from safetensors.torch import save_file
         except ImportError:
             raise CheckpointError("writing .safetensors needs the safetensors package (pip install safetensors)") from None
-        meta = {"config": json.dumps(cfg), "format": FORMAT}
+        meta = {"config": json.dumps(cfg), "format": FORMAT, "version": __version__}
         if extra:
             try:  # safetensors metadata is text: the extras go in as JSON
                 meta["extra"] = json.dumps(extra, allow_nan=False)

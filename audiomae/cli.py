@@ -265,10 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("classify", "audio files -> their top classes with a classifier checkpoint",
             "Score audio files with a fine-tuned classifier (the release's AS-2M one, or one from finetune) and "
-            "print each file's top classes: sigmoid scores for a multi-label model (AudioSet: each class on its "
-            "own), softmax probabilities for a single-label one (the run's --single-label, recorded in the "
-            "checkpoint). Class names come from --labels, else from the checkpoint's run. Every file is read "
-            "and checked before the model runs; each is cut or zero-padded to the model input length.")
+            "print each file's top classes: sigmoid scores for a model trained with BCE (multi-label, AudioSet: "
+            "each class on its own), softmax probabilities for one trained with cross-entropy (single-label: "
+            "class folders, manifests with --single-label, the release's ESC-50 script), as the checkpoint's run "
+            "trained it. Class names come from --labels, else from the checkpoint's run (its recorded names, or "
+            "its label file while it is where the run read it), else classes are shown by index. The input "
+            "options (--stats, --downmix) are the run's unless given. Every file is read and checked before "
+            "the model runs; each is cut or zero-padded to the model input length.")
     p.add_argument("inputs", nargs="+", metavar="AUDIO", help="audio files (WAV, FLAC, OGG, ...)")
     p.add_argument("--checkpoint", required=True, help="classifier checkpoint (released fine-tuned, or from finetune)")
     p.add_argument("--labels", help="class-labels CSV (index,mid,display_name; AudioSet's class_labels_indices.csv) "
@@ -279,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     p.add_argument("--target-length", type=int, help="model input frames (default: the checkpoint's input length)")
     p.add_argument("--single-label", action="store_true",
-                   help="softmax probabilities over the classes (default: the checkpoint run's choice; sigmoid "
-                        "scores for the release's multi-label AudioSet model)")
-    p.add_argument("--stats", default="audioset", help=STATS_HELP + " (as the model was trained with)")
-    p.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
+                   help="softmax probabilities over the classes (default: as the checkpoint's run trained the "
+                        "model; sigmoid scores for the release's multi-label AudioSet model)")
+    p.add_argument("--stats", help=STATS_HELP + " (default: the checkpoint run's, else audioset)")
+    p.add_argument("--downmix", choices=DOWNMIX_CHOICES, help=DOWNMIX_HELP + " (default: the checkpoint run's, "
+                                                                            "else first)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -652,16 +656,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "info":
         from .info import main as info_main
-        if args.checkpoint is None:
-            info_main()
-            return 0
-        from .checkpoint import CheckpointError
-        try:
-            info_main([args.checkpoint])
-        except (CheckpointError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
+        return info_main(None if args.checkpoint is None else [args.checkpoint])
     sub = _command_parser(parser, args.command)
     opts = _options(args, sub, argv)
     opts["command"] = args.command  # recorded in the run's config.json (see --config)

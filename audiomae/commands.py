@@ -38,7 +38,8 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def read_clip(path: str, downmix: str = "first") -> torch.Tensor:
+def read_clip(path: str, downmix: str = "first", folder_hint: str = "use --data for a folder of class sub-folders"
+              ) -> torch.Tensor:
     """A file's 16 kHz mono waveform (``downmix`` as in :func:`audiomae.audio.load_audio`), checked to be
     long enough for one fbank frame. Raises AudioLoadError (unreadable file) or InputError (too short),
     each naming the file."""
@@ -47,8 +48,7 @@ def read_clip(path: str, downmix: str = "first") -> torch.Tensor:
         wave = load_audio(path, SAMPLE_RATE, mono=True, downmix=downmix)
     except AudioLoadError:
         if os.path.isdir(path):
-            raise AudioLoadError(path, "a folder, not an audio file (use --data for a folder of class "
-                                       "sub-folders)") from None
+            raise AudioLoadError(path, f"a folder, not an audio file ({folder_hint})") from None
         raise
     if frames_for(wave.shape[-1]) == 0:
         raise InputError(f"cannot use audio file {path!r}: {wave.shape[-1]} samples ({wave.shape[-1] * 1000 // SAMPLE_RATE} ms"
@@ -56,21 +56,23 @@ def read_clip(path: str, downmix: str = "first") -> torch.Tensor:
     return wave
 
 
-def check_audio_files(files: Sequence[str], downmix: str = "first") -> List[int]:
+def check_audio_files(files: Sequence[str], downmix: str = "first", done: str = "embedded",
+                      folder_hint: str = "use --data for a folder of class sub-folders") -> List[int]:
     """Read every file once before any model work; returns each file's number of fbank frames.
-    Raises AudioLoadError / InputError for one unusable file, InputError listing them for several."""
+    Raises AudioLoadError / InputError for one unusable file, InputError listing them for several
+    (``nothing was {done}``)."""
     from .audio import AudioLoadError
     frames, problems = [], []
     for f in files:
         try:
-            frames.append(frames_for(read_clip(f, downmix).shape[-1]))
+            frames.append(frames_for(read_clip(f, downmix, folder_hint).shape[-1]))
         except (AudioLoadError, InputError) as e:
             problems.append(e)
     if len(problems) == 1:
         raise problems[0]
     if problems:
         lines = "\n".join(f"  {e}" for e in problems)
-        raise InputError(f"{len(problems)} of {len(files)} audio files cannot be used; nothing was embedded:\n{lines}")
+        raise InputError(f"{len(problems)} of {len(files)} audio files cannot be used; nothing was {done}:\n{lines}")
     return frames
 
 
@@ -147,8 +149,8 @@ def embed(opts: Dict[str, Any]) -> str:
     with reading_once():  # the run's options, the checkpoint's kind, the model: one read of the file
         opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
         downmix = opts.get("downmix") or "first"
-        frames = check_audio_files(files, downmix) if files else []
         device = _device(opts.get("device", "auto"))
+        frames = check_audio_files(files, downmix) if files else []
         model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
     T = model.config.img_size[0]
     stats = opts.get("stats", "audioset")
@@ -206,22 +208,35 @@ def embed(opts: Dict[str, Any]) -> str:
     return path
 
 
+def _saved_args(args: Any) -> Dict[str, Any]:
+    """A checkpoint's recorded run options as a dict (this package's dict, the release's Namespace)."""
+    return args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+
+
 def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
-    """``(mids, names, where)`` of a classifier's classes: ``--labels``, else the class names its run
-    recorded, else the label CSV its run read (this package's ``labels``, the release's ``label_csv``)
-    while it is where the run read it; ``(None, None, None)`` when none is known."""
+    """``(mids, names, where)`` of a classifier's classes: ``--labels`` (checked against the classes
+    the run recorded, if it did), else the class names its run recorded, else the label CSV its run
+    read (this package's ``labels``, the release's ``label_csv``) while it is where the run read it;
+    ``(None, None, None)`` when none is known."""
     from .data.manifest import read_label_csv
-    saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    from .train.loop import _class_mismatch, compared_classes
+    saved = _saved_args(args)
+    run_names = [str(n) for n in saved["class_names"]] if isinstance(saved.get("class_names"), list) else None
+    run_mids = saved.get("class_mids")
+    run_mids = [str(m) for m in run_mids] if isinstance(run_mids, list) and run_names and \
+        len(run_mids) == len(run_names) else None
     if opts.get("labels"):
         labels, where = read_label_csv(opts["labels"]), f"--labels {opts['labels']}"
-    elif isinstance(saved.get("class_names"), list):
-        mids = saved.get("class_mids")
-        names = [str(n) for n in saved["class_names"]]
-        mids = [str(m) for m in mids] if isinstance(mids, list) and len(mids) == len(names) else [""] * len(names)
-        if len(names) != num_classes:
-            raise InputError(f"{opts['checkpoint']}: its run recorded {len(names)} class names for {num_classes} "
+        if run_names is not None:
+            trained, given = compared_classes(run_names, run_mids, list(labels.names), list(labels.mids))
+            if trained != given:
+                raise InputError(f"--labels {opts['labels']}: " + _class_mismatch(trained, given)
+                                 + "; leave out --labels to name the classes as the run did")
+    elif run_names is not None:
+        if len(run_names) != num_classes:
+            raise InputError(f"{opts['checkpoint']}: its run recorded {len(run_names)} class names for {num_classes} "
                              "outputs; give the classes with --labels")
-        return mids, names, "the checkpoint's run"
+        return run_mids or [""] * len(run_names), run_names, "the checkpoint's run"
     else:
         path = next((saved[k] for k in ("labels", "label_csv") if isinstance(saved.get(k), str)
                      and os.path.isfile(saved[k])), None)
@@ -229,27 +244,35 @@ def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
             return None, None, None
         labels, where = read_label_csv(path), f"the run's label file {path}"
     if len(labels) != num_classes:
-        raise InputError(f"{where} has {len(labels)} classes, the checkpoint predicts {num_classes}: give the "
-                         "class-labels CSV the model was trained with")
+        raise InputError(f"{where} has {len(labels)} class{'es' if len(labels) != 1 else ''}, the checkpoint "
+                         f"predicts {num_classes}: give the class-labels CSV the model was trained with")
     return list(labels.mids), list(labels.names), where
 
 
 def _single_label(opts: Dict[str, Any], args: Any) -> bool:
-    """Whether a classifier's scores are a softmax over its classes: ``--single-label`` when given, else
-    how its run trained it (this package's runs record it; the release's AudioSet and Speech Commands
-    runs are multi-label, its ESC-50 script single-label), else multi-label."""
+    """Whether a classifier's scores are a softmax over its classes (it was trained with cross-entropy):
+    ``--single-label`` when given, else how its run trained it. This package's runs record it (older
+    ones: class folders and the synthetic set are single-label, a manifest with --single-label). The
+    release's AudioSet script trains with BCE unless its ``use_soft`` (whatever the dataset), its
+    ESC-50 script (whose arguments have no ``use_soft``) with cross-entropy. Else multi-label."""
     from .train.loop import _given
     if "single_label" in _given(opts) and opts.get("single_label"):
         return True
-    saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
-    if isinstance(saved.get("multi_label"), bool):
-        return not saved["multi_label"]
-    data = saved.get("data")
-    if isinstance(args, dict) and (data == "synthetic" or (isinstance(data, str) and os.path.isdir(data))):
-        return True  # runs from before multi_label was recorded: class folders are single-label
-    if isinstance(saved.get("single_label"), bool):
-        return saved["single_label"]
-    return saved.get("dataset") == "esc50"
+    saved = _saved_args(args)
+    if isinstance(args, dict):
+        if isinstance(saved.get("multi_label"), bool):
+            return not saved["multi_label"]
+        data = saved.get("data")
+        if isinstance(data, str) and not data.lower().endswith((".json", ".csv", ".tsv")):
+            return True  # the synthetic set or class folders (wherever they are now)
+        return bool(saved.get("single_label"))
+    if saved:  # the release's
+        return bool(saved["use_soft"]) if "use_soft" in saved else True
+    return False
+
+
+def _scoring(single: bool) -> str:
+    return "probabilities (softmax: one class per clip)" if single else "scores (sigmoid: each class on its own)"
 
 
 def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -283,13 +306,20 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         except DataError as e:
             raise InputError(str(e)) from None
         downmix = opts.get("downmix") or "first"
-        frames = check_audio_files(files, downmix)
         device = _device(opts.get("device", "auto"))
+        frames = check_audio_files(files, downmix, "classified", "classify takes audio files")
         model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
+    if tuple(model.head.weight.shape) != tuple(sd["head.weight"].shape):
+        raise InputError(f"{opts['checkpoint']}: its head {tuple(sd['head.weight'].shape)} does not fit its encoder "
+                         f"(width {model.config.embed_dim}): the file is not a consistent classifier")
     C = model.num_classes
     if names is None:
-        _warn(f"{opts['checkpoint']} records no class names: classes are shown by index (give the class-labels "
-              "CSV the model was trained with, --labels class_labels_indices.csv for AudioSet)")
+        saved = _saved_args(args)
+        lost = next((saved[k] for k in ("labels", "label_csv") if isinstance(saved.get(k), str) and saved[k]), None)
+        why = (f"its run's label file {lost} is not on this machine" if lost
+               else f"{opts['checkpoint']} records no class names")
+        _warn(f"{why}: classes are shown by index (give the class-labels CSV the model was trained with, --labels "
+              "class_labels_indices.csv for AudioSet)")
         mids, names = [""] * C, [f"class {i}" for i in range(C)]
     top_k = min(top_k, C)
     T = model.config.img_size[0]
@@ -297,7 +327,7 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     if longer:
         _warn(f"{longer} of {len(files)} {'file is' if len(files) == 1 else 'files are'} longer than the model input "
               f"of {_seconds(T)} ({T} frames); only their first {_seconds(T)} are classified")
-    stats = opts.get("stats", "audioset")
+    stats = opts.get("stats") or "audioset"
     bs = int(opts.get("batch_size", 32))
     results: List[Dict[str, Any]] = []
     with torch.no_grad():
@@ -305,23 +335,27 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
             batch = files[i:i + bs]
             x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats) for f in batch])
             logits = model(x.to(device)).float().cpu()
+            bad = [f for f, row in zip(batch, logits) if not bool(torch.isfinite(row).all())]
+            if bad:
+                raise InputError(f"the model's scores for {bad[0]} are not finite: {opts['checkpoint']} holds "
+                                 "non-finite weights (nothing was written)")
             scores = logits.softmax(-1) if single else logits.sigmoid()
             values, index = scores.topk(top_k, dim=-1)
             for f, v, ix in zip(batch, values.tolist(), index.tolist()):
                 results.append({"path": os.path.abspath(f), "top": [
                     {"rank": r + 1, "index": j, "mid": mids[j], "name": names[j], "score": p}
                     for r, (p, j) in enumerate(zip(v, ix))]})
-    what = "probabilities (softmax: one class per clip)" if single else "scores (sigmoid: each class on its own)"
-    print(f"top {top_k} of {C} classes, {what}" + (f"; names from {where}" if where else ""))
+    print(f"top {top_k} of {C} class{'es' if C != 1 else ''}, {_scoring(single)}"
+          + (f"; names from {where}" if where else ""))
     for r in results:
         print(r["path"])
         for t in r["top"]:
-            print(f"  {t['score']:.3f}  {t['name']}" + (f" ({t['mid']})" if t["mid"] else ""))
+            print(f"  {t['score']:.3f}  {t['name']}" + (f" ({t['mid']})" if t["mid"] and t["mid"] != t["name"] else ""))
     if out_path:
         if out_path.lower().endswith(".json"):
             import json
             with open(out_path, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
+                json.dump(results, f, indent=2, allow_nan=False)
         else:
             import csv
             with open(out_path, "w", newline="", encoding="utf-8") as f:

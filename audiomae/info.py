@@ -163,6 +163,13 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2 ** 20:.1f} MiB" if n_bytes >= 2 ** 20 else f"{n_bytes / 1024:.1f} KiB"
 
 
+def _safetensors_metadata(path: str) -> dict:
+    """The text metadata of a safetensors file (this package writes its format and version there)."""
+    from safetensors import safe_open  # read_checkpoint has read the file, so the package is there
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def describe_checkpoint(path: str) -> str:
     """What a checkpoint file holds, as text: who wrote it, the model (read from the file's config, or
     inferred from its shapes and the release's ``args``), its parameter count, the training progress
@@ -173,7 +180,7 @@ def describe_checkpoint(path: str) -> str:
     path = os.path.expanduser(os.fspath(path))
     with reading_once():
         sd, file_cfg, args = read_checkpoint(path)
-        raw = {} if path.endswith(".safetensors") else torch_load(path)
+        raw = _safetensors_metadata(path) if path.endswith(".safetensors") else torch_load(path)
     raw = raw if isinstance(raw, dict) else {}
     lines = [f"checkpoint {path} ({_size(os.path.getsize(path))})"]
     if raw.get("format") == "audiomae" or file_cfg is not None:
@@ -192,11 +199,22 @@ def describe_checkpoint(path: str) -> str:
         cfg = AudioMAEConfig.from_dict(dict(file_cfg) if file_cfg else infer_config(sd, args))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its configuration is not usable: {e}") from None
+    grid_problem = None
+    table = sd.get("pos_embed", sd.get("decoder_pos_embed"))
+    if not file_cfg and table is not None and table.dim() == 3:
+        from .checkpoint import _checkpoint_grid
+        try:  # infer_config falls back to the default input when the table fits no grid: say so instead
+            _checkpoint_grid("pos_embed", table, cfg.patch_size)
+        except CheckpointError as e:
+            grid_problem = str(e)
     if pretraining:
         lines.append("model: pretraining Audio-MAE (encoder and decoder); embeds, reconstructs, fine-tunes")
     elif "head.weight" in sd:
+        from .commands import _scoring, _single_label
         pool = "mean of the patch tokens" if cfg.global_pool else "cls token"
-        lines.append(f"model: classifier, {cfg.num_classes} classes ({pool})")
+        n = cfg.num_classes
+        lines.append(f"model: classifier, {n} class{'es' if n != 1 else ''} ({pool}); classify gives "
+                     f"{_scoring(_single_label({}, args))}")
     else:
         lines.append("model: encoder only (no decoder, no head)")
     guessed = "" if file_cfg else " (not in the weights: the preset's for this width)"
@@ -205,8 +223,11 @@ def describe_checkpoint(path: str) -> str:
     T, F = cfg.img_size
     t, f = cfg.grid_size
     every = f" every {cfg.stride} (overlapping)" if cfg.overlapping else ""
-    lines.append(f"input: {T} frames x {F} mel bins ({T * 0.01:.2f} s); patches {cfg.patch_size} x "
-                 f"{cfg.patch_size}{every}, a {t} x {f} grid of {t * f}; position table {cfg.pos_embed_kind!r}")
+    if grid_problem:
+        lines.append(f"input: not known from the file ({grid_problem})")
+    else:
+        lines.append(f"input: {T} frames x {F} mel bins ({T * 0.01:.2f} s); patches {cfg.patch_size} x "
+                     f"{cfg.patch_size}{every}, a {t} x {f} grid of {t * f}; position table {cfg.pos_embed_kind!r}")
     if pretraining:
         dec = f"decoder: {cfg.decoder_mode}, {cfg.decoder_depth} blocks, width {cfg.decoder_embed_dim}, " \
               f"{cfg.decoder_num_heads} heads"
@@ -227,8 +248,9 @@ def describe_checkpoint(path: str) -> str:
         sched = raw.get("schedule") if isinstance(raw.get("schedule"), dict) else {}
         total = sched.get("total_steps")
         done = raw["epoch"]
+        k = raw.get("epoch_step")
         progress = [f"{done} epoch{'' if done == 1 else 's'} done"
-                    + (f" and {raw['epoch_step']} steps of the next" if raw.get("epoch_step") else ""),
+                    + (f" and {k} step{'' if k == 1 else 's'} of the next" if k else ""),
                     f"step {raw['step']}" + (f" of {total}" if isinstance(total, int) else "")]
         if isinstance(sched.get("lr"), float):
             progress.append(f"peak lr {sched['lr']:.3g}")
@@ -239,7 +261,7 @@ def describe_checkpoint(path: str) -> str:
         lines.append(f"training: the release's run, saved after {raw['epoch'] + 1} epochs")
     recorded = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
     inputs = [f"{k} {recorded[k]}" for k in ("command", "stats", "dataset", "clip_seconds", "target_length",
-                                              "downmix", "single_label") if recorded.get(k) not in (None, "")]
+                                              "downmix") if recorded.get(k) not in (None, "")]
     if recorded.get("class_names"):
         inputs.append(f"{len(recorded['class_names'])} class names")
     if inputs:
@@ -249,10 +271,18 @@ def describe_checkpoint(path: str) -> str:
 
 def main(argv=None) -> int:
     """``audiomae info`` (the report) or ``audiomae info CHECKPOINT`` (what the file holds)."""
-    checkpoint = (argv or [None])[0]
-    print(describe_checkpoint(checkpoint) if checkpoint else report())
+    checkpoint = argv[0] if argv else None
+    if checkpoint is None:
+        print(report())
+        return 0
+    from .checkpoint import CheckpointError
+    try:
+        print(describe_checkpoint(checkpoint))
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -762,14 +762,14 @@ def test_evaluate_embed_and_reconstruct_take_the_checkpoints_input_options(tmp_p
         assert main(["evaluate", ckpt, "--data", str(tmp_path / "tr"), *extra, "-o", str(out), "--quiet",
                      "--num-workers", "0"]) == 0
         scores[name] = json.loads((out / "metrics.json").read_text())
-        text = capsys.readouterr().out
+        text = capsys.readouterr().err
         if name == "inherited":
             assert "was trained with --stats 0,0.2, --clip-seconds 0.64, --downmix mean; using the same" in text
     assert scores["same"] == scores["inherited"]  # (a one-epoch model: the embeddings below tell them apart)
     # an explicit option still wins, and changes the inputs
     assert main(["evaluate", ckpt, "--data", str(tmp_path / "tr"), "--stats", "audioset", "-o", str(tmp_path / "ev3"),
                  "--quiet", "--num-workers", "0"]) == 0
-    assert "was trained with --clip-seconds 0.64, --downmix mean; using the same" in capsys.readouterr().out
+    assert "was trained with --clip-seconds 0.64, --downmix mean; using the same" in capsys.readouterr().err
     # embed: the same embeddings with and without the options
     emb = {}
     for name, extra in [("same", trained), ("inherited", []), ("other", ["--stats", "audioset"])]:
@@ -1016,7 +1016,7 @@ def test_finetune_defaults_are_the_releases_and_a_resumed_run_keeps_its_own(tmp_
     torch.save(state, ckpt)
     capsys.readouterr()
     assert main([*run[:-3], "--epochs", "2", "--quiet", "--resume", "auto"]) == 0
-    assert "was trained with --weight-decay 0.0001, --min-lr 0; using the same" in capsys.readouterr().out
+    assert "was trained with --weight-decay 0.0001, --min-lr 0; using the same" in capsys.readouterr().err
     state = torch.load(ckpt, weights_only=True)
     assert state["args"]["weight_decay"] == 1e-4 and state["schedule"]["min_lr"] == 0.0
     assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0, 1e-4}
@@ -1138,7 +1138,7 @@ def test_pretrainings_model_file_carries_the_runs_input_options(tmp_path, capsys
     capsys.readouterr()
     assert main(["embed", "--checkpoint", str(tmp_path / "pt" / "model.pt"), "--data", str(tmp_path / "tr"),
                  "--out", str(tmp_path / "e.pt"), "--quiet", "--num-workers", "0"]) == 0
-    assert "was trained with --stats 0,0.2, --clip-seconds 0.64; using the same" in capsys.readouterr().out
+    assert "was trained with --stats 0,0.2, --clip-seconds 0.64; using the same" in capsys.readouterr().err
 
 
 def test_weighted_sampling_of_clips_without_labels_is_one_line_error(tmp_path, capsys):
@@ -1179,7 +1179,7 @@ def test_runs_record_absolute_paths_and_evaluate_takes_the_runs_label_file(tmp_p
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "ft" / "model.pt"), "--data", str(tmp_path / "m.json"), "-o", "ev",
                  "--quiet", "--num-workers", "0"]) == 0
-    assert f"--labels {tmp_path / 'labels.csv'}" in capsys.readouterr().out
+    assert f"--labels {tmp_path / 'labels.csv'}" in capsys.readouterr().err
     assert "mAP" in json.loads((tmp_path / "elsewhere" / "ev" / "metrics.json").read_text())
 
 
@@ -1393,10 +1393,12 @@ def test_classify_prints_and_writes_the_top_classes(tmp_path, capsys):
     # the release's file: multi-label (sigmoid), no names; --labels names the classes
     clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=4)
     released = tmp_path / "released.pth"
-    torch.save({"model": clf.state_dict(), "args": argparse.Namespace(dataset="audioset")}, released)
+    torch.save({"model": clf.state_dict(), "args": argparse.Namespace(dataset="audioset", use_soft=False,
+                                                                       label_csv="/nowhere/labels.csv")}, released)
     assert main(["classify", files[0], "--checkpoint", str(released), "--top-k", "2", "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "records no class names" in captured.err and "scores (sigmoid" in captured.out and "class " in captured.out
+    assert "its run's label file /nowhere/labels.csv is not on this machine" in captured.err
+    assert "scores (sigmoid" in captured.out and "class " in captured.out
     labels = tmp_path / "labels.csv"
     labels.write_text("index,mid,display_name\n" + "".join(f"{i},/m/{i}x,Sound {i}\n" for i in range(4)))
     assert main(["classify", files[0], "--checkpoint", str(released), "--labels", str(labels), "--top-k", "2",
@@ -1417,7 +1419,7 @@ def test_classify_prints_and_writes_the_top_classes(tmp_path, capsys):
     from audiomae import AudioMAE
     AudioMAE(AudioMAEConfig.preset("tiny")).save_pretrained(pre)
     for argv, message in (
-            (["--checkpoint", str(released), "--labels", str(bad)], "has 1 classes, the checkpoint predicts 4"),
+            (["--checkpoint", str(released), "--labels", str(bad)], "has 1 class, the checkpoint predicts 4"),
             (["--checkpoint", str(pre)], "without a classification head"),
             (["--checkpoint", str(released), "--out", str(tmp_path / "r.txt")], "must end in .csv or .json")):
         assert main(["classify", files[0], *argv, "--quiet"]) == 1
@@ -1427,3 +1429,97 @@ def test_classify_prints_and_writes_the_top_classes(tmp_path, capsys):
     assert e.value.code == 2 and "--top-k must be" in capsys.readouterr().err
     assert main(["classify", files[0], str(junk), "--checkpoint", str(released), "--quiet"]) == 1
     assert "junk.wav" in capsys.readouterr().err
+
+
+
+def test_classify_scores_as_the_run_trained_and_refuses_what_it_cannot_score(tmp_path, capsys):
+    import argparse
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    from audiomae.commands import _single_label
+
+    # the release: its AudioSet script trains with BCE unless use_soft, whatever the dataset; its
+    # ESC-50 script (no use_soft in its arguments) with cross-entropy
+    for args, single in ((argparse.Namespace(dataset="esc50", use_soft=False), False),
+                         (argparse.Namespace(dataset="audioset", use_soft=True), True),
+                         (argparse.Namespace(dataset="speechcommands"), True),
+                         (None, False),
+                         # this package's runs: recorded, else what their data was
+                         ({"multi_label": True, "data": "/x/folder"}, False),
+                         ({"data": "/gone/class_folders"}, True), ({"data": "synthetic"}, True),
+                         ({"data": "/x/m.json", "single_label": True}, True), ({"data": "/x/m.json"}, False)):
+        assert _single_label({}, args) is single, args
+    assert _single_label({"single_label": True, "explicit_options": ["single_label"]}, None) is True
+
+    wav = _wav(tmp_path / "a.wav", 1.0)
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=3)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/c,C\n")
+    swapped = tmp_path / "swapped.csv"
+    swapped.write_text("index,mid,display_name\n0,/m/b,B\n1,/m/a,A\n2,/m/c,C\n")
+    ours = tmp_path / "ours.pt"
+    clf.save_pretrained(ours, args={"class_names": ["A", "B", "C"], "class_mids": ["/m/a", "/m/b", "/m/c"],
+                                    "multi_label": True, "downmix": "first"})
+    assert main(["classify", wav, "--checkpoint", str(ours), "--labels", str(labels), "--quiet"]) == 0
+    capsys.readouterr()
+    # another order of the same classes would name every score wrongly
+    assert main(["classify", wav, "--checkpoint", str(ours), "--labels", str(swapped), "--quiet"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--labels", "leave out --labels")
+    # a head that does not fit its encoder, and non-finite weights
+    sd = clf.state_dict()
+    torch.save(dict(sd, **{"head.weight": torch.zeros(3, 32)}), tmp_path / "head.pt")
+    nan = dict(sd, **{"head.bias": torch.full((3,), float("nan"))})
+    torch.save(nan, tmp_path / "nan.pt")
+    out = tmp_path / "r.json"
+    for name, message in (("head.pt", "does not fit its encoder"), ("nan.pt", "are not finite")):
+        assert main(["classify", wav, "--checkpoint", str(tmp_path / name), "--out", str(out), "--quiet"]) == 1
+        assert_one_error_line(capsys.readouterr().err, message)
+    assert not out.exists()
+    # devices and inputs: one line each, the device before any audio is read
+    for device, message in (("foo", "not a device name"), ("mps", "only cpu and cuda"), ("cuda:3", "cuda:3")):
+        if device.startswith("cuda") and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as e:  # the message is the process's one line on stderr, status 1
+            main(["classify", str(tmp_path / "missing.wav"), "--checkpoint", str(ours), "--device", device])
+        assert str(e.value.code).startswith(f"error: --device {device}") and message in str(e.value.code)
+    assert main(["classify", str(tmp_path / "missing.wav"), str(tmp_path), "--checkpoint", str(ours), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was classified" in err and "classify takes audio files" in err and "--data" not in err
+
+
+def test_info_on_odd_files(tmp_path, capsys):
+    import subprocess
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=1)
+    sd = clf.state_dict()
+    torch.save({k: v for k, v in sd.items() if k != "pos_embed"}, tmp_path / "nopos.pt")
+    assert main(["info", str(tmp_path / "nopos.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "classifier, 1 class (" in out and "classify gives scores (sigmoid" in out
+    torch.save(dict(sd, pos_embed=sd["pos_embed"][:, :100]), tmp_path / "short.pt")
+    assert main(["info", str(tmp_path / "short.pt")]) == 0
+    assert "input: not known from the file" in capsys.readouterr().out
+    torch.save(dict(sd, **{"patch_embed.proj.weight": torch.zeros(64)}), tmp_path / "flat.pt")
+    assert main(["info", str(tmp_path / "flat.pt")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "not an Audio-MAE state dict")
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        save_file = None
+    if save_file is not None:
+        clf.save_pretrained(tmp_path / "ok.safetensors")
+        assert main(["info", str(tmp_path / "ok.safetensors")]) == 0
+        from audiomae import __version__
+        assert f"written by audiomae {__version__}" in capsys.readouterr().out
+        for meta in ({"config": "{not json"}, {"config": "[1, 2]"}):
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bad.safetensors"), metadata=meta)
+            for argv in (["info", str(tmp_path / "bad.safetensors")],
+                         ["classify", _wav(tmp_path / "a.wav", 1.0), "--checkpoint", str(tmp_path / "bad.safetensors")]):
+                assert main(argv) == 1
+                assert_one_error_line(capsys.readouterr().err, "metadata")
+    assert main(["info", ""]) == 1
+    assert_one_error_line(capsys.readouterr().err, "not found")
+    # the module itself takes the file too
+    done = subprocess.run([sys.executable, "-m", "audiomae.info", str(tmp_path / "nopos.pt")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "classifier, 1 class" in done.stdout

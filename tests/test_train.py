@@ -693,10 +693,11 @@ def test_inherited_defaults_need_no_note(capsys):
     from audiomae.train.loop import _note_inherited
 
     _note_inherited({"downmix": "first", "stats": "audioset"}, "ck.pt")
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr() == ("", "")
     _note_inherited({"downmix": "mean", "stats": "audioset", "clip_seconds": 5.0}, "ck.pt")
-    out = capsys.readouterr().out
-    assert "--downmix mean" in out and "--clip-seconds 5" in out and "audioset" not in out
+    captured = capsys.readouterr()
+    out = captured.err  # a note, not a result: stderr
+    assert captured.out == "" and "--downmix mean" in out and "--clip-seconds 5" in out and "audioset" not in out
 
 
 def test_a_stop_right_after_a_periodic_checkpoint_does_not_write_it_again(tmp_path):

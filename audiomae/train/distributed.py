@@ -64,10 +64,19 @@ def pick_device(name: str, info_local_rank: int = 0) -> torch.device:
     """``auto`` -> the process's GPU when there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise SystemExit(f"error: --device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {name}: only cpu and cuda devices are supported")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda was asked for but no CUDA device is available")
+            raise SystemExit(f"error: --device {name} was asked for but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise SystemExit(f"error: --device {name}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                             f"(cuda:0 to cuda:{n - 1})")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", info_local_rank)))
         torch.cuda.set_device(dev)

@@ -1326,7 +1326,8 @@ def _note_inherited(changed: Dict[str, Any], path: str) -> None:
     changed = {k: v for k, v in changed.items() if k not in _INPUT_DEFAULTS or v != _INPUT_DEFAULTS[k]}
     if changed and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         shown = ", ".join(_flag(k, v) for k, v in changed.items())
-        print(f"note: {path} was trained with {shown}; using the same (give an option to override it)")
+        print(f"note: {path} was trained with {shown}; using the same (give an option to override it)",
+              file=sys.stderr)
 
 
 def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
