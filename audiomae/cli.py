@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="class-labels CSV (index,mid,display_name; AudioSet's class_labels_indices.csv) "
                                     "(default: the class names the checkpoint's run recorded)")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per file")
+    p.add_argument("--hop", type=float, metavar="SECONDS",
+                   help="classify whole files: the model input slides over each file every SECONDS seconds (the "
+                        "last window zero-padded); each window's top classes with its start, and the file's: the "
+                        "highest score over its windows (multi-label), the mean probability (single-label) "
+                        "(default: each file's first model input only)")
     p.add_argument("--out", help="also write the results to this .csv (path, rank, index, mid, name, score) or "
                                  ".json file")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
@@ -509,6 +514,8 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         if str(opts["model"]).lower() not in PRESETS and str(opts["model"]).lower() not in PRESET_ALIASES:
             sub.error(f"{name('model')} {opts['model']}: no such preset; choose one of {', '.join(MODEL_PRESETS)} "
                       "(or a release name such as vit_base_patch16)")
+    if opts.get("hop") is not None and not opts["hop"] > 0:
+        sub.error(f"{name('hop')} must be a positive number of seconds, got {opts['hop']:g}")
     if opts.get("patch_stride") is not None:
         from .config import AudioMAEConfig
         try:  # the patch size is the preset's (16, huge's 14), or the pretrained model's

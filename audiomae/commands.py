@@ -323,34 +323,77 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         mids, names = [""] * C, [f"class {i}" for i in range(C)]
     top_k = min(top_k, C)
     T = model.config.img_size[0]
-    longer = sum(n > T for n in frames)
-    if longer:
-        _warn(f"{longer} of {len(files)} {'file is' if len(files) == 1 else 'files are'} longer than the model input "
-              f"of {_seconds(T)} ({T} frames); only their first {_seconds(T)} are classified")
+    hop = opts.get("hop")
+    if hop is None:
+        longer = sum(n > T for n in frames)
+        if longer:
+            _warn(f"{longer} of {len(files)} {'file is' if len(files) == 1 else 'files are'} longer than the model "
+                  f"input of {_seconds(T)} ({T} frames); only their first {_seconds(T)} are classified (--hop "
+                  "SECONDS classifies whole files, window by window)")
     stats = opts.get("stats") or "audioset"
     bs = int(opts.get("batch_size", 32))
+    from .audio import frames_span
+    window = frames_span(T)  # the samples of one model input
+    step = None if hop is None else max(1, int(round(float(hop) * SAMPLE_RATE)))
+
+    def windows(n: int) -> List[int]:
+        """Start samples of a file's windows: one without --hop; else one every ``step`` samples,
+        the last one the first that reaches the file's end (zero-padded, as a short clip is)."""
+        if step is None or n <= window:
+            return [0]
+        starts = list(range(0, n - window + 1, step))
+        if starts[-1] + window < n:
+            starts.append(starts[-1] + step)
+        return starts
+
+    def top(row: torch.Tensor) -> List[Dict[str, Any]]:
+        v, ix = row.topk(top_k)
+        return [{"rank": r + 1, "index": j, "mid": mids[j], "name": names[j], "score": p}
+                for r, (p, j) in enumerate(zip(v.tolist(), ix.tolist()))]
+
+    def score(x: torch.Tensor, what: str) -> torch.Tensor:
+        logits = model(x.to(device)).float().cpu()
+        if not bool(torch.isfinite(logits).all()):
+            raise InputError(f"the model's scores for {what} are not finite: {opts['checkpoint']} holds non-finite "
+                             "weights (nothing was written)")
+        return logits.softmax(-1) if single else logits.sigmoid()
+
     results: List[Dict[str, Any]] = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(files), bs), desc="classifying", unit="batch", disable=opts.get("quiet")):
-            batch = files[i:i + bs]
-            x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats) for f in batch])
-            logits = model(x.to(device)).float().cpu()
-            bad = [f for f, row in zip(batch, logits) if not bool(torch.isfinite(row).all())]
-            if bad:
-                raise InputError(f"the model's scores for {bad[0]} are not finite: {opts['checkpoint']} holds "
-                                 "non-finite weights (nothing was written)")
-            scores = logits.softmax(-1) if single else logits.sigmoid()
-            values, index = scores.topk(top_k, dim=-1)
-            for f, v, ix in zip(batch, values.tolist(), index.tolist()):
-                results.append({"path": os.path.abspath(f), "top": [
-                    {"rank": r + 1, "index": j, "mid": mids[j], "name": names[j], "score": p}
-                    for r, (p, j) in enumerate(zip(v, ix))]})
-    print(f"top {top_k} of {C} class{'es' if C != 1 else ''}, {_scoring(single)}"
+        if step is None:
+            for i in tqdm(range(0, len(files), bs), desc="classifying", unit="batch", disable=opts.get("quiet")):
+                batch = files[i:i + bs]
+                x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats) for f in batch])
+                for f, row in zip(batch, score(x, batch[0] if len(batch) == 1 else f"{batch[0]} ...")):
+                    results.append({"path": os.path.abspath(f), "top": top(row)})
+        else:
+            for f in tqdm(files, desc="classifying", unit="file", disable=opts.get("quiet")):
+                wave = read_clip(f, downmix)
+                starts = windows(wave.shape[-1])
+                rows = []
+                for i in range(0, len(starts), bs):
+                    x = torch.stack([waveform_to_input(wave[s:s + window], SAMPLE_RATE, T, stats)
+                                     for s in starts[i:i + bs]])
+                    rows.append(score(x, f))
+                per = torch.cat(rows)
+                # the file: the mean probability of single-label windows, the highest multi-label score
+                whole = per.mean(0) if single else per.amax(0)
+                results.append({"path": os.path.abspath(f), "top": top(whole),
+                                "windows": [{"start": s / SAMPLE_RATE, "top": top(row)} for s, row in zip(starts, per)]})
+    over = "" if step is None else (f"; whole files in windows of {_seconds(T)} every {step / SAMPLE_RATE:g} s, a "
+                                    f"file's score the {'mean' if single else 'highest'} over its windows")
+    print(f"top {top_k} of {C} class{'es' if C != 1 else ''}, {_scoring(single)}{over}"
           + (f"; names from {where}" if where else ""))
+
+    def named(t: Dict[str, Any]) -> str:
+        return t["name"] + (f" ({t['mid']})" if t["mid"] and t["mid"] != t["name"] else "")
+
     for r in results:
         print(r["path"])
         for t in r["top"]:
-            print(f"  {t['score']:.3f}  {t['name']}" + (f" ({t['mid']})" if t["mid"] and t["mid"] != t["name"] else ""))
+            print(f"  {t['score']:.3f}  {named(t)}")
+        for wdw in r.get("windows", []) if len(r.get("windows", [])) > 1 else []:
+            print(f"    {wdw['start']:8.2f} s  " + ", ".join(f"{t['name']} {t['score']:.2f}" for t in wdw["top"]))
     if out_path:
         if out_path.lower().endswith(".json"):
             import json
@@ -360,10 +403,13 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
             import csv
             with open(out_path, "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
-                w.writerow(["path", "rank", "index", "mid", "name", "score"])
+                w.writerow(["path", "start", "rank", "index", "mid", "name", "score"])
                 for r in results:
-                    for t in r["top"]:
-                        w.writerow([r["path"], t["rank"], t["index"], t["mid"], t["name"], f"{t['score']:.6f}"])
+                    # the file's rows (start empty), then each window's (start in seconds)
+                    for start, tops in [("", r["top"])] + [(f"{x['start']:.3f}", x["top"]) for x in r.get("windows", [])]:
+                        for t in tops:
+                            w.writerow([r["path"], start, t["rank"], t["index"], t["mid"], t["name"],
+                                        f"{t['score']:.6f}"])
         print(f"wrote {out_path}")
     return results
 

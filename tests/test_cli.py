@@ -1523,3 +1523,38 @@ def test_info_on_odd_files(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "audiomae.info", str(tmp_path / "nopos.pt")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "classifier, 1 class" in done.stdout
+
+
+def test_classify_whole_files_window_by_window(tmp_path, capsys):
+    import argparse
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    from audiomae.audio import load_audio, waveform_to_input
+
+    long_wav, short_wav = _wav(tmp_path / "long.wav", 7.0), _wav(tmp_path / "short.wav", 1.0)
+    clf = AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=5).eval()
+    for use_soft in (False, True):
+        ckpt = tmp_path / f"c{use_soft}.pth"
+        torch.save({"model": clf.state_dict(), "args": argparse.Namespace(dataset="audioset", use_soft=use_soft)}, ckpt)
+        out = tmp_path / f"r{use_soft}.json"
+        assert main(["classify", long_wav, short_wav, "--checkpoint", str(ckpt), "--hop", "2", "--top-k", "5",
+                     "--out", str(out), "--quiet", "--batch-size", "3"]) == 0
+        printed = capsys.readouterr().out
+        assert "whole files in windows of 2.56 s every 2 s" in printed
+        assert ("the mean over its windows" if use_soft else "the highest over its windows") in printed
+        rows = json.load(open(out))
+        wave = load_audio(long_wav)
+        # 2.575 s windows every 2 s over 7 s: 0, 2, 4, and 6 (the first to reach the end, zero-padded)
+        assert [w["start"] for w in rows[0]["windows"]] == [0.0, 2.0, 4.0, 6.0]
+        with torch.no_grad():
+            x = torch.stack([waveform_to_input(wave[s:s + 41200], 16000, 256) for s in (0, 32000, 64000, 96000)])
+            want = clf(x).softmax(-1) if use_soft else clf(x).sigmoid()
+        for w, expected in zip(rows[0]["windows"], want):
+            got = torch.tensor([t["score"] for t in sorted(w["top"], key=lambda t: t["index"])])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        whole = want.mean(0) if use_soft else want.amax(0)
+        got = torch.tensor([t["score"] for t in sorted(rows[0]["top"], key=lambda t: t["index"])])
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+        assert [w["start"] for w in rows[1]["windows"]] == [0.0]  # shorter than one window
+    with pytest.raises(SystemExit) as e:
+        main(["classify", long_wav, "--checkpoint", str(ckpt), "--hop", "0"])
+    assert e.value.code == 2 and "--hop must be a positive number" in capsys.readouterr().err
