@@ -56,16 +56,42 @@ def read_clip(path: str, downmix: str = "first", folder_hint: str = "use --data 
     return wave
 
 
+class DecodedClips:
+    """The waveforms :func:`check_audio_files` decoded, kept up to a memory budget so that the
+    command does not decode them again; ``get(path)`` reads a file that was not kept."""
+
+    BUDGET_BYTES = 512 * 2 ** 20
+
+    def __init__(self, downmix: str):
+        self.downmix, self.kept, self.size = downmix, {}, 0
+
+    def offer(self, path: str, wave: torch.Tensor) -> None:
+        n = wave.numel() * wave.element_size()
+        if path not in self.kept and self.size + n <= self.BUDGET_BYTES:
+            self.kept[path], self.size = wave, self.size + n
+
+    def get(self, path: str) -> torch.Tensor:
+        wave = self.kept.pop(path, None)
+        if wave is None:
+            return read_clip(path, self.downmix)
+        self.size -= wave.numel() * wave.element_size()
+        return wave
+
+
 def check_audio_files(files: Sequence[str], downmix: str = "first", done: str = "embedded",
-                      folder_hint: str = "use --data for a folder of class sub-folders") -> List[int]:
-    """Read every file once before any model work; returns each file's number of fbank frames.
-    Raises AudioLoadError / InputError for one unusable file, InputError listing them for several
-    (``nothing was {done}``)."""
+                      folder_hint: str = "use --data for a folder of class sub-folders",
+                      clips: Optional[DecodedClips] = None) -> List[int]:
+    """Read every file once before any model work; returns each file's number of fbank frames, and
+    hands the waveforms to ``clips`` (which keeps what its budget allows). Raises AudioLoadError /
+    InputError for one unusable file, InputError listing them for several (``nothing was {done}``)."""
     from .audio import AudioLoadError
     frames, problems = [], []
     for f in files:
         try:
-            frames.append(frames_for(read_clip(f, downmix, folder_hint).shape[-1]))
+            wave = read_clip(f, downmix, folder_hint)
+            frames.append(frames_for(wave.shape[-1]))
+            if clips is not None:
+                clips.offer(f, wave)
         except (AudioLoadError, InputError) as e:
             problems.append(e)
     if len(problems) == 1:
@@ -150,7 +176,8 @@ def embed(opts: Dict[str, Any]) -> str:
         opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
         downmix = opts.get("downmix") or "first"
         device = _device(opts.get("device", "auto"))
-        frames = check_audio_files(files, downmix) if files else []
+        clips = DecodedClips(downmix)
+        frames = check_audio_files(files, downmix, clips=clips) if files else []
         model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
     T = model.config.img_size[0]
     stats = opts.get("stats", "audioset")
@@ -163,7 +190,7 @@ def embed(opts: Dict[str, Any]) -> str:
         pooled, patches = [], []
         bs = int(opts.get("batch_size", 32))
         for i in tqdm(range(0, len(files), bs), desc="embedding", unit="batch", disable=opts.get("quiet")):
-            x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats)
+            x = torch.stack([waveform_to_input(clips.get(f), SAMPLE_RATE, T, stats)
                              for f in files[i:i + bs]]).to(device)
             if opts.get("per_patch"):
                 e, per = model.embed_both(x)
@@ -307,7 +334,8 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
             raise InputError(str(e)) from None
         downmix = opts.get("downmix") or "first"
         device = _device(opts.get("device", "auto"))
-        frames = check_audio_files(files, downmix, "classified", "classify takes audio files")
+        clips = DecodedClips(downmix)
+        frames = check_audio_files(files, downmix, "classified", "classify takes audio files", clips)
         model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
     if tuple(model.head.weight.shape) != tuple(sd["head.weight"].shape):
         raise InputError(f"{opts['checkpoint']}: its head {tuple(sd['head.weight'].shape)} does not fit its encoder "
@@ -363,12 +391,12 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         if step is None:
             for i in tqdm(range(0, len(files), bs), desc="classifying", unit="batch", disable=opts.get("quiet")):
                 batch = files[i:i + bs]
-                x = torch.stack([waveform_to_input(read_clip(f, downmix), SAMPLE_RATE, T, stats) for f in batch])
+                x = torch.stack([waveform_to_input(clips.get(f), SAMPLE_RATE, T, stats) for f in batch])
                 for f, row in zip(batch, score(x, batch[0] if len(batch) == 1 else f"{batch[0]} ...")):
                     results.append({"path": os.path.abspath(f), "top": top(row)})
         else:
             for f in tqdm(files, desc="classifying", unit="file", disable=opts.get("quiet")):
-                wave = read_clip(f, downmix)
+                wave = clips.get(f)
                 starts = windows(wave.shape[-1])
                 rows = []
                 for i in range(0, len(starts), bs):

@@ -1558,3 +1558,23 @@ def test_classify_whole_files_window_by_window(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["classify", long_wav, "--checkpoint", str(ckpt), "--hop", "0"])
     assert e.value.code == 2 and "--hop must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget,reads", [(None, 3), (0, 6)], ids=["kept", "over-budget"])
+def test_embed_and_classify_decode_each_file_once_within_the_budget(budget, reads, tmp_path, monkeypatch):
+    import audiomae.commands as commands
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+
+    files = [_wav(tmp_path / f"c{i}.wav", 1.0) for i in range(3)]
+    ckpt = tmp_path / "c.pt"
+    AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=2).save_pretrained(ckpt)
+    if budget is not None:
+        monkeypatch.setattr(commands.DecodedClips, "BUDGET_BYTES", budget)
+    calls = []
+    real = commands.read_clip
+    monkeypatch.setattr(commands, "read_clip", lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
+    assert main(["classify", *files, "--checkpoint", str(ckpt), "--quiet"]) == 0
+    assert len(calls) == reads
+    calls.clear()
+    assert main(["embed", *files, "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.pt"), "--quiet"]) == 0
+    assert len(calls) == reads
