@@ -4,7 +4,7 @@
 >>> model = audiomae.AudioMAE(audiomae.AudioMAEConfig.preset("tiny"))
 >>> loss, pred, mask = model(torch.randn(2, 1, 256, 128))
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import AudioMAEConfig, PRESETS  # noqa: E402,F401
 from .model import AudioMAE, AudioMAEClassifier, MAEOutput, patchify, unpatchify  # noqa: E402,F401

@@ -212,6 +212,14 @@ def _strip(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def run_options(args: Any) -> Dict[str, Any]:
+    """A checkpoint's recorded run options as a dict: this package's dict as it is, the release's
+    ``argparse.Namespace`` as its fields, anything else (None) as no options."""
+    if isinstance(args, dict):
+        return args
+    return dict(vars(args)) if isinstance(args, argparse.Namespace) else {}
+
+
 # --- configuration from a file -------------------------------------------------------------------
 def _count(sd, prefix: str) -> int:
     idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
@@ -238,14 +246,16 @@ def infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any
         cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
     table = sd.get("pos_embed", sd.get("decoder_pos_embed"))
     custom = isinstance(args, argparse.Namespace) and getattr(args, "use_custom_patch", None) is True
+    told = isinstance(args, argparse.Namespace) and getattr(args, "use_custom_patch", None) is False
     if table is not None and table.dim() == 3:
         try:
             grid, kind, stride = _checkpoint_grid("pos_embed" if "pos_embed" in sd else "decoder_pos_embed", table, p,
-                                                  stride=RELEASE_OVERLAP_STRIDE if custom else None)
+                                                  stride=RELEASE_OVERLAP_STRIDE if custom else p if told else None)
         except CheckpointError:
             grid, kind, stride = None, None, None  # loading says so if the table has to be adapted
         if grid is not None:
-            if stride is not None and stride != p:
+            stride = None if stride == p else stride
+            if stride is not None:
                 cfg["patch_stride"] = stride
             cfg["img_size"] = _input_size(grid, p, stride)
             if kind is None and "decoder_pos_embed" in sd and "pos_embed" in sd:
@@ -355,11 +365,10 @@ def _checkpoint_grid(name: str, table: torch.Tensor, patch: int, file_grid: Opti
     fo = patch_grid((_RELEASE_MELS,) * 2, patch, s)[0] if s < patch else 0
     # the release's overlapping patches: its table then codes frequency first (pos_embed.sincos_2d)
     overlap = (L // fo, fo) if fo and L > 0 and L % fo == 0 else None
-    if stride is not None and stride < patch:  # the file says its patches overlap
-        if overlap is not None:
-            return overlap, _fixed_kind(table, overlap, True), s
-        hint = None
-    else:
+    overlapping = stride is not None and stride < patch  # the file says its patches overlap
+    if overlapping:
+        hint = overlap  # the release's 12 frequency patches, else the grid the fixed table names
+    elif stride is None:
         # The readings at 128 mel bins, non-overlapping first: the release's table of a 12-row grid is
         # that of a 12-column grid of overlapping patches, and most files are non-overlapping.
         kind = _fixed_kind(table, hint) if hint is not None else None
@@ -369,11 +378,12 @@ def _checkpoint_grid(name: str, table: torch.Tensor, patch: int, file_grid: Opti
             return overlap, "released", s
     grids = ([hint] if hint else []) + [(t, L // t) for t in range(1, L + 1) if L % t == 0 and (t, L // t) != hint]
     for grid in grids:
-        kind = _fixed_kind(table, grid)
+        kind = _fixed_kind(table, grid, overlapping)
         if kind is not None:
-            return grid, kind, None
+            return grid, kind, s if overlapping else None
     if hint is not None:
-        return hint, None, None  # a trained table, read at the release's frequency count
+        # a trained table, read at the release's frequency count
+        return hint, None, s if overlapping else None
     raise CheckpointError(
         f"{name}: the checkpoint's {L} positions fit no patch grid: the table is not the fixed sin-cos code "
         f"of any grid, and {L} is not a multiple of the {f} frequency patches of {_RELEASE_MELS} mel bins at "
@@ -588,7 +598,7 @@ def save_model(model, path, **extra) -> None:
     for key, value in extra.items():
         _check_loadable(value, key)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    cfg = model.config.to_dict()
+    cfg = model.config.to_file_dict()
     path = os.path.expanduser(os.fspath(path))
     if path.endswith(".safetensors"):
         try:

@@ -201,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="pretrained checkpoint (released or ours) (default: train from scratch)")
     p.add_argument("--model", default="tiny", help="size preset when training from scratch: " + ", ".join(MODEL_PRESETS))
     p.add_argument("--patch-stride", type=int, metavar="S",
-                   help="overlapping patches: 16 x 16 patches every S frames and bins (the release's custom patches: "
-                        "10); a --pretrained model of another stride keeps its weights, its position table is "
-                        "rebuilt for the new grid (default: the pretrained model's, else 16, no overlap)")
+                   help="overlapping patches: the model's patches (16 x 16; huge: 14 x 14) every S frames and bins "
+                        "(the release's custom patches: 10); a --pretrained model of another stride keeps its "
+                        "weights, its position table is rebuilt for the new grid (default: the pretrained model's, "
+                        "else the patch size, no overlap)")
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay per block from the top")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     p.add_argument("--mixup", type=float, default=0.5,
@@ -271,18 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
             "trained it. Class names come from --labels, else from the checkpoint's run (its recorded names, or "
             "its label file while it is where the run read it), else classes are shown by index. The input "
             "options (--stats, --downmix) are the run's unless given. Every file is read and checked before "
-            "the model runs; each is cut or zero-padded to the model input length.")
+            "the model runs: if any cannot be used, nothing is classified and the error lists them. Each file is "
+            "cut or zero-padded to the model input length, or with --hop classified window by window.")
     p.add_argument("inputs", nargs="+", metavar="AUDIO", help="audio files (WAV, FLAC, OGG, ...)")
     p.add_argument("--checkpoint", required=True, help="classifier checkpoint (released fine-tuned, or from finetune)")
     p.add_argument("--labels", help="class-labels CSV (index,mid,display_name; AudioSet's class_labels_indices.csv) "
                                     "(default: the class names the checkpoint's run recorded)")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per file")
     p.add_argument("--hop", type=float, metavar="SECONDS",
-                   help="classify whole files: the model input slides over each file every SECONDS seconds (the "
-                        "last window zero-padded); each window's top classes with its start, and the file's: the "
-                        "highest score over its windows (multi-label), the mean probability (single-label) "
-                        "(default: each file's first model input only)")
-    p.add_argument("--out", help="also write the results to this .csv (path, rank, index, mid, name, score) or "
+                   help="classify whole files: the model input slides over each file every SECONDS seconds, the "
+                        "last window ending where the file ends; each window's top classes with its start, and the "
+                        "file's: the highest score over its windows (multi-label), the mean probability "
+                        "(single-label) (default: each file's first model input only)")
+    p.add_argument("--out", help="also write the results to this .csv (path, start, rank, index, mid, name, score; "
+                                 "start is empty on a file's rows and a window's start in seconds on its rows) or "
                                  ".json file")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     p.add_argument("--target-length", type=int, help="model input frames (default: the checkpoint's input length)")
@@ -527,16 +530,19 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
                       f"no overlap), got {opts['patch_stride']}")
         if opts["patch_stride"] < 1:
             sub.error(f"{name('patch_stride')} must be a positive number of frames and bins, got {opts['patch_stride']}")
-        if command == "pretrain" and opts["patch_stride"] < patch:
+        if command == "pretrain" and opts["patch_stride"] < patch and not opts.get("init") and not opts.get("resume"):
+            from .model import local_windows_fit
             try:
                 mode = opts.get("decoder_mode") or AudioMAEConfig.preset(opts.get("model") or "tiny").decoder_mode
+                cfg = AudioMAEConfig.preset(opts.get("model") or "tiny", patch_stride=opts["patch_stride"],
+                                            decoder_mode=mode)
             except ValueError:
-                mode = "local"
-            f = (128 - patch) // opts["patch_stride"] + 1  # frequency patches on 128 mel bins
-            if mode != "global" and f % min(6, f):
+                cfg = None  # building the model says what is wrong
+            if cfg is not None and not local_windows_fit(cfg):
+                f, (wt, wf) = cfg.grid_size[1], cfg.window
                 sub.error(f"{name('patch_stride')} {opts['patch_stride']} gives {f} frequency patches on 128 mel bins, "
-                          f"which the {mode} decoder's 6 x 6 windows do not tile: use --patch-stride 10 (the release's, "
-                          "12 patches) or --decoder-mode global")
+                          f"which the {mode} decoder's {wt} x {wf} windows do not tile: use --patch-stride 10 (the "
+                          "release's, 12 patches) or --decoder-mode global")
     bounded("max_bad_fraction", 0, 1)
     if opts.get("no_replacement") and not opts.get("weighted_sampling"):
         sub.error(f"{name('no_replacement')} applies to --weighted-sampling (uniform sampling already takes each "

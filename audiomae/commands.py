@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, adaptations_as_notes, read_checkpoint, reading_once
+from .checkpoint import CheckpointError, adaptations_as_notes, read_checkpoint, reading_once, run_options
 from .data.dataset import frames_for
 from .model import AudioMAE, AudioMAEClassifier
 
@@ -235,11 +235,6 @@ def embed(opts: Dict[str, Any]) -> str:
     return path
 
 
-def _saved_args(args: Any) -> Dict[str, Any]:
-    """A checkpoint's recorded run options as a dict (this package's dict, the release's Namespace)."""
-    return args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
-
-
 def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
     """``(mids, names, where)`` of a classifier's classes: ``--labels`` (checked against the classes
     the run recorded, if it did), else the class names its run recorded, else the label CSV its run
@@ -247,7 +242,7 @@ def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
     ``(None, None, None)`` when none is known."""
     from .data.manifest import read_label_csv
     from .train.loop import _class_mismatch, compared_classes
-    saved = _saved_args(args)
+    saved = run_options(args)
     run_names = [str(n) for n in saved["class_names"]] if isinstance(saved.get("class_names"), list) else None
     run_mids = saved.get("class_mids")
     run_mids = [str(m) for m in run_mids] if isinstance(run_mids, list) and run_names and \
@@ -285,7 +280,7 @@ def _single_label(opts: Dict[str, Any], args: Any) -> bool:
     from .train.loop import _given
     if "single_label" in _given(opts) and opts.get("single_label"):
         return True
-    saved = _saved_args(args)
+    saved = run_options(args)
     if isinstance(args, dict):
         if isinstance(saved.get("multi_label"), bool):
             return not saved["multi_label"]
@@ -342,7 +337,7 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
                          f"(width {model.config.embed_dim}): the file is not a consistent classifier")
     C = model.num_classes
     if names is None:
-        saved = _saved_args(args)
+        saved = run_options(args)
         lost = next((saved[k] for k in ("labels", "label_csv") if isinstance(saved.get(k), str) and saved[k]), None)
         why = (f"its run's label file {lost} is not on this machine" if lost
                else f"{opts['checkpoint']} records no class names")
@@ -364,14 +359,19 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
     window = frames_span(T)  # the samples of one model input
     step = None if hop is None else max(1, int(round(float(hop) * SAMPLE_RATE)))
 
+    if step is not None and step > window:
+        _warn(f"--hop {hop:g} is longer than the model input of {window / SAMPLE_RATE:g} s: the audio between the "
+              "windows is not classified")
+
     def windows(n: int) -> List[int]:
-        """Start samples of a file's windows: one without --hop; else one every ``step`` samples,
-        the last one the first that reaches the file's end (zero-padded, as a short clip is)."""
+        """Start samples of a file's windows: one without --hop (or for a file shorter than one, which
+        is zero-padded as a short clip is); else one every ``step`` samples, and a last one that ends
+        where the file ends."""
         if step is None or n <= window:
             return [0]
         starts = list(range(0, n - window + 1, step))
         if starts[-1] + window < n:
-            starts.append(starts[-1] + step)
+            starts.append(n - window)
         return starts
 
     def top(row: torch.Tensor) -> List[Dict[str, Any]]:
@@ -408,8 +408,9 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
                 whole = per.mean(0) if single else per.amax(0)
                 results.append({"path": os.path.abspath(f), "top": top(whole),
                                 "windows": [{"start": s / SAMPLE_RATE, "top": top(row)} for s, row in zip(starts, per)]})
-    over = "" if step is None else (f"; whole files in windows of {_seconds(T)} every {step / SAMPLE_RATE:g} s, a "
-                                    f"file's score the {'mean' if single else 'highest'} over its windows")
+    over = "" if step is None else (f"; whole files in windows of {window / SAMPLE_RATE:g} s every "
+                                    f"{step / SAMPLE_RATE:g} s, a file's score the {'mean' if single else 'highest'} "
+                                    "over its windows")
     print(f"top {top_k} of {C} class{'es' if C != 1 else ''}, {_scoring(single)}{over}"
           + (f"; names from {where}" if where else ""))
 
@@ -454,7 +455,7 @@ def _clip_input(src: str, T: int, stats, downmix: str = "first") -> torch.Tensor
             raise InputError(f"{src}: expected synthetic:N with N a clip number (0, 1, 2, ...)")
         ds = SyntheticAudioDataset(num_clips=idx + 1, split="val")
         return waveform_to_input(ds[idx]["waveform"], target_length=T, stats=stats)
-    wave = read_clip(src, downmix)
+    wave = read_clip(src, downmix, "reconstruct takes one audio file")
     n = frames_for(wave.shape[-1])
     if n > T:
         _warn(f"{src} is {wave.shape[-1] / SAMPLE_RATE:.2f} s long; only its first {_seconds(T)} (the model input, "

@@ -84,6 +84,9 @@ class AudioMAEConfig:
                             f"({self.patch_size}), or None for non-overlapping patches")
         elif s is not None and "patch_size" not in bad and s == self.patch_size:
             self.patch_stride = None  # one meaning, one spelling: configs compare and record alike
+        if self.window_size is not None and "patch_size" not in bad and not problems and \
+                self.window_size == ((6, 6) if self.stride < self.patch_size else (4, 4)):
+            self.window_size = None  # the release's window for these patches (files before the field held (4, 4))
         for name, heads_name in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             if name in bad or heads_name in bad:
                 continue
@@ -185,6 +188,16 @@ class AudioMAEConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_file_dict(self) -> Dict[str, Any]:
+        """``to_dict()`` as checkpoints record it: the fields added since the first release of this
+        package left out while they hold their defaults, so that files of models without them load in
+        the versions before them too."""
+        d = self.to_dict()
+        for name in ("patch_stride", "window_size"):
+            if d[name] is None:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "AudioMAEConfig":

@@ -204,7 +204,7 @@ def describe_checkpoint(path: str) -> str:
     if not file_cfg and table is not None and table.dim() == 3:
         from .checkpoint import _checkpoint_grid
         try:  # infer_config falls back to the default input when the table fits no grid: say so instead
-            _checkpoint_grid("pos_embed", table, cfg.patch_size)
+            _checkpoint_grid("pos_embed", table, cfg.patch_size, stride=cfg.stride if cfg.overlapping else None)
         except CheckpointError as e:
             grid_problem = str(e)
     if pretraining:
@@ -242,7 +242,7 @@ def describe_checkpoint(path: str) -> str:
     fixed_names = ("pos_embed", "decoder_pos_embed")  # the models' only parameters without gradients
     trainable = sum(v.numel() for k, v in sd.items() if k not in fixed_names)
     fixed = sum(v.numel() for k, v in sd.items() if k in fixed_names)
-    lines.append(f"parameters: {trainable:,} trainable, {fixed:,} fixed (the sin-cos position tables)")
+    lines.append(f"parameters: {trainable:,} trainable, {fixed:,} fixed (the position tables)")
     if isinstance(raw.get("step"), int) and isinstance(raw.get("epoch"), int):
         # "epoch" is the epoch in progress (0-based), "epoch_step" the steps taken in it
         sched = raw.get("schedule") if isinstance(raw.get("schedule"), dict) else {}
@@ -259,7 +259,8 @@ def describe_checkpoint(path: str) -> str:
         lines.append("training: " + ", ".join(progress) + " (--resume continues it)")
     elif isinstance(raw.get("epoch"), int) and args is not None and not isinstance(args, dict):
         lines.append(f"training: the release's run, saved after {raw['epoch'] + 1} epochs")
-    recorded = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    from .checkpoint import run_options
+    recorded = run_options(args)
     inputs = [f"{k} {recorded[k]}" for k in ("command", "stats", "dataset", "clip_seconds", "target_length",
                                               "downmix") if recorded.get(k) not in (None, "")]
     if recorded.get("class_names"):
@@ -272,6 +273,10 @@ def describe_checkpoint(path: str) -> str:
 def main(argv=None) -> int:
     """``audiomae info`` (the report) or ``audiomae info CHECKPOINT`` (what the file holds)."""
     checkpoint = argv[0] if argv else None
+    if checkpoint in ("-h", "--help"):
+        print("usage: python -m audiomae.info [CHECKPOINT]\n\nWithout a file: the versions, devices and fused-op "
+              "backends; with one: what the checkpoint holds (as audiomae info CHECKPOINT).")
+        return 0
     if checkpoint is None:
         print(report())
         return 0

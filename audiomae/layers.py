@@ -5,7 +5,7 @@ dicts load with strict key matching.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ class PatchEmbed(nn.Module):
     """Conv2d(1, D, p, stride s): ``[B, 1, T, F]`` -> ``[B, grid_t * grid_f, D]`` time-major; ``s`` is
     ``p`` (non-overlapping patches) unless given."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stride: int = None):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stride: Optional[int] = None):
         super().__init__()
         self.patch_size = patch_size
         self.stride = patch_size if stride is None else stride

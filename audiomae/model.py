@@ -100,19 +100,25 @@ def local_grid(cfg: AudioMAEConfig) -> Tuple[int, int]:
     return T + (-T) % w, Fq
 
 
-def _check_local_windows(cfg: AudioMAEConfig) -> None:
-    """Overlapping patches: the local decoder's windows must tile the frequency axis, which (as in the
-    release) is never padded. Said here, before the blocks report the padded grid."""
+def local_windows_fit(cfg: AudioMAEConfig) -> bool:
+    """Whether the local decoder's windows tile the frequency axis of overlapping patches, which (as
+    in the release) is never padded; True without local blocks or overlapping patches."""
     if not (cfg.num_local_blocks and cfg.overlapping):
-        return
-    T, Fq = cfg.grid_size
-    w = min(cfg.window[1], Fq)
-    if Fq % w:
+        return True
+    Fq = cfg.grid_size[1]
+    return Fq % min(cfg.window[1], Fq) == 0
+
+
+def _check_local_windows(cfg: AudioMAEConfig) -> None:
+    """:func:`local_windows_fit`, said before the blocks report the padded grid."""
+    if not local_windows_fit(cfg):
+        T, Fq = cfg.grid_size
         raise ValueError(
             f"a {cfg.window[0]} x {cfg.window[1]} decoder window does not tile the {Fq} frequency patches of the "
             f"{T} x {Fq} grid of patches every {cfg.stride}: the local decoder repeats time rows to tile the time "
-            "axis, never frequency columns; use patch_stride=10 (the release's: 12 frequency patches on 128 mel "
-            "bins), another window_size, or decoder_mode='global'")
+            "axis, never frequency columns; use "
+            + ("" if cfg.stride == 10 else "patch_stride=10 (the release's: 12 frequency patches on 128 mel bins), ")
+            + "another window_size, or decoder_mode='global'")
 
 
 class _Encoder(nn.Module):

@@ -486,7 +486,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
 
 
 def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
-    out = run_cli("pretrain", "--epochs", "1", *SMALL, "-o", str(tmp_path / "r"), "--resume", "auto").stdout
+    out = run_cli("pretrain", "--epochs", "1", *SMALL, "-o", str(tmp_path / "r"), "--resume", "auto").stderr
     assert "no checkpoint in" in out and "starting from the beginning" in out
 
 
@@ -662,8 +662,8 @@ def test_single_label_manifest(tmp_path, capsys):
     (tmp_path / "m.json").write_text(json.dumps({"data": entries}))
     data = ["--data", str(tmp_path / "m.json"), "--labels", str(tmp_path / "labels.csv"), "--clip-seconds", "0.64"]
     assert main(["finetune", *data, "-o", str(tmp_path / "ml"), *TINY_RUN]) == 0
-    out = capsys.readouterr().out
-    assert "pass --single-label" in out and "mAP" in out
+    captured = capsys.readouterr()
+    assert "pass --single-label" in captured.err and "mAP" in captured.out
     assert main(["finetune", *data, "--single-label", "-o", str(tmp_path / "sl"), *TINY_RUN]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "--single-label" not in out
@@ -1289,6 +1289,14 @@ def test_patch_stride_through_pretraining_and_finetuning(tmp_path, capsys):
     # the global decoder takes any stride; the local one one whose frequency patches its windows tile
     assert main(["pretrain", "-o", str(tmp_path / "g8"), *TINY_RUN, "--patch-stride", "8", "--decoder-mode",
                  "global"]) == 0
+    # its resume and --init need no --decoder-mode: the model is the file's
+    assert main(["pretrain", "-o", str(tmp_path / "g8"), *TINY_RUN, "--epochs", "2", "--patch-stride", "8",
+                 "--resume", "auto"]) == 0
+    assert main(["pretrain", "-o", str(tmp_path / "g8i"), *TINY_RUN, "--patch-stride", "8", "--init",
+                 str(tmp_path / "g8" / "model.pt")]) == 0
+    # a fine-tuning run resumed with another stride names the option
+    assert main(["finetune", "-o", ft, *TINY_RUN, "--epochs", "3", "--resume", "auto", "--patch-stride", "16"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "cannot resume: --patch-stride 16", "patches every 10")
     for bad, message in ((["--patch-stride", "0"], "--patch-stride must be in [1, 16]"),
                          (["--patch-stride", "15", "--model", "huge"], "--patch-stride must be in [1, 14]"),
                          (["--patch-stride", "8"], "gives 15 frequency patches on 128 mel bins, which the local "
@@ -1475,7 +1483,7 @@ def test_classify_scores_as_the_run_trained_and_refuses_what_it_cannot_score(tmp
         assert_one_error_line(capsys.readouterr().err, message)
     assert not out.exists()
     # devices and inputs: one line each, the device before any audio is read
-    for device, message in (("foo", "not a device name"), ("mps", "only cpu and cuda"), ("cuda:3", "cuda:3")):
+    for device, message in (("foo", "not a device name"), ("mps", "not available here"), ("cuda:3", "cuda:3")):
         if device.startswith("cuda") and torch.cuda.is_available():
             continue
         with pytest.raises(SystemExit) as e:  # the message is the process's one line on stderr, status 1
@@ -1519,10 +1527,20 @@ def test_info_on_odd_files(tmp_path, capsys):
                 assert_one_error_line(capsys.readouterr().err, "metadata")
     assert main(["info", ""]) == 1
     assert_one_error_line(capsys.readouterr().err, "not found")
+    # a release file of overlapping patches with a trained table: its grid is the args' stride's
+    import argparse
+    from audiomae import AudioMAE
+    over = AudioMAE(AudioMAEConfig.preset("tiny", patch_stride=10, img_size=(1024, 128))).state_dict()
+    over = dict(over, pos_embed=torch.randn_like(over["pos_embed"]))
+    torch.save({"model": over, "args": argparse.Namespace(use_custom_patch=True)}, tmp_path / "custom.pth")
+    assert main(["info", str(tmp_path / "custom.pth")]) == 0
+    assert "patches 16 x 16 every 10 (overlapping), a 101 x 12 grid" in capsys.readouterr().out
     # the module itself takes the file too
     done = subprocess.run([sys.executable, "-m", "audiomae.info", str(tmp_path / "nopos.pt")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "classifier, 1 class" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "audiomae.info", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m audiomae.info")
 
 
 def test_classify_whole_files_window_by_window(tmp_path, capsys):
@@ -1539,14 +1557,14 @@ def test_classify_whole_files_window_by_window(tmp_path, capsys):
         assert main(["classify", long_wav, short_wav, "--checkpoint", str(ckpt), "--hop", "2", "--top-k", "5",
                      "--out", str(out), "--quiet", "--batch-size", "3"]) == 0
         printed = capsys.readouterr().out
-        assert "whole files in windows of 2.56 s every 2 s" in printed
         assert ("the mean over its windows" if use_soft else "the highest over its windows") in printed
         rows = json.load(open(out))
         wave = load_audio(long_wav)
-        # 2.575 s windows every 2 s over 7 s: 0, 2, 4, and 6 (the first to reach the end, zero-padded)
-        assert [w["start"] for w in rows[0]["windows"]] == [0.0, 2.0, 4.0, 6.0]
+        # 2.575 s windows every 2 s over 7 s: 0, 2, 4, and one that ends where the file ends
+        assert [w["start"] for w in rows[0]["windows"]] == [0.0, 2.0, 4.0, 4.425]
+        assert "windows of 2.575 s every 2 s" in printed
         with torch.no_grad():
-            x = torch.stack([waveform_to_input(wave[s:s + 41200], 16000, 256) for s in (0, 32000, 64000, 96000)])
+            x = torch.stack([waveform_to_input(wave[s:s + 41200], 16000, 256) for s in (0, 32000, 64000, 70800)])
             want = clf(x).softmax(-1) if use_soft else clf(x).sigmoid()
         for w, expected in zip(rows[0]["windows"], want):
             got = torch.tensor([t["score"] for t in sorted(w["top"], key=lambda t: t["index"])])
@@ -1555,6 +1573,11 @@ def test_classify_whole_files_window_by_window(tmp_path, capsys):
         got = torch.tensor([t["score"] for t in sorted(rows[0]["top"], key=lambda t: t["index"])])
         torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
         assert [w["start"] for w in rows[1]["windows"]] == [0.0]  # shorter than one window
+    # a hop longer than the file or the window: no window past the end, a warning about the gaps
+    assert main(["classify", _wav(tmp_path / "three.wav", 3.0), "--checkpoint", str(ckpt), "--hop", "5", "--out",
+                 str(out), "--quiet"]) == 0
+    assert [w["start"] for w in json.load(open(out))[0]["windows"]] == [0.0, 0.425]
+    assert "the audio between the windows is not classified" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["classify", long_wav, "--checkpoint", str(ckpt), "--hop", "0"])
     assert e.value.code == 2 and "--hop must be a positive number" in capsys.readouterr().err

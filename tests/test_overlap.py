@@ -28,7 +28,7 @@ def test_grid_and_config_fields():
     cfg = AudioMAEConfig(patch_stride=10)
     assert cfg.grid_size == (101, 12) and cfg.num_patches == 1212 and cfg.overlapping and cfg.stride == 10
     assert AudioMAEConfig().grid_size == (64, 8) and not AudioMAEConfig().overlapping
-    assert AudioMAEConfig(patch_size=14).grid_size == (73, 9)  # remainders cropped, as before
+    assert AudioMAEConfig(patch_size=14).grid_size == (73, 9)  # remainders cropped
     assert AudioMAEConfig(img_size=(512, 128), patch_stride=10).grid_size == (50, 12)
     # the stride of non-overlapping patches is spelled one way, so configs compare and record alike
     assert AudioMAEConfig(patch_stride=16) == AudioMAEConfig() and AudioMAEConfig(patch_stride=16).patch_stride is None
@@ -205,3 +205,27 @@ def test_strides_whose_frequency_patches_the_windows_do_not_tile(stride):
         AudioMAE(cfg)
     AudioMAE(cfg.replace(decoder_mode="global"))  # no windows
     AudioMAEClassifier(cfg, num_classes=2)  # no decoder
+
+
+def test_configs_record_and_compare_as_before_the_new_fields():
+    """Files of the previous version hold window_size (4, 4) and no patch_stride; files now leave
+    both out while they hold their defaults, so older versions read files of models without them."""
+    old = {k: v for k, v in AudioMAEConfig.preset("tiny").to_dict().items() if k != "patch_stride"}
+    old["window_size"] = [4, 4]
+    assert AudioMAEConfig.from_dict(old) == AudioMAEConfig.preset("tiny")
+    assert AudioMAEConfig.from_dict(old).replace(patch_stride=10).window == (6, 6)
+    assert AudioMAEConfig(window_size=(8, 4)).window_size == (8, 4)  # another window is kept
+    saved = AudioMAEConfig.preset("tiny").to_file_dict()
+    assert "patch_stride" not in saved and "window_size" not in saved
+    assert AudioMAEConfig.preset("tiny", patch_stride=10).to_file_dict()["patch_stride"] == 10
+
+
+def test_release_files_at_other_mel_counts_and_told_strides():
+    # a custom-patch file of 64 mel bins: its table names the 101 x 5 grid of overlapping patches
+    sd = AudioMAEClassifier(AudioMAEConfig.preset("tiny", patch_stride=10, img_size=(1024, 64)), num_classes=2)
+    fields = infer_config(sd.state_dict(), argparse.Namespace(use_custom_patch=True))
+    assert fields["patch_stride"] == 10 and AudioMAEConfig.from_dict({**fields, "num_classes": 2}).grid_size == (101, 5)
+    # use_custom_patch=False: non-overlapping, even where the table would also read as overlapping
+    sd = AudioMAEClassifier(AudioMAEConfig.preset("tiny", img_size=(192, 64)), num_classes=2).state_dict()
+    fields = infer_config(sd, argparse.Namespace(use_custom_patch=False))
+    assert fields["img_size"] == (192, 64) and "patch_stride" not in fields

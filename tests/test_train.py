@@ -343,10 +343,10 @@ def test_resume_with_another_lr_says_so(tmp_path, capsys):
     _crash_at(first, 2)
     same = _trainer(tmp_path, step_fn, epochs=3)
     same.resume(os.path.join(tmp_path, "checkpoint-last.pt"))
-    assert "peak lr" not in capsys.readouterr().out
+    assert "peak lr" not in capsys.readouterr().err
     other = _trainer(tmp_path, step_fn, epochs=3, blr=2e-3)
     other.resume(os.path.join(tmp_path, "checkpoint-last.pt"))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "note: the peak lr is 3.125e-05 (from this run's options), the run began with 1.563e-05" in out
 
 

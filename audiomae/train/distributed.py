@@ -69,7 +69,11 @@ def pick_device(name: str, info_local_rank: int = 0) -> torch.device:
     except (RuntimeError, ValueError, TypeError):
         raise SystemExit(f"error: --device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {name}: only cpu and cuda devices are supported")
+        try:  # another backend torch has (mps, xpu, ...): used where it is there
+            torch.empty(0, device=dev)
+        except Exception:
+            raise SystemExit(f"error: --device {name}: not available here (this machine and torch "
+                             f"{torch.__version__} have no {dev.type} device; use auto, cpu or cuda)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {name} was asked for but no CUDA device is available")

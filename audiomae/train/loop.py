@@ -172,7 +172,7 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
             and len(ds) > 1 and all(len(c) == 1 for c in ds.labels_per_clip()):
         _NOTED.add(path)
         print(f"note: every clip of {path} has one label; pass --single-label for cross-entropy and accuracy "
-              "(ESC-50, Speech Commands), without it the clips are multi-label (BCE, mAP)")
+              "(ESC-50, Speech Commands), without it the clips are multi-label (BCE, mAP)", file=sys.stderr)
     return ds
 
 
@@ -415,7 +415,7 @@ class Trainer:
             self._set_steps_per_epoch(saved)
             if self.info.is_main:
                 print(f"note: {path} counts {saved} steps per epoch (the batches left over from whole "
-                      "accumulation groups untrained, as the run started); continuing so")
+                      "accumulation groups untrained, as the run started); continuing so", file=sys.stderr)
         if state["schedule"].get("steps_per_epoch") != self.steps_per_epoch:
             raise TrainingError(f"cannot resume from {path}: it was made with {state['schedule'].get('steps_per_epoch')} "
                                 f"steps per epoch, this run has {self.steps_per_epoch} (batch size, accumulation, "
@@ -461,7 +461,7 @@ class Trainer:
             was = state["schedule"].get("lr")
             if isinstance(was, float) and not math.isclose(was, self.lr, rel_tol=1e-9):
                 print(f"note: the peak lr is {self.lr:.4g} (from this run's options), the run began with {was:.4g}: "
-                      "the schedule goes on with the new one")
+                      "the schedule goes on with the new one", file=sys.stderr)
 
     # -- one optimiser step over `accum` batches --
     def _flags(self, nonfinite: torch.Tensor) -> float:
@@ -1119,9 +1119,14 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     from ..checkpoint import adaptations_as_notes, reading_once
     with reading_once():  # a checkpoint read while setting up (resume, --init) comes from disk once
         opts, resumed_cfg = _resumed_run_inputs(opts)
-        if resumed_cfg and "patch_stride" not in _given(opts):
+        if resumed_cfg:
             # the run's patches, whatever --pretrained has (its model is the checkpoint's)
-            opts["patch_stride"] = AudioMAEConfig.from_dict(resumed_cfg).stride
+            run_stride = AudioMAEConfig.from_dict(resumed_cfg).stride
+            if "patch_stride" in _given(opts) and opts.get("patch_stride") not in (None, run_stride):
+                raise TrainingError(f"cannot resume: --patch-stride {opts['patch_stride']} does not fit this run's "
+                                    f"model (patches every {run_stride}); resume with the options the run was "
+                                    "started with (its config.json)")
+            opts["patch_stride"] = run_stride
         opts = _recorded_inputs(opts)
         from ..data import mixup, roll_and_magnitude, spec_augment, waveform_mixup
 
@@ -1140,8 +1145,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         overrides = dict(img_size=(T, 128), num_classes=train_set.num_classes, drop_path_rate=opts.get("drop_path", 0.1),
                          finetune_mask_2d=bool(opts.get("mask_2d", False)),
                          finetune_mask_t_prob=opts.get("mask_t_prob", 0.2), finetune_mask_f_prob=opts.get("mask_f_prob", 0.2))
-        if opts.get("patch_stride") is not None:
-            overrides["patch_stride"] = opts["patch_stride"]
+        overrides.update(_stride_fields(opts))
         trained, evaluated = compared_classes(train_set.class_names, _class_mids(train_set), eval_set.class_names,
                                               _class_mids(eval_set))
         if trained != evaluated:
@@ -1285,7 +1289,8 @@ def inherit_run_options(opts: Dict[str, Any], args: Any, cfg: Optional[dict] = N
     are ``opts["explicit_options"]`` (the CLI records them), else the ones that are not None.
     Returns ``(options, the inherited ones that differ from opts)``."""
     given = _given(opts)
-    saved = args if isinstance(args, dict) else (dict(vars(args)) if hasattr(args, "__dict__") else {})
+    from ..checkpoint import run_options
+    saved = run_options(args)
     if isinstance(args, dict) and "downmix" not in saved:
         saved = dict(saved, downmix="mean")  # this package's runs before the option averaged the channels
     if "stats" not in saved and isinstance(saved.get("dataset"), str):

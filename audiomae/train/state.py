@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import random
 from typing import Any, Dict, Optional
 
@@ -46,7 +47,7 @@ def save_training_state(path: str, *, model, optimizer, scaler, step: int, epoch
 
     state = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": model.config.to_dict(),
+        "config": model.config.to_file_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "schedule": schedule,
@@ -94,6 +95,7 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
         if os.path.isfile(path):
             return path
         if os.environ.get("RANK", "0") == "0":
-            print(f"note: --resume auto: no checkpoint in {out_dir} yet ({LAST}); starting from the beginning")
+            print(f"note: --resume auto: no checkpoint in {out_dir} yet ({LAST}); starting from the beginning",
+                  file=sys.stderr)
         return None
     return resume
