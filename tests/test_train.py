@@ -467,7 +467,7 @@ def test_an_evaluation_that_fails_loses_no_training(tmp_path):
     assert torch.load(os.path.join(tmp_path / "c", "checkpoint-last.pt"), weights_only=True)["eval_pending"] is False
 
 
-def test_an_interrupt_that_stops_the_evaluation_ends_as_an_interrupt(tmp_path):
+def test_an_interrupt_that_stops_the_evaluation_ends_as_an_interrupt(tmp_path, capsys):
     """SIGTERM or Ctrl-C reach the evaluation's loader workers too, which then end: the run stops as
     interrupted (the checkpoint before the evaluation stands), not with the loader's error."""
     import signal
@@ -487,12 +487,51 @@ def test_an_interrupt_that_stops_the_evaluation_ends_as_an_interrupt(tmp_path):
     tr.on_epoch_end = evaluation_cut_short
     with pytest.raises(Interrupted):
         tr.run()
+    # the error is named all the same, in case it was the evaluation's own
+    assert "evaluation ended with RuntimeError: DataLoader worker (pid 123) exited unexpectedly" in \
+        capsys.readouterr().err
     state = torch.load(os.path.join(tmp_path, "checkpoint-last.pt"), weights_only=True)
     assert (state["epoch"], state["eval_pending"]) == (1, True)
     tr = _trainer(tmp_path, step_fn, epochs=2)
     tr.on_epoch_end = lambda t: (_ for _ in ()).throw(RuntimeError("a real failure"))
     with pytest.raises(RuntimeError, match="a real failure"):  # without an interrupt the error is the error
         tr.run()
+
+
+def test_a_loader_error_after_a_stop_request_is_named_and_the_run_stops(tmp_path, capsys):
+    """The signal that asks for a stop ends loader workers too: the loader's error then stops the
+    run with the checkpoint of the last finished step, and is named in case it was its own."""
+    import signal
+    import time
+
+    from audiomae.train.loop import Interrupted
+
+    class Failing:
+        """The trainer's loader, whose third batch the signal's end of its workers loses."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def set_epoch(self, epoch):
+            self.inner.set_epoch(epoch)
+
+        def __iter__(self):
+            for n, batch in enumerate(self.inner):
+                if n == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)
+                    raise OSError("worker gone")
+                yield batch
+
+    tr = _trainer(tmp_path, lambda m, b: (m(b["waveform"]) ** 2).mean(), epochs=1)
+    tr.loader = Failing(tr.loader)
+    with pytest.raises(Interrupted) as e:
+        tr.run()
+    assert e.value.step == 2
+    assert "note: reading the next batch ended with OSError: worker gone after the stop was asked for" in \
+        capsys.readouterr().err
+    state = torch.load(os.path.join(tmp_path, "checkpoint-last.pt"), weights_only=True)
+    assert state["step"] == e.value.step
 
 
 def test_resume_refuses_other_geometry(tmp_path):

@@ -558,14 +558,23 @@ class Trainer:
     def _end_epoch(self, stop: "GracefulInterrupt") -> None:
         try:
             self.on_epoch_end(self)
-        except Exception:
+        except Exception as e:
             if not stop.requested:
                 raise
             # the interrupt also stopped the evaluation's loader workers: the checkpoint written before
             # the evaluation stands, and a resume evaluates the epoch
+            self._note_error_after_stop(e, "the epoch's evaluation", "a resume evaluates the epoch")
             self.runlog.close()
             raise Interrupted(self.step, os.path.join(self.out_dir, LAST)) from None
         self.eval_pending = False
+
+    def _note_error_after_stop(self, e: BaseException, what: str, consequence: str) -> None:
+        """An error after a stop request is taken as the stop's (it ends loader workers too), and named,
+        in case it was one of its own."""
+        first = str(e).splitlines()[0] if str(e) else ""
+        rank = f" (rank {self.info.rank})" if self.info.enabled else ""
+        print(f"note{rank}: {what} ended with {type(e).__name__}{': ' + first if first else ''} after the stop was asked "
+              f"for ({consequence})", file=sys.stderr)
 
     def _stop_here(self, save: bool = True) -> None:
         """The run was asked to stop between steps: checkpoint this point (unless just done), then stop."""
@@ -604,9 +613,11 @@ class Trainer:
                         batches.append(next(it))
                     except StopIteration:
                         break
-                    except Exception:
+                    except Exception as e:
                         if stop.requested:  # the interrupt also stopped the loader's workers
                             bar.close()
+                            self._note_error_after_stop(e, "reading the next batch",
+                                                        "the checkpoint holds the last finished step")
                             if self.info.enabled:  # the others are at this step's agreement: meet them there
                                 self._agreed(stop, collective=True)
                             self._stop_here()
