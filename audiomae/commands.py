@@ -235,6 +235,11 @@ def embed(opts: Dict[str, Any]) -> str:
     return path
 
 
+def _run_label_file(saved: Dict[str, Any]) -> Optional[str]:
+    """The class-label CSV a run recorded: this package's ``labels``, the release's ``label_csv``."""
+    return next((saved[k] for k in ("labels", "label_csv") if isinstance(saved.get(k), str) and saved[k]), None)
+
+
 def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
     """``(mids, names, where)`` of a classifier's classes: ``--labels`` (checked against the classes
     the run recorded, if it did), else the class names its run recorded, else the label CSV its run
@@ -260,9 +265,8 @@ def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
                              "outputs; give the classes with --labels")
         return run_mids or [""] * len(run_names), run_names, "the checkpoint's run"
     else:
-        path = next((saved[k] for k in ("labels", "label_csv") if isinstance(saved.get(k), str)
-                     and os.path.isfile(saved[k])), None)
-        if path is None:
+        path = _run_label_file(saved)
+        if path is None or not os.path.isfile(path):
             return None, None, None
         labels, where = read_label_csv(path), f"the run's label file {path}"
     if len(labels) != num_classes:
@@ -337,8 +341,7 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
                          f"(width {model.config.embed_dim}): the file is not a consistent classifier")
     C = model.num_classes
     if names is None:
-        saved = run_options(args)
-        lost = next((saved[k] for k in ("labels", "label_csv") if isinstance(saved.get(k), str) and saved[k]), None)
+        lost = _run_label_file(run_options(args))
         why = (f"its run's label file {lost} is not on this machine" if lost
                else f"{opts['checkpoint']} records no class names")
         _warn(f"{why}: classes are shown by index (give the class-labels CSV the model was trained with, --labels "
