@@ -252,13 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
             ".npz file with the keys embeddings [N, D] and paths (the clip of each row), for a dataset also "
             "indices, targets and class_names, and with --per-patch patch_embeddings [N, L, D]. An "
             "unreadable file of a dataset is left out (a warning counts them).\n\n"
+            "--out DIR/ (a folder: a name ending in / or without an extension) writes the rows as they are made "
+            "instead, one per clip in order, into embeddings.npy, patch_embeddings.npy, targets.npy and readable.npy "
+            "(False, with rows of NaN, for an unreadable clip), with paths.json, info.json and progress.json: "
+            "nothing has to fit in memory, and a run that is interrupted (Ctrl-C, SIGTERM) or fails keeps the "
+            "rows done so far (at most the last 30 s are lost to a kill -9); the same command with --resume "
+            "continues it. Load the arrays with numpy.load(path, mmap_mode='r').\n\n"
             "Every audio file is read and checked before the model runs; if any cannot be used (missing, "
             "not audio, empty, corrupt, shorter than 25 ms), nothing is embedded and the error lists them. "
             "Each file is cut or zero-padded to the model input length (--target-length); a warning says "
             "how many files were longer than it.")
     p.add_argument("inputs", nargs="*", metavar="AUDIO", help="audio files (WAV, FLAC, OGG, ...)")
     p.add_argument("--checkpoint", required=True, help="pretraining or classifier checkpoint")
-    p.add_argument("--out", default="embeddings.pt", help="output file, .pt (torch) or .npz (numpy)")
+    p.add_argument("--out", default="embeddings.pt",
+                   help="output file, .pt (torch) or .npz (numpy), or a folder (DIR/) of .npy files written as the "
+                        "clips are embedded")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an embeddings folder (--out DIR/) that a run left unfinished; the inputs and "
+                        "options must be the same")
+    p.add_argument("--overwrite", action="store_true", help="replace the embeddings a folder (--out DIR/) holds")
     p.add_argument("--per-patch", action="store_true", help="also store per-patch embeddings [N, L, D]")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     _add_data(p, "embed")
@@ -612,9 +624,17 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
                       "(the embedded dataset)")
         if opts.get("inputs") and opts.get("data"):
             sub.error("give either audio files or --data, not both")
+        from .embeddings import check_output_name, is_folder_output
         out = str(opts.get("out") or "")
-        if not out.lower().endswith(EMBED_FORMATS):
-            sub.error(f"{name('out')} {out}: the embeddings file must end in .pt (torch) or .npz (numpy)")
+        problem = check_output_name(out)
+        if problem:
+            sub.error(f"{name('out')} {out}: {problem}")
+        if opts.get("resume") and opts.get("overwrite"):
+            sub.error("--resume continues a folder's embeddings, --overwrite replaces them: give one")
+        if (opts.get("resume") or opts.get("overwrite")) and not is_folder_output(out):
+            flag = "--resume" if opts.get("resume") else "--overwrite"
+            sub.error(f"{flag} is for a folder of embeddings (--out DIR/); {name('out')} {out} is a file, written "
+                      "once every clip is embedded")
     if opts.get("output_dir"):
         problem = _unwritable(opts["output_dir"])
         if problem:
@@ -724,6 +744,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{_error_prefix()}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
+        if getattr(e, "message", None):  # a command that says itself what it kept
+            print(e.message, file=sys.stderr)
+            return 130
         if getattr(e, "path", None) and _rank() > 0:
             return 130  # every process stopped after the same step: the first one says so
         if getattr(e, "path", None) and args.command == "demo":
@@ -734,6 +757,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command in ("pretrain", "finetune"):
             print("interrupted; --resume auto continues from the run's last checkpoint, if it has written one "
                   "(--save-every-steps N writes one every N steps)", file=sys.stderr)
+        elif args.command == "embed":
+            print("interrupted; nothing written (a folder, --out DIR/, keeps the rows made so far and continues "
+                  "with --resume)", file=sys.stderr)
         else:
             print("interrupted", file=sys.stderr)
         return 130

@@ -80,13 +80,16 @@ class DecodedClips:
 
 def check_audio_files(files: Sequence[str], downmix: str = "first", done: str = "embedded",
                       folder_hint: str = "use --data for a folder of class sub-folders",
-                      clips: Optional[DecodedClips] = None) -> List[int]:
+                      clips: Optional[DecodedClips] = None, progress: bool = False) -> List[int]:
     """Read every file once before any model work; returns each file's number of fbank frames, and
     hands the waveforms to ``clips`` (which keeps what its budget allows). Raises AudioLoadError /
-    InputError for one unusable file, InputError listing them for several (``nothing was {done}``)."""
+    InputError for one unusable file, InputError listing them for several (``nothing was {done}``).
+    ``progress``: a progress bar when there are many files."""
     from .audio import AudioLoadError
+    from tqdm.auto import tqdm
     frames, problems = [], []
-    for f in files:
+    for f in tqdm(files, desc="checking files", unit="file", leave=False, dynamic_ncols=True,
+                  disable=not progress or len(files) < 64):
         try:
             wave = read_clip(f, downmix, folder_hint)
             frames.append(frames_for(wave.shape[-1]))
@@ -153,58 +156,96 @@ def _seconds(frames: int) -> str:
     return f"{frames * FRAME_SHIFT_S:.2f} s"
 
 
+class EmbedInterrupted(KeyboardInterrupt):
+    """``embed`` stopped by Ctrl-C or SIGTERM after making the rows done so far final."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def _embed_identity(opts: Dict[str, Any], files: Sequence[str], T: int, stats: Any) -> Dict[str, Any]:
+    """What an embeddings folder's rows depend on (its ``info.json``): a resumed run must match it."""
+    ckpt = os.path.abspath(opts["checkpoint"])
+    st = os.stat(ckpt)
+    source: Dict[str, Any] = {"files": bool(files)}
+    if not files:
+        data = opts.get("data")
+        source.update(data=data if data == "synthetic" else os.path.abspath(data),
+                      labels=os.path.abspath(opts["labels"]) if opts.get("labels") else None,
+                      data_root=os.path.abspath(opts["data_root"]) if opts.get("data_root") else None,
+                      single_label=bool(opts.get("single_label")), clip_seconds=opts.get("clip_seconds"))
+        if data == "synthetic":
+            source.update(num_clips=opts.get("num_clips", 2000), seed=opts.get("seed", 0))
+    return {"checkpoint": ckpt, "checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns,
+            "target_length": int(T), "stats": stats if isinstance(stats, (str, type(None))) else str(stats),
+            "downmix": opts.get("downmix") or "first", "per_patch": bool(opts.get("per_patch")), "source": source}
+
+
 def embed(opts: Dict[str, Any]) -> str:
-    """Embeddings of audio files (positional inputs) or of a dataset (``--data``) -> .pt or .npz.
+    """Embeddings of audio files (positional inputs) or of a dataset (``--data``) -> a .pt or .npz
+    file, or a folder of .npy files written as the clips are embedded (``--resume`` continues one;
+    see :mod:`audiomae.embeddings`).
 
     Every file is read and checked first: if any cannot be used, nothing is embedded and the error
     names them all. Files are cut or zero-padded to the model input length (``target_length``, by
     default the checkpoint's), with a warning counting the files that were cut."""
     from .audio import SAMPLE_RATE, waveform_to_input
+    from .embeddings import (EmbeddingOutputError, FolderRows, MemoryRows, check_folder, check_output_name,
+                             is_folder_output)
     from tqdm.auto import tqdm
 
     path = opts.get("out") or "embeddings.pt"
-    if not path.lower().endswith((".pt", ".npz")):
-        raise InputError(f"--out {path}: the embeddings file must end in .pt (torch) or .npz (numpy)")
+    problem = check_output_name(path)
+    if problem:
+        raise InputError(f"--out {path}: {problem}")
+    folder = is_folder_output(path)
+    if folder:
+        path = path.rstrip("/" + os.sep) or path
+    elif opts.get("resume"):
+        raise InputError(f"--resume continues a folder of embeddings (--out DIR/); --out {path} is a file, "
+                         "written once every clip is embedded")
     files = list(opts.get("inputs") or [])
     if not files and not opts.get("data"):
         raise InputError("nothing to embed: give audio files or --data")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         raise InputError("embed runs in one process (under torchrun or srun every process would embed everything "
                          "and write the same file); run it as one process")
-    _output_folder(path, "--out")
+    if not folder:
+        _output_folder(path, "--out")
+    # before any reading: a folder's state must fit --resume / --overwrite, and the files a resumed
+    # folder has embedded already are not read again
+    done_before = 0
+    if folder:
+        try:
+            progress = check_folder(path, bool(opts.get("resume")), bool(opts.get("overwrite")))
+        except EmbeddingOutputError as e:
+            raise InputError(str(e)) from None
+        if progress is not None and opts.get("resume") and files:
+            done_before = min(len(files), max(0, int(progress["done"])))
     with reading_once():  # the run's options, the checkpoint's kind, the model: one read of the file
         opts = _checkpoint_options(opts, ("stats", "clip_seconds", "downmix", "single_label"))
         downmix = opts.get("downmix") or "first"
         device = _device(opts.get("device", "auto"))
         clips = DecodedClips(downmix)
-        frames = check_audio_files(files, downmix, clips=clips) if files else []
+        frames = check_audio_files(files[done_before:], downmix, clips=clips,
+                                   progress=not opts.get("quiet")) if files else []
         model = _load_for_length(opts["checkpoint"], opts.get("target_length")).to(device).eval()
     T = model.config.img_size[0]
+    D, L = int(model.config.embed_dim), int(model.config.num_patches)
     stats = opts.get("stats", "audioset")
-    out: Dict[str, Any] = {"checkpoint": os.path.abspath(opts["checkpoint"])}
+    per_patch = bool(opts.get("per_patch"))
+    bs = int(opts.get("batch_size", 32))
+    dataset = None
     if files:
         longer = sum(n > T for n in frames)
         if longer:
-            _warn(f"{longer} of {len(files)} {'file is' if len(files) == 1 else 'files are'} longer than the model input of {_seconds(T)} ({T} frames); "
+            _warn(f"{longer} of {len(frames)} {'file is' if len(frames) == 1 else 'files are'} longer than the model input of {_seconds(T)} ({T} frames); "
                   f"only their first {_seconds(T)} are embedded (--target-length sets the input length)")
-        pooled, patches = [], []
-        bs = int(opts.get("batch_size", 32))
-        for i in tqdm(range(0, len(files), bs), desc="embedding", unit="batch", disable=opts.get("quiet")):
-            x = torch.stack([waveform_to_input(clips.get(f), SAMPLE_RATE, T, stats)
-                             for f in files[i:i + bs]]).to(device)
-            if opts.get("per_patch"):
-                e, per = model.embed_both(x)
-                patches.append(per.float().cpu())
-            else:
-                e = model.embed(x)
-            pooled.append(e.float().cpu())
-        out["embeddings"] = torch.cat(pooled)
-        out["paths"] = [os.path.abspath(f) for f in files]
-        if patches:
-            out["patch_embeddings"] = torch.cat(patches)
+        paths = [os.path.abspath(f) for f in files]
+        classes = None
     else:
-        from .data import FeatureExtractor
-        from .train.loop import build_dataset, embed_dataset
+        from .train.loop import build_dataset
         # the clips give what the model input holds unless --clip-seconds says otherwise
         dataset = build_dataset(dict(opts, target_length=T), "val" if opts.get("eval_data") else "train")
         clip = getattr(dataset, "clip_samples", None)
@@ -212,20 +253,103 @@ def embed(opts: Dict[str, Any]) -> str:
             _warn(f"the dataset's clips are read up to {clip / SAMPLE_RATE:.2f} s (--clip-seconds), more than the model "
                   f"input of {_seconds(T)} ({T} frames): of longer files only the first {_seconds(T)} are embedded "
                   "(--clip-seconds and --target-length set the lengths)")
+        paths = [os.path.abspath(p) if os.path.exists(p) else p for p in map(dataset._path, range(len(dataset)))]
+        classes = int(dataset.num_classes)
+    try:
+        if folder:
+            info = _embed_identity(opts, files, T, stats)
+            if dataset is not None:
+                info["class_names"] = [str(n) for n in (getattr(dataset, "class_names", []) or [])]
+            rows = FolderRows(path, info, paths, D, L if per_patch else None, classes,
+                              resume=bool(opts.get("resume")), overwrite=bool(opts.get("overwrite")))
+        else:
+            rows = MemoryRows(path, len(paths), D, L if per_patch else None, classes)
+    except EmbeddingOutputError as e:
+        raise InputError(str(e)) from None
+    start = rows.done if folder else 0
+    if folder and rows.complete:
+        print(f"{path}: every clip is embedded already ({rows.rows} rows); nothing to do")
+        return path
+
+    def batches():
+        """``(positions, keep, model input of the kept clips, their targets)`` from ``start`` on."""
+        if files:
+            for i in range(start, len(files), bs):
+                chunk = files[i:i + bs]
+                x = torch.stack([waveform_to_input(clips.get(f), SAMPLE_RATE, T, stats) for f in chunk])
+                yield list(range(i, i + len(chunk))), torch.ones(len(chunk), dtype=torch.bool), x, None
+            return
+        from .data import FeatureExtractor
+        from .train.loop import _loader, _readable
+        from .train.sampler import ResumableSampler
         feats = FeatureExtractor(target_length=T, stats=stats, device=device)
-        indices: List[int] = []
-        per: Optional[List[torch.Tensor]] = [] if opts.get("per_patch") else None
-        out["embeddings"], out["targets"] = embed_dataset(model, dataset, opts, device, feats, indices=indices,
-                                                          patches=per)
-        if per:
-            out["patch_embeddings"] = per[0]
+        sampler = ResumableSampler(len(dataset), shuffle=False)
+        sampler.set_epoch(0, start=start)
+        pos = start
+        for batch in _loader(dataset, opts, sampler, bs):
+            keep = _readable(batch)
+            n = len(keep)
+            x = feats({k: batch[k][keep] for k in ("input", "waveform", "length") if k in batch}) \
+                if keep.any() else None
+            yield list(range(pos, pos + n)), keep, x, batch["target"][keep].float()
+            pos += n
+
+    from .train.loop import GracefulInterrupt
+    total = -(-(len(paths) - start) // bs)
+    stop = GracefulInterrupt(enabled=folder, message="stopping after this batch, with the rows embedded so far")
+    try:
+        with stop:
+            for positions, keep, x, targets in tqdm(batches(), total=total, desc="embedding", unit="batch",
+                                                    disable=opts.get("quiet"), dynamic_ncols=True):
+                if x is None:
+                    pooled, per = torch.empty(0, D), None
+                elif per_patch:
+                    pooled, per = model.embed_both(x.to(device))
+                    per = per.float().cpu()
+                else:
+                    pooled, per = model.embed(x.to(device)), None
+                rows.write(positions, keep, pooled.float().cpu(), per, targets)
+                if stop.requested:
+                    raise KeyboardInterrupt
+    except BaseException as e:
+        if not folder:
+            raise
+        rows.save(complete=False)
+        if isinstance(e, KeyboardInterrupt):
+            raise EmbedInterrupted(f"interrupted after {rows.done} of {rows.rows} clips; {path}/ keeps them, and the "
+                                   "same command with --resume continues") from None
+        _warn(f"{path} keeps the {rows.done} of {rows.rows} clips embedded so far; the same command with --resume "
+              "continues once the problem is solved")
+        raise
+    if folder:
+        rows.save(complete=True)
+        bad, good = rows.unreadable(), rows.readable_rows()
+        if not good:
+            raise InputError(f"no readable clip in the dataset ({rows.rows} clips)")
+        if bad:
+            _warn(f"{bad} unreadable file{'s' if bad != 1 else ''}: their rows are NaN and readable.npy False; "
+                  f"{good} of {rows.rows} clips embedded")
+        shapes = ", ".join(f"{k}.npy {list(s)}" for k, s in rows.shapes.items() if k != "readable")
+        print(f"wrote the embeddings of {rows.rows} clips to {path}/ ({shapes})")
+        return path
+    arrays = rows.result()
+    if not rows.pos:
+        raise InputError(f"no readable clip in the dataset ({len(paths)} clips)")
+    out: Dict[str, Any] = {"checkpoint": os.path.abspath(opts["checkpoint"]), "embeddings": arrays["embeddings"]}
+    if files:
+        out["paths"] = paths
+        if per_patch:
+            out["patch_embeddings"] = arrays["patch_embeddings"]
+    else:
+        out["targets"] = arrays["targets"]
+        if per_patch:
+            out["patch_embeddings"] = arrays["patch_embeddings"]
         out["class_names"] = list(getattr(dataset, "class_names", []) or [])
-        # the clip of each row (an unreadable file has none)
-        out["indices"] = torch.tensor(indices, dtype=torch.long)
-        out["paths"] = [os.path.abspath(p) if os.path.exists(p) else p for p in map(dataset._path, indices)]
+        out["indices"] = torch.tensor(rows.indices, dtype=torch.long)  # the clip of each row
+        out["paths"] = [paths[i] for i in rows.indices]
         if getattr(dataset, "bad_count", 0):
             _warn(f"{dataset.bad_count} unreadable file{'s' if dataset.bad_count != 1 else ''} left out: "
-                  f"{len(indices)} of {len(dataset)} clips embedded")
+                  f"{rows.pos} of {len(dataset)} clips embedded")
     if path.lower().endswith(".npz"):
         import numpy as np
         np.savez(path, **{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in out.items()})

@@ -35,3 +35,17 @@ def load_fixture(name):
 @pytest.fixture
 def fixture_data():
     return load_fixture
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A freshly initialised tiny pretraining checkpoint (this package's format)."""
+    import torch
+    from audiomae.checkpoint import save_model
+    from audiomae.config import AudioMAEConfig
+    from audiomae.model import AudioMAE
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_model(AudioMAE(AudioMAEConfig.preset("tiny")), path)
+    return str(path)

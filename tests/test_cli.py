@@ -88,18 +88,6 @@ def test_bad_checkpoint_is_one_line_error(tmp_path, capsys):
 SR = 16000
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from audiomae.checkpoint import save_model
-    from audiomae.config import AudioMAEConfig
-    from audiomae.model import AudioMAE
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_model(AudioMAE(AudioMAEConfig.preset("tiny")), path)
-    return str(path)
-
-
 def _wav(path, seconds, nan=False):
     import numpy as np
     import soundfile as sf

@@ -238,10 +238,12 @@ class GracefulInterrupt:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool = True, hard_second: bool = False):
+    def __init__(self, enabled: bool = True, hard_second: bool = False,
+                 message: str = "stopping after this step, with a checkpoint"):
         import threading
         self.enabled = bool(enabled) and threading.current_thread() is threading.main_thread()
         self.hard_second = bool(hard_second)
+        self.message = message
         self.requested = False
         self._previous: Dict[int, Any] = {}
         self._workers_before = False
@@ -260,8 +262,7 @@ class GracefulInterrupt:
             # a process waiting in a collective runs no Python handler until the wait ends (a peer
             # that hangs: never): the next Ctrl-C ends it at once, from the operating system
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C "
-                         "again to stop at once)\n")
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: {self.message} (Ctrl-C again to stop at once)\n")
 
     def _restore(self, signum):
         previous = self._previous.get(signum)
