@@ -198,14 +198,14 @@ def test_masked_patch_embed_ids_outside_the_grid_are_nan_rows():
     spec, weight, bias, pos = [t.detach().float() for t in leaves]
     L = pos.shape[1] - 1
     bad = ids.clone()
-    bad[0, 1], bad[1, 3] = L + 3, -1
+    bad[0, 1], bad[1, 3], bad[0, 4] = L + 3, -1, L  # L: the first id past the grid
     fn = kernel_module("patch_embed").masked_patch_embed
     weight.requires_grad_(True)
     out = fn(spec, weight, bias, pos, bad)
-    assert torch.isnan(out[0, 1]).all() and torch.isnan(out[1, 3]).all()
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(out[1, 3]).all() and torch.isnan(out[0, 4]).all()
     ref = masked_patch_embed_reference(spec, weight.detach(), bias, pos, ids)
     keep = torch.ones(2, 5, dtype=torch.bool)
-    keep[0, 1] = keep[1, 3] = False
+    keep[0, 1] = keep[1, 3] = keep[0, 4] = False
     torch.testing.assert_close(out.detach()[keep], ref[keep], rtol=1e-5, atol=1e-5)
     # every gradient leaves the NaN rows out (whatever gradient reaches them) and reads nothing for them
     spec, bias, pos = (t.clone().requires_grad_(True) for t in (spec, bias, pos))
@@ -394,6 +394,16 @@ def test_masked_loss_fp32(B, T, F, p, K, norm_pix):
     check_loss(pred, spec, mask, p, norm_pix, torch.float32)
 
 
+def test_masked_loss_low_variance_patches_feel_the_eps(monkeypatch):
+    """Patches whose variance (about 9e-6) is near norm-pix's eps of 1e-6, where the eps shows."""
+    pred, spec, mask = loss_inputs(2, 48, 32, 16, 1)
+    spec = spec.detach() * 1e-3
+    check_loss(pred, spec, mask, 16, True, torch.float32)
+    monkeypatch.setattr(kernel_module("masked_loss"), "NORM_PIX_EPS", 1e-5)
+    with pytest.raises(AssertionError, match="loss: error"):
+        check_loss(pred, spec, mask, 16, True, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_masked_loss_half(dtype):
     pred, spec, mask = loss_inputs(3, 80, 56, 16, 4)
@@ -499,11 +509,11 @@ def test_unshuffle_negative_ids_are_nan_rows():
     leaves, ids_restore = unshuffle_inputs(2, 30, 4, 8)
     x, mt, pos = [t.detach().float().requires_grad_(True) for t in leaves]
     bad = ids_restore.clone()
-    bad[0, 5], bad[1, 7] = -3, -40
+    bad[0, 5], bad[1, 7], bad[1, 2] = -3, -40, -1
     fn = kernel_module("unshuffle").decoder_unshuffle
     out = fn(x, mt, bad, pos, False)
     keep = torch.ones(2, 30, dtype=torch.bool)
-    keep[0, 5] = keep[1, 7] = False
+    keep[0, 5] = keep[1, 7] = keep[1, 2] = False
     assert torch.isnan(out[~keep]).all()
     ref = decoder_unshuffle_reference(x, mt, ids_restore, pos, False)
     torch.testing.assert_close(out[keep], ref[keep])
@@ -651,3 +661,26 @@ def test_torch_compile_traces_the_step_ops():
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_nothing_kept_or_everything_removed():
+    """K = 0: the patch embedding has no rows and its parameters no gradient but the position
+    table's cls row's zero; the unshuffle gives mask tokens only (and the cls row)."""
+    leaves, ids = patch_embed_inputs(2, 32, 32, 16, 8, 0, spec_grad=True, pos_grad=True)
+    spec, weight, bias, pos = [t.detach().float().requires_grad_(True) for t in leaves]
+    out = kernel_module("patch_embed").masked_patch_embed(spec, weight, bias, pos, ids)
+    assert out.shape == (2, 0, 8)
+    grads = torch.autograd.grad(out.sum(), (spec, weight, bias, pos), allow_unused=True)
+    for g, t in zip(grads, (spec, weight, bias, pos)):
+        assert g is None or (g.shape == t.shape and torch.equal(g, torch.zeros_like(t)))
+
+    leaves, ids_restore = unshuffle_inputs(2, 12, 0, 8)
+    x, mt, pos = [t.detach().float().requires_grad_(True) for t in leaves]
+    fn = kernel_module("unshuffle").decoder_unshuffle
+    for keep_cls in (True, False):
+        out = fn(x, mt, ids_restore, pos, keep_cls)
+        ref = decoder_unshuffle_reference(x, mt, ids_restore, pos, keep_cls)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (x, mt), g), torch.autograd.grad(ref, (x, mt), g)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
