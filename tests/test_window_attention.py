@@ -111,6 +111,31 @@ def test_matches_reference_fp32(interpret, batch, grid, window, shift, heads, he
     check_against_reference(inputs, geometry, torch.float32)
 
 
+# head dims below the 16-wide tile, 1 x 1 windows, a grid one patch long
+SMALL_CASES = [
+    pytest.param(2, (8, 4), (4, 4), (2, 0), 2, 8, id="grid8x4-win4x4-h2x8"),
+    pytest.param(1, (6, 5), (3, 5), (1, 2), 3, 4, id="grid6x5-win3x5-h3x4"),
+    pytest.param(2, (3, 4), (1, 1), (0, 0), 2, 16, id="grid3x4-win1x1-h2x16"),
+    pytest.param(2, (1, 5), (1, 5), (0, 2), 1, 16, id="grid1x5-win1x5-shift0,2-h1x16"),
+]
+
+
+@pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", SMALL_CASES)
+def test_matches_reference_small_heads_and_windows_fp32(interpret, batch, grid, window, shift, heads, head_dim):
+    inputs, geometry = make_inputs(batch, grid, window, shift, heads, head_dim)
+    check_against_reference(inputs, geometry, torch.float32)
+
+
+def test_zero_query_and_key_rows(interpret):
+    """A token whose query or key is zero (a padding token's projection without bias): its cosines
+    are 0, as the reference's normalisation makes them, not NaN."""
+    (qkv, tau, bias), geometry = make_inputs(2, (8, 4), (4, 4), (2, 0), 2, 16)
+    C = 2 * 16
+    qkv[0, 3, :16] = 0  # head 0's query of token 3
+    qkv[1, 5, C + 16: 2 * C] = 0  # head 1's key of token 5
+    check_against_reference((qkv, tau, bias), geometry, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("batch,grid,window,shift,heads,head_dim", [CASES[i] for i in (0, 2, 3, 6)])
 def test_matches_reference_half(interpret, dtype, batch, grid, window, shift, heads, head_dim):
