@@ -94,8 +94,11 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
                        help="model input frames (default: the checkpoint's input length)" if command == "evaluate" else
                        "model input frames (default: the frames of --clip-seconds when given, else 1024 = 10.24 s "
                        "as the release's AudioSet recipes; its ESC-50 and Speech Commands recipes use 512 and 128)")
-    g.add_argument("--stats", default="audioset", help=STATS_HELP)
-    g.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
+    inherited = command in ("evaluate", "embed")  # they read the checkpoint's run's unless given
+    g.add_argument("--stats", default="audioset",
+                   help=STATS_HELP + (" (default: the checkpoint run's, else audioset)" if inherited else ""))
+    g.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first",
+                   help=DOWNMIX_HELP + (" (default: the checkpoint run's, else first)" if inherited else ""))
     if command in ("pretrain", "finetune"):
         g.add_argument("--num-clips", type=int, default=2000, help="clips of the synthetic training set")
     elif command == "embed":
@@ -147,7 +150,7 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
     g.add_argument("--no-replacement", action="store_true",
                    help="with --weighted-sampling: each clip at most once an epoch (the release's AS-2M fine-tuning: "
                         "--weighted-sampling --no-replacement --epoch-size 200000); default: with replacement")
-    g.add_argument("--epoch-size", type=int, help="clips per epoch (default: the dataset's size)")
+    g.add_argument("--epoch-size", type=int, help="clips per epoch (default, or 0: the dataset's size)")
     g.add_argument("--resume", help="a training checkpoint, or 'auto' for the run folder's last one")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a run's checkpoint, replacing it (without this, "
@@ -155,7 +158,7 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: only per epoch)")
     g.add_argument("--max-nan-steps", type=int, default=20, help="stop when more than this many steps in a row are skipped for a non-finite loss or "
                    "gradient")
-    g.add_argument("--log-every", type=int, default=10, help="write a row of metrics.jsonl every N steps (the mean loss of those steps)")
+    g.add_argument("--log-every", type=int, default=10, help="write a row of metrics.jsonl every N steps (the mean loss of those steps; 0 or 1: every step)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wav", help="also write the reconstruction as audio (Griffin-Lim) to this file")
     p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
-    p.add_argument("--stats", default="audioset", help=STATS_HELP + " (as the model was trained with)")
-    p.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first", help=DOWNMIX_HELP)
+    p.add_argument("--stats", default="audioset", help=STATS_HELP + " (default: the checkpoint run's, else audioset)")
+    p.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first",
+                   help=DOWNMIX_HELP + " (default: the checkpoint run's, else first)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
 
     p = add("demo", "the main job on the embedded data: pretrain, reconstruct, linear probe",
@@ -427,7 +431,8 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
         if unknown:
             print(f"note: --config {cfg_path}: {len(unknown)} option{'s' if len(unknown) != 1 else ''} that "
                   f"'{sub.prog.split()[-1]}' does not take left out: {', '.join(unknown)}", file=sys.stderr)
-        if "downmix" in opts and "downmix" not in saved and "downmix" not in explicit:
+        # (a run's config.json records every option, its folder among them; one written by hand need not)
+        if "downmix" in opts and "downmix" not in saved and "downmix" not in explicit and "output_dir" in saved:
             opts["downmix"] = "mean"  # a run from before --downmix averaged the channels
             print(f"note: --config {cfg_path}: a run from before --downmix, which averaged the channels: "
                   "--downmix mean", file=sys.stderr)
@@ -453,7 +458,7 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
         typed = set(explicit)
         for k, v in saved.items():
             if k in opts and k not in explicit:
-                opts[k] = v
+                opts[k] = _config_value(sub, k, v, cfg_path)
                 if k in chosen:
                     explicit.add(k)
         # options an earlier version recorded where they did not apply: taken, but not as choices to check
@@ -468,6 +473,37 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
     # the options given (typed or from --config), so that a checkpoint's own settings can fill the rest
     opts["explicit_options"] = sorted(explicit)
     return opts
+
+
+def _config_value(sub: argparse.ArgumentParser, dest: str, v: Any, cfg_path: str) -> Any:
+    """A value from a --config file, checked as the option's own parser would check it typed."""
+    action = next((a for a in sub._actions if a.dest == dest), None)
+    if action is None or v is None:
+        return v
+    where = f"--config {cfg_path}: {dest}"
+
+    def bad(kind: str) -> None:
+        sub.error(f"{where} must be {kind}, got {json.dumps(v)}")
+
+    if action.nargs == 0:  # a flag
+        if not isinstance(v, bool):
+            bad("true or false")
+    elif action.nargs in ("*", "+"):
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            bad("a list of strings")
+    elif action.type is int:
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            bad("an integer")
+        v = int(v)
+    elif action.type is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            bad("a number")
+        v = float(v)
+    elif not isinstance(v, str):
+        bad("a string")
+    if action.choices is not None and v not in action.choices:
+        sub.error(f"{where} must be one of {', '.join(map(str, action.choices))}, got {json.dumps(v)}")
+    return v
 
 
 # what a run of one command tells another through --config: its inputs, not its recipe or folder

@@ -116,6 +116,29 @@ def _output_folder(path: str, option: str) -> None:
         raise InputError(f"{option} {path}: cannot create the folder {folder}: {e.strerror or e}") from None
     if not os.access(folder, os.W_OK):
         raise InputError(f"{option} {path}: the folder {folder} is not writable")
+    try:  # a place that takes no files (a read-only mount, /proc) says so only when one is made
+        import tempfile
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".audiomae-probe-"):
+            pass
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot write files in {folder}: {e.strerror or e}") from None
+
+
+def write_output(path: str, option: str, write) -> None:
+    """``write(tmp)`` to a file beside ``path`` (with its extension, which writers read the format
+    from), renamed over ``path`` when complete: an output is never left half-written, and a failure
+    is an InputError naming the option and the path."""
+    folder, name = os.path.split(os.path.abspath(path))
+    root, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{root}.partial{os.getpid()}{ext}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save and soundfile raise RuntimeError subclasses
+        raise InputError(f"{option} {path}: cannot be written: {getattr(e, 'strerror', None) or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _load_for_length(checkpoint: str, target_length: Optional[int]):
@@ -255,6 +278,9 @@ def embed(opts: Dict[str, Any]) -> str:
                   "(--clip-seconds and --target-length set the lengths)")
         paths = [os.path.abspath(p) if os.path.exists(p) else p for p in map(dataset._path, range(len(dataset)))]
         classes = int(dataset.num_classes)
+        if not classes:
+            _warn(f"{opts['data']}: its clips have no classes, so the targets are empty; a manifest's labels are "
+                  "read with its class-label CSV (--labels class_labels_indices.csv)")
     try:
         if folder:
             info = _embed_identity(opts, files, T, stats)
@@ -352,9 +378,14 @@ def embed(opts: Dict[str, Any]) -> str:
                   f"{rows.pos} of {len(dataset)} clips embedded")
     if path.lower().endswith(".npz"):
         import numpy as np
-        np.savez(path, **{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in out.items()})
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in out.items()})
     else:
-        torch.save(out, path)
+        def write(tmp):
+            torch.save(out, tmp)
+    write_output(path, "--out", write)
     print(f"wrote {tuple(out['embeddings'].shape)} embeddings to {path}")
     return path
 
@@ -381,8 +412,9 @@ def _class_labels(opts: Dict[str, Any], args: Any, num_classes: int):
         if run_names is not None:
             trained, given = compared_classes(run_names, run_mids, list(labels.names), list(labels.mids))
             if trained != given:
-                raise InputError(f"--labels {opts['labels']}: " + _class_mismatch(trained, given)
-                                 + "; leave out --labels to name the classes as the run did")
+                raise InputError(f"--labels {opts['labels']}: " + _class_mismatch(
+                    trained, given, "the label file", "give the label file the model was trained with, or leave out "
+                    "--labels to name the classes as the run did"))
     elif run_names is not None:
         if len(run_names) != num_classes:
             raise InputError(f"{opts['checkpoint']}: its run recorded {len(run_names)} class names for {num_classes} "
@@ -551,13 +583,14 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
         for wdw in r.get("windows", []) if len(r.get("windows", [])) > 1 else []:
             print(f"    {wdw['start']:8.2f} s  " + ", ".join(f"{t['name']} {t['score']:.2f}" for t in wdw["top"]))
     if out_path:
-        if out_path.lower().endswith(".json"):
-            import json
-            with open(out_path, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2, allow_nan=False)
-        else:
+        def write(tmp):
+            if out_path.lower().endswith(".json"):
+                import json
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(results, f, indent=2, allow_nan=False)
+                return
             import csv
-            with open(out_path, "w", newline="", encoding="utf-8") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 w.writerow(["path", "start", "rank", "index", "mid", "name", "score"])
                 for r in results:
@@ -566,6 +599,7 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
                         for t in tops:
                             w.writerow([r["path"], start, t["rank"], t["index"], t["mid"], t["name"],
                                         f"{t['score']:.6f}"])
+        write_output(out_path, "--out", write)
         print(f"wrote {out_path}")
     return results
 
@@ -604,7 +638,8 @@ def _check_picture_path(path: str) -> None:
         raise InputError("drawing the reconstruction needs matplotlib (pip install matplotlib)") from None
     kinds = FigureCanvasAgg(Figure()).get_supported_filetypes()
     if ext not in kinds:
-        raise InputError(f"--out {path}: unknown picture format '.{ext}' (use one of "
+        raise InputError(f"--out {path}: " + (f"unknown picture format '.{ext}'" if ext else "no file extension")
+                         + " (use one of "
                          f"{', '.join('.' + k for k in sorted(kinds))})")
     _output_folder(path, "--out")
 
@@ -613,7 +648,8 @@ def _check_audio_path(path: str) -> None:
     import soundfile as sf
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext.upper() not in sf.available_formats():
-        raise InputError(f"--wav {path}: unknown audio format '.{ext}' (use .wav, .flac or .ogg)")
+        raise InputError(f"--wav {path}: " + (f"unknown audio format '.{ext}'" if ext else "no file extension")
+                         + " (use .wav, .flac or .ogg)")
     _output_folder(path, "--wav")
 
 
@@ -629,6 +665,11 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     if opts.get("wav"):
         _check_audio_path(opts["wav"])
     with reading_once():
+        sd, _, _ = read_checkpoint(opts["checkpoint"])
+        if not any(k.startswith("decoder_") for k in sd):
+            kind = "a fine-tuned classifier" if "head.weight" in sd else "an encoder without a decoder"
+            raise InputError(f"{opts['checkpoint']} is {kind}: reconstruct needs a pretraining checkpoint, whose "
+                             "decoder makes the reconstruction (audiomae embed and classify take this one)")
         opts = _checkpoint_options(opts, ("stats", "downmix"))
         device = _device(opts.get("device", "auto"))
         with adaptations_as_notes():
@@ -644,12 +685,14 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     h, w = covered.shape[-2:]
     recon, mask = x.clone(), torch.zeros_like(x)
     recon[..., :h, :w], mask[..., :h, :w] = covered, covered_mask
-    reconstruction_figure(x[0, 0], recon[0, 0], mask[0, 0], opts["out"],
-                          title=f"{os.path.basename(opts['audio'])}: masked-patch loss {float(loss):.3f}")
+    write_output(opts["out"], "--out", lambda tmp: reconstruction_figure(
+        x[0, 0], recon[0, 0], mask[0, 0], tmp,
+        title=f"{os.path.basename(opts['audio'])}: masked-patch loss {float(loss):.3f}"))
     print(f"wrote {opts['out']} (loss on the removed patches {float(loss):.4f})")
     if opts.get("wav"):
         pasted = x[0, 0] * (1 - mask[0, 0]) + recon[0, 0] * mask[0, 0]
-        write_wav(opts["wav"], mel_to_audio(pasted.cpu(), opts.get("stats", "audioset")))
+        wave = mel_to_audio(pasted.cpu(), opts.get("stats", "audioset"))
+        write_output(opts["wav"], "--wav", lambda tmp: write_wav(tmp, wave))
         print(f"wrote {opts['wav']}")
     return opts["out"]
 

@@ -256,7 +256,9 @@ def describe_checkpoint(path: str) -> str:
             progress.append(f"peak lr {sched['lr']:.3g}")
         if isinstance(raw.get("best"), (int, float)):
             progress.append(f"best score {raw['best']:.4f}")
-        lines.append("training: " + ", ".join(progress) + " (--resume continues it)")
+        finished = isinstance(total, int) and raw["step"] >= total
+        lines.append("training: " + ", ".join(progress)
+                     + (" (finished: a resume with more --epochs trains on)" if finished else " (--resume continues it)"))
     elif isinstance(raw.get("epoch"), int) and args is not None and not isinstance(args, dict):
         lines.append(f"training: the release's run, saved after {raw['epoch'] + 1} epochs")
     from .checkpoint import run_options

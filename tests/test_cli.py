@@ -305,7 +305,7 @@ def test_reconstruct_where_patches_leave_a_border(fields, tmp_path, capsys, monk
     model.save_pretrained(ckpt)
     seen = {}
     monkeypatch.setattr(rec, "reconstruction_figure", lambda spec, recon, mask, path, title=None: seen.update(
-        spec=spec, recon=recon, mask=mask))
+        spec=spec, recon=recon, mask=mask) or open(path, "wb").close())
     wav = tmp_path / "r.wav"
     assert main(["reconstruct", "--checkpoint", str(ckpt), _wav(tmp_path / "ok.wav", 2.56), "--out",
                  str(tmp_path / "r.png"), "--wav", str(wav)]) == 0
@@ -806,6 +806,16 @@ def test_classifier_commands_need_the_manifests_labels(tmp_path, capsys):
     AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=1).save_pretrained(tmp_path / "c.pt")
     assert main(["evaluate", str(tmp_path / "c.pt"), *data, "-o", str(tmp_path / "ev"), "--quiet"]) == 1
     assert_one_error_line(capsys.readouterr().err, "its clips have no classes")
+    # embedding needs no classes, but says why the targets are empty
+    assert main(["embed", "--checkpoint", str(tmp_path / "c.pt"), *data, "--out", str(tmp_path / "e.pt"),
+                 "--quiet", "--num-workers", "0"]) == 0
+    assert "its clips have no classes, so the targets are empty; a manifest's labels are read with its " \
+        "class-label CSV (--labels" in capsys.readouterr().err
+    assert torch.load(tmp_path / "e.pt", weights_only=False)["targets"].shape == (4, 0)
+    # evaluation data without its labels, against a model with classes
+    AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=2).save_pretrained(
+        tmp_path / "c2.pt", args={"class_names": ["a", "b"]})
+    assert main(["evaluate", str(tmp_path / "c2.pt"), *data, "-o", str(tmp_path / "ev2"), "--quiet"]) == 1
 
 
 def test_unusable_run_folder_and_backend_are_one_line_errors(tmp_path, capsys):
@@ -1589,3 +1599,98 @@ def test_embed_and_classify_decode_each_file_once_within_the_budget(budget, read
     calls.clear()
     assert main(["embed", *files, "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.pt"), "--quiet"]) == 0
     assert len(calls) == reads
+
+
+@pytest.mark.parametrize("saved,message", [
+    ({"batch_size": "abc"}, 'batch_size must be an integer, got "abc"'),
+    ({"epochs": 1.5}, "epochs must be an integer, got 1.5"),
+    ({"blr": "fast"}, 'blr must be a number, got "fast"'),
+    ({"quiet": 1}, "quiet must be true or false, got 1"),
+    ({"precision": "fp8"}, 'precision must be one of auto, bf16, fp16, fp32, got "fp8"'),
+    ({"data": [{"wav": "a.wav", "labels": "/m/x"}]}, 'data must be a string, got [{"wav"'),  # a manifest
+])
+def test_config_values_are_checked_as_typed_ones(saved, message, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--config", str(cfg), "-o", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--config {cfg}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_written_by_hand_keeps_the_default_downmix(tmp_path, capsys):
+    """Only a run's own config.json (which records its folder) from before --downmix means the
+    channel mean; a hand-written one without the option keeps the default."""
+    from audiomae.cli import _options, build_parser
+    for saved, want in (({"epochs": 1}, "first"), ({"epochs": 1, "output_dir": str(tmp_path)}, "mean")):
+        cfg = tmp_path / "c.json"
+        cfg.write_text(json.dumps(saved))
+        argv = ["pretrain", "--config", str(cfg)]
+        args = build_parser().parse_args(argv)
+        sub = build_parser()._subparsers._group_actions[0].choices["pretrain"]
+        assert _options(args, sub, argv[1:])["downmix"] == want
+        assert ("averaged the channels" in capsys.readouterr().err) == (want == "mean")
+
+
+def test_an_output_place_that_takes_no_files_fails_before_any_work(tmp_path, tiny_ckpt, no_model, monkeypatch,
+                                                                  capsys):
+    """A read-only mount or /proc passes the permission check: a file made there shows it."""
+    import tempfile
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+
+    def refuse(*a, **k):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    for argv, option in ((["embed", ok, "--out", str(tmp_path / "e.pt")], "--out"),
+                         (["classify", ok, "--out", str(tmp_path / "c.csv")], "--out"),
+                         (["reconstruct", ok, "--out", str(tmp_path / "r.png")], "--out")):
+        assert main([*argv, "--checkpoint", tiny_ckpt, "--quiet"] if argv[0] != "reconstruct"
+                    else [*argv, "--checkpoint", tiny_ckpt]) == 1
+        assert_one_error_line(capsys.readouterr().err, f"{option} ", "cannot write files in", "Read-only file system")
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_file(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+    out = tmp_path / "e.pt"
+
+    def broken(obj, f, *a, **k):
+        open(f, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed")
+    monkeypatch.setattr(torch, "save", broken)
+    assert main(["embed", ok, "--checkpoint", tiny_ckpt, "--out", str(out), "--quiet"]) == 1
+    assert_one_error_line(capsys.readouterr().err, f"--out {out}: cannot be written", "open file failed")
+    assert sorted(os.listdir(tmp_path)) == ["ok.wav"]
+
+
+def test_reconstruct_wav_without_an_extension(tmp_path, tiny_ckpt, no_model, capsys):
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+    assert main(["reconstruct", ok, "--checkpoint", tiny_ckpt, "--out", str(tmp_path / "r.png"),
+                 "--wav", str(tmp_path / "noext")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "no file extension (use .wav, .flac or .ogg)")
+
+
+def test_reconstruct_needs_a_pretraining_checkpoint(tmp_path, capsys):
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    AudioMAEClassifier(AudioMAEConfig.preset("tiny"), num_classes=3).save_pretrained(tmp_path / "c.pt")
+    assert main(["reconstruct", _wav(tmp_path / "ok.wav", 1.0), "--checkpoint", str(tmp_path / "c.pt"),
+                 "--out", str(tmp_path / "r.png")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "is a fine-tuned classifier: reconstruct needs a pretraining "
+                          "checkpoint")
+
+
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--warmup-epochs", "1"]) == 0
+    assert "warning: the warmup (1 epoch, 2 steps) is not shorter than the run (1 epoch, 2 steps): the lr never " \
+        "reaches its peak" in capsys.readouterr().err
+    assert main(["pretrain", "-o", str(tmp_path / "r2"), *TINY_RUN, "--epochs", "2", "--warmup-epochs", "1"]) == 0
+    assert "warmup" not in capsys.readouterr().err
+
+
+def test_info_of_a_finished_run(tmp_path, capsys):
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--warmup-epochs", "0"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "r" / "checkpoint-last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 of 2" in out and "(finished: a resume with more --epochs trains on)" in out

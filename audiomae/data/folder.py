@@ -104,8 +104,8 @@ class FolderDataset(ClipDataset):
             self._labels.extend([ci] * len(found))
         if other:
             counts = ", ".join(f"{n} {e}" for e, n in sorted(other.items()))
-            logger.warning("left out %s file%s under %s: only %s files are read (extensions= reads others that "
-                           "soundfile decodes)", counts, "s" if sum(other.values()) != 1 else "", self.root,
+            logger.warning("left out %s file%s under %s: only %s files are read (convert the others, or, from "
+                           "Python, pass FolderDataset(extensions=...) for other formats that soundfile decodes)", counts, "s" if sum(other.values()) != 1 else "", self.root,
                            ", ".join(exts))
         if in_two:
             shown = "; ".join(in_two[:3])

@@ -57,9 +57,11 @@ _AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus", 
 def _not_text(path: str, what: str, e: UnicodeDecodeError) -> DataError:
     """The error for a file that is not UTF-8 text, with what it most likely is instead."""
     ext = os.path.splitext(path)[1].lower()
-    if ext in _AUDIO_EXTENSIONS:
+    if ext in _AUDIO_EXTENSIONS and what == "manifest":
         hint = (" It is an audio file: --data takes a manifest (.json, .csv, .tsv) or a folder of class "
                 "sub-folders (audio files to embed are given as arguments of audiomae embed).")
+    elif ext in _AUDIO_EXTENSIONS:
+        hint = f" It is an audio file, not a {what} (a CSV with index,mid,display_name columns)."
     elif ext in (".gz", ".bz2", ".xz", ".zip", ".zst"):
         hint = " It is compressed: decompress it first."
     else:

@@ -420,7 +420,8 @@ class Trainer:
         if state["schedule"].get("steps_per_epoch") != self.steps_per_epoch:
             raise TrainingError(f"cannot resume from {path}: it was made with {state['schedule'].get('steps_per_epoch')} "
                                 f"steps per epoch, this run has {self.steps_per_epoch} (batch size, accumulation, "
-                                "data or process count changed)")
+                                "data or process count changed); give the run's options again (--config "
+                                f"{os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')} repeats them)")
         kind = state.get("kind")
         if kind and kind != type(self.model).__name__:
             raise TrainingError(f"cannot resume from {path}: it is a checkpoint of {kind}, this run trains "
@@ -536,6 +537,11 @@ class Trainer:
             print(f"weights identical on all {self.info.world_size} processes (ranks agree)")
 
     def run(self) -> Dict[str, Any]:
+        if self.info.is_main and self.step == 0 and 0 < self.total_steps <= self.warmup_steps:
+            w, e = float(self.opts.get("warmup_epochs") or 0), int(self.opts["epochs"])
+            print(f"warning: the warmup ({w:g} epoch{'' if w == 1 else 's'}, {self.warmup_steps} steps) is not "
+                  f"shorter than the run ({e} epoch{'' if e == 1 else 's'}, {self.total_steps} steps): the lr never reaches "
+                  f"its peak of {self.lr:.3g} (--warmup-epochs sets the warmup)", file=sys.stderr)
         # Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint before stopping;
         # with several processes, all of them stop after the same step (see _agreed)
         with GracefulInterrupt(hard_second=self.info.enabled) as stop:
@@ -780,19 +786,23 @@ def compared_classes(names: List[str], mids: Optional[List[str]], other_names: L
     return list(names), list(other_names)
 
 
-def _class_mismatch(train: List[str], other: List[str]) -> str:
+def _class_mismatch(train: List[str], other: List[str], where: str = "the evaluation data",
+                    fix: str = "give both the same classes (the same labels CSV, or class folders with the same names)"
+                    ) -> str:
+    if train and not other:
+        return (f"{where} has no classes, the training data {len(train)}: a manifest's labels are read with its "
+                "class-label CSV (--labels class_labels_indices.csv)")
     only_train = [c for c in train if c not in other]
     only_other = [c for c in other if c not in train]
     if not only_train and not only_other:
-        return ("the evaluation data has the training classes in another order; class indices would be "
-                "scored against the wrong classes")
-    parts = [f"{len(train)} classes in training, {len(other)} in the evaluation data"]
+        return (f"{where} has the training classes in another order; class indices would be "
+                f"scored against the wrong classes: {fix}")
+    parts = [f"{len(train)} classes in training, {len(other)} in {where}"]
     if only_train:
         parts.append(f"only in training: {', '.join(only_train[:5])}{' ...' if len(only_train) > 5 else ''}")
     if only_other:
-        parts.append(f"only in the evaluation data: {', '.join(only_other[:5])}{' ...' if len(only_other) > 5 else ''}")
-    return "the evaluation data's classes differ from the training data's (" + "; ".join(parts) + \
-        "): give both the same classes (the same labels CSV, or class folders with the same names)"
+        parts.append(f"only in {where}: {', '.join(only_other[:5])}{' ...' if len(only_other) > 5 else ''}")
+    return f"{where}'s classes differ from the training data's (" + "; ".join(parts) + f"): {fix}"
 
 
 def _features(opts, dataset, device):
