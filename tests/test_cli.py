@@ -1694,3 +1694,11 @@ def test_info_of_a_finished_run(tmp_path, capsys):
     assert main(["info", str(tmp_path / "r" / "checkpoint-last.pt")]) == 0
     out = capsys.readouterr().out
     assert "step 2 of 2" in out and "(finished: a resume with more --epochs trains on)" in out
+
+
+def test_finetune_refuses_a_model_size_that_is_not_the_pretrained_ones(tmp_path, tiny_ckpt, capsys):
+    run = ["finetune", "--pretrained", tiny_ckpt, "-o", str(tmp_path / "ft"), *TINY_RUN]
+    assert main([*run, "--model", "small"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--model small (width 384, 12 blocks) is not the model of "
+                          f"--pretrained {tiny_ckpt} (width 64")
+    assert main([*run, "--model", "tiny", "--target-length", "256"]) == 0

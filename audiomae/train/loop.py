@@ -1176,6 +1176,13 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
             if opts.get("pretrained"):
                 with adaptations_as_notes():
                     model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
+                if "model" in _given(opts) and opts.get("model"):
+                    want, got = AudioMAEConfig.preset(opts["model"]), model.config
+                    if (want.embed_dim, want.depth) != (got.embed_dim, got.depth):
+                        raise TrainingError(f"--model {opts['model']} (width {want.embed_dim}, {want.depth} blocks) is "
+                                            f"not the model of --pretrained {opts['pretrained']} (width "
+                                            f"{got.embed_dim}, {got.depth} blocks): leave out --model, which sets "
+                                            "the size of a model trained from scratch")
             else:
                 model = AudioMAEClassifier(AudioMAEConfig.preset(opts.get("model", "tiny")), **overrides)
         feats = _features(opts, train_set, device)
