@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file, .pt (torch) or .npz (numpy), or a folder (DIR/) of .npy files written as the "
                         "clips are embedded")
     p.add_argument("--resume", action="store_true",
-                   help="continue an embeddings folder (--out DIR/) that a run left unfinished; the inputs and "
-                        "options must be the same")
+                   help="continue an embeddings folder (--out DIR/) that a run left unfinished (its unreadable clips "
+                        "are read again); the checkpoint, inputs and options must be the same")
     p.add_argument("--overwrite", action="store_true", help="replace the embeddings a folder (--out DIR/) holds")
     p.add_argument("--per-patch", action="store_true", help="also store per-patch embeddings [N, L, D]")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")

@@ -6,6 +6,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, adaptations_as_notes, read_checkpoint, reading_once, run_options
@@ -189,18 +190,32 @@ class EmbedInterrupted(KeyboardInterrupt):
 
 def _embed_identity(opts: Dict[str, Any], files: Sequence[str], T: int, stats: Any) -> Dict[str, Any]:
     """What an embeddings folder's rows depend on (its ``info.json``): a resumed run must match it."""
-    ckpt = os.path.abspath(opts["checkpoint"])
-    st = os.stat(ckpt)
+    import hashlib
+
+    def digest(path: str) -> str:  # what a file holds (a copy, a touched file or a link are the same)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    ckpt = os.path.realpath(opts["checkpoint"])
     source: Dict[str, Any] = {"files": bool(files)}
     if not files:
         data = opts.get("data")
-        source.update(data=data if data == "synthetic" else os.path.abspath(data),
-                      labels=os.path.abspath(opts["labels"]) if opts.get("labels") else None,
-                      data_root=os.path.abspath(opts["data_root"]) if opts.get("data_root") else None,
+        real = None if data == "synthetic" else os.path.realpath(data)
+        source.update(data=data if real is None else real,
+                      labels=os.path.realpath(opts["labels"]) if opts.get("labels") else None,
+                      data_root=os.path.realpath(opts["data_root"]) if opts.get("data_root") else None,
                       single_label=bool(opts.get("single_label")), clip_seconds=opts.get("clip_seconds"))
+        # a manifest's labels (and its label file's names) are in no path: their contents count
+        if real is not None and os.path.isfile(real):
+            source["data_sha256"] = digest(real)
+        if opts.get("labels") and os.path.isfile(opts["labels"]):
+            source["labels_sha256"] = digest(opts["labels"])
         if data == "synthetic":
             source.update(num_clips=opts.get("num_clips", 2000), seed=opts.get("seed", 0))
-    return {"checkpoint": ckpt, "checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns,
+    return {"checkpoint": ckpt, "checkpoint_sha256": digest(ckpt),
             "target_length": int(T), "stats": stats if isinstance(stats, (str, type(None))) else str(stats),
             "downmix": opts.get("downmix") or "first", "per_patch": bool(opts.get("per_patch")), "source": source}
 
@@ -293,38 +308,44 @@ def embed(opts: Dict[str, Any]) -> str:
     except EmbeddingOutputError as e:
         raise InputError(str(e)) from None
     start = rows.done if folder else 0
-    if folder and rows.complete:
+    if folder and rows.complete and rows.was_complete:
         print(f"{path}: every clip is embedded already ({rows.rows} rows); nothing to do")
         return path
+    # a resumed folder's unreadable clips are read again (their files may have been mended), first
+    retry = [] if not folder or files else [int(i) for i in np.flatnonzero(~rows.arrays["readable"][:start])]
+    order = retry + list(range(start, len(paths)))
 
     def batches():
-        """``(positions, keep, model input of the kept clips, their targets)`` from ``start`` on."""
+        """``(positions, keep, model input of the kept clips, their targets)`` of the clips ``order``."""
         if files:
-            for i in range(start, len(files), bs):
-                chunk = files[i:i + bs]
-                x = torch.stack([waveform_to_input(clips.get(f), SAMPLE_RATE, T, stats) for f in chunk])
-                yield list(range(i, i + len(chunk))), torch.ones(len(chunk), dtype=torch.bool), x, None
+            for i in range(0, len(order), bs):
+                chunk = order[i:i + bs]
+                x = torch.stack([waveform_to_input(clips.get(files[j]), SAMPLE_RATE, T, stats) for j in chunk])
+                yield chunk, torch.ones(len(chunk), dtype=torch.bool), x, None
             return
         from .data import FeatureExtractor
+        from .data.dataset import base_dataset
         from .train.loop import _loader, _readable
-        from .train.sampler import ResumableSampler
         feats = FeatureExtractor(target_length=T, stats=stats, device=device)
-        sampler = ResumableSampler(len(dataset), shuffle=False)
-        sampler.set_epoch(0, start=start)
-        pos = start
-        for batch in _loader(dataset, opts, sampler, bs):
+        loader = _loader(dataset, opts, order, bs)
+        tracker = getattr(base_dataset(dataset), "bad_tracker", None)
+        if tracker is not None and start:
+            # the clips read well before count towards --max-bad-fraction as if this run read them
+            tracker.carry(len(dataset), np.flatnonzero(rows.arrays["readable"][:start]).tolist())
+        k = 0
+        for batch in loader:
             keep = _readable(batch)
             n = len(keep)
-            x = feats({k: batch[k][keep] for k in ("input", "waveform", "length") if k in batch}) \
+            x = feats({key: batch[key][keep] for key in ("input", "waveform", "length") if key in batch}) \
                 if keep.any() else None
-            yield list(range(pos, pos + n)), keep, x, batch["target"][keep].float()
-            pos += n
+            yield order[k:k + n], keep, x, batch["target"][keep].float()
+            k += n
 
     from .train.loop import GracefulInterrupt
-    total = -(-(len(paths) - start) // bs)
+    total = -(-len(order) // bs)
     stop = GracefulInterrupt(enabled=folder, message="stopping after this batch, with the rows embedded so far")
-    try:
-        with stop:
+    with stop:  # (also while the rows are saved after a stop: a second signal then waits for the save)
+        try:
             for positions, keep, x, targets in tqdm(batches(), total=total, desc="embedding", unit="batch",
                                                     disable=opts.get("quiet"), dynamic_ncols=True):
                 if x is None:
@@ -337,16 +358,17 @@ def embed(opts: Dict[str, Any]) -> str:
                 rows.write(positions, keep, pooled.float().cpu(), per, targets)
                 if stop.requested:
                     raise KeyboardInterrupt
-    except BaseException as e:
-        if not folder:
-            raise
-        rows.save(complete=False)
-        if isinstance(e, KeyboardInterrupt):
-            raise EmbedInterrupted(f"interrupted after {rows.done} of {rows.rows} clips; {path}/ keeps them, and the "
-                                   "same command with --resume continues") from None
-        _warn(f"{path} keeps the {rows.done} of {rows.rows} clips embedded so far; the same command with --resume "
-              "continues once the problem is solved")
-        raise
+        except BaseException as e:
+            if not folder:
+                raise
+            rows.save(resend=False)
+            if not (isinstance(e, KeyboardInterrupt) and rows.complete):  # a stop in the last batch: done
+                if isinstance(e, KeyboardInterrupt):
+                    raise EmbedInterrupted(f"interrupted after {rows.done} of {rows.rows} clips; {path}/ keeps them, "
+                                           "and the same command with --resume continues") from None
+                _warn(f"{path} keeps the {rows.done} of {rows.rows} clips embedded so far; the same command with "
+                      "--resume continues once the problem is solved")
+                raise
     if folder:
         rows.save(complete=True)
         bad, good = rows.unreadable(), rows.readable_rows()
@@ -377,8 +399,6 @@ def embed(opts: Dict[str, Any]) -> str:
             _warn(f"{dataset.bad_count} unreadable file{'s' if dataset.bad_count != 1 else ''} left out: "
                   f"{rows.pos} of {len(dataset)} clips embedded")
     if path.lower().endswith(".npz"):
-        import numpy as np
-
         def write(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, **{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in out.items()})

@@ -20,8 +20,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -51,6 +54,9 @@ def check_output_name(path: str) -> Optional[str]:
     """Why ``path`` cannot be an embeddings output, or None."""
     if not path:
         return "give a .pt or .npz file, or a folder"
+    if os.path.isfile(path) and not path.lower().endswith(FILE_FORMATS):
+        return ("is a file, and a name without a .pt or .npz extension is taken as a folder of embeddings: give "
+                "a .pt or .npz file name, or a folder")
     if is_folder_output(path) or path.lower().endswith(FILE_FORMATS):
         return None
     return ("the embeddings file must end in .pt (torch) or .npz (numpy); a folder (a name without an "
@@ -122,8 +128,29 @@ class MemoryRows:
         self.pos += n
 
     def result(self) -> Dict[str, torch.Tensor]:
-        """The filled rows (a copy only when some clips were left out)."""
-        return {k: (a if self.pos == a.shape[0] else a[: self.pos].clone()) for k, a in self.arrays.items()}
+        """The filled rows: views, no copy (where clips were left out, a .pt file also holds the unused
+        rows' bytes, which loading does not show)."""
+        return {k: a[: self.pos] for k, a in self.arrays.items()}
+
+
+@contextlib.contextmanager
+def _signals_held(resend: bool = True):
+    """Ctrl-C and SIGTERM wait while the rows are made final (a second one would cut the save short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1] if resend else ():  # what came meanwhile, now
+            signal.raise_signal(signum)
 
 
 def _atomic_json(path: str, obj: Any) -> None:
@@ -180,6 +207,11 @@ def check_folder(folder: str, resume: bool, overwrite: bool) -> Optional[Dict[st
     return existing
 
 
+def _own_temporary(name: str) -> bool:
+    """A file :func:`_atomic_json` was writing when its process ended."""
+    return any(name.startswith(f"{n}.tmp") for n in FOLDER_FILES)
+
+
 class FolderRows:
     """The rows of an embeddings folder (see the module's docstring), one per clip, written into
     memory-mapped ``.npy`` files; :meth:`save` makes the rows written so far final."""
@@ -194,8 +226,11 @@ class FolderRows:
         self.info = dict(info, format=FORMAT, version=VERSION, rows=rows, dim=dim, patches=patches or None,
                          classes=classes)
         self.rows = rows
-        if check_folder(folder, resume, overwrite) is not None and resume:
+        self.was_complete = False
+        existing = check_folder(folder, resume, overwrite)
+        if existing is not None and resume:
             self._open_existing(paths)
+            self.was_complete = bool(existing.get("complete"))
         else:
             self._check_fresh()
             self._create(paths)
@@ -205,7 +240,7 @@ class FolderRows:
     def _check_fresh(self) -> None:
         folder = self.folder
         if os.path.isdir(folder):
-            others = [n for n in os.listdir(folder) if n not in FOLDER_FILES]
+            others = [n for n in os.listdir(folder) if n not in FOLDER_FILES and not _own_temporary(n)]
             if others:
                 raise EmbeddingOutputError(f"--out {folder}: the folder holds other files ({', '.join(sorted(others)[:3])}"
                                            f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
@@ -230,9 +265,9 @@ class FolderRows:
         if free is not None and need > free + old:
             raise EmbeddingOutputError(f"--out {folder}: the embeddings of {self.rows} clips take {gib(need)} on disk, "
                                        f"{gib(free + old)} is free there")
-        for name in FOLDER_FILES:  # an earlier output is replaced as a whole (--overwrite)
+        for name in os.listdir(folder):  # an earlier output is replaced as a whole (--overwrite)
             p = os.path.join(folder, name)
-            if os.path.isfile(p):
+            if (name in FOLDER_FILES or _own_temporary(name)) and os.path.isfile(p):
                 os.remove(p)
         _atomic_json(os.path.join(folder, "info.json"), self.info)
         _atomic_json(os.path.join(folder, "paths.json"), list(paths))
@@ -264,6 +299,8 @@ class FolderRows:
 
     def _open_existing(self, paths: Sequence[str]) -> None:
         folder = self.folder
+        if not os.access(folder, os.W_OK):
+            raise EmbeddingOutputError(f"--resume: {folder} is not writable")
         saved = _read_json(os.path.join(folder, "info.json"))
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise EmbeddingOutputError(f"--resume: {folder}/info.json is missing or not an embeddings folder's; "
@@ -311,17 +348,20 @@ class FolderRows:
                 arr[pos[ok]] = rows.numpy()
             if not ok.all():
                 arr[pos[~ok]] = np.nan
-        self._written = int(pos.max()) + 1 if len(pos) else self.done
+        if len(pos):
+            self._written = max(getattr(self, "_written", self.done), int(pos.max()) + 1)
         if time.monotonic() - self.last_save >= FLUSH_SECONDS:
             self.save()
 
-    def save(self, complete: Optional[bool] = None) -> None:
-        """Flush the arrays and record the rows written so far as done."""
+    def save(self, complete: Optional[bool] = None, resend: bool = True) -> None:
+        """Flush the arrays and record the rows written so far as done. A Ctrl-C or SIGTERM meanwhile
+        waits, and comes after (``resend``) or not (a run that stops anyway)."""
         done = max(self.done, getattr(self, "_written", self.done))
-        for arr in self.arrays.values():
-            arr.flush()
-        self.done = done
-        self._write_progress(self.complete if complete is None else complete)
+        with _signals_held(resend):
+            for arr in self.arrays.values():
+                arr.flush()
+            self.done = done
+            self._write_progress(self.complete if complete is None else complete)
         self.last_save = time.monotonic()
 
     def _write_progress(self, complete: bool) -> None:

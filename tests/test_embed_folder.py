@@ -246,3 +246,138 @@ def test_a_folder_that_does_not_fit_on_the_disk_is_refused(tmp_path, tiny_ckpt, 
     err = capsys.readouterr().err
     assert "the embeddings of 20 clips take 645.8 KiB on disk, 48.8 KiB is free there" in err
     assert not any(n.endswith(".npy") for n in os.listdir(out))
+
+
+def test_a_second_signal_while_the_rows_are_saved_waits_for_the_save(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """A preemption often signals twice: the one that comes while the kept rows are flushed does not cut
+    the save short (a second SIGTERM would end the process there, a second Ctrl-C raise in it)."""
+    from audiomae import embeddings
+    out = tmp_path / "e"
+    _StopAt(monkeypatch, 3, lambda: signal.raise_signal(signal.SIGTERM), before=True)
+    original = embeddings.FolderRows._write_progress
+
+    def progress(rows, complete):
+        if rows.done:  # the save after the stop
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+        original(rows, complete)
+    monkeypatch.setattr(embeddings.FolderRows, "_write_progress", progress)
+    assert main(["embed", "--checkpoint", tiny_ckpt, *DATA, "--out", str(out)]) == 130
+    assert "interrupted after 12 of 20 clips" in capsys.readouterr().err
+    assert json.loads((out / "progress.json").read_text())["done"] == 12
+
+
+def test_a_signal_during_a_periodic_save_stops_after_it(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    from audiomae import embeddings
+    monkeypatch.setattr(embeddings, "FLUSH_SECONDS", 0.0)  # a save after every batch
+    original, calls = embeddings.FolderRows._write_progress, []
+
+    def progress(rows, complete):
+        calls.append(rows.done)
+        if rows.done == 8:
+            signal.raise_signal(signal.SIGINT)
+        original(rows, complete)
+    monkeypatch.setattr(embeddings.FolderRows, "_write_progress", progress)
+    out = tmp_path / "e"
+    assert main(["embed", "--checkpoint", tiny_ckpt, *DATA, "--out", str(out)]) == 130
+    assert "interrupted after 8 of 20 clips" in capsys.readouterr().err
+    assert json.loads((out / "progress.json").read_text())["done"] == 8
+
+
+def _bad_dataset(tmp_path):
+    import soundfile as sf
+    for cls, n in (("a", 7), ("b", 6)):
+        (tmp_path / "ds" / cls).mkdir(parents=True)
+        for i in range(n):
+            sf.write(str(tmp_path / "ds" / cls / f"{i}.wav"),
+                     (0.1 * np.random.default_rng(i).standard_normal(SR // 2)).astype("float32"), SR)
+    for p in ("a/3bad.wav", "b/4bad.wav"):
+        (tmp_path / "ds" / p).write_text("not audio")
+    return ["embed", "--checkpoint", None, "--data", str(tmp_path / "ds"), "--clip-seconds", "0.5",
+            "--num-workers", "0", "--quiet", "--batch-size", "4", "--out", str(tmp_path / "e")]
+
+
+def test_a_resume_is_held_to_the_bad_file_limit_and_reads_mended_files_again(tmp_path, tiny_ckpt, capsys):
+    import soundfile as sf
+    argv = _bad_dataset(tmp_path)
+    argv[2] = tiny_ckpt
+    assert main(argv) == 1  # 2 of 15 unreadable, more than the 1 % allowed
+    err = capsys.readouterr().err
+    assert "2 audio files could not be decoded" in err and "keeps the 12 of 15 clips embedded so far" in err
+    # the clips embedded before count: the resumed run reaches the same verdict
+    assert main([*argv, "--resume"]) == 1
+    assert "2 audio files could not be decoded, 13.33% of the 15 clips read" in capsys.readouterr().err
+    # mended, the files are read again, also the one before the rows done
+    for p in ("a/3bad.wav", "b/4bad.wav"):
+        sf.write(str(tmp_path / "ds" / p), (0.1 * np.random.default_rng(9).standard_normal(SR // 2)).astype("float32"),
+                 SR)
+    assert main([*argv, "--resume"]) == 0
+    arrays, meta = _folder(tmp_path / "e")
+    assert arrays["readable"].all() and np.isfinite(arrays["embeddings"]).all()
+    assert main([*argv[:-1], str(tmp_path / "all.pt")]) == 0
+    np.testing.assert_array_equal(arrays["embeddings"], torch.load(tmp_path / "all.pt")["embeddings"].numpy())
+
+
+def test_a_stop_in_the_last_batch_completes_the_folder(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    out = tmp_path / "e"
+    with monkeypatch.context() as m:
+        _StopAt(m, 5, lambda: signal.raise_signal(signal.SIGINT))
+        assert main(["embed", "--checkpoint", tiny_ckpt, *DATA, "--out", str(out)]) == 0
+    assert json.loads((out / "progress.json").read_text())["complete"]
+    assert "wrote the embeddings of 20 clips" in capsys.readouterr().out
+    # a folder whose rows are all done but not marked complete (its run ended just then) is finished
+    (out / "progress.json").write_text(json.dumps({"done": 20, "rows": 20, "complete": False, "unreadable": 0}))
+    assert main(["embed", "--checkpoint", tiny_ckpt, *DATA, "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "progress.json").read_text())["complete"]
+    assert "wrote the embeddings of 20 clips" in capsys.readouterr().out
+
+
+def test_a_run_that_ended_while_writing_its_json_leaves_a_usable_folder(tmp_path, tiny_ckpt, capsys):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "info.json.tmp12345").write_text("{")
+    (out / "progress.json.tmp12345").write_text("")
+    assert main(["embed", "--checkpoint", tiny_ckpt, *DATA, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["embeddings.npy", "info.json", "paths.json", "progress.json", "readable.npy",
+                                       "targets.npy"]
+
+
+def test_resume_goes_by_contents_not_names_or_times(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """A touched, copied or linked checkpoint is the same one; a manifest whose labels changed is not."""
+    import shutil
+    ckpt = tmp_path / "ck.pt"
+    shutil.copy(tiny_ckpt, ckpt)
+    out = tmp_path / "e"
+    with monkeypatch.context() as m:
+        _StopAt(m, 1, _raise(KeyboardInterrupt()))
+        assert main(["embed", "--checkpoint", str(ckpt), *DATA, "--out", str(out)]) == 130
+    os.utime(ckpt, (1, 1))
+    os.symlink(ckpt, tmp_path / "link.pt")
+    with monkeypatch.context() as m:
+        _StopAt(m, 1, _raise(KeyboardInterrupt()))
+        assert main(["embed", "--checkpoint", str(tmp_path / "link.pt"), *DATA, "--out", str(out), "--resume"]) == 130
+    assert json.loads((out / "progress.json").read_text())["done"] == 8
+    torch.save(torch.load(ckpt, weights_only=False) | {"extra": 1}, ckpt)
+    assert main(["embed", "--checkpoint", str(ckpt), *DATA, "--out", str(out), "--resume"]) == 1
+    assert "checkpoint_sha256:" in capsys.readouterr().err
+
+    # a manifest with other labels for the same files
+    files = _wavs(tmp_path / "audio", 3)
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n")
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"data": [{"wav": f, "labels": "/m/a"} for f in files]}))
+    argv = ["embed", "--checkpoint", str(ckpt), "--data", str(manifest), "--labels", str(tmp_path / "labels.csv"),
+            "--num-workers", "0", "--quiet", "--batch-size", "2", "--out", str(tmp_path / "m")]
+    with monkeypatch.context() as m:
+        _StopAt(m, 1, _raise(KeyboardInterrupt()))
+        assert main(argv) == 130
+    manifest.write_text(json.dumps({"data": [{"wav": f, "labels": "/m/b"} for f in files]}))
+    assert main([*argv, "--resume"]) == 1
+    assert "source.data_sha256:" in capsys.readouterr().err
+
+
+def test_an_existing_file_without_an_extension(tmp_path, tiny_ckpt, capsys):
+    (tmp_path / "emb").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["embed", "x.wav", "--checkpoint", tiny_ckpt, "--out", str(tmp_path / "emb")])
+    assert "is a file, and a name without a .pt or .npz extension is taken as a folder" in capsys.readouterr().err

@@ -123,6 +123,16 @@ class BadFileTracker:
     def bad_fraction(self) -> float:
         return self.bad_attempts / self.attempts if self.attempts else 0.0
 
+    def carry(self, size: int, good: Iterable[int]) -> None:
+        """Count the clips ``good`` of a dataset of ``size``, which an earlier run read well (a resumed
+        embedding), as read here, then apply the threshold."""
+        self.expect(size)
+        for i in good:
+            if not self._seen[i]:
+                self._seen[i] = 1
+                self.attempts += 1
+        self.check()
+
     def update(self, bad: Iterable[Sequence[str]], good: int, indices: Optional[Iterable[int]] = None) -> None:
         """Record ``good`` successful reads (of the clips ``indices``, when given: those not read
         before count) and the failed reads ``bad`` ((path, reason) pairs), report new bad paths,
