@@ -706,6 +706,7 @@ def test_logged_loss_is_the_mean_of_the_steps_since_the_last_row(tmp_path):
     tr.run()
     rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl")) if '"train"' in line]
     assert [r["step"] for r in rows] == [3, 4, 6, 8]  # every 3 steps and at each epoch's end (4 steps each)
+    assert [r["epoch"] for r in rows] == [1, 1, 2, 2]  # from 1, as the evaluation rows
     want = [sum(seen[0:3]) / 3, seen[3], sum(seen[4:6]) / 2, sum(seen[6:8]) / 2]
     assert [r["loss"] for r in rows] == pytest.approx(want, rel=1e-6)
 

@@ -667,7 +667,8 @@ class Trainer:
                     window = [0.0, 0]
                     logged = float(D.all_reduce_mean(torch.tensor([mean], device=self.device)).item()) \
                         if self.info.enabled else mean
-                    self.runlog.write({"phase": "train", "step": self.step, "epoch": self.epoch, "loss": logged,
+                    # "epoch" counts from 1, as the evaluation rows, which name the epoch just finished
+                    self.runlog.write({"phase": "train", "step": self.step, "epoch": self.epoch + 1, "loss": logged,
                                        "lr": lr, "samples_per_s": rate, "skipped_steps": self.skipped})
                 if save_every and self.step % save_every == 0:
                     self.save()
