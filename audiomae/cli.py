@@ -499,6 +499,9 @@ def _config_value(sub: argparse.ArgumentParser, dest: str, v: Any, cfg_path: str
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             bad("a number")
         v = float(v)
+    elif dest == "stats" and isinstance(v, list):  # MEAN,STD, which a run records as two numbers
+        if len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            bad("a name or [MEAN, STD]")
     elif not isinstance(v, str):
         bad("a string")
     if action.choices is not None and v not in action.choices:

@@ -129,12 +129,16 @@ def write_output(path: str, option: str, write) -> None:
     """``write(tmp)`` to a file beside ``path`` (with its extension, which writers read the format
     from), renamed over ``path`` when complete: an output is never left half-written, and a failure
     is an InputError naming the option and the path."""
-    folder, name = os.path.split(os.path.abspath(path))
-    root, ext = os.path.splitext(name)
-    tmp = os.path.join(folder, f".{root}.partial{os.getpid()}{ext}")
+    target = os.path.realpath(path)  # through a link, to the file it names
+    folder = os.path.dirname(target)
+    ext = os.path.splitext(target)[1]
+    tmp = os.path.join(folder, f".audiomae-{os.getpid()}{ext}")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if os.path.exists(target):  # the file replaced keeps its permissions
+            import shutil
+            shutil.copymode(target, tmp)
+        os.replace(tmp, target)
     except (OSError, RuntimeError) as e:  # torch.save and soundfile raise RuntimeError subclasses
         raise InputError(f"{option} {path}: cannot be written: {getattr(e, 'strerror', None) or e}") from None
     finally:
@@ -308,11 +312,11 @@ def embed(opts: Dict[str, Any]) -> str:
     except EmbeddingOutputError as e:
         raise InputError(str(e)) from None
     start = rows.done if folder else 0
-    if folder and rows.complete and rows.was_complete:
-        print(f"{path}: every clip is embedded already ({rows.rows} rows); nothing to do")
-        return path
     # a resumed folder's unreadable clips are read again (their files may have been mended), first
     retry = [] if not folder or files else [int(i) for i in np.flatnonzero(~rows.arrays["readable"][:start])]
+    if folder and rows.complete and rows.was_complete and not retry:
+        print(f"{path}: every clip is embedded already ({rows.rows} rows); nothing to do")
+        return path
     order = retry + list(range(start, len(paths)))
 
     def batches():
@@ -687,9 +691,10 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     with reading_once():
         sd, _, _ = read_checkpoint(opts["checkpoint"])
         if not any(k.startswith("decoder_") for k in sd):
-            kind = "a fine-tuned classifier" if "head.weight" in sd else "an encoder without a decoder"
+            kind, other = ("a fine-tuned classifier", "audiomae embed and classify take it") if "head.weight" in sd \
+                else ("an encoder without a decoder", "audiomae embed takes it")
             raise InputError(f"{opts['checkpoint']} is {kind}: reconstruct needs a pretraining checkpoint, whose "
-                             "decoder makes the reconstruction (audiomae embed and classify take this one)")
+                             f"decoder makes the reconstruction ({other})")
         opts = _checkpoint_options(opts, ("stats", "downmix"))
         device = _device(opts.get("device", "auto"))
         with adaptations_as_notes():
@@ -697,7 +702,9 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     T = model.config.img_size[0]
     x = _clip_input(opts["audio"], T, opts.get("stats", "audioset"), opts.get("downmix") or "first").unsqueeze(0).to(device)
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))
-    noise = torch.rand(1, model.config.num_patches, generator=g).to(device)
+    cfg = model.config  # the noise the model's masking draws: per patch, or per time / frequency line
+    lines = {"time": cfg.grid_size[0], "frequency": cfg.grid_size[1], "time_frequency": sum(cfg.grid_size)}
+    noise = torch.rand(1, lines.get(cfg.mask_mode, cfg.num_patches), generator=g).to(device)
     with torch.no_grad():
         covered, covered_mask = model.reconstruct(x, ratio, noise=noise)
         loss = model(x, ratio, noise=noise).loss

@@ -1702,3 +1702,46 @@ def test_finetune_refuses_a_model_size_that_is_not_the_pretrained_ones(tmp_path,
     assert_one_error_line(capsys.readouterr().err, "--model small (width 384, 12 blocks) is not the model of "
                           f"--pretrained {tiny_ckpt} (width 64")
     assert main([*run, "--model", "tiny", "--target-length", "256"]) == 0
+
+
+def test_a_run_with_stats_mean_std_repeats_with_its_config(tmp_path, capsys):
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--stats=-4.2,4.5", "--warmup-epochs", "0"]) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["stats"] == [-4.2, 4.5]
+    assert main(["pretrain", "--config", str(tmp_path / "r" / "config.json"), "--resume", "auto",
+                 "--epochs", "2"]) == 0
+    (tmp_path / "c.json").write_text(json.dumps({"stats": [1, 2, 3]}))
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--config", str(tmp_path / "c.json"), "-o", str(tmp_path / "r2")])
+    assert "stats must be a name or [MEAN, STD], got [1, 2, 3]" in capsys.readouterr().err
+
+
+def test_an_output_through_a_link_is_written_to_the_file_it_names(tmp_path, tiny_ckpt):
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "e.pt").write_bytes(b"old")
+    os.chmod(tmp_path / "real" / "e.pt", 0o640)
+    os.symlink(tmp_path / "real" / "e.pt", tmp_path / "link.pt")
+    assert main(["embed", ok, "--checkpoint", tiny_ckpt, "--out", str(tmp_path / "link.pt"), "--quiet"]) == 0
+    assert os.path.islink(tmp_path / "link.pt")
+    assert torch.load(tmp_path / "real" / "e.pt", weights_only=False)["embeddings"].shape == (1, 64)
+    assert os.stat(tmp_path / "real" / "e.pt").st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path / "real")) == ["e.pt"]
+
+
+def test_reconstruct_a_model_that_masks_time_and_frequency_lines(tmp_path, capsys):
+    from audiomae import AudioMAE, AudioMAEConfig
+    AudioMAE(AudioMAEConfig.preset("tiny", mask_mode="time_frequency")).save_pretrained(tmp_path / "m.pt")
+    assert main(["reconstruct", _wav(tmp_path / "ok.wav", 2.56), "--checkpoint", str(tmp_path / "m.pt"),
+                 "--out", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_a_finetune_run_that_recorded_another_model_size_resumes(tmp_path, tiny_ckpt, capsys):
+    """Runs from before --model was checked against --pretrained recorded it: their resume goes on."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--pretrained", tiny_ckpt, "-o", str(out), *TINY_RUN, "--target-length", "256"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"], cfg["explicit_options"] = "small", sorted(set(cfg["explicit_options"]) | {"model"})
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(["finetune", "--config", str(out / "config.json"), "--resume", "auto", "--epochs", "2"]) == 0

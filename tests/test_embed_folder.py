@@ -318,6 +318,22 @@ def test_a_resume_is_held_to_the_bad_file_limit_and_reads_mended_files_again(tmp
     np.testing.assert_array_equal(arrays["embeddings"], torch.load(tmp_path / "all.pt")["embeddings"].numpy())
 
 
+def test_a_finished_folder_reads_its_unreadable_clips_again_on_resume(tmp_path, tiny_ckpt, capsys):
+    import soundfile as sf
+    argv = _bad_dataset(tmp_path)
+    argv[2] = tiny_ckpt
+    argv += ["--max-bad-fraction", "1"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "e" / "progress.json").read_text())["unreadable"] == 2
+    assert main([*argv, "--resume"]) == 0  # nothing mended: the same rows
+    assert "2 unreadable files" in capsys.readouterr().err
+    sf.write(str(tmp_path / "ds" / "a" / "3bad.wav"), np.zeros(SR // 2, dtype="float32"), SR)
+    assert main([*argv, "--resume"]) == 0
+    progress = json.loads((tmp_path / "e" / "progress.json").read_text())
+    assert progress["complete"] and progress["unreadable"] == 1
+    assert int(np.load(tmp_path / "e" / "readable.npy").sum()) == 14
+
+
 def test_a_stop_in_the_last_batch_completes_the_folder(tmp_path, tiny_ckpt, monkeypatch, capsys):
     out = tmp_path / "e"
     with monkeypatch.context() as m:

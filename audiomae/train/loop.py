@@ -1177,7 +1177,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
             if opts.get("pretrained"):
                 with adaptations_as_notes():
                     model = AudioMAEClassifier.from_pretrained(opts["pretrained"], **overrides)
-                if "model" in _given(opts) and opts.get("model"):
+                if "model" in _given(opts) and opts.get("model") and not opts.get("resume"):
                     want, got = AudioMAEConfig.preset(opts["model"]), model.config
                     if (want.embed_dim, want.depth) != (got.embed_dim, got.depth):
                         raise TrainingError(f"--model {opts['model']} (width {want.embed_dim}, {want.depth} blocks) is "
