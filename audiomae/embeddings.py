@@ -234,6 +234,7 @@ class FolderRows:
         else:
             self._check_fresh()
             self._create(paths)
+        self._written = self.done  # the rows written past ``done``, which the next save makes final
         self.last_save = time.monotonic()
 
     # --- opening ----------------------------------------------------------------------------
@@ -349,14 +350,14 @@ class FolderRows:
             if not ok.all():
                 arr[pos[~ok]] = np.nan
         if len(pos):
-            self._written = max(getattr(self, "_written", self.done), int(pos.max()) + 1)
+            self._written = max(self._written, int(pos.max()) + 1)
         if time.monotonic() - self.last_save >= FLUSH_SECONDS:
             self.save()
 
     def save(self, complete: Optional[bool] = None, resend: bool = True) -> None:
         """Flush the arrays and record the rows written so far as done. A Ctrl-C or SIGTERM meanwhile
         waits, and comes after (``resend``) or not (a run that stops anyway)."""
-        done = max(self.done, getattr(self, "_written", self.done))
+        done = max(self.done, self._written)
         with _signals_held(resend):
             for arr in self.arrays.values():
                 arr.flush()
@@ -365,10 +366,9 @@ class FolderRows:
         self.last_save = time.monotonic()
 
     def _write_progress(self, complete: bool) -> None:
-        readable = self.arrays["readable"][: self.done]
         _atomic_json(os.path.join(self.folder, "progress.json"),
                      {"done": self.done, "rows": self.rows, "complete": bool(complete),
-                      "unreadable": int(self.done - int(readable.sum()))})
+                      "unreadable": self.unreadable()})
 
     def unreadable(self) -> int:
         return int(self.done - int(self.arrays["readable"][: self.done].sum()))
