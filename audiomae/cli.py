@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import textwrap
 from typing import Any, Dict, List, Optional
@@ -783,11 +784,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{_error_prefix()}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
+        # the shell's convention, 128 + the signal's number: 130 after Ctrl-C, 143 after SIGTERM (which a
+        # scheduler reads as a preemption to requeue)
+        code = 128 + int(getattr(e, "signum", None) or signal.SIGINT)
         if getattr(e, "message", None):  # a command that says itself what it kept
             print(e.message, file=sys.stderr)
-            return 130
+            return code
         if getattr(e, "path", None) and _rank() > 0:
-            return 130  # every process stopped after the same step: the first one says so
+            return code  # every process stopped after the same step: the first one says so
         if getattr(e, "path", None) and args.command == "demo":
             print(f"interrupted after step {e.step}; the demo starts afresh when run again", file=sys.stderr)
         elif getattr(e, "path", None):  # the loop finished its step and wrote a checkpoint
@@ -801,7 +805,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "with --resume)", file=sys.stderr)
         else:
             print("interrupted", file=sys.stderr)
-        return 130
+        return code
     return 0
 
 

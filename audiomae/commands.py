@@ -185,11 +185,12 @@ def _seconds(frames: int) -> str:
 
 
 class EmbedInterrupted(KeyboardInterrupt):
-    """``embed`` stopped by Ctrl-C or SIGTERM after making the rows done so far final."""
+    """``embed`` stopped by Ctrl-C or SIGTERM after making the rows done so far final; ``signum`` is
+    the signal's number (None for a Ctrl-C the handler did not see)."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, signum: Optional[int] = None):
         super().__init__(message)
-        self.message = message
+        self.message, self.signum = message, signum
 
 
 def _embed_identity(opts: Dict[str, Any], files: Sequence[str], T: int, stats: Any) -> Dict[str, Any]:
@@ -369,7 +370,7 @@ def embed(opts: Dict[str, Any]) -> str:
             if not (isinstance(e, KeyboardInterrupt) and rows.complete):  # a stop in the last batch: done
                 if isinstance(e, KeyboardInterrupt):
                     raise EmbedInterrupted(f"interrupted after {rows.done} of {rows.rows} clips; {path}/ keeps them, "
-                                           "and the same command with --resume continues") from None
+                                           "and the same command with --resume continues", stop.signum) from None
                 _warn(f"{path} keeps the {rows.done} of {rows.rows} clips embedded so far; the same command with "
                       "--resume continues once the problem is solved")
                 raise

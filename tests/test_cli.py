@@ -460,7 +460,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0 and (run / "model.pt").exists():
         pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + getattr(signal, sig), err  # 130 or 143, as the shell's convention has it
     state = torch.load(run / "checkpoint-last.pt", weights_only=False)
     # mostly mid-epoch 1 (24 steps per epoch); on a busy machine the signal may land later, not at the end
     assert 3 <= state["step"] < 48

@@ -222,11 +222,12 @@ def _infinite_steps(epochs: int, steps_per_epoch: int) -> int:
 
 # --- the shared optimisation loop ---------------------------------------------------------------
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C after writing a checkpoint of its last finished step."""
+    """A run stopped by Ctrl-C or SIGTERM after writing a checkpoint of its last finished step;
+    ``signum`` is the signal that asked for it (None where another process was asked)."""
 
-    def __init__(self, step: int, path: str):
+    def __init__(self, step: int, path: str, signum: Optional[int] = None):
         super().__init__(f"interrupted after step {step}; checkpoint {path}")
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, signum
 
 
 class GracefulInterrupt:
@@ -245,6 +246,7 @@ class GracefulInterrupt:
         self.hard_second = bool(hard_second)
         self.message = message
         self.requested = False
+        self.signum: Optional[int] = None  # the first signal's number
         self._previous: Dict[int, Any] = {}
         self._workers_before = False
         self._pid = os.getpid()
@@ -257,7 +259,7 @@ class GracefulInterrupt:
                 return  # the same preemption again (see the class docstring)
             signal.signal(signum, self._restore(signum))
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         if self.hard_second and signal.SIGINT in self._previous:
             # a process waiting in a collective runs no Python handler until the wait ends (a peer
             # that hangs: never): the next Ctrl-C ends it at once, from the operating system
@@ -572,7 +574,7 @@ class Trainer:
             # the evaluation stands, and a resume evaluates the epoch
             self._note_error_after_stop(e, "the epoch's evaluation", "a resume evaluates the epoch")
             self.runlog.close()
-            raise Interrupted(self.step, os.path.join(self.out_dir, LAST)) from None
+            raise Interrupted(self.step, os.path.join(self.out_dir, LAST), stop.signum) from None
         self.eval_pending = False
 
     def _note_error_after_stop(self, e: BaseException, what: str, consequence: str) -> None:
@@ -588,7 +590,7 @@ class Trainer:
         if save and self._last_save != (self.step, LAST):  # (--save-every-steps may have just written it)
             self.save()
         self.runlog.close()
-        raise Interrupted(self.step, os.path.join(self.out_dir, LAST))
+        raise Interrupted(self.step, os.path.join(self.out_dir, LAST), self._stop.signum if self._stop else None)
 
     def _run(self, stop: "GracefulInterrupt") -> Dict[str, Any]:
         opts = self.opts
