@@ -7,6 +7,7 @@ to linear power with the pseudo-inverse of the mel matrix, then Griffin-Lim for 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -73,7 +74,11 @@ def reconstruction_figure(spec: torch.Tensor, recon: torch.Tensor, mask: torch.T
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # through a file object: a PostScript picture would otherwise carry the file's name (a temporary
+    # one, the output being written beside its place and moved there) as its title
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    with open(path, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=100)
     plt.close(fig)
 
 

@@ -292,6 +292,19 @@ def test_reconstruct_outputs_and_mask_ratio(tmp_path, tiny_ckpt, capsys):
     assert_one_error_line(capsys.readouterr().err, "--out", "cannot create the folder")
 
 
+@pytest.mark.parametrize("ext", ["eps", "svg", "pdf"])
+def test_reconstruct_pictures_hold_no_temporary_file_name(ext, tmp_path, tiny_ckpt, capsys):
+    """The picture is written beside its place under another name and moved there: the name it was
+    written under is in no picture (PostScript takes its title from the file's name)."""
+    ok = _wav(tmp_path / "ok.wav", 3.0)
+    out = tmp_path / f"r.{ext}"
+    assert main(["reconstruct", "--checkpoint", tiny_ckpt, ok, "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data.startswith({"eps": b"%!PS", "svg": b"<?xml", "pdf": b"%PDF"}[ext])
+    assert b".audiomae-" not in data
+    assert {p.name for p in tmp_path.iterdir()} == {"ok.wav", out.name}  # and no temporary file is left
+
+
 @pytest.mark.parametrize("fields", [dict(patch_size=14, decoder_mode="global"), dict(patch_stride=10)],
                          ids=["patch14", "overlapping"])
 def test_reconstruct_where_patches_leave_a_border(fields, tmp_path, capsys, monkeypatch):
