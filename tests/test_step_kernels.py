@@ -247,6 +247,43 @@ def test_masked_patch_embed_shapes_the_kernel_cannot_take_go_to_the_reference():
             ops_step.masked_patch_embed(spec, weight, bias, pos, ids[:1])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("pos_dtype", ["fp32", "same"], ids=["pos-fp32", "pos-same"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_masked_patch_embed_rounds_the_convolution_to_the_input_dtype(dtype, pos_dtype, backend):
+    """The convolution's output (bias included) is in the input dtype before the position is added.
+
+    Every patch's convolution is 2^c * (1 + tiny) in channel c, tiny a quarter of the spacing above 1
+    (2^-9 in bfloat16, 2^-12 in float16): channels 0 and 1 get tiny from a second pixel, channels 2
+    and 3 from the bias. Rounded to the input dtype (to nearest or truncated) that is 2^c, which the
+    position -2^c cancels exactly: every output is 0. Kept in float32 it would leave 2^c * tiny."""
+    dt = DTYPES[dtype]
+    pdt = dt if pos_dtype == "same" else torch.float32
+    tiny = torch.finfo(dt).eps / 4
+    B, p, D = 2, 4, 4
+    T, F = 2 * p, 3 * p
+    L = (T // p) * (F // p)
+    scale = 2.0 ** torch.arange(D, dtype=torch.float64, device=DEVICE)
+    spec = torch.zeros(B, 1, T, F, dtype=torch.float64, device=DEVICE)
+    spec[:, :, ::p, ::p] = 1  # the top-left pixel of every patch
+    spec[:, :, ::p, 1::p] = tiny  # and its right neighbour
+    weight = torch.zeros(D, 1, p, p, dtype=torch.float64, device=DEVICE)
+    weight[:, 0, 0, 0] = scale
+    weight[:2, 0, 0, 1] = scale[:2]
+    bias = torch.zeros(D, dtype=torch.float64, device=DEVICE)
+    bias[2:] = tiny * scale[2:]
+    pos = (-scale).expand(1, 1 + L, D).contiguous()
+    ids_keep = torch.tensor([[4, 0, 3], [1, 5, 2]], device=DEVICE)
+    # in exact arithmetic the positions leave 2^c * tiny: the zeros below come from the rounding
+    exact = masked_patch_embed_reference(spec, weight, bias, pos, ids_keep)
+    assert torch.equal(exact, (tiny * scale).expand(B, 3, D))
+    with dispatch.use_backend(backend, op="masked_patch_embed"):
+        out = ops_step.masked_patch_embed(spec.to(dt), weight.to(dt), bias.to(dt), pos.to(pdt), ids_keep)
+    ref = masked_patch_embed_reference(spec.to(dt), weight.to(dt), bias.to(dt), pos.to(pdt), ids_keep)
+    assert out.dtype == ref.dtype == torch.promote_types(dt, pdt)
+    assert torch.equal(out, ref) and torch.equal(out, torch.zeros_like(out)), out
+
+
 @pytest.mark.parametrize("split", [2, 3, 7])
 def test_masked_patch_embed_weight_grad_split_over_rows(monkeypatch, split):
     """The weight gradient summed over row slices (uneven, more slices than row blocks)."""
@@ -343,6 +380,39 @@ def test_decoder_unshuffle_gpu_tiling(monkeypatch, keep_cls):
     gpu_blocks(monkeypatch)
     leaves, ids = unshuffle_inputs(2, 70, 14, 40)
     check_unshuffle(leaves, ids, keep_cls, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("keep_cls", [False, True], ids=["local", "global"])
+@pytest.mark.parametrize("pos_dtype", ["fp32", "same"], ids=["pos-fp32", "pos-same"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_decoder_unshuffle_rounds_the_mask_token_to_the_input_dtype(dtype, pos_dtype, keep_cls, backend):
+    """A float32 mask token is cast to the dtype of ``x`` before the position is added.
+
+    The mask token is 2^c * (1 + tiny) in channel c, tiny a quarter of the spacing above 1 (2^-9 in
+    bfloat16, 2^-12 in float16); in the input dtype (rounded to nearest or truncated) it is 2^c,
+    which the position -2^c cancels exactly, so every removed row is 0. Kept in float32 it would
+    leave 2^c * tiny. The rows from ``x`` (and the cls row) are (k + 1) * 2^c, exactly."""
+    dt = DTYPES[dtype]
+    pdt = dt if pos_dtype == "same" else torch.float32
+    tiny = torch.finfo(dt).eps / 4
+    B, L, K, D = 2, 6, 2, 4
+    scale = 2.0 ** torch.arange(D, dtype=torch.float32, device=DEVICE)
+    x = ((torch.arange(1 + K, device=DEVICE) + 2.0)[:, None] * scale).expand(B, -1, -1).to(dt)
+    mask_token = (scale * (1 + tiny)).view(1, 1, D)
+    assert mask_token.to(dt).float().equal(scale.view(1, 1, D)) and not mask_token.equal(scale.view(1, 1, D))
+    pos = (-scale).expand(1, 1 + L, D).to(pdt)
+    ids_restore = random_masking_ids(B, L, K, device=DEVICE)[1]
+    kept = (ids_restore < K).unsqueeze(-1)
+    rows = torch.gather(x.float()[:, 1:], 1, ids_restore.clamp(max=K - 1).unsqueeze(-1).expand(-1, -1, D))
+    expected = torch.where(kept, rows - scale, 0.0)
+    if keep_cls:
+        expected = torch.cat([x.float()[:, :1] - scale, expected], dim=1)
+    with dispatch.use_backend(backend, op="decoder_unshuffle"):
+        out = ops_step.decoder_unshuffle(x, mask_token, ids_restore, pos, keep_cls)
+    ref = decoder_unshuffle_reference(x, mask_token, ids_restore, pos, keep_cls)
+    assert out.dtype == ref.dtype == torch.promote_types(dt, pdt)
+    assert torch.equal(out, ref) and torch.equal(out.float(), expected), out
 
 
 def test_decoder_unshuffle_fp32_forward_is_exact():

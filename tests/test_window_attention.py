@@ -252,6 +252,60 @@ def test_in_kernel_shift_mask_matches_reference_mask(interpret, grid, window, sh
     torch.testing.assert_close(weights, uniform, rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_probabilities_are_rounded_to_the_input_dtype_for_v(interpret, dtype, backend):
+    """The probabilities are in the input dtype where they multiply v (``attn @ v``) and where they
+    multiply the output's gradient (v's gradient), as the reference's softmax returns them.
+
+    A 1 x 2 window whose cosines are 0 (q and k orthogonal) with tau 1 has the bias for its scores:
+    (0, -x) in the first row, x = 31/128 (exact in both dtypes), and (0, 0) in the second. The first
+    row's float32 probabilities (p0, p1) lie just above values (r0, r1) of the input dtype, so
+    rounding to nearest and truncation agree, and r0 + r1 != 1; the second row's are 1/2, exactly.
+    v's first channel (r1, -r0) then cancels exactly in the first row (output 0), where float32
+    probabilities leave p0 * r1 - p1 * r0 (6e-4 in bfloat16, 6e-5 in float16); the next two
+    channels (1, 0) and (0, 1) give r0 and r1. An output gradient (1, -2 * r0) in the first channel
+    gives v's gradient r0 - r0 = 0 at the first key (p0 - r0 with float32 probabilities) and
+    r1 - r0 at the second; the other channels get none."""
+    dt = DTYPES[dtype]
+    x = 31 / 128
+    p = torch.softmax(torch.tensor([0.0, -x]), 0)
+    r = p.to(dt).float()
+    spacing = torch.finfo(dt).eps * 2.0 ** torch.floor(torch.log2(r))
+    assert ((p > r) & (p - r < spacing / 2)).all() and r.sum() != 1
+    assert (p[0] * r[1] - p[1] * r[0]).abs() > 1e-5
+    D = 4
+    qkv = torch.zeros(1, 2, 3 * D)
+    qkv[0, :, 0] = 1  # q = e0
+    qkv[0, :, D + 1] = 1  # k = e1
+    qkv[0, :, 2 * D] = torch.stack([r[1], -r[0]])
+    qkv[0, 0, 2 * D + 1] = 1
+    qkv[0, 1, 2 * D + 2] = 1
+    tau = torch.ones(1)
+    bias = torch.tensor([[[0.0, -x], [0.0, 0.0]]])
+    grad_out = torch.zeros(1, 2, D)
+    grad_out[0, :, 0] = torch.stack([torch.tensor(1.0), -2 * r[0]])
+    geometry = ((1, 2), (1, 2), (0, 0), 1)
+    zero = torch.tensor(0.0)
+    expected = torch.stack([torch.stack([zero, r[0], r[1], zero]),
+                            torch.stack([(r[1] - r[0]) / 2, zero + 0.5, zero + 0.5, zero])]).unsqueeze(0)
+    expected_dv = torch.zeros(1, 2, D)
+    expected_dv[0, 1, 0] = r[1] - r[0]
+
+    def out_and_v_grad(fn):
+        leaf = qkv.to(dt).requires_grad_()
+        out = fn(leaf, tau.to(dt), bias.to(dt), *geometry)
+        (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dt))
+        return out.detach(), grad[..., 2 * D:]
+
+    with dispatch.use_backend(backend, op="window_attention"):
+        out, dv = out_and_v_grad(ops.window_attention)
+    ref, ref_dv = out_and_v_grad(window_attention_reference)
+    assert out.dtype == ref.dtype == dv.dtype == dt
+    assert torch.equal(out, ref) and torch.equal(out.float(), expected), out
+    assert torch.equal(dv, ref_dv) and torch.equal(dv.float(), expected_dv), dv
+
+
 def test_masked_logit_is_added_not_skipped(interpret):
     """tau below 0.01 (1/tau clamped to 100), and just above it, and a bias of +150 on masked pairs: the masked logits beat
     the unmasked ones, so adding -100 (the release) and skipping them give different answers."""
