@@ -461,7 +461,9 @@ def _single_label(opts: Dict[str, Any], args: Any) -> bool:
     ``--single-label`` when given, else how its run trained it. This package's runs record it (older
     ones: class folders and the synthetic set are single-label, a manifest with --single-label). The
     release's AudioSet script trains with BCE unless its ``use_soft`` (whatever the dataset), its
-    ESC-50 script (whose arguments have no ``use_soft``) with cross-entropy. Else multi-label."""
+    ESC-50 script (whose arguments have no ``use_soft``) with cross-entropy; arguments without
+    ``use_soft`` whose ``dataset`` is one the release scores as multi-label (AudioSet, Speech
+    Commands) are multi-label. Else multi-label."""
     from .train.loop import _given
     if "single_label" in _given(opts) and opts.get("single_label"):
         return True
@@ -474,7 +476,9 @@ def _single_label(opts: Dict[str, Any], args: Any) -> bool:
             return True  # the synthetic set or class folders (wherever they are now)
         return bool(saved.get("single_label"))
     if saved:  # the release's
-        return bool(saved["use_soft"]) if "use_soft" in saved else True
+        if "use_soft" in saved:
+            return bool(saved["use_soft"])
+        return str(saved.get("dataset", "")).lower() not in ("audioset", "speechcommands")
     return False
 
 

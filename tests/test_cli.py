@@ -1457,10 +1457,13 @@ def test_classify_scores_as_the_run_trained_and_refuses_what_it_cannot_score(tmp
     from audiomae.commands import _single_label
 
     # the release: its AudioSet script trains with BCE unless use_soft, whatever the dataset; its
-    # ESC-50 script (no use_soft in its arguments) with cross-entropy
+    # ESC-50 script (no use_soft in its arguments) with cross-entropy; arguments without use_soft
+    # of a dataset the release scores as multi-label are multi-label
     for args, single in ((argparse.Namespace(dataset="esc50", use_soft=False), False),
                          (argparse.Namespace(dataset="audioset", use_soft=True), True),
-                         (argparse.Namespace(dataset="speechcommands"), True),
+                         (argparse.Namespace(dataset="esc50"), True), (argparse.Namespace(nb_classes=50), True),
+                         (argparse.Namespace(dataset="audioset"), False),
+                         (argparse.Namespace(dataset="speechcommands"), False),
                          (None, False),
                          # this package's runs: recorded, else what their data was
                          ({"multi_label": True, "data": "/x/folder"}, False),
