@@ -1,8 +1,9 @@
 """Model configuration: one dataclass, presets for the released sizes, and a tiny one.
 
 Field names follow the released code's arguments where it has them (``img_size``, ``patch_size``,
-``embed_dim``, ``depth``, ``num_heads``, ``decoder_*``), so a released ``args`` namespace maps onto
-this dataclass without translation.
+``embed_dim``, ``depth``, ``num_heads``, ``decoder_*``); a released ``args`` namespace maps onto
+this dataclass field by field where the names agree, and :mod:`audiomae.checkpoint` translates the rest
+(the release's integer ``decoder_mode``, ``mask_2d`` as ``mask_mode``).
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ class AudioMAEConfig:
     # masking and loss
     mask_ratio: float = 0.8
     mask_mode: str = "unstructured"  # unstructured | time | frequency | time_frequency
-    mask_t_prob: float = 0.6  # time_frequency pretraining masking: fraction of time rows removed
-    mask_f_prob: float = 0.5  # ... and of frequency columns removed
+    # time_frequency pretraining masking: the fractions of the time lines and of the frequency lines
+    # removed; the release model's defaults (its pretraining script, and `audiomae pretrain`, pass 0.7 / 0.3)
+    mask_t_prob: float = 0.6
+    mask_f_prob: float = 0.5
     norm_pix_loss: bool = True
     pos_embed_kind: str = "released"  # released (the release's scrambled table) | grid (principled t, f)
     layer_norm_eps: float = 1e-6
