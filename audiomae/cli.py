@@ -547,7 +547,9 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         v = opts.get(dest)
         if v is None:
             return
-        if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi) or v != v:
+        if isinstance(v, float) and not math.isfinite(v):  # nan, inf (and what overflows to it, 1e400)
+            sub.error(f"{name(dest)} must be a finite number, got {v:g}")
+        if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
             if hi == math.inf:
                 rule = f"{'greater than' if lo_open else 'at least'} {lo:g}"
             else:
@@ -564,12 +566,14 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         bounded(k, 0)
     for k in ("blr", "lr"):
         bounded(k, 0, lo_open=True)
+    if opts.get("seed") is not None and not 0 <= opts["seed"] < 2 ** 63:  # torch's generators' 64-bit seeds
+        sub.error(f"{name('seed')} must be in [0, 2^63 - 1], got {opts['seed']}")
     if opts.get("model") is not None:
         from .config import PRESET_ALIASES, PRESETS
         if str(opts["model"]).lower() not in PRESETS and str(opts["model"]).lower() not in PRESET_ALIASES:
             sub.error(f"{name('model')} {opts['model']}: no such preset; choose one of {', '.join(MODEL_PRESETS)} "
                       "(or a release name such as vit_base_patch16)")
-    if opts.get("hop") is not None and not opts["hop"] > 0:
+    if opts.get("hop") is not None and not 0 < opts["hop"] < math.inf:
         sub.error(f"{name('hop')} must be a positive number of seconds, got {opts['hop']:g}")
     if opts.get("patch_stride") is not None:
         from .config import AudioMAEConfig

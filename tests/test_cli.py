@@ -66,6 +66,17 @@ def test_help_lists_commands(capsys):
     (["evaluate", "x.pt", "--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1]"),
     (["finetune", "--eval-data", "/no/such/eval.json"], "--eval-data /no/such/eval.json: no such file"),
     (["finetune", "--data-root", "/no/such/root"], "--data-root /no/such/root: no such folder"),
+    # infinities (typed, or overflowing to one) would train to NaN weights or fail deep inside
+    (["pretrain", "--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["finetune", "--blr", "1e400"], "--blr must be a finite number, got inf"),
+    (["pretrain", "--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["pretrain", "--warmup-epochs", "inf"], "--warmup-epochs must be a finite number"),
+    (["pretrain", "--clip-seconds", "inf"], "--clip-seconds must be a finite number"),
+    (["finetune", "--mixup", "inf"], "--mixup must be a finite number"),
+    (["pretrain", "--mask-ratio", "nan"], "--mask-ratio must be in (0, 1)"),
+    (["classify", "a.wav", "--checkpoint", "c.pt", "--hop", "inf"], "--hop must be a positive number of seconds"),
+    (["pretrain", "--seed", "-1"], "--seed must be in [0, 2^63 - 1], got -1"),
+    (["embed", "a.wav", "--checkpoint", "c.pt", "--seed", str(2 ** 64)], "--seed must be in [0, 2^63 - 1]"),
 ])
 def test_bad_input_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1761,3 +1772,19 @@ def test_a_finetune_run_that_recorded_another_model_size_resumes(tmp_path, tiny_
     cfg["model"], cfg["explicit_options"] = "small", sorted(set(cfg["explicit_options"]) | {"model"})
     (out / "config.json").write_text(json.dumps(cfg))
     assert main(["finetune", "--config", str(out / "config.json"), "--resume", "auto", "--epochs", "2"]) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "1e300"], "the learning rate 1e+300 (--lr) is beyond float32's range"),
+    (["--blr", "1e300"], "the learning rate 3.125e+298 (--blr 1e+300 x the effective batch 8 / 256)"),
+    (["--lr", "1", "--weight-decay", "1e300"], "x the weight decay 1e+300 is beyond float32's range"),
+    (["--mask-mode", "time_frequency", "--mask-t-prob", "0", "--mask-f-prob", "0"],
+     "--mask-t-prob 0 and --mask-f-prob 0 remove no patch of the 16 x 8 patch grid"),
+], ids=["lr", "blr", "weight-decay", "no-patch-masked"])
+def test_a_run_that_cannot_train_says_so_before_its_first_step(argv, message, tmp_path, capsys):
+    """An lr the optimizer's float32 arithmetic cannot hold, or a masking with nothing to reconstruct:
+    one error before any step (not a traceback from inside the optimizer or the model) and no model."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN, *argv]) == 1
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert not (out / "model.pt").exists() and not (out / "checkpoint-last.pt").exists()

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import ops_cuda
 from ..config import AudioMAEConfig
+from ..masking import masking_removes_nothing
 from ..model import AudioMAE, AudioMAEClassifier
 from . import distributed as D
 from .metrics import coverage_note, multilabel_metrics, singlelabel_metrics
@@ -320,6 +321,12 @@ class Trainer:
         self.accum = accum
         self.eff_batch = batch * accum * info.world_size
         self.lr = opts.get("lr") or effective_lr(opts["blr"], self.eff_batch)
+        # the optimizer's arithmetic is float32: an lr (or lr x weight decay) past its range fails in the step
+        wd = float(opts.get("weight_decay") or 0.0)
+        if not (math.isfinite(self.lr) and self.lr * max(1.0, wd) <= torch.finfo(torch.float32).max):
+            where = "--lr" if opts.get("lr") else f"--blr {opts['blr']:g} x the effective batch {self.eff_batch} / 256"
+            raise TrainingError(f"the learning rate {self.lr:g} ({where}){f' x the weight decay {wd:g}' if wd > 1 else ''} "
+                                "is beyond float32's range, in which the optimizer computes")
         # the model is on its device already: on CUDA this is the single-kernel AdamW
         self.layer_decay, self.betas = layer_decay, tuple(betas)
         self._build_optimizer(no_decay)
@@ -948,6 +955,14 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
                     model = AudioMAE.from_pretrained(opts["init"], img_size=(T, 128), **_init_overrides(opts))
             else:
                 model = AudioMAE(_model_config(opts, T))
+        cfg = model.config  # a masking that removes no patch has no loss: said before the first step
+        problem = masking_removes_nothing(cfg.grid_size, cfg.mask_mode, cfg.mask_ratio, cfg.mask_t_prob, cfg.mask_f_prob)
+        if problem:
+            T_, F_ = cfg.grid_size
+            which = (f"--mask-t-prob {cfg.mask_t_prob:g} and --mask-f-prob {cfg.mask_f_prob:g}"
+                     if cfg.mask_mode == "time_frequency" else f"--mask-ratio {cfg.mask_ratio:g}")
+            raise TrainingError(f"{which} remove no patch of the {T_} x {F_} patch grid with --mask-mode "
+                                f"{cfg.mask_mode}, and the loss is taken on the removed patches: remove more")
         feats = _features(opts, dataset, device)
         ratio = model.config.mask_ratio
 
