@@ -550,9 +550,15 @@ def atomic_save(obj: Any, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # torch's writer reports a failed write (a full disk) as a RuntimeError whose cause is the OSError
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(e, RuntimeError) and cause is not None:
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from None
         raise
 
 

@@ -140,7 +140,11 @@ def write_output(path: str, option: str, write) -> None:
             shutil.copymode(target, tmp)
         os.replace(tmp, target)
     except (OSError, RuntimeError) as e:  # torch.save and soundfile raise RuntimeError subclasses
-        raise InputError(f"{option} {path}: cannot be written: {getattr(e, 'strerror', None) or e}") from None
+        cause = e  # torch's writer says a full disk as a RuntimeError whose cause is the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        raise InputError(f"{option} {path}: cannot be written: "
+                         f"{getattr(cause, 'strerror', None) or getattr(e, 'strerror', None) or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

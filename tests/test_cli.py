@@ -1788,3 +1788,50 @@ def test_a_run_that_cannot_train_says_so_before_its_first_step(argv, message, tm
     assert main(["pretrain", "-o", str(out), *TINY_RUN, *argv]) == 1
     assert_one_error_line(capsys.readouterr().err, message)
     assert not (out / "model.pt").exists() and not (out / "checkpoint-last.pt").exists()
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_error_and_keeps_the_last_one(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """torch's writer turns a failed write into a RuntimeError (its cause the OSError): the run ends
+    with the disk's error in one line, the checkpoint written before stays, and no partial file is left."""
+    import errno
+    from audiomae import checkpoint
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN, "--save-every-steps", "1"]) == 0
+    before = (out / "checkpoint-last.pt").read_bytes()
+    save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1846272 vs 1846160")
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    capsys.readouterr()
+    assert main(["pretrain", "-o", str(out), *TINY_RUN, "--epochs", "2", "--resume", "auto"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err, "No space left on device", "checkpoint-last.pt")
+    assert "enforce fail" not in err
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    assert (out / "checkpoint-last.pt").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_full_disk_while_embeddings_are_written_names_the_disk(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    import errno
+    from audiomae import commands
+
+    def full(obj, f, *args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 98816 vs 98736")
+    monkeypatch.setattr(commands.torch, "save", full)
+    out = tmp_path / "e.pt"
+    assert main(["embed", _wav(tmp_path / "a.wav", 1.0), "--checkpoint", tiny_ckpt, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err, "--out", "cannot be written: No space left on device")
+    assert "enforce fail" not in err and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
