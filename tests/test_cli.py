@@ -1835,3 +1835,19 @@ def test_a_full_disk_while_embeddings_are_written_names_the_disk(tmp_path, tiny_
     assert_one_error_line(err, "--out", "cannot be written: No space left on device")
     assert "enforce fail" not in err and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("resume", [True, False], ids=["resume-auto", "no-resume"])
+def test_a_start_after_one_that_left_no_checkpoint_logs_each_step_once(command, resume, tmp_path, capsys):
+    """A run killed in its first epoch (before any checkpoint) leaves rows in metrics.jsonl; the run
+    started again trains those steps again, and each step has one row."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"phase": "train", "step": s, "epoch": 1, "loss": 9.0}) + "\n"
+                                               for s in (1, 2)) + '{"phase": "train", "st')  # cut by the kill
+    argv = [command, "-o", str(out), *TINY_RUN, "--log-every", "1"] + (["--resume", "auto"] if resume else [])
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r.get("phase") == "train"]
+    assert steps == [1, 2] and all(r.get("loss") != 9.0 for r in rows)

@@ -990,6 +990,8 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
             trainer.resume(path)
         elif opts.get("resume") and opts["resume"] != "auto":
             raise SystemExit(f"error: --resume {opts['resume']}: no such checkpoint")
+        else:  # a start from step 0: rows of an earlier start that left no checkpoint are trained again
+            trainer.runlog.truncate_after(0, evaluation_too=True)
         write_config(opts, info)
     if info.is_main:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1265,6 +1267,8 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         path = resolve_resume(opts.get("resume"), opts["output_dir"])
         if path:
             trainer.resume(path)
+        else:  # a start from step 0: rows of an earlier start that left no checkpoint are trained again
+            trainer.runlog.truncate_after(0, evaluation_too=True)
         write_config(opts, info)
     summary = trainer.run()
     if info.is_main:
