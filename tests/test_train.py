@@ -783,3 +783,28 @@ def test_a_second_sigterm_is_the_same_preemption_a_second_ctrl_c_stops_at_once()
         assert stop.requested and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGTERM) == stop._handle
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_leaving_the_group_releases_a_model_wrapper_that_a_reference_cycle_holds(tmp_path):
+    # a trainer kept by a cycle (frames a lazy import captured) holds the DDP wrapper, whose reducer
+    # holds the process group: cleanup collects it while the interpreter runs, not at its shutdown
+    import gc
+    import weakref
+    import torch.distributed as dist
+    from audiomae.train import distributed as D
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    enabled = gc.isenabled()
+    gc.disable()  # no automatic collection between here and the check
+    try:
+        holder = {"ddp": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))}
+        holder["self"] = holder
+        alive = weakref.ref(holder["ddp"])
+        del holder
+        D.cleanup()
+        assert not dist.is_initialized() and alive() is None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if enabled:
+            gc.enable()

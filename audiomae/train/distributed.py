@@ -6,6 +6,7 @@ from the first host of the allocation. NCCL on GPUs, gloo on CPUs.
 """
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -110,5 +111,14 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
+    """Leave the process group at the end of a run that every rank finished: wait for the others (no
+    rank tears the group down while another still uses it), then destroy it. A wrapper of the model
+    that is left in a reference cycle (the frames of a lazy import can hold a trainer) keeps the group
+    alive past ``destroy_process_group``; one collection before and one after release it while the
+    interpreter still runs: a gloo group destroyed during interpreter shutdown can abort the process
+    after a finished run."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
