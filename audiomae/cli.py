@@ -152,7 +152,7 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
                    help="with --weighted-sampling: each clip at most once an epoch (the release's AS-2M fine-tuning: "
                         "--weighted-sampling --no-replacement --epoch-size 200000); default: with replacement")
     g.add_argument("--epoch-size", type=int, help="clips per epoch (default, or 0: the dataset's size)")
-    g.add_argument("--resume", help="a training checkpoint, or 'auto' for the run folder's last one")
+    g.add_argument("--resume", help="a training checkpoint, a run folder (its last one), or 'auto' for the output folder's last one")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a run's checkpoint, replacing it (without this, "
                         "such a folder needs --resume)")

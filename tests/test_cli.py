@@ -1114,6 +1114,22 @@ def test_pretrain_two_d_masking_takes_the_release_scripts_fractions(tmp_path, ca
     assert (cfg["mask_t_prob"], cfg["mask_f_prob"]) == (0.6, 0.5)
 
 
+def test_resume_from_a_run_folder_reads_its_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "-o", str(out), *TINY_RUN[:-3], "--epochs", "2", "--resume", str(out)]) == 0
+    assert f"resumed from {out / 'checkpoint-last.pt'} at epoch 1" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint-last.pt", weights_only=True)["epoch"] == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "checkpoint-3.pt").write_bytes(b"")
+    assert main(["pretrain", "-o", str(tmp_path / "b"), *TINY_RUN, "--resume", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert f"{empty} is a folder without checkpoint-last.pt (it holds checkpoint-3.pt" in err
+    assert "does not exist" not in err and "Traceback" not in err
+
+
 def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
     out = tmp_path / "a"
     assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0

@@ -87,7 +87,8 @@ def load_training_state(path: str, map_location="cpu") -> Dict[str, Any]:
 
 
 def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
-    """``auto`` -> the run folder's last checkpoint when there is one; a path -> that path."""
+    """``auto`` -> the run folder's last checkpoint when there is one; a folder -> its last checkpoint;
+    a path -> that path."""
     if not resume:
         return None
     if resume == "auto":
@@ -98,4 +99,12 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
             print(f"note: --resume auto: no checkpoint in {out_dir} yet ({LAST}); starting from the beginning",
                   file=sys.stderr)
         return None
+    if os.path.isdir(resume):
+        # a run folder: its last checkpoint, as "auto" reads the output folder's
+        path = os.path.join(resume, LAST)
+        if os.path.isfile(path):
+            return path
+        held = sorted(n for n in os.listdir(resume) if n.startswith("checkpoint-") and n.endswith(".pt"))
+        raise CheckpointError(f"cannot resume: {resume} is a folder without {LAST}"
+                              + (f" (it holds {', '.join(held)}: give one of them)" if held else ""))
     return resume
