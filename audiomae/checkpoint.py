@@ -19,6 +19,11 @@ import warnings
 import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 import torch
 import torch.nn.functional as F
 
@@ -530,6 +535,45 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
 
 
 # --- writing -------------------------------------------------------------------------------------
+PARTIAL_PREFIX = ".tmp-"
+
+
+def remove_partial_saves(folder: str, min_age_s: float = 10.0) -> List[Tuple[str, int]]:
+    """Delete the temporary files of :func:`atomic_save` in ``folder`` whose writer is gone (a process
+    killed while it wrote a checkpoint leaves one, as large as the checkpoint). A file some process
+    still writes holds a lock and is kept; so is one younger than ``min_age_s`` (the moment between
+    its creation and its lock). Returns ``(name, size)`` of each deleted file. Without ``fcntl``
+    (Windows) nothing is deleted."""
+    removed: List[Tuple[str, int]] = []
+    if fcntl is None or not os.path.isdir(folder):
+        return removed
+    import time
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith(PARTIAL_PREFIX) and name.endswith(".pt")):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # renamed or removed meanwhile
+        try:
+            st = os.fstat(fd)
+            if time.time() - st.st_mtime < min_age_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+            removed.append((name, st.st_size))
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_save(obj: Any, path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename into place (``~`` is the home
     folder)."""
@@ -539,8 +583,12 @@ def atomic_save(obj: Any, path) -> None:
                               f"{os.path.join(path, 'model.pt')})")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".pt", dir=folder)
     try:
+        if fcntl is not None:
+            # held while the file is written and renamed: remove_partial_saves tells a write in
+            # progress from one a killed process left by this lock
+            fcntl.flock(fd, fcntl.LOCK_EX)
         # mkstemp makes the file private (0600): give it the mode a plain open() would
         umask = os.umask(0)
         os.umask(umask)
@@ -549,7 +597,7 @@ def atomic_save(obj: Any, path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,6 +1,7 @@
 """Checkpoint formats, round trips, adaptation and the errors users see."""
 import argparse
 import os
+import time
 import warnings
 
 import pytest
@@ -395,6 +396,39 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o644
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the writer's lock is an flock")
+def test_partial_saves_of_killed_writers_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    import fcntl
+    from audiomae import checkpoint as ck
+
+    old = time.time() - 3600
+    for name in (".tmp-dead.pt", ".tmp-live.pt", ".tmp-other.npy", "checkpoint-last.pt"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / ".tmp-young.pt").write_bytes(b"x")  # just created, its writer about to lock it
+    live = os.open(tmp_path / ".tmp-live.pt", os.O_RDONLY)
+    fcntl.flock(live, fcntl.LOCK_EX)  # as atomic_save holds it while it writes
+    try:
+        assert ck.remove_partial_saves(str(tmp_path)) == [(".tmp-dead.pt", 100)]
+    finally:
+        os.close(live)
+    assert sorted(os.listdir(tmp_path)) == [".tmp-live.pt", ".tmp-other.npy", ".tmp-young.pt", "checkpoint-last.pt"]
+    # a save in progress holds its lock until its file has its name: a sweep meanwhile leaves it
+    real, swept, run = torch.save, [], tmp_path / "run"
+    run.mkdir()
+
+    def save_while_swept(obj, f):
+        real(obj, f)
+        assert len(os.listdir(run)) == 1  # the partial file
+        swept.append(ck.remove_partial_saves(str(run), min_age_s=0))
+
+    monkeypatch.setattr(torch, "save", save_while_swept)
+    ck.atomic_save({"x": torch.ones(3)}, run / "a.pt")
+    monkeypatch.undo()
+    assert swept == [[]] and os.listdir(run) == ["a.pt"]
+    assert torch.equal(torch.load(run / "a.pt")["x"], torch.ones(3))
 
 
 def test_loaded_models_are_in_eval_mode_and_guessed_heads_are_named(tmp_path):

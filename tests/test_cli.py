@@ -1130,6 +1130,20 @@ def test_resume_from_a_run_folder_reads_its_last_checkpoint(tmp_path, capsys):
     assert "does not exist" not in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the writer's lock is an flock")
+def test_a_run_deletes_the_partial_file_a_killed_checkpoint_write_left(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0
+    partial = out / ".tmp-k9x.pt"  # a kill -9 during torch.save leaves it, as large as a checkpoint
+    partial.write_bytes(b"\0" * (3 * 2 ** 20))
+    os.utime(partial, (time.time() - 600, time.time() - 600))
+    capsys.readouterr()
+    assert main(["pretrain", "-o", str(out), *TINY_RUN[:-3], "--epochs", "2", "--quiet", "--resume", "auto"]) == 0
+    assert f"note: deleted {partial} (3.0 MiB), the partial file of a checkpoint write that was killed" \
+        in capsys.readouterr().err
+    assert not partial.exists() and not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
 def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
     out = tmp_path / "a"
     assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0

@@ -299,6 +299,16 @@ FINETUNE_BETAS = (0.9, 0.999)
 FINETUNE_WEIGHT_DECAY, FINETUNE_MIN_LR = 5e-4, 1e-6
 
 
+def _remove_partial_saves(folder: str) -> None:
+    """A process killed while it wrote a checkpoint leaves the partial file (as large as a
+    checkpoint): a run starting in the folder deletes those of writers that are gone, and says so."""
+    from ..checkpoint import remove_partial_saves
+    for name, size in remove_partial_saves(folder):
+        shown = f"{size / 2 ** 30:.1f} GiB" if size >= 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
+        print(f"note: deleted {os.path.join(folder, name)} ({shown}), the partial file of a checkpoint write that "
+              "was killed", file=sys.stderr)
+
+
 class Trainer:
     """One optimisation loop for both models: accumulation, autocast, clipping, NaN skipping,
     per-step lr, progress, metrics, atomic checkpoints and exact resume."""
@@ -362,6 +372,8 @@ class Trainer:
         self._stop_seen = False  # some process was asked to stop (learnt through _finite's all-reduce)
         self._last_save: Optional[Tuple[int, str]] = None  # (step, name) of the last checkpoint written
         self.runlog = RunLog(self.out_dir, info.is_main, opts.get("tensorboard", True))
+        if info.is_main:
+            _remove_partial_saves(self.out_dir)
         self.ddp = None
         if info.enabled:
             # the buffers are constants the model computes alike everywhere (the decoder's relative
