@@ -1118,8 +1118,11 @@ def test_resume_from_a_run_folder_reads_its_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "a"
     assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0
     capsys.readouterr()
-    assert main(["pretrain", "-o", str(out), *TINY_RUN[:-3], "--epochs", "2", "--resume", str(out)]) == 0
-    assert f"resumed from {out / 'checkpoint-last.pt'} at epoch 1" in capsys.readouterr().out
+    assert main(["pretrain", "-o", str(out), *TINY_RUN[:-3], "--epochs", "2", "--resume", str(out), "--seed", "1"]) == 0
+    got = capsys.readouterr()
+    assert f"resumed from {out / 'checkpoint-last.pt'} at epoch 1" in got.out
+    # the run's recorded options are read as with auto
+    assert f"note: the run of {out / 'checkpoint-last.pt'} began with --seed 0" in got.err
     assert torch.load(out / "checkpoint-last.pt", weights_only=True)["epoch"] == 2
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -1142,6 +1145,20 @@ def test_a_run_deletes_the_partial_file_a_killed_checkpoint_write_left(tmp_path,
     assert f"note: deleted {partial} (3.0 MiB), the partial file of a checkpoint write that was killed" \
         in capsys.readouterr().err
     assert not partial.exists() and not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_a_resume_with_another_seed_or_data_says_it_goes_on_with_them(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0
+    capsys.readouterr()
+    more = [*TINY_RUN[:-3], "--quiet", "--resume", "auto"]
+    assert main(["pretrain", "-o", str(out), *more, "--epochs", "2"]) == 0
+    assert main(["pretrain", "--config", str(out / "config.json"), "--epochs", "3", "--resume", "auto"]) == 0
+    assert "note: the run of" not in capsys.readouterr().err  # the same inputs: nothing to say
+    assert main(["pretrain", "-o", str(out), *more, "--epochs", "4", "--seed", "5"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the run of {out / 'checkpoint-last.pt'} began with --seed 0, this run gives --seed 5: it goes on " \
+           "with these" in err
 
 
 def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):

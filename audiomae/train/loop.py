@@ -916,6 +916,8 @@ def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[
     options and the checkpoint's model config (None when not resuming)."""
     resume = opts.get("resume")
     path = os.path.join(opts["output_dir"], LAST) if resume == "auto" else resume
+    if path and os.path.isdir(path):
+        path = os.path.join(path, LAST)  # a run folder: its last checkpoint (see resolve_resume)
     if not path or not os.path.isfile(path):
         return opts, None
     from ..checkpoint import read_checkpoint
@@ -923,7 +925,33 @@ def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[
     # the optimisation options whose defaults have changed since: a run goes on with its own
     opts, changed = inherit_run_options(opts, args, None, names=("downmix", "weight_decay", "min_lr"))
     _note_inherited(changed, path)
+    _note_other_inputs(opts, args, path)
     return opts, cfg
+
+
+# the options that say which clips a run reads and in which order: a resume with others goes on
+# with them, and says so (the same data order and draws as an uninterrupted run need the same ones)
+_DATA_OPTIONS = ("data", "data_root", "labels", "seed")
+
+
+def _note_other_inputs(opts: Dict[str, Any], args: Any, path: str) -> None:
+    if not isinstance(args, dict) or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        return
+
+    def norm(k, v):
+        if k == "seed":
+            return int(v if v is not None else 0)
+        if isinstance(v, str) and v != "synthetic":
+            return os.path.normpath(os.path.abspath(os.path.expanduser(v)))
+        return v
+
+    other = [k for k in _DATA_OPTIONS if k in args and norm(k, args[k]) != norm(k, opts.get(k))]
+    if other:
+        def shown(d):
+            flags = [f"--{k.replace('_', '-')}" + (f" {d[k]}" if d.get(k) is not None else "") for k in other]
+            return " and ".join(f if d.get(k) is not None else f"no {f}" for k, f in zip(other, flags))
+        print(f"note: the run of {path} began with {shown(args)}, this run gives {shown(opts)}: it goes on with "
+              "these, so the clips and their order from here on differ from an uninterrupted run's", file=sys.stderr)
 
 
 def _recorded_inputs(opts: Dict[str, Any]) -> Dict[str, Any]:
