@@ -724,6 +724,15 @@ def _negative_values(argv: List[str]) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # a Ctrl-C before the command began its work (while torch loads): nothing was started
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1898,3 +1898,23 @@ def test_a_start_after_one_that_left_no_checkpoint_logs_each_step_once(command, 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r.get("phase") == "train"]
     assert steps == [1, 2] and all(r.get("loss") != 9.0 for r in rows)
+
+
+def test_the_command_line_loads_torch_only_for_a_command_and_a_ctrl_c_meanwhile_is_one_line(tmp_path, monkeypatch,
+                                                                                          capsys):
+    code = ("import sys, audiomae.cli as c; print('torch' in sys.modules); "
+            "c.build_parser().parse_args(['pretrain', '--help'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("False\n") and "--resume" in proc.stdout
+    import audiomae
+    assert audiomae.AudioMAEConfig.preset("tiny").depth > 0 and "AudioMAE" in dir(audiomae)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        audiomae.nope
+    from audiomae import dispatch
+
+    def ctrl_c(*a, **k):  # as if it came while the command's modules load
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dispatch, "set_backend", ctrl_c)
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--backend", "torch"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
