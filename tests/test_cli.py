@@ -1918,3 +1918,22 @@ def test_the_command_line_loads_torch_only_for_a_command_and_a_ctrl_c_meanwhile_
     monkeypatch.setattr(dispatch, "set_backend", ctrl_c)
     assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--backend", "torch"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_end_of_a_run_counts_its_skipped_steps(tmp_path, monkeypatch, capsys):
+    from audiomae.train import loop
+    real, calls = loop.Trainer.train_step, []
+
+    def skip_the_first(self, batches):  # a non-finite loss: the step is skipped (train_step returns None)
+        calls.append(self.step)
+        return None if len(calls) == 1 else real(self, batches)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", skip_the_first)
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN]) == 0
+    out = capsys.readouterr().out
+    assert "done: final loss" in out and "(1 of the 2 steps skipped: non-finite loss or gradients)" in out
+    assert main(["pretrain", "-o", str(tmp_path / "s"), *TINY_RUN]) == 0  # nothing skipped: nothing said
+    assert "skipped" not in capsys.readouterr().out
+    calls.clear()
+    assert main(["finetune", "-o", str(tmp_path / "f"), *TINY_RUN]) == 0
+    assert "(1 of the 2 steps skipped: non-finite loss or gradients)" in capsys.readouterr().out

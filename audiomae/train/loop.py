@@ -714,6 +714,13 @@ class Trainer:
                 "best": self.best, "trained_steps": self.step - start_step}
 
 
+def _skipped_note(summary: Dict[str, Any]) -> str:
+    """The end of a run says how many of its steps were skipped for a non-finite loss (each one also
+    said so as it happened): a short run can end with most of them skipped and no limit reached."""
+    k, n = summary.get("skipped_steps", 0), summary.get("trained_steps", 0)
+    return f" ({k} of the {n} steps skipped: non-finite loss or gradients)" if k else ""
+
+
 def _refuse_to_overwrite(opts: Dict[str, Any], info: D.DistInfo) -> None:
     """A new training run must not replace the checkpoint of another one in its folder unasked.
     Every process decides alike; with ``--overwrite`` the main one clears the folder."""
@@ -1043,7 +1050,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
         model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"), args=_json_safe(opts))
         where = os.path.join(opts["output_dir"], "model.pt")
         if summary["trained_steps"]:
-            print(f"done: final loss {summary['loss']:.4f}; model in {where}")
+            print(f"done: final loss {summary['loss']:.4f}{_skipped_note(summary)}; model in {where}")
         else:
             print(f"nothing to train: the run had finished its {summary['epochs']} epochs (step {summary['steps']}); "
                   f"raise --epochs to train further; model in {where}")
@@ -1314,7 +1321,8 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
     if info.is_main:
         model.save_pretrained(os.path.join(opts["output_dir"], "model.pt"), args=_json_safe(opts))
         name = "mAP" if train_set.multi_label else "accuracy"
-        print(f"done: best {name} {summary['best']:.4f}; best checkpoint in {os.path.join(opts['output_dir'], BEST)}")
+        print(f"done: best {name} {summary['best']:.4f}{_skipped_note(summary)}; best checkpoint in "
+              f"{os.path.join(opts['output_dir'], BEST)}")
     summary["metric"] = "mAP" if train_set.multi_label else "accuracy"
     if leave_group:
         D.cleanup()
