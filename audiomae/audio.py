@@ -108,6 +108,10 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
         data, file_sr = sf.read(fspath, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports format and I/O problems as several exception types
         raise AudioLoadError(fspath, f"{type(e).__name__}: {e}") from e
+    cut = _wav_cut_short(fspath)
+    if cut is not None:
+        raise AudioLoadError(fspath, f"the file is cut short: its header declares {cut[0]:.3f} s of audio, it holds "
+                                     f"{cut[1]:.3f} s (an interrupted copy or download)")
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise AudioLoadError(fspath, "the file contains no audio samples")
     if not np.isfinite(data).all():
@@ -119,6 +123,40 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
     if sample_rate is not None and int(file_sr) != int(sample_rate):
         wave = resample(wave, int(file_sr), int(sample_rate))
     return wave
+
+
+def _wav_cut_short(path: str) -> Optional[Tuple[float, float]]:
+    """``(declared, held)`` seconds when ``path`` is a RIFF WAV whose data chunk holds less than its
+    header declares (libsndfile reads such a file as the shorter clip it holds, and says nothing);
+    None otherwise, also for the sizes that writers to a pipe leave (0 or 0xFFFFFFFF) and for RF64."""
+    import struct
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = os.fstat(f.fileno()).st_size
+            byte_rate = block = 0
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = f.read(min(n, 16))
+                    if len(fmt) < 16:
+                        return None
+                    byte_rate, block = struct.unpack("<I", fmt[8:12])[0], struct.unpack("<H", fmt[12:14])[0]
+                    f.seek(n - 16 + (n & 1), os.SEEK_CUR)
+                elif cid == b"data":
+                    held = size - f.tell()
+                    if n in (0, 0xFFFFFFFF) or byte_rate <= 0 or held >= n or n - held < max(1, block):
+                        return None
+                    return n / byte_rate, held / byte_rate
+                else:
+                    f.seek(n + (n & 1), os.SEEK_CUR)
+    except (OSError, struct.error):
+        return None
 
 
 def _as_rate(sr, name: str) -> int:

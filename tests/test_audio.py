@@ -403,3 +403,24 @@ def test_frames_span_is_the_inverse_of_num_frames():
     assert A.frames_span(1024) == 164080 and A.frames_span(1) == 400
     assert all(A.num_frames(A.frames_span(t)) == t and A.num_frames(A.frames_span(t) - 1) == t - 1
                for t in range(1, 1100))
+
+
+@pytest.mark.parametrize("subtype,channels", [("PCM_16", 1), ("PCM_24", 2), ("FLOAT", 1)])
+def test_a_wav_cut_short_is_an_error_not_a_shorter_clip(subtype, channels, tmp_path):
+    import struct
+    x = (np.random.default_rng(0).standard_normal((16000, channels)) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "full.wav", x, 16000, subtype=subtype)
+    data = (tmp_path / "full.wav").read_bytes()
+    assert A.load_audio(tmp_path / "full.wav").shape == (16000,)
+    (tmp_path / "cut.wav").write_bytes(data[:len(data) // 2])  # an interrupted download: libsndfile reads half
+    with pytest.raises(A.AudioLoadError, match=r"cut short: its header declares 1\.000 s of audio, it holds 0\.[45]\d\d s"):
+        A.load_audio(tmp_path / "cut.wav")
+    # a writer to a pipe leaves the sizes unknown (0xFFFFFFFF): read as what it holds
+    at = data.index(b"data") + 4
+    piped = data[:4] + b"\xff\xff\xff\xff" + data[8:at] + b"\xff\xff\xff\xff" + data[at + 4:]
+    (tmp_path / "piped.wav").write_bytes(piped[:len(piped) // 2])
+    assert 0 < A.load_audio(tmp_path / "piped.wav").shape[0] < 16000
+    # a chunk after the audio (LIST metadata) is no shortfall
+    tail = b"LIST" + struct.pack("<I", 4) + b"INFO"
+    (tmp_path / "meta.wav").write_bytes(data[:4] + struct.pack("<I", len(data) - 8 + len(tail)) + data[8:] + tail)
+    torch.testing.assert_close(A.load_audio(tmp_path / "meta.wav"), A.load_audio(tmp_path / "full.wav"))
