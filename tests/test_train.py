@@ -808,3 +808,33 @@ def test_leaving_the_group_releases_a_model_wrapper_that_a_reference_cycle_holds
             dist.destroy_process_group()
         if enabled:
             gc.enable()
+
+
+def test_a_run_held_by_a_reference_cycle_is_released_before_the_next_one_starts(tmp_path, monkeypatch):
+    # torch's first optimizer captures the frames of its compiler's import, the trainer's among them:
+    # the model and optimizer of that run outlive it until a collection; the next run makes one first
+    import gc
+    import weakref
+    from audiomae.train import loop
+
+    runs = []
+    init = loop.Trainer.__init__
+
+    def held_by_a_cycle(self, *a, **k):
+        init(self, *a, **k)
+        self.cycle = self
+        runs.append(weakref.ref(self))
+
+    monkeypatch.setattr(loop.Trainer, "__init__", held_by_a_cycle)
+    opts = dict(data="synthetic", num_clips=8, batch_size=4, epochs=1, blr=1e-3, weight_decay=1e-4, warmup_epochs=0,
+                num_workers=0, quiet=True, seed=0, model="tiny", device="cpu", tensorboard=False)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        loop.pretrain(dict(opts, output_dir=str(tmp_path / "a")))
+        assert runs[0]() is not None  # nothing collected it yet
+        loop.pretrain(dict(opts, output_dir=str(tmp_path / "b")))
+        assert runs[0]() is None and len(runs) == 2
+    finally:
+        if enabled:
+            gc.enable()

@@ -6,6 +6,7 @@ repeated from the ``config.json`` saved in every run folder.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -759,6 +760,10 @@ def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, 
     """Device, process group and seed; a training run's folder is checked (see _refuse_to_overwrite)
     and made; an evaluation's config is written (a training run writes its own once it has started,
     :func:`write_config`, so that a refused start leaves the folder's)."""
+    # an earlier run in this process can survive its return in a reference cycle (the frames that
+    # torch's first optimizer captures while it imports its compiler hold the trainer): its model,
+    # optimizer state and memory on the device go before this run allocates its own
+    gc.collect()
     device = D.pick_device(opts.get("device", "auto"))
     info = D.init(device)  # the rank is known from here (torchrun's or SLURM's variables)
     if training:
