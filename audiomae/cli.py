@@ -662,6 +662,8 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
             sub.error(f"{name(k)} {opts[k]}: no such file or folder (use 'synthetic', a manifest or a folder)")
     if opts.get("data_root") and not os.path.isdir(opts["data_root"]):
         sub.error(f"{name('data_root')} {opts['data_root']}: no such folder")
+    if command in ("pretrain", "finetune") and opts.get("resume") and opts.get("overwrite"):
+        sub.error("--resume continues a run, --overwrite starts afresh in its folder: give one")
     if command == "embed":
         if not opts.get("inputs") and not opts.get("data"):
             sub.error("give audio files to embed, or --data with a manifest, a folder or 'synthetic' "

@@ -571,6 +571,25 @@ def test_a_new_run_does_not_replace_another_runs_checkpoint(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()] == [2]
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN]) == 0
+    kept = {n: (out / n).read_bytes() for n in ("checkpoint-last.pt", "model.pt", "metrics.jsonl", "config.json")}
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    capsys.readouterr()
+    # an input refused (a file that is no checkpoint, a masking that removes nothing): the old run stays
+    for bad in (["--init", str(junk)], ["--mask-mode", "time_frequency", "--mask-t-prob", "0", "--mask-f-prob", "0"]):
+        assert main(["pretrain", "-o", str(out), *TINY_RUN, "--overwrite", *bad]) == 1
+        assert "Traceback" not in capsys.readouterr().err
+        assert {n: (out / n).read_bytes() for n in kept} == kept
+    with pytest.raises(SystemExit):
+        main(["pretrain", "-o", str(out), *TINY_RUN, "--overwrite", "--resume", "auto"])
+    assert "--resume continues a run, --overwrite starts afresh in its folder: give one" in capsys.readouterr().err
+    assert main(["pretrain", "-o", str(out), *TINY_RUN, "--overwrite", "--seed", "1"]) == 0
+    assert (out / "checkpoint-last.pt").read_bytes() != kept["checkpoint-last.pt"]
+
+
 def test_resume_from_an_unfitting_checkpoint_is_one_line_error(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["pretrain", "-o", out, *TINY_RUN]) == 0

@@ -372,6 +372,8 @@ class Trainer:
         self._stop: Optional[GracefulInterrupt] = None  # while run() runs
         self._stop_seen = False  # some process was asked to stop (learnt through _finite's all-reduce)
         self._last_save: Optional[Tuple[int, str]] = None  # (step, name) of the last checkpoint written
+        if info.is_main and opts.get("overwrite") and not opts.get("resume"):
+            _clear_old_run(self.out_dir)  # the new run's inputs are read and its model built: the old run goes
         self.runlog = RunLog(self.out_dir, info.is_main, opts.get("tensorboard", True))
         if info.is_main:
             _remove_partial_saves(self.out_dir)
@@ -722,20 +724,23 @@ def _skipped_note(summary: Dict[str, Any]) -> str:
     return f" ({k} of the {n} steps skipped: non-finite loss or gradients)" if k else ""
 
 
+def _clear_old_run(out_dir: str) -> None:
+    """``--overwrite``: the old run's checkpoints, logs and reports go (the main process's part, as a
+    run starting afresh in the folder creates its log; an input refused before leaves them)."""
+    import shutil
+
+    for name in (LAST, BEST, "model.pt", "metrics.jsonl", "best_report.csv"):
+        p = os.path.join(out_dir, name)
+        if os.path.isfile(p):
+            os.remove(p)
+    shutil.rmtree(os.path.join(out_dir, "tensorboard"), ignore_errors=True)
+
+
 def _refuse_to_overwrite(opts: Dict[str, Any], info: D.DistInfo) -> None:
     """A new training run must not replace the checkpoint of another one in its folder unasked.
-    Every process decides alike; with ``--overwrite`` the main one clears the folder."""
-    if opts.get("resume"):
-        return
-    if opts.get("overwrite"):  # afresh: the old run's checkpoints, logs and reports go
-        if info.is_main:
-            import shutil
-
-            for name in (LAST, BEST, "model.pt", "metrics.jsonl", "best_report.csv"):
-                p = os.path.join(opts["output_dir"], name)
-                if os.path.isfile(p):
-                    os.remove(p)
-            shutil.rmtree(os.path.join(opts["output_dir"], "tensorboard"), ignore_errors=True)
+    Every process decides alike; with ``--overwrite`` the old run is cleared once the new one has
+    started (:func:`_clear_old_run`, when its inputs have been read and its model built)."""
+    if opts.get("resume") or opts.get("overwrite"):
         return
     out = opts["output_dir"]
     if not opts.get("cv_folds") and os.path.isfile(os.path.join(out, "fold-1", LAST)):
