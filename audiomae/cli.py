@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the masks and the synthetic dataset")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run of another command that the folder holds (an earlier demo's is always "
+                        "replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add("info", "versions, devices and which fused-op backends can run here; or what a checkpoint holds",

@@ -733,6 +733,26 @@ def reconstruct(opts: Dict[str, Any]) -> str:
     return opts["out"]
 
 
+def _refuse_another_run(out: str, overwrite: bool) -> None:
+    """A demo starts afresh in its folder: one that holds another command's run (its checkpoint, or a
+    cross-validation's folds) is refused unless ``overwrite``; an earlier demo's is replaced."""
+    import json
+    from .train.state import LAST
+    held = [n for n in (LAST, "model.pt", os.path.join("fold-1", LAST)) if os.path.isfile(os.path.join(out, n))]
+    if not held or overwrite:
+        return
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            command = json.load(f).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
+    if command == "demo":
+        return
+    what = f"a {command} run" if isinstance(command, str) else "a run"
+    raise InputError(f"{out} holds {what} ({held[0]}), which the demo would replace: choose another --output-dir, "
+                     "or give --overwrite to replace it")
+
+
 def demo(opts: Dict[str, Any]) -> Dict[str, float]:
     """The main job on the embedded dataset: pretrain a tiny Audio-MAE, draw a reconstruction, and
     linear-probe its frozen embeddings against the same encoder untrained."""
@@ -742,6 +762,7 @@ def demo(opts: Dict[str, Any]) -> Dict[str, float]:
     import importlib.util
 
     out = opts["output_dir"]
+    _refuse_another_run(out, bool(opts.get("overwrite")))
     t0 = time.time()
     draw = importlib.util.find_spec("matplotlib") is not None
     if not draw:

@@ -1956,3 +1956,18 @@ def test_the_end_of_a_run_counts_its_skipped_steps(tmp_path, monkeypatch, capsys
     calls.clear()
     assert main(["finetune", "-o", str(tmp_path / "f"), *TINY_RUN]) == 0
     assert "(1 of the 2 steps skipped: non-finite loss or gradients)" in capsys.readouterr().out
+
+
+def test_the_demo_replaces_an_earlier_demo_but_not_another_commands_run(tmp_path, capsys):
+    demo = ["demo", "--epochs", "1", "--num-clips", "16", "--num-eval-clips", "8", "--batch-size", "8", "--quiet"]
+    assert main([*demo, "-o", str(tmp_path / "d")]) in (0, None)
+    assert main([*demo, "-o", str(tmp_path / "d")]) in (0, None)  # a demo starts afresh in its own folder
+    run = tmp_path / "run"
+    assert main(["pretrain", "-o", str(run), *TINY_RUN]) == 0
+    kept = {n: (run / n).read_bytes() for n in ("checkpoint-last.pt", "model.pt", "metrics.jsonl", "config.json")}
+    capsys.readouterr()
+    assert main([*demo, "-o", str(run)]) == 1
+    assert f"{run} holds a pretrain run (checkpoint-last.pt), which the demo would replace" in capsys.readouterr().err
+    assert {n: (run / n).read_bytes() for n in kept} == kept
+    assert main([*demo, "-o", str(run), "--overwrite"]) in (0, None)
+    assert json.loads((run / "config.json").read_text())["command"] == "demo"
