@@ -1971,3 +1971,23 @@ def test_the_demo_replaces_an_earlier_demo_but_not_another_commands_run(tmp_path
     assert {n: (run / n).read_bytes() for n in kept} == kept
     assert main([*demo, "-o", str(run), "--overwrite"]) in (0, None)
     assert json.loads((run / "config.json").read_text())["command"] == "demo"
+
+
+def test_an_evaluation_in_a_training_runs_folder_keeps_the_runs_config(tmp_path, capsys):
+    run = tmp_path / "ft"
+    assert main(["finetune", "-o", str(run), *TINY_RUN]) == 0
+    before = (run / "config.json").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "model.pt"), "-o", str(run), *SMALL_EVAL]) == 0
+    assert f"note: {run / 'config.json'} is the finetune run's: this evaluation's options go to evaluate-config.json" \
+        in capsys.readouterr().err
+    assert (run / "config.json").read_text() == before
+    assert json.loads((run / "evaluate-config.json").read_text())["command"] == "evaluate"
+    assert main(["finetune", "--config", str(run / "config.json"), "--epochs", "2", "--resume", "auto"]) == 0
+    assert f"resumed from {run / 'checkpoint-last.pt'} at epoch 1" in capsys.readouterr().out
+    # an evaluation's own folder: its config.json, replaced by the next evaluation's
+    ev = tmp_path / "ev"
+    for _ in range(2):
+        assert main(["evaluate", str(run / "model.pt"), "-o", str(ev), *SMALL_EVAL]) == 0
+        assert json.loads((ev / "config.json").read_text())["command"] == "evaluate"
+    assert not (ev / "evaluate-config.json").exists() and "note:" not in capsys.readouterr().err

@@ -779,17 +779,34 @@ def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, 
     if info.is_main:
         os.makedirs(opts["output_dir"], exist_ok=True)
     if not training:
-        write_config(opts, info)
+        write_config(opts, info, evaluation=True)
     D.barrier()
     return device, info
 
 
-def write_config(opts: Dict[str, Any], info: D.DistInfo) -> None:
+def write_config(opts: Dict[str, Any], info: D.DistInfo, evaluation: bool = False) -> None:
     """The run's options as ``config.json`` (what ``--config`` repeats); ``resume`` and ``overwrite``
-    are what was done to the folder, not how the run goes, and are left out."""
+    are what was done to the folder, not how the run goes, and are left out. An evaluation in a
+    folder whose ``config.json`` is another command's (a training run's folder) writes
+    ``evaluate-config.json`` instead, so that the run can still be repeated and resumed."""
     if info.is_main:
         kept = {k: v for k, v in _json_safe(opts).items() if k not in ("resume", "overwrite")}
-        with open(os.path.join(opts["output_dir"], "config.json"), "w") as f:
+        name = "config.json"
+        if evaluation:
+            path = os.path.join(opts["output_dir"], name)
+            try:
+                with open(path) as f:
+                    command = json.load(f).get("command", "")
+            except FileNotFoundError:
+                command = "evaluate"
+            except (OSError, ValueError, AttributeError):
+                command = ""  # a file this evaluation did not write: kept
+            if command != "evaluate":
+                name = "evaluate-config.json"
+                who = f"the {command} run's" if isinstance(command, str) and command else "another command's"
+                print(f"note: {path} is {who}: this evaluation's options go to {name}", file=sys.stderr)
+            kept.setdefault("command", "evaluate")
+        with open(os.path.join(opts["output_dir"], name), "w") as f:
             json.dump(kept, f, indent=2, sort_keys=True)
 
 
