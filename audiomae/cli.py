@@ -482,9 +482,13 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
 def _config_value(sub: argparse.ArgumentParser, dest: str, v: Any, cfg_path: str) -> Any:
     """A value from a --config file, checked as the option's own parser would check it typed."""
     action = next((a for a in sub._actions if a.dest == dest), None)
-    if action is None or v is None:
+    if action is None:
         return v
     where = f"--config {cfg_path}: {dest}"
+    if v is None:  # null: the value of an option whose default is to be absent, else no value at all
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return v
+        sub.error(f"{where} cannot be null (leave it out for the default, {json.dumps(action.default)})")
 
     def bad(kind: str) -> None:
         sub.error(f"{where} must be {kind}, got {json.dumps(v)}")

@@ -1701,6 +1701,9 @@ def test_embed_and_classify_decode_each_file_once_within_the_budget(budget, read
     ({"quiet": 1}, "quiet must be true or false, got 1"),
     ({"precision": "fp8"}, 'precision must be one of auto, bf16, fp16, fp32, got "fp8"'),
     ({"data": [{"wav": "a.wav", "labels": "/m/x"}]}, 'data must be a string, got [{"wav"'),  # a manifest
+    ({"batch_size": None}, "batch_size cannot be null (leave it out for the default, 32)"),
+    ({"model": None}, 'model cannot be null (leave it out for the default, "tiny")'),
+    ({"seed": None}, "seed cannot be null (leave it out for the default, 0)"),
 ])
 def test_config_values_are_checked_as_typed_ones(saved, message, tmp_path, capsys):
     cfg = tmp_path / "c.json"
