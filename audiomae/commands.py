@@ -677,12 +677,20 @@ def _check_picture_path(path: str) -> None:
     _output_folder(path, "--out")
 
 
+# the audio formats the reconstruction is written in: those libsndfile writes and reads back whole,
+# at the model's sample rate, by their extension (raw needs a sample format, xi and wve change the
+# rate, sd2 leaves a resource file beside it, and the rest are not audio players' formats)
+_AUDIO_OUTPUTS = ("wav", "flac", "ogg", "mp3", "aiff", "au", "caf", "w64", "rf64")
+
+
 def _check_audio_path(path: str) -> None:
     import soundfile as sf
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    if ext.upper() not in sf.available_formats():
-        raise InputError(f"--wav {path}: " + (f"unknown audio format '.{ext}'" if ext else "no file extension")
-                         + " (use .wav, .flac or .ogg)")
+    usable = [e for e in _AUDIO_OUTPUTS if e.upper() in sf.available_formats()]
+    if ext not in usable:
+        what = "no file extension" if not ext else (
+            f"'.{ext}' is not written here" if ext.upper() in sf.available_formats() else f"unknown audio format '.{ext}'")
+        raise InputError(f"--wav {path}: {what} (use {', '.join('.' + e for e in usable)})")
     _output_folder(path, "--wav")
 
 

@@ -1764,7 +1764,16 @@ def test_reconstruct_wav_without_an_extension(tmp_path, tiny_ckpt, no_model, cap
     ok = _wav(tmp_path / "ok.wav", 1.0)
     assert main(["reconstruct", ok, "--checkpoint", tiny_ckpt, "--out", str(tmp_path / "r.png"),
                  "--wav", str(tmp_path / "noext")]) == 1
-    assert_one_error_line(capsys.readouterr().err, "no file extension (use .wav, .flac or .ogg)")
+    assert_one_error_line(capsys.readouterr().err, "no file extension (use .wav, .flac, .ogg")
+    # formats libsndfile knows but that do not give the clip back (no sample format, another rate)
+    for ext in ("raw", "xi", "sd2"):
+        assert main(["reconstruct", ok, "--checkpoint", tiny_ckpt, "--out", str(tmp_path / "r.png"),
+                     "--wav", str(tmp_path / f"r.{ext}")]) == 1
+        assert_one_error_line(capsys.readouterr().err, f"'.{ext}' is not written here (use .wav, .flac")
+    assert sorted(os.listdir(tmp_path)) == ["ok.wav"]  # refused before anything is written
+    from audiomae.commands import _check_audio_path
+    for ext in ("wav", "flac", "ogg", "aiff"):
+        _check_audio_path(str(tmp_path / f"r.{ext}"))
 
 
 def test_reconstruct_needs_a_pretraining_checkpoint(tmp_path, capsys):
