@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reconstruction.png", help="picture file (.png, .pdf, .svg, ...); its folder "
                                                               "is created")
     p.add_argument("--wav", help="also write the reconstruction as audio (Griffin-Lim) to this file: .wav, .flac, .ogg, .mp3, .aiff, .au, .caf, .w64 or .rf64")
-    p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1)")
+    p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1) (a time_frequency model masks the lines its config says)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
     p.add_argument("--stats", default="audioset", help=STATS_HELP + " (default: the checkpoint run's, else audioset)")
     p.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first",

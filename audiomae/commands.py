@@ -716,6 +716,13 @@ def reconstruct(opts: Dict[str, Any]) -> str:
         device = _device(opts.get("device", "auto"))
         with adaptations_as_notes():
             model = AudioMAE.from_pretrained(opts["checkpoint"]).to(device).eval()
+    if model.config.mask_mode == "time_frequency":
+        given = opts.get("explicit_options")
+        if ("mask_ratio" in given) if given is not None else ratio != 0.8:
+            c = model.config
+            raise InputError(f"--mask-ratio does not apply to {opts['checkpoint']}: its model masks time and frequency "
+                             f"lines (--mask-mode time_frequency, {c.mask_t_prob:g} of the time lines and "
+                             f"{c.mask_f_prob:g} of the frequency lines, from its config); leave it out")
     T = model.config.img_size[0]
     x = _clip_input(opts["audio"], T, opts.get("stats", "audioset"), opts.get("downmix") or "first").unsqueeze(0).to(device)
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))

@@ -2003,3 +2003,16 @@ def test_an_evaluation_in_a_training_runs_folder_keeps_the_runs_config(tmp_path,
         assert main(["evaluate", str(run / "model.pt"), "-o", str(ev), *SMALL_EVAL]) == 0
         assert json.loads((ev / "config.json").read_text())["command"] == "evaluate"
     assert not (ev / "evaluate-config.json").exists() and "note:" not in capsys.readouterr().err
+
+
+def test_reconstruct_refuses_a_mask_ratio_that_a_time_frequency_model_does_not_use(tmp_path, capsys):
+    run = tmp_path / "tf"
+    assert main(["pretrain", "-o", str(run), *TINY_RUN, "--mask-mode", "time_frequency"]) == 0
+    ok = _wav(tmp_path / "ok.wav", 1.0)
+    argv = ["reconstruct", ok, "--checkpoint", str(run / "model.pt"), "--out", str(tmp_path / "r.png")]
+    capsys.readouterr()
+    assert main([*argv, "--mask-ratio", "0.5"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--mask-ratio does not apply", "--mask-mode time_frequency, 0.7 "
+                          "of the time lines and 0.3 of the frequency lines")
+    assert not (tmp_path / "r.png").exists()
+    assert main(argv) == 0 and (tmp_path / "r.png").exists()
