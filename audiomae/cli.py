@@ -368,6 +368,7 @@ def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.A
 def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
     """How the user named the argument ``dest``: the option string typed (``-o`` or ``--output-dir``,
     or an accepted abbreviation), or a positional argument's name."""
+    every = {o for a in sub._actions for o in a.option_strings}
     for action in sub._actions:
         if action.dest != dest:
             continue
@@ -377,7 +378,9 @@ def _typed(sub: argparse.ArgumentParser, dest: str, argv: List[str]) -> str:
             key = a.split("=", 1)[0]
             if key in action.option_strings:
                 return key
-            if key.startswith("--") and len(key) > 2 and any(o.startswith(key) for o in action.option_strings):
+            # an abbreviation, unless it is another option's whole name (--data is not --data-root's)
+            if key.startswith("--") and len(key) > 2 and key not in every \
+                    and any(o.startswith(key) for o in action.option_strings):
                 return key
         return max(action.option_strings, key=len)
     return "--" + dest.replace("_", "-")

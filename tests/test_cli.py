@@ -2016,3 +2016,17 @@ def test_reconstruct_refuses_a_mask_ratio_that_a_time_frequency_model_does_not_u
                           "of the time lines and 0.3 of the frequency lines")
     assert not (tmp_path / "r.png").exists()
     assert main(argv) == 0 and (tmp_path / "r.png").exists()
+
+
+def test_an_error_names_the_option_as_typed_not_another_that_it_begins(tmp_path, tiny_ckpt, capsys):
+    from audiomae.cli import _typed, build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices["embed"]
+    argv = ["--data", "m.json", "--data-root", "x"]
+    assert _typed(sub, "data_root", argv) == "--data-root" and _typed(sub, "data", argv) == "--data"
+    assert _typed(sub, "data_root", ["--data", "m.json", "--data-r", "x"]) == "--data-r"  # an abbreviation
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"data": [{"wav": "a.wav", "labels": "/m/a"}]}))
+    with pytest.raises(SystemExit):
+        main(["embed", "--checkpoint", tiny_ckpt, "--data", str(manifest), "--data-root", str(tmp_path / "no"),
+              "--out", str(tmp_path / "e.pt")])
+    assert f"error: --data-root {tmp_path / 'no'}: no such folder" in capsys.readouterr().err
