@@ -1985,7 +1985,7 @@ def test_the_demo_replaces_an_earlier_demo_but_not_another_commands_run(tmp_path
     assert json.loads((run / "config.json").read_text())["command"] == "demo"
 
 
-def test_an_evaluation_in_a_training_runs_folder_keeps_the_runs_config(tmp_path, capsys):
+def test_an_evaluation_in_a_training_runs_folder_keeps_the_runs_config(tmp_path, monkeypatch, capsys):
     run = tmp_path / "ft"
     assert main(["finetune", "-o", str(run), *TINY_RUN]) == 0
     before = (run / "config.json").read_text()
@@ -1997,11 +1997,14 @@ def test_an_evaluation_in_a_training_runs_folder_keeps_the_runs_config(tmp_path,
     assert json.loads((run / "evaluate-config.json").read_text())["command"] == "evaluate"
     assert main(["finetune", "--config", str(run / "config.json"), "--epochs", "2", "--resume", "auto"]) == 0
     assert f"resumed from {run / 'checkpoint-last.pt'} at epoch 1" in capsys.readouterr().out
-    # an evaluation's own folder: its config.json, replaced by the next evaluation's
+    # an evaluation's own folder: its config.json, replaced by the next evaluation's; the checkpoint
+    # recorded as an absolute path, as the README says of a run's paths
     ev = tmp_path / "ev"
     for _ in range(2):
-        assert main(["evaluate", str(run / "model.pt"), "-o", str(ev), *SMALL_EVAL]) == 0
-        assert json.loads((ev / "config.json").read_text())["command"] == "evaluate"
+        monkeypatch.chdir(tmp_path)
+        assert main(["evaluate", os.path.join("ft", "model.pt"), "-o", str(ev), *SMALL_EVAL]) == 0
+        saved = json.loads((ev / "config.json").read_text())
+        assert saved["command"] == "evaluate" and saved["checkpoint"] == str(run / "model.pt")
     assert not (ev / "evaluate-config.json").exists() and "note:" not in capsys.readouterr().err
 
 
