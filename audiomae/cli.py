@@ -656,6 +656,16 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         if opts.get(k) and not os.path.isfile(opts[k]):
             what = "no such file" if not os.path.exists(opts[k]) else "not a file"
             sub.error(f"{name(k)} {opts[k]}: {what}")
+    # an output that is one of the command's inputs would replace it (embeddings over the checkpoint)
+    outputs = [k for k in ("out", "wav") if isinstance(opts.get(k), str) and os.path.isfile(opts[k])]
+    for k in outputs:
+        for src in ("checkpoint", "pretrained", "init", "labels", "data", "audio", "inputs"):
+            given = opts.get(src)
+            for v in (given if isinstance(given, list) else [given]):
+                if isinstance(v, str) and os.path.isfile(v) and os.path.samefile(v, opts[k]):
+                    which = "input audio file" if src in ("inputs", "audio") else f"{name(src)} file"
+                    sub.error(f"{name(k)} {opts[k]} is this command's {which} too: writing it would replace that "
+                              "input; write the output elsewhere")
     if opts.get("cv_folds") is not None:
         bounded("cv_folds", 2)
         for k in ("data", "eval_data"):

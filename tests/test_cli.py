@@ -2033,3 +2033,22 @@ def test_an_error_names_the_option_as_typed_not_another_that_it_begins(tmp_path,
         main(["embed", "--checkpoint", tiny_ckpt, "--data", str(manifest), "--data-root", str(tmp_path / "no"),
               "--out", str(tmp_path / "e.pt")])
     assert f"error: --data-root {tmp_path / 'no'}: no such folder" in capsys.readouterr().err
+
+
+def test_an_output_that_is_an_input_of_the_command_is_refused(tmp_path, tiny_ckpt, capsys):
+    import shutil
+    ckpt = tmp_path / "m.pt"
+    shutil.copy(tiny_ckpt, ckpt)
+    ok = _wav(tmp_path / "ok.wav", 0.5)
+    before = ckpt.read_bytes(), (tmp_path / "ok.wav").read_bytes()
+    os.symlink(ckpt, tmp_path / "link.pt")
+    for argv, message in (
+            (["embed", ok, "--checkpoint", str(ckpt), "--out", str(tmp_path / "link.pt")],
+             "--out {}/link.pt is this command's --checkpoint file too"),
+            (["embed", ok, "--checkpoint", str(ckpt), "--out", ok], "--out {}/ok.wav is this command's input audio"),
+            (["reconstruct", ok, "--checkpoint", str(ckpt), "--out", str(tmp_path / "r.png"), "--wav", ok],
+             "--wav {}/ok.wav is this command's input audio file too")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message.format(tmp_path) in capsys.readouterr().err
+    assert (ckpt.read_bytes(), (tmp_path / "ok.wav").read_bytes()) == before
