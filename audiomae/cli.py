@@ -454,6 +454,12 @@ def _options(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: List[
         # the repeated run's own choices count as given; its defaults stay defaults
         chosen = saved.get("explicit_options")
         chosen = set(chosen) if isinstance(chosen, list) else set(saved)
+        if command == "evaluate" and other in ("pretrain", "finetune") and isinstance(saved.get("eval_data"), str):
+            # a training run's held-out set is what an evaluation of it scores, not its training data
+            saved = dict(saved, data=saved["eval_data"])
+            chosen = chosen | {"data"}
+            print(f"note: --config {cfg_path}: evaluating on the run's --eval-data {saved['eval_data']}",
+                  file=sys.stderr)
         if other not in (None, command):
             # another command's run: only the inputs it was told (its data, statistics, lengths, device),
             # not its defaults (fine-tuning's lr and decay are not pretraining's), its folder or options

@@ -2052,3 +2052,21 @@ def test_an_output_that_is_an_input_of_the_command_is_refused(tmp_path, tiny_ckp
             main(argv)
         assert e.value.code == 2 and message.format(tmp_path) in capsys.readouterr().err
     assert (ckpt.read_bytes(), (tmp_path / "ok.wav").read_bytes()) == before
+
+
+def test_evaluate_with_a_finetune_runs_config_scores_its_held_out_set(tmp_path, capsys):
+    for split, n in (("tr", 4), ("ev", 3)):
+        rows = [{"wav": _wav(tmp_path / f"{split}{i}.wav", 0.5), "labels": "/m/a" if i % 2 else "/m/b"}
+                for i in range(n)]
+        (tmp_path / f"{split}.json").write_text(json.dumps({"data": rows}))
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n")
+    run = tmp_path / "ft"
+    assert main(["finetune", "-o", str(run), "--data", str(tmp_path / "tr.json"), "--eval-data",
+                 str(tmp_path / "ev.json"), "--labels", str(tmp_path / "labels.csv"), "--batch-size", "2",
+                 "--epochs", "1", "--num-workers", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "model.pt"), "--config", str(run / "config.json"), "-o",
+                 str(tmp_path / "ev")]) == 0
+    got = capsys.readouterr()
+    assert f"evaluating on the run's --eval-data {tmp_path / 'ev.json'}" in got.err
+    assert " on 3 clips" in got.out  # the held-out set's 3, not the 4 it trained on
