@@ -2070,3 +2070,7 @@ def test_evaluate_with_a_finetune_runs_config_scores_its_held_out_set(tmp_path, 
     got = capsys.readouterr()
     assert f"evaluating on the run's --eval-data {tmp_path / 'ev.json'}" in got.err
     assert " on 3 clips" in got.out  # the held-out set's 3, not the 4 it trained on
+    # without --data: the synthetic set, whose 10 classes do not fit; the error names the run's held-out set
+    assert main(["evaluate", str(run / "model.pt"), "-o", str(tmp_path / "ev2"), "--quiet"]) == 1
+    assert f"predicts 2 classes, the data has 10 (its run's held-out set is {tmp_path / 'ev.json'}: give it as " \
+           "--data" in capsys.readouterr().err

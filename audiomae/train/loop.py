@@ -1482,8 +1482,14 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
                             f"(audiomae finetune --pretrained {opts['checkpoint']} ...), or use audiomae embed "
                             "for its embeddings")
     if sd["head.weight"].shape[0] != dataset.num_classes:
+        held_out = args.get("eval_data") if isinstance(args, dict) else None
+        hint = ""
+        if isinstance(held_out, str) and opts.get("data") != held_out:
+            hint = f" (its run's held-out set is {held_out}: give it as --data, or --config with the run's config.json)"
+        elif opts.get("data", "synthetic") == "synthetic" and not _given(opts) & {"data"}:
+            hint = " (with no --data the evaluation is of the embedded synthetic dataset: give the run's data)"
         raise TrainingError(f"{opts['checkpoint']} predicts {sd['head.weight'].shape[0]} classes, the data has "
-                            f"{dataset.num_classes}")
+                            f"{dataset.num_classes}{hint}")
     # the classes the run trained on (by their mids where both have them; older checkpoints
     # recorded the names only)
     names = args.get("class_names") if isinstance(args, dict) else None
