@@ -395,7 +395,7 @@ _RECORDED_KEYS = ("explicit_options", "class_names", "class_mids", "multi_label"
 # absolute, so that --config repeats it (and evaluate finds its label file) from any folder
 _PATH_OPTIONS = ("output_dir", "checkpoint", "pretrained", "init", "data", "eval_data", "labels", "data_root", "out",
                  "wav", "config", "resume", "audio", "inputs")
-_RUN_PATHS = ("output_dir", "checkpoint", "pretrained", "init", "data", "eval_data", "labels", "data_root", "resume")
+_RUN_PATHS = ("output_dir", "pretrained", "init", "data", "eval_data", "labels", "data_root", "resume")
 
 
 def _path(v: str) -> str:

@@ -179,7 +179,7 @@ def _checkpoint_options(opts: Dict[str, Any], names: Sequence[str]) -> Dict[str,
     (:func:`audiomae.train.loop.inherit_run_options`), with a note naming those that differ."""
     from .train.loop import _note_inherited, inherit_run_options
     _, _, args = read_checkpoint(opts["checkpoint"])
-    opts, changed = inherit_run_options(opts, args, None, names)
+    opts, changed = inherit_run_options(opts, args, None, names, where=opts["checkpoint"])
     _note_inherited(changed, opts["checkpoint"])
     return opts
 

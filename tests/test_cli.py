@@ -2074,3 +2074,24 @@ def test_evaluate_with_a_finetune_runs_config_scores_its_held_out_set(tmp_path, 
     assert main(["evaluate", str(run / "model.pt"), "-o", str(tmp_path / "ev2"), "--quiet"]) == 1
     assert f"predicts 2 classes, the data has 10 (its run's held-out set is {tmp_path / 'ev.json'}: give it as " \
            "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded,message", [
+    ({"downmix": "left"}, "records downmix='left' from its run, which is not usable (downmix must be one of"),
+    ({"stats": 5}, "records stats=5 from its run, which is not usable"),
+    ({"clip_seconds": -1}, "records clip_seconds=-1 from its run, which is not usable"),
+])
+def test_a_checkpoint_whose_run_recorded_an_unusable_input_option_is_one_error(recorded, message, tmp_path,
+                                                                               tiny_ckpt, capsys):
+    state = torch.load(tiny_ckpt, weights_only=False)
+    state["args"] = dict(state.get("args") or {}, **recorded)
+    ckpt = tmp_path / "edited.pt"
+    torch.save(state, ckpt)
+    ok = _wav(tmp_path / "ok.wav", 0.5)
+    assert main(["embed", ok, "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.pt"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {ckpt} {message}" in err and "Traceback" not in err
+    flag = "--" + next(iter(recorded)).replace("_", "-")
+    assert f"give {flag} to choose the value" in err
+    assert main(["embed", ok, "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.pt"), "--quiet", flag,
+                 {"downmix": "first", "stats": "audioset", "clip_seconds": "0.5"}[flag[2:].replace("-", "_")]]) == 0

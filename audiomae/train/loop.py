@@ -806,6 +806,8 @@ def write_config(opts: Dict[str, Any], info: D.DistInfo, evaluation: bool = Fals
                 who = f"the {command} run's" if isinstance(command, str) and command else "another command's"
                 print(f"note: {path} is {who}: this evaluation's options go to {name}", file=sys.stderr)
             kept.setdefault("command", "evaluate")
+            if isinstance(kept.get("checkpoint"), str):  # as a run's other paths: --config repeats it from anywhere
+                kept["checkpoint"] = os.path.abspath(kept["checkpoint"])
         with open(os.path.join(opts["output_dir"], name), "w") as f:
             json.dump(kept, f, indent=2, sort_keys=True)
 
@@ -957,7 +959,7 @@ def _resumed_run_inputs(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[
     from ..checkpoint import read_checkpoint
     _, cfg, args = read_checkpoint(path)
     # the optimisation options whose defaults have changed since: a run goes on with its own
-    opts, changed = inherit_run_options(opts, args, None, names=("downmix", "weight_decay", "min_lr"))
+    opts, changed = inherit_run_options(opts, args, None, names=("downmix", "weight_decay", "min_lr"), where=path)
     _note_inherited(changed, path)
     _note_other_inputs(opts, args, path)
     return opts, cfg
@@ -1407,8 +1409,30 @@ def cross_validate(opts: Dict[str, Any]) -> Dict[str, Any]:
 INHERITED_OPTIONS = ("stats", "clip_seconds", "target_length", "downmix", "single_label")
 
 
+def _check_recorded(k: str, v: Any, where: str) -> None:
+    """A value a checkpoint's run recorded (a file edited by hand, or of another program) is checked
+    as the option would be typed: one error naming it, not a failure deep in the front end."""
+    from ..audio import check_downmix, get_stats
+    from ..checkpoint import CheckpointError
+    try:
+        if k == "stats":
+            get_stats(v)
+        elif k == "downmix":
+            check_downmix(v)
+        elif k in ("clip_seconds", "target_length") and not (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{k} must be a positive number")
+        elif k == "single_label" and not isinstance(v, bool):
+            raise ValueError("single_label must be true or false")
+    except (TypeError, ValueError) as e:
+        flag = "--" + k.replace("_", "-")
+        raise CheckpointError(f"{where} records {k}={v!r} from its run, which is not usable ({e}); give {flag} "
+                              "to choose the value") from None
+
+
 def inherit_run_options(opts: Dict[str, Any], args: Any, cfg: Optional[dict] = None,
-                        names: Sequence[str] = INHERITED_OPTIONS) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                        names: Sequence[str] = INHERITED_OPTIONS,
+                        where: str = "the checkpoint") -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``opts`` with the options of ``names`` that the caller did not give taken from the checkpoint:
     its run's recorded options (``args``: ours a dict, the release's an ``argparse.Namespace``, whose
     ``dataset`` names the statistics), and the model's input length from its ``cfg``. Given options
@@ -1428,6 +1452,7 @@ def inherit_run_options(opts: Dict[str, Any], args: Any, cfg: Optional[dict] = N
         if k in given or saved.get(k) is None:
             continue
         v = tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
+        _check_recorded(k, v, where)
         if out.get(k) != v and not (k == "single_label" and not v and not out.get(k)):
             changed[k] = v
         out[k] = v
@@ -1470,7 +1495,7 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     # the class-label CSV of the run too, while it is where the run read it
     saved_labels = args.get("labels") if isinstance(args, dict) else None
     names = INHERITED_OPTIONS + (("labels",) if isinstance(saved_labels, str) and os.path.isfile(saved_labels) else ())
-    opts, changed = inherit_run_options(opts, args, cfg, names=names)
+    opts, changed = inherit_run_options(opts, args, cfg, names=names, where=opts["checkpoint"])
     _note_inherited(changed, opts["checkpoint"])
     device, info = _setup(opts)
     dataset = build_dataset(opts, "val")
