@@ -1973,6 +1973,8 @@ def test_the_end_of_a_run_counts_its_skipped_steps(tmp_path, monkeypatch, capsys
 def test_the_demo_replaces_an_earlier_demo_but_not_another_commands_run(tmp_path, capsys):
     demo = ["demo", "--epochs", "1", "--num-clips", "16", "--num-eval-clips", "8", "--batch-size", "8", "--quiet"]
     assert main([*demo, "-o", str(tmp_path / "d")]) in (0, None)
+    err = capsys.readouterr().err  # the demo has no --warmup-epochs: its warning says what it does take
+    assert "(the demo warms up for 1 epoch: give more --epochs)" in err and "--warmup-epochs" not in err
     assert main([*demo, "-o", str(tmp_path / "d")]) in (0, None)  # a demo starts afresh in its own folder
     run = tmp_path / "run"
     assert main(["pretrain", "-o", str(run), *TINY_RUN]) == 0

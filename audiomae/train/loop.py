@@ -563,9 +563,11 @@ class Trainer:
     def run(self) -> Dict[str, Any]:
         if self.info.is_main and self.step == 0 and 0 < self.total_steps <= self.warmup_steps:
             w, e = float(self.opts.get("warmup_epochs") or 0), int(self.opts["epochs"])
+            fix = (f"the demo warms up for {w:g} epoch{'' if w == 1 else 's'}: give more --epochs"
+                   if self.opts.get("command") == "demo" else "--warmup-epochs sets the warmup")
             print(f"warning: the warmup ({w:g} epoch{'' if w == 1 else 's'}, {self.warmup_steps} steps) is not "
                   f"shorter than the run ({e} epoch{'' if e == 1 else 's'}, {self.total_steps} steps): the lr never reaches "
-                  f"its peak of {self.lr:.3g} (--warmup-epochs sets the warmup)", file=sys.stderr)
+                  f"its peak of {self.lr:.3g} ({fix})", file=sys.stderr)
         # Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint before stopping;
         # with several processes, all of them stop after the same step (see _agreed)
         with GracefulInterrupt(hard_second=self.info.enabled) as stop:
