@@ -578,8 +578,9 @@ def atomic_save(obj: Any, path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename into place (``~`` is the home
     folder)."""
     path = os.path.expanduser(os.fspath(path))
-    if os.path.isdir(path):
-        raise CheckpointError(f"cannot write {path}: it is a folder; give a file name (e.g. "
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        what = "it is a folder" if os.path.isdir(path) else "a name ending in / is a folder's"
+        raise CheckpointError(f"cannot write {path}: {what}; give a file name (e.g. "
                               f"{os.path.join(path, 'model.pt')})")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -476,6 +476,9 @@ def test_save_pretrained_refuses_extras_a_safe_load_could_not_read(tmp_path):
     assert list(back["ema"]) == list(model.state_dict())
     with pytest.raises(CheckpointError, match="it is a folder; give a file name"):
         model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="a name ending in / is a folder's; give a file name"):
+        model.save_pretrained(str(tmp_path / "new") + "/")  # not there yet: no raw rename error, nothing left
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n == "new"]
 
 
 def test_safetensors_keep_json_extras_and_refuse_others(tmp_path):
