@@ -448,6 +448,13 @@ def test_folder_dataset_system_folders_and_what_it_leaves_out(tmp_path, caplog):
     assert "left out 1 .mp3 file under" in text
     assert "1 audio file is in two class folders (through a link), with both labels: " in text
     assert os.path.join("dog", "linkcat", "b.wav") + " (also in cat)" in text
+    # the folder read again (a run's training and evaluation sets): nothing said twice
+    (tmp_path / "bird").mkdir()
+    caplog.clear()
+    FolderDataset(tmp_path, clip_seconds=0.1)
+    FolderDataset(tmp_path, clip_seconds=0.1)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == len(set(said)) and sum("class folder" in m and "bird" in m for m in said) == 1
 
 
 def test_folder_dataset_errors(tmp_path):

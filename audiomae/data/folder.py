@@ -35,6 +35,18 @@ def _kept(name: str) -> bool:
     return not name.startswith(".") and name not in SYSTEM_FOLDERS
 
 
+
+_WARNED: set = set()
+
+
+def _warn_once(msg: str, *args) -> None:
+    """A warning about a folder, once per process: a run reading the folder for training and for
+    evaluation (or a cross-validation's folds) says it once."""
+    text = msg % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning("%s", text)
+
 class FolderDataset(ClipDataset):
     """``FolderDataset(root, clip_seconds=None, extensions=(".wav", ".flac", ".ogg"), ...)``
 
@@ -67,7 +79,7 @@ class FolderDataset(ClipDataset):
             raise DataError(f"{self.root}: no class sub-folders (expected one folder of audio files per class)")
         loose = sum(1 for d in entries if d.is_file() and os.path.splitext(d.name)[1].lower() in exts)
         if loose:
-            logger.warning("%d audio file%s directly in %s %s in no class folder and left out", loose,
+            _warn_once("%d audio file%s directly in %s %s in no class folder and left out", loose,
                            "s" if loose != 1 else "", self.root, "are" if loose != 1 else "is")
         self.class_names = classes
         self.paths: List[str] = []
@@ -98,18 +110,18 @@ class FolderDataset(ClipDataset):
                         in_two.append(f"{os.path.join(dirpath, fn)} (also in {classes[first]})")
                     found.append(os.path.join(dirpath, fn))
             if not found:
-                logger.warning("class folder %s holds no audio files (%s)", os.path.join(self.root, name), ", ".join(exts))
+                _warn_once("class folder %s holds no audio files (%s)", os.path.join(self.root, name), ", ".join(exts))
             found.sort()
             self.paths.extend(found)
             self._labels.extend([ci] * len(found))
         if other:
             counts = ", ".join(f"{n} {e}" for e, n in sorted(other.items()))
-            logger.warning("left out %s file%s under %s: only %s files are read (convert the others, or, from "
+            _warn_once("left out %s file%s under %s: only %s files are read (convert the others, or, from "
                            "Python, pass FolderDataset(extensions=...) for other formats that soundfile decodes)", counts, "s" if sum(other.values()) != 1 else "", self.root,
                            ", ".join(exts))
         if in_two:
             shown = "; ".join(in_two[:3])
-            logger.warning("%d audio file%s in two class folders (through a link), with both labels: %s%s",
+            _warn_once("%d audio file%s in two class folders (through a link), with both labels: %s%s",
                            len(in_two), "s are" if len(in_two) != 1 else " is", shown,
                            " ..." if len(in_two) > 3 else "")
         if not self.paths:
