@@ -838,3 +838,19 @@ def test_a_run_held_by_a_reference_cycle_is_released_before_the_next_one_starts(
     finally:
         if enabled:
             gc.enable()
+
+
+def test_labels_that_the_training_manifest_uses_are_not_noted_as_unused_for_a_folder_eval_set(tmp_path, capsys):
+    import json
+    import numpy as np
+    import soundfile as sf
+    from audiomae.train.loop import build_dataset
+
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / "ev" / c)
+        sf.write(str(tmp_path / "ev" / c / "a.wav"), np.zeros(1600, dtype=np.float32), 16000)
+    manifest = tmp_path / "train.json"
+    manifest.write_text(json.dumps({"data": [{"wav": str(tmp_path / "ev" / "cat" / "a.wav"), "labels": "/m/c"}]}))
+    opts = {"data": str(manifest), "eval_data": str(tmp_path / "ev"), "labels": "classes.csv"}
+    assert build_dataset(opts, "val").class_names == ["cat", "dog"]
+    assert "is not used" not in capsys.readouterr().err

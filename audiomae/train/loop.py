@@ -161,7 +161,11 @@ def build_dataset(opts: Dict[str, Any], split: str, features_in_workers: bool = 
     clip = opts.get("clip_seconds") or None
     common["target_length"] = opts.get("target_length") or None
     if os.path.isdir(path):
-        if opts.get("labels") and (path, "labels") not in _NOTED and os.environ.get("RANK", "0") == "0":
+        # (--labels read for the other set, a manifest, is used there: no note)
+        other = opts.get("data") if split != "train" else opts.get("eval_data")
+        used_elsewhere = isinstance(other, str) and other != "synthetic" and os.path.isfile(other)
+        if opts.get("labels") and not used_elsewhere and (path, "labels") not in _NOTED \
+                and os.environ.get("RANK", "0") == "0":
             _NOTED.add((path, "labels"))
             print(f"note: --labels {opts['labels']} is not used: the classes of the folder {path} are its "
                   "sub-folders, by name", file=sys.stderr)
