@@ -641,10 +641,22 @@ def _check_loadable(value: Any, where: str) -> None:
                     "list, dict or tensor")
 
 
-def save_model(model, path, **extra) -> None:
+# the entries a saved model's file holds of its own: extra entries cannot replace them
+RESERVED_ENTRIES = ("model", "config", "format", "version", "kind")
+
+
+def save_model(model, path, extra: Optional[Dict[str, Any]] = None, **more) -> None:
     """Write ``{'model': state_dict (released key names), 'config': dict, 'format': 'audiomae', ...}``,
-    or a safetensors file (config in its metadata) when ``path`` ends with ``.safetensors``."""
+    or a safetensors file (config in its metadata) when ``path`` ends with ``.safetensors``; ``extra``
+    (and keyword arguments) are further entries, none of :data:`RESERVED_ENTRIES`."""
     from . import __version__
+
+    extra = {**(extra or {}), **more}
+    taken = [k for k in RESERVED_ENTRIES if k in extra]
+    if taken:
+        raise ValueError(f"save_pretrained: {', '.join(taken)} {'is an entry' if len(taken) == 1 else 'are entries'} "
+                         f"of the model's own ({', '.join(RESERVED_ENTRIES)}); give the extra entr"
+                         f"{'y' if len(taken) == 1 else 'ies'} another name (e.g. train_{taken[0]})")
 
     if getattr(model, "encoder_only", False):
         raise CheckpointError(f"cannot write {os.fspath(path)}: this AudioMAE was loaded with encoder_only=True, "

@@ -387,7 +387,7 @@ class AudioMAE(_Encoder):
     def save_pretrained(self, path: Union[str, "os.PathLike"], **extra) -> None:
         """Write ``{'model': state_dict, 'config': ...}``; loadable here and (the 'model' entry) by the release."""
         from .checkpoint import save_model
-        save_model(self, path, **extra)
+        save_model(self, path, extra)
 
 
 class AudioMAEClassifier(_Encoder):
@@ -467,4 +467,4 @@ class AudioMAEClassifier(_Encoder):
 
     def save_pretrained(self, path, **extra) -> None:
         from .checkpoint import save_model
-        save_model(self, path, **extra)
+        save_model(self, path, extra)

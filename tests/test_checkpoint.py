@@ -522,3 +522,15 @@ def test_a_damaged_file_is_refused_not_loaded_with_wrong_weights(tmp_path):
     finally:
         torch.serialization.set_crc32_options(True)
     assert AudioMAE.from_pretrained(tmp_path / "nocrc.pt").config == model.config
+
+
+def test_extra_entries_cannot_replace_the_models_own(tmp_path):
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    for key in ("config", "model", "format", "version", "kind"):
+        with pytest.raises(ValueError, match=f"save_pretrained: {key} is an entry of the model's own"):
+            model.save_pretrained(tmp_path / "x.pt", **{key: {"lr": 1e-4}})
+    assert not (tmp_path / "x.pt").exists()
+    model.save_pretrained(tmp_path / "x.pt", train_config={"lr": 1e-4})
+    back = AudioMAE.from_pretrained(tmp_path / "x.pt")
+    assert back.config == model.config
+    assert torch.load(tmp_path / "x.pt", weights_only=False)["train_config"] == {"lr": 1e-4}
