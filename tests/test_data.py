@@ -1090,3 +1090,13 @@ def test_workers_of_any_start_method_ignore_stop_signals_during_training(monkeyp
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_waveform_mixup_of_pcm_samples_mixes_by_lam():
+    from audiomae.data import waveform_mixup
+    w = torch.tensor([[1000] * 8, [-1000] * 8], dtype=torch.int16)
+    out, tgt, lam = waveform_mixup(w, torch.eye(2), prob=1.0, generator=torch.Generator().manual_seed(0))
+    want, _, _ = waveform_mixup(w.float(), torch.eye(2), prob=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.int16 and torch.equal(out, want.round().to(torch.int16))
+    assert not torch.equal(out, w[[1, 0]])  # not the partner alone (lam cast to int16 was 0)
+    torch.testing.assert_close(torch.diagonal(tgt), lam)  # the targets mixed by the same lam

@@ -87,7 +87,8 @@ def waveform_mixup(
     whole dataset; another clip of a shuffled batch is such a draw. The mixture goes to the fbank
     like any clip (the clip mean the release subtracts again does not change the fbank, whose frames
     each lose their own mean). Returns ``(waveforms, targets, lam)``, ``lam`` [B] float32 on the
-    waveforms' device, 1 for the clips left as they were; the inputs are not modified.
+    waveforms' device, 1 for the clips left as they were; the inputs are not modified. Integer (PCM)
+    waveforms are mixed in float32 and come back rounded, in their type.
     """
     if waveforms.dim() != 2:
         raise ValueError(f"waveforms must be [B, N], got shape {tuple(waveforms.shape)}")
@@ -109,8 +110,13 @@ def waveform_mixup(
     other = waveforms[partner]
     if lengths is not None:
         other = other * (torch.arange(N, device=dev) < torch.as_tensor(lengths, device=dev)[:, None])
-    w = lam[:, None].to(waveforms.dtype)
-    out = w * waveforms + (1 - w) * other
+    if waveforms.is_floating_point():
+        w = lam[:, None].to(waveforms.dtype)
+        out = w * waveforms + (1 - w) * other
+    else:  # PCM samples: mixed in float32 (lam cast to an integer type is 0), rounded back to the type
+        w = lam[:, None]
+        info = torch.iinfo(waveforms.dtype)
+        out = (w * waveforms.float() + (1 - w) * other.float()).round().clamp(info.min, info.max).to(waveforms.dtype)
     t = lam[:, None].to(target.dtype)
     return out, t * target + (1 - t) * target[partner.to(target.device)], lam
 
