@@ -1100,3 +1100,19 @@ def test_waveform_mixup_of_pcm_samples_mixes_by_lam():
     assert out.dtype == torch.int16 and torch.equal(out, want.round().to(torch.int16))
     assert not torch.equal(out, w[[1, 0]])  # not the partner alone (lam cast to int16 was 0)
     torch.testing.assert_close(torch.diagonal(tgt), lam)  # the targets mixed by the same lam
+
+
+@pytest.mark.parametrize("rate", [16000, 8000])
+def test_the_feature_extractor_checks_its_batch_alike_on_every_path(rate):
+    from audiomae.data import FeatureExtractor
+    fe = FeatureExtractor(target_length=64, sample_rate=rate)
+    w = torch.randn(2, 4000) * 0.1
+    bad = w.clone()
+    bad[1, 7] = float("nan")
+    with pytest.raises(ValueError, match="waveform holds 1 non-finite sample"):
+        fe(bad)
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, 4000\]"):
+        fe(w, torch.tensor([-5, 99999]))
+    with pytest.raises(ValueError, match="lengths must be 2 whole numbers"):
+        fe(w, torch.tensor([1.5, 2.0]))
+    assert fe(w, torch.tensor([4000, 2000])).shape == (2, 1, 64, 128)
