@@ -204,6 +204,8 @@ class AudioMAEConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "AudioMAEConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"from_dict takes a dict of AudioMAEConfig fields, got {type(d).__name__}")
         _check_names(d)
         return cls(**d)
 
@@ -228,9 +230,12 @@ class AudioMAEConfig:
 
         ``decoder_mode="global"`` on ``small``, ``base`` or ``large`` also gives the release's global
         decoder depth (8 blocks, where the local decoder has 16) unless ``decoder_depth`` is given."""
+        if not isinstance(name, str):
+            raise TypeError(f"a preset is named by a string, one of {sorted(PRESETS)}; got {name!r}")
         key = PRESET_ALIASES.get(name.lower(), name.lower())
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        _check_names(overrides)
         fields = {**PRESETS[key], **overrides}
         if (fields.get("decoder_mode") == "global" and "decoder_depth" not in overrides
                 and PRESETS[key].get("decoder_depth") == _DECODER["decoder_depth"]):

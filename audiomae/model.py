@@ -6,6 +6,8 @@ norm-pix loss on the removed patches; (fine-tuning) mean of patch tokens -> fc_n
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union
@@ -127,6 +129,8 @@ class _Encoder(nn.Module):
     config: AudioMAEConfig
 
     def _build_encoder(self, cfg: AudioMAEConfig, drop_path: float = 0.0) -> None:
+        # the model's own copy: the caller's config edited later does not describe another model than this
+        cfg = dataclasses.replace(cfg)
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))

@@ -379,3 +379,17 @@ def test_embed_both_is_embed_and_per_patch_in_one_pass():
                 want_per, want_pooled = tokens[:, 1:], model.forward_features(x, mask_2d=False)
         torch.testing.assert_close(per, want_per, rtol=0, atol=0)
         torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=0)
+
+
+def test_a_model_keeps_its_own_config_and_bad_config_calls_say_what_is_wrong():
+    cfg = AudioMAEConfig.preset("tiny")
+    model = AudioMAE(cfg)
+    cfg.img_size = (512, 128)  # the caller's object edited afterwards: the model is still the one it built
+    assert model.config.img_size == (256, 128) and model.config is not cfg
+    assert model.embed(torch.randn(2, 1, 256, 128)).shape[0] == 2
+    with pytest.raises(TypeError, match="a preset is named by a string"):
+        AudioMAEConfig.preset(None)
+    with pytest.raises(ValueError, match=r"unknown AudioMAEConfig field\(s\): foo"):
+        AudioMAEConfig.preset("tiny", foo=1)
+    with pytest.raises(TypeError, match="from_dict takes a dict"):
+        AudioMAEConfig.from_dict(None)
