@@ -570,6 +570,31 @@ def fused_fbank_args(waveforms: torch.Tensor, target_length: Optional[int], stat
     return x.detach(), single, -1 if target_length is None else int(target_length), get_stats(stats)
 
 
+def check_waveform_batch(x: torch.Tensor, lengths=None, check_finite: bool = True, on_cpu_only: bool = False):
+    """The checks of :func:`waveform_to_input` on its float waveform ``[N]`` or ``[B, N]`` and its
+    ``lengths``, which it returns as a tensor (None stays None): non-finite samples (with
+    ``check_finite``) and lengths that are not ``B`` whole numbers in ``[0, N]``. ``on_cpu_only``
+    skips the checks that would read a GPU tensor back (a device synchronisation on a hot path)."""
+    if check_finite and not (on_cpu_only and x.device.type != "cpu") and not bool(torch.isfinite(x).all()):
+        bad = ~torch.isfinite(x)
+        where = bad.nonzero()[0].tolist()
+        count = int(bad.sum())
+        raise ValueError(f"waveform holds {count} non-finite sample{'s' if count != 1 else ''} (NaN or inf; the first at index "
+                         f"{where[-1] if x.dim() == 1 else tuple(where)}): every frame of the clip would be NaN")
+    if lengths is None:
+        return None
+    if x.dim() != 2:
+        raise ValueError("lengths go with a batch of waveforms [B, N]; cut a single clip to its length instead")
+    lengths = torch.as_tensor(lengths)
+    if lengths.shape != (x.shape[0],) or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"lengths must be {x.shape[0]} whole numbers of samples (one per clip), got "
+                         f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+    if not (on_cpu_only and lengths.device.type != "cpu") and bool(((lengths < 0) | (lengths > x.shape[-1])).any()):
+        raise ValueError(f"lengths must be in [0, {x.shape[-1]}] (the clips' samples), got "
+                         f"{lengths.min().item()}..{lengths.max().item()}")
+    return lengths
+
+
 def waveform_to_input(
     waveform: ArrayLike,
     sample_rate: int = SAMPLE_RATE,
@@ -606,24 +631,10 @@ def waveform_to_input(
     x = _as_float_tensor(x)
     if x.dim() not in (1, 2):
         raise ValueError(f"waveform must be [N] or [B, N], got shape {tuple(x.shape)}")
-    if check_finite and not bool(torch.isfinite(x).all()):
-        bad = ~torch.isfinite(x)
-        where = bad.nonzero()[0].tolist()
-        count = int(bad.sum())
-        raise ValueError(f"waveform holds {count} non-finite sample{'s' if count != 1 else ''} (NaN or inf; the first at index "
-                         f"{where[-1] if x.dim() == 1 else tuple(where)}): every frame of the clip would be NaN")
+    lengths = check_waveform_batch(x, lengths, check_finite)
     x = x - x.mean(dim=-1, keepdim=True)
     sample_rate = _as_rate(sample_rate, "sample_rate")
     if lengths is not None:
-        if x.dim() != 2:
-            raise ValueError("lengths go with a batch of waveforms [B, N]; cut a single clip to its length instead")
-        lengths = torch.as_tensor(lengths)
-        if lengths.shape != (x.shape[0],) or lengths.is_floating_point() or lengths.is_complex():
-            raise ValueError(f"lengths must be {x.shape[0]} whole numbers of samples (one per clip), got "
-                             f"{lengths.dtype} of shape {tuple(lengths.shape)}")
-        if bool(((lengths < 0) | (lengths > x.shape[-1])).any()):
-            raise ValueError(f"lengths must be in [0, {x.shape[-1]}] (the clips' samples), got "
-                             f"{lengths.min().item()}..{lengths.max().item()}")
         if sample_rate != SAMPLE_RATE:  # the samples that only real samples reach
             lengths = torch.div(lengths.long() * SAMPLE_RATE, sample_rate, rounding_mode="floor")
     if sample_rate != SAMPLE_RATE:

@@ -27,7 +27,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from ..audio import SAMPLE_RATE, pad_beyond, waveform_to_input
+from ..audio import SAMPLE_RATE, check_waveform_batch, pad_beyond, waveform_to_input
 from .dataset import BadFileTracker, TooManyBadFilesError, base_dataset, collate_items
 
 
@@ -335,26 +335,6 @@ def make_loader(
 # ----------------------------------------------------------------------------------------------
 # features on the training device
 # ----------------------------------------------------------------------------------------------
-def _check_batch(w: torch.Tensor, lengths) -> None:
-    """The checks :func:`audiomae.audio.waveform_to_input` makes, for the fused front end's batch: on
-    the CPU, where they cost no device synchronisation (on a GPU a non-finite clip shows as a
-    non-finite loss, whose step is skipped), non-finite samples; and lengths in [0, N]."""
-    if w.device.type == "cpu" and not bool(torch.isfinite(w).all()):
-        bad = ~torch.isfinite(w)
-        count = int(bad.sum())
-        raise ValueError(f"waveform holds {count} non-finite sample{'s' if count != 1 else ''} (NaN or inf; the first "
-                         f"at index {tuple(bad.nonzero()[0].tolist())}): every frame of the clip would be NaN")
-    if lengths is None:
-        return
-    lengths = torch.as_tensor(lengths)
-    if lengths.shape != (w.shape[0],) or lengths.is_floating_point() or lengths.is_complex():
-        raise ValueError(f"lengths must be {w.shape[0]} whole numbers of samples (one per clip), got "
-                         f"{lengths.dtype} of shape {tuple(lengths.shape)}")
-    if lengths.device.type == "cpu" and bool(((lengths < 0) | (lengths > w.shape[-1])).any()):
-        raise ValueError(f"lengths must be in [0, {w.shape[-1]}] (the clips' samples), got "
-                         f"{lengths.min().item()}..{lengths.max().item()}")
-
-
 class FeatureExtractor(nn.Module):
     """Waveform batch ``[B, N]`` -> model input ``[B, 1, T, num_mel_bins]`` on ``device``.
 
@@ -397,7 +377,9 @@ class FeatureExtractor(nn.Module):
         if self.sample_rate == SAMPLE_RATE and w.is_floating_point() and w.ndim == 2:
             # the fused front end (a CUDA or Triton kernel on GPUs, the reference on CPUs)
             from ..ops_step import fbank_features
-            _check_batch(w, lengths)
+            # waveform_to_input's checks, where they cost no device synchronisation (on a GPU a
+            # non-finite clip shows as a non-finite loss, whose step is skipped)
+            check_waveform_batch(w, lengths, on_cpu_only=True)
             x = fbank_features(w, self.target_length, self.stats, torch.float32, "exact", self.num_mel_bins)
             return pad_beyond(x, lengths, self.stats)
         return waveform_to_input(
