@@ -152,7 +152,8 @@ def _add_train(p: argparse.ArgumentParser, epochs: int, blr: float, batch: int, 
                    help="with --weighted-sampling: each clip at most once an epoch (the release's AS-2M fine-tuning: "
                         "--weighted-sampling --no-replacement --epoch-size 200000); default: with replacement")
     g.add_argument("--epoch-size", type=int, help="clips per epoch (default, or 0: the dataset's size)")
-    g.add_argument("--resume", help="a training checkpoint, a run folder (its last one), or 'auto' for the output folder's last one")
+    g.add_argument("--resume", help="a training checkpoint, a run folder (its last one), or 'auto' for the "
+                                    "output folder's last one")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a run's checkpoint, replacing it (without this, "
                         "such a folder needs --resume)")
@@ -322,8 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (with decoder)")
     p.add_argument("--out", default="reconstruction.png", help="picture file (.png, .pdf, .svg, ...); its folder "
                                                               "is created")
-    p.add_argument("--wav", help="also write the reconstruction as audio (Griffin-Lim) to this file: .wav, .flac, .ogg, .mp3, .aiff, .au, .caf, .w64 or .rf64")
-    p.add_argument("--mask-ratio", type=float, default=0.8, help="fraction of the patches removed, in (0, 1) (a time_frequency model masks the lines its config says)")
+    p.add_argument("--wav", help="also write the reconstruction as audio (Griffin-Lim) to this file: .wav, .flac, "
+                                 ".ogg, .mp3, .aiff, .au, .caf, .w64 or .rf64")
+    p.add_argument("--mask-ratio", type=float, default=0.8,
+                   help="fraction of the patches removed, in (0, 1) (a time_frequency model masks the lines its "
+                        "config says)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask")
     p.add_argument("--stats", default="audioset", help=STATS_HELP + " (default: the checkpoint run's, else audioset)")
     p.add_argument("--downmix", choices=DOWNMIX_CHOICES, default="first",
