@@ -94,6 +94,8 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
     import soundfile as sf
 
     check_downmix(downmix)
+    if sample_rate is not None:
+        sample_rate = _as_rate(sample_rate, "sample_rate")  # before the file is read: 16000.5 is no rate
     try:
         fspath = os.fspath(path)
     except TypeError as e:
@@ -120,8 +122,8 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
     if mono:
         data = data[0] if downmix == "first" else data.mean(axis=0, dtype=np.float32)
     wave = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-    if sample_rate is not None and int(file_sr) != int(sample_rate):
-        wave = resample(wave, int(file_sr), int(sample_rate))
+    if sample_rate is not None and int(file_sr) != sample_rate:
+        wave = resample(wave, int(file_sr), sample_rate)
     return wave
 
 
@@ -178,16 +180,18 @@ def resample(waveform: ArrayLike, orig_sr: int, new_sr: int) -> torch.Tensor:
 
     orig_sr = _as_rate(orig_sr, "orig_sr")
     new_sr = _as_rate(new_sr, "new_sr")
-    x = _as_float_tensor(waveform)
+    src = _as_tensor(waveform)
+    keep = src.dtype if src.is_floating_point() else torch.float32  # float16 / bfloat16 too
+    x = _as_float_tensor(src)
     if x.dim() == 0:
         raise ValueError("resample expects a waveform [..., N], got a scalar")
     if orig_sr == new_sr:
-        return x
+        return x.to(keep)
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
     arr = x.detach().cpu().numpy()
     out = resample_poly(arr, up, down, axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(out)).to(device=x.device, dtype=x.dtype)
+    return torch.from_numpy(np.ascontiguousarray(out)).to(device=x.device, dtype=keep)
 
 
 def _as_tensor(waveform: ArrayLike) -> torch.Tensor:

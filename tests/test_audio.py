@@ -424,3 +424,20 @@ def test_a_wav_cut_short_is_an_error_not_a_shorter_clip(subtype, channels, tmp_p
     tail = b"LIST" + struct.pack("<I", 4) + b"INFO"
     (tmp_path / "meta.wav").write_bytes(data[:4] + struct.pack("<I", len(data) - 8 + len(tail)) + data[8:] + tail)
     torch.testing.assert_close(A.load_audio(tmp_path / "meta.wav"), A.load_audio(tmp_path / "full.wav"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_resample_keeps_a_floating_dtype(dtype):
+    x = (torch.randn(2, 800) * 0.1).to(dtype)
+    for rate in (8000, 16000):
+        y = A.resample(x, 16000, rate)
+        assert y.dtype == dtype and y.shape == (2, 800 * rate // 16000)
+    assert A.resample(torch.zeros(8, dtype=torch.int16), 16000, 8000).dtype == torch.float32
+
+
+def test_load_audio_refuses_a_sample_rate_that_is_not_a_whole_number_of_hz(tmp_path):
+    sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    for bad in (16000.5, 0, -8000, "16000"):
+        with pytest.raises(ValueError, match="sample_rate must be a positive integer number of Hz"):
+            A.load_audio(tmp_path / "a.wav", sample_rate=bad)
+    assert A.load_audio(tmp_path / "a.wav", sample_rate=8000.0).shape == (800,)
