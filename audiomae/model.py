@@ -7,7 +7,6 @@ norm-pix loss on the removed patches; (fine-tuning) mean of patch tokens -> fc_n
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union

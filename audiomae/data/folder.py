@@ -35,7 +35,6 @@ def _kept(name: str) -> bool:
     return not name.startswith(".") and name not in SYSTEM_FOLDERS
 
 
-
 _WARNED: set = set()
 
 
@@ -46,6 +45,7 @@ def _warn_once(msg: str, *args) -> None:
     if text not in _WARNED:
         _WARNED.add(text)
         logger.warning("%s", text)
+
 
 class FolderDataset(ClipDataset):
     """``FolderDataset(root, clip_seconds=None, extensions=(".wav", ".flac", ".ogg"), ...)``
@@ -80,7 +80,7 @@ class FolderDataset(ClipDataset):
         loose = sum(1 for d in entries if d.is_file() and os.path.splitext(d.name)[1].lower() in exts)
         if loose:
             _warn_once("%d audio file%s directly in %s %s in no class folder and left out", loose,
-                           "s" if loose != 1 else "", self.root, "are" if loose != 1 else "is")
+                       "s" if loose != 1 else "", self.root, "are" if loose != 1 else "is")
         self.class_names = classes
         self.paths: List[str] = []
         self._labels: List[int] = []
@@ -117,13 +117,12 @@ class FolderDataset(ClipDataset):
         if other:
             counts = ", ".join(f"{n} {e}" for e, n in sorted(other.items()))
             _warn_once("left out %s file%s under %s: only %s files are read (convert the others, or, from "
-                           "Python, pass FolderDataset(extensions=...) for other formats that soundfile decodes)", counts, "s" if sum(other.values()) != 1 else "", self.root,
-                           ", ".join(exts))
+                       "Python, pass FolderDataset(extensions=...) for other formats that soundfile decodes)",
+                       counts, "s" if sum(other.values()) != 1 else "", self.root, ", ".join(exts))
         if in_two:
             shown = "; ".join(in_two[:3])
             _warn_once("%d audio file%s in two class folders (through a link), with both labels: %s%s",
-                           len(in_two), "s are" if len(in_two) != 1 else " is", shown,
-                           " ..." if len(in_two) > 3 else "")
+                       len(in_two), "s are" if len(in_two) != 1 else " is", shown, " ..." if len(in_two) > 3 else "")
         if not self.paths:
             raise DataError(
                 f"{self.root}: no audio files ({', '.join(exts)}) in any of the {len(classes)} class folders"
