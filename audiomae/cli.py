@@ -124,7 +124,8 @@ def _add_run(p: argparse.ArgumentParser, out_default: Optional[str], seed_help: 
     g.add_argument("--seed", type=int, default=0, help=seed_help)
     g.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"], default="auto",
                    help="fused-op backend (auto: on GPUs each op's measured-fastest kernel, CUDA or Triton, where "
-                        "it can run; PyTorch references on CPU)")
+                        "it can run; PyTorch references on CPU; torch, triton, cuda: every op that has a version "
+                        "on it runs that one, the others the automatic choice)")
     g.add_argument("--config", help="a run's saved config.json to repeat (explicit options win)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -820,7 +821,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return 1
     except BackendUnavailableError as e:
         if e.backend and opts.get("backend") == e.backend:
-            print(f"error: --backend {e.backend}: the {e.op} op cannot run with it here ({'; '.join(e.reasons)}); "
+            what = f"the {e.op} op cannot run with it here" if e.op else "it cannot run here"
+            print(f"error: --backend {e.backend}: {what} ({'; '.join(e.reasons)}); "
                   "--backend auto (the default) runs each op where it can", file=sys.stderr)
         else:
             print(f"{_error_prefix()}{e}", file=sys.stderr)

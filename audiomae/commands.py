@@ -31,8 +31,11 @@ def load_any(path: str, **overrides):
 
 
 def _device(name: str) -> torch.device:
+    from . import dispatch
     from .train.distributed import pick_device
-    return pick_device(name)
+    device = pick_device(name)
+    dispatch.check_device(device)  # a forced backend that cannot run here stops before any work
+    return device
 
 
 def _warn(message: str) -> None:

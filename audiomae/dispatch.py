@@ -6,7 +6,8 @@ CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` (the com
 when it can), and may declare inputs on which the automatic choice passes over it although it can
 run them (where it was measured slower than the next backend). The automatic choice takes the first
 backend of the op's preference order that can run the inputs and is not passed over, and logs the
-others' reasons at debug level; a backend the user forced raises its reasons as the error. A backend
+others' reasons at debug level; a backend the user forced raises its reasons as the error (forced
+for every op, it applies to the ops that have an implementation on it). A backend
 that needs a one-time step (the CUDA extension's just-in-time build) takes it when the automatic
 choice first picks it; if that fails, a warning says why and the next backend runs.
 
@@ -23,7 +24,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -156,12 +157,18 @@ def forced_backend(op: str) -> Optional[str]:
 
 
 def _forced(op: str) -> Tuple[Optional[str], str]:
-    """(forced backend or None, where that is set: ``"op"``, ``"every op"`` or ``"environment"``)."""
+    """(forced backend or None, where that is set: ``"op"``, ``"every op"`` or ``"environment"``). A
+    backend forced for every op (or by the environment) applies to the ops that have an implementation
+    on it; the others keep the automatic choice."""
     if op in _FORCED:
         return _FORCED[op], "op"
     if None in _FORCED:
-        return _FORCED[None], "every op"
-    return _check_name(os.environ.get(ENV_VAR)), "environment"
+        backend, source = _FORCED[None], "every op"
+    else:
+        backend, source = _check_name(os.environ.get(ENV_VAR)), "environment"
+    if backend is not None and op in _REGISTRY and backend not in _REGISTRY[op]:
+        return None, source
+    return backend, source
 
 
 def _undo_advice(op: str, source: str) -> str:
@@ -271,24 +278,66 @@ def registered_ops() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def device_reasons(backend: str, device: Union[str, torch.device]) -> List[str]:
+    """Why ``backend`` can run no op on tensors on ``device`` (empty: its ops may run there, as their
+    inputs allow)."""
+    device = torch.device(device)
+    backend = _check_name(backend)
+    if backend == "triton":
+        return _triton_reasons([device])
+    if backend == "cuda":
+        from . import cuda_ext
+
+        out = list(cuda_ext.why_not())
+        if device.type != "cuda":
+            out.append(f"the device is {device} (the CUDA kernels need CUDA tensors)")
+        return out
+    return []
+
+
+def check_device(device: Union[str, torch.device]) -> None:
+    """Raise :class:`BackendUnavailableError` when a forced backend can run none of its ops on
+    ``device``: a run on that device stops before it starts rather than at its first op."""
+    for op in _all_ops():
+        forced, source = _forced(op)
+        if forced is None:
+            continue
+        why = device_reasons(forced, device)
+        if why:
+            raise BackendUnavailableError(f"backend '{forced}' was asked for but cannot run on {device}: "
+                                          + "; ".join(why) + ". " + _undo_advice(op, source),
+                                          backend=forced, reasons=why)
+
+
+def _all_ops() -> List[str]:
+    """Every op name, the op modules imported first (their import registers the ops)."""
+    import importlib
+
+    for name in _OP_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except Exception:  # a broken optional module: its ops are not there to check
+            pass
+    return registered_ops()
+
+
 # --- availability helpers shared by the backends ------------------------------------------------
 def triton_reasons(*tensors) -> List[str]:
     """Why Triton kernels cannot run on these tensors: triton missing, or CPU tensors without the
     interpreter (``TRITON_INTERPRET=1``), or tensors on another device type."""
-    out = []
+    return _triton_reasons([t.device for t in tensors if t is not None])
+
+
+def _triton_reasons(devices: Sequence[torch.device]) -> List[str]:
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
         return [f"triton is not importable ({type(e).__name__}: {e})"]
     # as Triton reads it (1, true, yes, on, y), without touching triton.knobs (torch.compile skips it)
     interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type == "cpu" and not interpret:
-            out.append("tensors are on the CPU (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)")
-            break
-        if t.device.type not in ("cpu", "cuda"):
-            out.append(f"tensors are on {t.device.type}, Triton kernels need CUDA")
-            break
-    return out
+    for d in devices:
+        if d.type == "cpu" and not interpret:
+            return ["tensors are on the CPU (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"]
+        if d.type not in ("cpu", "cuda"):
+            return [f"tensors are on {d.type}, Triton kernels need CUDA"]
+    return []

@@ -881,8 +881,9 @@ def test_unusable_run_folder_and_backend_are_one_line_errors(tmp_path, capsys):
         assert dispatch.forced_backend("window_attention") in (None, "auto") or os.environ.get("AUDIOMAE_BACKEND")
         err = capsys.readouterr().err
         assert code == 1 and "Traceback" not in err
-        assert_one_error_line(err, "--backend cuda: the ")
+        assert_one_error_line(err, "--backend cuda: it cannot run here (")
         assert "--backend auto (the default) runs each op where it can" in err
+        assert not (tmp_path / "r").exists()  # refused before the run folder was made
 
 
 def test_pretrain_init_applies_the_objective_options_and_refuses_another_architecture(tmp_path, capsys):

@@ -115,6 +115,43 @@ def test_per_op_setting_beats_the_global_one():
     assert dispatch.forced_backend("some_other_op") == "cuda"
 
 
+def test_a_backend_forced_for_every_op_leaves_the_ops_without_it_to_the_automatic_choice(monkeypatch):
+    """gelu_mlp has no CUDA version: forcing cuda everywhere (or by the environment) keeps the automatic
+    choice for it, so that the model still runs; forcing it for that op alone raises."""
+    x, w1, b1, w2, b2 = torch.randn(3, 8), torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)
+    for force in ("set_backend", "environment"):
+        if force == "set_backend":
+            dispatch.set_backend("cuda")
+        else:
+            monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+        assert dispatch.forced_backend(OP) == "cuda" and dispatch.forced_backend("gelu_mlp") is None
+        assert dispatch.choose("gelu_mlp", x, w1, b1, w2, b2)[0] == "torch"
+        torch.testing.assert_close(ops.gelu_mlp(x, w1, b1, w2, b2), ops.gelu_mlp_reference(x, w1, b1, w2, b2))
+        dispatch._FORCED.clear()
+    dispatch.set_backend("cuda", op="gelu_mlp")
+    with pytest.raises(BackendUnavailableError, match="no cuda implementation of gelu_mlp"):
+        ops.gelu_mlp(x, w1, b1, w2, b2)
+
+
+def test_check_device_refuses_a_forced_backend_that_cannot_run_on_the_device(monkeypatch):
+    dispatch.check_device("cpu")  # nothing forced: nothing to refuse
+    with dispatch.use_backend("torch"):
+        dispatch.check_device("cpu")
+    with dispatch.use_backend("cuda"):
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' was asked for but cannot run on cpu") as e:
+            dispatch.check_device("cpu")
+        assert e.value.backend == "cuda" and e.value.op is None
+        assert "the device is cpu (the CUDA kernels need CUDA tensors)" in e.value.reasons
+    if triton_importable():
+        with dispatch.use_backend("triton", op="gelu_mlp"):
+            with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+                dispatch.check_device(torch.device("cpu"))
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            dispatch.check_device("cpu")
+            assert dispatch.device_reasons("triton", "meta") == ["tensors are on meta, Triton kernels need CUDA"]
+    assert dispatch.device_reasons("torch", "cpu") == []
+
+
 def test_use_backend_restores_the_previous_setting():
     dispatch.set_backend("torch", op=OP)
     with dispatch.use_backend("triton", op=OP):
@@ -317,10 +354,10 @@ def test_auto_overrides_the_environment_and_the_global_setting(monkeypatch):
         assert torch.isfinite(model(torch.randn(1, 1, 256, 128)).loss)
     dispatch.set_backend("cuda")
     dispatch.set_backend("auto", op=OP)
-    assert dispatch.forced_backend(OP) is None and dispatch.forced_backend("gelu_mlp") == "cuda"
+    assert dispatch.forced_backend(OP) is None and dispatch.forced_backend("fbank_features") == "cuda"
     assert dispatch.choose(OP, *example())[0] == "torch"
     with pytest.raises(BackendUnavailableError, match=r"Call audiomae.dispatch.set_backend\(None\) .*precedence"):
-        dispatch.choose("masked_norm_pix_loss", torch.zeros(1, 8, 256), torch.zeros(1, 1, 64, 32), torch.ones(1, 8), 16)
+        dispatch.choose("fbank_features", torch.zeros(1, 16000))
     dispatch.set_backend("cuda", op=OP)  # forced for this op only: the advice names the op
     with pytest.raises(BackendUnavailableError, match=r"set_backend\(None, op='window_attention'\)"):
         dispatch.choose(OP, *example())

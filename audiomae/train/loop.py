@@ -569,9 +569,10 @@ class Trainer:
             w, e = float(self.opts.get("warmup_epochs") or 0), int(self.opts["epochs"])
             fix = (f"the demo warms up for {w:g} epoch{'' if w == 1 else 's'}: give more --epochs"
                    if self.opts.get("command") == "demo" else "--warmup-epochs sets the warmup")
-            print(f"warning: the warmup ({w:g} epoch{'' if w == 1 else 's'}, {self.warmup_steps} steps) is not "
-                  f"shorter than the run ({e} epoch{'' if e == 1 else 's'}, {self.total_steps} steps): the lr never reaches "
-                  f"its peak of {self.lr:.3g} ({fix})", file=sys.stderr)
+            ws, ts = self.warmup_steps, self.total_steps
+            print(f"warning: the warmup ({w:g} epoch{'' if w == 1 else 's'}, {ws} step{'' if ws == 1 else 's'}) is not "
+                  f"shorter than the run ({e} epoch{'' if e == 1 else 's'}, {ts} step{'' if ts == 1 else 's'}): the lr "
+                  f"never reaches its peak of {self.lr:.3g} ({fix})", file=sys.stderr)
         # Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint before stopping;
         # with several processes, all of them stop after the same step (see _agreed)
         with GracefulInterrupt(hard_second=self.info.enabled) as stop:
@@ -776,6 +777,9 @@ def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, 
     # optimizer state and memory on the device go before this run allocates its own
     gc.collect()
     device = D.pick_device(opts.get("device", "auto"))
+    from .. import dispatch
+
+    dispatch.check_device(device)  # a forced backend that cannot run here stops the run before it starts
     info = D.init(device)  # the rank is known from here (torchrun's or SLURM's variables)
     if training:
         _refuse_to_overwrite(opts, info)
