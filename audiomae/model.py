@@ -219,6 +219,16 @@ class _Encoder(nn.Module):
         return x
 
 
+def _watched(module: nn.Module) -> bool:
+    """Whether forward hooks watch ``module`` or a module in it (global ones included): the fused
+    embedding of the kept patches does not call it, so they would not run."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 class AudioMAE(_Encoder):
     """The pretraining masked autoencoder (the release's ``models_mae``).
 
@@ -276,8 +286,9 @@ class AudioMAE(_Encoder):
         mask_ratio = check_ratio(mask_ratio)
         self._check_input(spec)
         self._check_noise(noise, spec)
-        if mode == "unstructured" and not cfg.overlapping:
-            # embed only the kept patches: the same values as embedding all of them, then gathering
+        if mode == "unstructured" and not cfg.overlapping and not _watched(self.patch_embed):
+            # embed only the kept patches: the same values as embedding all of them, then gathering (which
+            # runs the patch embedding module, for forward hooks that watch it)
             B, L = spec.shape[0], cfg.num_patches
             ids_keep, ids_restore, mask = random_masking_ids(B, L, int(L * (1 - mask_ratio)), spec.device, noise)
             proj = self.patch_embed.proj

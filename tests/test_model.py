@@ -393,3 +393,25 @@ def test_a_model_keeps_its_own_config_and_bad_config_calls_say_what_is_wrong():
         AudioMAEConfig.preset("tiny", foo=1)
     with pytest.raises(TypeError, match="from_dict takes a dict"):
         AudioMAEConfig.from_dict(None)
+
+
+def test_forward_hooks_on_the_patch_embedding_run_in_pretraining():
+    """The kept patches are embedded by a fused op that does not call ``patch_embed``; a hook on it (or
+    on its projection, or a global one) makes the model embed every patch and gather instead: the hooks
+    run and the loss is the same, value for value."""
+    model = AudioMAE(AudioMAEConfig.preset("tiny")).eval()
+    x = torch.randn(2, 1, 256, 128)
+    torch.manual_seed(3)
+    fused = model(x).loss
+    seen = []
+    for register in (lambda f: model.patch_embed.register_forward_hook(lambda m, i, o: f(o.shape)),
+                     lambda f: model.patch_embed.proj.register_forward_pre_hook(lambda m, i: f(i[0].shape)),
+                     lambda f: torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: f(None))):
+        handle = register(seen.append)
+        try:
+            torch.manual_seed(3)
+            assert torch.equal(model(x).loss, fused)
+        finally:
+            handle.remove()
+        assert seen, "the hook did not run"
+        seen.clear()
