@@ -558,6 +558,34 @@ def _inapplicable(opts: Dict[str, Any], command: str) -> set:
     return out
 
 
+def _unread_sources(opts: Dict[str, Any], command: str) -> Dict[str, str]:
+    """The data options that no dataset of this run reads, each with what the run reads instead: the
+    synthetic set's sizes when its data are files, a manifest's label file and root when it reads none."""
+    if command not in ("pretrain", "finetune", "evaluate", "embed"):
+        return {}
+    data, held = opts.get("data"), opts.get("eval_data")
+    out = {}
+    reads = f"this run reads {data}" if data else "this run embeds the audio files given"
+    if "num_clips" in opts and data != "synthetic":
+        out["num_clips"] = f"applies to --data synthetic (the embedded dataset); {reads}"
+    if "num_eval_clips" in opts:
+        if command == "pretrain" and held != "synthetic":
+            out["num_eval_clips"] = ("applies to --eval-data synthetic (the embedded held-out split); "
+                                     + (f"this run evaluates on {held}" if held else "this run has no --eval-data"))
+        elif command == "finetune" and (held or data) != "synthetic":
+            out["num_eval_clips"] = ("applies to a synthetic evaluation set (--eval-data synthetic, or --data "
+                                     f"synthetic without --eval-data); this run evaluates on {held or data}")
+        elif command == "evaluate" and data != "synthetic":
+            out["num_eval_clips"] = f"applies to --data synthetic (the embedded held-out split); {reads}"
+    sources = [v for v in (data, held) if isinstance(v, str) and v != "synthetic"]
+    if not sources:
+        what = "the embedded synthetic dataset" if data == "synthetic" or held == "synthetic" else "no dataset"
+        for k in ("labels", "data_root"):
+            if opts.get(k) is not None:
+                out[k] = f"applies to a manifest (--data a JSON or CSV file); this run reads {what}"
+    return out
+
+
 def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, argv: List[str]) -> None:
     """Checks that need no model: bad values end here with the sub-command's usage and exit status 2."""
     def name(dest: str) -> str:
@@ -716,6 +744,10 @@ def _check(opts: Dict[str, Any], sub: argparse.ArgumentParser, command: str, arg
         problem = _unwritable(opts["output_dir"])
         if problem:
             sub.error(f"{name('output_dir')} {opts['output_dir']}: {problem}")
+    keys = {a.split("=", 1)[0] for a in argv}
+    for k, why in sorted(_unread_sources(opts, command).items()):
+        if name(k) in keys and _rank() == 0:  # typed (a --config's options may be another run's)
+            print(f"note: {name(k)} is not used: it {why}", file=sys.stderr)
 
 
 def _unwritable(folder: str) -> Optional[str]:

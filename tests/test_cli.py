@@ -1948,7 +1948,7 @@ def test_the_command_line_loads_torch_only_for_a_command_and_a_ctrl_c_meanwhile_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dispatch, "set_backend", ctrl_c)
-    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--backend", "torch"]) == 130
+    assert main(["pretrain", "-o", str(tmp_path / "r"), "--num-clips", "16", "--quiet", "--backend", "torch"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
 
@@ -2098,3 +2098,31 @@ def test_a_checkpoint_whose_run_recorded_an_unusable_input_option_is_one_error(r
     assert f"give {flag} to choose the value" in err
     assert main(["embed", ok, "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.pt"), "--quiet", flag,
                  {"downmix": "first", "stats": "audioset", "clip_seconds": "0.5"}[flag[2:].replace("-", "_")]]) == 0
+
+
+def test_data_options_that_no_dataset_reads_are_noted(tmp_path, capsys):
+    """--num-clips, --num-eval-clips, --labels and --data-root typed where no dataset of the run reads
+    them say so (they were taken silently); where a set reads them, nothing is said."""
+    assert main(["pretrain", "-o", str(tmp_path / "a"), *TINY_RUN]) == 0  # --num-eval-clips, no --eval-data
+    err = capsys.readouterr().err
+    assert ("note: --num-eval-clips is not used: it applies to --eval-data synthetic (the embedded held-out "
+            "split); this run has no --eval-data") in err
+    assert "--num-clips is not used" not in err
+    assert main(["pretrain", "-o", str(tmp_path / "b"), "--eval-data", "synthetic", *TINY_RUN]) == 0
+    assert "is not used" not in capsys.readouterr().err
+    wav, labels = _wav(tmp_path / "x.wav", 1.0), tmp_path / "labels.csv"
+    labels.write_text("index,mid,display_name\n0,/m/a,A\n")
+    assert main(["embed", "--checkpoint", str(tmp_path / "a" / "model.pt"), str(wav), "--num-clips", "3",
+                 "--labels", str(labels), "--out", str(tmp_path / "e.npz"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: --num-clips is not used: it applies to --data synthetic (the embedded dataset); this run "
+            "embeds the audio files given") in err
+    assert "note: --labels is not used: it applies to a manifest (--data a JSON or CSV file); this run reads " \
+           "no dataset" in err
+    with pytest.raises(SystemExit):  # a usage error is all a refused command prints
+        main(["finetune", "--data-root", str(tmp_path), "--epochs", "0", "-o", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert "is not used" not in err and "--epochs must be at least 1" in err
+    assert main(["finetune", "--data-root", str(tmp_path), "-o", str(tmp_path / "d"), *TINY_RUN]) == 0
+    assert "note: --data-root is not used: it applies to a manifest (--data a JSON or CSV file); this run reads " \
+           "the embedded synthetic dataset" in capsys.readouterr().err
