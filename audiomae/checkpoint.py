@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import os
+import pathlib
 import pickle
 import re
 import tempfile
@@ -35,6 +36,8 @@ _PREFIXES = ("module.", "_orig_mod.")
 _POS_KEYS = ("pos_embed", "decoder_pos_embed")
 # head counts cannot be read from weights: take the preset's for that width
 _DEFAULT_HEADS = {p["embed_dim"]: p["num_heads"] for p in PRESETS.values()}
+# likewise a global decoder's (local blocks hold theirs: one tau per head)
+_DEFAULT_DECODER_HEADS = {p["decoder_embed_dim"]: p["decoder_num_heads"] for p in PRESETS.values()}
 # the release's inputs: 128 mel bins, and 1024 (AudioSet), 512 (ESC-50) or 128 (Speech Commands) frames
 _RELEASE_MELS = 128
 _RELEASE_FRAMES = (1024, 512, 128)
@@ -110,8 +113,14 @@ def _check_crc(path: str) -> None:
                               "download or copy, or a disk error); fetch or copy the file again")
 
 
+# what the release's ``args`` hold besides plain values: the namespace, and the paths its submitit
+# launcher sets (output_dir, log_dir, job_dir); rebuilding either runs no code
+_SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                 pathlib.PureWindowsPath]
+
+
 def torch_load(path: str, map_location="cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` allowing ``argparse.Namespace`` (the release's
+    """``torch.load(path, weights_only=True)`` allowing ``argparse.Namespace`` and paths (the release's
     ``args``); inside :func:`reading_once` a file unchanged since it was read is not read again."""
     key = None
     if _READ_ONCE is not None:
@@ -120,7 +129,7 @@ def torch_load(path: str, map_location="cpu") -> Any:
         if key in _READ_ONCE:
             return _READ_ONCE[key]
     _check_crc(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
         obj = torch.load(path, map_location=map_location, weights_only=True)
     if key is not None and _READ_ONCE is not None:
         _READ_ONCE[key] = obj
@@ -201,18 +210,35 @@ def _unwrap(obj: Any, path: str):
         cfg = obj.get("config") if isinstance(obj.get("config"), dict) else None
     else:
         sd = obj
+    names = [k for k in sd if not isinstance(k, str)]
+    if names:
+        raise CheckpointError(f"{path}: the state dict's keys must be parameter names (strings), got "
+                              f"{', '.join(repr(k) for k in names[:6])}")
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+    if not bad:
+        empty = [k for k, v in sd.items() if v.is_meta or v.layout != torch.strided]
+        if empty:
+            v = sd[empty[0]]
+            raise CheckpointError(f"{path}: {len(empty)} tensor{'s' if len(empty) != 1 else ''} of the state dict "
+                                  f"{'hold' if len(empty) != 1 else 'holds'} no dense values (the first: {empty[0]}, "
+                                  f"{'on the meta device' if v.is_meta else f'layout {v.layout}'}); save the model's "
+                                  "weights after they are materialised, as dense tensors")
     if bad:
         raise CheckpointError(f"{path}: the state dict holds non-tensor entries: {', '.join(map(str, bad[:8]))}")
     return _strip(sd), cfg, args
 
 
 def _strip(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys without the wrappers' prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``), in any
+    order and number: ``torch.compile(DDP(model))`` saves ``_orig_mod.module.``."""
     out = {}
     for k, v in sd.items():
-        for p in _PREFIXES:
-            while k.startswith(p):
-                k = k[len(p):]
+        stripped = True
+        while stripped and isinstance(k, str):
+            stripped = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, stripped = k[len(p):], True
         out[k] = v
     return out
 
@@ -235,7 +261,21 @@ def infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any
     """Configuration fields that a state dict's shapes (and a released ``args`` namespace) determine.
 
     The encoder's head count is not in the weights: it is the preset's for that width (6, 12, 16 for
-    384, 768, 1024), else ``width // 64``; pass ``config=`` for other models."""
+    384, 768, 1024), else ``width // 64``; likewise a global decoder's (16 for 512, else ``width //
+    32``); pass ``config=`` for other models. A state dict that lacks a weight the shapes are read from,
+    or holds one of another rank, raises CheckpointError naming it."""
+    try:
+        return _infer_config(sd, args)
+    except KeyError as e:
+        raise CheckpointError(f"an incomplete Audio-MAE state dict: {e.args[0]} is missing") from None
+    except IndexError:
+        odd = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sd.items()
+                        if isinstance(k, str) and k.endswith(("attn.tau", ".weight")) and v.dim() == 0)
+        raise CheckpointError(f"a damaged Audio-MAE state dict: weights of an unexpected rank ({odd or 'a 0-d weight'})"
+                              ) from None
+
+
+def _infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any]:
     if "patch_embed.proj.weight" not in sd or "cls_token" not in sd:
         raise CheckpointError("not an Audio-MAE state dict: patch_embed.proj.weight and cls_token are missing "
                               f"(first keys: {', '.join(list(sd)[:6])})")
@@ -278,7 +318,7 @@ def infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, Any
             raise CheckpointError("decoder blocks mix local and global layers in an order this package does not "
                                   "build (local blocks must come first)")
         mode = "local" if n_local == depth else "global" if n_local == 0 else "hybrid"
-        heads = sd["decoder_blocks.0.attn.tau"].shape[0] if n_local else _DEFAULT_HEADS.get(Dd, max(1, Dd // 32))
+        heads = sd["decoder_blocks.0.attn.tau"].shape[0] if n_local else _DEFAULT_DECODER_HEADS.get(Dd, max(1, Dd // 32))
         cfg.update(decoder_embed_dim=Dd, decoder_depth=depth, decoder_num_heads=heads, decoder_mode=mode)
         if mode == "hybrid":
             cfg["hybrid_local_depth"] = n_local
@@ -441,6 +481,7 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
             "AudioMAEClassifier.from_pretrained (which also gives embeddings).")
 
     heads_guessed = config is None and not file_cfg and "num_heads" not in overrides
+    decoder_heads_guessed = config is None and not file_cfg and "decoder_num_heads" not in overrides
     if config is None:
         fields = dict(file_cfg) if file_cfg else infer_config(sd, args)
         if file_cfg is None and not has_decoder and not is_pretrain_model:
@@ -527,6 +568,11 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
         notes.append(f"the file records no configuration and the weights do not hold the head count: assumed "
                      f"num_heads={config.num_heads} for width {config.embed_dim} (pass num_heads= if the model "
                      "had another)")
+    if decoder_heads_guessed and has_decoder and config.decoder_mode == "global" \
+            and config.decoder_embed_dim not in _DEFAULT_DECODER_HEADS:
+        notes.append(f"the file records no configuration and a global decoder's weights do not hold its head count: "
+                     f"assumed decoder_num_heads={config.decoder_num_heads} for width {config.decoder_embed_dim} "
+                     "(pass decoder_num_heads= if the model had another)")
     model.eval()  # loaded for use; training loops switch to train()
     if notes:
         warnings.warn(f"loading {where} into {cls.__name__}: " + "; ".join(notes), CheckpointAdaptedWarning,

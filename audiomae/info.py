@@ -217,8 +217,15 @@ def describe_checkpoint(path: str) -> str:
                      f"{_scoring(_single_label({}, args))}")
     else:
         lines.append("model: encoder only (no decoder, no head)")
-    guessed = "" if file_cfg else " (not in the weights: the preset's for this width)"
-    lines.append(f"encoder: width {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads{guessed}, MLP "
+    from .checkpoint import _DEFAULT_DECODER_HEADS, _DEFAULT_HEADS
+
+    def guess(width: int, table: dict, per_head: int) -> str:
+        """How the head count was chosen where the weights do not hold it."""
+        return (" (not in the weights: the preset's for this width)" if width in table else
+                f" (not in the weights: width / {per_head})")
+
+    guessed = "" if file_cfg else guess(cfg.embed_dim, _DEFAULT_HEADS, 64)
+    lines.append(f"encoder: width {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''}{guessed}, MLP "
                  f"{int(cfg.embed_dim * cfg.mlp_ratio)}")
     T, F = cfg.img_size
     t, f = cfg.grid_size
@@ -229,8 +236,10 @@ def describe_checkpoint(path: str) -> str:
         lines.append(f"input: {T} frames x {F} mel bins ({T * 0.01:.2f} s); patches {cfg.patch_size} x "
                      f"{cfg.patch_size}{every}, a {t} x {f} grid of {t * f}; position table {cfg.pos_embed_kind!r}")
     if pretraining:
+        dec_guessed = "" if file_cfg or cfg.decoder_mode != "global" else \
+            guess(cfg.decoder_embed_dim, _DEFAULT_DECODER_HEADS, 32)
         dec = f"decoder: {cfg.decoder_mode}, {cfg.decoder_depth} blocks, width {cfg.decoder_embed_dim}, " \
-              f"{cfg.decoder_num_heads} heads"
+              f"{cfg.decoder_num_heads} head{'s' if cfg.decoder_num_heads != 1 else ''}{dec_guessed}"
         if cfg.num_local_blocks:
             dec += (f" ({cfg.num_local_blocks} local: {cfg.window[0]} x {cfg.window[1]} windows, "
                     f"shift {cfg.shift_size})" if cfg.decoder_mode == "hybrid" else

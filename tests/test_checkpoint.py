@@ -534,3 +534,65 @@ def test_extra_entries_cannot_replace_the_models_own(tmp_path):
     back = AudioMAE.from_pretrained(tmp_path / "x.pt")
     assert back.config == model.config
     assert torch.load(tmp_path / "x.pt", weights_only=False)["train_config"] == {"lr": 1e-4}
+
+
+def test_a_release_run_launched_with_submitit_loads_its_path_arguments(tmp_path):
+    """The release's submitit launcher sets output_dir, log_dir and job_dir to pathlib paths: the file
+    loads (they were refused as objects other than tensors) and gives the same model."""
+    import pathlib
+
+    sd = AudioMAE(TINY).state_dict()
+    args = argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True, mask_ratio=0.8,
+                              output_dir=pathlib.Path("/checkpoint/u/123"), log_dir=pathlib.PurePosixPath("/logs"),
+                              job_dir=pathlib.PosixPath("/checkpoint/u/%j"))
+    path = _released_file(tmp_path, sd, args)
+    model = AudioMAE.from_pretrained(str(path), config=TINY)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_wrapper_prefixes_are_stripped_in_any_order():
+    """torch.compile(DDP(model)) saves _orig_mod.module.* (DDP(torch.compile(model)) module._orig_mod.*)."""
+    sd = AudioMAE(TINY).state_dict()
+    for prefix in ("_orig_mod.module.", "module._orig_mod.", "module.module.", "_orig_mod."):
+        model = AudioMAE.from_pretrained({prefix + k: v for k, v in sd.items()})
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items()), prefix
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda sd: sd.pop("decoder_blocks.0.attn.meta_mlp.fc1.weight"),
+     "an incomplete Audio-MAE state dict: decoder_blocks.0.attn.meta_mlp.fc1.weight is missing"),
+    (lambda sd: sd.update({"decoder_blocks.0.attn.tau": torch.tensor(1.0)}),
+     r"weights of an unexpected rank \(decoder_blocks.0.attn.tau \(\)\)"),
+    (lambda sd: sd.update({0: torch.zeros(1)}), "keys must be parameter names \\(strings\\), got 0"),
+    (lambda sd: sd.update({"cls_token": torch.empty(1, 1, 64, device="meta")}),
+     "1 tensor of the state dict holds no dense values \\(the first: cls_token, on the meta device\\)"),
+    (lambda sd: sd.update({"cls_token": sd["cls_token"].to_sparse()}), "cls_token, layout torch.sparse_coo"),
+])
+def test_damaged_state_dicts_are_checkpoint_errors(tmp_path, damage, message):
+    sd = dict(AudioMAE(TINY).state_dict())
+    damage(sd)
+    with pytest.raises(CheckpointError, match=message):
+        AudioMAE.from_pretrained(sd)
+    if all(isinstance(k, str) for k in sd) and not sd["cls_token"].is_meta:  # the same from a file
+        torch.save(sd, tmp_path / "d.pt")
+        with pytest.raises(CheckpointError, match=message):
+            AudioMAEClassifier.from_pretrained(str(tmp_path / "d.pt"))
+
+
+def test_a_global_decoders_head_count_guessed_from_its_width_is_said(tmp_path, capsys):
+    """A bare state dict of a global decoder does not hold its head count: at a width no preset has, the
+    assumption is a warning (it was silent) and info marks it; at a preset's width it is the preset's."""
+    cfg = AudioMAEConfig.preset("tiny", decoder_mode="global", decoder_embed_dim=96, decoder_num_heads=4)
+    sd = AudioMAE(cfg).state_dict()
+    with pytest.warns(CheckpointAdaptedWarning, match="assumed decoder_num_heads=3 for width 96 "
+                                                      r"\(pass decoder_num_heads= if the model had another\)"):
+        assert AudioMAE.from_pretrained(sd).config.decoder_num_heads == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert AudioMAE.from_pretrained(sd, decoder_num_heads=4).config.decoder_num_heads == 4
+        preset = AudioMAE.from_pretrained(AudioMAE(AudioMAEConfig.preset("tiny", decoder_mode="global")).state_dict())
+        assert preset.config.decoder_num_heads == TINY.decoder_num_heads
+    from audiomae.info import main as info_main
+    torch.save(sd, tmp_path / "g.pt")
+    assert info_main([str(tmp_path / "g.pt")]) == 0
+    assert "decoder: global, 4 blocks, width 96, 3 heads (not in the weights: width / 32)" in capsys.readouterr().out
