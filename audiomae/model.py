@@ -43,8 +43,8 @@ class MAEOutput:
 
 
 def patchify(spec: torch.Tensor, p: int, stride: Optional[int] = None) -> torch.Tensor:
-    """``[B, 1, T, F]`` -> ``[B, grid_t * grid_f, p*p]``: time-major patches, each row-major (p time rows
-    of p bins), one every ``stride`` (default ``p``: the patches tile the input).
+    """``[B, C, T, F]`` -> ``[B, grid_t * grid_f, p*p*C]``: time-major patches, each row-major (p time rows
+    of p bins, the channels last), one every ``stride`` (default ``p``: the patches tile the input).
 
     A remainder that does not fill a whole patch is cropped, as the strided convolution does.
     """
@@ -60,21 +60,23 @@ def patchify(spec: torch.Tensor, p: int, stride: Optional[int] = None) -> torch.
 
 
 def unpatchify(x: torch.Tensor, p: int, grid: Tuple[int, int], stride: Optional[int] = None) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``[B, L, p*p]`` -> ``[B, 1, (grid_t - 1) * s + p, (grid_f - 1) * s + p]``;
-    where patches overlap (``stride`` below ``p``) each value is the mean of the patches covering it."""
+    """Inverse of :func:`patchify`: ``[B, L, p*p*C]`` -> ``[B, C, (grid_t - 1) * s + p, (grid_f - 1) * s + p]``
+    (``C`` channels, 1 for spectrograms); where patches overlap (``stride`` below ``p``) each value is the
+    mean of the patches covering it."""
     h, w = grid
-    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] != p * p:
-        raise ValueError(f"unpatchify of a {h} x {w} grid of {p} x {p} patches expects [B, {h * w}, {p * p}], got "
-                         f"shape {tuple(x.shape)}")
-    B = x.shape[0]
+    if x.dim() != 3 or x.shape[1] != h * w or x.shape[2] == 0 or x.shape[2] % (p * p):
+        raise ValueError(f"unpatchify of a {h} x {w} grid of {p} x {p} patches expects [B, {h * w}, {p * p} x "
+                         f"channels], got shape {tuple(x.shape)}")
+    B, C = x.shape[0], x.shape[2] // (p * p)
     if stride is not None and stride != p:
         size = ((h - 1) * stride + p, (w - 1) * stride + p)
-        cols = x.transpose(1, 2)  # [B, p*p, L]: fold's layout (one column per patch)
+        # fold's layout: one column per patch, its values channel-major (patchify puts the channel last)
+        cols = x.reshape(B, h * w, p, p, C).permute(0, 4, 2, 3, 1).reshape(B, C * p * p, h * w)
         total = torch.nn.functional.fold(cols, size, p, stride=stride)
         count = torch.nn.functional.fold(torch.ones_like(cols[:1]), size, p, stride=stride)
         return total / count
-    x = x.reshape(B, h, w, p, p, 1)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, 1, h * p, w * p)
+    x = x.reshape(B, h, w, p, p, C)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
 
 
 def norm_pix_target(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -146,7 +148,9 @@ class _Encoder(nn.Module):
                             + ("; convert it with torch.from_numpy" if type(spec).__module__ == "numpy" else ""))
         if not spec.dtype.is_floating_point:
             raise TypeError(f"expected a floating-point spectrogram, got dtype {spec.dtype}")
-        weight = self.patch_embed.proj.weight
+        weight = getattr(self.patch_embed.proj, "weight", None)
+        if not isinstance(weight, torch.Tensor):  # a projection replaced by another module (an adapter)
+            weight = self.cls_token
         if spec.dtype != weight.dtype:
             # autocast casts float32/16-bit tensors, never float64 ones: a float64 input (or model) under
             # autocast would reach the convolution with mixed dtypes
@@ -219,14 +223,22 @@ class _Encoder(nn.Module):
         return x
 
 
-def _watched(module: nn.Module) -> bool:
-    """Whether forward hooks watch ``module`` or a module in it (global ones included): the fused
-    embedding of the kept patches does not call it, so they would not run."""
+def _fusable(patch_embed: nn.Module) -> bool:
+    """Whether the fused embedding of the kept patches computes what ``patch_embed`` would: it is this
+    package's, its projection a plain ``nn.Conv2d`` (not replaced by another module, such as an adapter,
+    or a subclass with its own forward), and no forward hooks watch them (global ones included), which
+    the fused op, not calling the modules, would not run."""
     from torch.nn.modules import module as torch_module
 
+    proj = getattr(patch_embed, "proj", None)
+    if type(patch_embed) is not PatchEmbed or type(proj) is not nn.Conv2d:
+        return False
+    p = patch_embed.patch_size
+    if (proj.kernel_size, proj.stride, proj.padding, proj.dilation, proj.groups) != ((p, p), (p, p), (0, 0), (1, 1), 1):
+        return False  # a convolution made otherwise than the patch embedding's
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in patch_embed.modules())
 
 
 class AudioMAE(_Encoder):
@@ -286,9 +298,9 @@ class AudioMAE(_Encoder):
         mask_ratio = check_ratio(mask_ratio)
         self._check_input(spec)
         self._check_noise(noise, spec)
-        if mode == "unstructured" and not cfg.overlapping and not _watched(self.patch_embed):
+        if mode == "unstructured" and not cfg.overlapping and _fusable(self.patch_embed):
             # embed only the kept patches: the same values as embedding all of them, then gathering (which
-            # runs the patch embedding module, for forward hooks that watch it)
+            # runs the patch embedding module: one replaced or watched by hooks)
             B, L = spec.shape[0], cfg.num_patches
             ids_keep, ids_restore, mask = random_masking_ids(B, L, int(L * (1 - mask_ratio)), spec.device, noise)
             proj = self.patch_embed.proj
@@ -364,9 +376,10 @@ class AudioMAE(_Encoder):
         x = self.norm(self.encode_tokens(self.tokens(spec)))[:, 1:, :]
         return x.mean(dim=1), x
 
+    @torch.no_grad()
     def reconstruct(self, spec: torch.Tensor, mask_ratio: Optional[float] = None,
                     noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction as a spectrogram (patch statistics restored when the model predicts
+        """Reconstruction (without gradients, as :meth:`embed`) as a spectrogram (patch statistics restored when the model predicts
         normalised patches) and the mask (1 = removed), both the patch-covered part of the input
         ``[B, 1, T, F]``: all of it where the patches tile it, else less (patch 14 on 256 x 128 covers
         252 x 126). Where patches overlap, each value is the mean of the patches covering it, and the mask the

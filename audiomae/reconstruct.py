@@ -22,7 +22,21 @@ def denormalize(spec: torch.Tensor, stats="audioset") -> torch.Tensor:
 
 def mel_to_audio(log_mel: torch.Tensor, stats="audioset", n_iter: int = 64, n_fft: int = 512,
                  win_length: int = 400, hop_length: int = 160) -> torch.Tensor:
-    """``[T, 128]`` normalised log-mel (the model's input layout, one clip) -> waveform ``[N]`` at 16 kHz."""
+    """``[T, 128]`` normalised log-mel (the model's input layout, one clip; ``[1, T, 128]`` and
+    ``[1, 1, T, 128]`` too) -> waveform ``[N]`` at 16 kHz. ``T`` is at least 3 frames."""
+    if not torch.is_tensor(log_mel):
+        raise TypeError(f"mel_to_audio takes a tensor [T, mel bins], got {type(log_mel).__name__}")
+    shape = tuple(log_mel.shape)
+    while log_mel.dim() > 2 and log_mel.shape[0] == 1:
+        log_mel = log_mel[0]
+    if log_mel.dim() != 2:
+        raise ValueError(f"mel_to_audio takes one clip's log-mel [T, mel bins], got shape {shape} (index the "
+                         "batch and channel first, e.g. recon[0, 0])")
+    if log_mel.shape[0] < 3:
+        raise ValueError(f"mel_to_audio needs at least 3 frames (30 ms) to invert, got {log_mel.shape[0]}")
+    if log_mel.is_complex() or not log_mel.is_floating_point():
+        raise TypeError(f"mel_to_audio takes a real floating-point log-mel, got {log_mel.dtype}")
+    log_mel = log_mel.detach().cpu()
     fb = mel_filterbank(log_mel.shape[-1], n_fft=n_fft).double()  # [M, n_fft//2+1]
     energy = denormalize(log_mel.double(), stats).exp()  # [T, M]
     power = (energy @ torch.linalg.pinv(fb).T).clamp_min(0.0)  # [T, bins]
@@ -56,7 +70,7 @@ def reconstruction_figure(spec: torch.Tensor, recon: torch.Tensor, mask: torch.T
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: drawing the reconstruction needs matplotlib (pip install matplotlib)") from None
-    spec, recon, mask = spec.float().cpu(), recon.float().cpu(), mask.float().cpu()
+    spec, recon, mask = (t.detach().float().cpu() for t in (spec, recon, mask))
     # hidden: in no kept patch (overlapping patches give fractions: removed from some patches only)
     hidden = mask >= 1
     masked = spec.masked_fill(hidden, float("nan"))

@@ -314,7 +314,7 @@ def test_inputs_that_cannot_be_meant_are_named():
     from audiomae.model import patchify, unpatchify
     with pytest.raises(ValueError, match=r"patchify expects \[B, C, T, F\], got shape \(2, 256, 128\)"):
         patchify(torch.randn(2, 256, 128), 16)
-    with pytest.raises(ValueError, match=r"expects \[B, 128, 256\], got shape \(2, 10, 256\)"):
+    with pytest.raises(ValueError, match=r"expects \[B, 128, 256 x channels\], got shape \(2, 10, 256\)"):
         unpatchify(torch.randn(2, 10, 256), 16, (16, 8))
 
 
@@ -415,3 +415,74 @@ def test_forward_hooks_on_the_patch_embedding_run_in_pretraining():
             handle.remove()
         assert seen, "the hook did not run"
         seen.clear()
+
+
+@pytest.mark.parametrize("stride", [None, 10])
+def test_unpatchify_inverts_patchify_for_several_channels(stride):
+    x = torch.randn(2, 3, 64, 32)
+    grid = ((64 - 16) // (stride or 16) + 1, (32 - 16) // (stride or 16) + 1)
+    back = unpatchify(patchify(x, 16, stride), 16, grid, stride)
+    assert back.shape[:2] == (2, 3)
+    torch.testing.assert_close(back, x[:, :, :back.shape[2], :back.shape[3]])
+    with pytest.raises(ValueError, match=r"expects \[B, 8, 256 x channels\], got shape \(2, 8, 300\)"):
+        unpatchify(torch.zeros(2, 8, 300), 16, (4, 2))
+
+
+def test_reconstruct_gives_plain_tensors_for_the_figure_and_the_audio(tmp_path):
+    """reconstruct runs without gradients (its outputs went to numpy with requires_grad and failed), for
+    every channel count; mel_to_audio takes the model's layout of one clip and says what else it needs."""
+    from audiomae.reconstruct import mel_to_audio, reconstruction_figure
+
+    model = AudioMAE(AudioMAEConfig.preset("tiny"))
+    spec = torch.randn(1, 1, 256, 128)
+    recon, mask = model.reconstruct(spec)
+    assert not recon.requires_grad and not mask.requires_grad
+    reconstruction_figure(spec[0, 0], recon[0, 0], mask[0, 0], str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 0
+    wave = mel_to_audio(recon[:, :, :20], n_iter=2)  # [1, 1, T, 128]: one clip
+    assert wave.shape == (19 * 160,) and not wave.requires_grad
+    with pytest.raises(ValueError, match=r"one clip's log-mel \[T, mel bins\], got shape \(2, 1, 20, 128\)"):
+        mel_to_audio(torch.randn(2, 1, 20, 128))
+    with pytest.raises(ValueError, match="at least 3 frames"):
+        mel_to_audio(torch.randn(2, 128))
+    two = AudioMAE(AudioMAEConfig.preset("tiny", in_chans=2))
+    recon, mask = two.reconstruct(torch.randn(1, 2, 256, 128))
+    assert recon.shape == (1, 2, 256, 128) and mask.shape == (1, 1, 256, 128)
+
+
+def test_a_replaced_patch_projection_is_used_in_pretraining():
+    """The fused embedding reads proj.weight and proj.bias: a projection replaced by a Conv2d subclass
+    with its own forward, or by a wrapper module (an adapter), is called instead (before, the first
+    was silently skipped and the second raised AttributeError)."""
+    model = AudioMAE(AudioMAEConfig.preset("tiny")).eval()
+    x = torch.randn(2, 1, 256, 128)
+    torch.manual_seed(0)
+    plain = model(x).loss
+
+    class Scaled(torch.nn.Conv2d):
+        def forward(self, inp):
+            return 2 * super().forward(inp)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inp):
+            return 2 * self.inner(inp)
+
+    conv = model.patch_embed.proj
+    scaled = Scaled(1, conv.out_channels, conv.kernel_size, conv.stride)
+    scaled.load_state_dict(conv.state_dict())
+    for proj in (scaled, Wrap(conv)):
+        model.patch_embed.proj = proj
+        torch.manual_seed(0)
+        loss = model(x).loss
+        torch.manual_seed(0)
+        assert torch.equal(loss, model.forward(x, mask_ratio=0.8).loss) and not torch.equal(loss, plain)
+        with torch.no_grad():  # the same as the model's own path through every patch
+            tokens = model.tokens(x)
+        assert torch.allclose(tokens - model.pos_embed[:, 1:], 2 * conv(x).flatten(2).transpose(1, 2), atol=1e-5)
+    model.patch_embed.proj = conv
+    torch.manual_seed(0)
+    assert torch.equal(model(x).loss, plain)
