@@ -2126,3 +2126,26 @@ def test_data_options_that_no_dataset_reads_are_noted(tmp_path, capsys):
     assert main(["finetune", "--data-root", str(tmp_path), "-o", str(tmp_path / "d"), *TINY_RUN]) == 0
     assert "note: --data-root is not used: it applies to a manifest (--data a JSON or CSV file); this run reads " \
            "the embedded synthetic dataset" in capsys.readouterr().err
+
+
+def test_a_data_error_in_a_loader_worker_ends_the_process(tmp_path):
+    """A worker that meets a set it cannot read (no readable clip) raised in the main process, which
+    printed the error and then never exited: its interpreter joined the workers, which a run that stops
+    gracefully has ignore SIGTERM. The workers are stopped with the error: exit status 1."""
+    from audiomae import AudioMAE, AudioMAEConfig
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "text.wav").write_text("not audio")
+    manifest = tmp_path / "bad.json"
+    manifest.write_text(json.dumps({"data": [{"wav": str(tmp_path / "empty.wav")},
+                                             {"wav": str(tmp_path / "text.wav")}]}))
+    AudioMAE(AudioMAEConfig.preset("tiny")).save_pretrained(str(tmp_path / "m.pt"))
+    for argv in (["pretrain", "-o", str(tmp_path / "r"), "--epochs", "1"],
+                 ["embed", "--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "e") + "/"]):
+        try:
+            proc = subprocess.run([sys.executable, "-m", "audiomae", *argv, "--data", str(manifest), "--batch-size",
+                                   "2", "--num-workers", "1", "--quiet"], capture_output=True, text=True, env=ENV,
+                                  timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"audiomae {argv[0]} did not exit after a data error in a loader worker")
+        assert proc.returncode == 1, proc.stderr
+        assert "no readable clip among the 2 clips" in proc.stderr and "Traceback" not in proc.stderr

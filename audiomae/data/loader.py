@@ -239,17 +239,36 @@ class ClipLoader:
             self._generator.manual_seed(_epoch_seed(self.seed, epoch))
         if hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(epoch)
+        it = iter(self.loader)
         try:
-            for batch in self.loader:
+            for batch in it:
                 if self._account:
                     self.bad_tracker.update_from_batch(batch)
                 yield batch
         except TooManyBadFilesError as e:
+            _shut_down(self.loader, it)
             # raised in a worker process: DataLoader wraps the message in the worker's traceback
             msg = str(e)
             if "Original Traceback" not in msg:
                 raise
             raise TooManyBadFilesError(msg.rsplit("TooManyBadFilesError: ", 1)[-1].strip()) from None
+        except BaseException:
+            _shut_down(self.loader, it)
+            raise
+
+
+def _shut_down(loader: DataLoader, it: Any) -> None:
+    """Stop the worker processes of a loader's iterator that an error (or the caller) left: left to
+    the interpreter's exit, they would be joined after being sent SIGTERM, which workers of a run that
+    stops gracefully ignore, so the process would never end."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:  # already gone
+            pass
+    if getattr(loader, "_iterator", None) is it:  # persistent workers: the next epoch makes new ones
+        loader._iterator = None
 
 
 def make_loader(
