@@ -255,6 +255,9 @@ BAD_LABEL_CSVS = [
     ('index,mid,display_name\n0\n', r"line 2: expected at least 2 fields"),
     ("", r"the label file is empty"),
     ("index,mid,display_name\n", r"no classes"),
+    # an unclosed quote took the rest of the file as one name (3 classes, then an unknown-label error)
+    ('index,mid,display_name\n0,/m/a,A\n1,/m/b,"B\n2,/m/c,C\n', r"line 4: malformed CSV: unexpected end of data "
+     r"\(a field's opening quote is never closed"),
 ]
 
 
@@ -317,6 +320,9 @@ def test_malformed_csv_manifest(tmp_path):
     (tmp_path / "n.csv").write_text("wav,labels\na.wav,/m/a\nb.wav,/m/q\n")
     with pytest.raises(DataError, match=r"n.csv, line 3: unknown label '/m/q'"):
         ManifestDataset(tmp_path / "n.csv", tmp_path / "labels.csv")
+    (tmp_path / "q.csv").write_text('wav,labels\na.wav,"/m/a\nb.wav,/m/a\nc.wav,/m/b\n')  # was 1 clip, silently
+    with pytest.raises(DataError, match=r"q.csv, line 4: malformed CSV: unexpected end of data"):
+        ManifestDataset(tmp_path / "q.csv", tmp_path / "labels.csv")
 
 
 # ----------------------------------------------------------------------------------------------

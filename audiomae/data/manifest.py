@@ -88,12 +88,18 @@ def read_label_csv(path: PathLike) -> LabelSet:
         f.close()
 
 
+def _csv_error(path: str, reader: Any, e: csv.Error) -> DataError:
+    hint = (" (a field's opening quote is never closed: look for an unmatched \" at or before this line)"
+            if "unexpected end of data" in str(e) else "")
+    return DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}{hint}")
+
+
 def _read_label_rows(f: Any, path: str) -> LabelSet:
-    reader = csv.reader(f)
+    reader = csv.reader(f, strict=True)  # an unclosed quote is an error, not the rest of the file in one field
     try:
         header = next(reader, None)
     except csv.Error as e:
-        raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
+        raise _csv_error(path, reader, e) from e
     if header is None:
         raise DataError(f"{path}: the label file is empty (expected a header 'index,mid,display_name')")
     cols = [h.strip().lower() for h in header]
@@ -114,7 +120,7 @@ def _read_label_rows(f: Any, path: str) -> LabelSet:
         except StopIteration:
             break
         except csv.Error as e:
-            raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
+            raise _csv_error(path, reader, e) from e
         line = reader.line_num
         if not row or all(not c.strip() for c in row):
             continue
@@ -215,7 +221,7 @@ def read_manifest(path: PathLike) -> List[Tuple[str, Any, str]]:
 
 
 def _read_table_manifest(f: Any, path: str, delimiter: str) -> List[Tuple[str, Any, str]]:
-    reader = csv.reader(f, delimiter=delimiter)
+    reader = csv.reader(f, delimiter=delimiter, strict=True)  # an unclosed quote is an error
     try:
         header = next(reader, None)
         if header is None:
@@ -238,7 +244,7 @@ def _read_table_manifest(f: Any, path: str, delimiter: str) -> List[Tuple[str, A
                 raise DataError(f"{where}: empty 'wav'")
             out.append((wav, row[i_lab] if i_lab is not None else _MISSING, where))
     except csv.Error as e:
-        raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from e
+        raise _csv_error(path, reader, e) from e
     return out
 
 
