@@ -107,7 +107,9 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
     if os.path.getsize(fspath) == 0:
         raise AudioLoadError(fspath, "the file is empty (0 bytes)")
     try:
-        data, file_sr = sf.read(fspath, dtype="float32", always_2d=True)
+        # a name that is not UTF-8 (os.fsdecode's surrogates) as its bytes: libsndfile gets it encoded
+        name = os.fsencode(fspath) if isinstance(fspath, str) and not _utf8(fspath) else fspath
+        data, file_sr = sf.read(name, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports format and I/O problems as several exception types
         raise AudioLoadError(fspath, f"{type(e).__name__}: {e}") from e
     cut = _wav_cut_short(fspath)
@@ -125,6 +127,14 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
     if sample_rate is not None and int(file_sr) != sample_rate:
         wave = resample(wave, int(file_sr), sample_rate)
     return wave
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _wav_cut_short(path: str) -> Optional[Tuple[float, float]]:

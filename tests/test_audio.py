@@ -441,3 +441,19 @@ def test_load_audio_refuses_a_sample_rate_that_is_not_a_whole_number_of_hz(tmp_p
         with pytest.raises(ValueError, match="sample_rate must be a positive integer number of Hz"):
             A.load_audio(tmp_path / "a.wav", sample_rate=bad)
     assert A.load_audio(tmp_path / "a.wav", sample_rate=8000.0).shape == (800,)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names as bytes that are not UTF-8 are a POSIX matter")
+def test_a_file_whose_name_is_not_utf8_is_read(tmp_path):
+    """A Latin-1 name (the str Python makes of it holds a surrogate) was 'cannot load: UnicodeEncodeError'."""
+    wave = (0.1 * np.random.default_rng(0).standard_normal(8000)).astype("float32")
+    sf.write(str(tmp_path / "plain.wav"), wave, 16000, subtype="FLOAT")
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav")
+    try:
+        os.rename(os.fsencode(tmp_path / "plain.wav"), raw)
+    except OSError:  # pragma: no cover - a file system that only takes UTF-8 names
+        pytest.skip("this file system refuses names that are not UTF-8")
+    name = os.fsdecode(raw)
+    assert "\udce9" in name
+    for path in (name, raw):
+        torch.testing.assert_close(A.load_audio(path), torch.from_numpy(wave))
