@@ -118,6 +118,9 @@ def load_audio(path, sample_rate: Optional[int] = SAMPLE_RATE, mono: bool = True
                                      f"{cut[1]:.3f} s (an interrupted copy or download)")
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise AudioLoadError(fspath, "the file contains no audio samples")
+    if sample_rate is not None and file_sr < MIN_FILE_RATE:
+        raise AudioLoadError(fspath, f"its header declares a sample rate of {file_sr} Hz, below any audio's "
+                                     f"({MIN_FILE_RATE} Hz): a damaged header?")
     if not np.isfinite(data).all():
         raise AudioLoadError(fspath, "the file contains non-finite samples (NaN or inf)")
     data = np.ascontiguousarray(data.T)  # [C, N]
@@ -179,12 +182,21 @@ def _as_rate(sr, name: str) -> int:
     return int(sr)
 
 
+# the largest up or down factor resampled with the polyphase filter (its length is 20 times that)
+_POLYPHASE_LIMIT = 1000
+# below this a file's rate is a damaged header, not audio (it would be upsampled many times over)
+MIN_FILE_RATE = 1000
+
+
 def resample(waveform: ArrayLike, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Resample ``[..., N]`` along the last axis with ``scipy.signal.resample_poly``.
 
     ``up`` and ``down`` are ``new_sr`` and ``orig_sr`` divided by their gcd; the output has
-    ``ceil(N * up / down)`` samples. Floating inputs keep their dtype and device (integer inputs
-    come back as float32 with the same scale). Not differentiable (computed with SciPy).
+    ``ceil(N * up / down)`` samples. Where one of them exceeds 1000 (no standard pair of rates: 44.1
+    kHz to 16 kHz is 160 / 441; an odd rate such as 44101 Hz is 16000 / 44101), whose polyphase filter
+    would take time and memory in proportion, the FFT resampler (``scipy.signal.resample``) gives
+    those samples instead. Floating inputs keep their dtype and device (integer inputs come back as
+    float32 with the same scale). Not differentiable (computed with SciPy).
     """
     from scipy.signal import resample_poly
 
@@ -200,7 +212,11 @@ def resample(waveform: ArrayLike, orig_sr: int, new_sr: int) -> torch.Tensor:
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
     arr = x.detach().cpu().numpy()
-    out = resample_poly(arr, up, down, axis=-1)
+    if max(up, down) > _POLYPHASE_LIMIT:
+        from scipy.signal import resample as fft_resample
+        out = fft_resample(arr, -(-arr.shape[-1] * up // down), axis=-1)
+    else:
+        out = resample_poly(arr, up, down, axis=-1)
     return torch.from_numpy(np.ascontiguousarray(out)).to(device=x.device, dtype=keep)
 
 

@@ -457,3 +457,25 @@ def test_a_file_whose_name_is_not_utf8_is_read(tmp_path):
     assert "\udce9" in name
     for path in (name, raw):
         torch.testing.assert_close(A.load_audio(path), torch.from_numpy(wave))
+
+
+def test_odd_sample_rates_resample_in_bounded_time_and_damaged_rates_are_refused(tmp_path, monkeypatch):
+    """A rate sharing few factors with 16 kHz (44101 Hz: 16000 / 44101) made a polyphase filter of
+    20 x 44101 taps (a corrupt header's 99999989 Hz took all memory): such rates go through the FFT
+    resampler, a tone comes out right; a header's rate below 1000 Hz is refused, not upsampled."""
+    import scipy.signal
+
+    calls = []
+    monkeypatch.setattr(scipy.signal, "resample_poly", lambda *a, **k: calls.append(a) or np.zeros(0))
+    sr = 44101
+    tone = np.sin(2 * np.pi * 440 * np.arange(sr) / sr).astype("float32")
+    out = A.resample(tone, sr, 16000).numpy()
+    assert out.shape == (16000,) and not calls  # ceil(N * up / down) samples, no polyphase filter
+    ref = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert np.abs(out - ref)[100:-100].max() < 1e-3
+    A.resample(tone, 44100, 16000)  # the standard rates keep the polyphase filter
+    assert calls and calls[0][1:] == (160, 441)
+    sf.write(str(tmp_path / "slow.wav"), tone[:800], 800, subtype="FLOAT")
+    with pytest.raises(A.AudioLoadError, match=r"slow.wav.*sample rate of 800 Hz, below any audio's \(1000 Hz\)"):
+        A.load_audio(str(tmp_path / "slow.wav"))
+    assert A.load_audio(str(tmp_path / "slow.wav"), sample_rate=None).shape == (800,)  # as stored: no rate needed
