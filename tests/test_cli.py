@@ -2149,3 +2149,17 @@ def test_a_data_error_in_a_loader_worker_ends_the_process(tmp_path):
             pytest.fail(f"audiomae {argv[0]} did not exit after a data error in a loader worker")
         assert proc.returncode == 1, proc.stderr
         assert "no readable clip among the 2 clips" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_finetuning_on_one_class_is_refused_with_the_folder_that_holds_the_classes(tmp_path, capsys):
+    """A class folder one level too high (train/audio/{dog,cat}) was one class: a softmax over it has no
+    loss, and the run reported accuracy 1.0."""
+    for c in ("dog", "cat"):
+        (tmp_path / "train" / "audio" / c).mkdir(parents=True)
+        _wav(tmp_path / "train" / "audio" / c / "a.wav", 0.5)
+    code = main(["finetune", "--data", str(tmp_path / "train"), "-o", str(tmp_path / "r"), *TINY_RUN])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert_one_error_line(err, f"cannot fine-tune on {tmp_path / 'train'}: it has one class (audio), and "
+                               "single-label training needs two or more (a softmax over one class learns nothing); "
+                               f"its sub-folders (cat, dog) look like the classes: --data {tmp_path / 'train' / 'audio'}")

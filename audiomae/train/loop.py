@@ -207,6 +207,23 @@ def _need_classes(dataset, opts: Dict[str, Any], what: str) -> None:
                             "columns)")
 
 
+def _need_two_classes(dataset, opts: Dict[str, Any]) -> None:
+    """Single-label training needs two classes at least: a softmax over one has no loss to learn from,
+    and scores 1.0 (a class folder with one sub-folder: often one level too high)."""
+    if getattr(dataset, "multi_label", True) or getattr(dataset, "num_classes", 0) != 1:
+        return
+    source, name = opts.get("data"), dataset.class_names[0]
+    hint = ""
+    inner = os.path.join(str(source), name)
+    if os.path.isdir(inner):
+        subs = sorted(d.name for d in os.scandir(inner) if d.is_dir() and not d.name.startswith("."))
+        if len(subs) > 1:
+            shown = ", ".join(subs[:4]) + (", ..." if len(subs) > 4 else "")
+            hint = f"; its sub-folders ({shown}) look like the classes: --data {inner}"
+    raise TrainingError(f"cannot fine-tune on {source}: it has one class ({name}), and single-label training "
+                        f"needs two or more (a softmax over one class learns nothing){hint}")
+
+
 def _target_length(opts: Dict[str, Any], dataset) -> int:
     if opts.get("target_length"):
         return int(opts["target_length"])
@@ -1261,6 +1278,7 @@ def finetune(opts: Dict[str, Any], leave_group: bool = True) -> Dict[str, Any]:
         device, info = _setup(opts, training=True)
         train_set = build_dataset(opts, "train")
         _need_classes(train_set, opts, "fine-tune")
+        _need_two_classes(train_set, opts)
         eval_set = build_dataset(opts, "val")
         _check_files_exist(train_set, "--data", opts.get("data"))
         _check_files_exist(eval_set, "--eval-data" if opts.get("eval_data") else "--data",
