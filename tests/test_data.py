@@ -1122,3 +1122,18 @@ def test_the_feature_extractor_checks_its_batch_alike_on_every_path(rate):
     with pytest.raises(ValueError, match="lengths must be 2 whole numbers"):
         fe(w, torch.tensor([1.5, 2.0]))
     assert fe(w, torch.tensor([4000, 2000])).shape == (2, 1, 64, 128)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_manifest_path_that_steps_up_from_a_linked_folder_is_read_as_the_os_does(tmp_path):
+    """store/manifests/m.json lists ../audio/a.wav; manifests/ is a link to store/manifests: the file is
+    store/audio/a.wav (the tidied path, manifests/../audio, was a folder that does not exist)."""
+    (tmp_path / "store" / "manifests").mkdir(parents=True)
+    _wav(str(tmp_path / "store" / "audio" / "a.wav"), 0.1)
+    (tmp_path / "store" / "manifests" / "m.json").write_text('{"data": [{"wav": "../audio/a.wav"}, '
+                                                             '{"wav": "./../audio/a.wav"}]}')
+    os.symlink(tmp_path / "store" / "manifests", tmp_path / "manifests")
+    ds = ManifestDataset(tmp_path / "manifests" / "m.json")
+    assert all(os.path.isfile(p) for p in ds.paths), ds.paths
+    assert os.path.samefile(ds.paths[0], tmp_path / "store" / "audio" / "a.wav")
+    assert ds[0]["waveform"].numel() > 0

@@ -296,7 +296,7 @@ class ManifestDataset(ClipDataset):
         self._labels: List[Tuple[int, ...]] = []
         for wav, labels, where in entries:
             wav = os.path.expanduser(wav.strip())
-            self.paths.append(wav if os.path.isabs(wav) else os.path.normpath(os.path.join(base, wav)))
+            self.paths.append(wav if os.path.isabs(wav) else _under(base, wav))
             if self.label_set is None:
                 self._labels.append(())
                 continue
@@ -358,6 +358,14 @@ class ManifestDataset(ClipDataset):
 
     def _read(self, index: int):
         return load_audio(self.paths[index], sample_rate=self.sample_rate, mono=True, downmix=self.downmix)
+
+
+def _under(base: str, relative: str) -> str:
+    """``relative`` from ``base``, tidied (``./a.wav`` is ``a.wav``) unless it steps up (``..``): the
+    folder it steps up from may be a link, which the OS follows and a tidied path would not."""
+    joined = os.path.join(base, relative)
+    parts = relative.replace(os.altsep or os.sep, os.sep).split(os.sep)
+    return joined if ".." in parts else os.path.normpath(joined)
 
 
 def write_manifest(path: PathLike, entries: Sequence[Dict[str, str]]) -> None:
