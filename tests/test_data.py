@@ -249,6 +249,7 @@ BAD_LABEL_CSVS = [
     ('index,mid,display_name\n0,/m/a,"A"\n1,/m/b,"B, b"\n1,/m/c,"C"\n', r"line 4: duplicate index 1 \(first on line 3\)"),
     ('index,mid,display_name\n0,/m/a,A\n1,/m/a,B\n', r"line 3: duplicate mid '/m/a'"),
     ('index,mid,display_name\n0,/m/a,A\nx,/m/b,B\n', r"line 3: index 'x' is not an integer"),
+    ('index,mid,display_name\n0,/m/a,A\n1_0,/m/b,B\n', r"line 3: index '1_0' is not an integer"),  # int(): 10
     ('idx,mid,display_name\n0,/m/a,A\n', r"line 1: .*no 'index' column"),
     ('index,mid,display_name\n0,/m/a,A\n2,/m/b,B\n', r"indices must be 0\.\.1; missing \[1\].*line 3"),
     ('index,mid,display_name\n0,/m/a,A\n1,,B\n', r"line 3: empty mid"),
@@ -310,6 +311,12 @@ def test_files_that_are_not_utf8_text(tmp_path):
     wav = _wav(str(tmp_path / "clip.wav"), 0.1)
     with pytest.raises(DataError, match=r"clip.wav: an audio file, not a manifest: --data takes"):
         ManifestDataset(wav, tmp_path / "labels.csv")
+
+
+def test_a_json_manifest_nested_too_deeply_is_a_data_error(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError, match="deep.json: its JSON nests too deeply to be a manifest"):
+        ManifestDataset(tmp_path / "deep.json")
 
 
 def test_malformed_csv_manifest(tmp_path):

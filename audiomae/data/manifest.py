@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -127,10 +128,9 @@ def _read_label_rows(f: Any, path: str) -> LabelSet:
         if len(row) <= max(i_idx, i_mid):
             raise DataError(f"{path}, line {line}: expected at least {max(i_idx, i_mid) + 1} fields, got {len(row)}: {row!r}")
         raw_index, mid = row[i_idx].strip(), row[i_mid].strip()
-        try:
-            index = int(raw_index)
-        except ValueError:
-            raise DataError(f"{path}, line {line}: index {raw_index!r} is not an integer") from None
+        if not re.fullmatch(r"-?[0-9]+", raw_index):  # int() also takes 1_0 (10) and other digits
+            raise DataError(f"{path}, line {line}: index {raw_index!r} is not an integer")
+        index = int(raw_index)
         if index < 0:
             raise DataError(f"{path}, line {line}: negative index {index}")
         if not mid:
@@ -198,6 +198,9 @@ def read_manifest(path: PathLike) -> List[Tuple[str, Any, str]]:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from e
+    except RecursionError:
+        raise DataError(f"{path}: its JSON nests too deeply to be a manifest (expected {{\"data\": [{{\"wav\": ..., "
+                        "\"labels\": ...}}, ...]}})") from None
     if isinstance(doc, dict):
         if "data" not in doc:
             raise DataError(f"{path}: the manifest has no 'data' key (expected {{\"data\": [{{\"wav\": ..., \"labels\": ...}}, ...]}})")
