@@ -1144,3 +1144,15 @@ def test_a_manifest_path_that_steps_up_from_a_linked_folder_is_read_as_the_os_do
     assert all(os.path.isfile(p) for p in ds.paths), ds.paths
     assert os.path.samefile(ds.paths[0], tmp_path / "store" / "audio" / "a.wav")
     assert ds[0]["waveform"].numel() > 0
+
+
+def test_synthetic_dataset_refuses_what_it_cannot_make():
+    """A float size or seed (truncated before), and a rate below 8 kHz (an IndexError in the clip
+    generator), are refused by name."""
+    with pytest.raises(TypeError, match=r"num_clips must be an integer, got 2.5 \(float\)"):
+        SyntheticAudioDataset(num_clips=2.5)
+    with pytest.raises(TypeError, match=r"seed must be an integer, got 1.0 \(float\)"):
+        SyntheticAudioDataset(num_clips=2, seed=1.0)
+    with pytest.raises(ValueError, match="sample_rate must be at least 8000 Hz for the synthetic clips"):
+        SyntheticAudioDataset(num_clips=2, sample_rate=6000)
+    assert SyntheticAudioDataset(num_clips=np.int64(2), sample_rate=22050)[1]["waveform"].numel() > 0

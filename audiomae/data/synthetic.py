@@ -184,6 +184,10 @@ def generate_clip(class_id: int, rng: np.random.Generator, num_samples: int, sam
     return np.clip(x, -1.0, 1.0).astype(np.float32, copy=False)
 
 
+#: the lowest rate the clips are made at (the band-limited noise class needs its band below the Nyquist frequency)
+MIN_SAMPLE_RATE = 8000
+
+
 class SyntheticAudioDataset(ClipDataset):
     """Procedurally generated clips of 10 sound classes (single-label, exactly balanced).
 
@@ -203,11 +207,17 @@ class SyntheticAudioDataset(ClipDataset):
         split: Union[str, int] = "train",
         **kwargs: Any,
     ) -> None:
-        super().__init__(clip_seconds, **kwargs)
+        for name, v in (("num_clips", num_clips), ("seed", seed)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        super().__init__(clip_seconds, **kwargs)
+        if self.sample_rate < MIN_SAMPLE_RATE:
+            raise ValueError(f"sample_rate must be at least {MIN_SAMPLE_RATE} Hz for the synthetic clips (below it "
+                             f"the noise-band class cannot be made), got {self.sample_rate}")
         self.num_clips = int(num_clips)
         self.seed = int(seed)
         self.split = split
