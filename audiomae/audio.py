@@ -225,6 +225,9 @@ def _as_tensor(waveform: ArrayLike) -> torch.Tensor:
     samples, soundfile's '>f4'; reversed views) are copied to native order first."""
     if isinstance(waveform, torch.Tensor):
         return waveform
+    if not isinstance(waveform, np.ndarray) and isinstance(waveform, (list, tuple, float)):
+        a = np.asarray(waveform)  # Python numbers: float32 samples (numpy would make float64 of them)
+        return torch.as_tensor(a.astype(np.float32) if a.dtype == np.float64 else a)
     a = np.asarray(waveform)
     if a.dtype.byteorder not in ("=", "|") or any(s < 0 for s in a.strides):
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
@@ -503,6 +506,10 @@ def pad_or_cut(features: torch.Tensor, target_length: int) -> torch.Tensor:
     Applied to log-mel values before normalisation, so padded rows become ``-mean / (2 std)``
     after it (+0.467032 with AudioSet statistics).
     """
+    if isinstance(features, np.ndarray):
+        features = torch.from_numpy(features)
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a tensor [..., T, F], got {type(features).__name__}")
     if features.dim() < 2:
         raise ValueError(f"features must be [..., T, F], got shape {tuple(features.shape)}")
     if isinstance(target_length, bool) or not isinstance(target_length, numbers.Integral) or target_length < 1:

@@ -50,6 +50,9 @@ def patchify(spec: torch.Tensor, p: int, stride: Optional[int] = None) -> torch.
     """
     if spec.dim() != 4:
         raise ValueError(f"patchify expects [B, C, T, F], got shape {tuple(spec.shape)}")
+    for name, v in (("patch size", p), ("stride", p if stride is None else stride)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"patchify's {name} must be a positive integer, got {v!r}")
     B, C, T, Fq = spec.shape
     if stride is not None and stride != p:  # overlapping patches: the release's unfold
         x = spec.unfold(2, p, stride).unfold(3, p, stride)  # [B, C, h, w, p, p]

@@ -479,3 +479,16 @@ def test_odd_sample_rates_resample_in_bounded_time_and_damaged_rates_are_refused
     with pytest.raises(A.AudioLoadError, match=r"slow.wav.*sample rate of 800 Hz, below any audio's \(1000 Hz\)"):
         A.load_audio(str(tmp_path / "slow.wav"))
     assert A.load_audio(str(tmp_path / "slow.wav"), sample_rate=None).shape == (800,)  # as stored: no rate needed
+
+
+def test_python_numbers_are_float32_samples_and_pad_or_cut_takes_numpy():
+    """fbank of a list of floats was float64 (numpy's type for Python floats), unlike a float32 array
+    of the same samples; pad_or_cut of a numpy array raised AttributeError."""
+    samples = (0.1 * np.random.default_rng(0).standard_normal(800)).astype("float32")
+    out = A.fbank(samples.tolist())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, A.fbank(samples))
+    assert A.fbank(samples.astype("float64")).dtype == torch.float64  # an explicit float64 array stays so
+    assert A.pad_or_cut(np.zeros((2, 3), dtype="float32"), 4).shape == (4, 3)
+    with pytest.raises(TypeError, match="features must be a tensor"):
+        A.pad_or_cut([[1.0]], 2)

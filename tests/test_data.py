@@ -859,6 +859,15 @@ def test_label_weights_toy():
     assert w.dtype == torch.float64 and torch.allclose(w, torch.tensor(expected, dtype=torch.float64))
 
 
+def test_label_weights_refuse_indices_that_are_not_classes():
+    """-1 wrapped to the last class's weight; 3 with 2 classes was an IndexError; 1.0 an IndexError too."""
+    for labels, n, message in (([[0], [-1]], None, r"clip 1: class index -1 is not a class \(a non-negative integer\)"),
+                               ([[0], [3]], 2, r"clip 1: class index 3 is not a class \(an integer in \[0, 2\)\)"),
+                               ([[1.0]], None, r"clip 0: class index 1.0 is not a class")):
+        with pytest.raises(ValueError, match=message):
+            label_weights(labels, num_classes=n)
+
+
 def test_weighted_sampling_balances(audioset_dir):
     ds = ManifestDataset(audioset_dir / "train.json", audioset_dir / "labels.csv")
     w = label_weights(ds)

@@ -486,3 +486,9 @@ def test_a_replaced_patch_projection_is_used_in_pretraining():
     model.patch_embed.proj = conv
     torch.manual_seed(0)
     assert torch.equal(model(x).loss, plain)
+
+
+def test_patchify_refuses_a_size_or_stride_that_is_not_positive():
+    for p, stride, what in ((0, None, "patch size"), (16, 0, "stride"), (16.0, None, "patch size")):
+        with pytest.raises(ValueError, match=f"patchify's {what} must be a positive integer"):
+            patchify(torch.zeros(1, 1, 32, 32), p, stride)

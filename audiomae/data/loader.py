@@ -41,6 +41,12 @@ def _labels_and_classes(dataset_or_labels: Any, num_classes: Optional[int]):
             num_classes = dataset_or_labels.num_classes
     else:
         labels = [list(l) for l in dataset_or_labels]
+    for i, l in enumerate(labels):
+        for c in l:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 \
+                    or (num_classes is not None and c >= num_classes):
+                within = f"an integer in [0, {num_classes})" if num_classes is not None else "a non-negative integer"
+                raise ValueError(f"clip {i}: class index {c!r} is not a class ({within})")
     if num_classes is None:
         num_classes = 1 + max((max(l) for l in labels if len(l)), default=-1)
     return labels, int(num_classes)
