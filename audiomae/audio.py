@@ -676,6 +676,10 @@ def waveform_to_input(
             lengths = torch.div(lengths.long() * SAMPLE_RATE, sample_rate, rounding_mode="floor")
     if sample_rate != SAMPLE_RATE:
         x = resample(x, sample_rate, SAMPLE_RATE)
+    if isinstance(target_length, numbers.Integral) and not isinstance(target_length, bool) and target_length >= 1:
+        # the frames kept read only the samples they span (frames are independent of each other, and the
+        # clip's mean is removed above): a long file's log-mel is not made whole to keep its start
+        x = x[..., : frames_span(int(target_length))]
     feats = fbank(x, sample_rate=SAMPLE_RATE, num_mel_bins=num_mel_bins)
     if target_length is not None:
         feats = pad_or_cut(feats, target_length)

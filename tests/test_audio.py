@@ -492,3 +492,18 @@ def test_python_numbers_are_float32_samples_and_pad_or_cut_takes_numpy():
     assert A.pad_or_cut(np.zeros((2, 3), dtype="float32"), 4).shape == (4, 3)
     with pytest.raises(TypeError, match="features must be a tensor"):
         A.pad_or_cut([[1.0]], 2)
+
+
+def test_the_model_input_of_a_long_file_reads_only_the_samples_its_frames_span(monkeypatch):
+    """embed, classify and reconstruct of an hour-long file made its whole log-mel (3.6 GB) to keep the
+    first input: the fbank now gets the (T - 1) * 160 + 400 samples the T frames span, and the input is
+    the same, value for value (the clip's mean is still that of the whole file)."""
+    torch.manual_seed(0)
+    x = 0.1 * torch.randn(30 * 16000) + 0.05
+    whole = A.normalize(A.pad_or_cut(A.fbank(x - x.mean()), 256), "audioset").unsqueeze(0)
+    seen = []
+    real = A.fbank
+    monkeypatch.setattr(A, "fbank", lambda w, **k: seen.append(w.shape[-1]) or real(w, **k))
+    assert torch.equal(A.waveform_to_input(x, 16000, 256), whole)
+    assert seen == [255 * 160 + 400]
+    assert A.waveform_to_input(x[:1000], 16000, 256).shape == (1, 256, 128)  # shorter: padded as before
