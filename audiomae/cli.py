@@ -799,7 +799,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 128 + signal.SIGINT
 
 
+def _printable_names() -> None:
+    """File names that are not UTF-8 (Python holds their bytes as surrogates) print as their bytes on
+    a UTF-8 standard output, escaped elsewhere, rather than stopping the command with an encoding error."""
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors=errors if encoding == "utf8" else "backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot be reconfigured: left as it is
+                pass
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
+    _printable_names()
     argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -626,7 +626,8 @@ def classify(opts: Dict[str, Any]) -> List[Dict[str, Any]]:
                     json.dump(results, f, indent=2, allow_nan=False)
                 return
             import csv
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
+            # a file name that is not UTF-8 is written as its own bytes, as the file system holds it
+            with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                 w = csv.writer(f)
                 w.writerow(["path", "start", "rank", "index", "mid", "name", "score"])
                 for r in results:

@@ -2163,3 +2163,23 @@ def test_finetuning_on_one_class_is_refused_with_the_folder_that_holds_the_class
     assert_one_error_line(err, f"cannot fine-tune on {tmp_path / 'train'}: it has one class (audio), and "
                                "single-label training needs two or more (a softmax over one class learns nothing); "
                                f"its sub-folders (cat, dog) look like the classes: --data {tmp_path / 'train' / 'audio'}")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names as bytes that are not UTF-8 are a POSIX matter")
+def test_classify_prints_and_writes_a_file_name_that_is_not_utf8(tmp_path):
+    """The name's bytes go to a UTF-8 standard output and CSV as they are (both stopped the command
+    with a UnicodeEncodeError)."""
+    from audiomae import AudioMAEClassifier, AudioMAEConfig
+    AudioMAEClassifier(AudioMAEConfig.preset("tiny", num_classes=3)).save_pretrained(str(tmp_path / "c.pt"))
+    plain = _wav(tmp_path / "plain.wav", 1.0)
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav")
+    try:
+        os.rename(os.fsencode(plain), raw)
+    except OSError:  # pragma: no cover - a file system that only takes UTF-8 names
+        pytest.skip("this file system refuses names that are not UTF-8")
+    proc = subprocess.run([sys.executable, "-m", "audiomae", "classify", os.fsdecode(raw), "--checkpoint",
+                           str(tmp_path / "c.pt"), "--out", str(tmp_path / "top.csv")], capture_output=True,
+                          env=dict(ENV, PYTHONIOENCODING="utf-8"), timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert raw in proc.stdout.splitlines()
+    assert (tmp_path / "top.csv").read_bytes().splitlines()[1].startswith(raw + b",,1,")
