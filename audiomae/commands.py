@@ -303,7 +303,10 @@ def embed(opts: Dict[str, Any]) -> str:
             _warn(f"the dataset's clips are read up to {clip / SAMPLE_RATE:.2f} s (--clip-seconds), more than the model "
                   f"input of {_seconds(T)} ({T} frames): of longer files only the first {_seconds(T)} are embedded "
                   "(--clip-seconds and --target-length set the lengths)")
-        paths = [os.path.abspath(p) if os.path.exists(p) else p for p in map(dataset._path, range(len(dataset)))]
+        # absolute, the same way whether a file is there or not (a resume after a missing file came back
+        # compares them), and not tidied: a manifest's ../ may step up from a link
+        paths = [p if p.startswith("synthetic:") or os.path.isabs(p) else os.path.join(os.getcwd(), p)
+                 for p in map(dataset._path, range(len(dataset)))]
         classes = int(dataset.num_classes)
         if not classes:
             _warn(f"{opts['data']}: its clips have no classes, so the targets are empty; a manifest's labels are "

@@ -397,3 +397,22 @@ def test_an_existing_file_without_an_extension(tmp_path, tiny_ckpt, capsys):
     with pytest.raises(SystemExit):
         main(["embed", "x.wav", "--checkpoint", tiny_ckpt, "--out", str(tmp_path / "emb")])
     assert "is a file, and a name without a .pt or .npz extension is taken as a folder" in capsys.readouterr().err
+
+
+def test_a_resume_after_a_missing_file_of_a_manifest_comes_back(tmp_path, tiny_ckpt, capsys):
+    """paths.json held a missing file's path untidied (m/../audio/3.wav) and the others tidied: once the
+    file was back, the resume refused the folder as another set of clips."""
+    files = _wavs(tmp_path / "audio", 4)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "m.json").write_text(json.dumps({"data": [{"wav": f"../audio/{i}.wav"} for i in range(4)]}))
+    kept = (tmp_path / "kept.wav")
+    os.replace(files[3], kept)
+    argv = ["embed", "--checkpoint", tiny_ckpt, "--data", str(tmp_path / "m" / "m.json"), "--out",
+            str(tmp_path / "e") + "/", "--max-bad-fraction", "0.5", "--batch-size", "2", "--num-workers", "0",
+            "--quiet"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "e" / "progress.json").read_text())["unreadable"] == 1
+    os.replace(kept, files[3])
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    progress = json.loads((tmp_path / "e" / "progress.json").read_text())
+    assert progress["complete"] and progress["unreadable"] == 0
