@@ -573,6 +573,10 @@ def load_model(cls, src, config: Optional[AudioMAEConfig] = None, map_location="
         notes.append(f"the file records no configuration and a global decoder's weights do not hold its head count: "
                      f"assumed decoder_num_heads={config.decoder_num_heads} for width {config.decoder_embed_dim} "
                      "(pass decoder_num_heads= if the model had another)")
+    # the run that trained these weights (its single-label flag, class names, input statistics), kept for
+    # save_pretrained to write again: only for the model the file holds, not for a new head on its encoder
+    same_kind = has_head == (not is_pretrain_model) and not any(n.startswith("new head") for n in notes)
+    model._run_args = args if same_kind else None
     model.eval()  # loaded for use; training loops switch to train()
     if notes:
         warnings.warn(f"loading {where} into {cls.__name__}: " + "; ".join(notes), CheckpointAdaptedWarning,
@@ -708,11 +712,21 @@ def save_model(model, path, extra: Optional[Dict[str, Any]] = None, **more) -> N
         raise CheckpointError(f"cannot write {os.fspath(path)}: this AudioMAE was loaded with encoder_only=True, "
                               "without its decoder blocks; the file would load as a model with no decoder blocks "
                               "(save the full model, or the encoder's embeddings)")
+    path = os.path.expanduser(os.fspath(path))
+    run = getattr(model, "_run_args", None)  # the run options of the file it was loaded from
+    if "args" not in extra and run is not None:
+        if not path.endswith(".safetensors"):
+            extra["args"] = run
+        elif isinstance(run, dict):  # the metadata is JSON: this package's options, when they are plain
+            try:
+                json.dumps(run, allow_nan=False)
+                extra["args"] = run
+            except (TypeError, ValueError):
+                pass
     for key, value in extra.items():
         _check_loadable(value, key)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = model.config.to_file_dict()
-    path = os.path.expanduser(os.fspath(path))
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file

@@ -415,7 +415,9 @@ class AudioMAE(_Encoder):
         return load_model(cls, path_or_state_dict, config, map_location=map_location, **overrides)
 
     def save_pretrained(self, path: Union[str, "os.PathLike"], **extra) -> None:
-        """Write ``{'model': state_dict, 'config': ...}``; loadable here and (the 'model' entry) by the release."""
+        """Write ``{'model': state_dict, 'config': ...}``; loadable here and (the 'model' entry) by the release.
+        A model loaded from a file keeps its run's options (``args``: how it was trained, its input
+        statistics) in the file written, unless ``args=`` is given."""
         from .checkpoint import save_model
         save_model(self, path, extra)
 
@@ -496,5 +498,7 @@ class AudioMAEClassifier(_Encoder):
         return load_model(cls, path_or_state_dict, config, map_location=map_location, **overrides)
 
     def save_pretrained(self, path, **extra) -> None:
+        """As :meth:`AudioMAE.save_pretrained`: a classifier loaded from a file keeps its run's options
+        (single-label or not, class names, input statistics), which classify and embed read."""
         from .checkpoint import save_model
         save_model(self, path, extra)

@@ -596,3 +596,23 @@ def test_a_global_decoders_head_count_guessed_from_its_width_is_said(tmp_path, c
     torch.save(sd, tmp_path / "g.pt")
     assert info_main([str(tmp_path / "g.pt")]) == 0
     assert "decoder: global, 4 blocks, width 96, 3 heads (not in the weights: width / 32)" in capsys.readouterr().out
+
+
+def test_save_pretrained_keeps_the_run_options_of_the_file_the_model_came_from(tmp_path):
+    """A classifier loaded and saved again lost its run's options: classify then scored a single-label
+    model with sigmoids and lost its class names. They are written again, unless other args are given,
+    and not for a new head on a pretrained encoder (that run's options are not the classifier's)."""
+    from audiomae.checkpoint import read_checkpoint
+    run = {"multi_label": False, "class_names": ["a", "b", "c"], "stats": "esc50"}
+    AudioMAEClassifier(AudioMAEConfig.preset("tiny", num_classes=3)).save_pretrained(str(tmp_path / "c.pt"), args=run)
+    model = AudioMAEClassifier.from_pretrained(str(tmp_path / "c.pt"))
+    for name in ("again.pt", "again.safetensors"):
+        model.save_pretrained(str(tmp_path / name))
+        assert read_checkpoint(str(tmp_path / name))[2] == run, name
+    model.save_pretrained(str(tmp_path / "mine.pt"), args={"note": 1})
+    assert read_checkpoint(str(tmp_path / "mine.pt"))[2] == {"note": 1}
+    AudioMAE(TINY).save_pretrained(str(tmp_path / "pre.pt"), args={"data": "synthetic"})
+    with pytest.warns(CheckpointAdaptedWarning):
+        head = AudioMAEClassifier.from_pretrained(str(tmp_path / "pre.pt"), num_classes=3)
+    head.save_pretrained(str(tmp_path / "head.pt"))
+    assert read_checkpoint(str(tmp_path / "head.pt"))[2] is None
