@@ -2183,3 +2183,19 @@ def test_classify_prints_and_writes_a_file_name_that_is_not_utf8(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert raw in proc.stdout.splitlines()
     assert (tmp_path / "top.csv").read_bytes().splitlines()[1].startswith(raw + b",,1,")
+
+
+def test_resuming_another_runs_checkpoint_does_not_replace_the_run_in_the_output_folder(tmp_path, capsys):
+    """--resume DIR with an --output-dir that holds another run silently replaced that run's checkpoint,
+    model and log; continuing in the run's own folder, or in a new one, still works."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["pretrain", "-o", str(a), *TINY_RUN]) == 0
+    assert main(["pretrain", "-o", str(b), *TINY_RUN]) == 0
+    before = (a / "checkpoint-last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["pretrain", "-o", str(a), "--resume", str(b), *TINY_RUN, "--epochs", "2"]) == 1
+    assert_one_error_line(capsys.readouterr().err, f"{a} holds another run (checkpoint-last.pt) than the one --resume "
+                                                   f"{b} continues: give --output-dir {b} to continue")
+    assert (a / "checkpoint-last.pt").read_bytes() == before
+    assert main(["pretrain", "-o", str(b), "--resume", str(b / "checkpoint-last.pt"), *TINY_RUN, "--epochs", "2"]) == 0
+    assert main(["pretrain", "-o", str(tmp_path / "c"), "--resume", str(b), *TINY_RUN, "--epochs", "3"]) == 0

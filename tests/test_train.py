@@ -854,3 +854,13 @@ def test_labels_that_the_training_manifest_uses_are_not_noted_as_unused_for_a_fo
     opts = {"data": str(manifest), "eval_data": str(tmp_path / "ev"), "labels": "classes.csv"}
     assert build_dataset(opts, "val").class_names == ["cat", "dog"]
     assert "is not used" not in capsys.readouterr().err
+
+
+def test_cross_validation_resumes_each_fold_from_its_own_folder_only(tmp_path):
+    """--resume DIR with --cv-folds resumed every fold from that one checkpoint: fold 2 took fold 1's
+    model and score."""
+    from audiomae.train import TrainingError
+    from audiomae.train.loop import cross_validate
+    with pytest.raises(TrainingError, match=r"--cv-folds resumes with --resume auto .*not --resume .*fold-1"):
+        cross_validate({"cv_folds": 2, "resume": str(tmp_path / "fold-1"), "output_dir": str(tmp_path),
+                        "data": "d{fold}", "eval_data": "e{fold}"})

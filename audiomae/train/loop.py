@@ -764,9 +764,19 @@ def _refuse_to_overwrite(opts: Dict[str, Any], info: D.DistInfo) -> None:
     """A new training run must not replace the checkpoint of another one in its folder unasked.
     Every process decides alike; with ``--overwrite`` the old run is cleared once the new one has
     started (:func:`_clear_old_run`, when its inputs have been read and its model built)."""
-    if opts.get("resume") or opts.get("overwrite"):
-        return
     out = opts["output_dir"]
+    resume = opts.get("resume")
+    if resume and resume != "auto" and not opts.get("overwrite"):
+        # another run's checkpoint continued here: not over a run this folder holds
+        source = os.path.join(resume, LAST) if os.path.isdir(resume) else resume
+        here = os.path.join(out, LAST)
+        if os.path.isfile(here) and os.path.realpath(os.path.dirname(os.path.abspath(source))) != os.path.realpath(out):
+            raise TrainingError(f"{out} holds another run ({LAST}) than the one --resume {resume} continues: give "
+                                f"--output-dir {os.path.dirname(os.path.abspath(source))} to continue that run in its "
+                                "own folder, or another --output-dir")
+        return
+    if resume or opts.get("overwrite"):
+        return
     if not opts.get("cv_folds") and os.path.isfile(os.path.join(out, "fold-1", LAST)):
         raise TrainingError(f"{out} holds a cross-validation (fold-1/{LAST}): continue it with --cv-folds and "
                             "--resume auto, or choose another --output-dir")
@@ -1401,6 +1411,9 @@ def cross_validate(opts: Dict[str, Any]) -> Dict[str, Any]:
     a fold is its best evaluation; writes ``cv.json`` with the folds' scores, their mean and spread."""
     k = int(opts["cv_folds"])
     out = opts["output_dir"]
+    if opts.get("resume") not in (None, "", "auto"):
+        raise TrainingError(f"--cv-folds resumes with --resume auto (each fold from its own folder), not --resume "
+                            f"{opts['resume']}, which would be every fold's")
     if not opts.get("overwrite") and not opts.get("resume"):
         # a folder of another run or cross-validation: refused before anything is written
         if os.path.isfile(os.path.join(out, LAST)):
