@@ -2199,3 +2199,19 @@ def test_resuming_another_runs_checkpoint_does_not_replace_the_run_in_the_output
     assert (a / "checkpoint-last.pt").read_bytes() == before
     assert main(["pretrain", "-o", str(b), "--resume", str(b / "checkpoint-last.pt"), *TINY_RUN, "--epochs", "2"]) == 0
     assert main(["pretrain", "-o", str(tmp_path / "c"), "--resume", str(b), *TINY_RUN, "--epochs", "3"]) == 0
+
+
+def test_a_resumed_pretraining_run_keeps_and_records_its_objective(tmp_path, capsys):
+    """--mask-ratio or --no-norm-pix-loss given to a resume were recorded in config.json while the run
+    went on with its own; left out, config.json recorded the defaults (and --config repeated another
+    model). A different one is refused; the run's own are what config.json holds."""
+    out = tmp_path / "r"
+    assert main(["pretrain", "-o", str(out), *TINY_RUN, "--decoder-mode", "global", "--mask-ratio", "0.6"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "-o", str(out), *TINY_RUN, "--epochs", "2", "--resume", "auto", "--mask-ratio", "0.5",
+                 "--no-norm-pix-loss"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "cannot resume with --mask-ratio 0.5 (the run's: 0.6) and "
+                                                   "--no-norm-pix-loss (the run's: not given)")
+    assert main(["pretrain", "-o", str(out), *TINY_RUN, "--epochs", "2", "--resume", "auto"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["mask_ratio"], saved["decoder_mode"], saved["no_norm_pix_loss"]) == (0.6, "global", False)

@@ -948,6 +948,26 @@ def _architecture_conflicts(opts: Dict[str, Any], cfg: AudioMAEConfig, given) ->
     return wrong
 
 
+def _resumed_objective(opts: Dict[str, Any], cfg: AudioMAEConfig) -> Dict[str, Any]:
+    """A resumed pretraining run trains its own objective: a masking or loss option given that differs
+    from the run's is an error (it was taken silently and recorded, the run going on with its own);
+    those left out are the run's in the options recorded, so that config.json repeats this run."""
+    run = {"mask_ratio": cfg.mask_ratio, "mask_mode": cfg.mask_mode, "mask_t_prob": cfg.mask_t_prob,
+           "mask_f_prob": cfg.mask_f_prob, "no_norm_pix_loss": not cfg.norm_pix_loss,
+           "decoder_mode": cfg.decoder_mode, "patch_stride": cfg.stride if cfg.overlapping else None}
+    given = _given(opts) if opts.get("explicit_options") is not None else set()
+    wrong = []
+    for k, v in run.items():
+        if k in given and k not in ("decoder_mode", "patch_stride") and opts.get(k) is not None and opts[k] != v:
+            flag = "--" + k.replace("_", "-")
+            wrong.append(flag if isinstance(v, bool) else f"{flag} {opts[k]}")
+            wrong[-1] += f" (the run's: {'given' if v else 'not given'})" if isinstance(v, bool) else f" (the run's: {v})"
+    if wrong:
+        raise TrainingError(f"cannot resume with {' and '.join(wrong)}: a resumed run trains the objective it began "
+                            "with; leave those options out, or start a new run from its model with --init")
+    return dict(opts, **{k: v for k, v in run.items() if k not in given})
+
+
 def _patches(cfg: AudioMAEConfig) -> str:
     """How ``cfg``'s patches are cut, where they overlap (for messages about its architecture)."""
     return f", patches every {cfg.stride}" if cfg.overlapping else ""
@@ -1062,6 +1082,7 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
                     raise TrainingError(f"cannot resume: the run's model takes {run_cfg.img_size[0]} frames, these "
                                         f"options give {T} (resume with the options the run was started with, its "
                                         "config.json: --clip-seconds, --target-length)")
+                opts = _resumed_objective(opts, run_cfg)
                 model = AudioMAE(run_cfg)
             elif opts.get("init"):
                 with adaptations_as_notes():
