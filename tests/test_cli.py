@@ -2215,3 +2215,16 @@ def test_a_resumed_pretraining_run_keeps_and_records_its_objective(tmp_path, cap
     assert main(["pretrain", "-o", str(out), *TINY_RUN, "--epochs", "2", "--resume", "auto"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["mask_ratio"], saved["decoder_mode"], saved["no_norm_pix_loss"]) == (0.6, "global", False)
+
+
+def test_a_resume_with_another_batch_size_is_refused_also_when_the_steps_per_epoch_match(tmp_path, capsys):
+    """49 clips are 7 steps of 7 and 7 of 8: the resume was taken, and skipped 8 clips per step done
+    instead of 7 (clips of the epoch never trained)."""
+    run = ["--num-clips", "49", "--num-workers", "0", "--quiet", "--warmup-epochs", "0", "--epochs", "1"]
+    out = tmp_path / "r"
+    assert main(["pretrain", "-o", str(out), *run, "--batch-size", "7"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "-o", str(out), *run, "--batch-size", "8", "--resume", "auto"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "its steps took 7 clips each (batch size x accumulation x "
+                                                   "processes), this run's take 8")
+    assert main(["pretrain", "-o", str(out), *run, "--batch-size", "7", "--resume", "auto"]) == 0

@@ -431,7 +431,7 @@ class Trainer:
         return {"lr": self.lr, "min_lr": self.opts.get("min_lr", 0.0), "warmup_steps": self.warmup_steps,
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "leftover_steps": self.steps_per_epoch == math.ceil(self.batches_per_epoch / self.accum),
-                "no_decay": list(self.no_decay)}
+                "no_decay": list(self.no_decay), "clips_per_step": self.eff_batch}
 
     def current_lr(self) -> float:
         return lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.opts.get("min_lr", 0.0))
@@ -466,6 +466,13 @@ class Trainer:
             raise TrainingError(f"cannot resume from {path}: it was made with {state['schedule'].get('steps_per_epoch')} "
                                 f"steps per epoch, this run has {self.steps_per_epoch} (batch size, accumulation, "
                                 "data or process count changed); give the run's options again (--config "
+                                f"{os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')} repeats them)")
+        clips = state["schedule"].get("clips_per_step")  # (checkpoints of earlier versions do not say)
+        if isinstance(clips, int) and clips != self.eff_batch:
+            raise TrainingError(f"cannot resume from {path}: its steps took {clips} clips each (batch size x "
+                                f"accumulation x processes), this run's take {self.eff_batch}, and a resumed run goes "
+                                "on with the steps it began with (from the clip its epoch stopped at). Give the run's "
+                                "options again (--config "
                                 f"{os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')} repeats them)")
         kind = state.get("kind")
         if kind and kind != type(self.model).__name__:
