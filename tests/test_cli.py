@@ -2228,3 +2228,18 @@ def test_a_resume_with_another_batch_size_is_refused_also_when_the_steps_per_epo
     assert_one_error_line(capsys.readouterr().err, "its steps took 7 clips each (batch size x accumulation x "
                                                    "processes), this run's take 8")
     assert main(["pretrain", "-o", str(out), *run, "--batch-size", "7", "--resume", "auto"]) == 0
+
+
+def test_a_refused_evaluation_leaves_the_folders_config_and_results_together(tmp_path, capsys):
+    """evaluate wrote config.json before it checked the checkpoint: a refused one left a config naming
+    it beside the results of the one before."""
+    from audiomae import AudioMAE, AudioMAEClassifier, AudioMAEConfig
+    AudioMAEClassifier(AudioMAEConfig.preset("tiny", num_classes=10)).save_pretrained(str(tmp_path / "c.pt"))
+    AudioMAE(AudioMAEConfig.preset("tiny")).save_pretrained(str(tmp_path / "p.pt"))
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(tmp_path / "c.pt"), "-o", str(out), *SMALL_EVAL]) == 0
+    before = (out / "config.json").read_text()
+    assert json.loads(before)["checkpoint"] == str(tmp_path / "c.pt")
+    assert main(["evaluate", str(tmp_path / "p.pt"), "-o", str(out), *SMALL_EVAL]) == 1
+    assert "without a classification head" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == before

@@ -804,8 +804,8 @@ def _expand_paths(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, D.DistInfo]:
     """Device, process group and seed; a training run's folder is checked (see _refuse_to_overwrite)
-    and made; an evaluation's config is written (a training run writes its own once it has started,
-    :func:`write_config`, so that a refused start leaves the folder's)."""
+    and made. The config is written later (:func:`write_config`): a training run's once it has started,
+    an evaluation's with its results, so that a refused start leaves the folder's."""
     # an earlier run in this process can survive its return in a reference cycle (the frames that
     # torch's first optimizer captures while it imports its compiler hold the trainer): its model,
     # optimizer state and memory on the device go before this run allocates its own
@@ -822,8 +822,6 @@ def _setup(opts: Dict[str, Any], training: bool = False) -> Tuple[torch.device, 
     torch.manual_seed(int(opts.get("seed", 0)) + info.rank)
     if info.is_main:
         os.makedirs(opts["output_dir"], exist_ok=True)
-    if not training:
-        write_config(opts, info, evaluation=True)
     D.barrier()
     return device, info
 
@@ -1598,6 +1596,7 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     feats = _features(opts, dataset, device)
     scores, targets = predict(model, dataset, opts, device, feats, info)
     metrics = compute_metrics(scores, targets, dataset)
+    write_config(opts, info, evaluation=True)  # with the results it describes
     if info.is_main:
         write_report(metrics, os.path.join(opts["output_dir"], "report.csv"))
         with open(os.path.join(opts["output_dir"], "metrics.json"), "w") as f:
