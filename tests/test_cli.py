@@ -2243,3 +2243,25 @@ def test_a_refused_evaluation_leaves_the_folders_config_and_results_together(tmp
     assert main(["evaluate", str(tmp_path / "p.pt"), "-o", str(out), *SMALL_EVAL]) == 1
     assert "without a classification head" in capsys.readouterr().err
     assert (out / "config.json").read_text() == before
+
+
+def test_evaluate_scores_a_single_label_run_single_label_on_a_manifest(tmp_path, capsys):
+    """A model fine-tuned on class folders (single-label, recorded as multi_label false) was scored on a
+    manifest of the same clips with sigmoids and mAP; classify already scored it with its softmax."""
+    for c in ("cat", "dog"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(2):
+            _wav(tmp_path / "d" / c / f"{i}.wav", 0.5)
+    run = ["--batch-size", "2", "--num-workers", "0", "--quiet", "--epochs", "1", "--target-length", "64"]
+    assert main(["finetune", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "ft"), *run]) == 0
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/cat,cat\n1,/m/dog,dog\n")
+    (tmp_path / "m.json").write_text(json.dumps({"data": [{"wav": str(tmp_path / "d" / c / "0.wav"), "labels": f"/m/{c}"}
+                                                          for c in ("cat", "dog")]}))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "ft" / "checkpoint-best.pt"), "--data", str(tmp_path / "m.json"),
+                 "--labels", str(tmp_path / "labels.csv"), "-o", str(tmp_path / "ev"), "--num-workers", "0",
+                 "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "was trained single-label (cross-entropy)" in captured.err
+    assert captured.out.splitlines()[-1].startswith("accuracy ")
+    assert "accuracy" in json.loads((tmp_path / "ev" / "metrics.json").read_text())

@@ -1564,6 +1564,16 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
     names = INHERITED_OPTIONS + (("labels",) if isinstance(saved_labels, str) and os.path.isfile(saved_labels) else ())
     opts, changed = inherit_run_options(opts, args, cfg, names=names, where=opts["checkpoint"])
     _note_inherited(changed, opts["checkpoint"])
+    if "single_label" not in _given(opts) and not opts.get("single_label"):
+        # scored as the run trained: its class folders or synthetic set were single-label (recorded as
+        # multi_label), as the release's ESC-50 run (the rule classify follows)
+        from ..commands import _single_label
+        opts["single_label"] = _single_label(opts, args)
+        data = opts.get("data")
+        if opts["single_label"] and isinstance(data, str) and data.lower().endswith((".json", ".csv", ".tsv")) \
+                and os.environ.get("RANK", "0") == "0":
+            print(f"note: {opts['checkpoint']} was trained single-label (cross-entropy): {data} is scored so, "
+                  "accuracy over a softmax", file=sys.stderr)
     device, info = _setup(opts)
     dataset = build_dataset(opts, "val")
     _need_classes(dataset, opts, "evaluate")
