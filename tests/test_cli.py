@@ -586,8 +586,11 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_started(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["pretrain", "-o", str(out), *TINY_RUN, "--overwrite", "--resume", "auto"])
     assert "--resume continues a run, --overwrite starts afresh in its folder: give one" in capsys.readouterr().err
+    for name in ("metrics.json", "report.csv", "evaluate-config.json"):  # an evaluation of the old run's model
+        (out / name).write_text("{}")
     assert main(["pretrain", "-o", str(out), *TINY_RUN, "--overwrite", "--seed", "1"]) == 0
     assert (out / "checkpoint-last.pt").read_bytes() != kept["checkpoint-last.pt"]
+    assert not any((out / n).exists() for n in ("metrics.json", "report.csv", "evaluate-config.json"))
 
 
 def test_resume_from_an_unfitting_checkpoint_is_one_line_error(tmp_path, capsys):

@@ -760,7 +760,9 @@ def _clear_old_run(out_dir: str) -> None:
     run starting afresh in the folder creates its log; an input refused before leaves them)."""
     import shutil
 
-    for name in (LAST, BEST, "model.pt", "metrics.jsonl", "best_report.csv"):
+    # (an evaluation's results in the folder were of the old run's model)
+    for name in (LAST, BEST, "model.pt", "metrics.jsonl", "best_report.csv", "metrics.json", "report.csv",
+                 "evaluate-config.json"):
         p = os.path.join(out_dir, name)
         if os.path.isfile(p):
             os.remove(p)
