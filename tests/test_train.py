@@ -864,3 +864,18 @@ def test_cross_validation_resumes_each_fold_from_its_own_folder_only(tmp_path):
     with pytest.raises(TrainingError, match=r"--cv-folds resumes with --resume auto .*not --resume .*fold-1"):
         cross_validate({"cv_folds": 2, "resume": str(tmp_path / "fold-1"), "output_dir": str(tmp_path),
                         "data": "d{fold}", "eval_data": "e{fold}"})
+
+
+@pytest.mark.parametrize("damage", [lambda s: s.pop("schedule"), lambda s: s.update(rng={}),
+                                    lambda s: s.pop("epoch_step")])
+def test_a_training_checkpoint_missing_part_of_its_state_is_a_checkpoint_error(tmp_path, damage):
+    """Without its schedule, or with an empty rng, a resume ended in a KeyError."""
+    from audiomae.checkpoint import CheckpointError
+    from audiomae.train.state import load_training_state
+    tr = _trainer(tmp_path, lambda m, b: m(b["waveform"]).mean(), epochs=1)
+    tr.run()
+    state = torch.load(os.path.join(tmp_path, "checkpoint-last.pt"), weights_only=False)
+    damage(state)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_training_state(str(tmp_path / "bad.pt"))

@@ -79,7 +79,12 @@ def load_training_state(path: str, map_location="cpu") -> Dict[str, Any]:
         raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {why}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"cannot resume from {path}: not a training checkpoint (a {type(state).__name__})")
-    missing = [k for k in ("model", "optimizer", "step", "epoch", "rng") if k not in state]
+    missing = [k for k in ("model", "optimizer", "step", "epoch", "epoch_step", "rng", "schedule") if k not in state]
+    rng = state.get("rng")
+    if "rng" not in missing and not (isinstance(rng, dict) and all(k in rng for k in ("torch", "python", "numpy"))):
+        missing.append("the rng's torch, python and numpy states")
+    if not isinstance(state.get("schedule", {}), dict):
+        missing.append("a schedule dict")
     if missing:
         raise CheckpointError(f"cannot resume from {path}: not a training checkpoint (missing {', '.join(missing)}); "
                               "use it with --init/--pretrained instead")
