@@ -136,6 +136,19 @@ def torch_load(path: str, map_location="cpu") -> Any:
     return obj
 
 
+def is_safetensors(path: str) -> bool:
+    """A safetensors file, by its name (``.safetensors`` in any case) or its content: an 8-byte header
+    length, then the JSON header."""
+    if path.lower().endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (1 << 28)
+
+
 def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], Optional[dict], Any]:
     """Return ``(state_dict, config_dict or None, released args or None)`` from a path or a dict."""
     if isinstance(src, (str, os.PathLike)):
@@ -144,7 +157,7 @@ def read_checkpoint(src, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], O
             raise CheckpointError(f"{path} is a directory, not a checkpoint file")
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint file not found: {path}")
-        if path.endswith(".safetensors"):
+        if is_safetensors(path):
             return _read_safetensors(path, map_location)
         with open(path, "rb") as f:
             head = f.read(4)
@@ -715,7 +728,7 @@ def save_model(model, path, extra: Optional[Dict[str, Any]] = None, **more) -> N
     path = os.path.expanduser(os.fspath(path))
     run = getattr(model, "_run_args", None)  # the run options of the file it was loaded from
     if "args" not in extra and run is not None:
-        if not path.endswith(".safetensors"):
+        if not path.lower().endswith(".safetensors"):
             extra["args"] = run
         elif isinstance(run, dict):  # the metadata is JSON: this package's options, when they are plain
             try:
@@ -727,7 +740,7 @@ def save_model(model, path, extra: Optional[Dict[str, Any]] = None, **more) -> N
         _check_loadable(value, key)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = model.config.to_file_dict()
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         try:
             from safetensors.torch import save_file
         except ImportError:

@@ -174,13 +174,13 @@ def describe_checkpoint(path: str) -> str:
     """What a checkpoint file holds, as text: who wrote it, the model (read from the file's config, or
     inferred from its shapes and the release's ``args``), its parameter count, the training progress
     of a training checkpoint, and the input options its run recorded."""
-    from .checkpoint import CheckpointError, infer_config, read_checkpoint, reading_once, torch_load
+    from .checkpoint import CheckpointError, infer_config, is_safetensors, read_checkpoint, reading_once, torch_load
     from .config import AudioMAEConfig
 
     path = os.path.expanduser(os.fspath(path))
     with reading_once():
         sd, file_cfg, args = read_checkpoint(path)
-        raw = _safetensors_metadata(path) if path.endswith(".safetensors") else torch_load(path)
+        raw = _safetensors_metadata(path) if is_safetensors(path) else torch_load(path)
     raw = raw if isinstance(raw, dict) else {}
     lines = [f"checkpoint {path} ({_size(os.path.getsize(path))})"]
     if raw.get("format") == "audiomae" or file_cfg is not None:

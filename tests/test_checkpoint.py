@@ -616,3 +616,18 @@ def test_save_pretrained_keeps_the_run_options_of_the_file_the_model_came_from(t
         head = AudioMAEClassifier.from_pretrained(str(tmp_path / "pre.pt"), num_classes=3)
     head.save_pretrained(str(tmp_path / "head.pt"))
     assert read_checkpoint(str(tmp_path / "head.pt"))[2] is None
+
+
+def test_a_safetensors_file_is_read_whatever_its_name(tmp_path, capsys):
+    """SAVED.SAFETENSORS (or a safetensors file named .bin) was taken for a PyTorch checkpoint and refused."""
+    pytest.importorskip("safetensors")
+    model = AudioMAE(TINY)
+    model.save_pretrained(str(tmp_path / "saved.safetensors"))
+    os.link(tmp_path / "saved.safetensors", tmp_path / "SAVED.SAFETENSORS")
+    os.link(tmp_path / "saved.safetensors", tmp_path / "weights.bin")
+    for name in ("SAVED.SAFETENSORS", "weights.bin"):
+        loaded = AudioMAE.from_pretrained(str(tmp_path / name))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    from audiomae.info import main as info_main
+    assert info_main([str(tmp_path / "weights.bin")]) == 0
+    assert "width 64" in capsys.readouterr().out
