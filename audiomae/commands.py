@@ -654,8 +654,8 @@ def _clip_input(src: str, T: int, stats, downmix: str = "first") -> torch.Tensor
             idx = -1
         if idx < 0:
             raise InputError(f"{src}: expected synthetic:N with N a clip number (0, 1, 2, ...)")
-        ds = SyntheticAudioDataset(num_clips=idx + 1, split="val")
-        return waveform_to_input(ds[idx]["waveform"], target_length=T, stats=stats)
+        wave = SyntheticAudioDataset(num_clips=1, split="val").clip_waveform(idx)  # not a set of idx + 1 clips
+        return waveform_to_input(wave, target_length=T, stats=stats)
     wave = read_clip(src, downmix, "reconstruct takes one audio file")
     n = frames_for(wave.shape[-1])
     if n > T:

@@ -1165,3 +1165,15 @@ def test_synthetic_dataset_refuses_what_it_cannot_make():
     with pytest.raises(ValueError, match="sample_rate must be at least 8000 Hz for the synthetic clips"):
         SyntheticAudioDataset(num_clips=2, sample_rate=6000)
     assert SyntheticAudioDataset(num_clips=np.int64(2), sample_rate=22050)[1]["waveform"].numel() > 0
+
+
+def test_one_synthetic_clip_of_any_number_without_the_set():
+    """reconstruct synthetic:N made a set of N + 1 clips to read clip N (synthetic:99999999999 was a
+    MemoryError); a clip does not depend on the set's size."""
+    big = SyntheticAudioDataset(num_clips=12, split="val", seed=3)
+    one = SyntheticAudioDataset(num_clips=1, split="val", seed=3)
+    for i in (0, 5, 11):
+        assert torch.equal(one.clip_waveform(i), big[i]["waveform"])
+    assert one.clip_waveform(99999999999).shape == big[0]["waveform"].shape
+    with pytest.raises(ValueError, match="a clip number is an integer of at least 0, got -1"):
+        one.clip_waveform(-1)

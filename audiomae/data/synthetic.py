@@ -15,6 +15,7 @@ import zlib
 from typing import Any, List, Union
 
 import numpy as np
+import torch
 
 from ..audio import SAMPLE_RATE
 from .dataset import ClipDataset
@@ -232,6 +233,13 @@ class SyntheticAudioDataset(ClipDataset):
 
     def _path(self, index: int) -> str:
         return f"synthetic:{self.split}:{self.seed}:{index}"
+
+    def clip_waveform(self, index: int) -> torch.Tensor:
+        """Clip ``index``'s waveform ``[N]``, as ``self[index]["waveform"]``, for any clip number (the clips
+        do not depend on the dataset's size): one clip of a large set without making the set."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"a clip number is an integer of at least 0, got {index!r}")
+        return torch.from_numpy(self._read(int(index)))
 
     def _read(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.split_id, int(index)])
