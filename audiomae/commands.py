@@ -730,6 +730,11 @@ def reconstruct(opts: Dict[str, Any]) -> str:
             raise InputError(f"--mask-ratio does not apply to {opts['checkpoint']}: its model masks time and frequency "
                              f"lines (--mask-mode time_frequency, {c.mask_t_prob:g} of the time lines and "
                              f"{c.mask_f_prob:g} of the frequency lines, from its config); leave it out")
+    from .masking import masking_keeps_nothing
+    if masking_keeps_nothing(model.config.grid_size, model.config.mask_mode, ratio):
+        L = model.config.num_patches
+        raise InputError(f"--mask-ratio {ratio:g} keeps none of the model's {L} patches (int({L} x (1 - ratio)) = 0), "
+                         f"and the reconstruction is made from the kept ones: give a ratio below {1 - 1 / L:.6g}")
     T = model.config.img_size[0]
     x = _clip_input(opts["audio"], T, opts.get("stats", "audioset"), opts.get("downmix") or "first").unsqueeze(0).to(device)
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))

@@ -155,6 +155,17 @@ def mask_tokens(x: torch.Tensor, grid: Tuple[int, int], mode: str, mask_ratio: f
     return masking_from_keep(x, keep)
 
 
+def masking_keeps_nothing(grid: Tuple[int, int], mode: str, mask_ratio: float) -> list:
+    """[] if the unstructured masking on ``grid`` keeps at least one patch (the release keeps
+    ``int(L * (1 - mask_ratio))``, which a ratio close to 1 makes 0), else the problem. The structured
+    modes always keep a line."""
+    T, F = grid
+    if mode != "unstructured" or int(T * F * (1 - mask_ratio)) > 0:
+        return []
+    return [f"mask_ratio={mask_ratio} keeps no patch of the {T} x {F} patch grid (int({T * F} x (1 - ratio)) = 0): "
+            f"the encoder would see none; below {1 - 1 / (T * F):.6g} it keeps one"]
+
+
 def masking_removes_nothing(grid: Tuple[int, int], mode: str, mask_ratio: float, t_ratio: float,
                             f_ratio: float) -> list:
     """[] if the pretraining masking ``mode`` on ``grid`` removes at least one patch per sample, else

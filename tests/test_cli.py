@@ -2268,3 +2268,16 @@ def test_evaluate_scores_a_single_label_run_single_label_on_a_manifest(tmp_path,
     assert "was trained single-label (cross-entropy)" in captured.err
     assert captured.out.splitlines()[-1].startswith("accuracy ")
     assert "accuracy" in json.loads((tmp_path / "ev" / "metrics.json").read_text())
+
+
+def test_a_mask_ratio_that_keeps_no_patch_is_refused(tmp_path, capsys):
+    """0.995 keeps int(128 x 0.005) = 0 of the tiny model's patches: pretraining and reconstruct took it
+    (the latter's message says some patches must be kept)."""
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--mask-ratio", "0.995"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--mask-ratio 0.995 keeps none of the 128 patches",
+                          "give a ratio below 0.992188")
+    assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN]) == 0
+    assert main(["reconstruct", "synthetic:1", "--checkpoint", str(tmp_path / "r" / "model.pt"), "--mask-ratio",
+                 "0.995", "--out", str(tmp_path / "x.png")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "--mask-ratio 0.995 keeps none of the model's 128 patches")
+    assert not (tmp_path / "x.png").exists()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import ops_cuda
 from ..config import AudioMAEConfig
-from ..masking import masking_removes_nothing
+from ..masking import masking_keeps_nothing, masking_removes_nothing
 from ..model import AudioMAE, AudioMAEClassifier
 from . import distributed as D
 from .metrics import coverage_note, multilabel_metrics, singlelabel_metrics
@@ -1104,6 +1104,10 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
                      if cfg.mask_mode == "time_frequency" else f"--mask-ratio {cfg.mask_ratio:g}")
             raise TrainingError(f"{which} remove no patch of the {T_} x {F_} patch grid with --mask-mode "
                                 f"{cfg.mask_mode}, and the loss is taken on the removed patches: remove more")
+        if masking_keeps_nothing(cfg.grid_size, cfg.mask_mode, cfg.mask_ratio):
+            L = cfg.num_patches
+            raise TrainingError(f"--mask-ratio {cfg.mask_ratio:g} keeps none of the {L} patches (int({L} x (1 - ratio)) = 0), "
+                                f"and the encoder learns from the kept ones: give a ratio below {1 - 1 / L:.6g}")
         feats = _features(opts, dataset, device)
         ratio = model.config.mask_ratio
 
