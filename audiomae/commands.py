@@ -676,7 +676,13 @@ def _check_picture_path(path: str) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         raise InputError("drawing the reconstruction needs matplotlib (pip install matplotlib)") from None
-    kinds = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    kinds = dict(FigureCanvasAgg(Figure()).get_supported_filetypes())
+    import shutil
+    if not any(shutil.which(tex) for tex in ("xelatex", "lualatex", "pdflatex")):
+        kinds.pop("pgf", None)  # matplotlib writes PGF through a LaTeX, which this machine lacks
+        if ext == "pgf":
+            raise InputError(f"--out {path}: a PGF picture needs LaTeX (xelatex, lualatex or pdflatex), which is not "
+                             "installed here; use .pdf or .svg for a vector picture")
     if ext not in kinds:
         raise InputError(f"--out {path}: " + (f"unknown picture format '.{ext}'" if ext else "no file extension")
                          + " (use one of "

@@ -2281,3 +2281,15 @@ def test_a_mask_ratio_that_keeps_no_patch_is_refused(tmp_path, capsys):
                  "0.995", "--out", str(tmp_path / "x.png")]) == 1
     assert_one_error_line(capsys.readouterr().err, "--mask-ratio 0.995 keeps none of the model's 128 patches")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_pgf_picture_without_latex_is_refused_before_the_model_runs(tmp_path, capsys, monkeypatch):
+    """PGF passed the format check, and failed after the run with 'No such file or directory' (the
+    missing xelatex)."""
+    import shutil
+    from audiomae import AudioMAE, AudioMAEConfig
+    AudioMAE(AudioMAEConfig.preset("tiny")).save_pretrained(str(tmp_path / "m.pt"))
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert main(["reconstruct", "synthetic:1", "--checkpoint", str(tmp_path / "m.pt"), "--out",
+                 str(tmp_path / "r.pgf")]) == 1
+    assert_one_error_line(capsys.readouterr().err, "a PGF picture needs LaTeX (xelatex, lualatex or pdflatex)")
