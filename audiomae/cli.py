@@ -875,7 +875,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
             print(f"{_error_prefix()}{e}", file=sys.stderr)
         return 1
     except OSError as e:  # the machine's side: a full disk, a folder made read-only meanwhile, ...
-        print(f"{_error_prefix()}{e}", file=sys.stderr)
+        text = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        print(f"{_error_prefix()}{text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         # the shell's convention, 128 + the signal's number: 130 after Ctrl-C, 143 after SIGTERM (which a

@@ -146,8 +146,16 @@ def write_output(path: str, option: str, write) -> None:
         cause = e  # torch's writer says a full disk as a RuntimeError whose cause is the OSError
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
-        raise InputError(f"{option} {path}: cannot be written: "
-                         f"{getattr(cause, 'strerror', None) or getattr(e, 'strerror', None) or e}") from None
+        why = getattr(cause, 'strerror', None) or getattr(e, 'strerror', None)
+        if why is None:  # a writer's own words (torch: "iostream error", libsndfile: "System error"): a full disk?
+            import shutil
+            try:
+                free = shutil.disk_usage(folder).free
+            except OSError:
+                free = None
+            why = (f"No space left on device ({free} bytes free where it goes)" if free is not None and free < 1 << 20
+                   else str(e))
+        raise InputError(f"{option} {path}: cannot be written: {why}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

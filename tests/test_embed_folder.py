@@ -416,3 +416,33 @@ def test_a_resume_after_a_missing_file_of_a_manifest_comes_back(tmp_path, tiny_c
     assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
     progress = json.loads((tmp_path / "e" / "progress.json").read_text())
     assert progress["complete"] and progress["unreadable"] == 0
+
+
+def test_a_full_disk_is_named_with_the_file_it_stopped(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """A folder's JSON on a full disk said only '[Errno 28] No space left on device' and left its
+    temporary file; a .pt output's full disk said torch's 'basic_ios::clear: iostream error'."""
+    import errno
+    import shutil
+    from collections import namedtuple
+    import audiomae.embeddings as E
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "e"
+    with monkeypatch.context() as m:
+        m.setattr(E.json, "dump", full)
+        assert main(["embed", "--checkpoint", tiny_ckpt, *DATA, "--out", str(out) + "/"]) == 1
+    err = capsys.readouterr().err
+    assert "error: No space left on device: " in err and "info.json" in err and "Traceback" not in err
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+    def torch_full(*a, **k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", torch_full)
+        m.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0))
+        assert main(["embed", "--checkpoint", tiny_ckpt, *DATA, "--out", str(tmp_path / "e.pt")]) == 1
+    assert "cannot be written: No space left on device (0 bytes free where it goes)" in capsys.readouterr().err
