@@ -17,6 +17,7 @@ when a Triton implementation is called.
 """
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional
 
 import torch
@@ -54,25 +55,59 @@ def _needs_grad(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 # masked patch embedding
 # ----------------------------------------------------------------------------------------------
+def _tensors(op: str, **named) -> None:
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
+def _refuse(op: str, problems: List[str], kinds: List[str]) -> None:
+    """Raise the first of an op's argument problems: TypeError for a wrong kind of values, ValueError
+    for shapes."""
+    for why in kinds:
+        raise TypeError(f"{op}: {why}")
+    for why in problems:
+        raise ValueError(f"{op}: {why}")
+
+
+def _patch_embed_problems(spec, weight, bias, pos, ids_keep) -> List[str]:
+    """What no backend can compute (shapes the reference would broadcast into a result, or index into
+    a cryptic error)."""
+    if spec.dim() != 4:
+        return [f"spec must be [B, C, T, F], got {list(spec.shape)}"]
+    if weight.dim() != 4 or weight.shape[1] != spec.shape[1] or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:
+        return [f"weight must be [D, C, p, p] with C = {spec.shape[1]} (spec's channels), got {list(weight.shape)}"]
+    out = []
+    B, D, p = spec.shape[0], weight.shape[0], weight.shape[-1]
+    L = (spec.shape[2] // p) * (spec.shape[3] // p)
+    if bias is not None and tuple(bias.shape) != (D,):
+        out.append(f"bias must be [{D}], got {list(bias.shape)}")
+    if pos.dim() != 3 or tuple(pos.shape[1:]) != (1 + L, D) or pos.shape[0] not in (1, B):
+        out.append(f"pos must be [1, 1 + L, D] = [1, {1 + L}, {D}] (or one per sample), got {list(pos.shape)}")
+    if ids_keep.dim() != 2 or ids_keep.shape[0] != B:
+        out.append(f"ids_keep must be [B, K] with B = {B}, got {list(ids_keep.shape)}")
+    return out
+
+
+def _patch_embed_kinds(spec, ids_keep) -> List[str]:
+    out = []
+    if not spec.dtype.is_floating_point:
+        out.append(f"spec must be floating-point, got {spec.dtype} (the weights would be cast to it)")
+    if ids_keep.dtype.is_floating_point or ids_keep.dtype.is_complex or ids_keep.dtype == torch.bool:
+        out.append(f"ids_keep must hold integer patch indices, got {ids_keep.dtype}")
+    return out
+
+
 def _patch_embed_why_not(spec, weight, bias, pos, ids_keep) -> List[str]:
     tensors = [t for t in (spec, weight, bias, pos, ids_keep) if t is not None]
-    out = dispatch.triton_reasons(*tensors)
-    shapes_ok = True
-    if spec.dim() != 4 or spec.shape[1] != 1:
-        out.append(f"spec must be [B, 1, T, F], got {list(spec.shape)}")
-        shapes_ok = False
-    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        out.append(f"weight must be [D, 1, p, p], got {list(weight.shape)}")
-        shapes_ok = False
-    if shapes_ok:  # the shapes the kernel indexes by, which the reference checks as it goes
-        B, D, p = spec.shape[0], weight.shape[0], weight.shape[-1]
-        L = (spec.shape[2] // p) * (spec.shape[3] // p)
-        if bias is not None and tuple(bias.shape) != (D,):
-            out.append(f"bias must be [{D}], got {list(bias.shape)}")
-        if tuple(pos.shape) != (1, 1 + L, D):
-            out.append(f"pos must be [1, 1 + L, D] = [1, {1 + L}, {D}], got {list(pos.shape)}")
-        if ids_keep.dim() != 2 or ids_keep.shape[0] != B:
-            out.append(f"ids_keep must be [B, K] with B = {B}, got {list(ids_keep.shape)}")
+    problems = _patch_embed_problems(spec, weight, bias, pos, ids_keep)
+    out = dispatch.triton_reasons(*tensors) + problems
+    if spec.dim() == 4 and spec.shape[1] != 1:
+        out.append(f"spec has {spec.shape[1]} channels (the kernel takes 1)")
+    if not problems and pos.shape[0] != 1:
+        p = weight.shape[-1]
+        L, D = (spec.shape[2] // p) * (spec.shape[3] // p), weight.shape[0]
+        out.append(f"pos must be [1, 1 + L, D] = [1, {1 + L}, {D}], got {list(pos.shape)} (the kernel takes one table)")
     out += _dtype_reasons("spec/pos", spec, pos)
     if ids_keep.dtype not in (torch.int64, torch.int32):
         out.append(f"ids_keep dtype {ids_keep.dtype} (need int64 or int32)")
@@ -88,11 +123,16 @@ def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                        ids_keep: torch.Tensor) -> torch.Tensor:
     """Patch embedding of the kept patches only, plus their positions.
 
-    ``spec`` [B, 1, T, F], ``weight`` [D, 1, p, p] (cast to ``spec.dtype``), ``bias`` [D] or None,
-    ``pos`` [1, 1 + L, D], ``ids_keep`` [B, K] (time-major patch indices in ``[0, L)``; repeats are
+    ``spec`` [B, C, T, F] (floating-point; the kernel takes C = 1), ``weight`` [D, C, p, p] (cast to
+    ``spec.dtype``), ``bias`` [D] or None, ``pos`` [1, 1 + L, D] (or one per sample, [B, 1 + L, D], which
+    the reference takes), ``ids_keep`` [B, K] (time-major patch indices in ``[0, L)``; repeats are
     allowed; the reference refuses one outside, the kernel gives its row NaN) -> ``[B, K, D]`` in
     ``promote_types(spec.dtype, pos.dtype)``; equals ``gather(conv(spec) + pos[:, 1:], ids_keep)``.
     """
+    _tensors("masked_patch_embed", spec=spec, weight=weight, pos=pos, ids_keep=ids_keep,
+             **({} if bias is None else {"bias": bias}))
+    _refuse("masked_patch_embed", _patch_embed_problems(spec, weight, bias, pos, ids_keep),
+            _patch_embed_kinds(spec, ids_keep))
     weight = weight.to(spec.dtype)
     bias = None if bias is None else bias.to(spec.dtype)
     return dispatch.call("masked_patch_embed", spec, weight, bias, pos, ids_keep)
@@ -106,18 +146,31 @@ dispatch.set_preference("masked_patch_embed", ("triton", "torch"))
 # ----------------------------------------------------------------------------------------------
 # decoder unshuffle
 # ----------------------------------------------------------------------------------------------
-def _unshuffle_why_not(x, mask_token, ids_restore, pos, keep_cls) -> List[str]:
-    out = dispatch.triton_reasons(x, mask_token, ids_restore, pos)
+def _unshuffle_problems(x, mask_token, ids_restore, pos) -> List[str]:
+    """What no backend can compute (see :func:`_patch_embed_problems`)."""
     if x.dim() != 3 or ids_restore.dim() != 2 or pos.dim() != 3:
-        out.append(f"shapes x {list(x.shape)}, ids_restore {list(ids_restore.shape)}, pos {list(pos.shape)}: "
-                   "need [B, 1 + K, D], [B, L], [1, 1 + L, D]")
-    else:  # the shapes the kernel indexes by, which the reference checks as it goes
-        (B, K1, D), L = x.shape, ids_restore.shape[1]
-        if ids_restore.shape[0] != B or not 1 <= K1 <= 1 + L or tuple(pos.shape) != (1, 1 + L, D) \
-                or tuple(mask_token.shape) != (1, 1, D):
-            out.append(f"shapes x {list(x.shape)}, mask_token {list(mask_token.shape)}, ids_restore "
-                       f"{list(ids_restore.shape)}, pos {list(pos.shape)} do not match [B, 1 + K, D], [1, 1, D], "
-                       "[B, L], [1, 1 + L, D] with K <= L")
+        return [f"shapes x {list(x.shape)}, ids_restore {list(ids_restore.shape)}, pos {list(pos.shape)}: need "
+                "[B, 1 + K, D], [B, L], [1, 1 + L, D]"]
+    (B, K1, D), L = x.shape, ids_restore.shape[1]
+    if ids_restore.shape[0] != B or not 1 <= K1 <= 1 + L or tuple(pos.shape) != (1, 1 + L, D) \
+            or tuple(mask_token.shape) != (1, 1, D):
+        return [f"shapes x {list(x.shape)}, mask_token {list(mask_token.shape)}, ids_restore "
+                f"{list(ids_restore.shape)}, pos {list(pos.shape)} do not match [B, 1 + K, D], [1, 1, D], "
+                "[B, L], [1, 1 + L, D] with K <= L"]
+    return []
+
+
+def _unshuffle_kinds(x, ids_restore) -> List[str]:
+    out = []
+    if not x.dtype.is_floating_point:
+        out.append(f"x must be floating-point, got {x.dtype} (the mask token would be cast to it)")
+    if ids_restore.dtype.is_floating_point or ids_restore.dtype.is_complex or ids_restore.dtype == torch.bool:
+        out.append(f"ids_restore must hold integer positions, got {ids_restore.dtype}")
+    return out
+
+
+def _unshuffle_why_not(x, mask_token, ids_restore, pos, keep_cls) -> List[str]:
+    out = dispatch.triton_reasons(x, mask_token, ids_restore, pos) + _unshuffle_problems(x, mask_token, ids_restore, pos)
     out += _dtype_reasons("x/mask_token/pos", x, mask_token, pos)
     if ids_restore.dtype not in (torch.int64, torch.int32):
         out.append(f"ids_restore dtype {ids_restore.dtype} (need int64 or int32)")
@@ -138,6 +191,8 @@ def decoder_unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     ``[B, 1 + L, D]`` with ``keep_cls`` (global decoders). See
     :func:`audiomae.reference.step.decoder_unshuffle_reference`.
     """
+    _tensors("decoder_unshuffle", x=x, mask_token=mask_token, ids_restore=ids_restore, pos=pos)
+    _refuse("decoder_unshuffle", _unshuffle_problems(x, mask_token, ids_restore, pos), _unshuffle_kinds(x, ids_restore))
     return dispatch.call("decoder_unshuffle", x, mask_token, ids_restore, pos, bool(keep_cls))
 
 
@@ -149,16 +204,28 @@ dispatch.set_preference("decoder_unshuffle", ("triton", "torch"))
 # ----------------------------------------------------------------------------------------------
 # masked norm-pix loss
 # ----------------------------------------------------------------------------------------------
+def _loss_problems(pred, spec, mask, patch_size) -> List[str]:
+    """What no backend can compute (see :func:`_patch_embed_problems`)."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        return [f"patch_size must be a positive integer, got {patch_size!r}"]
+    if spec.dim() != 4:
+        return [f"spec must be [B, C, T, F], got {list(spec.shape)}"]
+    p, (B, C) = patch_size, spec.shape[:2]
+    L = (spec.shape[2] // p) * (spec.shape[3] // p)
+    if tuple(pred.shape) != (B, L, p * p * C) or tuple(mask.shape) != (B, L):
+        return [f"pred {list(pred.shape)} / mask {list(mask.shape)} do not match spec {list(spec.shape)} with patch "
+                f"{p}: need [B, L, p*p*C] = [{B}, {L}, {p * p * C}] / [B, L] = [{B}, {L}]"]
+    return []
+
+
 def _loss_why_not(pred, spec, mask, patch_size, norm_pix=True) -> List[str]:
-    out = dispatch.triton_reasons(pred, spec, mask)
+    problems = _loss_problems(pred, spec, mask, patch_size)
+    out = dispatch.triton_reasons(pred, spec, mask) + problems
+    if problems:
+        return out
     p = int(patch_size)
-    if spec.dim() != 4 or spec.shape[1] != 1:
-        out.append(f"spec must be [B, 1, T, F], got {list(spec.shape)}")
-    else:
-        L = (spec.shape[2] // p) * (spec.shape[3] // p)
-        if tuple(pred.shape) != (spec.shape[0], L, p * p) or tuple(mask.shape) != (spec.shape[0], L):
-            out.append(f"pred {list(pred.shape)} / mask {list(mask.shape)} do not match spec {list(spec.shape)} "
-                       f"with patch {p}: need [B, {L}, {p * p}] / [B, {L}]")
+    if spec.shape[1] != 1:
+        out.append(f"spec has {spec.shape[1]} channels (the kernel takes 1)")
     if norm_pix and p * p < 2:
         out.append("norm_pix needs at least 2 values per patch")
     out += _dtype_reasons("pred/spec", pred, spec)
@@ -174,10 +241,15 @@ def _triton_masked_norm_pix_loss(pred, spec, mask, patch_size, norm_pix=True):
 
 def masked_norm_pix_loss(pred: torch.Tensor, spec: torch.Tensor, mask: torch.Tensor, patch_size: int,
                          norm_pix: bool = True) -> torch.Tensor:
-    """Audio-MAE's loss: per-patch MSE between ``pred`` [B, L, p*p] and the (norm-pix) patches of
-    ``spec`` [B, 1, T, F], averaged over the removed patches (``mask`` [B, L], 1 = removed).
-    Equals the model's ``forward_loss``."""
-    return dispatch.call("masked_norm_pix_loss", pred, spec, mask, int(patch_size), bool(norm_pix))
+    """Audio-MAE's loss: per-patch MSE between ``pred`` [B, L, p*p*C] and the (norm-pix) patches of
+    ``spec`` [B, C, T, F] (the kernel takes C = 1), averaged over the removed patches (``mask`` [B, L],
+    1 = removed). Equals the model's ``forward_loss``. Shapes that do not match, and a ``patch_size``
+    that is not a positive integer, are a ValueError on every backend."""
+    if isinstance(patch_size, numbers.Integral) and not isinstance(patch_size, bool):
+        patch_size = int(patch_size)  # numpy integers too
+    _tensors("masked_norm_pix_loss", pred=pred, spec=spec, mask=mask)
+    _refuse("masked_norm_pix_loss", _loss_problems(pred, spec, mask, patch_size), [])
+    return dispatch.call("masked_norm_pix_loss", pred, spec, mask, patch_size, bool(norm_pix))
 
 
 dispatch.register("masked_norm_pix_loss", "torch", masked_norm_pix_loss_reference)

@@ -228,7 +228,8 @@ def test_masked_patch_embed_shapes_the_kernel_cannot_take_go_to_the_reference():
     bad = {
         "ids_keep must be [B, K] with B = 2": (spec, weight, bias, pos, ids[:1]),
         "pos must be [1, 1 + L, D]": (spec, weight, bias, pos[:, 1:], ids),
-        "pos must be [1, 1 + L, D] = [1, 13, 40], got [2, 13, 40]": (spec, weight, bias, pos.expand(2, -1, -1), ids),
+        "pos must be [1, 1 + L, D] = [1, 13, 40], got [2, 13, 40] (the kernel takes one table)":
+            (spec, weight, bias, pos.expand(2, -1, -1), ids),
         "bias must be [40]": (spec, weight, bias[:20], pos, ids),
     }
     assert L == 12
@@ -240,11 +241,14 @@ def test_masked_patch_embed_shapes_the_kernel_cannot_take_go_to_the_reference():
     per_sample = torch.randn(2, 1 + L, 40)
     torch.testing.assert_close(ops_step.masked_patch_embed(spec, weight, bias, per_sample, ids),
                                masked_patch_embed_reference(spec, weight, bias, per_sample, ids))
-    with pytest.raises(RuntimeError):
-        ops_step.masked_patch_embed(spec, weight, bias, pos[:, 1:], ids)
-    with dispatch.use_backend("triton", op="masked_patch_embed"):
-        with pytest.raises(dispatch.BackendUnavailableError, match="ids_keep must be"):
-            ops_step.masked_patch_embed(spec, weight, bias, pos, ids[:1])
+    # shapes no backend computes are refused by name, whichever backend runs (the reference broadcast
+    # some of them into a result)
+    for backend in ("torch", "triton"):
+        with dispatch.use_backend(backend, op="masked_patch_embed"):
+            with pytest.raises(ValueError, match=r"masked_patch_embed: pos must be \[1, 1 \+ L, D\]"):
+                ops_step.masked_patch_embed(spec, weight, bias, pos[:, 1:], ids)
+            with pytest.raises(ValueError, match="masked_patch_embed: ids_keep must be"):
+                ops_step.masked_patch_embed(spec, weight, bias, pos, ids[:1])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -571,8 +575,15 @@ def test_unshuffle_shapes_the_kernel_cannot_take_go_to_the_reference():
     for name, args in bad.items():
         assert any("do not match" in r for r in dispatch.reasons("decoder_unshuffle", *args)["triton"]), name
         assert dispatch.choose("decoder_unshuffle", *args)[0] == "torch", name
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError, match="decoder_unshuffle: shapes .* do not match"):  # on every backend
             ops_step.decoder_unshuffle(*args)
+    # K = L + 1 tokens: the reference's expand(B, -1, D) kept one mask token and returned a result
+    ids = torch.stack([torch.randperm(6) for _ in range(2)])
+    with pytest.raises(ValueError, match="with K <= L"):
+        ops_step.decoder_unshuffle(torch.randn(2, 8, 4), torch.randn(1, 1, 4), ids, torch.randn(1, 7, 4), False)
+    with pytest.raises(TypeError, match="x must be floating-point, got torch.int64"):
+        ops_step.decoder_unshuffle(torch.ones(2, 3, 4, dtype=torch.long), torch.randn(1, 1, 4), ids,
+                                   torch.randn(1, 7, 4), False)
 
 
 def test_unshuffle_negative_ids_are_nan_rows():
@@ -754,3 +765,27 @@ def test_nothing_kept_or_everything_removed():
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, (x, mt), g), torch.autograd.grad(ref, (x, mt), g)):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_and_patch_embed_arguments_no_backend_computes_are_refused_by_name():
+    """The reference broadcast mismatched shapes into a loss (pred[:1], mask[0]); a negative patch
+    size ran the kernel out of its buffer; integer spectrograms truncated the weights to integers."""
+    import numpy as np
+
+    spec, pred, mask = torch.randn(4, 1, 8, 8), torch.randn(4, 4, 16), (torch.rand(4, 4) > 0.5).float()
+    for args in ((pred[:1], spec, mask, 4), (pred[..., :1], spec, mask, 4), (pred, spec, mask[0], 4),
+                 (pred, spec, mask[:, :1], 4)):
+        with pytest.raises(ValueError, match=r"masked_norm_pix_loss: pred .* do not match spec .* need \[B, L, p\*p\*C\]"):
+            ops_step.masked_norm_pix_loss(*args)
+    for p in (-4, 0, True, 2.0):
+        with pytest.raises(ValueError, match="patch_size must be a positive integer"):
+            ops_step.masked_norm_pix_loss(pred, spec, mask, p)
+    torch.testing.assert_close(ops_step.masked_norm_pix_loss(pred, spec, mask, np.int64(4)),
+                               masked_norm_pix_loss_reference(pred, spec, mask, 4))
+    w, pos = torch.full((2, 1, 4, 4), 0.5), torch.zeros(1, 5, 2)
+    with pytest.raises(TypeError, match="spec must be floating-point, got torch.int64"):
+        ops_step.masked_patch_embed(torch.randint(-3, 4, (1, 1, 8, 8)), w, None, pos, torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="ids_keep must be \\[B, K\\] with B = 2"):
+        ops_step.masked_patch_embed(torch.randn(2, 1, 8, 8), w, None, pos, torch.tensor([[0, 3]]))
+    with pytest.raises(TypeError, match="ids_keep must hold integer patch indices"):
+        ops_step.masked_patch_embed(torch.randn(1, 1, 8, 8), w, None, pos, torch.tensor([[0.0]]))
