@@ -586,11 +586,11 @@ def test_unshuffle_shapes_the_kernel_cannot_take_go_to_the_reference():
                                    torch.randn(1, 7, 4), False)
 
 
-def test_unshuffle_negative_ids_are_nan_rows():
+def test_unshuffle_ids_outside_the_permutation_are_nan_rows():
     leaves, ids_restore = unshuffle_inputs(2, 30, 4, 8)
     x, mt, pos = [t.detach().float().requires_grad_(True) for t in leaves]
     bad = ids_restore.clone()
-    bad[0, 5], bad[1, 7], bad[1, 2] = -3, -40, -1
+    bad[0, 5], bad[1, 7], bad[1, 2] = -3, 30, -1  # 30 = L: beyond the permutation too (it was a mask token)
     fn = kernel_module("unshuffle").decoder_unshuffle
     out = fn(x, mt, bad, pos, False)
     keep = torch.ones(2, 30, dtype=torch.bool)

@@ -72,7 +72,7 @@ def _unshuffle_fwd_kernel(
     l = o - KEEP_CLS  # patch position; -1 is the cls row
     is_cls = l < 0
     r = tl.load(ids_ptr + b * s_ib + l * s_il, mask=mask_o & (l >= 0), other=0).to(tl.int64)
-    bad = (l >= 0) & (r < 0)  # not from a permutation: a NaN row, read from nowhere
+    bad = (l >= 0) & ((r < 0) | (r >= L_OUT - KEEP_CLS))  # not from a permutation: a NaN row, read from nowhere
     from_x = is_cls | ((r >= 0) & (r < K))
     src = tl.where(is_cls, 0, 1 + r)
     m2 = mask_o[:, None] & mask_d[None, :]
@@ -105,7 +105,7 @@ def _unshuffle_bwd_kernel(
     l = o - KEEP_CLS
     is_cls = l < 0
     r = tl.load(ids_ptr + b * s_ib + l * s_il, mask=mask_o & (l >= 0), other=0).to(tl.int64)
-    bad = (l >= 0) & (r < 0)  # (a NaN row in the forward: its gradient goes nowhere)
+    bad = (l >= 0) & ((r < 0) | (r >= L_OUT - KEEP_CLS))  # (a NaN row in the forward: its gradient goes nowhere)
     from_x = is_cls | ((r >= 0) & (r < K))
     m2 = mask_o[:, None] & mask_d[None, :]
     g = tl.load(g_ptr + b * s_gb + o[:, None] * s_gl + offs_d[None, :] * s_gd, mask=m2, other=0.0).to(tl.float32)
@@ -227,8 +227,8 @@ def decoder_unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
         x: ``[B, 1 + K, D]`` ``decoder_embed`` output, cls token first, then the kept tokens in kept
             order (float32 / bfloat16 / float16).
         mask_token: ``[1, 1, D]`` learned mask token (cast to ``x.dtype`` before use).
-        ids_restore: ``[B, L]`` int64 permutation from the masking (``r < K``: kept token ``r``); a
-            negative entry gives a row of NaN (read from nowhere). The backward needs the permutation:
+        ids_restore: ``[B, L]`` int64 permutation from the masking (``r < K``: kept token ``r``); an
+            entry outside ``[0, L)`` gives a row of NaN (read from nowhere). The backward needs the permutation:
             it writes each row of ``x``'s gradient once, where the permutation sends it (the
             reference, :func:`audiomae.reference.step.decoder_unshuffle_reference`, takes any ids).
         pos: ``[1, 1 + L, D]`` decoder position table, row 0 for the cls token.
