@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .reference import window_attention_reference
+from .reference.window_attention import window_attention_problems
 
 # --- window attention -----------------------------------------------------------------------------
 WINDOW_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,6 +71,9 @@ def window_attention(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, g
             qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"window_attention: qkv must be [B, T*F, 3C] with C divisible by num_heads >= 1; got qkv "
                          f"{list(qkv.shape)}, num_heads={num_heads!r}")
+    problems = window_attention_problems(qkv, tau, bias, grid, window, shift, num_heads)
+    if problems:  # on every backend (the reference rolled by a negative shift, or failed in a view)
+        raise ValueError("window_attention: " + "; ".join(problems))
     return dispatch.call("window_attention", qkv, tau, bias, grid, window, shift, num_heads)
 
 

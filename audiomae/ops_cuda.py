@@ -47,6 +47,7 @@ import torch
 
 from . import dispatch
 from .reference.step import random_masking_ids as _release_random_masking_ids
+from .reference.window_attention import window_attention_problems as _geometry_problems
 
 
 
@@ -145,30 +146,6 @@ def _device_info(device: torch.device) -> Optional[Tuple[Tuple[int, int], int]]:
         info = _DEVICE_INFO[index] = ((props.major, props.minor),
                                       int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)))
     return info
-
-
-def _geometry_problems(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:
-    out = []
-    if qkv.dim() != 3 or qkv.shape[-1] % 3:
-        return [f"qkv must be [B, T*F, 3*C], got {list(qkv.shape)}"]
-    C = qkv.shape[-1] // 3
-    T, F = (int(x) for x in grid)
-    wt, wf = (int(x) for x in window)
-    st, sf = (int(x) for x in shift)
-    if num_heads < 1 or C % num_heads:
-        return [f"C = {C} is not divisible by num_heads = {num_heads}"]
-    A = wt * wf
-    if T * F != qkv.shape[1]:
-        out.append(f"grid {T} x {F} does not match {qkv.shape[1]} tokens")
-    if wt < 1 or wf < 1 or T % wt or F % wf:
-        out.append(f"window {wt} x {wf} does not tile the {T} x {F} grid")
-    if not (0 <= st < max(wt, 1) and 0 <= sf < max(wf, 1)):
-        out.append(f"shift {(st, sf)} must lie in [0, window) per axis (clamp it with window_geometry)")
-    if tuple(tau.shape) != (num_heads,):
-        out.append(f"tau must be [{num_heads}], got {list(tau.shape)}")
-    if tuple(bias.shape) != (num_heads, A, A):
-        out.append(f"bias must be [{num_heads}, {A}, {A}], got {list(bias.shape)}")
-    return out
 
 
 def _window_attention_cuda_why_not(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:

@@ -7,6 +7,8 @@ GPU compiler at each launch, so it does not matter which module imported triton 
 of the suite keeps running on the reference. Shapes are small because the interpreter is slow.
 Every test fills the kernels' output buffers with NaN first, so an element left unwritten fails.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -530,3 +532,30 @@ def test_a_head_count_that_cannot_split_the_channels_is_a_clear_error(heads):
     qkv, tau, bias = torch.randn(1, 16, 24), torch.ones(2, 1, 1), torch.zeros(2, 16, 16)
     with pytest.raises(ValueError, match=r"C divisible by num_heads >= 1; got qkv \[1, 16, 24\]"):
         ops.window_attention(qkv, tau, bias, (4, 4), (4, 4), (0, 0), heads)
+
+
+def test_geometry_no_backend_computes_is_refused_on_every_backend():
+    """The reference took a negative shift (rolled by it, masked for another) and failed in a view for
+    a grid that does not match the tokens; the fused backends already refused both by name."""
+    from audiomae import ops
+    qkv, tau, bias = torch.randn(1, 32, 12), torch.ones(1), torch.randn(1, 4, 4)
+    for grid, window, shift, why in (((8, 4), (2, 2), (-1, 0), "shift (-1, 0) must lie in [0, window)"),
+                                     ((4, 4), (2, 2), (0, 0), "grid 4 x 4 does not match 32 tokens"),
+                                     ((8, 4), (3, 2), (0, 0), "window 3 x 2 does not tile the 8 x 4 grid")):
+        b = torch.randn(1, window[0] * window[1], window[0] * window[1])
+        with pytest.raises(ValueError, match=r"window_attention: .*" + re.escape(why)):
+            ops.window_attention(qkv, tau, b, grid, window, shift, 1)
+    with pytest.raises(ValueError, match=r"tau must be \[1\], got \[2\]"):
+        ops.window_attention(qkv, torch.ones(2), bias, (8, 4), (2, 2), (0, 0), 1)
+
+
+def test_the_reference_takes_16_bit_qkv_with_float32_tau_and_bias():
+    """bfloat16 qkv with float32 parameters failed in the reference ('expected scalar type Float') while
+    the Triton kernel took them; the reference's matmul now runs in qkv's dtype, as under autocast."""
+    from audiomae import dispatch, ops
+    qkv = torch.randn(1, 16, 12).bfloat16()
+    with dispatch.use_backend("torch"):
+        out = ops.window_attention(qkv, torch.ones(1), torch.zeros(1, 4, 4), (4, 4), (2, 2), (0, 0), 1)
+    ref = ops.window_attention(qkv.float(), torch.ones(1), torch.zeros(1, 4, 4), (4, 4), (2, 2), (0, 0), 1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)

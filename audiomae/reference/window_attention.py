@@ -8,7 +8,7 @@ what the release does: cyclic roll by ``-shift``, window partition, per head
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,32 @@ def shift_mask(grid, window, shift, device=None) -> torch.Tensor:
     return m.to(device) if device is not None else m
 
 
+def window_attention_problems(qkv, tau, bias, grid, window, shift, num_heads) -> List[str]:
+    """What makes the arguments no window attention: the grid against the tokens, a window that
+    does not tile it, a shift outside [0, window), tau and bias of other shapes (empty: none)."""
+    out = []
+    if qkv.dim() != 3 or qkv.shape[-1] % 3:
+        return [f"qkv must be [B, T*F, 3*C], got {list(qkv.shape)}"]
+    C = qkv.shape[-1] // 3
+    T, F = (int(x) for x in grid)
+    wt, wf = (int(x) for x in window)
+    st, sf = (int(x) for x in shift)
+    if num_heads < 1 or C % num_heads:
+        return [f"C = {C} is not divisible by num_heads = {num_heads}"]
+    A = wt * wf
+    if T * F != qkv.shape[1]:
+        out.append(f"grid {T} x {F} does not match {qkv.shape[1]} tokens")
+    if wt < 1 or wf < 1 or T % wt or F % wf:
+        out.append(f"window {wt} x {wf} does not tile the {T} x {F} grid")
+    if not (0 <= st < max(wt, 1) and 0 <= sf < max(wf, 1)):
+        out.append(f"shift {(st, sf)} must lie in [0, window) per axis (clamp it with window_geometry)")
+    if tuple(tau.shape) != (num_heads,):
+        out.append(f"tau must be [{num_heads}], got {list(tau.shape)}")
+    if tuple(bias.shape) != (num_heads, A, A):
+        out.append(f"bias must be [{num_heads}, {A}, {A}], got {list(bias.shape)}")
+    return out
+
+
 def window_attention_reference(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor,
                                grid: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
                                num_heads: int) -> torch.Tensor:
@@ -90,7 +116,7 @@ def window_attention_reference(qkv: torch.Tensor, tau: torch.Tensor, bias: torch
     if st or sf:
         m = shift_mask(grid, window, shift, qkv.device).to(attn.dtype)
         attn = (attn.view(B, nt * nf, num_heads, A, A) + m.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, A, A)
-    attn = attn.softmax(dim=-1)
+    attn = attn.softmax(dim=-1).to(v.dtype)  # (what autocast's matmul does; tau and bias may be float32)
     out = (attn @ v).transpose(1, 2).reshape(B, nt, nf, wt, wf, C)
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(B, T, Fq, C)
     if st or sf:
