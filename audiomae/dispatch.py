@@ -165,7 +165,11 @@ def _forced(op: str) -> Tuple[Optional[str], str]:
     if None in _FORCED:
         backend, source = _FORCED[None], "every op"
     else:
-        backend, source = _check_name(os.environ.get(ENV_VAR)), "environment"
+        raw = os.environ.get(ENV_VAR)
+        try:
+            backend, source = _check_name(raw.strip() if isinstance(raw, str) else raw), "environment"
+        except ValueError as e:
+            raise ValueError(f"{ENV_VAR}={raw!r}: {e}") from None
     if backend is not None and op in _REGISTRY and backend not in _REGISTRY[op]:
         return None, source
     return backend, source

@@ -304,6 +304,15 @@ def fbank_features(waveforms: torch.Tensor, target_length: Optional[int] = 1024,
     """
     if mode not in FBANK_MODES:
         raise ValueError(f"fbank mode must be one of {FBANK_MODES}, got {mode!r}")
+    # the same values on every backend (a fused one's int() took True and 2.7 as frames, 2.5 as bins)
+    for name, v in (("target_length", target_length), ("num_mel_bins", num_mel_bins)):
+        if v is None and name == "target_length":
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"fbank_features: {name} must be a positive whole number, got {v!r}")
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"fbank_features: out_dtype must be a floating-point dtype, got {out_dtype!r}")
+    target_length = None if target_length is None else int(target_length)
     return dispatch.call("fbank_features", waveforms, target_length, stats, out_dtype, mode, int(num_mel_bins))
 
 

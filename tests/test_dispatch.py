@@ -396,3 +396,28 @@ def test_an_op_not_yet_registered_is_imported_before_it_is_refused(monkeypatch):
     dispatch.set_backend("torch", op="masked_patch_embed")
     assert "masked_patch_embed" in dispatch.registered_ops()
     assert dispatch.forced_backend("masked_patch_embed") == "torch"
+
+
+def test_the_environment_variable_is_named_when_it_holds_no_backend(monkeypatch):
+    """AUDIOMAE_BACKEND=bogus raised 'unknown backend' from every op without naming the variable, and
+    'triton ' (a trailing space from a shell script) was no backend."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=r"AUDIOMAE_BACKEND='bogus': unknown backend 'bogus'"):
+        dispatch.forced_backend(OP)
+    monkeypatch.setenv(dispatch.ENV_VAR, " torch ")
+    assert dispatch.forced_backend(OP) == "torch"
+
+
+def test_fbank_features_takes_the_same_arguments_on_every_backend():
+    """A fused front end's int() took target_length True (1 frame) or 2.7 (2 frames) and 2.5 mel bins,
+    which the reference refused; the reference took an integer out_dtype."""
+    from audiomae import ops_step
+    w = 0.1 * torch.randn(2, 1200)
+    for kw, message in (({"target_length": True}, "target_length must be a positive whole number, got True"),
+                        ({"target_length": 2.7}, "target_length must be a positive whole number, got 2.7"),
+                        ({"num_mel_bins": 2.5}, "num_mel_bins must be a positive whole number, got 2.5")):
+        with pytest.raises(ValueError, match=message):
+            ops_step.fbank_features(w, **{"target_length": 8, **kw})
+    with pytest.raises(TypeError, match="out_dtype must be a floating-point dtype, got torch.int32"):
+        ops_step.fbank_features(w, 8, out_dtype=torch.int32)
+    assert ops_step.fbank_features(w, None).shape == (2, 1, 6, 128)  # 1 + (1200 - 400) // 160 frames
