@@ -116,6 +116,15 @@ def _patch_embed_why_not(spec, weight, bias, pos, ids_keep) -> List[str]:
 
 def _triton_masked_patch_embed(spec, weight, bias, pos, ids_keep):
     from .kernels.patch_embed import masked_patch_embed as fn
+    from .ops import _autocast_dtype
+
+    dt = _autocast_dtype(spec)
+    if dt is not None and spec.dtype in KERNEL_DTYPES:
+        # as autocast runs the eager convolution: in its dtype, the positions added to that result
+        spec, weight = spec.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        with torch.autocast(spec.device.type, enabled=False):
+            return fn(spec, weight, bias, pos, ids_keep)
     return fn(spec, weight, bias, pos, ids_keep)
 
 

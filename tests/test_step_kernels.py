@@ -789,3 +789,25 @@ def test_loss_and_patch_embed_arguments_no_backend_computes_are_refused_by_name(
         ops_step.masked_patch_embed(torch.randn(2, 1, 8, 8), w, None, pos, torch.tensor([[0, 3]]))
     with pytest.raises(TypeError, match="ids_keep must hold integer patch indices"):
         ops_step.masked_patch_embed(torch.randn(1, 1, 8, 8), w, None, pos, torch.tensor([[0.0]]))
+
+
+def test_the_fused_patch_embedding_follows_autocast_as_the_eager_convolution(interpret, monkeypatch):
+    """Under autocast the eager convolution runs in bfloat16 and the positions are added to its result;
+    the fused kernel computed in float32. It now gets the autocast dtype (the interpreter truncates
+    float32 to bfloat16 where GPUs round, so the values agree to one bfloat16 step here)."""
+    import audiomae.kernels.patch_embed as pe
+    seen = []
+    real = pe.masked_patch_embed
+    monkeypatch.setattr(pe, "masked_patch_embed", lambda s, w, b, p, i: seen.append((s.dtype, w.dtype)) or real(s, w, b, p, i))
+    torch.manual_seed(0)
+    spec, w, b, pos = torch.randn(2, 1, 8, 8), torch.randn(6, 1, 4, 4), torch.randn(6), torch.randn(1, 5, 6)
+    ids = torch.tensor([[0, 3], [2, 1]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with dispatch.use_backend("torch", op="masked_patch_embed"):
+            ref = ops_step.masked_patch_embed(spec, w, b, pos, ids)
+        with dispatch.use_backend("triton", op="masked_patch_embed"):
+            out = ops_step.masked_patch_embed(spec, w, b, pos, ids)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert out.dtype == ref.dtype == torch.float32
+    step = torch.finfo(torch.bfloat16).eps * (ref - pos[:, 1:][0, ids]).abs()
+    assert ((out - ref).abs() <= step * 1.01 + 1e-6).all()
