@@ -43,6 +43,7 @@ import os
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from . import dispatch
@@ -381,6 +382,11 @@ def philox_noise_bits(batch: int, length: int, seed: int, offset: int = 0, devic
 
 
 def _check_masking_args(batch, length, len_keep, noise) -> None:
+    for name, v in (("batch", batch), ("length", length), ("len_keep", len_keep)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"random_masking_ids: {name} must be a whole number of at least 0, got {v!r}")
+    if noise is not None and not isinstance(noise, torch.Tensor):
+        raise TypeError(f"random_masking_ids: noise must be a tensor [B, L], got {type(noise).__name__}")
     if noise is not None and tuple(noise.shape) != (batch, length):
         raise ValueError(f"noise for unstructured masking must be [B, L] = [{batch}, {length}], "
                          f"got {list(noise.shape)}")
@@ -473,8 +479,13 @@ def random_masking_ids(batch: int, length: int, len_keep: int, device=None, nois
 
         >>> ids_keep, ids_restore, mask = random_masking_ids(8, 512, 102, "cuda", seed=1234)
     """
-    return dispatch.call("random_masking_ids", int(batch), int(length), int(len_keep), device, noise, seed,
-                         int(offset))
+    sizes = []
+    for name, v in (("batch", batch), ("length", length), ("len_keep", len_keep), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer, torch.SymInt)):
+            raise ValueError(f"random_masking_ids: {name} must be a whole number, got {v!r}")
+        sizes.append(int(v))
+    _check_masking_args(*sizes[:3], noise)
+    return dispatch.call("random_masking_ids", *sizes[:3], device, noise, seed, sizes[3])
 
 
 dispatch.register("random_masking_ids", "torch", random_masking_ids_reference)

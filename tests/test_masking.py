@@ -138,3 +138,15 @@ def test_masking_ratio_and_noise_errors():
     with pytest.raises(TypeError, match="noise for time masking must be a torch.Tensor"):
         structured_keep(2, (4, 4), "time", 0.5, 0.5, noise=[[0.1] * 4] * 2)
     assert structured_keep(2, (4, 4), "time", 1.0, 0.0).view(2, 4, 4).any(2).sum(1).tolist() == [1, 1]
+
+
+def test_random_masking_ids_refuses_sizes_and_noise_it_cannot_use():
+    """noise as a list was an AttributeError, a batch of -1 a RuntimeError from arange, 2.5 was cut to 2."""
+    from audiomae.ops_cuda import random_masking_ids
+    with pytest.raises(TypeError, match=r"noise must be a tensor \[B, L\], got list"):
+        random_masking_ids(1, 3, 1, noise=[[0.3, 0.1, 0.2]])
+    with pytest.raises(ValueError, match="batch must be a whole number of at least 0, got -1"):
+        random_masking_ids(-1, 6, 2, seed=0)
+    with pytest.raises(ValueError, match="batch must be a whole number, got 2.5"):
+        random_masking_ids(2.5, 6, 2)
+    assert random_masking_ids(2, 6, 2, seed=1)[0].shape == (2, 2)
