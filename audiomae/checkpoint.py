@@ -680,7 +680,7 @@ _SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, 
 def _check_loadable(value: Any, where: str) -> None:
     """Extra entries of a saved model must be what a safe load (``weights_only=True`` with
     ``argparse.Namespace``, as :func:`torch_load` reads) gives back: tensors, numbers, strings,
-    dtypes, devices, sizes, None, ``argparse.Namespace`` (the release's ``args``), and lists, tuples
+    dtypes, devices, sizes, None, ``argparse.Namespace`` (the release's ``args``) and pathlib paths, and lists, tuples
     and dicts (also ordered ones, as ``state_dict()`` returns) of them."""
     # exact types: numpy's float64 is a float, but pickles as a numpy scalar that a safe load refuses
     if type(value) in _SAFE_LEAVES or isinstance(value, torch.Tensor):
@@ -698,6 +698,8 @@ def _check_loadable(value: Any, where: str) -> None:
         return
     if type(value) is argparse.Namespace:
         _check_loadable(dict(vars(value)), where)
+        return
+    if type(value) in _SAFE_GLOBALS:  # the paths of the release's submitit runs, which torch_load allows
         return
     raise TypeError(f"save_pretrained: {where} is a {type(value).__module__}.{type(value).__name__}, which a safe "
                     "load (weights_only=True) would refuse, making the file unreadable: convert it to a str, number, "
