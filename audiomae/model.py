@@ -7,6 +7,7 @@ norm-pix loss on the removed patches; (fine-tuning) mean of patch tokens -> fc_n
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union
@@ -51,8 +52,9 @@ def patchify(spec: torch.Tensor, p: int, stride: Optional[int] = None) -> torch.
     if spec.dim() != 4:
         raise ValueError(f"patchify expects [B, C, T, F], got shape {tuple(spec.shape)}")
     for name, v in (("patch size", p), ("stride", p if stride is None else stride)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:  # numpy integers too
             raise ValueError(f"patchify's {name} must be a positive integer, got {v!r}")
+    p, stride = int(p), None if stride is None else int(stride)
     B, C, T, Fq = spec.shape
     if stride is not None and stride != p:  # overlapping patches: the release's unfold
         x = spec.unfold(2, p, stride).unfold(3, p, stride)  # [B, C, h, w, p, p]
@@ -229,8 +231,8 @@ class _Encoder(nn.Module):
 def _fusable(patch_embed: nn.Module) -> bool:
     """Whether the fused embedding of the kept patches computes what ``patch_embed`` would: it is this
     package's, its projection a plain ``nn.Conv2d`` (not replaced by another module, such as an adapter,
-    or a subclass with its own forward), and no forward hooks watch them (global ones included), which
-    the fused op, not calling the modules, would not run."""
+    or a subclass with its own forward), and no forward or backward hooks watch them (global ones
+    included), which the fused op, not calling the modules, would not run."""
     from torch.nn.modules import module as torch_module
 
     proj = getattr(patch_embed, "proj", None)
@@ -239,9 +241,11 @@ def _fusable(patch_embed: nn.Module) -> bool:
     p = patch_embed.patch_size
     if (proj.kernel_size, proj.stride, proj.padding, proj.dilation, proj.groups) != ((p, p), (p, p), (0, 0), (1, 1), 1):
         return False  # a convolution made otherwise than the patch embedding's
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in patch_embed.modules())
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in patch_embed.modules())
 
 
 class AudioMAE(_Encoder):

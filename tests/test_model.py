@@ -397,8 +397,8 @@ def test_a_model_keeps_its_own_config_and_bad_config_calls_say_what_is_wrong():
 
 def test_forward_hooks_on_the_patch_embedding_run_in_pretraining():
     """The kept patches are embedded by a fused op that does not call ``patch_embed``; a hook on it (or
-    on its projection, or a global one) makes the model embed every patch and gather instead: the hooks
-    run and the loss is the same, value for value."""
+    on its projection, or a global one; forward or backward) makes the model embed every patch and
+    gather instead: the hooks run and the loss is the same, value for value."""
     model = AudioMAE(AudioMAEConfig.preset("tiny")).eval()
     x = torch.randn(2, 1, 256, 128)
     torch.manual_seed(3)
@@ -415,6 +415,14 @@ def test_forward_hooks_on_the_patch_embedding_run_in_pretraining():
             handle.remove()
         assert seen, "the hook did not run"
         seen.clear()
+    # a backward hook too: the gradient reaches patch_embed's output through the module
+    handle = model.patch_embed.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    try:
+        torch.manual_seed(3)
+        model(x.clone().requires_grad_()).loss.backward()
+    finally:
+        handle.remove()
+    assert seen == [(2, 128, 64)]
 
 
 @pytest.mark.parametrize("stride", [None, 10])
@@ -450,7 +458,7 @@ def test_reconstruct_gives_plain_tensors_for_the_figure_and_the_audio(tmp_path):
     assert recon.shape == (1, 2, 256, 128) and mask.shape == (1, 1, 256, 128)
 
 
-def test_a_replaced_patch_projection_is_used_in_pretraining():
+def test_a_replaced_patch_projection_is_used_in_pretraining(monkeypatch):
     """The fused embedding reads proj.weight and proj.bias: a projection replaced by a Conv2d subclass
     with its own forward, or by a wrapper module (an adapter), is called instead (before, the first
     was silently skipped and the second raised AttributeError)."""
@@ -474,15 +482,16 @@ def test_a_replaced_patch_projection_is_used_in_pretraining():
     conv = model.patch_embed.proj
     scaled = Scaled(1, conv.out_channels, conv.kernel_size, conv.stride)
     scaled.load_state_dict(conv.state_dict())
+    import audiomae.model as M
     for proj in (scaled, Wrap(conv)):
         model.patch_embed.proj = proj
         torch.manual_seed(0)
         loss = model(x).loss
-        torch.manual_seed(0)
-        assert torch.equal(loss, model.forward(x, mask_ratio=0.8).loss) and not torch.equal(loss, plain)
-        with torch.no_grad():  # the same as the model's own path through every patch
-            tokens = model.tokens(x)
-        assert torch.allclose(tokens - model.pos_embed[:, 1:], 2 * conv(x).flatten(2).transpose(1, 2), atol=1e-5)
+        with monkeypatch.context() as m:  # the model's path through every patch, which calls the projection
+            m.setattr(M, "_fusable", lambda patch_embed: False)
+            torch.manual_seed(0)
+            unfused = model(x).loss
+        assert torch.equal(loss, unfused) and not torch.equal(loss, plain)
     model.patch_embed.proj = conv
     torch.manual_seed(0)
     assert torch.equal(model(x).loss, plain)
@@ -492,3 +501,5 @@ def test_patchify_refuses_a_size_or_stride_that_is_not_positive():
     for p, stride, what in ((0, None, "patch size"), (16, 0, "stride"), (16.0, None, "patch size")):
         with pytest.raises(ValueError, match=f"patchify's {what} must be a positive integer"):
             patchify(torch.zeros(1, 1, 32, 32), p, stride)
+    import numpy as np
+    assert torch.equal(patchify(torch.ones(1, 1, 32, 32), np.int64(16)), patchify(torch.ones(1, 1, 32, 32), 16))
