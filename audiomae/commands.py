@@ -686,11 +686,12 @@ def _check_picture_path(path: str) -> None:
         raise InputError("drawing the reconstruction needs matplotlib (pip install matplotlib)") from None
     kinds = dict(FigureCanvasAgg(Figure()).get_supported_filetypes())
     import shutil
-    if not any(shutil.which(tex) for tex in ("xelatex", "lualatex", "pdflatex")):
-        kinds.pop("pgf", None)  # matplotlib writes PGF through a LaTeX, which this machine lacks
+    tex = matplotlib.rcParams.get("pgf.texsystem", "xelatex")  # the one matplotlib runs for PGF
+    if not shutil.which(tex):
+        kinds.pop("pgf", None)
         if ext == "pgf":
-            raise InputError(f"--out {path}: a PGF picture needs LaTeX (xelatex, lualatex or pdflatex), which is not "
-                             "installed here; use .pdf or .svg for a vector picture")
+            raise InputError(f"--out {path}: a PGF picture needs LaTeX ({tex}, matplotlib's pgf.texsystem), which is "
+                             "not installed here; use .pdf or .svg for a vector picture")
     if ext not in kinds:
         raise InputError(f"--out {path}: " + (f"unknown picture format '.{ext}'" if ext else "no file extension")
                          + " (use one of "
@@ -745,10 +746,9 @@ def reconstruct(opts: Dict[str, Any]) -> str:
                              f"lines (--mask-mode time_frequency, {c.mask_t_prob:g} of the time lines and "
                              f"{c.mask_f_prob:g} of the frequency lines, from its config); leave it out")
     from .masking import masking_keeps_nothing
-    if masking_keeps_nothing(model.config.grid_size, model.config.mask_mode, ratio):
-        L = model.config.num_patches
-        raise InputError(f"--mask-ratio {ratio:g} keeps none of the model's {L} patches (int({L} x (1 - ratio)) = 0), "
-                         f"and the reconstruction is made from the kept ones: give a ratio below {1 - 1 / L:.6g}")
+    problem = masking_keeps_nothing(model.config.grid_size, model.config.mask_mode, ratio)
+    if problem:
+        raise InputError(f"--mask-ratio {problem[0]}, and the reconstruction is made from the kept ones")
     T = model.config.img_size[0]
     x = _clip_input(opts["audio"], T, opts.get("stats", "audioset"), opts.get("downmix") or "first").unsqueeze(0).to(device)
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)))

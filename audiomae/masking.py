@@ -160,10 +160,11 @@ def masking_keeps_nothing(grid: Tuple[int, int], mode: str, mask_ratio: float) -
     ``int(L * (1 - mask_ratio))``, which a ratio close to 1 makes 0), else the problem. The structured
     modes always keep a line."""
     T, F = grid
-    if mode != "unstructured" or int(T * F * (1 - mask_ratio)) > 0:
+    L = T * F
+    if mode != "unstructured" or int(L * (1 - mask_ratio)) > 0:
         return []
-    return [f"mask_ratio={mask_ratio} keeps no patch of the {T} x {F} patch grid (int({T * F} x (1 - ratio)) = 0): "
-            f"the encoder would see none; below {1 - 1 / (T * F):.6g} it keeps one"]
+    return [f"{mask_ratio:g} keeps none of the {L} patches of the {T} x {F} patch grid (int({L} x (1 - ratio)) = 0; "
+            f"a ratio keeps one where {L} x (1 - ratio) >= 1, about {(L - 1) / L:.4g} or less)"]
 
 
 def masking_removes_nothing(grid: Tuple[int, int], mode: str, mask_ratio: float, t_ratio: float,

@@ -2221,16 +2221,22 @@ def test_a_resumed_pretraining_run_keeps_and_records_its_objective(tmp_path, cap
 
 
 def test_a_resume_with_another_batch_size_is_refused_also_when_the_steps_per_epoch_match(tmp_path, capsys):
-    """49 clips are 7 steps of 7 and 7 of 8: the resume was taken, and skipped 8 clips per step done
-    instead of 7 (clips of the epoch never trained)."""
+    """49 clips are 7 steps of 7 and 7 of 8: a resume in the middle of an epoch was taken, and skipped 8
+    clips per step done instead of 7 (clips of the epoch never trained). At an epoch's end it may."""
     run = ["--num-clips", "49", "--num-workers", "0", "--quiet", "--warmup-epochs", "0", "--epochs", "1"]
     out = tmp_path / "r"
     assert main(["pretrain", "-o", str(out), *run, "--batch-size", "7"]) == 0
+    last = out / "checkpoint-last.pt"
+    state = torch.load(last, weights_only=False)
+    assert state["epoch_step"] == 0
+    mid = dict(state, step=3, epoch=0, epoch_step=3)  # as a run stopped after its third step writes it
+    torch.save(mid, last)
     capsys.readouterr()
     assert main(["pretrain", "-o", str(out), *run, "--batch-size", "8", "--resume", "auto"]) == 1
     assert_one_error_line(capsys.readouterr().err, "its steps took 7 clips each (batch size x accumulation x "
-                                                   "processes), this run's take 8")
-    assert main(["pretrain", "-o", str(out), *run, "--batch-size", "7", "--resume", "auto"]) == 0
+                                                   "processes), this run's take 8, and its epoch stopped mid-way")
+    torch.save(state, last)  # at the epoch's end: nothing of it is left to skip
+    assert main(["pretrain", "-o", str(out), *run, "--batch-size", "8", "--epochs", "2", "--resume", "auto"]) == 0
 
 
 def test_a_refused_evaluation_leaves_the_folders_config_and_results_together(tmp_path, capsys):
@@ -2274,13 +2280,16 @@ def test_a_mask_ratio_that_keeps_no_patch_is_refused(tmp_path, capsys):
     """0.995 keeps int(128 x 0.005) = 0 of the tiny model's patches: pretraining and reconstruct took it
     (the latter's message says some patches must be kept)."""
     assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN, "--mask-ratio", "0.995"]) == 1
-    assert_one_error_line(capsys.readouterr().err, "--mask-ratio 0.995 keeps none of the 128 patches",
-                          "give a ratio below 0.992188")
+    assert_one_error_line(capsys.readouterr().err, "--mask-ratio 0.995 keeps none of the 128 patches of the 16 x 8 "
+                          "patch grid", "about 0.9922 or less", "the encoder learns from the kept ones")
     assert main(["pretrain", "-o", str(tmp_path / "r"), *TINY_RUN]) == 0
     assert main(["reconstruct", "synthetic:1", "--checkpoint", str(tmp_path / "r" / "model.pt"), "--mask-ratio",
                  "0.995", "--out", str(tmp_path / "x.png")]) == 1
-    assert_one_error_line(capsys.readouterr().err, "--mask-ratio 0.995 keeps none of the model's 128 patches")
+    assert_one_error_line(capsys.readouterr().err, "--mask-ratio 0.995 keeps none of the 128 patches",
+                          "the reconstruction is made from the kept ones")
     assert not (tmp_path / "x.png").exists()
+    assert main(["reconstruct", "synthetic:1", "--checkpoint", str(tmp_path / "r" / "model.pt"), "--mask-ratio",
+                 str(127 / 128), "--out", str(tmp_path / "one.png")]) == 0  # keeps one patch
 
 
 def test_a_pgf_picture_without_latex_is_refused_before_the_model_runs(tmp_path, capsys, monkeypatch):
@@ -2292,4 +2301,4 @@ def test_a_pgf_picture_without_latex_is_refused_before_the_model_runs(tmp_path, 
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     assert main(["reconstruct", "synthetic:1", "--checkpoint", str(tmp_path / "m.pt"), "--out",
                  str(tmp_path / "r.pgf")]) == 1
-    assert_one_error_line(capsys.readouterr().err, "a PGF picture needs LaTeX (xelatex, lualatex or pdflatex)")
+    assert_one_error_line(capsys.readouterr().err, "a PGF picture needs LaTeX (xelatex, matplotlib's pgf.texsystem)")

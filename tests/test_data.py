@@ -866,6 +866,9 @@ def test_label_weights_refuse_indices_that_are_not_classes():
                                ([[1.0]], None, r"clip 0: class index 1.0 is not a class")):
         with pytest.raises(ValueError, match=message):
             label_weights(labels, num_classes=n)
+    # integer tensors and numpy integers are class indices too
+    torch.testing.assert_close(label_weights(torch.tensor([[0], [1], [1]])), label_weights([[0], [1], [1]]))
+    torch.testing.assert_close(label_weights([[np.int64(0)], [np.int32(1)]]), label_weights([[0], [1]]))
 
 
 def test_weighted_sampling_balances(audioset_dir):

@@ -864,6 +864,10 @@ def test_cross_validation_resumes_each_fold_from_its_own_folder_only(tmp_path):
     with pytest.raises(TrainingError, match=r"--cv-folds resumes with --resume auto .*not --resume .*fold-1"):
         cross_validate({"cv_folds": 2, "resume": str(tmp_path / "fold-1"), "output_dir": str(tmp_path),
                         "data": "d{fold}", "eval_data": "e{fold}"})
+    with pytest.raises(Exception) as e:  # resume=False from Python is no resume: the folds start (and meet no data)
+        cross_validate({"cv_folds": 2, "resume": False, "output_dir": str(tmp_path / "new"),
+                        "data": str(tmp_path / "d{fold}"), "eval_data": str(tmp_path / "e{fold}")})
+    assert "--cv-folds resumes" not in str(e.value)
 
 
 @pytest.mark.parametrize("damage", [lambda s: s.pop("schedule"), lambda s: s.update(rng={}),

@@ -12,6 +12,7 @@ weights (:func:`label_weights`).
 from __future__ import annotations
 
 import math
+import operator
 import random
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -41,12 +42,17 @@ def _labels_and_classes(dataset_or_labels: Any, num_classes: Optional[int]):
             num_classes = dataset_or_labels.num_classes
     else:
         labels = [list(l) for l in dataset_or_labels]
-    for i, l in enumerate(labels):
-        for c in l:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 \
-                    or (num_classes is not None and c >= num_classes):
-                within = f"an integer in [0, {num_classes})" if num_classes is not None else "a non-negative integer"
-                raise ValueError(f"clip {i}: class index {c!r} is not a class ({within})")
+    def index_of(i: int, c: Any) -> int:
+        try:  # ints, numpy integers, integer tensors of one element
+            index = None if isinstance(c, bool) else operator.index(c)
+        except TypeError:
+            index = None
+        if index is None or index < 0 or (num_classes is not None and index >= num_classes):
+            within = f"an integer in [0, {num_classes})" if num_classes is not None else "a non-negative integer"
+            raise ValueError(f"clip {i}: class index {c!r} is not a class ({within})")
+        return index
+
+    labels = [[index_of(i, c) for c in l] for i, l in enumerate(labels)]
     if num_classes is None:
         num_classes = 1 + max((max(l) for l in labels if len(l)), default=-1)
     return labels, int(num_classes)

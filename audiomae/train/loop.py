@@ -468,11 +468,11 @@ class Trainer:
                                 "data or process count changed); give the run's options again (--config "
                                 f"{os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')} repeats them)")
         clips = state["schedule"].get("clips_per_step")  # (checkpoints of earlier versions do not say)
-        if isinstance(clips, int) and clips != self.eff_batch:
+        if isinstance(clips, int) and clips != self.eff_batch and state.get("epoch_step"):  # (mid-epoch only)
             raise TrainingError(f"cannot resume from {path}: its steps took {clips} clips each (batch size x "
-                                f"accumulation x processes), this run's take {self.eff_batch}, and a resumed run goes "
-                                "on with the steps it began with (from the clip its epoch stopped at). Give the run's "
-                                "options again (--config "
+                                f"accumulation x processes), this run's take {self.eff_batch}, and its epoch stopped "
+                                "mid-way: it goes on from the clip it stopped at only with the steps it began with. Give "
+                                "the run's options again (--config "
                                 f"{os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')} repeats them)")
         kind = state.get("kind")
         if kind and kind != type(self.model).__name__:
@@ -1104,10 +1104,9 @@ def pretrain(opts: Dict[str, Any]) -> Dict[str, Any]:
                      if cfg.mask_mode == "time_frequency" else f"--mask-ratio {cfg.mask_ratio:g}")
             raise TrainingError(f"{which} remove no patch of the {T_} x {F_} patch grid with --mask-mode "
                                 f"{cfg.mask_mode}, and the loss is taken on the removed patches: remove more")
-        if masking_keeps_nothing(cfg.grid_size, cfg.mask_mode, cfg.mask_ratio):
-            L = cfg.num_patches
-            raise TrainingError(f"--mask-ratio {cfg.mask_ratio:g} keeps none of the {L} patches (int({L} x (1 - ratio)) = 0), "
-                                f"and the encoder learns from the kept ones: give a ratio below {1 - 1 / L:.6g}")
+        problem = masking_keeps_nothing(cfg.grid_size, cfg.mask_mode, cfg.mask_ratio)
+        if problem:
+            raise TrainingError(f"--mask-ratio {problem[0]}, and the encoder learns from the kept ones")
         feats = _features(opts, dataset, device)
         ratio = model.config.mask_ratio
 
@@ -1443,7 +1442,7 @@ def cross_validate(opts: Dict[str, Any]) -> Dict[str, Any]:
     a fold is its best evaluation; writes ``cv.json`` with the folds' scores, their mean and spread."""
     k = int(opts["cv_folds"])
     out = opts["output_dir"]
-    if opts.get("resume") not in (None, "", "auto"):
+    if opts.get("resume") and opts["resume"] != "auto":
         raise TrainingError(f"--cv-folds resumes with --resume auto (each fold from its own folder), not --resume "
                             f"{opts['resume']}, which would be every fold's")
     if not opts.get("overwrite") and not opts.get("resume"):
@@ -1576,11 +1575,13 @@ def evaluate(opts: Dict[str, Any]) -> Dict[str, Any]:
         from ..commands import _single_label
         opts["single_label"] = _single_label(opts, args)
         data = opts.get("data")
-        if opts["single_label"] and isinstance(data, str) and data.lower().endswith((".json", ".csv", ".tsv")) \
-                and os.environ.get("RANK", "0") == "0":
-            print(f"note: {opts['checkpoint']} was trained single-label (cross-entropy): {data} is scored so, "
-                  "accuracy over a softmax", file=sys.stderr)
+        scored_so = opts["single_label"] and isinstance(data, str) and data.lower().endswith((".json", ".csv", ".tsv"))
+    else:
+        scored_so = False
     device, info = _setup(opts)
+    if scored_so and info.is_main:
+        print(f"note: {opts['checkpoint']} was trained single-label (cross-entropy): {opts['data']} is scored so, "
+              "accuracy over a softmax", file=sys.stderr)
     dataset = build_dataset(opts, "val")
     _need_classes(dataset, opts, "evaluate")
     T = _target_length(opts, dataset)
