@@ -331,7 +331,8 @@ def _infer_config(sd: Dict[str, torch.Tensor], args: Any = None) -> Dict[str, An
             raise CheckpointError("decoder blocks mix local and global layers in an order this package does not "
                                   "build (local blocks must come first)")
         mode = "local" if n_local == depth else "global" if n_local == 0 else "hybrid"
-        heads = sd["decoder_blocks.0.attn.tau"].shape[0] if n_local else _DEFAULT_DECODER_HEADS.get(Dd, max(1, Dd // 32))
+        heads = (sd["decoder_blocks.0.attn.tau"].shape[0] if n_local
+                 else _DEFAULT_DECODER_HEADS.get(Dd, max(1, Dd // 32)))
         cfg.update(decoder_embed_dim=Dd, decoder_depth=depth, decoder_num_heads=heads, decoder_mode=mode)
         if mode == "hybrid":
             cfg["hybrid_local_depth"] = n_local
@@ -680,7 +681,7 @@ _SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, 
 def _check_loadable(value: Any, where: str) -> None:
     """Extra entries of a saved model must be what a safe load (``weights_only=True`` with
     ``argparse.Namespace``, as :func:`torch_load` reads) gives back: tensors, numbers, strings,
-    dtypes, devices, sizes, None, ``argparse.Namespace`` (the release's ``args``) and pathlib paths, and lists, tuples
+    dtypes, devices, sizes, None, ``argparse.Namespace`` (the release's ``args``), and lists, tuples
     and dicts (also ordered ones, as ``state_dict()`` returns) of them."""
     # exact types: numpy's float64 is a float, but pickles as a numpy scalar that a safe load refuses
     if type(value) in _SAFE_LEAVES or isinstance(value, torch.Tensor):
@@ -699,11 +700,19 @@ def _check_loadable(value: Any, where: str) -> None:
     if type(value) is argparse.Namespace:
         _check_loadable(dict(vars(value)), where)
         return
-    if type(value) in _SAFE_GLOBALS:  # the paths of the release's submitit runs, which torch_load allows
-        return
     raise TypeError(f"save_pretrained: {where} is a {type(value).__module__}.{type(value).__name__}, which a safe "
                     "load (weights_only=True) would refuse, making the file unreadable: convert it to a str, number, "
                     "list, dict or tensor")
+
+
+def _plain_paths(args: Any) -> Any:
+    """Run options with their pathlib paths (a release run launched with submitit holds some) as
+    strings: the file written needs no more than the namespace allowed to be read safely."""
+    if isinstance(args, argparse.Namespace):
+        return argparse.Namespace(**_plain_paths(vars(args)))
+    if isinstance(args, dict):
+        return {k: str(v) if isinstance(v, pathlib.PurePath) else v for k, v in args.items()}
+    return args
 
 
 # the entries a saved model's file holds of its own: extra entries cannot replace them
@@ -728,7 +737,7 @@ def save_model(model, path, extra: Optional[Dict[str, Any]] = None, **more) -> N
                               "without its decoder blocks; the file would load as a model with no decoder blocks "
                               "(save the full model, or the encoder's embeddings)")
     path = os.path.expanduser(os.fspath(path))
-    run = getattr(model, "_run_args", None)  # the run options of the file it was loaded from
+    run = _plain_paths(getattr(model, "_run_args", None))  # the run options of the file it was loaded from
     if "args" not in extra and run is not None:
         if not path.lower().endswith(".safetensors"):
             extra["args"] = run

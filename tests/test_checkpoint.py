@@ -548,9 +548,10 @@ def test_a_release_run_launched_with_submitit_loads_its_path_arguments(tmp_path)
     path = _released_file(tmp_path, sd, args)
     model = AudioMAE.from_pretrained(str(path), config=TINY)
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
-    model.save_pretrained(str(tmp_path / "again.pt"))  # its args written again, paths and all
+    model.save_pretrained(str(tmp_path / "again.pt"))  # its args written again, the paths as strings
     from audiomae.checkpoint import read_checkpoint
-    assert read_checkpoint(str(tmp_path / "again.pt"))[2].output_dir == pathlib.Path("/checkpoint/u/123")
+    assert read_checkpoint(str(tmp_path / "again.pt"))[2].output_dir == "/checkpoint/u/123"
+    assert torch.load(tmp_path / "again.pt", weights_only=False)["args"].mask_ratio == 0.8
 
 
 def test_wrapper_prefixes_are_stripped_in_any_order():
