@@ -93,9 +93,9 @@ def _add_data(p: argparse.ArgumentParser, command: str) -> None:
     else:
         g.add_argument("--target-length", type=int,
                        help="model input frames (default: the checkpoint's input length)" if command == "evaluate" else
-                       "model input frames (default: the frames of --clip-seconds when given, rounded up to a power of two "
-                       "as in the release's recipes: 10 s gives 1024, but 10.5 s 2048, half of it padding; else 1024 = "
-                       "10.24 s "
+                       "model input frames (default: the frames of --clip-seconds when given, rounded up to a power "
+                       "of two as in the release's recipes: 10 s gives 1024, but 10.5 s 2048, half of it padding; "
+                       "else 1024 = 10.24 s "
                        "as the release's AudioSet recipes; its ESC-50 and Speech Commands recipes use 512 and 128)")
     inherited = command in ("evaluate", "embed")  # they read the checkpoint's run's unless given
     g.add_argument("--stats", default="audioset",

@@ -225,7 +225,8 @@ def describe_checkpoint(path: str) -> str:
                 f" (not in the weights: width / {per_head})")
 
     guessed = "" if file_cfg else guess(cfg.embed_dim, _DEFAULT_HEADS, 64)
-    lines.append(f"encoder: width {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''}{guessed}, MLP "
+    heads = f"{cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''}"
+    lines.append(f"encoder: width {cfg.embed_dim}, depth {cfg.depth}, {heads}{guessed}, MLP "
                  f"{int(cfg.embed_dim * cfg.mlp_ratio)}")
     T, F = cfg.img_size
     t, f = cfg.grid_size

@@ -386,12 +386,12 @@ class AudioMAE(_Encoder):
     @torch.no_grad()
     def reconstruct(self, spec: torch.Tensor, mask_ratio: Optional[float] = None,
                     noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction (without gradients, as :meth:`embed`) as a spectrogram (patch statistics restored when the model predicts
-        normalised patches) and the mask (1 = removed), both the patch-covered part of the input
-        ``[B, 1, T, F]``: all of it where the patches tile it, else less (patch 14 on 256 x 128 covers
-        252 x 126). Where patches overlap, each value is the mean of the patches covering it, and the mask the
-        fraction of those patches that were removed (16 x 16 patches every 10 cover 1016 x 126 of
-        1024 x 128)."""
+        """Reconstruction (without gradients, as :meth:`embed`) as a spectrogram (patch statistics
+        restored when the model predicts normalised patches) and the mask (1 = removed), both the
+        patch-covered part of the input ``[B, C, T, F]``: all of it where the patches tile it, else less
+        (patch 14 on 256 x 128 covers 252 x 126). Where patches overlap, each value is the mean of the
+        patches covering it, and the mask the fraction of those patches that were removed (16 x 16
+        patches every 10 cover 1016 x 126 of 1024 x 128). The mask has one channel."""
         out = self(spec, mask_ratio, noise)
         p, s = self.config.patch_size, self.config.stride
         pred = out.pred

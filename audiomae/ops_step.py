@@ -75,7 +75,8 @@ def _patch_embed_problems(spec, weight, bias, pos, ids_keep) -> List[str]:
     a cryptic error)."""
     if spec.dim() != 4:
         return [f"spec must be [B, C, T, F], got {list(spec.shape)}"]
-    if weight.dim() != 4 or weight.shape[1] != spec.shape[1] or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:
+    if weight.dim() != 4 or weight.shape[1] != spec.shape[1] or weight.shape[2] != weight.shape[3] \
+            or weight.shape[2] < 1:
         return [f"weight must be [D, C, p, p] with C = {spec.shape[1]} (spec's channels), got {list(weight.shape)}"]
     out = []
     B, D, p = spec.shape[0], weight.shape[0], weight.shape[-1]
@@ -89,12 +90,14 @@ def _patch_embed_problems(spec, weight, bias, pos, ids_keep) -> List[str]:
     return out
 
 
-def _patch_embed_kinds(spec, ids_keep) -> List[str]:
+def _kinds(values: str, x: torch.Tensor, cast: str, ids: str, id_tensor: torch.Tensor, held: str) -> List[str]:
+    """A values tensor that is not floating-point (``cast`` would be cast to its dtype), an ids tensor
+    that does not hold integers."""
     out = []
-    if not spec.dtype.is_floating_point:
-        out.append(f"spec must be floating-point, got {spec.dtype} (the weights would be cast to it)")
-    if ids_keep.dtype.is_floating_point or ids_keep.dtype.is_complex or ids_keep.dtype == torch.bool:
-        out.append(f"ids_keep must hold integer patch indices, got {ids_keep.dtype}")
+    if not x.dtype.is_floating_point:
+        out.append(f"{values} must be floating-point, got {x.dtype} ({cast} would be cast to it)")
+    if id_tensor.dtype.is_floating_point or id_tensor.dtype.is_complex or id_tensor.dtype == torch.bool:
+        out.append(f"{ids} must hold integer {held}, got {id_tensor.dtype}")
     return out
 
 
@@ -141,7 +144,7 @@ def masked_patch_embed(spec: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     _tensors("masked_patch_embed", spec=spec, weight=weight, pos=pos, ids_keep=ids_keep,
              **({} if bias is None else {"bias": bias}))
     _refuse("masked_patch_embed", _patch_embed_problems(spec, weight, bias, pos, ids_keep),
-            _patch_embed_kinds(spec, ids_keep))
+            _kinds("spec", spec, "the weights", "ids_keep", ids_keep, "patch indices"))
     weight = weight.to(spec.dtype)
     bias = None if bias is None else bias.to(spec.dtype)
     return dispatch.call("masked_patch_embed", spec, weight, bias, pos, ids_keep)
@@ -169,17 +172,9 @@ def _unshuffle_problems(x, mask_token, ids_restore, pos) -> List[str]:
     return []
 
 
-def _unshuffle_kinds(x, ids_restore) -> List[str]:
-    out = []
-    if not x.dtype.is_floating_point:
-        out.append(f"x must be floating-point, got {x.dtype} (the mask token would be cast to it)")
-    if ids_restore.dtype.is_floating_point or ids_restore.dtype.is_complex or ids_restore.dtype == torch.bool:
-        out.append(f"ids_restore must hold integer positions, got {ids_restore.dtype}")
-    return out
-
-
 def _unshuffle_why_not(x, mask_token, ids_restore, pos, keep_cls) -> List[str]:
-    out = dispatch.triton_reasons(x, mask_token, ids_restore, pos) + _unshuffle_problems(x, mask_token, ids_restore, pos)
+    out = dispatch.triton_reasons(x, mask_token, ids_restore, pos)
+    out += _unshuffle_problems(x, mask_token, ids_restore, pos)
     out += _dtype_reasons("x/mask_token/pos", x, mask_token, pos)
     if ids_restore.dtype not in (torch.int64, torch.int32):
         out.append(f"ids_restore dtype {ids_restore.dtype} (need int64 or int32)")
@@ -201,7 +196,8 @@ def decoder_unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     :func:`audiomae.reference.step.decoder_unshuffle_reference`.
     """
     _tensors("decoder_unshuffle", x=x, mask_token=mask_token, ids_restore=ids_restore, pos=pos)
-    _refuse("decoder_unshuffle", _unshuffle_problems(x, mask_token, ids_restore, pos), _unshuffle_kinds(x, ids_restore))
+    _refuse("decoder_unshuffle", _unshuffle_problems(x, mask_token, ids_restore, pos),
+            _kinds("x", x, "the mask token", "ids_restore", ids_restore, "positions"))
     return dispatch.call("decoder_unshuffle", x, mask_token, ids_restore, pos, bool(keep_cls))
 
 

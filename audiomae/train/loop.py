@@ -470,9 +470,9 @@ class Trainer:
         clips = state["schedule"].get("clips_per_step")  # (checkpoints of earlier versions do not say)
         if isinstance(clips, int) and clips != self.eff_batch and state.get("epoch_step"):  # (mid-epoch only)
             raise TrainingError(f"cannot resume from {path}: its steps took {clips} clips each (batch size x "
-                                f"accumulation x processes), this run's take {self.eff_batch}, and its epoch stopped "
-                                "mid-way: it goes on from the clip it stopped at only with the steps it began with. Give "
-                                "the run's options again (--config "
+                                f"accumulation x processes), this run's take {self.eff_batch}, and its epoch "
+                                "stopped mid-way: it goes on from the clip it stopped at only with the steps it began "
+                                "with. Give the run's options again (--config "
                                 f"{os.path.join(os.path.dirname(os.path.abspath(path)), 'config.json')} repeats them)")
         kind = state.get("kind")
         if kind and kind != type(self.model).__name__:
@@ -968,7 +968,8 @@ def _resumed_objective(opts: Dict[str, Any], cfg: AudioMAEConfig) -> Dict[str, A
         if k in given and k not in ("decoder_mode", "patch_stride") and opts.get(k) is not None and opts[k] != v:
             flag = "--" + k.replace("_", "-")
             wrong.append(flag if isinstance(v, bool) else f"{flag} {opts[k]}")
-            wrong[-1] += f" (the run's: {'given' if v else 'not given'})" if isinstance(v, bool) else f" (the run's: {v})"
+            wrong[-1] += (f" (the run's: {'given' if v else 'not given'})" if isinstance(v, bool)
+                          else f" (the run's: {v})")
     if wrong:
         raise TrainingError(f"cannot resume with {' and '.join(wrong)}: a resumed run trains the objective it began "
                             "with; leave those options out, or start a new run from its model with --init")
