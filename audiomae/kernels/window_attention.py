@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.window_attention import window_attention_problems
 from ._common import alloc, interpreting as _interpreting, launcher as _launcher
 from torch.library import triton_op
 
@@ -328,23 +329,14 @@ def _plan(qkv: torch.Tensor, tau: torch.Tensor, bias: torch.Tensor, grid: List[i
         raise ValueError(f"C = {C} is not divisible by num_heads = {num_heads}")
     D = C // num_heads
     A = wt * wf
-    problems = []
-    if T * F != L:
-        problems.append(f"grid {T} x {F} does not match {L} tokens")
-    if wt < 1 or wf < 1 or T % wt or F % wf:
-        problems.append(f"window {wt} x {wf} does not tile the {T} x {F} grid")
-    if not (0 <= st < wt and 0 <= sf < wf):
-        problems.append(f"shift {(st, sf)} must lie in [0, window) per axis (clamp it with window_geometry)")
+    # what no backend computes (the public op checks it too), then this kernel's own limits
+    problems = window_attention_problems(qkv, tau, bias, grid, window, shift, num_heads)
     if A > MAX_WINDOW_AREA:
         problems.append(f"window area {A} > {MAX_WINDOW_AREA}")
     if D > MAX_HEAD_DIM:
         problems.append(f"head_dim {D} > {MAX_HEAD_DIM}")
     if qkv.dtype not in SUPPORTED_DTYPES:
         problems.append(f"dtype {qkv.dtype} is not one of {SUPPORTED_DTYPES}")
-    if tuple(tau.shape) != (num_heads,):
-        problems.append(f"tau must be [{num_heads}], got {tuple(tau.shape)}")
-    if tuple(bias.shape) != (num_heads, A, A):
-        problems.append(f"bias must be [{num_heads}, {A}, {A}], got {tuple(bias.shape)}")
     if problems:
         raise ValueError("window_attention: " + "; ".join(problems))
     block_d = max(16, _next_pow2(D))
